@@ -1,0 +1,3 @@
+//! Codecs: how stored weights become tensors.
+
+pub mod quant;

@@ -1,0 +1,17 @@
+//! Kernels: the arithmetic that turns stored bytes into tensor bytes.
+//!
+//! Everything here works on little-endian byte slices of whole elements, so callers (the variant
+//! read path, `export`, the delta maker) never care how a kernel is implemented. The CPU backend
+//! is plain Rust that the compiler vectorizes (and `half`'s F16C/NEON paths for f16); a GPU backend
+//! will implement the same functions behind the same signatures, bit for bit.
+
+pub mod cast;
+
+/// View `bytes` as `T`s when aligned; callers fall back to a copy when not.
+pub(crate) fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Option<&[T]> {
+    bytemuck::try_cast_slice(bytes).ok()
+}
+
+pub(crate) fn typed_mut<T: bytemuck::Pod>(bytes: &mut [u8]) -> Option<&mut [T]> {
+    bytemuck::try_cast_slice_mut(bytes).ok()
+}

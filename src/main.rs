@@ -1,0 +1,392 @@
+//! The `llmfs` command line: parse arguments, call the library, print results. Errors leave as
+//! one line on stderr and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use llmfs::format::Dtype;
+use llmfs::registry::add::{self, AddOptions, ChatTemplateChoice};
+use llmfs::registry::{self, Entry, EntryKind, Registry, Store};
+use llmfs::vfs::mount::{self, MountOptions};
+use llmfs::{check, demo, export, variant};
+
+#[derive(Parser)]
+#[command(name = "llmfs", version, about = "A FUSE filesystem for LLM weights: variants synthesized on read")]
+struct Cli {
+    /// The store (default: $LLMFS_STORE, else ~/.local/share/llmfs).
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Register a Hugging Face model directory (safetensors weights).
+    Add {
+        name: String,
+        path: PathBuf,
+        /// Copy the files into the store instead of referencing them in place.
+        #[arg(long)]
+        copy: bool,
+        #[arg(long)]
+        link: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Chat template for tokenizer_config.json: auto (the family's, if the model has none), none, or a template name.
+        #[arg(long, default_value = "auto")]
+        chat_template: ChatTemplateChoice,
+    },
+    /// A dtype view of another entry: every floating tensor converted (round to nearest even).
+    Cast {
+        name: String,
+        #[arg(long)]
+        base: String,
+        #[arg(long, value_parser = parse_float_dtype)]
+        dtype: Dtype,
+    },
+    /// List entries.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe one entry.
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pre-load validation of one entry or all: exits non-zero with one line per problem.
+    Check { name: Option<String> },
+    /// Materialize an entry's files without FUSE (the same bytes as `cp -r` from the mount).
+    Export { name: String, out_dir: PathBuf },
+    /// Remove an entry (refused while another entry depends on it).
+    Rm { name: String },
+    /// Mount the store.
+    Mount {
+        mountpoint: PathBuf,
+        /// Bytes of decoded tensor chunks kept in memory (e.g. 256MiB, 4GiB).
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        cache_size: u64,
+        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
+        backend: String,
+        /// Stay attached (default: run as a daemon, logging to STORE/llmfs.log).
+        #[arg(long)]
+        foreground: bool,
+        /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf unless root).
+        #[arg(long)]
+        allow_other: bool,
+    },
+    /// Unmount (also a stale mount whose daemon died).
+    Umount { mountpoint: PathBuf },
+    /// Build a demo store (a generated model and variants) in DIR and mount it at DIR/mnt.
+    Demo {
+        #[arg(default_value = "llmfs-demo")]
+        dir: PathBuf,
+    },
+}
+
+fn parse_float_dtype(s: &str) -> Result<Dtype, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f16" | "float16" => Ok(Dtype::F16),
+        "bf16" | "bfloat16" => Ok(Dtype::BF16),
+        "f32" | "float32" => Ok(Dtype::F32),
+        _ => Err(format!("{s:?}: use f16, bf16 or f32")),
+    }
+}
+
+/// `256MiB`, `4GiB`, `1024` (bytes), `512KiB`, `2TiB`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a size like 256MiB or 4GiB"))?;
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?}: too large"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the chain of causes, joined.
+            eprintln!("llmfs: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_store(dir: Option<&Path>) -> Result<Store> {
+    let root = dir.map(Path::to_path_buf).unwrap_or_else(Store::default_root);
+    Ok(Store::open(root)?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let store_arg = cli.store.clone();
+    match cli.command {
+        Command::Demo { dir } => return run_demo(&dir),
+        Command::Umount { mountpoint } => {
+            mount::unmount(&mountpoint)?;
+            println!("unmounted {}", mountpoint.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let store = open_store(store_arg.as_deref())?;
+    match cli.command {
+        Command::Add { name, path, copy, link, description, chat_template } => {
+            let opts = AddOptions { copy, link, description, chat_template };
+            let entry = add::add(&store, &name, &path, &opts)?;
+            println!("added {name}: {} family, template {}", entry.family, entry.template);
+        }
+        Command::Cast { name, base, dtype } => {
+            add_variant(&store, &name, &base, EntryKind::Cast { base: base.clone(), dtype })?;
+            println!("added {name}: {base} as {dtype}");
+        }
+        Command::Ls { json } => ls(&store.load()?, json)?,
+        Command::Info { name, json } => info(&store.load()?, &name, json)?,
+        Command::Check { name } => {
+            let registry = store.load()?;
+            let names: Vec<String> = match name {
+                Some(n) => vec![n],
+                None => registry.entries.keys().cloned().collect(),
+            };
+            let problems = check::check(&registry, &names);
+            for p in &problems {
+                println!("{p}");
+            }
+            if !problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("{} entr{} ok", names.len(), if names.len() == 1 { "y" } else { "ies" });
+        }
+        Command::Export { name, out_dir } => {
+            let registry = store.load()?;
+            let view = variant::build_view(&registry, &name)?;
+            let bar = progress_bar(view.total_size());
+            let bytes = export::export(&view, &out_dir, |n| bar.inc(n))?;
+            bar.finish_and_clear();
+            println!("exported {name}: {} files, {bytes} bytes to {}", view.files.len(), out_dir.display());
+        }
+        Command::Rm { name } => {
+            let entry = store.update(|r| {
+                r.get(&name)?;
+                let deps = r.dependents(&name);
+                if !deps.is_empty() {
+                    return Err(registry::Error::HasDependents { name: name.clone(), dependents: deps.join(", ") });
+                }
+                Ok(r.entries.remove(&name).expect("checked above"))
+            })?;
+            // The catalogue no longer names it: its files can go (a crash here leaves an orphan
+            // directory, never a half entry).
+            let owned = store.entry_dir(&name);
+            if owned.exists() && !matches!(entry.kind, EntryKind::Base { copied: false, .. }) {
+                std::fs::remove_dir_all(&owned).with_context(|| format!("removing {}", owned.display()))?;
+            }
+            println!("removed {name}");
+        }
+        Command::Mount { mountpoint, cache_size, backend, foreground, allow_other } => {
+            if backend == "gpu" {
+                bail!("--backend gpu: this build has no GPU backend yet; use --backend cpu or auto");
+            }
+            let opts = MountOptions { cache_size, allow_other, threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) };
+            if foreground {
+                init_logging();
+                mount::run_foreground(store, &mountpoint, &opts)?;
+            } else {
+                let mut args = vec!["--store".to_string(), store.root().display().to_string(), "mount".into()];
+                args.push(mountpoint.canonicalize().unwrap_or(mountpoint.clone()).display().to_string());
+                args.extend(["--foreground".into(), "--cache-size".into(), cache_size.to_string(), "--backend".into(), backend]);
+                if allow_other {
+                    args.push("--allow-other".into());
+                }
+                mount::spawn_daemon(&store, &mountpoint, &args)?;
+                println!("mounted {} at {} (log: {})", store.root().display(), mountpoint.display(), store.log_path().display());
+            }
+        }
+        Command::Demo { .. } | Command::Umount { .. } => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("a valid template"),
+    );
+    bar
+}
+
+/// Register a variant of `base`: inherits family, templates and ModelInfo link from it.
+fn add_variant(store: &Store, name: &str, base: &str, kind: EntryKind) -> Result<Entry> {
+    registry::validate_name(name)?;
+    let entry = store.update(|r| {
+        if r.entries.contains_key(name) {
+            return Err(registry::Error::Exists(name.to_owned()));
+        }
+        let b = r.get(base)?.clone();
+        let entry = Entry {
+            kind,
+            info: registry::ModelInfo { simple_name: name.to_owned(), link: b.info.link.clone(), description: format!("{} of {base}", "variant") },
+            family: b.family,
+            template: b.template,
+            chat_template: b.chat_template,
+            created: registry::now_secs(),
+        };
+        r.entries.insert(name.to_owned(), entry.clone());
+        // Refuse what cannot be served before anyone mounts it.
+        variant::build_view(r, name).map_err(|e| registry::Error::Invalid(e.to_string()))?;
+        Ok(entry)
+    })?;
+    Ok(entry)
+}
+
+fn entry_size(registry: &Registry, name: &str) -> Option<u64> {
+    variant::build_view(registry, name).ok().map(|v| v.total_size())
+}
+
+fn ls(registry: &Registry, as_json: bool) -> Result<()> {
+    if as_json {
+        let list: Vec<_> = registry
+            .entries
+            .iter()
+            .map(|(n, e)| json!({"name": n, "kind": e.kind.name(), "base": e.kind.base(), "family": e.family, "size": entry_size(registry, n), "simple_name": e.info.simple_name}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!("{:<28} {:<10} {:<24} {:<14} {:>12}", "NAME", "KIND", "BASE", "FAMILY", "SIZE");
+    for (n, e) in &registry.entries {
+        let size = entry_size(registry, n).map_or("?".into(), human);
+        println!("{:<28} {:<10} {:<24} {:<14} {:>12}", n, e.kind.name(), e.kind.base().unwrap_or("-"), e.family, size);
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
+    let entry = registry.get(name)?;
+    let view = variant::build_view(registry, name)?;
+    let (tensors, dtypes) = variant::tensor_stats(&view);
+    let files: Vec<_> = view.files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect();
+    let recipe = match &entry.kind {
+        EntryKind::Base { dir, copied, .. } => json!({"dir": dir, "copied": copied}),
+        EntryKind::Cast { base, dtype } => json!({"base": base, "dtype": dtype.name()}),
+    };
+    let value = json!({
+        "name": name,
+        "kind": entry.kind.name(),
+        "recipe": recipe,
+        "family": entry.family,
+        "template": entry.template,
+        "chat_template": entry.chat_template,
+        "model_info": entry.info,
+        "files": files,
+        "tensors": tensors,
+        "dtypes": dtypes,
+        "size": view.total_size(),
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("name:          {name}");
+    println!("kind:          {} {}", entry.kind.name(), value["recipe"]);
+    println!("family:        {} (template {})", entry.family, entry.template);
+    println!("chat_template: {}", entry.chat_template.as_deref().unwrap_or("(the model's own, or none)"));
+    println!("simple name:   {}", entry.info.simple_name);
+    println!("link:          {}", entry.info.link);
+    println!("description:   {}", entry.info.description);
+    println!("tensors:       {tensors} ({})", dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", "));
+    println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
+    println!("files:");
+    for f in &view.files {
+        println!("  {:<44} {:>12}", f.name, f.size);
+    }
+    Ok(())
+}
+
+fn run_demo(dir: &Path) -> Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let (store_dir, model_dir, mnt) = (dir.join("store"), dir.join("models/tiny-vicuna"), dir.join("mnt"));
+    if mount::is_mounted(&mnt) {
+        mount::unmount(&mnt)?;
+    }
+    if !model_dir.join("config.json").exists() {
+        println!("generating a small LLaMA-shaped model (Vicuna-named) in {}", model_dir.display());
+        demo::write_model(&model_dir, &demo::ModelSpec::tiny())?;
+    }
+    let store = Store::open(&store_dir)?;
+    let have = |n: &str| store.load().map(|r| r.entries.contains_key(n));
+    // Named so that family detection finds Vicuna: the mount adds its chat template.
+    if !have("tiny-vicuna")? {
+        add::add(&store, "tiny-vicuna", &model_dir, &AddOptions::default())?;
+    }
+    if !have("tiny-vicuna-f32")? {
+        add_variant(&store, "tiny-vicuna-f32", "tiny-vicuna", EntryKind::Cast { base: "tiny-vicuna".into(), dtype: Dtype::F32 })?;
+    }
+    std::fs::create_dir_all(&mnt)?;
+    let exe_args = vec![
+        "--store".to_string(),
+        store.root().display().to_string(),
+        "mount".into(),
+        mnt.display().to_string(),
+        "--foreground".into(),
+        "--cache-size".into(),
+        "256MiB".into(),
+    ];
+    mount::spawn_daemon(&store, &mnt, &exe_args)?;
+    let s = store.root().display();
+    let m = mnt.display();
+    println!(
+        "demo store: {s}\nmounted at: {m}\n\nTry:\n  ls -l {m}/*/\n  llmfs --store {s} ls\n  llmfs --store {s} info tiny-vicuna-f32\n  \
+         python3 -c \"from safetensors import safe_open; f = safe_open('{m}/tiny-vicuna-f32/model-00001-of-00002.safetensors', 'numpy'); print(f.keys())\"\n  \
+         cmp <(llmfs --store {s} export tiny-vicuna-f32 /tmp/f32 >/dev/null; cat /tmp/f32/*.safetensors) <(cat {m}/tiny-vicuna-f32/*.safetensors) && echo same bytes\n  \
+         llmfs umount {m}"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+}

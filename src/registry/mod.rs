@@ -1,0 +1,401 @@
+//! The store's catalogue: which models exist, what each is made of, and what it depends on.
+//!
+//! FastChat's model_registry.py keeps `ModelInfo` (simple name, link, description) for a fixed
+//! list of models; llmfs's registry also records *how* to produce each entry's files: a base is a
+//! directory of Hugging Face files (referenced in place, or copied into the store), a variant names
+//! its base and a recipe (a dtype cast, a quantized container, a delta).
+//!
+//! The registry is one JSON file, `registry.json`, replaced atomically (write a temporary file,
+//! fsync, rename, fsync the directory): a crash leaves the old or the new catalogue, never half of
+//! one. Writers serialize on an exclusive `flock` of `lock`; the daemon only reads, and reloads
+//! when the file's mtime changes, so entries added while mounted appear without remounting.
+//!
+//! Store layout:
+//! ```text
+//! STORE/registry.json   the catalogue
+//! STORE/lock            flock'ed by every command that changes the catalogue
+//! STORE/models/NAME/    files owned by entry NAME (copies made by `add --copy`, containers)
+//! STORE/tmp/            staging; anything here is garbage after a crash and is swept
+//! STORE/llmfs.log       the daemon's log
+//! ```
+
+pub mod add;
+pub mod fingerprint;
+pub mod known_models;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::format::{Dtype, FileHeaderError};
+pub use fingerprint::Fingerprint;
+
+/// FastChat's `ModelInfo` (model_registry.py): what a person sees when choosing a model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub simple_name: String,
+    pub link: String,
+    pub description: String,
+}
+
+/// One registered model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    #[serde(flatten)]
+    pub kind: EntryKind,
+    pub info: ModelInfo,
+    /// Model family (adapter) and FastChat conversation template name.
+    pub family: String,
+    pub template: String,
+    /// Template whose Jinja form the mount puts into tokenizer_config.json, if any.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// Seconds since the epoch; also the mtime of the entry's files in the mount.
+    pub created: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A Hugging Face model directory: `dir` is either the user's (in place) or a copy in the store.
+    Base { dir: PathBuf, copied: bool, files: Vec<FileRecord> },
+    /// Every floating tensor of `base` converted to `dtype`.
+    Cast { base: String, dtype: Dtype },
+}
+
+impl EntryKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EntryKind::Base { .. } => "base",
+            EntryKind::Cast { .. } => "cast",
+        }
+    }
+    /// The entry this one is derived from.
+    pub fn base(&self) -> Option<&str> {
+        match self {
+            EntryKind::Base { .. } => None,
+            EntryKind::Cast { base, .. } => Some(base),
+        }
+    }
+}
+
+/// A file of a base directory, as it was when added.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub name: String,
+    pub role: FileRole,
+    pub fingerprint: Fingerprint,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileRole {
+    /// A `*.safetensors` file.
+    Weights,
+    /// `model.safetensors.index.json`.
+    Index,
+    /// Anything else: config, tokenizer, README …
+    Other,
+}
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The whole catalogue.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Registry {
+    pub version: u32,
+    pub entries: BTreeMap<String, Entry>,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Result<&Entry, Error> {
+        self.entries.get(name).ok_or_else(|| Error::NotFound(name.to_owned()))
+    }
+
+    /// Entries whose recipe names `name` as their base.
+    pub fn dependents(&self, name: &str) -> Vec<&str> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.kind.base() == Some(name))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// The chain from `name` down to its base directory: `[name, its base, …, the base entry]`.
+    /// Refuses a missing link or a cycle (which a hand-edited registry could contain).
+    pub fn chain(&self, name: &str) -> Result<Vec<&str>, Error> {
+        let mut chain: Vec<&str> = vec![];
+        let mut current = name;
+        loop {
+            let (key, entry) = self
+                .entries
+                .get_key_value(current)
+                .ok_or_else(|| match chain.last() {
+                    None => Error::NotFound(current.to_owned()),
+                    Some(child) => Error::MissingBase { entry: child.to_string(), base: current.to_owned() },
+                })?;
+            if chain.contains(&key.as_str()) {
+                return Err(Error::Cycle(name.to_owned()));
+            }
+            chain.push(key.as_str());
+            match entry.kind.base() {
+                Some(base) => current = base,
+                None => return Ok(chain),
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid name {0:?}: use letters, digits, '.', '_' and '-', not starting with '.'")]
+    InvalidName(String),
+    #[error("no entry named {0:?} (see `llmfs ls`)")]
+    NotFound(String),
+    #[error("an entry named {0:?} already exists")]
+    Exists(String),
+    #[error("{name:?} is the base of {dependents}; remove those first")]
+    HasDependents { name: String, dependents: String },
+    #[error("entry {entry:?} names base {base:?}, which does not exist")]
+    MissingBase { entry: String, base: String },
+    #[error("entry {0:?} is part of a cycle of bases")]
+    Cycle(String),
+    #[error("{}: the registry is corrupt: {reason} (restore it or move it away)", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    NotAModel { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Header(#[from] FileHeaderError),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attach a path to an I/O error.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_owned(), source }
+}
+
+/// Names become directory names: `[A-Za-z0-9._-]+`, no leading dot (so no `.` or `..`), ≤ 255 bytes.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok { Ok(()) } else { Err(Error::InvalidName(name.to_owned())) }
+}
+
+/// A store directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Held while a command changes the catalogue; released on drop (flock goes with the fd).
+pub struct StoreLock {
+    _file: File,
+}
+
+impl Store {
+    /// `--store DIR`, else `$LLMFS_STORE`, else `~/.local/share/llmfs`.
+    pub fn default_root() -> PathBuf {
+        if let Some(dir) = std::env::var_os("LLMFS_STORE") {
+            return dir.into();
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into());
+        home.join(".local/share/llmfs")
+    }
+
+    /// Opens (creating if needed, mode 0700) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root: PathBuf = root.into();
+        for dir in [root.clone(), root.join("models"), root.join("tmp")] {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
+        }
+        let root = root.canonicalize().map_err(io_err(&root))?;
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn registry_path(&self) -> PathBuf {
+        self.root.join("registry.json")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.root.join("llmfs.log")
+    }
+    /// Where entry `name` keeps the files it owns.
+    pub fn entry_dir(&self, name: &str) -> PathBuf {
+        self.root.join("models").join(name)
+    }
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// The catalogue as it is on disk (empty if the store is new).
+    pub fn load(&self) -> Result<Registry> {
+        let path = self.registry_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Registry { version: 1, ..Default::default() }),
+            Err(e) => return Err(Error::Io { path, source: e }),
+        };
+        let registry: Registry = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        for name in registry.entries.keys() {
+            validate_name(name).map_err(|_| Error::Corrupt { path: path.clone(), reason: format!("bad entry name {name:?}") })?;
+        }
+        Ok(registry)
+    }
+
+    pub fn lock(&self) -> Result<StoreLock> {
+        let path = self.root.join("lock");
+        let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(io_err(&path))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::Io { path, source: io::Error::last_os_error() });
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Replaces the catalogue atomically. Callers hold the lock.
+    pub fn save(&self, registry: &Registry, _lock: &StoreLock) -> Result<()> {
+        let path = self.registry_path();
+        let bytes = serde_json::to_vec_pretty(registry).expect("the registry always serializes");
+        write_atomic(&path, &bytes)
+    }
+
+    /// Lock, load, change, save: the one way commands modify the catalogue.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Registry) -> Result<T>) -> Result<T> {
+        let lock = self.lock()?;
+        let mut registry = self.load()?;
+        let out = f(&mut registry)?;
+        self.save(&registry, &lock)?;
+        Ok(out)
+    }
+
+    /// A fresh private staging directory under `tmp/`, removed on drop unless kept.
+    pub fn staging_dir(&self, label: &str) -> Result<StagingDir> {
+        let path = self.tmp_dir().join(format!("{label}.{}.{}", std::process::id(), unique()));
+        fs::DirBuilder::new().mode(0o700).create(&path).map_err(io_err(&path))?;
+        Ok(StagingDir { path: Some(path) })
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
+    nanos ^ (NEXT.fetch_add(1, Ordering::Relaxed) << 32)
+}
+
+/// A staging directory that is deleted unless `keep` moves it into place.
+pub struct StagingDir {
+    path: Option<PathBuf>,
+}
+
+impl StagingDir {
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().expect("staging dir is present until kept")
+    }
+    /// Renames the staging directory to `dest` (atomic on one filesystem) and keeps it.
+    pub fn keep(mut self, dest: &Path) -> Result<()> {
+        let path = self.path.take().expect("kept once");
+        fs::rename(&path, dest).map_err(io_err(dest))?;
+        sync_dir(dest.parent().unwrap_or(Path::new("/")));
+        Ok(())
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// Write a file so that a crash leaves either the old or the new content: tmp, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp.{}", path.file_name().unwrap_or_default().to_string_lossy(), unique()));
+    let result = (|| {
+        let mut f = OpenOptions::new().create_new(true).write(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Io { path: path.to_owned(), source: e });
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    // Best effort: makes the rename durable; some filesystems refuse fsync on directories.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for good in ["llama-2-7b", "a", "Qwen1.5_0.5B", "x.y-z_1"] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "../x", "a b", "é", &"x".repeat(256)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn corrupt_registry_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(store.registry_path(), b"{\"version\": 1, \"entries\": {").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("registry.json") && err.contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn chain_refuses_cycles_and_missing_bases() {
+        let entry = |kind| Entry { kind, info: ModelInfo::default(), family: "x".into(), template: "one_shot".into(), chat_template: None, created: 0 };
+        let mut r = Registry::default();
+        r.entries.insert("a".into(), entry(EntryKind::Cast { base: "b".into(), dtype: Dtype::F16 }));
+        r.entries.insert("b".into(), entry(EntryKind::Cast { base: "a".into(), dtype: Dtype::F16 }));
+        r.entries.insert("c".into(), entry(EntryKind::Cast { base: "zz".into(), dtype: Dtype::F16 }));
+        assert!(matches!(r.chain("a"), Err(Error::Cycle(_))));
+        assert!(matches!(r.chain("c"), Err(Error::MissingBase { .. })));
+        r.entries.insert("zz".into(), entry(EntryKind::Base { dir: "/x".into(), copied: false, files: vec![] }));
+        assert_eq!(r.chain("c").unwrap(), vec!["c", "zz"]);
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,138 @@
+//! Where tensor bytes come from: stored bytes in a file, or a recipe over another source.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use crate::compute;
+use crate::format::Dtype;
+use crate::registry::Fingerprint;
+
+/// Why bytes could not be produced. Every variant maps to EIO in the mount, with this message
+/// (which names the file) in the log: nothing is ever served wrong silently.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: {reason}")]
+    Changed { path: String, reason: String },
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("{0}")]
+    Decode(String),
+}
+
+impl ReadError {
+    fn io(path: &std::path::Path, e: io::Error) -> Self {
+        ReadError::Io { path: path.display().to_string(), reason: e.to_string() }
+    }
+}
+
+/// A file llmfs reads from (a base file, a stored container), with the fingerprint it must still
+/// have. It is opened once and read with `pread`, never mapped: a file changed under a mapping
+/// would SIGBUS the daemon, while `pread` only returns short or different bytes, which the
+/// fingerprint checks catch.
+#[derive(Debug)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub fingerprint: Fingerprint,
+    /// Opened and fully verified (sampled hash) on first use; the outcome is kept.
+    opened: OnceLock<Result<File, ReadError>>,
+}
+
+impl SourceFile {
+    pub fn new(path: PathBuf, fingerprint: Fingerprint) -> Self {
+        SourceFile { path, fingerprint, opened: OnceLock::new() }
+    }
+
+    /// The cheap check (size and mtime), as a reason if it fails.
+    pub fn stat_problem(&self) -> Option<String> {
+        match std::fs::metadata(&self.path) {
+            Err(e) => Some(format!("{}: cannot be read: {e}", self.path.display())),
+            Ok(meta) if !self.fingerprint.matches_stat(&meta) => Some(format!(
+                "{}: changed since it was added (size {} → {}, or its modification time)",
+                self.path.display(),
+                self.fingerprint.size,
+                meta.len()
+            )),
+            Ok(_) => None,
+        }
+    }
+
+    /// Checks the file is still the one that was added: called whenever a virtual file that reads
+    /// from it is opened. The first call also verifies the sampled hash.
+    pub fn check(&self) -> Result<&File, ReadError> {
+        if let Some(reason) = self.stat_problem() {
+            return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
+        }
+        self.file()
+    }
+
+    fn file(&self) -> Result<&File, ReadError> {
+        self.opened
+            .get_or_init(|| {
+                if let Some(reason) = self.fingerprint.verify(&self.path) {
+                    return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
+                }
+                File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
+        self.file()?.read_exact_at(buf, offset).map_err(|e| ReadError::io(&self.path, e))
+    }
+}
+
+/// How the bytes of one tensor are produced.
+#[derive(Clone, Debug)]
+pub enum TensorSource {
+    /// Stored verbatim at `offset` in `file`.
+    Stored { file: Arc<SourceFile>, offset: u64, dtype: Dtype },
+    /// Another tensor converted to `to`.
+    Cast { inner: Arc<TensorSource>, to: Dtype },
+}
+
+impl TensorSource {
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            TensorSource::Stored { dtype, .. } => *dtype,
+            TensorSource::Cast { to, .. } => *to,
+        }
+    }
+
+    /// Bytes stored verbatim can be read straight into the reply, without decoding or caching.
+    pub fn as_stored(&self) -> Option<(&SourceFile, u64)> {
+        match self {
+            TensorSource::Stored { file, offset, .. } => Some((file, *offset)),
+            _ => None,
+        }
+    }
+
+    /// The files this tensor reads from (checked when a file that contains it is opened).
+    pub fn files(&self, out: &mut Vec<Arc<SourceFile>>) {
+        match self {
+            TensorSource::Stored { file, .. } => out.push(file.clone()),
+            TensorSource::Cast { inner, .. } => inner.files(out),
+        }
+    }
+
+    /// Produce elements `elems` (row-major element indices) into `out`
+    /// (`out.len() == elems.len() * dtype().size()`).
+    pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
+        match self {
+            TensorSource::Stored { file, offset, dtype } => {
+                file.read_exact_at(out, offset + (elems.start * dtype.size()) as u64)
+            }
+            TensorSource::Cast { inner, to } => {
+                let from = inner.dtype();
+                let mut tmp = vec![0u8; elems.len() * from.size()];
+                inner.read(elems, &mut tmp)?;
+                compute::cast::cast(from, *to, &tmp, out).map_err(|e| ReadError::Decode(e.to_string()))
+            }
+        }
+    }
+}

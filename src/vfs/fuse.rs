@@ -1,0 +1,184 @@
+//! Links fuser's calls to [`Fs`]: translate types, reply, log errors. Nothing else lives here.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, Request, SessionACL,
+};
+
+use super::{Attr, Fs, FsError, Kind};
+
+/// Immutable files: the kernel may keep attributes and names for an hour.
+const TTL_IMMUTABLE: Duration = Duration::from_secs(3600);
+/// Directories whose listing follows the registry: re-checked every second.
+const TTL_MUTABLE: Duration = Duration::from_secs(1);
+/// 1 MiB reads and read-ahead: the kernel's default 128 KiB means 8x the requests per byte.
+const MAX_IO: u32 = 1 << 20;
+
+pub struct FuseFs {
+    fs: Arc<Fs>,
+    uid: u32,
+    gid: u32,
+}
+
+/// Options for [`mount`].
+pub struct MountConfig {
+    pub allow_other: bool,
+    pub threads: usize,
+}
+
+/// Mount `fs` at `mountpoint` and serve until unmounted. Returns a session that `run` serves.
+pub fn session(fs: Arc<Fs>, mountpoint: &Path, opts: &MountConfig) -> std::io::Result<fuser::Session<FuseFs>> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("llmfs".into()),
+        MountOption::Subtype("llmfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if opts.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    // SAFETY: getuid/getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    fuser::Session::new(FuseFs { fs, uid, gid }, mountpoint, &config)
+}
+
+impl FuseFs {
+    fn attr(&self, a: &Attr) -> FileAttr {
+        let (kind, perm, nlink) = match a.kind {
+            Kind::Dir => (FileType::Directory, 0o555, 2),
+            Kind::File => (FileType::RegularFile, 0o444, 1),
+        };
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: a.mtime,
+            mtime: a.mtime,
+            ctime: a.mtime,
+            crtime: a.mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: MAX_IO,
+            flags: 0,
+        }
+    }
+}
+
+fn ttl(a: &Attr) -> Duration {
+    if a.mutable { TTL_MUTABLE } else { TTL_IMMUTABLE }
+}
+
+/// Log the reason (EIO always, others at debug) and turn an error into fuser's errno.
+fn errno(op: &str, e: FsError) -> Errno {
+    match (&e.message, e.errno) {
+        (Some(m), libc::EIO) => tracing::error!("{op}: {m}"),
+        (Some(m), _) => tracing::warn!("{op}: {m}"),
+        (None, n) => tracing::debug!("{op}: errno {n}"),
+    }
+    Errno::from_i32(e.errno)
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Ask for 1 MiB; take what the kernel allows when it caps lower.
+        if let Err(max) = config.set_max_readahead(MAX_IO) {
+            let _ = config.set_max_readahead(max);
+        }
+        if let Err(max) = config.set_max_write(MAX_IO) {
+            let _ = config.set_max_write(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        match self.fs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&ttl(&a), &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(errno("lookup", e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&ttl(&a), &self.attr(&a)),
+            Err(e) => reply.error(errno("getattr", e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match self.fs.open(ino.0, write) {
+            // Files never change while visible: let the page cache keep what it has read.
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno("open", e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno("read", e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.fs.readdir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno("readdir", e)),
+        };
+        let dots = [(ino.0, Kind::Dir, ".".to_owned()), (ino.0, Kind::Dir, "..".to_owned())];
+        for (i, (child, kind, name)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
+            let kind = if kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+            if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, MAX_IO, 255, MAX_IO);
+    }
+}

@@ -1,0 +1,213 @@
+//! Running the daemon: mount in the foreground, daemonize, find and unmount llmfs mounts.
+//!
+//! `llmfs mount` without `--foreground` starts itself again with `--foreground` in a new session,
+//! its output going to the store's log, and returns once the kernel lists the mount (or fails with
+//! the log's last lines when the child dies first). Re-executing rather than forking keeps the
+//! daemon free of a forked copy of a threaded process.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::fuse::{self, MountConfig};
+use super::Fs;
+use crate::registry::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{}: {reason}", path.display())]
+    Mountpoint { path: PathBuf, reason: String },
+    #[error("the daemon did not come up: {0}")]
+    Daemon(String),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Settings of one mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub cache_size: u64,
+    pub allow_other: bool,
+    pub threads: usize,
+}
+
+fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
+    let bad = |reason: String| MountError::Mountpoint { path: mountpoint.to_owned(), reason };
+    let meta = std::fs::metadata(mountpoint).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(bad("not a directory".into()));
+    }
+    let canonical = mountpoint.canonicalize().map_err(|e| bad(e.to_string()))?;
+    if is_mounted(&canonical) {
+        return Err(bad("an llmfs mount is already there (llmfs umount it first)".into()));
+    }
+    Ok(canonical)
+}
+
+/// Serve in this process until unmounted or sent SIGINT/SIGTERM/SIGHUP.
+pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
+    let mountpoint = check_mountpoint(mountpoint)?;
+    let fs = Arc::new(Fs::new(store, opts.cache_size)?);
+    // Block the signals in this thread before any other starts, so every thread inherits the
+    // mask and only the waiter below receives them.
+    let signals = block_signals();
+    let mut session = fuse::session(fs, &mountpoint, &MountConfig { allow_other: opts.allow_other, threads: opts.threads })?;
+    let mut unmounter = session.unmount_callable();
+    let mp = mountpoint.clone();
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: sigwait reads the set we built and writes one int.
+        unsafe { libc::sigwait(&signals, &mut sig) };
+        tracing::info!(signal = sig, "unmounting {}", mp.display());
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!("unmount failed: {e}");
+        }
+    });
+    tracing::info!(mountpoint = %mountpoint.display(), cache_size = opts.cache_size, threads = opts.threads, "serving");
+    session.run()?;
+    tracing::info!("unmounted");
+    Ok(())
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Start the daemon (this binary with `--foreground`) and wait until the mount is live.
+pub fn spawn_daemon(store: &Store, mountpoint: &Path, args: &[String]) -> Result<(), MountError> {
+    let mountpoint = check_mountpoint(mountpoint)?;
+    let log_path = store.log_path();
+    let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let start = log.metadata()?.len();
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal and session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if is_mounted(&mountpoint) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(MountError::Daemon(format!("it exited with {status}: {}", log_tail(&log_path, start))));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(MountError::Daemon(format!("no mount after 60 s: {}", log_tail(&log_path, start))));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_tail(path: &Path, from: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.seek(SeekFrom::Start(from));
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Mount points of llmfs filesystems, from /proc/self/mountinfo.
+pub fn llmfs_mounts() -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return vec![] };
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut fields = right.split(' ');
+            let (fstype, source) = (fields.next()?, fields.next()?);
+            let mp = left.split(' ').nth(4)?;
+            // Mounted by root the type is plain `fuse` (the subtype is lost), by fusermount
+            // `fuse.llmfs`; the source is our FSName either way.
+            let ours = fstype == "fuse.llmfs" || (fstype.starts_with("fuse") && source == "llmfs");
+            ours.then(|| PathBuf::from(unescape_mountinfo(mp)))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    llmfs_mounts().iter().any(|m| m == mountpoint)
+}
+
+/// Unmount an llmfs mount, also a stale one whose daemon died.
+pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
+    // A dead daemon's mount point cannot be stat'ed (ENOTCONN), so canonicalize its parent.
+    let canonical = match mountpoint.canonicalize() {
+        Ok(p) => p,
+        Err(_) => {
+            let parent = mountpoint.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            parent.canonicalize()?.join(mountpoint.file_name().unwrap_or_default())
+        }
+    };
+    if !is_mounted(&canonical) {
+        return Err(MountError::Mountpoint { path: mountpoint.to_owned(), reason: "no llmfs mount there".into() });
+    }
+    let c_path = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())
+        .map_err(|_| MountError::Mountpoint { path: canonical.clone(), reason: "path contains NUL".into() })?;
+    // SAFETY: umount2 reads a NUL-terminated path.
+    let ok = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) } == 0;
+    if !ok {
+        // Not root: fusermount is setuid and unmounts the user's own FUSE mounts.
+        let status = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&canonical)
+            .status()
+            .or_else(|_| Command::new("fusermount").args(["-u", "-z"]).arg(&canonical).status())?;
+        if !status.success() {
+            return Err(MountError::Mountpoint { path: canonical, reason: format!("fusermount failed ({status})") });
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_mounted(&canonical) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(super::unescape_mountinfo(r"/tmp/a\040b\134c"), "/tmp/a b\\c");
+        assert_eq!(super::unescape_mountinfo(r"/x\04"), r"/x\04");
+    }
+}

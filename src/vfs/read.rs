@@ -1,0 +1,119 @@
+//! Byte range → header bytes, stored bytes and decoded tensor chunks.
+//!
+//! A synthesized file is its header followed by tensors. A tensor stored verbatim is read straight
+//! into the reply (no decode, no cache). Any other tensor is split into fixed chunks of
+//! [`CHUNK_SIZE`] output bytes, counted from the tensor's start, and each chunk is decoded once
+//! into the [`ChunkCache`]. The same function serves FUSE reads and `llmfs export`, so the two
+//! give the same bytes by construction.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::cache::ChunkCache;
+use crate::variant::{Content, ReadError, SynthFile, SynthTensor, VFile};
+
+/// Output bytes per decoded chunk: large enough that per-chunk overhead (a cache lookup, a task)
+/// is noise next to decoding 2 MiB, small enough that a 1 MiB FUSE read rarely waits for more
+/// than one chunk and a 256 MiB cache holds 128 of them. A multiple of every element size.
+pub const CHUNK_SIZE: u64 = 2 << 20;
+
+/// (file id, tensor index in the file, chunk index in the tensor).
+pub type ChunkKey = (u64, u32, u32);
+pub type Cache = ChunkCache<ChunkKey, ReadError>;
+
+/// Read up to `size` bytes at `offset` of `file` (fewer only at the end of the file).
+pub fn read_range(file: &VFile, file_id: u64, offset: u64, size: u64, cache: &Cache) -> Result<Vec<u8>, ReadError> {
+    let end = offset.saturating_add(size).min(file.size);
+    if offset >= end {
+        return Ok(vec![]);
+    }
+    let mut out = vec![0u8; (end - offset) as usize];
+    match &file.content {
+        Content::Passthrough(source) => source.read_exact_at(&mut out, offset)?,
+        Content::Generated(bytes) => out.copy_from_slice(&bytes[offset as usize..end as usize]),
+        Content::Synth(synth) => read_synth(synth, file_id, offset, &mut out, cache)?,
+        Content::Broken(reason) => return Err(ReadError::Decode(reason.clone())),
+    }
+    Ok(out)
+}
+
+fn read_synth(synth: &SynthFile, file_id: u64, offset: u64, out: &mut [u8], cache: &Cache) -> Result<(), ReadError> {
+    let end = offset + out.len() as u64;
+    let mut pos = offset;
+    let header_len = synth.header.len() as u64;
+    if pos < header_len {
+        let n = end.min(header_len);
+        out[..(n - pos) as usize].copy_from_slice(&synth.header[pos as usize..n as usize]);
+        pos = n;
+    }
+    let mut index = synth.tensors.partition_point(|t| t.end <= pos);
+    while pos < end {
+        let tensor = synth.tensors.get(index).ok_or_else(|| ReadError::Decode("read past the last tensor".into()))?;
+        let stop = end.min(tensor.end);
+        let dst = &mut out[(pos - offset) as usize..(stop - offset) as usize];
+        if let Some((file, stored_at)) = tensor.source.as_stored() {
+            file.read_exact_at(dst, stored_at + (pos - tensor.start))?;
+        } else {
+            let mut filled = 0usize;
+            while filled < dst.len() {
+                let rel = pos - tensor.start + filled as u64;
+                let chunk = rel / CHUNK_SIZE;
+                let data = chunk_bytes(tensor, file_id, index as u32, chunk, cache)?;
+                let from = (rel - chunk * CHUNK_SIZE) as usize;
+                let n = (data.len() - from).min(dst.len() - filled);
+                dst[filled..filled + n].copy_from_slice(&data[from..from + n]);
+                filled += n;
+            }
+        }
+        pos = stop;
+        index += 1;
+    }
+    Ok(())
+}
+
+/// The output byte range of chunk `chunk` of `tensor`, relative to the tensor's start.
+fn chunk_range(tensor: &SynthTensor, chunk: u64) -> Range<u64> {
+    let len = tensor.end - tensor.start;
+    chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(len)
+}
+
+fn chunk_bytes(tensor: &SynthTensor, file_id: u64, index: u32, chunk: u64, cache: &Cache) -> Result<Arc<[u8]>, ReadError> {
+    let range = chunk_range(tensor, chunk);
+    cache.get_or_decode((file_id, index, chunk as u32), range.end - range.start, || decode_chunk(tensor, range))
+}
+
+fn decode_chunk(tensor: &SynthTensor, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
+    let esize = tensor.source.dtype().size() as u64;
+    let mut out = vec![0u8; (range.end - range.start) as usize];
+    tensor.source.read((range.start / esize) as usize..(range.end / esize) as usize, &mut out)?;
+    Ok(out)
+}
+
+/// Decode, in the background, the chunks that a sequential reader will want next: those covering
+/// `[offset, offset + len)` that are neither cached nor being decoded. Errors are left for the
+/// reader to meet (and report) when it gets there.
+pub fn prefetch(file: &VFile, file_id: u64, offset: u64, len: u64, cache: &Arc<Cache>) {
+    let Content::Synth(synth) = &file.content else { return };
+    let end = offset.saturating_add(len).min(file.size);
+    let first = synth.tensors.partition_point(|t| t.end <= offset);
+    for (index, tensor) in synth.tensors.iter().enumerate().skip(first) {
+        if tensor.start >= end {
+            break;
+        }
+        if tensor.source.as_stored().is_some() || tensor.start == tensor.end {
+            continue;
+        }
+        let from = offset.max(tensor.start) - tensor.start;
+        let to = end.min(tensor.end) - tensor.start;
+        for chunk in from / CHUNK_SIZE..to.div_ceil(CHUNK_SIZE) {
+            let key = (file_id, index as u32, chunk as u32);
+            if cache.contains(&key) {
+                continue;
+            }
+            let (synth, cache) = (synth.clone(), cache.clone());
+            rayon::spawn(move || {
+                let _ = chunk_bytes(&synth.tensors[index], file_id, index as u32, chunk, &cache);
+            });
+        }
+    }
+}

@@ -61,6 +61,19 @@ fn main() {
         args.first().copied().unwrap_or(4096),
         args.get(1).copied().unwrap_or(4096),
     );
+    // Quantizing (the `llmfs quantize` write path) runs on all cores; shown for scale.
+    for (bits, symmetric) in [(8u8, true), (4, false)] {
+        let input = data::<f16>(rows * cols);
+        let cfg = QuantConfig {
+            bits,
+            group_size: 256,
+            symmetric,
+        };
+        let t = Instant::now();
+        black_box(quantize(&input, rows, cols, cfg));
+        let s = t.elapsed().as_secs_f64();
+        println!("quantize f16 {rows}x{cols} {bits}-bit symmetric={symmetric}: {:.1} M elements/s (all cores)", (rows * cols) as f64 / s / 1e6);
+    }
     println!("dequantize {rows}x{cols}, group 256, one core, GB/s of output (best of 3)");
     println!(
         "{:<6} {:<6} {:<6} {:>10} {:>10}",

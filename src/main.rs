@@ -121,8 +121,19 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain of causes, joined.
-            eprintln!("llmfs: {}", format!("{e:#}").replace('\n', " "));
+            // One line: the chain of causes, joined, skipping a cause that a message already
+            // quotes (our error types put their source in their own text).
+            let mut line = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !line.contains(&text) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&text);
+                }
+            }
+            eprintln!("llmfs: {}", line.replace('\n', " "));
             ExitCode::FAILURE
         }
     }

@@ -30,18 +30,41 @@
 //! ```
 //!
 //! `q / scale` is a true division; it is **not** replaced by a multiplication with a hoisted
-//! reciprocal, which would differ in the last bit. The fast path hoists only the loads.
+//! reciprocal, which differs in the last bit (the checked-in FastChat cases catch it for f32).
+//! Likewise `B / t` must be the two-rounding `T(T(1/t) * B)`: a single `T(B / t)` differs from
+//! torch on f16 inputs.
 //!
-//! # Degenerate groups (checked against torch 2.x on x86-64, see `scripts/fastchat_quant_check.py`)
+//! # Degenerate groups (measured on torch 2.15.0, x86-64 AVX2; `scripts/fastchat_quant_check.py --probe`)
 //!
 //! An all-zero group (symmetric) or a constant group (asymmetric, `mx == mn`) gives
 //! `scale = B * (1/0) = +inf`, so `0 * inf = NaN` reaches the integer cast. Casting NaN to an
-//! integer is undefined in C++; torch's CPU cast gives a definite value that we record in
-//! [`SYM_NAN_CODE`] / [`ASYM_NAN_CODE`]. Decompression then computes `code / inf`, a zero whose
-//! sign is the code's sign. The same happens in f16 when the group's maximum is so small that
-//! `1/amax` or `B/amax` overflows to `inf`: every element decodes to a signed zero. llmfs does
-//! not special-case any of this: it stores the code torch stores and runs the same division, so
-//! the zero's sign comes out as torch's.
+//! integer is undefined in C++; torch's CPU cast gives 0 for both int8 and uint8, for either
+//! sign of NaN and in both its vectorized and scalar loops ([`SYM_NAN_CODE`],
+//! [`ASYM_NAN_CODE`]). Decompression then computes `0 / inf = +0.0`. So:
+//!
+//! * symmetric, all-zero group: codes 0, scale `+inf`, every element decodes to **`+0.0`**
+//!   (bit pattern 0), also where the input was `-0.0`;
+//! * asymmetric, constant group `c`: codes 0, `min = c`, scale `+inf`, every element decodes to
+//!   `+0.0 + c`, i.e. **exactly `c`** (and `+0.0` where `c` is `±0.0`);
+//! * f16 groups so small that `1/amax` or `B * (1/amax)` overflows to `inf` (|x| ≲ 2e-3 for
+//!   8 bits): nonzero elements get codes ±B, zeros get the NaN code, and everything decodes to
+//!   a zero with the code's sign (symmetric: `-0.0` for negative inputs) or to `mn`
+//!   (asymmetric).
+//!
+//! llmfs special-cases none of this: it stores the code torch stores and runs the same ops, so
+//! every zero's sign comes out as torch's. Inputs holding NaN or ±inf are not FastChat
+//! weights; they go through the same ops (NaN propagates through min/max as in torch) but are
+//! not checked against torch.
+//!
+//! # The fast path
+//!
+//! [`dequantize_range`] walks the requested range one (row, group) segment at a time, loads the
+//! group's scale and minimum once, and runs each op over a chunk of 256 values so it vectorizes
+//! (compiled twice: SSE2 and, chosen at run time, AVX2 — IEEE division and the bit-level
+//! roundings give the same bits at any vector width, and Rust never contracts into FMA). A 4-bit
+//! segment of 32 or more values builds the group's 16 possible outputs with the same ops and
+//! looks codes up. [`dequantize_reference`] is the element-by-element definition the tests hold
+//! the fast path to.
 //!
 //! # On-disk layout of a [`QuantizedTensor`]
 //!
@@ -70,10 +93,10 @@ use std::ops::Range;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// What torch 2.x on x86-64 CPU gives for `NaN.to(torch.int8)` in FastChat's compress
+/// What torch (2.15.0, x86-64) gives for `NaN.to(torch.int8)` in FastChat's compress
 /// (compression.py:264): found with `scripts/fastchat_quant_check.py --probe`.
 pub const SYM_NAN_CODE: i8 = 0;
-/// What torch 2.x on x86-64 CPU gives for `NaN.to(torch.uint8)` (compression.py:275).
+/// What torch (2.15.0, x86-64) gives for `NaN.to(torch.uint8)` (compression.py:275).
 pub const ASYM_NAN_CODE: u8 = 0;
 
 /// Errors of the quantization codec: bad configurations and buffers that do not fit a shape.

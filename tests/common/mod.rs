@@ -49,6 +49,8 @@ pub struct Finished {
 
 /// Runs `cmd` to completion, killing it (and failing the test) if it runs past `timeout`.
 /// stdout and stderr are drained on threads so a chatty child cannot block on a full pipe.
+// The child is reaped with wait4 (for its rusage), not Child::wait.
+#[allow(clippy::zombie_processes)]
 pub fn run_command(mut cmd: Command, timeout: Duration) -> Finished {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let description = format!("{cmd:?}");
@@ -263,6 +265,11 @@ pub fn small_spec() -> ModelSpec {
     ModelSpec { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 4, vocab: 256, dtype: Dtype::BF16, shards: 1, seed: 11 }
 }
 
+/// The small model split into `shards` safetensors files with a model.safetensors.index.json.
+pub fn sharded_spec(shards: usize) -> ModelSpec {
+    ModelSpec { shards, ..small_spec() }
+}
+
 /// Tensors in a model of `spec`.
 pub fn tensor_count(spec: &ModelSpec) -> usize {
     spec.tensors().iter().map(Vec::len).sum()
@@ -285,4 +292,222 @@ pub fn write_raw_safetensors(path: &Path, header_json: &str, data_len: usize) {
     bytes.extend_from_slice(header_json.as_bytes());
     bytes.resize(bytes.len() + data_len, 0);
     std::fs::write(path, bytes).unwrap();
+}
+
+// --- mount helpers ---
+// Real mounts for tests/mount.rs: a foreground daemon owned by the test (`MountGuard`), a
+// daemonized one (`DaemonGuard`), a watchdog that kills a stuck daemon so no test hangs, and
+// `with_deadline` for blocking file operations. Every guard unmounts on drop, also on panic.
+
+/// How long one mount may live before its watchdog kills the daemon and unmounts (which makes
+/// every blocked file operation on it fail, so the test fails instead of hanging).
+pub const MOUNT_WATCHDOG: Duration = Duration::from_secs(300);
+/// How long `llmfs mount --foreground` may take to show up in /proc/self/mountinfo.
+pub const MOUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `f` on its own thread and returns its result; fails the test if it takes longer than
+/// `timeout` (the thread is left behind, blocked; the mount guards' drop unblocks it). A panic
+/// in `f` is re-raised here.
+pub fn with_deadline<T: Send + 'static>(what: &str, timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("deadline: {what}"))
+        .spawn(move || {
+            let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+        })
+        .expect("spawning a thread");
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(v)) => v,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("{what}: no result within {timeout:?} (a hung FUSE operation?)"),
+    }
+}
+
+/// Whether an llmfs mount is at `mp` (canonical path), as the kernel lists it.
+pub fn llmfs_mounted(mp: &Path) -> bool {
+    llmfs::vfs::mount::is_mounted(mp)
+}
+
+/// `llmfs umount MP` under a deadline, never panicking (for drop); falls back to a lazy
+/// umount2 if the command fails and the mount is still there.
+pub fn unmount_quiet(mp: &Path) {
+    if !llmfs_mounted(mp) {
+        return;
+    }
+    let _ = Command::new("timeout")
+        .args(["-k", "5", "30"])
+        .arg(llmfs_bin())
+        .arg("umount")
+        .arg(mp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if llmfs_mounted(mp) {
+        if let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 reads a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Pids of `llmfs ... mount MP --foreground` processes serving `mp` (a unique temp path, so
+/// only daemons this test started).
+pub fn daemon_pids(mp: &Path) -> Vec<libc::pid_t> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
+    let want = mp.as_os_str().as_encoded_bytes();
+    rd.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: libc::pid_t = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let ours = args.iter().any(|a| *a == b"--foreground") && args.contains(&want) && args.iter().any(|a| *a == b"mount");
+        // A zombie (already dead, not yet reaped) serves nothing.
+        let state = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        (ours && !zombie).then_some(pid)
+    })
+    .collect()
+}
+
+/// Kills the daemon(s) of a mount and unmounts it if the mount outlives `MOUNT_WATCHDOG`.
+/// Dropping it disarms it.
+pub struct Watchdog {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// `pid`: the daemon if known (a child we own); else the daemons found by `daemon_pids`.
+    pub fn arm(mp: &Path, pid: Option<libc::pid_t>) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let mp = mp.to_owned();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(MOUNT_WATCHDOG) {
+                eprintln!("watchdog: the mount at {} outlived {MOUNT_WATCHDOG:?}; killing its daemon", mp.display());
+                for p in pid.map_or_else(|| daemon_pids(&mp), |p| vec![p]) {
+                    // SAFETY: kill(2) on a daemon this test started.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                unmount_quiet(&mp);
+            }
+        });
+        Watchdog { _disarm: tx }
+    }
+}
+
+/// `llmfs --store STORE mount MP --foreground` as a child of the test: mounted when `new`
+/// returns; on drop unmounted (`llmfs umount`) and the child reaped (killed if it lingers).
+/// The daemon's stdout and stderr go to `log`.
+pub struct MountGuard {
+    pub path: PathBuf,
+    pub log: PathBuf,
+    child: Option<std::process::Child>,
+    watchdog: Option<Watchdog>,
+}
+
+impl MountGuard {
+    /// Mounts `ts`'s store at `mp` (created if missing) with extra mount arguments.
+    pub fn new(ts: &TestStore, mp: &Path, extra: &[&str]) -> MountGuard {
+        std::fs::create_dir_all(mp).expect("creating the mount point");
+        let mp = mp.canonicalize().expect("canonical mount point");
+        let log = mp.with_file_name(format!("{}.log", mp.file_name().unwrap().to_string_lossy()));
+        let log_file = std::fs::File::create(&log).expect("creating the daemon log");
+        let mut cmd = ts.command([OsStr::new("mount"), mp.as_os_str(), OsStr::new("--foreground")]);
+        cmd.args(extra).env("RUST_LOG", "info").stdout(log_file.try_clone().unwrap()).stderr(log_file);
+        let child = cmd.spawn().expect("spawning llmfs mount --foreground");
+        let pid = child.id() as libc::pid_t;
+        let mut guard = MountGuard { path: mp.clone(), log, child: Some(child), watchdog: Some(Watchdog::arm(&mp, Some(pid))) };
+        let start = Instant::now();
+        while !llmfs_mounted(&mp) {
+            if let Ok(Some(status)) = guard.child.as_mut().unwrap().try_wait() {
+                panic!("llmfs mount --foreground exited with {status} before mounting:\n{}", guard.log_text());
+            }
+            if start.elapsed() > MOUNT_WAIT {
+                panic!("no mount at {} after {MOUNT_WAIT:?}:\n{}", mp.display(), guard.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        guard
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pid(&self) -> Option<libc::pid_t> {
+        self.child.as_ref().map(|c| c.id() as libc::pid_t)
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits (up to `timeout`) for a log line containing every needle; returns it.
+    pub fn wait_log_line(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.log_text().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Some(line.to_owned());
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        unmount_quiet(&self.path);
+        if let Some(mut child) = self.child.take() {
+            let start = Instant::now();
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        eprintln!("llmfs mount --foreground did not exit after umount; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        // The daemon is gone: disarm the watchdog only now, so it also covers a stuck umount.
+        self.watchdog.take();
+        unmount_quiet(&self.path);
+    }
+}
+
+/// For `llmfs mount MP` (daemon mode, detached from the test): on drop unmounts and kills any
+/// daemon still serving MP.
+pub struct DaemonGuard {
+    pub path: PathBuf,
+    _watchdog: Watchdog,
+}
+
+impl DaemonGuard {
+    pub fn new(mp: &Path) -> DaemonGuard {
+        std::fs::create_dir_all(mp).expect("creating the mount point");
+        let mp = mp.canonicalize().expect("canonical mount point");
+        DaemonGuard { _watchdog: Watchdog::arm(&mp, None), path: mp }
+    }
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        unmount_quiet(&self.path);
+        let start = Instant::now();
+        while !daemon_pids(&self.path).is_empty() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in daemon_pids(&self.path) {
+            // SAFETY: kill(2) on a daemon this test started (its command line names our mount point).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        unmount_quiet(&self.path);
+    }
 }

@@ -14,6 +14,7 @@ pub mod compute;
 pub mod demo;
 pub mod export;
 pub mod format;
+pub mod quantize;
 pub mod registry;
 pub mod variant;
 pub mod vfs;

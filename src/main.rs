@@ -12,7 +12,8 @@ use llmfs::format::Dtype;
 use llmfs::registry::add::{self, AddOptions, ChatTemplateChoice};
 use llmfs::registry::{self, Entry, EntryKind, Registry, Store};
 use llmfs::vfs::mount::{self, MountOptions};
-use llmfs::{check, demo, export, variant};
+use llmfs::codec::quant::QuantConfig;
+use llmfs::{check, demo, export, quantize, variant};
 
 #[derive(Parser)]
 #[command(name = "llmfs", version, about = "A FUSE filesystem for LLM weights: variants synthesized on read")]
@@ -48,6 +49,20 @@ enum Command {
         base: String,
         #[arg(long, value_parser = parse_float_dtype)]
         dtype: Dtype,
+    },
+    /// Store the linear weights of BASE group-wise quantized (FastChat's compression); dequantized on read.
+    Quantize {
+        name: String,
+        #[arg(long)]
+        base: String,
+        /// 8 or 4.
+        #[arg(long, default_value_t = 8)]
+        bits: u8,
+        #[arg(long, default_value_t = 256)]
+        group_size: usize,
+        /// Quantize with a per-group minimum (FastChat's symmetric=False).
+        #[arg(long)]
+        asymmetric: bool,
     },
     /// List entries.
     Ls {
@@ -166,6 +181,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             add_variant(&store, &name, &base, EntryKind::Cast { base: base.clone(), dtype })?;
             println!("added {name}: {base} as {dtype}");
         }
+        Command::Quantize { name, base, bits, group_size, asymmetric } => {
+            let config = QuantConfig { bits, group_size, symmetric: !asymmetric };
+            let registry = store.load()?;
+            let total = variant::build_view(&registry, &base).map(|v| v.total_size()).unwrap_or(0);
+            let bar = progress_bar(total);
+            let entry = quantize::quantize(&store, &name, &base, config, |n| bar.inc(n))?;
+            bar.finish_and_clear();
+            let EntryKind::Quantized { errors, .. } = &entry.kind else { unreachable!("quantize makes quantized entries") };
+            let max = errors.values().cloned().fold(0.0, f64::max);
+            println!("added {name}: {} tensors of {base} quantized to {bits} bits, max relative error {max:.2e}", errors.len());
+        }
         Command::Ls { json } => ls(&store.load()?, json)?,
         Command::Info { name, json } => info(&store.load()?, &name, json)?,
         Command::Check { name } => {
@@ -270,6 +296,11 @@ fn add_variant(store: &Store, name: &str, base: &str, kind: EntryKind) -> Result
     Ok(entry)
 }
 
+/// Bytes of an entry's weight files as the mount shows them.
+fn weights_size(view: &variant::EntryView) -> u64 {
+    view.files.iter().filter(|f| view.weights.contains_key(&f.name)).map(|f| f.size).sum()
+}
+
 fn entry_size(registry: &Registry, name: &str) -> Option<u64> {
     variant::build_view(registry, name).ok().map(|v| v.total_size())
 }
@@ -311,6 +342,22 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     let recipe = match &entry.kind {
         EntryKind::Base { dir, copied, .. } => json!({"dir": dir, "copied": copied}),
         EntryKind::Cast { base, dtype } => json!({"base": base, "dtype": dtype.name()}),
+        EntryKind::Quantized { base, config, files, errors } => {
+            let on_disk: u64 = files.iter().map(|f| f.fingerprint.size).sum();
+            let base_weights = weights_size(&variant::build_view(registry, base)?);
+            json!({
+                "base": base,
+                "bits": config.bits,
+                "group_size": config.group_size,
+                "symmetric": config.symmetric,
+                "quantized_tensors": errors.len(),
+                "on_disk_bytes": on_disk,
+                "base_weight_bytes": base_weights,
+                "disk_ratio": base_weights as f64 / on_disk.max(1) as f64,
+                "max_relative_error": errors.values().cloned().fold(0.0, f64::max),
+                "relative_errors": errors,
+            })
+        }
     };
     let value = json!({
         "name": name,
@@ -330,7 +377,10 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!("name:          {name}");
-    println!("kind:          {} {}", entry.kind.name(), value["recipe"]);
+    match entry.kind.base() {
+        Some(base) => println!("kind:          {} of {base}", entry.kind.name()),
+        None => println!("kind:          {} {}", entry.kind.name(), value["recipe"]),
+    }
     println!("family:        {} (template {})", entry.family, entry.template);
     println!("chat_template: {}", entry.chat_template.as_deref().unwrap_or("(the model's own, or none)"));
     println!("simple name:   {}", entry.info.simple_name);
@@ -338,6 +388,19 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     println!("description:   {}", entry.info.description);
     println!("tensors:       {tensors} ({})", dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", "));
     println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
+    if let EntryKind::Quantized { .. } = entry.kind {
+        let r = &value["recipe"];
+        println!(
+            "quantized:     {} tensors, {} bits, group size {}, {}; max relative error {:.2e}",
+            r["quantized_tensors"], r["bits"], r["group_size"], if r["symmetric"] == true { "symmetric" } else { "asymmetric" },
+            r["max_relative_error"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "on disk:       {} against {} of base weights ({:.2}x smaller)",
+            human(r["on_disk_bytes"].as_u64().unwrap_or(0)), human(r["base_weight_bytes"].as_u64().unwrap_or(0)),
+            r["disk_ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
     println!("files:");
     for f in &view.files {
         println!("  {:<44} {:>12}", f.name, f.size);
@@ -362,6 +425,12 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
     if !have("tiny-vicuna")? {
         add::add(&store, "tiny-vicuna", &model_dir, &AddOptions::default())?;
     }
+    for (variant, bits) in [("tiny-vicuna-q8", 8), ("tiny-vicuna-q4", 4)] {
+        if !have(variant)? {
+            let config = QuantConfig { bits, group_size: 128, symmetric: bits == 8 };
+            quantize::quantize(&store, variant, "tiny-vicuna", config, |_| {})?;
+        }
+    }
     if !have("tiny-vicuna-f32")? {
         add_variant(&store, "tiny-vicuna-f32", "tiny-vicuna", EntryKind::Cast { base: "tiny-vicuna".into(), dtype: Dtype::F32 })?;
     }
@@ -379,7 +448,7 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
     let s = store.root().display();
     let m = mnt.display();
     println!(
-        "demo store: {s}\nmounted at: {m}\n\nTry:\n  ls -l {m}/*/\n  llmfs --store {s} ls\n  llmfs --store {s} info tiny-vicuna-f32\n  \
+        "demo store: {s}\nmounted at: {m}\n\nTry:\n  ls -l {m}/*/\n  llmfs --store {s} ls\n  llmfs --store {s} info tiny-vicuna-q4\n  \
          python3 -c \"from safetensors import safe_open; f = safe_open('{m}/tiny-vicuna-f32/model-00001-of-00002.safetensors', 'numpy'); print(f.keys())\"\n  \
          cmp <(llmfs --store {s} export tiny-vicuna-f32 /tmp/f32 >/dev/null; cat /tmp/f32/*.safetensors) <(cat {m}/tiny-vicuna-f32/*.safetensors) && echo same bytes\n  \
          llmfs umount {m}"

@@ -1,3 +1,7 @@
 //! Codecs: how stored weights become tensors.
+//!
+//! `quant` is the arithmetic of group-wise quantization (FastChat-exact); `quant_file` is how a
+//! quantized entry's codes and scales are laid out in its containers and read back by range.
 
 pub mod quant;
+pub mod quant_file;

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::quant::QuantConfig;
 use crate::format::{Dtype, FileHeaderError};
 pub use fingerprint::Fingerprint;
 
@@ -65,6 +66,15 @@ pub enum EntryKind {
     Base { dir: PathBuf, copied: bool, files: Vec<FileRecord> },
     /// Every floating tensor of `base` converted to `dtype`.
     Cast { base: String, dtype: Dtype },
+    /// The linear weights of `base` stored group-wise quantized in containers under
+    /// `STORE/models/NAME/` (one per base weight file, same name), dequantized on read.
+    Quantized {
+        base: String,
+        config: QuantConfig,
+        files: Vec<FileRecord>,
+        /// Relative error ‖x'−x‖/‖x‖ of each quantized tensor, measured when it was made.
+        errors: BTreeMap<String, f64>,
+    },
 }
 
 impl EntryKind {
@@ -72,13 +82,14 @@ impl EntryKind {
         match self {
             EntryKind::Base { .. } => "base",
             EntryKind::Cast { .. } => "cast",
+            EntryKind::Quantized { .. } => "quantized",
         }
     }
     /// The entry this one is derived from.
     pub fn base(&self) -> Option<&str> {
         match self {
             EntryKind::Base { .. } => None,
-            EntryKind::Cast { base, .. } => Some(base),
+            EntryKind::Cast { base, .. } | EntryKind::Quantized { base, .. } => Some(base),
         }
     }
 }
@@ -109,9 +120,17 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub struct Registry {
     pub version: u32,
     pub entries: BTreeMap<String, Entry>,
+    /// The store this catalogue was loaded from (not serialized).
+    #[serde(skip)]
+    pub store_root: PathBuf,
 }
 
 impl Registry {
+    /// Where entry `name` keeps the files it owns (containers, copies).
+    pub fn entry_dir(&self, name: &str) -> PathBuf {
+        self.store_root.join("models").join(name)
+    }
+
     pub fn get(&self, name: &str) -> Result<&Entry, Error> {
         self.entries.get(name).ok_or_else(|| Error::NotFound(name.to_owned()))
     }
@@ -245,11 +264,14 @@ impl Store {
         let path = self.registry_path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Registry { version: 1, ..Default::default() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Registry { version: 1, store_root: self.root.clone(), ..Default::default() })
+            }
             Err(e) => return Err(Error::Io { path, source: e }),
         };
-        let registry: Registry = serde_json::from_slice(&bytes)
+        let mut registry: Registry = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        registry.store_root = self.root.clone();
         for name in registry.entries.keys() {
             validate_name(name).map_err(|_| Error::Corrupt { path: path.clone(), reason: format!("bad entry name {name:?}") })?;
         }

@@ -21,6 +21,7 @@ use serde_json::Value;
 pub use source::{ReadError, SourceFile, TensorSource};
 
 use crate::adapter;
+use crate::codec::quant_file::QuantSource;
 use crate::format::{self, HeaderBuilder};
 use crate::registry::{Entry, EntryKind, FileRole, Registry, INDEX_FILE};
 
@@ -118,10 +119,48 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
                 };
                 Ok(LogicalTensor { source, ..t.clone() })
             })?,
+            (EntryKind::Quantized { config, files, .. }, Some(base)) => {
+                let containers = open_containers(registry, entry_name, files)?;
+                derive_view(entry_name, entry, &base, |t| {
+                    let found = containers
+                        .iter()
+                        .find_map(|(file, header)| {
+                            QuantSource::find(file, header, &t.name, &t.shape, t.source.dtype(), *config).transpose()
+                        })
+                        .transpose()
+                        .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?;
+                    Ok(match found {
+                        Some(q) => LogicalTensor { source: TensorSource::Dequant(Arc::new(q)), ..t.clone() },
+                        None => t.clone(),
+                    })
+                })?
+            }
             (_, None) => unreachable!("a chain ends in a base"),
         });
     }
     Ok(view.expect("a chain is never empty"))
+}
+
+/// The containers an entry owns in `STORE/models/NAME/`, with their parsed headers. A container
+/// that changed since it was written is an error for the whole entry: its tensors are unknown.
+fn open_containers(
+    registry: &Registry,
+    name: &str,
+    files: &[crate::registry::FileRecord],
+) -> Result<Vec<(Arc<SourceFile>, format::Header)>, ViewError> {
+    let dir = registry.entry_dir(name);
+    files
+        .iter()
+        .map(|record| {
+            let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
+            let invalid = |reason: String| ViewError::Invalid { entry: name.to_owned(), reason };
+            if let Some(reason) = source.stat_problem() {
+                return Err(invalid(reason));
+            }
+            let header = format::read_header_path(&source.path).map_err(|e| invalid(e.to_string()))?;
+            Ok((source, header))
+        })
+        .collect()
 }
 
 fn base_view(entry: &Entry, dir: &Path, records: &[crate::registry::FileRecord]) -> EntryView {

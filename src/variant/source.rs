@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use crate::codec::quant_file::QuantSource;
 use crate::compute;
 use crate::format::Dtype;
 use crate::registry::Fingerprint;
@@ -94,6 +95,8 @@ pub enum TensorSource {
     Stored { file: Arc<SourceFile>, offset: u64, dtype: Dtype },
     /// Another tensor converted to `to`.
     Cast { inner: Arc<TensorSource>, to: Dtype },
+    /// Group-wise quantized codes and scales in a container, dequantized.
+    Dequant(Arc<QuantSource>),
 }
 
 impl TensorSource {
@@ -101,6 +104,7 @@ impl TensorSource {
         match self {
             TensorSource::Stored { dtype, .. } => *dtype,
             TensorSource::Cast { to, .. } => *to,
+            TensorSource::Dequant(q) => q.dtype,
         }
     }
 
@@ -117,6 +121,7 @@ impl TensorSource {
         match self {
             TensorSource::Stored { file, .. } => out.push(file.clone()),
             TensorSource::Cast { inner, .. } => inner.files(out),
+            TensorSource::Dequant(q) => out.push(q.file.clone()),
         }
     }
 
@@ -133,6 +138,7 @@ impl TensorSource {
                 inner.read(elems, &mut tmp)?;
                 compute::cast::cast(from, *to, &tmp, out).map_err(|e| ReadError::Decode(e.to_string()))
             }
+            TensorSource::Dequant(q) => q.read(elems, out),
         }
     }
 }

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use lru::LruCache;
 
-type Slot<E> = Arc<OnceLock<Result<Arc<[u8]>, E>>>;
+/// `Arc<Vec<u8>>` rather than `Arc<[u8]>`: converting a decoded Vec into `Arc<[u8]>` copies it.
+type Slot<E> = Arc<OnceLock<Result<Arc<Vec<u8>>, E>>>;
 
 pub struct ChunkCache<K: Hash + Eq, E> {
     inner: Mutex<Inner<K, E>>,
@@ -40,9 +41,9 @@ impl<K: Hash + Eq + Clone, E: Clone> ChunkCache<K, E> {
 
     /// The chunk for `key`, decoding it with `decode` if no one has (or is doing so now).
     /// `size` is the decoded size, counted against the budget from the start.
-    pub fn get_or_decode(&self, key: K, size: u64, decode: impl FnOnce() -> Result<Vec<u8>, E>) -> Result<Arc<[u8]>, E> {
+    pub fn get_or_decode(&self, key: K, size: u64, decode: impl FnOnce() -> Result<Vec<u8>, E>) -> Result<Arc<Vec<u8>>, E> {
         let slot = self.slot(&key, size);
-        let result = slot.get_or_init(|| decode().map(Arc::from)).clone();
+        let result = slot.get_or_init(|| decode().map(Arc::new)).clone();
         if result.is_err() {
             self.forget(&key, &slot);
         }

@@ -155,7 +155,7 @@ fn open_containers(
             let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
             let invalid = |reason: String| ViewError::Invalid { entry: name.to_owned(), reason };
             if let Some(reason) = source.stat_problem() {
-                return Err(invalid(reason));
+                return Err(invalid(format!("{}: {reason}", source.path.display())));
             }
             let header = format::read_header_path(&source.path).map_err(|e| invalid(e.to_string()))?;
             Ok((source, header))
@@ -170,7 +170,7 @@ fn base_view(entry: &Entry, dir: &Path, records: &[crate::registry::FileRecord])
         let source = Arc::new(SourceFile::new(path.clone(), record.fingerprint.clone()));
         let mut file = VFile { name: record.name.clone(), size: record.fingerprint.size, content: Content::Passthrough(source.clone()) };
         if let Some(reason) = source.stat_problem() {
-            file.content = Content::Broken(reason);
+            file.content = Content::Broken(format!("{}: {reason}", path.display()));
         } else if record.role == FileRole::Weights {
             match format::read_header_path(&path) {
                 Ok(header) => {

@@ -47,13 +47,12 @@ impl SourceFile {
         SourceFile { path, fingerprint, opened: OnceLock::new() }
     }
 
-    /// The cheap check (size and mtime), as a reason if it fails.
+    /// The cheap check (size and mtime), as a reason (without the path) if it fails.
     pub fn stat_problem(&self) -> Option<String> {
         match std::fs::metadata(&self.path) {
-            Err(e) => Some(format!("{}: cannot be read: {e}", self.path.display())),
+            Err(e) => Some(format!("cannot be read: {e}")),
             Ok(meta) if !self.fingerprint.matches_stat(&meta) => Some(format!(
-                "{}: changed since it was added (size {} → {}, or its modification time)",
-                self.path.display(),
+                "changed since it was added (size {} → {}, or its modification time)",
                 self.fingerprint.size,
                 meta.len()
             )),
@@ -134,11 +133,28 @@ impl TensorSource {
             }
             TensorSource::Cast { inner, to } => {
                 let from = inner.dtype();
-                let mut tmp = vec![0u8; elems.len() * from.size()];
-                inner.read(elems, &mut tmp)?;
-                compute::cast::cast(from, *to, &tmp, out).map_err(|e| ReadError::Decode(e.to_string()))
+                with_scratch(elems.len() * from.size(), |tmp| {
+                    inner.read(elems, tmp)?;
+                    compute::cast::cast(from, *to, tmp, out).map_err(|e| ReadError::Decode(e.to_string()))
+                })
             }
             TensorSource::Dequant(q) => q.read(elems, out),
         }
     }
+}
+
+/// Run `f` with `len` bytes of this thread's scratch memory, reused across calls (a decode
+/// otherwise pays an allocation, zeroing and page faults per chunk). A nested call (a recipe
+/// over a recipe) finds the scratch taken and uses a fresh buffer.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| s.set(buf));
+    out
 }

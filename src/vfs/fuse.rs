@@ -101,6 +101,7 @@ impl Filesystem for FuseFs {
         if let Err(max) = config.set_max_write(MAX_IO) {
             let _ = config.set_max_write(max);
         }
+        tracing::info!(abi = ?config.kernel_abi(), "kernel connection initialised");
         Ok(())
     }
 
@@ -139,10 +140,10 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
+        self.fs.read(fh.0, offset, size, |result| match result {
+            Ok(data) => reply.data(data),
             Err(e) => reply.error(errno("read", e)),
-        }
+        })
     }
 
     fn release(

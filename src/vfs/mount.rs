@@ -53,11 +53,13 @@ fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
 /// Serve in this process until unmounted or sent SIGINT/SIGTERM/SIGHUP.
 pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(mountpoint)?;
+    keep_freed_chunks_in_heap();
     let fs = Arc::new(Fs::new(store, opts.cache_size)?);
     // Block the signals in this thread before any other starts, so every thread inherits the
     // mask and only the waiter below receives them.
     let signals = block_signals();
     let mut session = fuse::session(fs, &mountpoint, &MountConfig { allow_other: opts.allow_other, threads: opts.threads })?;
+    raise_readahead(&mountpoint);
     let mut unmounter = session.unmount_callable();
     let mp = mountpoint.clone();
     std::thread::spawn(move || {
@@ -73,6 +75,37 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     session.run()?;
     tracing::info!("unmounted");
     Ok(())
+}
+
+/// The kernel sizes a FUSE mount's buffered reads by its backing device's read-ahead (128 KiB by
+/// default), whatever max_readahead the daemon offers. Raising it to 1 MiB makes each request 8x
+/// larger, for 8x fewer round trips per byte. Needs root; without it reads stay at 128 KiB.
+fn raise_readahead(mountpoint: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mp = mountpoint.to_string_lossy();
+    let Some(dev) = info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && unescape_mountinfo(f[4]) == mp).then(|| f[2].to_owned())
+    }) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&knob, "1024") {
+        Ok(()) => tracing::info!("read-ahead raised to 1 MiB ({knob})"),
+        Err(e) => tracing::info!("read-ahead left at the kernel's default ({knob}: {e})"),
+    }
+}
+
+/// Decoded chunks are 2 MiB: above glibc's default mmap threshold, each would be a fresh mapping
+/// whose pages fault in (and get zeroed by the kernel) on every decode. Serving them from the heap,
+/// and not trimming it eagerly, lets a chunk reuse the memory of one just evicted. The heap stays
+/// about the cache's size, which the cache budget already accounts for.
+fn keep_freed_chunks_in_heap() {
+    // SAFETY: mallopt only sets allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
 }
 
 fn block_signals() -> libc::sigset_t {

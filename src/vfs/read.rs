@@ -21,19 +21,30 @@ pub const CHUNK_SIZE: u64 = 2 << 20;
 pub type ChunkKey = (u64, u32, u32);
 pub type Cache = ChunkCache<ChunkKey, ReadError>;
 
-/// Read up to `size` bytes at `offset` of `file` (fewer only at the end of the file).
-pub fn read_range(file: &VFile, file_id: u64, offset: u64, size: u64, cache: &Cache) -> Result<Vec<u8>, ReadError> {
-    let end = offset.saturating_add(size).min(file.size);
-    if offset >= end {
-        return Ok(vec![]);
+/// How many bytes a read of `size` at `offset` returns (fewer only at the end of the file).
+pub fn read_len(file: &VFile, offset: u64, size: u64) -> usize {
+    offset.saturating_add(size).min(file.size).saturating_sub(offset) as usize
+}
+
+/// Fill `out` with the bytes of `file` at `offset`; `out.len()` must be at most [`read_len`].
+pub fn read_into(file: &VFile, file_id: u64, offset: u64, out: &mut [u8], cache: &Cache) -> Result<(), ReadError> {
+    if out.is_empty() {
+        return Ok(());
     }
-    let mut out = vec![0u8; (end - offset) as usize];
+    let end = offset + out.len() as u64;
     match &file.content {
-        Content::Passthrough(source) => source.read_exact_at(&mut out, offset)?,
+        Content::Passthrough(source) => source.read_exact_at(out, offset)?,
         Content::Generated(bytes) => out.copy_from_slice(&bytes[offset as usize..end as usize]),
-        Content::Synth(synth) => read_synth(synth, file_id, offset, &mut out, cache)?,
+        Content::Synth(synth) => read_synth(synth, file_id, offset, out, cache)?,
         Content::Broken(reason) => return Err(ReadError::Decode(reason.clone())),
     }
+    Ok(())
+}
+
+/// [`read_into`] a new buffer.
+pub fn read_range(file: &VFile, file_id: u64, offset: u64, size: u64, cache: &Cache) -> Result<Vec<u8>, ReadError> {
+    let mut out = vec![0u8; read_len(file, offset, size)];
+    read_into(file, file_id, offset, &mut out, cache)?;
     Ok(out)
 }
 
@@ -77,7 +88,7 @@ fn chunk_range(tensor: &SynthTensor, chunk: u64) -> Range<u64> {
     chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(len)
 }
 
-fn chunk_bytes(tensor: &SynthTensor, file_id: u64, index: u32, chunk: u64, cache: &Cache) -> Result<Arc<[u8]>, ReadError> {
+fn chunk_bytes(tensor: &SynthTensor, file_id: u64, index: u32, chunk: u64, cache: &Cache) -> Result<Arc<Vec<u8>>, ReadError> {
     let range = chunk_range(tensor, chunk);
     cache.get_or_decode((file_id, index, chunk as u32), range.end - range.start, || decode_chunk(tensor, range))
 }

@@ -69,7 +69,8 @@ impl SourceFile {
         self.file()
     }
 
-    fn file(&self) -> Result<&File, ReadError> {
+    /// The open file (verified on first use).
+    pub fn file(&self) -> Result<&File, ReadError> {
         self.opened
             .get_or_init(|| {
                 if let Some(reason) = self.fingerprint.verify(&self.path) {

@@ -1,17 +1,20 @@
 //! Links fuser's calls to [`Fs`]: translate types, reply, log errors. Nothing else lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
     MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, Request, SessionACL,
 };
 
 use super::{Attr, Fs, FsError, Kind};
+use crate::variant::SourceFile;
 
 /// Immutable files: the kernel may keep attributes and names for an hour.
 const TTL_IMMUTABLE: Duration = Duration::from_secs(3600);
@@ -24,6 +27,19 @@ pub struct FuseFs {
     fs: Arc<Fs>,
     uid: u32,
     gid: u32,
+    passthrough: Passthrough,
+}
+
+/// FUSE passthrough (Linux 6.9+, needs CAP_SYS_ADMIN): files whose bytes are a real file's are
+/// read by the kernel straight from that file, never through the daemon. The kernel wants one
+/// backing id per inode for as long as any handle of it is open, hence the two maps (the
+/// pattern of fuser's passthrough example). When the kernel or our privileges do not allow it,
+/// `enabled` turns off and those files are read through the daemon like any other.
+#[derive(Default)]
+struct Passthrough {
+    enabled: AtomicBool,
+    by_handle: Mutex<HashMap<u64, Arc<BackingId>>>,
+    by_inode: Mutex<HashMap<u64, Weak<BackingId>>>,
 }
 
 /// Options for [`mount`].
@@ -49,7 +65,7 @@ pub fn session(fs: Arc<Fs>, mountpoint: &Path, opts: &MountConfig) -> std::io::R
     config.clone_fd = true;
     // SAFETY: getuid/getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    fuser::Session::new(FuseFs { fs, uid, gid }, mountpoint, &config)
+    fuser::Session::new(FuseFs { fs, uid, gid, passthrough: Passthrough::default() }, mountpoint, &config)
 }
 
 impl FuseFs {
@@ -78,6 +94,25 @@ impl FuseFs {
     }
 }
 
+impl FuseFs {
+    /// The inode's backing id, registering `source`'s file with the kernel if no open handle
+    /// holds one.
+    fn backing_id(&self, ino: u64, source: &SourceFile, reply: &ReplyOpen) -> std::io::Result<Arc<BackingId>> {
+        let mut by_inode = lock(&self.passthrough.by_inode);
+        if let Some(id) = by_inode.get(&ino).and_then(Weak::upgrade) {
+            return Ok(id);
+        }
+        let file = source.file().map_err(std::io::Error::other)?;
+        let id = Arc::new(reply.open_backing(file)?);
+        by_inode.insert(ino, Arc::downgrade(&id));
+        Ok(id)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ttl(a: &Attr) -> Duration {
     if a.mutable { TTL_MUTABLE } else { TTL_IMMUTABLE }
 }
@@ -101,7 +136,10 @@ impl Filesystem for FuseFs {
         if let Err(max) = config.set_max_write(MAX_IO) {
             let _ = config.set_max_write(max);
         }
-        tracing::info!(abi = ?config.kernel_abi(), "kernel connection initialised");
+        // Stack depth 1: backing files may live on a plain filesystem (or an overlay of one).
+        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.enabled.store(passthrough, Ordering::Relaxed);
+        tracing::info!(abi = ?config.kernel_abi(), passthrough, "kernel connection initialised");
         Ok(())
     }
 
@@ -122,11 +160,25 @@ impl Filesystem for FuseFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match self.fs.open(ino.0, write) {
-            // Files never change while visible: let the page cache keep what it has read.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno("open", e)),
+        let opened = match self.fs.open(ino.0, write) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno("open", e)),
+        };
+        if let Some(source) = opened.backing.filter(|_| self.passthrough.enabled.load(Ordering::Relaxed)) {
+            match self.backing_id(ino.0, &source, &reply) {
+                Ok(id) => {
+                    reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
+                    lock(&self.passthrough.by_handle).insert(opened.fh, id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::info!("FUSE passthrough unavailable, reading through the daemon: {e}");
+                    self.passthrough.enabled.store(false, Ordering::Relaxed);
+                }
+            }
         }
+        // Files never change while visible: let the page cache keep what it has read.
+        reply.opened(FileHandle(opened.fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn read(
@@ -157,6 +209,9 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        if lock(&self.passthrough.by_handle).remove(&fh.0).is_some() {
+            lock(&self.passthrough.by_inode).retain(|_, id| id.strong_count() > 0);
+        }
         reply.ok();
     }
 

@@ -71,6 +71,13 @@ pub struct Attr {
     pub mutable: bool,
 }
 
+/// An open file: its handle, and for a file whose bytes are a real file's, that file (which the
+/// kernel can read directly: FUSE passthrough).
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<Arc<variant::SourceFile>>,
+}
+
 /// What an inode names. Entries carry their creation time as a generation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Node {
@@ -294,7 +301,7 @@ impl Fs {
 
     /// Open a file for reading: checks that every file it reads from is unchanged since it was
     /// added, so a changed base gives EIO here rather than wrong bytes later.
-    pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
+    pub fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
         let Node::File { entry, created, file } = self.node(ino)? else {
             return Err(FsError::new(libc::EISDIR));
         };
@@ -305,9 +312,13 @@ impl Fs {
         let vfile = view.file(&file).ok_or(FsError::new(libc::ENOENT))?.clone();
         check_sources(&vfile).map_err(|e| FsError::eio(format!("{entry}/{file}: {e}")))?;
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let backing = match &vfile.content {
+            Content::Passthrough(source) => Some(source.clone()),
+            _ => None,
+        };
         let handle = Handle { ino, file: vfile, next_offset: 0, window: 0 };
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, handle);
-        Ok(fh)
+        Ok(Opened { fh, backing })
     }
 
     /// Read into a buffer of this thread's that is reused across requests, so a read costs

@@ -137,7 +137,10 @@ impl Filesystem for FuseFs {
             let _ = config.set_max_write(max);
         }
         // Stack depth 1: backing files may live on a plain filesystem (or an overlay of one).
-        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+        // LLMFS_PASSTHROUGH=0 turns it off (benchmarks compare reads through the daemon).
+        let wanted = std::env::var("LLMFS_PASSTHROUGH").map_or(true, |v| v != "0");
+        let passthrough =
+            wanted && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
         self.passthrough.enabled.store(passthrough, Ordering::Relaxed);
         tracing::info!(abi = ?config.kernel_abi(), passthrough, "kernel connection initialised");
         Ok(())

@@ -327,16 +327,32 @@ impl Fs {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let (file, ino) = match self.track(fh, offset, size) {
+            Ok(x) => x,
+            Err(e) => return reply(Err(e)),
+        };
+        let n = read::read_len(&file, offset, size as u64);
+        if let Some(found) = read::within_one_chunk(&file, ino, offset, n, &self.cache) {
+            return match found {
+                Ok((chunk, range)) => reply(Ok(&chunk[range])),
+                Err(e) => reply(Err(e.into())),
+            };
+        }
         BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            match self.read_into(fh, offset, size, &mut buf) {
-                Ok(n) => reply(Ok(&buf[..n])),
-                Err(e) => reply(Err(e)),
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            match read::read_into(&file, ino, offset, &mut buf[..n], &self.cache) {
+                Ok(()) => reply(Ok(&buf[..n])),
+                Err(e) => reply(Err(e.into())),
             }
         })
     }
 
-    fn read_into(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
+    /// Note where handle `fh`'s reader is going, prefetch for a sequential one, and return what it
+    /// reads.
+    fn track(&self, fh: u64, offset: u64, size: u32) -> FsResult<(VFile, u64)> {
         let (file, ino, prefetch_from, window) = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             let h = handles.get_mut(&fh).ok_or(FsError::new(libc::EBADF))?;
@@ -353,12 +369,7 @@ impl Fs {
         if window > 0 {
             read::prefetch(&file, ino, prefetch_from, window, &self.cache);
         }
-        let n = read::read_len(&file, offset, size as u64);
-        if buf.len() < n {
-            buf.resize(n, 0);
-        }
-        read::read_into(&file, ino, offset, &mut buf[..n], &self.cache)?;
-        Ok(n)
+        Ok((file, ino))
     }
 
     pub fn release(&self, fh: u64) {

@@ -104,7 +104,10 @@ fn keep_freed_chunks_in_heap() {
     // SAFETY: mallopt only sets allocator tunables; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+        // One arena: a chunk freed by one thread (eviction) is reused by another (a decode);
+        // with per-thread arenas each would hoard its own free chunks.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -17,8 +17,8 @@ use crate::variant::{Content, ReadError, SynthFile, SynthTensor, VFile};
 /// than one chunk and a 256 MiB cache holds 128 of them. A multiple of every element size.
 pub const CHUNK_SIZE: u64 = 2 << 20;
 
-/// (file id, tensor index in the file, chunk index in the tensor).
-pub type ChunkKey = (u64, u32, u32);
+/// (file id, tensor index in the file, chunk index: file offset / CHUNK_SIZE).
+pub type ChunkKey = (u64, u32, u64);
 pub type Cache = ChunkCache<ChunkKey, ReadError>;
 
 /// How many bytes a read of `size` at `offset` returns (fewer only at the end of the file).
@@ -61,42 +61,76 @@ fn read_synth(synth: &SynthFile, file_id: u64, offset: u64, out: &mut [u8], cach
     while pos < end {
         let tensor = synth.tensors.get(index).ok_or_else(|| ReadError::Decode("read past the last tensor".into()))?;
         let stop = end.min(tensor.end);
-        let dst = &mut out[(pos - offset) as usize..(stop - offset) as usize];
         if let Some((file, stored_at)) = tensor.source.as_stored() {
+            let dst = &mut out[(pos - offset) as usize..(stop - offset) as usize];
             file.read_exact_at(dst, stored_at + (pos - tensor.start))?;
-        } else {
-            let mut filled = 0usize;
-            while filled < dst.len() {
-                let rel = pos - tensor.start + filled as u64;
-                let chunk = rel / CHUNK_SIZE;
-                let data = chunk_bytes(tensor, file_id, index as u32, chunk, cache)?;
-                let from = (rel - chunk * CHUNK_SIZE) as usize;
-                let n = (data.len() - from).min(dst.len() - filled);
-                dst[filled..filled + n].copy_from_slice(&data[from..from + n]);
-                filled += n;
-            }
+            pos = stop;
         }
-        pos = stop;
+        while pos < stop {
+            let chunk = chunk_of(tensor, pos);
+            let range = chunk_range(tensor, chunk);
+            let data = chunk_bytes(tensor, file_id, index as u32, chunk, cache)?;
+            let n = (range.end.min(stop) - pos) as usize;
+            let from = (pos - range.start) as usize;
+            out[(pos - offset) as usize..][..n].copy_from_slice(&data[from..from + n]);
+            pos += n as u64;
+        }
         index += 1;
     }
     Ok(())
 }
 
-/// The output byte range of chunk `chunk` of `tensor`, relative to the tensor's start.
-fn chunk_range(tensor: &SynthTensor, chunk: u64) -> Range<u64> {
-    let len = tensor.end - tensor.start;
-    chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(len)
+/// When `[offset, offset + len)` lies inside one decoded chunk (the common case: chunks are
+/// aligned to file offsets, so an aligned 1 MiB read never straddles two), that chunk and the
+/// range within it: the reply can be sent straight from the cache, without a copy.
+pub fn within_one_chunk(file: &VFile, file_id: u64, offset: u64, len: usize, cache: &Cache) -> Option<Result<(Arc<Vec<u8>>, Range<usize>), ReadError>> {
+    let Content::Synth(synth) = &file.content else { return None };
+    let end = offset + len as u64;
+    let index = synth.tensors.partition_point(|t| t.end <= offset);
+    let tensor = synth.tensors.get(index)?;
+    if len == 0 || offset < tensor.start || end > tensor.end || tensor.source.as_stored().is_some() {
+        return None;
+    }
+    let chunk = chunk_of(tensor, offset);
+    let range = chunk_range(tensor, chunk);
+    if end > range.end {
+        return None;
+    }
+    let from = (offset - range.start) as usize;
+    Some(chunk_bytes(tensor, file_id, index as u32, chunk, cache).map(|data| (data, from..from + len)))
+}
+
+/// Chunk `k` of a tensor covers the file bytes from `boundary(k)` to `boundary(k + 1)`, where
+/// `boundary(k)` is `k * CHUNK_SIZE` moved up to the tensor's next element boundary and clamped
+/// to the tensor. Aligning to file offsets rather than to the tensor's start means an aligned
+/// read falls in one chunk; rounding to elements keeps every chunk whole elements.
+fn boundary(tensor: &SynthTensor, k: u64) -> u64 {
+    let esize = tensor.source.dtype().size() as u64;
+    let b = (k * CHUNK_SIZE).clamp(tensor.start, tensor.end);
+    (tensor.start + (b - tensor.start).div_ceil(esize) * esize).min(tensor.end)
+}
+
+/// The chunk holding file byte `pos` (which lies in `tensor`).
+fn chunk_of(tensor: &SynthTensor, pos: u64) -> u64 {
+    let k = pos / CHUNK_SIZE;
+    if pos < boundary(tensor, k) { k - 1 } else { k }
+}
+
+/// The file byte range of chunk `k` of `tensor`.
+fn chunk_range(tensor: &SynthTensor, k: u64) -> Range<u64> {
+    boundary(tensor, k)..boundary(tensor, k + 1)
 }
 
 fn chunk_bytes(tensor: &SynthTensor, file_id: u64, index: u32, chunk: u64, cache: &Cache) -> Result<Arc<Vec<u8>>, ReadError> {
     let range = chunk_range(tensor, chunk);
-    cache.get_or_decode((file_id, index, chunk as u32), range.end - range.start, || decode_chunk(tensor, range))
+    cache.get_or_decode((file_id, index, chunk), range.end - range.start, || decode_chunk(tensor, range))
 }
 
 fn decode_chunk(tensor: &SynthTensor, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
     let esize = tensor.source.dtype().size() as u64;
     let mut out = vec![0u8; (range.end - range.start) as usize];
-    tensor.source.read((range.start / esize) as usize..(range.end / esize) as usize, &mut out)?;
+    let first = ((range.start - tensor.start) / esize) as usize;
+    tensor.source.read(first..first + out.len() / esize as usize, &mut out)?;
     Ok(out)
 }
 
@@ -114,10 +148,9 @@ pub fn prefetch(file: &VFile, file_id: u64, offset: u64, len: u64, cache: &Arc<C
         if tensor.source.as_stored().is_some() || tensor.start == tensor.end {
             continue;
         }
-        let from = offset.max(tensor.start) - tensor.start;
-        let to = end.min(tensor.end) - tensor.start;
-        for chunk in from / CHUNK_SIZE..to.div_ceil(CHUNK_SIZE) {
-            let key = (file_id, index as u32, chunk as u32);
+        let (from, to) = (offset.max(tensor.start), end.min(tensor.end));
+        for chunk in chunk_of(tensor, from)..=chunk_of(tensor, to - 1) {
+            let key = (file_id, index as u32, chunk);
             if cache.contains(&key) {
                 continue;
             }

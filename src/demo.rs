@@ -189,3 +189,48 @@ mod tests {
         assert_eq!(a, b);
     }
 }
+
+/// Write a "fine-tune" of the model in `base_dir` into `out_dir`: every floating weight moved by
+/// N(0, `scale` · 0.02) (about `scale` of the weights' std), rounded to its dtype; other files
+/// copied. The header and tensor order are the base's.
+pub fn write_finetune(base_dir: &Path, out_dir: &Path, scale: f32, seed: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    std::fs::create_dir_all(out_dir)?;
+    let mut names: Vec<_> = std::fs::read_dir(base_dir)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    names.sort();
+    for (i, name) in names.iter().enumerate() {
+        let (src, dst) = (base_dir.join(name), out_dir.join(name));
+        if !name.to_string_lossy().ends_with(".safetensors") {
+            std::fs::copy(&src, &dst)?;
+            continue;
+        }
+        let file = File::open(&src)?;
+        let header = crate::format::read_header(&file).map_err(io::Error::other)?;
+        let mut out = BufWriter::with_capacity(8 << 20, File::create(&dst)?);
+        let mut prefix = vec![0u8; header.data_start as usize];
+        file.read_exact_at(&mut prefix, 0)?;
+        out.write_all(&prefix)?;
+        for (j, t) in header.tensors.iter().enumerate() {
+            let mut bytes = vec![0u8; t.len() as usize];
+            file.read_exact_at(&mut bytes, header.data_start + t.start)?;
+            if t.dtype.is_float() {
+                let noise = random_tensor(seed ^ ((i as u64) << 32 | j as u64), t.numel(), Dtype::F32, false);
+                let esize = t.dtype.size();
+                for (e, n) in bytes.chunks_mut(esize).zip(noise.chunks(4)) {
+                    let d = f32::from_le_bytes(n.try_into().unwrap()) * scale;
+                    match t.dtype {
+                        Dtype::F32 => {
+                            let x = f32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                            e.copy_from_slice(&(x + d).to_le_bytes())
+                        }
+                        Dtype::F16 => e.copy_from_slice(&f16::from_f32(f16::from_le_bytes([e[0], e[1]]).to_f32() + d).to_le_bytes()),
+                        _ => e.copy_from_slice(&bf16::from_f32(bf16::from_le_bytes([e[0], e[1]]).to_f32() + d).to_le_bytes()),
+                    }
+                }
+            }
+            out.write_all(&bytes)?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

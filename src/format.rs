@@ -217,6 +217,15 @@ pub fn parse_header(buffer: &[u8]) -> Result<Header, HeaderError> {
     parse_json(&buffer[8..8 + len as usize], file_size)
 }
 
+/// Validate a header given its bytes (`prefix`: the 8-byte length and the JSON, possibly followed
+/// by more) and the size of the whole file it heads.
+pub fn parse_header_prefix(prefix: &[u8], file_size: u64) -> Result<Header, HeaderError> {
+    let len_bytes = prefix.get(..8).ok_or(HeaderError::TooShort(prefix.len() as u64))?;
+    let len = check_header_len(u64::from_le_bytes(len_bytes.try_into().unwrap()), file_size)?;
+    let json = prefix.get(8..8 + len as usize).ok_or(HeaderError::HeaderPastEnd { len, file_size: prefix.len() as u64 })?;
+    parse_json(json, file_size)
+}
+
 fn check_header_len(len: u64, file_size: u64) -> Result<u64, HeaderError> {
     if len > MAX_HEADER_SIZE {
         return Err(HeaderError::HeaderTooLarge(len));

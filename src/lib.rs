@@ -11,6 +11,7 @@ pub mod cache;
 pub mod check;
 pub mod codec;
 pub mod compute;
+pub mod delta;
 pub mod demo;
 pub mod export;
 pub mod format;

@@ -13,6 +13,7 @@ use llmfs::registry::add::{self, AddOptions, ChatTemplateChoice};
 use llmfs::registry::{self, Entry, EntryKind, Registry, Store};
 use llmfs::vfs::mount::{self, MountOptions};
 use llmfs::codec::quant::QuantConfig;
+use llmfs::delta::{self, DeltaCodec};
 use llmfs::{check, demo, export, quantize, variant};
 
 #[derive(Parser)]
@@ -64,6 +65,9 @@ enum Command {
         #[arg(long)]
         asymmetric: bool,
     },
+    /// Deltas: a fine-tune stored as its difference from a base.
+    #[command(subcommand)]
+    Delta(DeltaCommand),
     /// List entries.
     Ls {
         #[arg(long)]
@@ -103,6 +107,25 @@ enum Command {
         #[arg(default_value = "llmfs-demo")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum DeltaCommand {
+    /// Store the model directory TARGET as a delta against BASE (entry NAME reads back as TARGET).
+    Make {
+        name: String,
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        target: PathBuf,
+        /// lossless (exact), q8 (int8 of the difference per group) or bitdelta (sign + row scale).
+        #[arg(long, default_value = "lossless", value_parser = parse_codec)]
+        codec: DeltaCodec,
+    },
+}
+
+fn parse_codec(s: &str) -> Result<DeltaCodec, String> {
+    DeltaCodec::parse(s).ok_or_else(|| format!("{s:?}: use lossless, q8 or bitdelta"))
 }
 
 fn parse_float_dtype(s: &str) -> Result<Dtype, String> {
@@ -191,6 +214,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let EntryKind::Quantized { errors, .. } = &entry.kind else { unreachable!("quantize makes quantized entries") };
             let max = errors.values().cloned().fold(0.0, f64::max);
             println!("added {name}: {} tensors of {base} quantized to {bits} bits, max relative error {max:.2e}", errors.len());
+        }
+        Command::Delta(DeltaCommand::Make { name, base, target, codec }) => {
+            let size: u64 = std::fs::read_dir(&target)
+                .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+                .unwrap_or(0);
+            let bar = progress_bar(size);
+            let entry = delta::make::make_delta(&store, &name, &base, &target, codec, |n| bar.inc(n))?;
+            bar.finish_and_clear();
+            let EntryKind::Delta { files, .. } = &entry.kind else { unreachable!("make_delta makes deltas") };
+            let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
+            println!("added {name}: {} files of {} as a {} delta of {base}, {} stored ({:.2}x smaller)",
+                files.len(), target.display(), codec.name(), human(stored), size as f64 / stored.max(1) as f64);
         }
         Command::Ls { json } => ls(&store.load()?, json)?,
         Command::Info { name, json } => info(&store.load()?, &name, json)?,
@@ -342,6 +377,10 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     let recipe = match &entry.kind {
         EntryKind::Base { dir, copied, .. } => json!({"dir": dir, "copied": copied}),
         EntryKind::Cast { base, dtype } => json!({"base": base, "dtype": dtype.name()}),
+        EntryKind::Delta { base, codec, files } => {
+            let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
+            json!({"base": base, "codec": codec.name(), "stored_bytes": stored, "ratio": view.total_size() as f64 / stored.max(1) as f64})
+        }
         EntryKind::Quantized { base, config, files, errors } => {
             let on_disk: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             let base_weights = weights_size(&variant::build_view(registry, base)?);

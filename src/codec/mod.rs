@@ -3,5 +3,6 @@
 //! `quant` is the arithmetic of group-wise quantization (FastChat-exact); `quant_file` is how a
 //! quantized entry's codes and scales are laid out in its containers and read back by range.
 
+pub mod delta;
 pub mod quant;
 pub mod quant_file;

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::quant::QuantConfig;
+use crate::delta::DeltaCodec;
 use crate::format::{Dtype, FileHeaderError};
 pub use fingerprint::Fingerprint;
 
@@ -75,6 +76,8 @@ pub enum EntryKind {
         /// Relative error ‖x'−x‖/‖x‖ of each quantized tensor, measured when it was made.
         errors: BTreeMap<String, f64>,
     },
+    /// A fine-tune of `base`: one container per target file under `STORE/models/NAME/`.
+    Delta { base: String, codec: DeltaCodec, files: Vec<FileRecord> },
 }
 
 impl EntryKind {
@@ -83,13 +86,14 @@ impl EntryKind {
             EntryKind::Base { .. } => "base",
             EntryKind::Cast { .. } => "cast",
             EntryKind::Quantized { .. } => "quantized",
+            EntryKind::Delta { .. } => "delta",
         }
     }
     /// The entry this one is derived from.
     pub fn base(&self) -> Option<&str> {
         match self {
             EntryKind::Base { .. } => None,
-            EntryKind::Cast { base, .. } | EntryKind::Quantized { base, .. } => Some(base),
+            EntryKind::Cast { base, .. } | EntryKind::Quantized { base, .. } | EntryKind::Delta { base, .. } => Some(base),
         }
     }
 }

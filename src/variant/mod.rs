@@ -135,6 +135,7 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
                     })
                 })?
             }
+            (EntryKind::Delta { files, .. }, Some(base)) => crate::delta::view::delta_view(registry, entry_name, files, &base)?,
             (_, None) => unreachable!("a chain ends in a base"),
         });
     }

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
+use crate::delta::source::LosslessSource;
 use crate::format::Dtype;
 use crate::registry::Fingerprint;
 
@@ -97,6 +98,8 @@ pub enum TensorSource {
     Cast { inner: Arc<TensorSource>, to: Dtype },
     /// Group-wise quantized codes and scales in a container, dequantized.
     Dequant(Arc<QuantSource>),
+    /// A delta-coded tensor applied to its base (or stored whole).
+    Delta(Arc<LosslessSource>),
 }
 
 impl TensorSource {
@@ -105,6 +108,7 @@ impl TensorSource {
             TensorSource::Stored { dtype, .. } => *dtype,
             TensorSource::Cast { to, .. } => *to,
             TensorSource::Dequant(q) => q.dtype,
+            TensorSource::Delta(d) => d.dtype,
         }
     }
 
@@ -122,6 +126,12 @@ impl TensorSource {
             TensorSource::Stored { file, .. } => out.push(file.clone()),
             TensorSource::Cast { inner, .. } => inner.files(out),
             TensorSource::Dequant(q) => out.push(q.file.clone()),
+            TensorSource::Delta(d) => {
+                out.push(d.file.clone());
+                if let Some(base) = &d.base {
+                    base.files(out);
+                }
+            }
         }
     }
 
@@ -140,6 +150,7 @@ impl TensorSource {
                 })
             }
             TensorSource::Dequant(q) => q.read(elems, out),
+            TensorSource::Delta(d) => d.read(elems, out),
         }
     }
 }

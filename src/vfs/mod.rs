@@ -14,6 +14,7 @@
 pub mod fuse;
 pub mod mount;
 pub mod read;
+pub mod write;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,6 +70,8 @@ pub struct Attr {
     pub mtime: SystemTime,
     /// Whether it may change while mounted (root, entry dirs, deltas/): short timeouts.
     pub mutable: bool,
+    /// Whether it can be written (deltas/ and what is under it).
+    pub writable: bool,
 }
 
 /// An open file: its handle, and for a file whose bytes are a real file's, that file (which the
@@ -85,6 +88,9 @@ enum Node {
     Entry { name: String, created: u64 },
     Deltas { entry: String, created: u64 },
     File { entry: String, created: u64, file: String },
+    /// `<entry>/deltas/<name>/`: delta entry `name` over `entry`, stored or being written.
+    DeltaDir { entry: String, created: u64, name: String },
+    DeltaFile { entry: String, created: u64, name: String, file: String },
 }
 
 #[derive(Default)]
@@ -121,9 +127,16 @@ struct Catalog {
 /// An open file: what it reads and how its reader has been moving (for prefetch).
 struct Handle {
     ino: u64,
-    file: VFile,
+    target: Target,
     next_offset: u64,
     window: u64,
+}
+
+enum Target {
+    /// A visible (immutable) file.
+    Read(VFile),
+    /// A file being written into `deltas/NEW/`, staged on disk until close().
+    Staged { file: Arc<std::fs::File>, base: String, name: String, fname: String, dirty: bool },
 }
 
 pub struct Fs {
@@ -134,10 +147,12 @@ pub struct Fs {
     next_handle: AtomicU64,
     cache: Arc<Cache>,
     mount_time: SystemTime,
+    staging: write::Staging,
 }
 
 impl Fs {
     pub fn new(store: Store, cache_size: u64) -> Result<Fs, crate::registry::Error> {
+        write::sweep(&store);
         let registry = store.load()?;
         let loaded_mtime = std::fs::metadata(store.registry_path()).and_then(|m| m.modified()).ok();
         Ok(Fs {
@@ -148,6 +163,7 @@ impl Fs {
             next_handle: AtomicU64::new(1),
             cache: Arc::new(Cache::new(cache_size)),
             mount_time: SystemTime::now(),
+            staging: write::Staging::default(),
         })
     }
 
@@ -168,7 +184,19 @@ impl Fs {
         match self.store.load() {
             Ok(registry) => {
                 tracing::info!(entries = registry.entries.len(), "registry reloaded");
-                catalog.views.retain(|name, (created, _)| registry.entries.get(name).is_some_and(|e| e.created == *created));
+                // A view is stale when its entry or any entry down its chain changed (a delta
+                // written through deltas/ gains files without changing its generation).
+                let old = &catalog.registry;
+                let changed = |n: &str| old.entries.get(n) != registry.entries.get(n);
+                let stale: Vec<String> = catalog
+                    .views
+                    .keys()
+                    .filter(|name| registry.chain(name).map_or(true, |chain| chain.iter().any(|n| changed(n))))
+                    .cloned()
+                    .collect();
+                for name in stale {
+                    catalog.views.remove(&name);
+                }
                 catalog.registry = registry;
                 catalog.loaded_mtime = mtime;
             }
@@ -211,24 +239,53 @@ impl Fs {
 
     fn attr_of(&self, ino: u64, node: &Node) -> FsResult<Attr> {
         let secs = |created: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(created);
+        let dir = |mtime, writable| Attr { ino, kind: Kind::Dir, size: 0, mtime, mutable: true, writable };
         Ok(match node {
-            Node::Root => Attr { ino, kind: Kind::Dir, size: 0, mtime: self.mount_time, mutable: true },
-            Node::Entry { created, .. } => Attr { ino, kind: Kind::Dir, size: 0, mtime: secs(*created), mutable: true },
-            Node::Deltas { created, .. } => Attr { ino, kind: Kind::Dir, size: 0, mtime: secs(*created), mutable: true },
+            Node::Root => dir(self.mount_time, false),
+            Node::Entry { created, .. } => dir(secs(*created), false),
+            Node::Deltas { created, .. } | Node::DeltaDir { created, .. } => dir(secs(*created), true),
             Node::File { entry, created, file } => {
                 let view = self.view(entry, *created)?;
                 let f = view.file(file).ok_or(FsError::new(libc::ENOENT))?;
-                Attr { ino, kind: Kind::File, size: f.size, mtime: secs(*created), mutable: false }
+                Attr { ino, kind: Kind::File, size: f.size, mtime: secs(*created), mutable: false, writable: false }
+            }
+            Node::DeltaFile { entry, created, name, file } => {
+                let size = match self.staging.staged_size(entry, name, file) {
+                    Some(size) => size,
+                    None => self.committed(name, file)?.size,
+                };
+                Attr { ino, kind: Kind::File, size, mtime: secs(*created), mutable: true, writable: true }
             }
         })
     }
 
-    /// Check that `node` still exists in the current registry.
+    /// A stored file of delta entry `name`.
+    fn committed(&self, name: &str, file: &str) -> FsResult<VFile> {
+        let created = self.entry_created(name).ok_or(FsError::new(libc::ENOENT))?;
+        let view = self.view(name, created)?;
+        view.file(file).cloned().ok_or(FsError::new(libc::ENOENT))
+    }
+
+    /// Whether `name` is a delta of `base`, stored (in the registry) or being written.
+    fn is_delta_of(&self, base: &str, name: &str) -> bool {
+        if self.staging.has_session(base, name) {
+            return true;
+        }
+        let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+        matches!(catalog.registry.entries.get(name).map(|e| &e.kind), Some(crate::registry::EntryKind::Delta { base: b, .. }) if b == base)
+    }
+
+    /// Check that `node` still exists in the current registry (or staging).
     fn live(&self, node: &Node) -> bool {
         match node {
             Node::Root => true,
             Node::Entry { name: entry, created } | Node::Deltas { entry, created } | Node::File { entry, created, .. } => {
                 self.entry_created(entry) == Some(*created)
+            }
+            Node::DeltaDir { entry, created, name } => self.entry_created(entry) == Some(*created) && self.is_delta_of(entry, name),
+            Node::DeltaFile { entry, created, name, file } => {
+                self.entry_created(entry) == Some(*created)
+                    && (self.staging.staged_size(entry, name, file).is_some() || self.committed(name, file).is_ok())
             }
         }
     }
@@ -249,8 +306,9 @@ impl Fs {
                     Node::File { entry, created, file: name.to_owned() }
                 }
             }
-            Node::Deltas { .. } => return Err(FsError::new(libc::ENOENT)),
-            Node::File { .. } => return Err(FsError::new(libc::ENOTDIR)),
+            Node::Deltas { entry, created } => Node::DeltaDir { entry, created, name: name.to_owned() },
+            Node::DeltaDir { entry, created, name: delta } => Node::DeltaFile { entry, created, name: delta, file: name.to_owned() },
+            Node::File { .. } | Node::DeltaFile { .. } => return Err(FsError::new(libc::ENOTDIR)),
         };
         if !self.live(&node) {
             return Err(FsError::new(libc::ENOENT));
@@ -294,31 +352,179 @@ impl Fs {
                 }
                 Ok(out)
             }
-            Node::Deltas { .. } => Ok(vec![]),
-            Node::File { .. } => Err(FsError::new(libc::ENOTDIR)),
+            Node::Deltas { entry, created } => {
+                let mut names = self.staging.sessions(&entry);
+                {
+                    let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+                    for (n, e) in &catalog.registry.entries {
+                        if matches!(&e.kind, crate::registry::EntryKind::Delta { base, .. } if *base == entry) {
+                            names.push(n.clone());
+                        }
+                    }
+                }
+                names.sort();
+                names.dedup();
+                Ok(names
+                    .into_iter()
+                    .map(|name| (self.ino(Node::DeltaDir { entry: entry.clone(), created, name: name.clone() }), Kind::Dir, name))
+                    .collect())
+            }
+            Node::DeltaDir { entry, created, name } => {
+                let mut files: Vec<String> = self.staging.staged(&entry, &name).into_iter().map(|(f, _)| f).collect();
+                if let Some(c) = self.entry_created(&name) {
+                    if let Ok(view) = self.view(&name, c) {
+                        files.extend(view.files.iter().map(|f| f.name.clone()));
+                    }
+                }
+                files.sort();
+                files.dedup();
+                Ok(files
+                    .into_iter()
+                    .map(|file| {
+                        let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.clone() };
+                        (self.ino(node), Kind::File, file)
+                    })
+                    .collect())
+            }
+            Node::File { .. } | Node::DeltaFile { .. } => Err(FsError::new(libc::ENOTDIR)),
         }
     }
 
-    /// Open a file for reading: checks that every file it reads from is unchanged since it was
-    /// added, so a changed base gives EIO here rather than wrong bytes later.
-    pub fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
-        let Node::File { entry, created, file } = self.node(ino)? else {
-            return Err(FsError::new(libc::EISDIR));
+    /// Open a file. For reading, every file it reads from must be unchanged since it was added,
+    /// so a changed base gives EIO here rather than wrong bytes later. Writing is allowed under
+    /// `deltas/` only.
+    pub fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<Opened> {
+        let (target, where_) = match self.node(ino)? {
+            Node::File { entry, created, file } => {
+                if write {
+                    return Err(FsError::new(libc::EROFS));
+                }
+                let view = self.view(&entry, created)?;
+                (Target::Read(view.file(&file).ok_or(FsError::new(libc::ENOENT))?.clone()), format!("{entry}/{file}"))
+            }
+            Node::DeltaFile { entry, name, file, .. } => {
+                let committed = self.committed(&name, &file);
+                if write {
+                    if committed.is_ok() && !truncate {
+                        // Rewriting a stored file in place would need its bytes staged first.
+                        return Err(FsError { errno: libc::EPERM, message: Some("open a stored delta file with O_TRUNC to replace it".into()) });
+                    }
+                    let f = self.staging.open(&self.store, &entry, &name, &file, truncate)?;
+                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: truncate };
+                    return Ok(self.insert_handle(ino, target));
+                }
+                if let Some(path) = self.staging.staged_path(&entry, &name, &file) {
+                    // A reader of a file still being written sees what is staged.
+                    let f = std::fs::File::open(path).map_err(|e| FsError::eio(e.to_string()))?;
+                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: false };
+                    return Ok(self.insert_handle(ino, target));
+                }
+                (Target::Read(committed?), format!("{entry}/deltas/{name}/{file}"))
+            }
+            _ => return Err(FsError::new(libc::EISDIR)),
         };
-        if write {
-            return Err(FsError::new(libc::EROFS));
+        if let Target::Read(vfile) = &target {
+            check_sources(vfile).map_err(|e| FsError::eio(format!("{where_}: {e}")))?;
         }
-        let view = self.view(&entry, created)?;
-        let vfile = view.file(&file).ok_or(FsError::new(libc::ENOENT))?.clone();
-        check_sources(&vfile).map_err(|e| FsError::eio(format!("{entry}/{file}: {e}")))?;
+        Ok(self.insert_handle(ino, target))
+    }
+
+    fn insert_handle(&self, ino: u64, target: Target) -> Opened {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let backing = match &vfile.content {
-            Content::Passthrough(source) => Some(source.clone()),
+        let backing = match &target {
+            Target::Read(VFile { content: Content::Passthrough(source), .. }) => Some(source.clone()),
             _ => None,
         };
-        let handle = Handle { ino, file: vfile, next_offset: 0, window: 0 };
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, handle);
-        Ok(Opened { fh, backing })
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { ino, target, next_offset: 0, window: 0 });
+        Opened { fh, backing }
+    }
+
+    /// `mkdir <entry>/deltas/NAME`.
+    pub fn mkdir(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        let Node::Deltas { entry, .. } = self.node(parent)? else {
+            return Err(FsError::new(libc::EROFS));
+        };
+        self.staging.mkdir(&self.store, &entry, name)?;
+        self.lookup(parent, name)
+    }
+
+    /// `open(O_CREAT)` in `<entry>/deltas/NAME/`.
+    pub fn create(&self, parent: u64, file: &str) -> FsResult<(Attr, Opened)> {
+        let Node::DeltaDir { entry, created, name } = self.node(parent)? else {
+            return Err(FsError::new(libc::EROFS));
+        };
+        let f = self.staging.open(&self.store, &entry, &name, file, true)?;
+        let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.to_owned() };
+        let ino = self.ino(node.clone());
+        let attr = self.attr_of(ino, &node)?;
+        let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file.to_owned(), dirty: true };
+        Ok((attr, self.insert_handle(ino, target)))
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let file = {
+            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            match handles.get_mut(&fh).map(|h| &mut h.target) {
+                Some(Target::Staged { file, dirty, .. }) => {
+                    *dirty = true;
+                    file.clone()
+                }
+                Some(Target::Read(_)) => return Err(FsError::new(libc::EBADF)),
+                None => return Err(FsError::new(libc::EBADF)),
+            }
+        };
+        write::write_at(&file, offset, data)
+    }
+
+    /// `truncate`/`ftruncate` of a file being written (cp may size it first).
+    pub fn set_size(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        let node = self.node(ino)?;
+        let Node::DeltaFile { entry, name, file, .. } = &node else {
+            return Err(FsError::new(libc::EROFS));
+        };
+        let path = self.staging.staged_path(entry, name, file).ok_or(FsError::new(libc::EPERM))?;
+        std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(size)).map_err(|e| FsError::eio(e.to_string()))?;
+        self.attr_of(ino, &node)
+    }
+
+    /// close() of a handle: a file written through it is stored now, and the error (a full disk)
+    /// returned to close().
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let job = {
+            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            match handles.get_mut(&fh).map(|h| &mut h.target) {
+                Some(Target::Staged { base, name, fname, dirty, .. }) if *dirty => {
+                    *dirty = false;
+                    Some((base.clone(), name.clone(), fname.clone()))
+                }
+                _ => None,
+            }
+        };
+        match job {
+            Some((base, name, file)) => self.staging.commit(&self.store, &base, &name, &file).inspect_err(|_| {
+                // Keep it dirty so that release (or another flush) tries again.
+                if let Some(Handle { target: Target::Staged { dirty, .. }, .. }) =
+                    self.handles.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&fh)
+                {
+                    *dirty = true;
+                }
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn unlink(&self, parent: u64, file: &str) -> FsResult<()> {
+        let Node::DeltaDir { entry, name, .. } = self.node(parent)? else {
+            return Err(FsError::new(libc::EROFS));
+        };
+        self.staging.unlink(&self.store, &entry, &name, file)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        let Node::Deltas { entry, .. } = self.node(parent)? else {
+            return Err(FsError::new(libc::EROFS));
+        };
+        self.staging.rmdir(&self.store, &entry, name)
     }
 
     /// Read into a buffer of this thread's that is reused across requests, so a read costs
@@ -328,7 +534,8 @@ impl Fs {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (file, ino) = match self.track(fh, offset, size) {
-            Ok(x) => x,
+            Ok(Ok(x)) => x,
+            Ok(Err(staged)) => return reply(read_staged(&staged, offset, size).as_deref().map_err(|e| FsError::eio(e.to_string()))),
             Err(e) => return reply(Err(e)),
         };
         let n = read::read_len(&file, offset, size as u64);
@@ -351,11 +558,15 @@ impl Fs {
     }
 
     /// Note where handle `fh`'s reader is going, prefetch for a sequential one, and return what it
-    /// reads.
-    fn track(&self, fh: u64, offset: u64, size: u32) -> FsResult<(VFile, u64)> {
+    /// reads: a visible file, or (Err) a staged one.
+    fn track(&self, fh: u64, offset: u64, size: u32) -> FsResult<Result<(VFile, u64), Arc<std::fs::File>>> {
         let (file, ino, prefetch_from, window) = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             let h = handles.get_mut(&fh).ok_or(FsError::new(libc::EBADF))?;
+            let file = match &h.target {
+                Target::Read(f) => f.clone(),
+                Target::Staged { file, .. } => return Ok(Err(file.clone())),
+            };
             // Sequential reads grow the read-ahead window (doubling up to MAX_PREFETCH); a seek
             // resets it, as mountpoint-s3's prefetcher does.
             if offset == h.next_offset && offset != 0 {
@@ -364,17 +575,30 @@ impl Fs {
                 h.window = 0;
             }
             h.next_offset = offset + size as u64;
-            (h.file.clone(), h.ino, h.next_offset, h.window)
+            (file, h.ino, h.next_offset, h.window)
         };
         if window > 0 {
             read::prefetch(&file, ino, prefetch_from, window, &self.cache);
         }
-        Ok((file, ino))
+        Ok(Ok((file, ino)))
     }
 
+    /// Drop a handle; a written file not yet stored (no flush came) is stored now, its error logged.
     pub fn release(&self, fh: u64) {
+        if let Err(e) = self.flush(fh) {
+            tracing::error!("storing a written file on release: {}", e.message.unwrap_or_default());
+        }
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
     }
+}
+
+fn read_staged(file: &std::fs::File, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let n = offset.saturating_add(size as u64).min(len).saturating_sub(offset) as usize;
+    let mut buf = vec![0u8; n];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
 }
 
 /// Every source file a virtual file reads from must still match its fingerprint.

@@ -1,0 +1,67 @@
+//! Deltas: a fine-tune stored as its difference from a base, read back as the full model.
+//!
+//! FastChat's make_delta.py and apply_delta.py materialize whole models; llmfs keeps only the
+//! difference and applies it per chunk on read. A delta entry owns one *container* per file of
+//! the target directory, with the same name, in `STORE/models/NAME/`. A container is a
+//! safetensors file (standard tools open it) whose `__metadata__` says what it holds:
+//!
+//! ```text
+//! llmfs.kind = "safetensors"   the target file was a safetensors file:
+//!     __header__    U8   the target's header bytes, verbatim (so the file reads back byte-identical)
+//!     T.frames      U8   per target tensor T: the codec's chunks (codec::delta)
+//!     T.offsets     U64  chunk boundaries in T.frames
+//!     T.q / T.scale      (codec q8: int8 codes and f32 scales of target − base)
+//!     T.signs / T.scale  (codec bitdelta: sign bits and f32 row scales)
+//!   llmfs.based = JSON list of the tensors coded against the base tensor of the same name; any
+//!   other tensor (no base twin, or another shape or dtype) is stored whole, losslessly.
+//! llmfs.kind = "verbatim"      any other file (config, tokenizer, or a .safetensors that does not
+//!     parse): its bytes as one losslessly coded tensor `file.frames` / `file.offsets`.
+//! llmfs.size = the target file's size
+//! ```
+//!
+//! `make` writes containers (for `llmfs delta make` and for files written into `deltas/`);
+//! `source` reads tensors back; `view` describes a delta entry's files for the mount.
+
+pub mod make;
+pub mod source;
+pub mod view;
+
+use serde::{Deserialize, Serialize};
+
+/// How tensors that have a base twin are coded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaCodec {
+    /// Exact: bit patterns combined with the base's, byte planes split, zstd in chunks.
+    Lossless,
+    /// target − base as group-wise int8 with an f32 scale per group.
+    Q8,
+    /// BitDelta: the sign of target − base and one scale per row.
+    Bitdelta,
+}
+
+impl DeltaCodec {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeltaCodec::Lossless => "lossless",
+            DeltaCodec::Q8 => "q8",
+            DeltaCodec::Bitdelta => "bitdelta",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [DeltaCodec::Lossless, DeltaCodec::Q8, DeltaCodec::Bitdelta].into_iter().find(|c| c.name() == s)
+    }
+}
+
+/// Container metadata keys.
+pub(crate) mod keys {
+    pub const KIND: &str = "llmfs.kind";
+    pub const CODEC: &str = "llmfs.codec";
+    pub const SIZE: &str = "llmfs.size";
+    pub const BASED: &str = "llmfs.based";
+    pub const KIND_SAFETENSORS: &str = "safetensors";
+    pub const KIND_VERBATIM: &str = "verbatim";
+    pub const HEADER: &str = "__header__";
+    /// The tensor name under which a verbatim file's bytes are coded.
+    pub const FILE: &str = "file";
+}

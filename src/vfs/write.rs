@@ -1,0 +1,265 @@
+//! The write path: `cp -r FINETUNED MOUNT/<base>/deltas/NEW/` stores a delta.
+//!
+//! `mkdir deltas/NEW` opens a staging session (a directory under `STORE/tmp/`). Each file written
+//! into it is staged on disk there (never held in memory), and when it is closed (flush), it is
+//! coded against the base (`delta::make::store_file`) into a container under
+//! `STORE/models/NEW/`, and the registry gains it in one atomic update: entry NEW appears with its
+//! first closed file and grows with each one. A failure to store (a full disk, say) is returned by
+//! close() itself, so `cp` reports it; the staged bytes stay until the file is written again or
+//! removed. A daemon killed mid-write leaves only staging directories, swept at the next start:
+//! the registry never names a half-written file.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use super::{FsError, FsResult};
+use crate::delta::{self, DeltaCodec};
+use crate::registry::{self, EntryKind, Store};
+
+/// One `deltas/NEW/` directory being written.
+struct Session {
+    dir: PathBuf,
+    /// Staged (not yet stored) files by name.
+    files: HashMap<String, PathBuf>,
+}
+
+/// All sessions of a mount, keyed by (base entry, new entry).
+#[derive(Default)]
+pub struct Staging {
+    sessions: Mutex<HashMap<(String, String), Session>>,
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
+        _ => libc::EIO,
+    }
+}
+
+fn io_fs(what: &str, e: io::Error) -> FsError {
+    FsError { errno: errno_of(&e), message: Some(format!("{what}: {e}")) }
+}
+
+/// A registry error as an errno: a full disk stays ENOSPC, anything else is EIO.
+fn registry_fs(e: registry::Error) -> FsError {
+    match &e {
+        registry::Error::Io { source, .. } => FsError { errno: errno_of(source), message: Some(e.to_string()) },
+        _ => FsError::eio(e.to_string()),
+    }
+}
+
+impl Staging {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Session>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `mkdir MOUNT/<base>/deltas/<name>`.
+    pub fn mkdir(&self, store: &Store, base: &str, name: &str) -> FsResult<()> {
+        registry::validate_name(name).map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
+        let registry = store.load().map_err(registry_fs)?;
+        registry.get(base).map_err(|_| FsError::new(libc::ENOENT))?;
+        let mut sessions = self.lock();
+        if registry.entries.contains_key(name) || sessions.keys().any(|(_, n)| n == name) {
+            return Err(FsError::new(libc::EEXIST));
+        }
+        let dir = store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
+        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
+        sessions.insert((base.to_owned(), name.to_owned()), Session { dir, files: HashMap::new() });
+        Ok(())
+    }
+
+    pub fn has_session(&self, base: &str, name: &str) -> bool {
+        self.lock().contains_key(&(base.to_owned(), name.to_owned()))
+    }
+
+    /// Names of the sessions open under `base`.
+    pub fn sessions(&self, base: &str) -> Vec<String> {
+        self.lock().keys().filter(|(b, _)| b == base).map(|(_, n)| n.clone()).collect()
+    }
+
+    /// Staged files of a session with their current sizes.
+    pub fn staged(&self, base: &str, name: &str) -> Vec<(String, u64)> {
+        let sessions = self.lock();
+        let Some(s) = sessions.get(&(base.to_owned(), name.to_owned())) else { return vec![] };
+        s.files.iter().map(|(f, p)| (f.clone(), fs::metadata(p).map_or(0, |m| m.len()))).collect()
+    }
+
+    pub fn staged_size(&self, base: &str, name: &str, file: &str) -> Option<u64> {
+        let sessions = self.lock();
+        let path = sessions.get(&(base.to_owned(), name.to_owned()))?.files.get(file)?;
+        Some(fs::metadata(path).map_or(0, |m| m.len()))
+    }
+
+    /// Open staged file `file` for writing, creating (and truncating, when `truncate`) it; a
+    /// session is opened implicitly for a delta entry that already exists (writing more files).
+    pub fn open(&self, store: &Store, base: &str, name: &str, file: &str, truncate: bool) -> FsResult<File> {
+        registry::validate_name(file).map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
+        let key = (base.to_owned(), name.to_owned());
+        let mut sessions = self.lock();
+        if !sessions.contains_key(&key) {
+            let dir = store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
+            fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
+            sessions.insert(key.clone(), Session { dir, files: HashMap::new() });
+        }
+        let session = sessions.get_mut(&key).expect("inserted above");
+        let path = session.dir.join(file);
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(truncate).open(&path).map_err(|e| io_fs("staging", e))?;
+        session.files.insert(file.to_owned(), path);
+        Ok(f)
+    }
+
+    /// The staged file, for reads of a file still being written.
+    pub fn staged_path(&self, base: &str, name: &str, file: &str) -> Option<PathBuf> {
+        self.lock().get(&(base.to_owned(), name.to_owned()))?.files.get(file).cloned()
+    }
+
+    /// Store staged `file` as part of delta entry `name` over `base` (close() of a written file).
+    pub fn commit(&self, store: &Store, base: &str, name: &str, file: &str) -> FsResult<()> {
+        let Some(staged) = self.staged_path(base, name, file) else { return Ok(()) };
+        let registry = store.load().map_err(registry_fs)?;
+        let base_entry = registry.get(base).map_err(registry_fs)?.clone();
+        let view = delta::make::base_view(&registry, base).map_err(registry_fs)?;
+        let base_tensors = delta::make::BaseTensors::of(&view);
+        let dir = store.entry_dir(name);
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| io_fs("store", e))?;
+        let tmp = dir.join(format!(".{file}.{}.tmp", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        // store_file names the container after its source, so code from the staged path.
+        let record = delta::make::store_file(&staged, &tmp, &base_tensors, DeltaCodec::Lossless).map_err(registry_fs)?;
+        let dest = dir.join(file);
+        let result = store.update(|r| {
+            match r.entries.get_mut(name) {
+                Some(e) => match &mut e.kind {
+                    EntryKind::Delta { base: b, files, .. } if b == base => {
+                        files.retain(|f| f.name != file);
+                        files.push(record.clone());
+                        files.sort_by(|a, b| a.name.cmp(&b.name));
+                    }
+                    _ => return Err(registry::Error::Exists(name.to_owned())),
+                },
+                None => {
+                    let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![record.clone()]);
+                    r.entries.insert(name.to_owned(), entry);
+                }
+            }
+            // Into place while holding the store lock, so the registry and the file agree.
+            fs::rename(&tmp, &dest).map_err(registry::io_err(&dest))?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(registry_fs(e));
+        }
+        let mut sessions = self.lock();
+        if let Some(s) = sessions.get_mut(&(base.to_owned(), name.to_owned())) {
+            if let Some(p) = s.files.remove(file) {
+                let _ = fs::remove_file(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// `rm MOUNT/<base>/deltas/<name>/<file>`: drop a staged file, or a stored one from the entry.
+    pub fn unlink(&self, store: &Store, base: &str, name: &str, file: &str) -> FsResult<()> {
+        if let Some(s) = self.lock().get_mut(&(base.to_owned(), name.to_owned())) {
+            if let Some(p) = s.files.remove(file) {
+                let _ = fs::remove_file(p);
+                return Ok(());
+            }
+        }
+        store
+            .update(|r| match r.entries.get_mut(name).map(|e| &mut e.kind) {
+                Some(EntryKind::Delta { base: b, files, .. }) if b == base => {
+                    let before = files.len();
+                    files.retain(|f| f.name != file);
+                    if files.len() == before {
+                        return Err(registry::Error::NotFound(file.to_owned()));
+                    }
+                    Ok(())
+                }
+                _ => Err(registry::Error::NotFound(name.to_owned())),
+            })
+            .map_err(|e| match e {
+                registry::Error::NotFound(_) => FsError::new(libc::ENOENT),
+                e => registry_fs(e),
+            })?;
+        let _ = fs::remove_file(store.entry_dir(name).join(file));
+        Ok(())
+    }
+
+    /// `rmdir MOUNT/<base>/deltas/<name>`: the entry goes with its (empty) directory.
+    pub fn rmdir(&self, store: &Store, base: &str, name: &str) -> FsResult<()> {
+        let key = (base.to_owned(), name.to_owned());
+        if let Some(s) = self.lock().get(&key) {
+            if !s.files.is_empty() {
+                return Err(FsError::new(libc::ENOTEMPTY));
+            }
+        }
+        let removed = store.update(|r| {
+            match r.entries.get(name).map(|e| &e.kind) {
+                Some(EntryKind::Delta { base: b, files, .. }) if b == base => {
+                    if !files.is_empty() {
+                        return Err(registry::Error::Invalid("not empty".into()));
+                    }
+                    if !r.dependents(name).is_empty() {
+                        return Err(registry::Error::HasDependents { name: name.to_owned(), dependents: r.dependents(name).join(", ") });
+                    }
+                    r.entries.remove(name);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        });
+        match removed {
+            Err(registry::Error::Invalid(_)) => return Err(FsError::new(libc::ENOTEMPTY)),
+            Err(registry::Error::HasDependents { .. }) => return Err(FsError::new(libc::EBUSY)),
+            Err(e) => return Err(registry_fs(e)),
+            Ok(false) if !self.has_session(base, name) => return Err(FsError::new(libc::ENOENT)),
+            Ok(_) => {}
+        }
+        if let Some(s) = self.lock().remove(&key) {
+            let _ = fs::remove_dir_all(s.dir);
+        }
+        let _ = fs::remove_dir_all(store.entry_dir(name));
+        Ok(())
+    }
+}
+
+/// Write `data` at `offset` of a staged file.
+pub fn write_at(file: &File, offset: u64, data: &[u8]) -> FsResult<u32> {
+    file.write_all_at(data, offset).map_err(|e| io_fs("staging write", e))?;
+    Ok(data.len() as u32)
+}
+
+/// Remove what a killed daemon left: staging directories of processes that no longer run, and
+/// half-written containers. Called when a mount starts.
+pub fn sweep(store: &Store) {
+    let alive = |pid: &str| PathBuf::from("/proc").join(pid).exists();
+    if let Ok(items) = fs::read_dir(store.tmp_dir()) {
+        for item in items.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            // "{label}.{pid}.{n}": the pid is the second-to-last field.
+            let pid = name.rsplit('.').nth(1).unwrap_or("");
+            if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && !alive(pid) {
+                tracing::info!("removing {name}, left by a process that is gone");
+                let _ = fs::remove_dir_all(item.path());
+            }
+        }
+    }
+    if let Ok(dirs) = fs::read_dir(store.root().join("models")) {
+        for dir in dirs.flatten() {
+            for f in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+                let n = f.file_name().to_string_lossy().into_owned();
+                // ".{file}.{pid}.tmp": a commit in progress, or one whose process died.
+                let pid = n.rsplit('.').nth(1).unwrap_or("");
+                if n.starts_with('.') && n.ends_with(".tmp") && !alive(pid) {
+                    let _ = fs::remove_file(f.path());
+                }
+            }
+        }
+    }
+}

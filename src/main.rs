@@ -13,6 +13,7 @@ use llmfs::registry::add::{self, AddOptions, ChatTemplateChoice};
 use llmfs::registry::{self, Entry, EntryKind, Registry, Store};
 use llmfs::vfs::mount::{self, MountOptions};
 use llmfs::codec::quant::QuantConfig;
+use llmfs::delta::import::ImportFormat;
 use llmfs::delta::{self, DeltaCodec};
 use llmfs::{check, demo, export, quantize, variant};
 
@@ -122,6 +123,20 @@ enum DeltaCommand {
         #[arg(long, default_value = "lossless", value_parser = parse_codec)]
         codec: DeltaCodec,
     },
+    /// Import a delta made by another tool: FastChat's make_delta output, or a PEFT LoRA adapter.
+    Import {
+        name: String,
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long, value_parser = parse_format)]
+        format: ImportFormat,
+    },
+}
+
+fn parse_format(s: &str) -> Result<ImportFormat, String> {
+    ImportFormat::parse(s).ok_or_else(|| format!("{s:?}: use fastchat or lora"))
 }
 
 fn parse_codec(s: &str) -> Result<DeltaCodec, String> {
@@ -155,7 +170,17 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print in full; a usage error is one line, like every other error.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("llmfs: {line}");
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -226,6 +251,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             println!("added {name}: {} files of {} as a {} delta of {base}, {} stored ({:.2}x smaller)",
                 files.len(), target.display(), codec.name(), human(stored), size as f64 / stored.max(1) as f64);
+        }
+        Command::Delta(DeltaCommand::Import { name, base, from, format }) => {
+            delta::import::import(&store, &name, &base, &from, format)?;
+            println!("added {name}: {} delta from {} applied to {base} on read", format.name(), from.display());
         }
         Command::Ls { json } => ls(&store.load()?, json)?,
         Command::Info { name, json } => info(&store.load()?, &name, json)?,
@@ -377,6 +406,9 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     let recipe = match &entry.kind {
         EntryKind::Base { dir, copied, .. } => json!({"dir": dir, "copied": copied}),
         EntryKind::Cast { base, dtype } => json!({"base": base, "dtype": dtype.name()}),
+        EntryKind::Imported { base, format, files } => {
+            json!({"base": base, "format": format.name(), "files": files.iter().map(|f| &f.name).collect::<Vec<_>>()})
+        }
         EntryKind::Delta { base, codec, files } => {
             let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             json!({"base": base, "codec": codec.name(), "stored_bytes": stored, "ratio": view.total_size() as f64 / stored.max(1) as f64})

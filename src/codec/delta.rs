@@ -137,6 +137,23 @@ pub enum Transform {
     Xor,
     /// `t - b` (wrapping); inverse `d + b` (wrapping).
     Sub,
+    /// Distance in representable values, zigzagged: `zigzag(ord(t) - ord(b))` where `ord` maps a
+    /// sign-magnitude pattern to an order-preserving two's-complement integer (negative: flip
+    /// the magnitude bits) and `zigzag(d) = (d << 1) ^ (d >> (bits - 1))` (arithmetic shift).
+    /// A change of ±m ulps, across exponents and across zero, gives `2m` or `2m - 1`, so the
+    /// high bytes are 0. Any bit pattern maps back exactly (both maps are bijections), so it is
+    /// lossless for any data of 1, 2, 4 or 8-byte elements, merely pointless for integers.
+    Ulp,
+}
+
+impl Transform {
+    /// Whether the transform is defined for `esize`-byte elements (`Ulp`: 1, 2, 4, 8 only).
+    pub fn supports(self, esize: usize) -> bool {
+        match self {
+            Transform::Xor | Transform::Sub => esize > 0,
+            Transform::Ulp => matches!(esize, 1 | 2 | 4 | 8),
+        }
+    }
 }
 
 /// The knobs of the lossless codec. Only [`LosslessOptions::DEFAULT`] is what llmfs writes;
@@ -150,16 +167,20 @@ pub struct LosslessOptions {
 }
 
 impl LosslessOptions {
-    /// What llmfs stores; see the module doc for why.
+    /// What llmfs stores for 1, 2, 4 and 8-byte elements; see the module doc for why.
     pub const DEFAULT: LosslessOptions = LosslessOptions {
-        transform: Transform::Xor,
+        transform: Transform::Ulp,
         planes: true,
     };
-}
 
-impl Default for LosslessOptions {
-    fn default() -> Self {
-        Self::DEFAULT
+    /// What llmfs stores for `esize`-byte elements: [`Self::DEFAULT`], or XOR with planes for
+    /// the widths `Ulp` does not cover.
+    pub fn default_for(esize: usize) -> LosslessOptions {
+        if Self::DEFAULT.transform.supports(esize) {
+            Self::DEFAULT
+        } else {
+            LosslessOptions { transform: Transform::Xor, planes: true }
+        }
     }
 }
 
@@ -254,10 +275,14 @@ trait Word: Copy + Default + std::ops::BitXor<Output = Self> + std::ops::BitOr<O
     fn from_byte(v: u8, k: usize) -> Self;
     fn wsub(self, o: Self) -> Self;
     fn wadd(self, o: Self) -> Self;
+    /// `Transform::Ulp` forward: `zigzag(ord(t) - ord(b))`.
+    fn ulp_fwd(self, b: Self) -> Self;
+    /// `Transform::Ulp` inverse: `ord⁻¹(unzigzag(d) + ord(b))`.
+    fn ulp_inv(self, b: Self) -> Self;
 }
 
 macro_rules! word {
-    ($t:ty) => {
+    ($t:ty, $s:ty) => {
         impl Word for $t {
             const N: usize = std::mem::size_of::<$t>();
             #[inline(always)]
@@ -284,13 +309,55 @@ macro_rules! word {
             fn wadd(self, o: Self) -> Self {
                 self.wrapping_add(o)
             }
+            #[inline(always)]
+            fn ulp_fwd(self, b: Self) -> Self {
+                const SH: u32 = <$t>::BITS - 1;
+                // ord: negative (top bit set) flips the other bits; an involution.
+                let ord = |v: $t| v ^ ((((v as $s) >> SH) as $t) >> 1);
+                let d = ord(self).wrapping_sub(ord(b));
+                (d << 1) ^ (((d as $s) >> SH) as $t)
+            }
+            #[inline(always)]
+            fn ulp_inv(self, b: Self) -> Self {
+                const SH: u32 = <$t>::BITS - 1;
+                let ord = |v: $t| v ^ ((((v as $s) >> SH) as $t) >> 1);
+                let d = (self >> 1) ^ (0 as $t).wrapping_sub(self & 1);
+                ord(d.wrapping_add(ord(b)))
+            }
         }
     };
 }
-word!(u8);
-word!(u16);
-word!(u32);
-word!(u64);
+word!(u8, i8);
+word!(u16, i16);
+word!(u32, i32);
+word!(u64, i64);
+
+/// Reference of `Transform::Ulp` for one element of `bits` ≤ 64 bits held in a u64, written
+/// with explicit sign tests instead of shifts.
+fn ulp_reference(forward: bool, v: u64, b: u64, bits: u32) -> u64 {
+    let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let top = 1u64 << (bits - 1);
+    let ord = |x: u64| if x & top != 0 { x ^ (top - 1) } else { x };
+    if forward {
+        let d = ord(v).wrapping_sub(ord(b)) & mask;
+        let z = if d & top != 0 { (!d << 1 | 1) & mask } else { d << 1 & mask };
+        z
+    } else {
+        let d = if v & 1 == 1 { !(v >> 1) & mask } else { v >> 1 };
+        ord(d.wrapping_add(ord(b)) & mask)
+    }
+}
+
+fn ulp_elem_reference(forward: bool, a: &[u8], b: &[u8], out: &mut [u8]) {
+    let n = a.len();
+    assert!(Transform::Ulp.supports(n), "Ulp needs 1, 2, 4 or 8-byte elements, not {n}");
+    let mut av = [0u8; 8];
+    let mut bv = [0u8; 8];
+    av[..n].copy_from_slice(a);
+    bv[..n].copy_from_slice(b);
+    let r = ulp_reference(forward, u64::from_le_bytes(av), u64::from_le_bytes(bv), 8 * n as u32);
+    out.copy_from_slice(&r.to_le_bytes()[..n]);
+}
 
 /// Reference forward transform of one element of any width: byte loop with explicit borrow.
 fn forward_elem_reference(tr: Transform, t: &[u8], b: &[u8], d: &mut [u8]) {
@@ -308,6 +375,7 @@ fn forward_elem_reference(tr: Transform, t: &[u8], b: &[u8], d: &mut [u8]) {
                 borrow = (v >> 15) & 1;
             }
         }
+        Transform::Ulp => ulp_elem_reference(true, t, b, d),
     }
 }
 
@@ -327,6 +395,7 @@ fn inverse_elem_reference(tr: Transform, d: &[u8], b: &[u8], t: &mut [u8]) {
                 carry = v >> 8;
             }
         }
+        Transform::Ulp => ulp_elem_reference(false, d, b, t),
     }
 }
 
@@ -370,9 +439,13 @@ pub fn delta_forward(tr: Transform, esize: usize, target: &[u8], base: &[u8], ou
             }
         }
         (Transform::Sub, 1) => map_words::<u8>(target, base, out, W::wsub),
+        (Transform::Ulp, 1) => map_words::<u8>(target, base, out, W::ulp_fwd),
         (Transform::Sub, 2) => map_words::<u16>(target, base, out, W::wsub),
+        (Transform::Ulp, 2) => map_words::<u16>(target, base, out, W::ulp_fwd),
         (Transform::Sub, 4) => map_words::<u32>(target, base, out, W::wsub),
+        (Transform::Ulp, 4) => map_words::<u32>(target, base, out, W::ulp_fwd),
         (Transform::Sub, 8) => map_words::<u64>(target, base, out, W::wsub),
+        (Transform::Ulp, 8) => map_words::<u64>(target, base, out, W::ulp_fwd),
         _ => delta_forward_reference(tr, esize, target, base, out),
     }
 }
@@ -391,9 +464,13 @@ pub fn delta_inverse(tr: Transform, esize: usize, delta: &[u8], base: &[u8], out
             }
         }
         (Transform::Sub, 1) => map_words::<u8>(delta, base, out, W::wadd),
+        (Transform::Ulp, 1) => map_words::<u8>(delta, base, out, W::ulp_inv),
         (Transform::Sub, 2) => map_words::<u16>(delta, base, out, W::wadd),
+        (Transform::Ulp, 2) => map_words::<u16>(delta, base, out, W::ulp_inv),
         (Transform::Sub, 4) => map_words::<u32>(delta, base, out, W::wadd),
+        (Transform::Ulp, 4) => map_words::<u32>(delta, base, out, W::ulp_inv),
         (Transform::Sub, 8) => map_words::<u64>(delta, base, out, W::wadd),
+        (Transform::Ulp, 8) => map_words::<u64>(delta, base, out, W::ulp_inv),
         _ => delta_inverse_reference(tr, esize, delta, base, out),
     }
 }
@@ -443,10 +520,17 @@ fn forward_planes_w<W: Word>(target: &[u8], base: Option<&[u8]>, planes: &mut [u
         for (j, v) in tmp.iter_mut().enumerate() {
             *v = W::load(&t[j * W::N..]);
         }
-        if let Some(base) = base {
-            let b = &base[i0 * W::N..][..BLOCK * W::N];
-            for (j, v) in tmp.iter_mut().enumerate() {
-                *v = f(*v, W::load(&b[j * W::N..]));
+        match base {
+            Some(base) => {
+                let b = &base[i0 * W::N..][..BLOCK * W::N];
+                for (j, v) in tmp.iter_mut().enumerate() {
+                    *v = f(*v, W::load(&b[j * W::N..]));
+                }
+            }
+            None => {
+                for v in tmp.iter_mut() {
+                    *v = f(*v, W::default());
+                }
             }
         }
         for k in 0..W::N {
@@ -458,9 +542,7 @@ fn forward_planes_w<W: Word>(target: &[u8], base: Option<&[u8]>, planes: &mut [u
     }
     for i in full..n {
         let mut v = W::load(&target[i * W::N..]);
-        if let Some(base) = base {
-            v = f(v, W::load(&base[i * W::N..]));
-        }
+        v = f(v, base.map_or(W::default(), |b| W::load(&b[i * W::N..])));
         for k in 0..W::N {
             planes[k * n + i] = v.byte(k);
         }
@@ -479,10 +561,17 @@ fn inverse_planes_w<W: Word>(planes: &[u8], base: Option<&[u8]>, out: &mut [u8],
                 *v = *v | W::from_byte(x, k);
             }
         }
-        if let Some(base) = base {
-            let b = &base[i0 * W::N..][..BLOCK * W::N];
-            for (j, v) in tmp.iter_mut().enumerate() {
-                *v = f(*v, W::load(&b[j * W::N..]));
+        match base {
+            Some(base) => {
+                let b = &base[i0 * W::N..][..BLOCK * W::N];
+                for (j, v) in tmp.iter_mut().enumerate() {
+                    *v = f(*v, W::load(&b[j * W::N..]));
+                }
+            }
+            None => {
+                for v in tmp.iter_mut() {
+                    *v = f(*v, W::default());
+                }
             }
         }
         let o = &mut out[i0 * W::N..][..BLOCK * W::N];
@@ -495,9 +584,7 @@ fn inverse_planes_w<W: Word>(planes: &[u8], base: Option<&[u8]>, out: &mut [u8],
         for k in 0..W::N {
             v = v | W::from_byte(planes[k * n + i], k);
         }
-        if let Some(base) = base {
-            v = f(v, W::load(&base[i * W::N..]));
-        }
+        v = f(v, base.map_or(W::default(), |b| W::load(&b[i * W::N..])));
         v.store(&mut out[i * W::N..]);
     }
 }
@@ -516,6 +603,7 @@ pub fn forward_to_planes(tr: Transform, esize: usize, target: &[u8], base: Optio
             match tr {
                 Transform::Xor => forward_planes_w::<$w>(target, base, planes, |a, b| a ^ b),
                 Transform::Sub => forward_planes_w::<$w>(target, base, planes, W::wsub),
+                Transform::Ulp => forward_planes_w::<$w>(target, base, planes, W::ulp_fwd),
             }
         };
     }
@@ -541,6 +629,7 @@ pub fn inverse_from_planes(tr: Transform, esize: usize, planes: &[u8], base: Opt
             match tr {
                 Transform::Xor => inverse_planes_w::<$w>(planes, base, out, |a, b| a ^ b),
                 Transform::Sub => inverse_planes_w::<$w>(planes, base, out, W::wadd),
+                Transform::Ulp => inverse_planes_w::<$w>(planes, base, out, W::ulp_inv),
             }
         };
     }
@@ -564,7 +653,7 @@ fn chunk_payload(opts: LosslessOptions, esize: usize, target: &[u8], base: Optio
     } else {
         match base {
             Some(b) => delta_forward(opts.transform, esize, target, b, out),
-            None => out.copy_from_slice(target),
+            None => delta_forward(opts.transform, esize, target, &vec![0u8; target.len()], out),
         }
     }
 }

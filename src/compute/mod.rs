@@ -6,6 +6,7 @@
 //! will implement the same functions behind the same signatures, bit for bit.
 
 pub mod cast;
+pub mod merge;
 
 /// View `bytes` as `T`s when aligned; callers fall back to a copy when not.
 pub(crate) fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Option<&[T]> {

@@ -22,6 +22,7 @@
 //! `make` writes containers (for `llmfs delta make` and for files written into `deltas/`);
 //! `source` reads tensors back; `view` describes a delta entry's files for the mount.
 
+pub mod import;
 pub mod make;
 pub mod source;
 pub mod view;

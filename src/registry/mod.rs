@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::quant::QuantConfig;
+use crate::delta::import::ImportFormat;
 use crate::delta::DeltaCodec;
 use crate::format::{Dtype, FileHeaderError};
 pub use fingerprint::Fingerprint;
@@ -78,6 +79,9 @@ pub enum EntryKind {
     },
     /// A fine-tune of `base`: one container per target file under `STORE/models/NAME/`.
     Delta { base: String, codec: DeltaCodec, files: Vec<FileRecord> },
+    /// A delta made by another tool (FastChat's make_delta, a PEFT LoRA adapter), copied into
+    /// `STORE/models/NAME/` and applied on read.
+    Imported { base: String, format: ImportFormat, files: Vec<FileRecord> },
 }
 
 impl EntryKind {
@@ -87,13 +91,16 @@ impl EntryKind {
             EntryKind::Cast { .. } => "cast",
             EntryKind::Quantized { .. } => "quantized",
             EntryKind::Delta { .. } => "delta",
+            EntryKind::Imported { format: ImportFormat::Fastchat, .. } => "fastchat-delta",
+            EntryKind::Imported { format: ImportFormat::Lora, .. } => "lora",
         }
     }
     /// The entry this one is derived from.
     pub fn base(&self) -> Option<&str> {
         match self {
             EntryKind::Base { .. } => None,
-            EntryKind::Cast { base, .. } | EntryKind::Quantized { base, .. } | EntryKind::Delta { base, .. } => Some(base),
+            EntryKind::Cast { base, .. } | EntryKind::Quantized { base, .. } | EntryKind::Delta { base, .. }
+            | EntryKind::Imported { base, .. } => Some(base),
         }
     }
 }

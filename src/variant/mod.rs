@@ -111,31 +111,35 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
         let entry = registry.get(entry_name)?;
         view = Some(match (&entry.kind, view) {
             (EntryKind::Base { dir, files, .. }, _) => base_view(entry, dir, files),
-            (EntryKind::Cast { dtype, .. }, Some(base)) => derive_view(entry_name, entry, &base, |t| {
+            (EntryKind::Cast { dtype, .. }, Some(base)) => map_weights(&base, &format!("cast {entry_name}"), |t| {
                 let source = if t.source.dtype().is_float() && t.source.dtype() != *dtype {
                     TensorSource::Cast { inner: Arc::new(t.source.clone()), to: *dtype }
                 } else {
                     t.source.clone()
                 };
                 Ok(LogicalTensor { source, ..t.clone() })
-            })?,
+            })
+            .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?,
             (EntryKind::Quantized { config, files, .. }, Some(base)) => {
                 let containers = open_containers(registry, entry_name, files)?;
-                derive_view(entry_name, entry, &base, |t| {
+                map_weights(&base, &format!("quantized {entry_name}"), |t| {
                     let found = containers
                         .iter()
                         .find_map(|(file, header)| {
                             QuantSource::find(file, header, &t.name, &t.shape, t.source.dtype(), *config).transpose()
                         })
-                        .transpose()
-                        .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?;
+                        .transpose()?;
                     Ok(match found {
                         Some(q) => LogicalTensor { source: TensorSource::Dequant(Arc::new(q)), ..t.clone() },
                         None => t.clone(),
                     })
-                })?
+                })
+                .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?
             }
             (EntryKind::Delta { files, .. }, Some(base)) => crate::delta::view::delta_view(registry, entry_name, files, &base)?,
+            (EntryKind::Imported { format, files, .. }, Some(base)) => {
+                crate::delta::import::imported_view(registry, entry_name, files, *format, &base)?
+            }
             (_, None) => unreachable!("a chain ends in a base"),
         });
     }
@@ -207,16 +211,15 @@ fn with_chat_template(entry: &Entry, source: &SourceFile) -> Option<Arc<[u8]>> {
 }
 
 /// A variant's view: the base's files, with weights rebuilt tensor by tensor through `map`, and
-/// the shard index (if any) given the new sizes.
-fn derive_view(
-    name: &str,
-    entry: &Entry,
+/// the shard index (if any) given the new sizes. `label` goes into each header's metadata.
+pub fn map_weights(
     base: &EntryView,
-    map: impl Fn(&LogicalTensor) -> Result<LogicalTensor, ViewError>,
-) -> Result<EntryView, ViewError> {
+    label: &str,
+    mut map: impl FnMut(&LogicalTensor) -> Result<LogicalTensor, String>,
+) -> Result<EntryView, String> {
     let mut view = EntryView::default();
     for (file_name, weight_file) in &base.weights {
-        let tensors = weight_file.tensors.iter().map(&map).collect::<Result<Vec<_>, _>>()?;
+        let tensors = weight_file.tensors.iter().map(&mut map).collect::<Result<Vec<_>, _>>()?;
         view.weights.insert(file_name.clone(), WeightFile { tensors, metadata: weight_file.metadata.clone() });
     }
     let mut total_tensor_bytes = 0u64;
@@ -224,7 +227,7 @@ fn derive_view(
         let file = match (view.weights.get(&base_file.name), &base_file.content) {
             (_, Content::Broken(_)) => base_file.clone(),
             (Some(weights), _) => {
-                let synth = layout(name, entry, weights);
+                let synth = layout(label, weights);
                 total_tensor_bytes += synth.tensors.last().map_or(0, |t| t.end) - synth.header.len() as u64;
                 let size = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
                 VFile { name: base_file.name.clone(), size, content: Content::Synth(Arc::new(synth)) }
@@ -249,12 +252,12 @@ fn derive_view(
 
 /// Lay a weight file out: tensors in the base's order, contiguous, after a spec-exact header
 /// that keeps the base's `__metadata__` (transformers checks `format: pt`) and says what made it.
-fn layout(name: &str, entry: &Entry, weights: &WeightFile) -> SynthFile {
+fn layout(label: &str, weights: &WeightFile) -> SynthFile {
     let mut builder = HeaderBuilder::new();
     for (k, v) in &weights.metadata {
         builder = builder.metadata(k, v.as_str().unwrap_or_default());
     }
-    builder = builder.metadata("llmfs", &format!("{} variant {name}", entry.kind.name()));
+    builder = builder.metadata("llmfs", label);
     for t in &weights.tensors {
         builder.tensor(&t.name, t.source.dtype(), &t.shape);
     }

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
+use crate::delta::import::LazyFactors;
 use crate::delta::source::LosslessSource;
 use crate::format::Dtype;
 use crate::registry::Fingerprint;
@@ -100,6 +101,10 @@ pub enum TensorSource {
     Dequant(Arc<QuantSource>),
     /// A delta-coded tensor applied to its base (or stored whole).
     Delta(Arc<LosslessSource>),
+    /// FastChat's apply_delta: `f16(base + delta)`, both f16.
+    AddF16 { base: Arc<TensorSource>, delta: Arc<TensorSource> },
+    /// A LoRA merge `W + s·B·A` of a 2-D weight with `cols` columns.
+    Lora { base: Arc<TensorSource>, factors: Arc<LazyFactors>, cols: usize },
 }
 
 impl TensorSource {
@@ -109,6 +114,8 @@ impl TensorSource {
             TensorSource::Cast { to, .. } => *to,
             TensorSource::Dequant(q) => q.dtype,
             TensorSource::Delta(d) => d.dtype,
+            TensorSource::AddF16 { .. } => Dtype::F16,
+            TensorSource::Lora { base, .. } => base.dtype(),
         }
     }
 
@@ -132,6 +139,11 @@ impl TensorSource {
                     base.files(out);
                 }
             }
+            TensorSource::AddF16 { base, delta } => {
+                base.files(out);
+                delta.files(out);
+            }
+            TensorSource::Lora { base, .. } => base.files(out),
         }
     }
 
@@ -151,6 +163,22 @@ impl TensorSource {
             }
             TensorSource::Dequant(q) => q.read(elems, out),
             TensorSource::Delta(d) => d.read(elems, out),
+            TensorSource::AddF16 { base, delta } => with_scratch(out.len(), |b| {
+                base.read(elems.clone(), b)?;
+                out.copy_from_slice(b);
+                let mut d = vec![0u8; out.len()];
+                delta.read(elems, &mut d)?;
+                compute::merge::add_f16(b, &d, out);
+                Ok(())
+            }),
+            TensorSource::Lora { base, factors, cols } => {
+                let f = factors.get()?;
+                with_scratch(out.len(), |w| {
+                    base.read(elems.clone(), w)?;
+                    compute::merge::lora_rows(&f, base.dtype(), *cols, elems, w, out);
+                    Ok(())
+                })
+            }
         }
     }
 }

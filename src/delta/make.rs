@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::{keys, DeltaCodec};
@@ -80,7 +80,7 @@ pub fn store_file(src: &Path, dest: &Path, base: &BaseTensors, codec: DeltaCodec
             builder.tensor(n, *dtype, shape);
         }
         let (container_header, _) = builder.build();
-        let mut out = OpenOptions::new().create_new(true).write(true).open(dest).map_err(io_err(dest))?;
+        let mut out = OpenOptions::new().create_new(true).write(true).mode(0o600).open(dest).map_err(io_err(dest))?;
         out.write_all(&container_header).map_err(io_err(dest))?;
         io::copy(&mut File::open(&data_path).map_err(io_err(&data_path))?, &mut out).map_err(io_err(dest))?;
         out.sync_all().map_err(io_err(dest))?;

@@ -26,7 +26,7 @@ pub mod known_models;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -343,6 +343,10 @@ impl StagingDir {
     /// Renames the staging directory to `dest` (atomic on one filesystem) and keeps it.
     pub fn keep(mut self, dest: &Path) -> Result<()> {
         let path = self.path.take().expect("kept once");
+        // The store is private: whatever was copied or written in, its files are 0600.
+        for item in fs::read_dir(&path).map_err(io_err(&path))?.flatten() {
+            fs::set_permissions(item.path(), fs::Permissions::from_mode(0o600)).map_err(io_err(&item.path()))?;
+        }
         fs::rename(&path, dest).map_err(io_err(dest))?;
         sync_dir(dest.parent().unwrap_or(Path::new("/")));
         Ok(())

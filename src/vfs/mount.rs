@@ -7,6 +7,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -128,7 +129,7 @@ fn block_signals() -> libc::sigset_t {
 pub fn spawn_daemon(store: &Store, mountpoint: &Path, args: &[String]) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(mountpoint)?;
     let log_path = store.log_path();
-    let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let log = OpenOptions::new().create(true).append(true).mode(0o600).open(&log_path)?;
     let start = log.metadata()?.len();
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);

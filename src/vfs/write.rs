@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -107,7 +107,7 @@ impl Staging {
         }
         let session = sessions.get_mut(&key).expect("inserted above");
         let path = session.dir.join(file);
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(truncate).open(&path).map_err(|e| io_fs("staging", e))?;
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(truncate).mode(0o600).open(&path).map_err(|e| io_fs("staging", e))?;
         session.files.insert(file.to_owned(), path);
         Ok(f)
     }

@@ -5,7 +5,7 @@ use super::*;
 use proptest::prelude::*;
 
 const ESIZES: [usize; 6] = [1, 2, 3, 4, 8, 16];
-const TRANSFORMS: [Transform; 2] = [Transform::Xor, Transform::Sub];
+const TRANSFORMS: [Transform; 3] = [Transform::Xor, Transform::Sub, Transform::Ulp];
 
 fn opts_all() -> Vec<LosslessOptions> {
     let mut v = Vec::new();
@@ -31,7 +31,11 @@ fn near(base: &[u8], esize: usize, seed: u64) -> Vec<u8> {
         // Add ±step with carry to the element as a little-endian integer.
         let mut carry = step as u16;
         for b in e.iter_mut() {
-            let v = if neg { (*b as u16).wrapping_sub(carry) } else { *b as u16 + carry };
+            let v = if neg {
+                (*b as u16).wrapping_sub(carry)
+            } else {
+                *b as u16 + carry
+            };
             *b = v as u8;
             carry = if neg { (v >> 15) & 1 } else { v >> 8 };
         }
@@ -40,6 +44,9 @@ fn near(base: &[u8], esize: usize, seed: u64) -> Vec<u8> {
 }
 
 fn round_trip(target: &[u8], base: Option<&[u8]>, esize: usize, opts: LosslessOptions) {
+    if !opts.transform.supports(esize) {
+        return;
+    }
     let enc = encode_lossless_with(target, base, esize, 1, opts);
     let n = target.len() / esize;
     assert_eq!(enc.n_chunks(), chunk_count(n));
@@ -49,12 +56,63 @@ fn round_trip(target: &[u8], base: Option<&[u8]>, esize: usize, opts: LosslessOp
     for c in 0..enc.n_chunks() {
         let r = chunk_elems(c, n);
         let bytes = r.start * esize..r.end * esize;
-        decode_lossless_chunk_with(enc.frame(c), base.map(|b| &b[bytes.clone()]), esize, opts, &mut out[bytes]).unwrap();
+        decode_lossless_chunk_with(
+            enc.frame(c),
+            base.map(|b| &b[bytes.clone()]),
+            esize,
+            opts,
+            &mut out[bytes],
+        )
+        .unwrap();
     }
-    assert!(out == target, "round trip differs (esize {esize}, {opts:?}, base {})", base.is_some());
+    assert!(
+        out == target,
+        "round trip differs (esize {esize}, {opts:?}, base {})",
+        base.is_some()
+    );
     let mut all = vec![0x55u8; target.len()];
     decode_lossless_all(&enc, base, esize, opts, &mut all).unwrap();
     assert!(all == target);
+}
+
+#[test]
+fn ulp_known_values() {
+    // bf16 1.0 = 0x3F80; one ulp up is 0x3F81 (+1 → zigzag 2), one down 0x3F7F (−1 → 1).
+    let one = 0x3F80u16;
+    assert_eq!(0x3F81u16.ulp_fwd(one), 2);
+    assert_eq!(0x3F7Fu16.ulp_fwd(one), 1);
+    // Across zero: +0 (0x0000) to −0 (0x8000) is one step down; to the smallest negative
+    // subnormal (0x8001) two.
+    assert_eq!(0x8000u16.ulp_fwd(0), 1);
+    assert_eq!(0x8001u16.ulp_fwd(0), 3);
+    // Negative values: −1.0 (0xBF80) to −1.0 − ulp (0xBF81) is one step down.
+    assert_eq!(0xBF81u16.ulp_fwd(0xBF80), 1);
+    for (t, b) in [
+        (0x3F81u16, one),
+        (0x8001, 0),
+        (0xFFFF, 0x7FFF),
+        (0x1234, 0xFEDC),
+    ] {
+        assert_eq!(t.ulp_fwd(b).ulp_inv(b), t);
+        assert_eq!(
+            ulp_reference(true, t as u64, b as u64, 16),
+            t.ulp_fwd(b) as u64
+        );
+    }
+}
+
+#[test]
+fn ulp_is_a_bijection_on_u8() {
+    for b in 0..=255u8 {
+        let mut seen = [false; 256];
+        for t in 0..=255u8 {
+            let d = t.ulp_fwd(b);
+            assert_eq!(d as u64, ulp_reference(true, t as u64, b as u64, 8));
+            assert_eq!(d.ulp_inv(b), t);
+            assert!(!seen[d as usize]);
+            seen[d as usize] = true;
+        }
+    }
 }
 
 #[test]
@@ -64,11 +122,17 @@ fn chunk_arithmetic() {
     assert_eq!(chunk_count(DELTA_CHUNK_ELEMS), 1);
     assert_eq!(chunk_count(DELTA_CHUNK_ELEMS + 1), 2);
     assert_eq!(chunk_elems(0, 10), 0..10);
-    assert_eq!(chunk_elems(1, DELTA_CHUNK_ELEMS + 3), DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 3);
+    assert_eq!(
+        chunk_elems(1, DELTA_CHUNK_ELEMS + 3),
+        DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 3
+    );
     assert!(chunk_elems(5, 10).is_empty());
     assert_eq!(chunks_covering(&(0..0)), 0..0);
     assert_eq!(chunks_covering(&(3..DELTA_CHUNK_ELEMS + 1)), 0..2);
-    assert_eq!(chunks_covering(&(DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 1)), 1..2);
+    assert_eq!(
+        chunks_covering(&(DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 1)),
+        1..2
+    );
 }
 
 #[test]
@@ -107,13 +171,18 @@ fn multi_chunk_round_trip() {
     // Three chunks, the last one partial, for each fast-path width and one odd width.
     for esize in [1usize, 2, 3, 4, 8] {
         let n = 2 * DELTA_CHUNK_ELEMS + 1000 + 3;
-        let base = crate::demo::random_tensor(esize as u64, n * esize / 2 + 1, crate::format::Dtype::BF16, false);
+        let base = crate::demo::random_tensor(
+            esize as u64,
+            n * esize / 2 + 1,
+            crate::format::Dtype::BF16,
+            false,
+        );
         let base = &base[..n * esize];
         let target = near(base, esize, 7);
         for opts in opts_all() {
             round_trip(&target, Some(base), esize, opts);
         }
-        round_trip(&target, None, esize, LosslessOptions::DEFAULT);
+        round_trip(&target, None, esize, LosslessOptions::default_for(esize));
     }
 }
 
@@ -145,6 +214,7 @@ proptest! {
         seed in any::<u64>(),
         with_base in any::<bool>(),
     ) {
+        prop_assume!(tr.supports(esize));
         let mut rng = crate::demo::SplitMix64(seed);
         let t: Vec<u8> = (0..n * esize).map(|_| rng.next_u64() as u8).collect();
         let b: Vec<u8> = (0..n * esize).map(|_| rng.next_u64() as u8).collect();
@@ -194,6 +264,7 @@ proptest! {
         seed in any::<u64>(),
         transform in transform_strategy(),
     ) {
+        prop_assume!(transform.supports(esize));
         let mut rng = crate::demo::SplitMix64(seed);
         let b: Vec<u8> = (0..n * esize).map(|_| rng.next_u64() as u8).collect();
         let t = near(&b, esize, seed ^ 1);
@@ -346,20 +417,49 @@ fn frame_of_another_chunk_is_rejected() {
     let enc = encode_lossless(&target, Some(&base), 2, 3);
     // The short last chunk's frame given for the full first chunk, and the other way round.
     let mut out0 = vec![0u8; DELTA_CHUNK_ELEMS * 2];
-    let e = decode_lossless_chunk(enc.frame(1), Some(&base[..DELTA_CHUNK_ELEMS * 2]), 2, &mut out0).unwrap_err();
+    let e = decode_lossless_chunk(
+        enc.frame(1),
+        Some(&base[..DELTA_CHUNK_ELEMS * 2]),
+        2,
+        &mut out0,
+    )
+    .unwrap_err();
     assert!(matches!(e, DeltaError::SizeMismatch { .. }), "{e}");
     let mut out1 = vec![0u8; 200];
-    let e = decode_lossless_chunk(enc.frame(0), Some(&base[DELTA_CHUNK_ELEMS * 2..]), 2, &mut out1).unwrap_err();
+    let e = decode_lossless_chunk(
+        enc.frame(0),
+        Some(&base[DELTA_CHUNK_ELEMS * 2..]),
+        2,
+        &mut out1,
+    )
+    .unwrap_err();
     assert!(matches!(e, DeltaError::SizeMismatch { .. }), "{e}");
     // Two frames back to back are not one chunk.
     let mut two = enc.frame(1).to_vec();
     two.extend_from_slice(enc.frame(1));
-    let e = decode_lossless_chunk(&two, Some(&base[DELTA_CHUNK_ELEMS * 2..]), 2, &mut out1).unwrap_err();
+    let e = decode_lossless_chunk(&two, Some(&base[DELTA_CHUNK_ELEMS * 2..]), 2, &mut out1)
+        .unwrap_err();
     assert!(matches!(e, DeltaError::FrameLength { .. }), "{e}");
+    // A transform the element size does not support.
+    let ulp = LosslessOptions {
+        transform: Transform::Ulp,
+        planes: true,
+    };
+    let e = decode_lossless_chunk_with(enc.frame(1), None, 3, ulp, &mut out1[..198]).unwrap_err();
+    assert!(matches!(e, DeltaError::Unsupported { .. }), "{e}");
     // Wrong caller buffers.
-    assert!(matches!(decode_lossless_chunk(enc.frame(1), None, 0, &mut out1), Err(DeltaError::ZeroElementSize)));
-    assert!(matches!(decode_lossless_chunk(enc.frame(1), None, 3, &mut out1), Err(DeltaError::PartialElement { .. })));
-    assert!(matches!(decode_lossless_chunk(enc.frame(1), Some(&base[..10]), 2, &mut out1), Err(DeltaError::BaseLength { .. })));
+    assert!(matches!(
+        decode_lossless_chunk(enc.frame(1), None, 0, &mut out1),
+        Err(DeltaError::ZeroElementSize)
+    ));
+    assert!(matches!(
+        decode_lossless_chunk(enc.frame(1), None, 3, &mut out1),
+        Err(DeltaError::PartialElement { .. })
+    ));
+    assert!(matches!(
+        decode_lossless_chunk(enc.frame(1), Some(&base[..10]), 2, &mut out1),
+        Err(DeltaError::BaseLength { .. })
+    ));
 }
 
 #[test]
@@ -377,15 +477,37 @@ fn corrupted_payload_fails_checksum() {
     // checksum can catch it.
     let mut rng = crate::demo::SplitMix64(9);
     let data: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
-    let enc = encode_lossless_with(&data, None, 1, 3, LosslessOptions { transform: Transform::Xor, planes: false });
+    let enc = encode_lossless_with(
+        &data,
+        None,
+        1,
+        3,
+        LosslessOptions {
+            transform: Transform::Xor,
+            planes: false,
+        },
+    );
+    assert!(enc.frames.len() > 4096, "stored raw");
     let mut frame = enc.frame(0).to_vec();
     let mid = frame.len() / 2;
     frame[mid] ^= 0x10;
     let mut out = vec![0u8; 4096];
-    let e = decode_lossless_chunk_with(&frame, None, 1, LosslessOptions { transform: Transform::Xor, planes: false }, &mut out)
-        .unwrap_err();
+    let e = decode_lossless_chunk_with(
+        &frame,
+        None,
+        1,
+        LosslessOptions {
+            transform: Transform::Xor,
+            planes: false,
+        },
+        &mut out,
+    )
+    .unwrap_err();
     assert!(matches!(e, DeltaError::Corrupt(_)), "{e}");
-    assert!(e.to_string().contains("checksum") || e.to_string().contains("orrupt"), "{e}");
+    assert!(
+        e.to_string().contains("checksum") || e.to_string().contains("orrupt"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -28,14 +28,14 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
     // A small cache: export reads every chunk once, in order.
     let cache = Cache::new(64 << 20);
     let mut total = 0;
-    for (file_id, file) in view.files.iter().enumerate() {
+    for file in &view.files {
         vfs::check_sources(file).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
         let path = out_dir.join(&file.name);
         let out = OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(io(&path))?;
         out.set_len(file.size).map_err(io(&path))?;
         (0..file.size.div_ceil(PIECE)).into_par_iter().try_for_each(|piece| {
             let offset = piece * PIECE;
-            let bytes = read::read_range(file, file_id as u64, offset, PIECE, &cache)
+            let bytes = read::read_range(file, offset, PIECE, &cache)
                 .map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
             out.write_all_at(&bytes, offset).map_err(io(&path))?;
             progress(bytes.len() as u64);

@@ -76,7 +76,10 @@
 //!
 //! Decode (one core, H100 host's Xeon, bf16, level 1): zstd 0.7-1.6 GB/s depending on the noise
 //! (slowest on the noisiest deltas, whose low plane is near-random Huffman literals); the fused
-//! plane join + inverse transform runs at 4-5 GB/s, so zstd dominates.
+//! plane join + inverse transform runs at 4-5 GB/s, so zstd dominates. The whole
+//! [`decode_lossless_chunk`] measured 0.5-1.2 GB/s of output per core over all dtypes and
+//! levels (noisy run to run; bf16 level 1: 0.5-1.0 at k = 0.001, 1.2 at k = 0.01, 0.7 at
+//! k = 0.1).
 //!
 //! The tensor is cut into chunks of [`DELTA_CHUNK_ELEMS`] elements (the last one shorter), each
 //! transformed, split and compressed **independently** as one zstd frame with the frame's
@@ -394,12 +397,11 @@ fn ulp_reference(forward: bool, v: u64, b: u64, bits: u32) -> u64 {
     let ord = |x: u64| if x & top != 0 { x ^ (top - 1) } else { x };
     if forward {
         let d = ord(v).wrapping_sub(ord(b)) & mask;
-        let z = if d & top != 0 {
+        if d & top != 0 {
             (!d << 1 | 1) & mask
         } else {
             d << 1 & mask
-        };
-        z
+        }
     } else {
         let d = if v & 1 == 1 { !(v >> 1) & mask } else { v >> 1 };
         ord(d.wrapping_add(ord(b)) & mask)

@@ -19,10 +19,6 @@ use crate::format::{self, Dtype, HeaderBuilder};
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
 use crate::variant::{self, EntryView, LogicalTensor};
 
-/// zstd level of stored chunks: level 3 is zstd's default, within a few percent of level 9 on
-/// weight deltas and several times faster to write (codec::delta's measurements).
-pub const ZSTD_LEVEL: i32 = 3;
-
 /// The base's tensors by name, across all its shards.
 pub struct BaseTensors(HashMap<String, LogicalTensor>);
 
@@ -140,7 +136,7 @@ fn encode_tensor(
             write_part(data, parts, &format!("{name}.scale"), Dtype::F32, bytemuck::cast_slice(&scales), path)?;
         }
         _ => {
-            let encoded = codec::encode_lossless(target, base.as_deref(), dtype.size(), ZSTD_LEVEL);
+            let encoded = codec::encode_lossless(target, base.as_deref(), dtype.size(), codec::DEFAULT_LEVEL);
             write_part(data, parts, &format!("{name}.frames"), Dtype::U8, &encoded.frames, path)?;
             let offsets: Vec<u8> = encoded.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
             write_part(data, parts, &format!("{name}.offsets"), Dtype::U64, &offsets, path)?;

@@ -71,3 +71,70 @@ impl LosslessSource {
         Ok(())
     }
 }
+
+/// How a lossy delta is coded (see codec::delta).
+#[derive(Clone, Copy, Debug)]
+pub enum LossyCodec {
+    /// One i8 code per element, one f32 scale per group of DELTA_Q8_GROUP elements.
+    Q8,
+    /// One sign bit per element, one f32 scale per row of `cols` elements.
+    Bitdelta { cols: usize },
+}
+
+/// A lossy delta (q8 or bitdelta) in a container, applied to its base tensor.
+#[derive(Debug)]
+pub struct LossySource {
+    pub file: Arc<SourceFile>,
+    pub codes_at: u64,
+    pub scales_at: u64,
+    pub base: TensorSource,
+    pub dtype: Dtype,
+    pub codec: LossyCodec,
+}
+
+impl LossySource {
+    /// Locate `name`'s codes and scales (whichever lossy codec stored it), checking their sizes
+    /// against the tensor's shape. `Ok(None)`: not lossy-coded.
+    pub fn open(file: &Arc<SourceFile>, header: &Header, name: &str, shape: &[usize], dtype: Dtype, base: TensorSource) -> Result<Option<Self>, String> {
+        let numel: usize = shape.iter().product();
+        let scale = header.tensor(&format!("{name}.scale"));
+        let (codes, codec, want_codes, want_scales) = if let Some(q) = header.tensor(&format!("{name}.q")) {
+            (q, LossyCodec::Q8, numel as u64, codec::q8_groups(&(0..numel)).len() as u64)
+        } else if let Some(s) = header.tensor(&format!("{name}.signs")) {
+            let [rows, cols] = shape[..] else { return Err(format!("{name}: bitdelta of a tensor that is not 2-D")) };
+            (s, LossyCodec::Bitdelta { cols }, numel.div_ceil(8) as u64, rows as u64)
+        } else {
+            return Ok(None);
+        };
+        let scale = scale.ok_or_else(|| format!("{name}.scale missing"))?;
+        if codes.len() != want_codes || scale.len() != want_scales * 4 || scale.dtype != Dtype::F32 {
+            return Err(format!("{name}: stored codes or scales do not match shape {shape:?}"));
+        }
+        Ok(Some(LossySource { file: file.clone(), codes_at: header.data_start + codes.start, scales_at: header.data_start + scale.start, base, dtype, codec }))
+    }
+
+    pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
+        if elems.is_empty() {
+            return Ok(());
+        }
+        let mut base = vec![0u8; out.len()];
+        self.base.read(elems.clone(), &mut base)?;
+        let (codes, scale_range) = match self.codec {
+            LossyCodec::Q8 => (elems.clone(), codec::q8_groups(&elems)),
+            LossyCodec::Bitdelta { cols } => (codec::bitdelta_sign_bytes(&elems), codec::bitdelta_rows(cols, &elems)),
+        };
+        let mut code_bytes = vec![0u8; codes.len()];
+        self.file.read_exact_at(&mut code_bytes, self.codes_at + codes.start as u64)?;
+        let mut scale_bytes = vec![0u8; scale_range.len() * 4];
+        self.file.read_exact_at(&mut scale_bytes, self.scales_at + scale_range.start as u64 * 4)?;
+        let scales: Vec<f32> = scale_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        match self.codec {
+            LossyCodec::Q8 => {
+                let q: Vec<i8> = code_bytes.iter().map(|&b| b as i8).collect();
+                codec::decode_q8_range(&q, &scales, &base, self.dtype, elems, out);
+            }
+            LossyCodec::Bitdelta { cols } => codec::decode_bitdelta_range(&code_bytes, &scales, &base, self.dtype, cols, elems, out),
+        }
+        Ok(())
+    }
+}

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::source::LosslessSource;
+use super::source::{LosslessSource, LossySource};
 use super::{keys, make::BaseTensors};
 use crate::format::{self, Dtype};
 use crate::registry::{FileRecord, Registry};
@@ -43,18 +43,24 @@ pub fn delta_view(registry: &Registry, name: &str, files: &[FileRecord], base: &
                 } else {
                     None
                 };
-                let src = LosslessSource::open(&source, &container, &t.name, t.dtype, t.numel(), base).map_err(bad)?;
-                let src = TensorSource::Delta(Arc::new(src));
+                let lossy = match &base {
+                    Some(b) => LossySource::open(&source, &container, &t.name, &t.shape, t.dtype, b.clone()).map_err(&bad)?,
+                    None => None,
+                };
+                let src = match lossy {
+                    Some(l) => TensorSource::LossyDelta(Arc::new(l)),
+                    None => TensorSource::Delta(Arc::new(LosslessSource::open(&source, &container, &t.name, t.dtype, t.numel(), base).map_err(&bad)?)),
+                };
                 logical.push(LogicalTensor { name: t.name.clone(), shape: t.shape.clone(), source: src.clone() });
                 synth.push(SynthTensor { name: t.name.clone(), start: target.data_start + t.start, end: target.data_start + t.end, source: src });
             }
             view.weights.insert(record.name.clone(), WeightFile { tensors: logical, metadata: target.metadata.clone() });
             (prefix, synth)
         } else {
-            let src = LosslessSource::open(&source, &container, keys::FILE, Dtype::U8, size as usize, None).map_err(bad)?;
+            let src = LosslessSource::open(&source, &container, keys::FILE, Dtype::U8, size as usize, None).map_err(&bad)?;
             (vec![], vec![SynthTensor { name: keys::FILE.into(), start: 0, end: size, source: TensorSource::Delta(Arc::new(src)) }])
         };
-        view.files.push(VFile { name: record.name.clone(), size, content: Content::Synth(Arc::new(SynthFile { header: header_bytes, tensors })) });
+        view.files.push(VFile { name: record.name.clone(), size, content: Content::Synth(Arc::new(SynthFile::new(header_bytes, tensors))) });
     }
     Ok(view)
 }

@@ -49,8 +49,18 @@ pub enum Content {
 /// A synthesized safetensors file: header bytes, then tensors in offset order with no gaps.
 #[derive(Debug)]
 pub struct SynthFile {
+    /// Unique for the life of the process: the cache keys decoded chunks by it, so two versions
+    /// of a file (a delta file rewritten through deltas/) never share a chunk.
+    pub id: u64,
     pub header: Vec<u8>,
     pub tensors: Vec<SynthTensor>,
+}
+
+impl SynthFile {
+    pub fn new(header: Vec<u8>, tensors: Vec<SynthTensor>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        SynthFile { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), header, tensors }
+    }
 }
 
 #[derive(Debug)]
@@ -268,7 +278,7 @@ fn layout(label: &str, weights: &WeightFile) -> SynthFile {
         .zip(&weights.tensors)
         .map(|(info, t)| SynthTensor { name: info.name, start: data_start + info.start, end: data_start + info.end, source: t.source.clone() })
         .collect();
-    SynthFile { header, tensors }
+    SynthFile::new(header, tensors)
 }
 
 /// The shard index with `metadata.total_size` set to the variant's; everything else kept.

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
 use crate::delta::import::LazyFactors;
-use crate::delta::source::LosslessSource;
+use crate::delta::source::{LosslessSource, LossySource};
 use crate::format::Dtype;
 use crate::registry::Fingerprint;
 
@@ -101,6 +101,8 @@ pub enum TensorSource {
     Dequant(Arc<QuantSource>),
     /// A delta-coded tensor applied to its base (or stored whole).
     Delta(Arc<LosslessSource>),
+    /// A lossy (q8 or bitdelta) delta applied to its base.
+    LossyDelta(Arc<LossySource>),
     /// FastChat's apply_delta: `f16(base + delta)`, both f16.
     AddF16 { base: Arc<TensorSource>, delta: Arc<TensorSource> },
     /// A LoRA merge `W + s·B·A` of a 2-D weight with `cols` columns.
@@ -114,6 +116,7 @@ impl TensorSource {
             TensorSource::Cast { to, .. } => *to,
             TensorSource::Dequant(q) => q.dtype,
             TensorSource::Delta(d) => d.dtype,
+            TensorSource::LossyDelta(d) => d.dtype,
             TensorSource::AddF16 { .. } => Dtype::F16,
             TensorSource::Lora { base, .. } => base.dtype(),
         }
@@ -139,6 +142,10 @@ impl TensorSource {
                     base.files(out);
                 }
             }
+            TensorSource::LossyDelta(d) => {
+                out.push(d.file.clone());
+                d.base.files(out);
+            }
             TensorSource::AddF16 { base, delta } => {
                 base.files(out);
                 delta.files(out);
@@ -163,6 +170,7 @@ impl TensorSource {
             }
             TensorSource::Dequant(q) => q.read(elems, out),
             TensorSource::Delta(d) => d.read(elems, out),
+            TensorSource::LossyDelta(d) => d.read(elems, out),
             TensorSource::AddF16 { base, delta } => with_scratch(out.len(), |b| {
                 base.read(elems.clone(), b)?;
                 out.copy_from_slice(b);

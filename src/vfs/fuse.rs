@@ -139,6 +139,8 @@ impl Filesystem for FuseFs {
             let _ = config.set_max_write(max);
         }
         // Stack depth 1: backing files may live on a plain filesystem (or an overlay of one).
+        // O_TRUNC arrives with open() (else the kernel truncates through setattr after opening).
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         // LLMFS_PASSTHROUGH=0 turns it off (benchmarks compare reads through the daemon).
         let wanted = std::env::var("LLMFS_PASSTHROUGH").map_or(true, |v| v != "0");
         let passthrough =
@@ -183,8 +185,9 @@ impl Filesystem for FuseFs {
                 }
             }
         }
-        // Files never change while visible: let the page cache keep what it has read.
-        reply.opened(FileHandle(opened.fh), FopenFlags::FOPEN_KEEP_CACHE)
+        // Files that never change while visible: let the page cache keep what it has read.
+        let flags = if opened.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+        reply.opened(FileHandle(opened.fh), flags)
     }
 
     fn read(

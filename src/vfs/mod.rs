@@ -79,6 +79,9 @@ pub struct Attr {
 pub struct Opened {
     pub fh: u64,
     pub backing: Option<Arc<variant::SourceFile>>,
+    /// Whether the kernel may keep the file's cached pages across opens: true for files that
+    /// never change while visible, false for what can be rewritten through deltas/.
+    pub keep_cache: bool,
 }
 
 /// What an inode names. Entries carry their creation time as a generation.
@@ -126,7 +129,6 @@ struct Catalog {
 
 /// An open file: what it reads and how its reader has been moving (for prefetch).
 struct Handle {
-    ino: u64,
     target: Target,
     next_offset: u64,
     window: u64,
@@ -136,7 +138,8 @@ enum Target {
     /// A visible (immutable) file.
     Read(VFile),
     /// A file being written into `deltas/NEW/`, staged on disk until close().
-    Staged { file: Arc<std::fs::File>, base: String, name: String, fname: String, dirty: bool },
+    /// `failed`: a write failed (a full disk): the file is incomplete and must not be stored.
+    Staged { file: Arc<std::fs::File>, base: String, name: String, fname: String, dirty: bool, failed: bool },
 }
 
 pub struct Fs {
@@ -247,7 +250,9 @@ impl Fs {
             Node::File { entry, created, file } => {
                 let view = self.view(entry, *created)?;
                 let f = view.file(file).ok_or(FsError::new(libc::ENOENT))?;
-                Attr { ino, kind: Kind::File, size: f.size, mtime: secs(*created), mutable: false, writable: false }
+                // A delta entry's files can be removed or replaced through deltas/: short timeouts.
+                let mutable = self.is_writable_entry(entry);
+                Attr { ino, kind: Kind::File, size: f.size, mtime: secs(*created), mutable, writable: false }
             }
             Node::DeltaFile { entry, created, name, file } => {
                 let size = match self.staging.staged_size(entry, name, file) {
@@ -264,6 +269,12 @@ impl Fs {
         let created = self.entry_created(name).ok_or(FsError::new(libc::ENOENT))?;
         let view = self.view(name, created)?;
         view.file(file).cloned().ok_or(FsError::new(libc::ENOENT))
+    }
+
+    /// Whether entry `name`'s files can change while mounted (a delta, written through deltas/).
+    fn is_writable_entry(&self, name: &str) -> bool {
+        let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+        matches!(catalog.registry.entries.get(name).map(|e| &e.kind), Some(crate::registry::EntryKind::Delta { .. }))
     }
 
     /// Whether `name` is a delta of `base`, stored (in the registry) or being written.
@@ -319,9 +330,7 @@ impl Fs {
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
         let node = self.node(ino)?;
-        if !matches!(node, Node::File { .. }) {
-            self.refresh();
-        }
+        self.refresh();
         self.attr_of(ino, &node)
     }
 
@@ -394,6 +403,8 @@ impl Fs {
     /// so a changed base gives EIO here rather than wrong bytes later. Writing is allowed under
     /// `deltas/` only.
     pub fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<Opened> {
+        // A delta's files change when written through deltas/: serve the registry as it is now.
+        self.refresh();
         let (target, where_) = match self.node(ino)? {
             Node::File { entry, created, file } => {
                 if write {
@@ -405,18 +416,21 @@ impl Fs {
             Node::DeltaFile { entry, name, file, .. } => {
                 let committed = self.committed(&name, &file);
                 if write {
-                    if committed.is_ok() && !truncate {
-                        // Rewriting a stored file in place would need its bytes staged first.
-                        return Err(FsError { errno: libc::EPERM, message: Some("open a stored delta file with O_TRUNC to replace it".into()) });
-                    }
+                    let staged = self.staging.staged_path(&entry, &name, &file).is_some();
                     let f = self.staging.open(&self.store, &entry, &name, &file, truncate)?;
-                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: truncate };
+                    if let (Ok(stored), false, false) = (&committed, truncate, staged) {
+                        // Rewriting a stored file: stage its bytes first, so a partial write
+                        // changes only what it covers (the kernel sends O_TRUNC as a separate
+                        // truncate when it did not negotiate atomic O_TRUNC).
+                        stage_copy(stored, &f).map_err(|e| FsError::eio(format!("{name}/{file}: {e}")))?;
+                    }
+                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: truncate, failed: false };
                     return Ok(self.insert_handle(ino, target));
                 }
                 if let Some(path) = self.staging.staged_path(&entry, &name, &file) {
                     // A reader of a file still being written sees what is staged.
                     let f = std::fs::File::open(path).map_err(|e| FsError::eio(e.to_string()))?;
-                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: false };
+                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: false, failed: false };
                     return Ok(self.insert_handle(ino, target));
                 }
                 (Target::Read(committed?), format!("{entry}/deltas/{name}/{file}"))
@@ -435,8 +449,12 @@ impl Fs {
             Target::Read(VFile { content: Content::Passthrough(source), .. }) => Some(source.clone()),
             _ => None,
         };
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { ino, target, next_offset: 0, window: 0 });
-        Opened { fh, backing }
+        let keep_cache = match self.node(ino) {
+            Ok(Node::File { entry, .. }) => !self.is_writable_entry(&entry),
+            _ => false,
+        };
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { target, next_offset: 0, window: 0 });
+        Opened { fh, backing, keep_cache }
     }
 
     /// `mkdir <entry>/deltas/NAME`.
@@ -457,7 +475,7 @@ impl Fs {
         let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.to_owned() };
         let ino = self.ino(node.clone());
         let attr = self.attr_of(ino, &node)?;
-        let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file.to_owned(), dirty: true };
+        let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file.to_owned(), dirty: true, failed: false };
         Ok((attr, self.insert_handle(ino, target)))
     }
 
@@ -473,7 +491,13 @@ impl Fs {
                 None => return Err(FsError::new(libc::EBADF)),
             }
         };
-        write::write_at(&file, offset, data)
+        write::write_at(&file, offset, data).inspect_err(|_| {
+            if let Some(Handle { target: Target::Staged { failed, .. }, .. }) =
+                self.handles.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&fh)
+            {
+                *failed = true;
+            }
+        })
     }
 
     /// `truncate`/`ftruncate` of a file being written (cp may size it first).
@@ -493,6 +517,11 @@ impl Fs {
         let job = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             match handles.get_mut(&fh).map(|h| &mut h.target) {
+                Some(Target::Staged { base, name, fname, failed: true, .. }) => {
+                    // Never store a file some write of which was lost: drop it, and say so again.
+                    self.staging.discard(base, name, fname);
+                    return Err(FsError { errno: libc::EIO, message: Some(format!("{name}/{fname}: a write failed; the file was not stored")) });
+                }
                 Some(Target::Staged { base, name, fname, dirty, .. }) if *dirty => {
                     *dirty = false;
                     Some((base.clone(), name.clone(), fname.clone()))
@@ -533,13 +562,13 @@ impl Fs {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let (file, ino) = match self.track(fh, offset, size) {
-            Ok(Ok(x)) => x,
+        let file = match self.track(fh, offset, size) {
+            Ok(Ok(file)) => file,
             Ok(Err(staged)) => return reply(read_staged(&staged, offset, size).as_deref().map_err(|e| FsError::eio(e.to_string()))),
             Err(e) => return reply(Err(e)),
         };
         let n = read::read_len(&file, offset, size as u64);
-        if let Some(found) = read::within_one_chunk(&file, ino, offset, n, &self.cache) {
+        if let Some(found) = read::within_one_chunk(&file, offset, n, &self.cache) {
             return match found {
                 Ok((chunk, range)) => reply(Ok(&chunk[range])),
                 Err(e) => reply(Err(e.into())),
@@ -550,7 +579,7 @@ impl Fs {
             if buf.len() < n {
                 buf.resize(n, 0);
             }
-            match read::read_into(&file, ino, offset, &mut buf[..n], &self.cache) {
+            match read::read_into(&file, offset, &mut buf[..n], &self.cache) {
                 Ok(()) => reply(Ok(&buf[..n])),
                 Err(e) => reply(Err(e.into())),
             }
@@ -559,8 +588,8 @@ impl Fs {
 
     /// Note where handle `fh`'s reader is going, prefetch for a sequential one, and return what it
     /// reads: a visible file, or (Err) a staged one.
-    fn track(&self, fh: u64, offset: u64, size: u32) -> FsResult<Result<(VFile, u64), Arc<std::fs::File>>> {
-        let (file, ino, prefetch_from, window) = {
+    fn track(&self, fh: u64, offset: u64, size: u32) -> FsResult<Result<VFile, Arc<std::fs::File>>> {
+        let (file, prefetch_from, window) = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             let h = handles.get_mut(&fh).ok_or(FsError::new(libc::EBADF))?;
             let file = match &h.target {
@@ -575,21 +604,43 @@ impl Fs {
                 h.window = 0;
             }
             h.next_offset = offset + size as u64;
-            (file, h.ino, h.next_offset, h.window)
+            (file, h.next_offset, h.window)
         };
         if window > 0 {
-            read::prefetch(&file, ino, prefetch_from, window, &self.cache);
+            read::prefetch(&file, prefetch_from, window, &self.cache);
         }
-        Ok(Ok((file, ino)))
+        Ok(Ok(file))
     }
 
-    /// Drop a handle; a written file not yet stored (no flush came) is stored now, its error logged.
+    /// Drop a handle; a written file not yet stored (no flush came) is stored now. If it cannot
+    /// be, its staged bytes are dropped too: close() already returned the error, and keeping
+    /// them would keep a full disk full.
     pub fn release(&self, fh: u64) {
         if let Err(e) = self.flush(fh) {
-            tracing::error!("storing a written file on release: {}", e.message.unwrap_or_default());
+            tracing::error!("storing a written file failed, dropping its staged bytes: {}", e.message.unwrap_or_default());
+            if let Some(Handle { target: Target::Staged { base, name, fname, .. }, .. }) =
+                self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh)
+            {
+                self.staging.discard(base, name, fname);
+            }
         }
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
     }
+}
+
+/// Copy a stored file's bytes into a staging file (rewriting a stored delta file in place).
+fn stage_copy(stored: &VFile, to: &std::fs::File) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: u64 = 8 << 20;
+    // A private cache: the shared one is keyed by inode, and this file has none of its own.
+    let cache = Cache::new(4 * CHUNK_SIZE);
+    let mut offset = 0;
+    while offset < stored.size {
+        let bytes = read::read_range(stored, offset, PIECE, &cache).map_err(|e| e.to_string())?;
+        to.write_all_at(&bytes, offset).map_err(|e| e.to_string())?;
+        offset += bytes.len() as u64;
+    }
+    Ok(())
 }
 
 fn read_staged(file: &std::fs::File, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {

@@ -17,7 +17,7 @@ use crate::variant::{Content, ReadError, SynthFile, SynthTensor, VFile};
 /// than one chunk and a 256 MiB cache holds 128 of them. A multiple of every element size.
 pub const CHUNK_SIZE: u64 = 2 << 20;
 
-/// (file id, tensor index in the file, chunk index: file offset / CHUNK_SIZE).
+/// (SynthFile id, tensor index in the file, chunk index: file offset / CHUNK_SIZE).
 pub type ChunkKey = (u64, u32, u64);
 pub type Cache = ChunkCache<ChunkKey, ReadError>;
 
@@ -27,7 +27,7 @@ pub fn read_len(file: &VFile, offset: u64, size: u64) -> usize {
 }
 
 /// Fill `out` with the bytes of `file` at `offset`; `out.len()` must be at most [`read_len`].
-pub fn read_into(file: &VFile, file_id: u64, offset: u64, out: &mut [u8], cache: &Cache) -> Result<(), ReadError> {
+pub fn read_into(file: &VFile, offset: u64, out: &mut [u8], cache: &Cache) -> Result<(), ReadError> {
     if out.is_empty() {
         return Ok(());
     }
@@ -35,20 +35,20 @@ pub fn read_into(file: &VFile, file_id: u64, offset: u64, out: &mut [u8], cache:
     match &file.content {
         Content::Passthrough(source) => source.read_exact_at(out, offset)?,
         Content::Generated(bytes) => out.copy_from_slice(&bytes[offset as usize..end as usize]),
-        Content::Synth(synth) => read_synth(synth, file_id, offset, out, cache)?,
+        Content::Synth(synth) => read_synth(synth, offset, out, cache)?,
         Content::Broken(reason) => return Err(ReadError::Decode(reason.clone())),
     }
     Ok(())
 }
 
 /// [`read_into`] a new buffer.
-pub fn read_range(file: &VFile, file_id: u64, offset: u64, size: u64, cache: &Cache) -> Result<Vec<u8>, ReadError> {
+pub fn read_range(file: &VFile, offset: u64, size: u64, cache: &Cache) -> Result<Vec<u8>, ReadError> {
     let mut out = vec![0u8; read_len(file, offset, size)];
-    read_into(file, file_id, offset, &mut out, cache)?;
+    read_into(file, offset, &mut out, cache)?;
     Ok(out)
 }
 
-fn read_synth(synth: &SynthFile, file_id: u64, offset: u64, out: &mut [u8], cache: &Cache) -> Result<(), ReadError> {
+fn read_synth(synth: &SynthFile, offset: u64, out: &mut [u8], cache: &Cache) -> Result<(), ReadError> {
     let end = offset + out.len() as u64;
     let mut pos = offset;
     let header_len = synth.header.len() as u64;
@@ -69,7 +69,7 @@ fn read_synth(synth: &SynthFile, file_id: u64, offset: u64, out: &mut [u8], cach
         while pos < stop {
             let chunk = chunk_of(tensor, pos);
             let range = chunk_range(tensor, chunk);
-            let data = chunk_bytes(tensor, file_id, index as u32, chunk, cache)?;
+            let data = chunk_bytes(tensor, synth.id, index as u32, chunk, cache)?;
             let n = (range.end.min(stop) - pos) as usize;
             let from = (pos - range.start) as usize;
             out[(pos - offset) as usize..][..n].copy_from_slice(&data[from..from + n]);
@@ -83,7 +83,7 @@ fn read_synth(synth: &SynthFile, file_id: u64, offset: u64, out: &mut [u8], cach
 /// When `[offset, offset + len)` lies inside one decoded chunk (the common case: chunks are
 /// aligned to file offsets, so an aligned 1 MiB read never straddles two), that chunk and the
 /// range within it: the reply can be sent straight from the cache, without a copy.
-pub fn within_one_chunk(file: &VFile, file_id: u64, offset: u64, len: usize, cache: &Cache) -> Option<Result<(Arc<Vec<u8>>, Range<usize>), ReadError>> {
+pub fn within_one_chunk(file: &VFile, offset: u64, len: usize, cache: &Cache) -> Option<Result<(Arc<Vec<u8>>, Range<usize>), ReadError>> {
     let Content::Synth(synth) = &file.content else { return None };
     let end = offset + len as u64;
     let index = synth.tensors.partition_point(|t| t.end <= offset);
@@ -97,7 +97,7 @@ pub fn within_one_chunk(file: &VFile, file_id: u64, offset: u64, len: usize, cac
         return None;
     }
     let from = (offset - range.start) as usize;
-    Some(chunk_bytes(tensor, file_id, index as u32, chunk, cache).map(|data| (data, from..from + len)))
+    Some(chunk_bytes(tensor, synth.id, index as u32, chunk, cache).map(|data| (data, from..from + len)))
 }
 
 /// Chunk `k` of a tensor covers the file bytes from `boundary(k)` to `boundary(k + 1)`, where
@@ -137,7 +137,7 @@ fn decode_chunk(tensor: &SynthTensor, range: Range<u64>) -> Result<Vec<u8>, Read
 /// Decode, in the background, the chunks that a sequential reader will want next: those covering
 /// `[offset, offset + len)` that are neither cached nor being decoded. Errors are left for the
 /// reader to meet (and report) when it gets there.
-pub fn prefetch(file: &VFile, file_id: u64, offset: u64, len: u64, cache: &Arc<Cache>) {
+pub fn prefetch(file: &VFile, offset: u64, len: u64, cache: &Arc<Cache>) {
     let Content::Synth(synth) = &file.content else { return };
     let end = offset.saturating_add(len).min(file.size);
     let first = synth.tensors.partition_point(|t| t.end <= offset);
@@ -150,13 +150,13 @@ pub fn prefetch(file: &VFile, file_id: u64, offset: u64, len: u64, cache: &Arc<C
         }
         let (from, to) = (offset.max(tensor.start), end.min(tensor.end));
         for chunk in chunk_of(tensor, from)..=chunk_of(tensor, to - 1) {
-            let key = (file_id, index as u32, chunk);
+            let key = (synth.id, index as u32, chunk);
             if cache.contains(&key) {
                 continue;
             }
             let (synth, cache) = (synth.clone(), cache.clone());
             rayon::spawn(move || {
-                let _ = chunk_bytes(&synth.tensors[index], file_id, index as u32, chunk, &cache);
+                let _ = chunk_bytes(&synth.tensors[index], synth.id, index as u32, chunk, &cache);
             });
         }
     }

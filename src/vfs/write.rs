@@ -163,6 +163,15 @@ impl Staging {
         Ok(())
     }
 
+    /// Forget a staged file (its store failed and its writer is gone).
+    pub fn discard(&self, base: &str, name: &str, file: &str) {
+        if let Some(s) = self.lock().get_mut(&(base.to_owned(), name.to_owned())) {
+            if let Some(p) = s.files.remove(file) {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+
     /// `rm MOUNT/<base>/deltas/<name>/<file>`: drop a staged file, or a stored one from the entry.
     pub fn unlink(&self, store: &Store, base: &str, name: &str, file: &str) -> FsResult<()> {
         if let Some(s) = self.lock().get_mut(&(base.to_owned(), name.to_owned())) {

@@ -479,6 +479,10 @@ impl Drop for MountGuard {
         // The daemon is gone: disarm the watchdog only now, so it also covers a stuck umount.
         self.watchdog.take();
         unmount_quiet(&self.path);
+        // A failing test shows what the daemon logged (its temp dir is about to go).
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ({}) ---\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
     }
 }
 

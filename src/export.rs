@@ -22,6 +22,7 @@ pub enum ExportError {
 }
 
 /// Write every file of `view` into `out_dir` (created if missing; existing files are replaced).
+/// Like `cp`, it leaves flushing to the kernel (no fsync).
 pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -> Result<u64, ExportError> {
     let io = |path: &Path| { let path = path.to_owned(); move |source| ExportError::Io { path, source } };
     fs::create_dir_all(out_dir).map_err(io(out_dir))?;
@@ -41,7 +42,6 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
             progress(bytes.len() as u64);
             Ok(())
         })?;
-        out.sync_all().map_err(io(&path))?;
         total += file.size;
     }
     Ok(total)

@@ -299,12 +299,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("removed {name}");
         }
         Command::Mount { mountpoint, cache_size, backend, foreground, allow_other } => {
-            if backend == "gpu" {
-                bail!("--backend gpu: this build has no GPU backend yet; use --backend cpu or auto");
+            if backend == "gpu" && !cfg!(feature = "gpu") {
+                bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
             }
             let opts = MountOptions { cache_size, allow_other, threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) };
             if foreground {
                 init_logging();
+                let line = llmfs::compute::backend::select(&backend).map_err(|e| anyhow::anyhow!(e))?;
+                tracing::info!("{line}");
                 mount::run_foreground(store, &mountpoint, &opts)?;
             } else {
                 let mut args = vec!["--store".to_string(), store.root().display().to_string(), "mount".into()];

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::quant::{self, QuantBytesView, QuantConfig, QuantFloat};
+use super::quant::{QuantBytesView, QuantConfig, QuantFloat};
 use crate::format::{Dtype, Header};
 use crate::variant::{ReadError, SourceFile};
 
@@ -152,6 +152,6 @@ fn decode<T: QuantFloat>(
     out: &mut [u8],
 ) -> Result<(), ReadError> {
     let view = QuantBytesView::new::<T>(rows, cols, cfg, q, scale, min).map_err(|e| ReadError::Decode(e.to_string()))?;
-    quant::dequantize_range_bytes::<T>(view, elems, out);
+    crate::compute::backend::dequantize_range_bytes::<T>(view, elems, out);
     Ok(())
 }

@@ -1,13 +1,16 @@
 //! Kernels: the arithmetic that turns stored bytes into tensor bytes.
 //!
 //! Everything here works on little-endian byte slices of whole elements, so callers (the variant
-//! read path, `export`, the delta maker) never care how a kernel is implemented. The CPU backend
-//! is plain Rust that the compiler vectorizes (and `half`'s F16C/NEON paths for f16); a GPU backend
-//! will implement the same functions behind the same signatures, bit for bit.
+//! read path, `export`, the delta maker) never care how a kernel is implemented. The CPU kernels
+//! are plain Rust that the compiler vectorizes (and `half`'s F16C paths for f16); the GPU kernels
+//! (`gpu`, WGSL in shaders/, built with `--features gpu`) compute the same bits. `backend` picks
+//! the device per kernel and is what call sites use.
 
+pub mod backend;
 pub mod cast;
 pub mod merge;
-#[cfg(feature = "gpu")] pub mod gpu;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 
 /// View `bytes` as `T`s when aligned; callers fall back to a copy when not.
 pub(crate) fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Option<&[T]> {

@@ -165,7 +165,7 @@ impl TensorSource {
                 let from = inner.dtype();
                 with_scratch(elems.len() * from.size(), |tmp| {
                     inner.read(elems, tmp)?;
-                    compute::cast::cast(from, *to, tmp, out).map_err(|e| ReadError::Decode(e.to_string()))
+                    compute::backend::cast(from, *to, tmp, out).map_err(|e| ReadError::Decode(e.to_string()))
                 })
             }
             TensorSource::Dequant(q) => q.read(elems, out),
@@ -176,14 +176,14 @@ impl TensorSource {
                 out.copy_from_slice(b);
                 let mut d = vec![0u8; out.len()];
                 delta.read(elems, &mut d)?;
-                compute::merge::add_f16(b, &d, out);
+                compute::backend::add_f16(b, &d, out);
                 Ok(())
             }),
             TensorSource::Lora { base, factors, cols } => {
                 let f = factors.get()?;
                 with_scratch(out.len(), |w| {
                     base.read(elems.clone(), w)?;
-                    compute::merge::lora_rows(&f, base.dtype(), *cols, elems, w, out);
+                    compute::backend::lora_rows(&f, base.dtype(), *cols, elems, w, out);
                     Ok(())
                 })
             }

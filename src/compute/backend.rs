@@ -1,0 +1,167 @@
+//! Which device runs each kernel: chosen once per process (`llmfs mount --backend`), then every
+//! call site goes through the functions here.
+//!
+//! - `cpu` never touches wgpu.
+//! - `gpu` needs a build with `--features gpu` and an adapter; otherwise it is refused with one line.
+//! - `auto` (the default) measures each kernel once on both devices, on a few MiB of synthetic
+//!   input, and keeps the faster (logged). A GPU call that fails at run time is done on the CPU
+//!   instead (the results are the same bits), so a lost device degrades speed, not answers.
+//!
+//! Until `select` is called (export, tests), everything runs on the CPU.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use super::merge::{self, LoraFactors};
+use crate::codec::quant::{self, QuantBytesView, QuantFloat};
+use crate::format::Dtype;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Gpu,
+}
+
+/// The device of each kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub dequant: Device,
+    pub cast: Device,
+    pub add_f16: Device,
+    pub lora: Device,
+}
+
+const ALL_CPU: Choice = Choice { dequant: Device::Cpu, cast: Device::Cpu, add_f16: Device::Cpu, lora: Device::Cpu };
+
+static CHOICE: OnceLock<Choice> = OnceLock::new();
+#[cfg(feature = "gpu")]
+static GPU: OnceLock<super::gpu::GpuContext> = OnceLock::new();
+
+fn choice() -> Choice {
+    *CHOICE.get().unwrap_or(&ALL_CPU)
+}
+
+/// Pick the backend (`cpu`, `gpu` or `auto`) for this process; returns a line for the log.
+pub fn select(kind: &str) -> Result<String, String> {
+    let chosen = match kind {
+        "cpu" => ALL_CPU,
+        "gpu" | "auto" => select_gpu(kind == "gpu")?,
+        other => return Err(format!("unknown backend {other:?}: use auto, cpu or gpu")),
+    };
+    let _ = CHOICE.set(chosen);
+    Ok(format!("backend {kind}: {:?}", choice()))
+}
+
+#[cfg(not(feature = "gpu"))]
+fn select_gpu(required: bool) -> Result<Choice, String> {
+    if required {
+        return Err("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)".into());
+    }
+    Ok(ALL_CPU)
+}
+
+#[cfg(feature = "gpu")]
+fn select_gpu(required: bool) -> Result<Choice, String> {
+    let ctx = match super::gpu::GpuContext::new() {
+        Ok(ctx) => ctx,
+        Err(e) if required => return Err(format!("--backend gpu: {e}")),
+        Err(e) => {
+            tracing::info!("no GPU ({e}); every kernel runs on the CPU");
+            return Ok(ALL_CPU);
+        }
+    };
+    tracing::info!(device = ctx.device_name(), software = ctx.is_software(), "GPU found");
+    let chosen = if required { Choice { dequant: Device::Gpu, cast: Device::Gpu, add_f16: Device::Gpu, lora: Device::Gpu } } else { calibrate(&ctx) };
+    let _ = GPU.set(ctx);
+    Ok(chosen)
+}
+
+/// Time each kernel once on both devices (after a warm-up) on inputs the size of a few chunks.
+#[cfg(feature = "gpu")]
+fn calibrate(ctx: &super::gpu::GpuContext) -> Choice {
+    use std::time::Instant;
+    let faster = |name: &str, cpu: &dyn Fn(), gpu: &dyn Fn() -> bool| {
+        cpu();
+        let t = Instant::now();
+        cpu();
+        let c = t.elapsed();
+        if !gpu() {
+            return Device::Cpu;
+        }
+        let t = Instant::now();
+        let ok = gpu();
+        let g = t.elapsed();
+        tracing::info!("calibration {name}: cpu {:.2} ms, gpu {:.2} ms", c.as_secs_f64() * 1e3, g.as_secs_f64() * 1e3);
+        if ok && g < c { Device::Gpu } else { Device::Cpu }
+    };
+    let (rows, cols) = (1024usize, 2048usize);
+    let data: Vec<half::f16> = (0..rows * cols).map(|i| half::f16::from_f32(((i * 7919) % 1000) as f32 * 1e-3 - 0.5)).collect();
+    let cfg = quant::QuantConfig::default();
+    let qt = quant::quantize(&data, rows, cols, cfg);
+    let scale: Vec<u8> = bytemuck::cast_slice(&qt.scale).to_vec();
+    let view = QuantBytesView::new::<half::f16>(rows, cols, cfg, &qt.q, &scale, &[]).expect("consistent by construction");
+    let n = rows * cols;
+    let out = std::cell::RefCell::new(vec![0u8; n * 2]);
+    let dequant = faster(
+        "dequant",
+        &|| quant::dequantize_range_bytes::<half::f16>(view, 0..n, &mut out.borrow_mut()),
+        &|| ctx.dequantize_range_bytes::<half::f16>(view, 0..n, &mut out.borrow_mut()).is_ok(),
+    );
+    let src: Vec<u8> = bytemuck::cast_slice(&data).to_vec();
+    let wide = std::cell::RefCell::new(vec![0u8; n * 4]);
+    let cast = faster(
+        "cast",
+        &|| super::cast::cast(Dtype::F16, Dtype::F32, &src, &mut wide.borrow_mut()).expect("floats"),
+        &|| ctx.cast(Dtype::F16, Dtype::F32, &src, &mut wide.borrow_mut()).is_ok(),
+    );
+    let add_f16 = faster("add_f16", &|| merge::add_f16(&src, &src, &mut out.borrow_mut()), &|| ctx.add_f16(&src, &src, &mut out.borrow_mut()).is_ok());
+    let r = 16;
+    let f = LoraFactors { a: vec![0.01; r * cols], b: vec![0.01; rows * r], rank: r, scale: 2.0, transposed: false };
+    let lora = faster(
+        "lora",
+        &|| merge::lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut()),
+        &|| ctx.lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut()).is_ok(),
+    );
+    Choice { dequant, cast, add_f16, lora }
+}
+
+/// Run on the GPU when chosen; on the CPU otherwise or when the GPU call fails.
+macro_rules! dispatch {
+    ($device:expr, |$ctx:ident| $gpu:expr, $cpu:expr) => {{
+        #[cfg(feature = "gpu")]
+        if $device == Device::Gpu {
+            if let Some($ctx) = GPU.get() {
+                match $gpu {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!("GPU kernel failed, using the CPU: {e}"),
+                }
+            }
+        }
+        $cpu
+    }};
+}
+
+pub fn dequantize_range_bytes<T: QuantFloat>(qt: QuantBytesView<'_>, elems: Range<usize>, out: &mut [u8]) {
+    dispatch!(choice().dequant, |ctx| ctx.dequantize_range_bytes::<T>(qt, elems.clone(), out), quant::dequantize_range_bytes::<T>(qt, elems, out))
+}
+
+pub fn cast(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(), super::cast::CastError> {
+    #[cfg(feature = "gpu")]
+    if choice().cast == Device::Gpu && from.is_float() && to.is_float() {
+        if let Some(ctx) = GPU.get() {
+            match ctx.cast(from, to, src, dst) {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!("GPU kernel failed, using the CPU: {e}"),
+            }
+        }
+    }
+    super::cast::cast(from, to, src, dst)
+}
+
+pub fn add_f16(a: &[u8], b: &[u8], out: &mut [u8]) {
+    dispatch!(choice().add_f16, |ctx| ctx.add_f16(a, b, out), merge::add_f16(a, b, out))
+}
+
+pub fn lora_rows(f: &LoraFactors, dtype: Dtype, cols: usize, elems: Range<usize>, w: &[u8], out: &mut [u8]) {
+    dispatch!(choice().lora, |ctx| ctx.lora_rows(f, dtype, cols, elems.clone(), w, out), merge::lora_rows(f, dtype, cols, elems, w, out))
+}

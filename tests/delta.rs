@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{llmfs_mounted, run_command, with_deadline, Finished, MountGuard, TestStore};
+use common::{assert_same_bytes, llmfs_mounted, run_command, with_deadline, Finished, MountGuard, TestStore};
 use half::{bf16, f16};
 use llmfs::codec::delta as codec;
 use llmfs::demo::{self, ModelSpec, SplitMix64};
@@ -170,14 +170,6 @@ fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     with_deadline(&format!("reading {}", path.display()), OP, move || fs::read(&p))
 }
 
-#[track_caller]
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-    panic!("{what}: {} bytes, expected {}; first difference at byte {first}", got.len(), want.len());
-}
 
 /// `got` holds exactly the files of `want`, byte for byte.
 #[track_caller]

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{daemon_pids, llmfs_mounted, run_command, with_deadline, DaemonGuard, MountGuard, TestStore};
+use common::{assert_same_bytes, daemon_pids, llmfs_mounted, run_command, with_deadline, DaemonGuard, MountGuard, TestStore};
 use half::{bf16, f16};
 use llmfs::demo::{ModelSpec, SplitMix64};
 use llmfs::format::Dtype;
@@ -133,14 +133,6 @@ fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-#[track_caller]
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-    panic!("{what}: {} bytes, expected {}; first difference at byte {first}", got.len(), want.len());
-}
 
 /// Runs an external command under `timeout 60`; returns (success, stdout, stderr).
 fn sh(program: &str, args: &[&OsStr]) -> (bool, String, String) {

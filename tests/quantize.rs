@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{tensor_count, with_deadline, Finished, MountGuard, TestStore};
+use common::{assert_same_bytes, tensor_count, with_deadline, Finished, MountGuard, TestStore};
 use half::{bf16, f16};
 use llmfs::codec::quant::{self, QuantConfig, QuantFloat};
 use llmfs::codec::quant_file::is_linear_weight;
@@ -116,14 +116,6 @@ fn names(dir: &Path) -> BTreeSet<String> {
     .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
 }
 
-#[track_caller]
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-    panic!("{what}: {} bytes, expected {}; first difference at byte {first}", got.len(), want.len());
-}
 
 /// One tensor of a safetensors file.
 struct Tensor {

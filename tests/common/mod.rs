@@ -515,3 +515,14 @@ impl Drop for DaemonGuard {
         unmount_quiet(&self.path);
     }
 }
+
+/// `got == want`, or a panic naming `what`, both sizes and the first differing byte (not a
+/// multi-megabyte dump).
+#[track_caller]
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+    panic!("{what}: {} bytes, expected {}; first difference at byte {first}", got.len(), want.len());
+}

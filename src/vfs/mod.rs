@@ -120,10 +120,20 @@ impl Inodes {
     }
 }
 
+/// What says registry.json changed: its inode (every save renames a new file in) and mtime.
+/// The inode alone catches two saves within one timestamp tick, which mtime alone would miss.
+type RegistryStamp = (u64, SystemTime);
+
+fn registry_stamp(store: &Store) -> Option<RegistryStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(store.registry_path()).ok()?;
+    Some((meta.ino(), meta.modified().ok()?))
+}
+
 struct Catalog {
     registry: Registry,
-    /// mtime of registry.json when loaded (None: not there).
-    loaded_mtime: Option<SystemTime>,
+    /// Identity of registry.json when loaded (None: not there).
+    loaded_mtime: Option<RegistryStamp>,
     views: HashMap<String, (u64, Arc<EntryView>)>,
 }
 
@@ -157,7 +167,7 @@ impl Fs {
     pub fn new(store: Store, cache_size: u64) -> Result<Fs, crate::registry::Error> {
         write::sweep(&store);
         let registry = store.load()?;
-        let loaded_mtime = std::fs::metadata(store.registry_path()).and_then(|m| m.modified()).ok();
+        let loaded_mtime = registry_stamp(&store);
         Ok(Fs {
             store,
             catalog: RwLock::new(Catalog { registry, loaded_mtime, views: HashMap::new() }),
@@ -176,7 +186,7 @@ impl Fs {
 
     /// Reload the registry if it changed on disk. A corrupt registry keeps the last good one.
     fn refresh(&self) {
-        let mtime = std::fs::metadata(self.store.registry_path()).and_then(|m| m.modified()).ok();
+        let mtime = registry_stamp(&self.store);
         if self.catalog.read().unwrap_or_else(|e| e.into_inner()).loaded_mtime == mtime {
             return;
         }

@@ -507,6 +507,14 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
     if !have("tiny-vicuna-f32")? {
         add_variant(&store, "tiny-vicuna-f32", "tiny-vicuna", EntryKind::Cast { base: "tiny-vicuna".into(), dtype: Dtype::F32 })?;
     }
+    // A fine-tune, stored as a lossless delta of the base.
+    let ft_dir = dir.join("models/tiny-vicuna-ft");
+    if !ft_dir.join("config.json").exists() {
+        demo::write_finetune(&model_dir, &ft_dir, 0.01, 5)?;
+    }
+    if !have("tiny-vicuna-ft")? {
+        delta::make::make_delta(&store, "tiny-vicuna-ft", "tiny-vicuna", &ft_dir, DeltaCodec::Lossless, |_| {})?;
+    }
     std::fs::create_dir_all(&mnt)?;
     let exe_args = vec![
         "--store".to_string(),
@@ -524,7 +532,9 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
         "demo store: {s}\nmounted at: {m}\n\nTry:\n  ls -l {m}/*/\n  llmfs --store {s} ls\n  llmfs --store {s} info tiny-vicuna-q4\n  \
          python3 -c \"from safetensors import safe_open; f = safe_open('{m}/tiny-vicuna-f32/model-00001-of-00002.safetensors', 'numpy'); print(f.keys())\"\n  \
          cmp <(llmfs --store {s} export tiny-vicuna-f32 /tmp/f32 >/dev/null; cat /tmp/f32/*.safetensors) <(cat {m}/tiny-vicuna-f32/*.safetensors) && echo same bytes\n  \
-         llmfs umount {m}"
+         mkdir {m}/tiny-vicuna/deltas/my-ft && cp -r {f}/. {m}/tiny-vicuna/deltas/my-ft/ && diff -r -x deltas {f} {m}/my-ft && echo stored as a delta\n  \
+         llmfs umount {m}",
+        f = ft_dir.display()
     );
     Ok(ExitCode::SUCCESS)
 }

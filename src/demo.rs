@@ -172,24 +172,6 @@ impl SplitMix64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn generated_model_registers_and_is_deterministic() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = ModelSpec::tiny();
-        write_model(&dir.path().join("a"), &spec).unwrap();
-        write_model(&dir.path().join("b"), &spec).unwrap();
-        let scanned = crate::registry::add::scan_model_dir(&dir.path().join("a")).unwrap();
-        assert_eq!(scanned.tensor_count, 3 + 9 * spec.layers);
-        let a = std::fs::read(dir.path().join("a/model-00001-of-00002.safetensors")).unwrap();
-        let b = std::fs::read(dir.path().join("b/model-00001-of-00002.safetensors")).unwrap();
-        assert_eq!(a, b);
-    }
-}
-
 /// Write a "fine-tune" of the model in `base_dir` into `out_dir`: every floating weight moved by
 /// N(0, `scale` · 0.02) (about `scale` of the weights' std), rounded to its dtype; other files
 /// copied. The header and tensor order are the base's.
@@ -233,4 +215,22 @@ pub fn write_finetune(base_dir: &Path, out_dir: &Path, scale: f32, seed: u64) ->
         out.flush()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_model_registers_and_is_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::tiny();
+        write_model(&dir.path().join("a"), &spec).unwrap();
+        write_model(&dir.path().join("b"), &spec).unwrap();
+        let scanned = crate::registry::add::scan_model_dir(&dir.path().join("a")).unwrap();
+        assert_eq!(scanned.tensor_count, 3 + 9 * spec.layers);
+        let a = std::fs::read(dir.path().join("a/model-00001-of-00002.safetensors")).unwrap();
+        let b = std::fs::read(dir.path().join("b/model-00001-of-00002.safetensors")).unwrap();
+        assert_eq!(a, b);
+    }
 }

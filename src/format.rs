@@ -344,7 +344,7 @@ impl HeaderBuilder {
             offset += len;
         }
         let mut json = serde_json::to_vec(&Value::Object(map)).expect("a JSON map always serializes");
-        let padded = (json.len() + 7) / 8 * 8;
+        let padded = json.len().div_ceil(8) * 8;
         json.resize(padded, b' ');
         let mut bytes = Vec::with_capacity(8 + json.len());
         bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());

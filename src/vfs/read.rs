@@ -20,6 +20,8 @@ pub const CHUNK_SIZE: u64 = 2 << 20;
 /// (SynthFile id, tensor index in the file, chunk index: file offset / CHUNK_SIZE).
 pub type ChunkKey = (u64, u32, u64);
 pub type Cache = ChunkCache<ChunkKey, ReadError>;
+/// A decoded chunk and the byte range of it a read wants.
+pub type ChunkSlice = (Arc<Vec<u8>>, Range<usize>);
 
 /// How many bytes a read of `size` at `offset` returns (fewer only at the end of the file).
 pub fn read_len(file: &VFile, offset: u64, size: u64) -> usize {
@@ -83,7 +85,7 @@ fn read_synth(synth: &SynthFile, offset: u64, out: &mut [u8], cache: &Cache) -> 
 /// When `[offset, offset + len)` lies inside one decoded chunk (the common case: chunks are
 /// aligned to file offsets, so an aligned 1 MiB read never straddles two), that chunk and the
 /// range within it: the reply can be sent straight from the cache, without a copy.
-pub fn within_one_chunk(file: &VFile, offset: u64, len: usize, cache: &Cache) -> Option<Result<(Arc<Vec<u8>>, Range<usize>), ReadError>> {
+pub fn within_one_chunk(file: &VFile, offset: u64, len: usize, cache: &Cache) -> Option<Result<ChunkSlice, ReadError>> {
     let Content::Synth(synth) = &file.content else { return None };
     let end = offset + len as u64;
     let index = synth.tensors.partition_point(|t| t.end <= offset);

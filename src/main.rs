@@ -353,6 +353,7 @@ fn add_variant(store: &Store, name: &str, base: &str, kind: EntryKind) -> Result
             template: b.template,
             chat_template: b.chat_template,
             created: registry::now_secs(),
+        generation: registry::new_generation(),
         };
         r.entries.insert(name.to_owned(), entry.clone());
         // Refuse what cannot be served before anyone mounts it.

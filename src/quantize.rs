@@ -74,6 +74,7 @@ pub fn quantize(store: &Store, name: &str, base: &str, config: QuantConfig, prog
         template: base_entry.template,
         chat_template: base_entry.chat_template,
         created: registry::now_secs(),
+        generation: registry::new_generation(),
     };
     let dir = store.entry_dir(name);
     store.update(|r| {

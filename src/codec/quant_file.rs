@@ -77,9 +77,10 @@ impl QuantSource {
         let (rows, cols) = (*rows, *cols);
         let scale = header.tensor(&format!("{name}.scale")).ok_or_else(|| format!("{name}.scale missing"))?;
         let min = header.tensor(&format!("{name}.min"));
+        // Before any arithmetic with the config: a hand-edited registry may hold group size 0.
+        config.check_shape(rows, cols).map_err(|e| format!("{name}: {e}"))?;
         let groups = config.n_groups(rows, cols) as u64;
         let expect_min = if config.symmetric { None } else { Some(groups * dtype.size() as u64) };
-        config.check_shape(rows, cols).map_err(|e| format!("{name}: {e}"))?;
         if q.len() != config.q_len(rows, cols) as u64
             || scale.len() != groups * dtype.size() as u64
             || scale.dtype != dtype

@@ -91,6 +91,7 @@ pub fn import(store: &Store, name: &str, base: &str, from: &Path, format: Import
         template: base_entry.template.clone(),
         chat_template: base_entry.chat_template.clone(),
         created: registry::now_secs(),
+        generation: registry::new_generation(),
     };
     let dir = store.entry_dir(name);
     store.update(|r| {
@@ -135,7 +136,7 @@ pub fn imported_view(registry: &Registry, name: &str, files: &[FileRecord], form
 
 fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &EntryView) -> Result<EntryView, String> {
     // Every tensor of the imported weight files, by name.
-    let mut tensors: HashMap<String, (Arc<SourceFile>, Header)> = HashMap::new();
+    let mut tensors: HashMap<String, (Arc<SourceFile>, Arc<Header>)> = HashMap::new();
     let mut sources = vec![];
     for record in files.iter().filter(|f| f.role == FileRole::Weights) {
         let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
@@ -143,7 +144,7 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
             return Err(format!("{}: {reason}", source.path.display()));
         }
         let header = format::read_header_path(&source.path).map_err(|e| e.to_string())?;
-        sources.push((source, header));
+        sources.push((source, Arc::new(header)));
     }
     for (i, (_, header)) in sources.iter().enumerate() {
         for t in &header.tensors {
@@ -172,10 +173,12 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
         }
         ImportFormat::Lora => {
             let config_path = dir.join("adapter_config.json");
-            let config: Value = fs::read(&config_path)
+            let config: Value = fs::metadata(&config_path)
                 .ok()
+                .filter(|m| m.len() <= 1 << 20)
+                .and_then(|_| fs::read(&config_path).ok())
                 .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| format!("{}: missing or not JSON", config_path.display()))?;
+                .ok_or_else(|| format!("{}: missing, over 1 MiB, or not JSON", config_path.display()))?;
             let r = config.get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("adapter_config.json: r must be a positive integer")? as usize;
             let alpha = config.get("lora_alpha").and_then(Value::as_f64).ok_or("adapter_config.json: no lora_alpha")?;
             let rslora = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
@@ -184,15 +187,15 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
                 return Err("DoRA adapters are not supported".into());
             }
             let scale = if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 } as f32;
-            let mut used = 0usize;
+            let mut used = std::collections::HashSet::new();
             let mut view = variant::map_weights(base, "lora merge", |t| {
-                let stem = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+                let Some(stem) = t.name.strip_suffix(".weight") else { return Ok(t.clone()) };
                 let (Some((a, a_shape)), Some((b, b_shape))) =
                     (stored(&format!("{PEFT_PREFIX}{stem}.lora_A.weight")), stored(&format!("{PEFT_PREFIX}{stem}.lora_B.weight")))
                 else {
                     return Ok(t.clone());
                 };
-                used += 2;
+                used.insert(stem.to_owned());
                 let (rows, cols) = match t.shape[..] {
                     [rows, cols] => (rows, cols),
                     _ => return Err(format!("{}: LoRA on a tensor of shape {:?}", t.name, t.shape)),
@@ -215,8 +218,9 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
             if lora_tensors == 0 {
                 return Err("adapter_model.safetensors holds no lora_A/lora_B tensors".into());
             }
-            if used != lora_tensors {
-                return Err(format!("{} of {lora_tensors} adapter tensors match no base weight (its target modules do not fit this base)", lora_tensors - used));
+            if 2 * used.len() != lora_tensors {
+                let unused = lora_tensors.saturating_sub(2 * used.len());
+                return Err(format!("{unused} of {lora_tensors} adapter tensors match no base weight (its target modules do not fit this base)"));
             }
             // A merged model keeps the base's files (config, tokenizer): drop the adapter's.
             view.files.retain(|f| !matches!(f.name.as_str(), "adapter_config.json" | "adapter_model.safetensors"));

@@ -237,5 +237,6 @@ pub fn new_entry(name: &str, base: &str, base_entry: &Entry, codec: DeltaCodec, 
         template: base_entry.template.clone(),
         chat_template: None,
         created: registry::now_secs(),
+        generation: registry::new_generation(),
     }
 }

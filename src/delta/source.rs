@@ -32,7 +32,10 @@ impl LosslessSource {
         let mut raw = vec![0u8; offsets_t.len() as usize];
         file.read_exact_at(&mut raw, header.data_start + offsets_t.start).map_err(|e| e.to_string())?;
         let offsets: Vec<u64> = raw.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
-        if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[0] > w[1]) || offsets.last() != Some(&frames.len()) {
+        // A frame is never larger than zstd's bound for a full chunk: a corrupt table cannot make
+        // a read allocate more than that.
+        let max_frame = zstd::zstd_safe::compress_bound(codec::DELTA_CHUNK_ELEMS * dtype.size()) as u64 + 64;
+        if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[0] > w[1] || w[1] - w[0] > max_frame) || offsets.last() != Some(&frames.len()) {
             return Err(format!("{name}: chunk table is inconsistent with its frames"));
         }
         Ok(LosslessSource { file: file.clone(), frames_at: header.data_start + frames.start, offsets, base, dtype, numel })

@@ -27,6 +27,9 @@ pub fn delta_view(registry: &Registry, name: &str, files: &[FileRecord], base: &
         let bad = |e: String| invalid(format!("{}: {e}", record.name));
         let (header_bytes, tensors) = if meta(keys::KIND) == keys::KIND_SAFETENSORS {
             let h = container.tensor(keys::HEADER).ok_or_else(|| bad("no __header__".into()))?;
+            if h.len() > 8 + format::MAX_HEADER_SIZE {
+                return Err(bad("stored header is over the size limit".into()));
+            }
             let mut prefix = vec![0u8; h.len() as usize];
             source.read_exact_at(&mut prefix, container.data_start + h.start).map_err(|e| bad(e.to_string()))?;
             let target = format::parse_header_prefix(&prefix, size).map_err(|e| bad(e.to_string()))?;

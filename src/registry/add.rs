@@ -184,6 +184,7 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
         template: family.template.to_owned(),
         chat_template,
         created: super::now_secs(),
+        generation: super::new_generation(),
     };
     store.update(|registry| {
         if registry.entries.contains_key(name) {

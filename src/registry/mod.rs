@@ -59,6 +59,23 @@ pub struct Entry {
     pub chat_template: Option<String>,
     /// Seconds since the epoch; also the mtime of the entry's files in the mount.
     pub created: u64,
+    /// Unique per registration (nanoseconds at creation): the mount's inode numbers follow it, so
+    /// a name removed and registered again within one second never shows the old entry's pages.
+    /// Registries written before it existed read as 0, and `created` stands in.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl Entry {
+    /// What identifies this registration of the name.
+    pub fn generation(&self) -> u64 {
+        if self.generation != 0 { self.generation } else { self.created }
+    }
+}
+
+/// A fresh generation for a new entry.
+pub fn new_generation() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -283,8 +300,25 @@ impl Store {
         let mut registry: Registry = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Corrupt { path: path.clone(), reason: e.to_string() })?;
         registry.store_root = self.root.clone();
-        for name in registry.entries.keys() {
-            validate_name(name).map_err(|_| Error::Corrupt { path: path.clone(), reason: format!("bad entry name {name:?}") })?;
+        let corrupt = |reason: String| Error::Corrupt { path: path.clone(), reason };
+        for (name, entry) in &registry.entries {
+            validate_name(name).map_err(|_| corrupt(format!("bad entry name {name:?}")))?;
+            // File names become paths under the entry's directory: none may leave it.
+            let files = match &entry.kind {
+                EntryKind::Base { files, .. }
+                | EntryKind::Quantized { files, .. }
+                | EntryKind::Delta { files, .. }
+                | EntryKind::Imported { files, .. } => &files[..],
+                EntryKind::Cast { .. } => &[],
+            };
+            if let Some(f) = files.iter().find(|f| validate_name(&f.name).is_err()) {
+                return Err(corrupt(format!("entry {name:?} names file {:?}", f.name)));
+            }
+            if let EntryKind::Quantized { config, .. } = &entry.kind {
+                if !matches!(config.bits, 4 | 8) || config.group_size == 0 {
+                    return Err(corrupt(format!("entry {name:?} has an invalid quantization config {config:?}")));
+                }
+            }
         }
         Ok(registry)
     }
@@ -415,7 +449,7 @@ mod tests {
 
     #[test]
     fn chain_refuses_cycles_and_missing_bases() {
-        let entry = |kind| Entry { kind, info: ModelInfo::default(), family: "x".into(), template: "one_shot".into(), chat_template: None, created: 0 };
+        let entry = |kind| Entry { kind, info: ModelInfo::default(), family: "x".into(), template: "one_shot".into(), chat_template: None, created: 0, generation: 0 };
         let mut r = Registry::default();
         r.entries.insert("a".into(), entry(EntryKind::Cast { base: "b".into(), dtype: Dtype::F16 }));
         r.entries.insert("b".into(), entry(EntryKind::Cast { base: "a".into(), dtype: Dtype::F16 }));

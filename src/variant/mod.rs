@@ -247,17 +247,39 @@ pub fn map_weights(
         view.files.push(file);
     }
     if let Some(index) = view.files.iter_mut().find(|f| f.name == INDEX_FILE) {
-        if let Content::Passthrough(source) = &index.content {
-            match rewrite_index(&source.path, total_tensor_bytes) {
-                Ok(bytes) => {
-                    index.size = bytes.len() as u64;
-                    index.content = Content::Generated(bytes.into());
-                }
-                Err(reason) => index.content = Content::Broken(reason),
+        // Whatever the base's index is (a file, generated, a delta's stored file), the variant's
+        // is the same JSON with its own total size.
+        match read_whole(index).and_then(|bytes| rewrite_index(&bytes, total_tensor_bytes)) {
+            Ok(bytes) => {
+                index.size = bytes.len() as u64;
+                index.content = Content::Generated(bytes.into());
             }
+            Err(reason) => index.content = Content::Broken(format!("{INDEX_FILE}: {reason}")),
         }
     }
     Ok(view)
+}
+
+/// All bytes of a small file of a view (a shard index: bounded to 64 MiB).
+fn read_whole(file: &VFile) -> Result<Vec<u8>, String> {
+    if file.size > 64 << 20 {
+        return Err(format!("{} bytes is too large for a shard index", file.size));
+    }
+    match &file.content {
+        Content::Passthrough(source) => std::fs::read(&source.path).map_err(|e| e.to_string()),
+        Content::Generated(bytes) => Ok(bytes.to_vec()),
+        Content::Broken(reason) => Err(reason.clone()),
+        Content::Synth(synth) => {
+            let mut out = vec![0u8; file.size as usize];
+            out[..synth.header.len()].copy_from_slice(&synth.header);
+            for t in &synth.tensors {
+                let esize = t.source.dtype().size() as u64;
+                let dst = &mut out[t.start as usize..t.end as usize];
+                t.source.read(0..((t.end - t.start) / esize) as usize, dst).map_err(|e| e.to_string())?;
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// Lay a weight file out: tensors in the base's order, contiguous, after a spec-exact header
@@ -282,10 +304,9 @@ fn layout(label: &str, weights: &WeightFile) -> SynthFile {
 }
 
 /// The shard index with `metadata.total_size` set to the variant's; everything else kept.
-fn rewrite_index(path: &Path, total_size: u64) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut index: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    let obj = index.as_object_mut().ok_or_else(|| format!("{}: not a JSON object", path.display()))?;
+fn rewrite_index(bytes: &[u8], total_size: u64) -> Result<Vec<u8>, String> {
+    let mut index: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let obj = index.as_object_mut().ok_or("not a JSON object")?;
     let metadata = obj.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
     if let Some(m) = metadata.as_object_mut() {
         m.insert("total_size".into(), total_size.into());

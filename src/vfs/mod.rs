@@ -84,7 +84,7 @@ pub struct Opened {
     pub keep_cache: bool,
 }
 
-/// What an inode names. Entries carry their creation time as a generation.
+/// What an inode names. `created` is the entry's generation (unique per registration).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Node {
     Root,
@@ -161,6 +161,8 @@ pub struct Fs {
     cache: Arc<Cache>,
     mount_time: SystemTime,
     staging: write::Staging,
+    /// Tells the kernel to forget a cached name under the root (set by the FUSE layer).
+    forget_name: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
 }
 
 impl Fs {
@@ -177,7 +179,15 @@ impl Fs {
             cache: Arc::new(Cache::new(cache_size)),
             mount_time: SystemTime::now(),
             staging: write::Staging::default(),
+            forget_name: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Install how to make the kernel forget a cached root entry: called for every entry that a
+    /// registry reload shows removed or registered anew, so the name never resolves to what it
+    /// was (the kernel would otherwise keep it for the entry timeout).
+    pub fn on_forget_name(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.forget_name.set(Box::new(f));
     }
 
     pub fn cache(&self) -> &Cache {
@@ -207,8 +217,19 @@ impl Fs {
                     .filter(|name| registry.chain(name).map_or(true, |chain| chain.iter().any(|n| changed(n))))
                     .cloned()
                     .collect();
+                let gone: Vec<String> = old
+                    .entries
+                    .iter()
+                    .filter(|(n, e)| registry.entries.get(*n).is_none_or(|new| new.generation() != e.generation()))
+                    .map(|(n, _)| n.clone())
+                    .collect();
                 for name in stale {
                     catalog.views.remove(&name);
+                }
+                if let Some(forget) = self.forget_name.get() {
+                    for name in &gone {
+                        forget(name);
+                    }
                 }
                 catalog.registry = registry;
                 catalog.loaded_mtime = mtime;
@@ -218,7 +239,7 @@ impl Fs {
     }
 
     fn entry_created(&self, name: &str) -> Option<u64> {
-        self.catalog.read().unwrap_or_else(|e| e.into_inner()).registry.entries.get(name).map(|e| e.created)
+        self.catalog.read().unwrap_or_else(|e| e.into_inner()).registry.entries.get(name).map(|e| e.generation())
     }
 
     /// The view of entry `name` at generation `created`, built on first use.
@@ -229,7 +250,7 @@ impl Fs {
             }
         }
         let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
-        if catalog.registry.entries.get(name).map(|e| e.created) != Some(created) {
+        if catalog.registry.entries.get(name).map(|e| e.generation()) != Some(created) {
             return Err(FsError::new(libc::ENOENT));
         }
         let view = Arc::new(variant::build_view(&catalog.registry, name).map_err(|e| FsError::eio(e.to_string()))?);
@@ -251,25 +272,30 @@ impl Fs {
     }
 
     fn attr_of(&self, ino: u64, node: &Node) -> FsResult<Attr> {
-        let secs = |created: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(created);
+        // The mtime of everything of an entry is the entry's creation second.
+        let secs = |name: &str| {
+            let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+            let created = catalog.registry.entries.get(name).map_or(0, |e| e.created);
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(created)
+        };
         let dir = |mtime, writable| Attr { ino, kind: Kind::Dir, size: 0, mtime, mutable: true, writable };
         Ok(match node {
             Node::Root => dir(self.mount_time, false),
-            Node::Entry { created, .. } => dir(secs(*created), false),
-            Node::Deltas { created, .. } | Node::DeltaDir { created, .. } => dir(secs(*created), true),
+            Node::Entry { name, .. } => dir(secs(name), false),
+            Node::Deltas { entry, .. } | Node::DeltaDir { entry, .. } => dir(secs(entry), true),
             Node::File { entry, created, file } => {
                 let view = self.view(entry, *created)?;
                 let f = view.file(file).ok_or(FsError::new(libc::ENOENT))?;
                 // A delta entry's files can be removed or replaced through deltas/: short timeouts.
                 let mutable = self.is_writable_entry(entry);
-                Attr { ino, kind: Kind::File, size: f.size, mtime: secs(*created), mutable, writable: false }
+                Attr { ino, kind: Kind::File, size: f.size, mtime: secs(entry), mutable, writable: false }
             }
-            Node::DeltaFile { entry, created, name, file } => {
+            Node::DeltaFile { entry, name, file, .. } => {
                 let size = match self.staging.staged_size(entry, name, file) {
                     Some(size) => size,
                     None => self.committed(name, file)?.size,
                 };
-                Attr { ino, kind: Kind::File, size, mtime: secs(*created), mutable: true, writable: true }
+                Attr { ino, kind: Kind::File, size, mtime: secs(entry), mutable: true, writable: true }
             }
         })
     }
@@ -355,7 +381,7 @@ impl Fs {
             Node::Root => {
                 let names: Vec<(String, u64)> = {
                     let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-                    catalog.registry.entries.iter().map(|(n, e)| (n.clone(), e.created)).collect()
+                    catalog.registry.entries.iter().map(|(n, e)| (n.clone(), e.generation())).collect()
                 };
                 Ok(names
                     .into_iter()

@@ -59,8 +59,21 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     // Block the signals in this thread before any other starts, so every thread inherits the
     // mask and only the waiter below receives them.
     let signals = block_signals();
-    let mut session = fuse::session(fs, &mountpoint, &MountConfig { allow_other: opts.allow_other, threads: opts.threads })?;
+    let mut session = fuse::session(fs.clone(), &mountpoint, &MountConfig { allow_other: opts.allow_other, threads: opts.threads })?;
     raise_readahead(&mountpoint);
+    // Invalidations go out from their own thread: sent from inside a request on the root (a
+    // lookup that reloaded the registry) they could wait on the very lock that request holds.
+    let notifier = session.notifier();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for name in rx {
+            let _ = notifier.inval_entry(fuser::INodeNo(super::ROOT_INO), std::ffi::OsStr::new(&name));
+        }
+    });
+    let tx = std::sync::Mutex::new(tx);
+    fs.on_forget_name(move |name| {
+        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(name.to_owned());
+    });
     let mut unmounter = session.unmount_callable();
     let mp = mountpoint.clone();
     std::thread::spawn(move || {

@@ -155,9 +155,17 @@ impl Staging {
             return Err(registry_fs(e));
         }
         let mut sessions = self.lock();
-        if let Some(s) = sessions.get_mut(&(base.to_owned(), name.to_owned())) {
+        let key = (base.to_owned(), name.to_owned());
+        if let Some(s) = sessions.get_mut(&key) {
             if let Some(p) = s.files.remove(file) {
                 let _ = fs::remove_file(p);
+            }
+            // Nothing left staged: the entry now speaks for the directory; end the session so a
+            // later `llmfs rm NAME` leaves no trace of it.
+            if s.files.is_empty() {
+                if let Some(s) = sessions.remove(&key) {
+                    let _ = fs::remove_dir_all(s.dir);
+                }
             }
         }
         Ok(())

@@ -76,16 +76,7 @@ pub fn quantize(store: &Store, name: &str, base: &str, config: QuantConfig, prog
         created: registry::now_secs(),
         generation: registry::new_generation(),
     };
-    let dir = store.entry_dir(name);
-    store.update(|r| {
-        if r.entries.contains_key(name) {
-            return Err(Error::Exists(name.to_owned()));
-        }
-        let _ = std::fs::remove_dir_all(&dir); // an orphan of a crash between rename and save
-        staging.keep(&dir)?;
-        r.entries.insert(name.to_owned(), entry.clone());
-        Ok(())
-    })?;
+    store.insert_entry(name, &entry, Some(staging))?;
     Ok(entry)
 }
 

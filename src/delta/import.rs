@@ -93,16 +93,7 @@ pub fn import(store: &Store, name: &str, base: &str, from: &Path, format: Import
         created: registry::now_secs(),
         generation: registry::new_generation(),
     };
-    let dir = store.entry_dir(name);
-    store.update(|r| {
-        if r.entries.contains_key(name) {
-            return Err(Error::Exists(name.to_owned()));
-        }
-        let _ = fs::remove_dir_all(&dir);
-        staging.keep(&dir)?;
-        r.entries.insert(name.to_owned(), entry.clone());
-        Ok(())
-    })?;
+    store.insert_entry(name, &entry, Some(staging))?;
     Ok(entry)
 }
 

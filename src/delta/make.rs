@@ -211,16 +211,7 @@ pub fn make_delta(store: &Store, name: &str, base: &str, target_dir: &Path, code
         progress(fs::metadata(&src).map(|m| m.len()).unwrap_or(0));
     }
     let entry = new_entry(name, base, &base_entry, codec, files);
-    let dir = store.entry_dir(name);
-    store.update(|r| {
-        if r.entries.contains_key(name) {
-            return Err(Error::Exists(name.to_owned()));
-        }
-        let _ = fs::remove_dir_all(&dir); // an orphan of a crash between rename and save
-        staging.keep(&dir)?;
-        r.entries.insert(name.to_owned(), entry.clone());
-        Ok(())
-    })?;
+    store.insert_entry(name, &entry, Some(staging))?;
     Ok(entry)
 }
 

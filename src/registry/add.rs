@@ -186,17 +186,7 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
         created: super::now_secs(),
         generation: super::new_generation(),
     };
-    store.update(|registry| {
-        if registry.entries.contains_key(name) {
-            return Err(Error::Exists(name.to_owned()));
-        }
-        if let Some(staging) = staging {
-            let _ = fs::remove_dir_all(&dir); // an orphan left by a crash between rename and save
-            staging.keep(&dir)?;
-        }
-        registry.entries.insert(name.to_owned(), entry.clone());
-        Ok(())
-    })?;
+    store.insert_entry(name, &entry, staging)?;
     Ok(entry)
 }
 

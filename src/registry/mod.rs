@@ -350,6 +350,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Register a new entry, moving `staging` (its files) to `models/NAME/` first: one atomic
+    /// registry update, refused if the name was taken meanwhile. A directory already there is an
+    /// orphan of a crash between a rename and a save, and is replaced.
+    pub fn insert_entry(&self, name: &str, entry: &Entry, staging: Option<StagingDir>) -> Result<()> {
+        let dir = self.entry_dir(name);
+        self.update(|registry| {
+            if registry.entries.contains_key(name) {
+                return Err(Error::Exists(name.to_owned()));
+            }
+            if let Some(staging) = staging {
+                let _ = fs::remove_dir_all(&dir);
+                staging.keep(&dir)?;
+            }
+            registry.entries.insert(name.to_owned(), entry.clone());
+            Ok(())
+        })
+    }
+
     /// A fresh private staging directory under `tmp/`, removed on drop unless kept.
     pub fn staging_dir(&self, label: &str) -> Result<StagingDir> {
         let path = self.tmp_dir().join(format!("{label}.{}.{}", std::process::id(), unique()));

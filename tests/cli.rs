@@ -13,28 +13,13 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{llmfs_command, run_command, small_spec, tensor_count, write_model, write_raw_safetensors, Finished, TestStore};
+use common::{assert_one_line_error, llmfs_command, run_command, small_spec, tensor_count, write_model, write_raw_safetensors, Finished, TestStore};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// The command failed with a non-zero exit code (not a signal), printed nothing on stdout, and
-/// printed exactly one line on stderr that contains every needle.
-#[track_caller]
-fn assert_one_line_error(f: &Finished, needles: &[&str]) {
-    let show = || format!("status {}\nstdout:\n{}\nstderr:\n{}", f.status, f.stdout, f.stderr);
-    assert!(f.status.code().is_some_and(|c| c != 0), "expected a non-zero exit code: {}", show());
-    assert!(f.stdout.is_empty(), "expected nothing on stdout: {}", show());
-    let lines: Vec<&str> = f.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected exactly one line on stderr: {}", show());
-    assert!(f.stderr.ends_with('\n'), "the line is not terminated: {}", show());
-    assert!(lines[0].trim().len() > 10, "not a clear line: {}", show());
-    for needle in needles {
-        assert!(lines[0].contains(needle), "stderr does not mention {needle:?}: {}", show());
-    }
-}
 
 /// Runs `args` on `ts`, which must fail with one line naming every needle and leave the store
 /// unchanged.

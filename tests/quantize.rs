@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{assert_same_bytes, tensor_count, with_deadline, Finished, MountGuard, TestStore};
+use common::{assert_one_line_error, assert_same_bytes, tensor_count, with_deadline, Finished, MountGuard, TestStore};
 use half::{bf16, f16};
 use llmfs::codec::quant::{self, QuantConfig, QuantFloat};
 use llmfs::codec::quant_file::is_linear_weight;
@@ -252,20 +252,6 @@ fn verify_variant(ts: &TestStore, mp: &Path, name: &str, cfg: QuantConfig, base:
     errors
 }
 
-/// The command failed with a non-zero exit code (not a signal), printed nothing on stdout, and
-/// exactly one line on stderr that contains every needle.
-#[track_caller]
-fn assert_one_line_error(f: &Finished, needles: &[&str]) {
-    let show = || format!("status {}\nstdout:\n{}\nstderr:\n{}", f.status, f.stdout, f.stderr);
-    assert!(f.status.code().is_some_and(|c| c != 0), "expected a non-zero exit code: {}", show());
-    assert!(f.stdout.is_empty(), "expected nothing on stdout: {}", show());
-    let lines: Vec<&str> = f.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected exactly one line on stderr: {}", show());
-    assert!(lines[0].trim().len() > 10, "not a clear line: {}", show());
-    for needle in needles {
-        assert!(lines[0].contains(needle), "stderr does not mention {needle:?}: {}", show());
-    }
-}
 
 /// `llmfs ARGS` must fail with one line naming every needle and leave the store unchanged.
 #[track_caller]

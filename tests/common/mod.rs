@@ -526,3 +526,19 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
     let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
     panic!("{what}: {} bytes, expected {}; first difference at byte {first}", got.len(), want.len());
 }
+
+/// The command failed with a non-zero exit code (not a signal), printed nothing on stdout, and
+/// printed exactly one line on stderr that contains every needle.
+#[track_caller]
+pub fn assert_one_line_error(f: &Finished, needles: &[&str]) {
+    let show = || format!("status {}\nstdout:\n{}\nstderr:\n{}", f.status, f.stdout, f.stderr);
+    assert!(f.status.code().is_some_and(|c| c != 0), "expected a non-zero exit code: {}", show());
+    assert!(f.stdout.is_empty(), "expected nothing on stdout: {}", show());
+    let lines: Vec<&str> = f.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected exactly one line on stderr: {}", show());
+    assert!(f.stderr.ends_with('\n'), "the line is not terminated: {}", show());
+    assert!(lines[0].trim().len() > 10, "not a clear line: {}", show());
+    for needle in needles {
+        assert!(lines[0].contains(needle), "stderr does not mention {needle:?}: {}", show());
+    }
+}

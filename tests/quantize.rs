@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{assert_one_line_error, assert_same_bytes, tensor_count, with_deadline, Finished, MountGuard, TestStore};
+use common::{assert_one_line_error, assert_same_bytes, tensor_count, with_deadline, MountGuard, TestStore};
 use half::{bf16, f16};
 use llmfs::codec::quant::{self, QuantConfig, QuantFloat};
 use llmfs::codec::quant_file::is_linear_weight;

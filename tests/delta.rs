@@ -666,7 +666,6 @@ fn lossy_checks_accept_the_codecs_round_trip() {
 }
 
 #[test]
-
 fn lossy_codecs_stay_within_their_bounds() {
     let fx = Fx::new();
     let ft = fx.finetune("ft", 4);
@@ -884,7 +883,6 @@ fn shuffled_pwrites_and_parallel_writers_read_back_identical() {
 }
 
 #[test]
-
 fn rewriting_a_stored_file_serves_the_new_bytes() {
     let fx = Fx::new();
     let ft = fx.finetune("ft", 10);
@@ -904,7 +902,6 @@ fn rewriting_a_stored_file_serves_the_new_bytes() {
 }
 
 #[test]
-
 fn a_removed_file_vanishes_from_the_entry_dir() {
     let fx = Fx::new();
     let ft = fx.finetune("ft", 16);
@@ -1125,7 +1122,6 @@ fn full_disk_fails_the_copy_and_leaves_no_half_entry() {
 }
 
 #[test]
-
 fn rm_r_after_a_full_disk_cleans_the_staging() {
     let (_disk_dir, _tmpfs, fx, ft, want) = full_disk_fixture();
     let m = fx.mount();

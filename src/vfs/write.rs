@@ -27,6 +27,15 @@ struct Session {
     files: HashMap<String, PathBuf>,
 }
 
+impl Session {
+    /// A private staging directory `STORE/tmp/write-NAME.PID.SECS` (the sweep reads the PID).
+    fn new(store: &Store, name: &str) -> FsResult<Session> {
+        let dir = store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
+        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
+        Ok(Session { dir, files: HashMap::new() })
+    }
+}
+
 /// All sessions of a mount, keyed by (base entry, new entry).
 #[derive(Default)]
 pub struct Staging {
@@ -66,9 +75,7 @@ impl Staging {
         if registry.entries.contains_key(name) || sessions.keys().any(|(_, n)| n == name) {
             return Err(FsError::new(libc::EEXIST));
         }
-        let dir = store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
-        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
-        sessions.insert((base.to_owned(), name.to_owned()), Session { dir, files: HashMap::new() });
+        sessions.insert((base.to_owned(), name.to_owned()), Session::new(store, name)?);
         Ok(())
     }
 
@@ -101,9 +108,7 @@ impl Staging {
         let key = (base.to_owned(), name.to_owned());
         let mut sessions = self.lock();
         if !sessions.contains_key(&key) {
-            let dir = store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
-            fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
-            sessions.insert(key.clone(), Session { dir, files: HashMap::new() });
+            sessions.insert(key.clone(), Session::new(store, name)?);
         }
         let session = sessions.get_mut(&key).expect("inserted above");
         let path = session.dir.join(file);

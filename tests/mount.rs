@@ -745,6 +745,88 @@ fn daemon_mode_and_stale_mounts() {
     drop(guard);
 }
 
+/// kill -9 of the daemon while 8 readers are busy decoding (a cache of two chunks keeps every
+/// reader going to the daemon): each reader gets the right bytes or an error — never wrong
+/// bytes — and none hangs; `llmfs umount` then clears the dead mount and a new one serves.
+#[test]
+fn kill_9_during_reads_under_load() {
+    let fx = Fixture::new();
+    let jobs = [("f32", SHARD1), ("f16", SHARD1), ("f32", SHARD2), ("f16", SHARD2)];
+    let want: BTreeMap<(&str, &str), Arc<Vec<u8>>> =
+        jobs.iter().map(|&(n, f)| ((n, f), Arc::new(fs::read(fx.export(n).join(f)).unwrap()))).collect();
+    let guard = DaemonGuard::new(&fx.root().join("kmnt"));
+    let mp = guard.path.clone();
+    let mps = mp.to_str().unwrap();
+    fx.ok(&["mount", mps, "--cache-size", "4MiB"]);
+    let pids = daemon_pids(&mp);
+    assert_eq!(pids.len(), 1, "one daemon");
+
+    // Each reader: random preads, each checked, until the first error (the daemon is gone).
+    let readers = 8;
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..readers {
+        let (name, file) = jobs[i % jobs.len()];
+        let (path, want, tx) = (mp.join(name).join(file), want[&(name, file)].clone(), tx.clone());
+        let (served, killed) = (served.clone(), killed.clone());
+        std::thread::spawn(move || {
+            let result = std::panic::catch_unwind(|| {
+                let f = File::open(&path).unwrap();
+                let mut rng = SplitMix64(i as u64 + 1);
+                let mut buf = vec![0u8; 3 * MIB as usize];
+                loop {
+                    // SAFETY: fadvise on an open fd; drops the page cache so reads reach the daemon.
+                    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                    let offset = rng.next_u64() % want.len() as u64;
+                    let len = 1 + (rng.next_u64() % (3 * MIB)) as usize;
+                    let end = (offset as usize + len).min(want.len());
+                    match f.read_at(&mut buf[..len], offset) {
+                        // A read cut short by the kill returns what had arrived: a prefix.
+                        Ok(n) if n < end - offset as usize && killed.load(std::sync::atomic::Ordering::SeqCst) => {
+                            assert_same_bytes(&buf[..n], &want[offset as usize..][..n], &format!("reader {i}: short pread ({offset}, {len})"));
+                        }
+                        Ok(n) => {
+                            assert_same_bytes(&buf[..n], &want[offset as usize..end], &format!("reader {i}: pread ({offset}, {len})"));
+                            served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(e) => return e.raw_os_error(),
+                    }
+                }
+            });
+            let _ = tx.send((i, result.map_err(|p| p.downcast_ref::<String>().cloned().unwrap_or_else(|| "panicked".into()))));
+        });
+    }
+    drop(tx);
+    assert!(
+        wait_until(Duration::from_secs(60), || served.load(std::sync::atomic::Ordering::SeqCst) >= 4 * readers),
+        "the readers did not get going"
+    );
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: kill(2) on the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for _ in 0..readers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (i, r) = rx.recv_timeout(left).expect("a reader hung after kill -9 of the daemon");
+        match r {
+            Ok(errno) => assert!(
+                matches!(errno, Some(libc::ENOTCONN | libc::ECONNABORTED | libc::EIO)),
+                "reader {i} ended with errno {errno:?}"
+            ),
+            Err(e) => panic!("reader {i}: {e}"),
+        }
+    }
+    assert!(wait_until(Duration::from_secs(10), || pid_dead(pids[0])), "the daemon survived kill -9");
+
+    fx.ok(&["umount", mps]);
+    assert!(!llmfs_mounted(&mp), "the dead mount is still there after llmfs umount");
+    fx.ok(&["mount", mps]);
+    assert_same_bytes(&read(&mp.join("f32").join(SHARD2)), &want[&("f32", SHARD2)], "f32 after remounting");
+    fx.ok(&["umount", mps]);
+    drop(guard);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 11. Stable inodes and mtimes
 // ---------------------------------------------------------------------------------------------

@@ -267,6 +267,7 @@ impl Store {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
         }
         let root = root.canonicalize().map_err(io_err(&root))?;
+        remove_dead_tmp_files(&root);
         Ok(Store { root })
     }
 
@@ -416,7 +417,8 @@ impl Drop for StagingDir {
 /// Write a file so that a crash leaves either the old or the new content: tmp, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp.{}", path.file_name().unwrap_or_default().to_string_lossy(), unique()));
+    // ".{file}.{pid}.{n}.tmp": the pid lets `Store::open` sweep what a killed process left.
+    let tmp = dir.join(format!(".{}.{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id(), unique()));
     let result = (|| {
         let mut f = OpenOptions::new().create_new(true).write(true).mode(0o600).open(&tmp)?;
         f.write_all(bytes)?;
@@ -429,6 +431,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     sync_dir(dir);
     Ok(())
+}
+
+/// Remove the temporary files of [`write_atomic`] in `dir` whose process is gone (a kill -9
+/// between create and rename); those of a live process are its update in progress.
+fn remove_dead_tmp_files(dir: &Path) {
+    for item in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = item.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { continue };
+        let pid = stem.rsplit('.').nth(1).unwrap_or("");
+        if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_file(item.path());
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) {
@@ -486,5 +501,20 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn open_sweeps_temporaries_of_dead_processes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // pid 0 never names a user process; our own pid is alive.
+        let dead = dir.path().join(".registry.json.0.77.tmp");
+        let live = dir.path().join(format!(".registry.json.{}.78.tmp", std::process::id()));
+        let other = dir.path().join(".notes.tmp");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"x").unwrap();
+        }
+        Store::open(dir.path()).unwrap();
+        assert!(!dead.exists(), "a dead process's temporary survived");
+        assert!(live.exists() && other.exists(), "a live process's temporary or an unrelated file was removed");
     }
 }

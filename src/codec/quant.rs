@@ -91,6 +91,8 @@
 use std::ops::Range;
 
 use half::{bf16, f16};
+
+use crate::compute::cast::{bf16_bits_from_f32, f16_bits_from_f32, f16_bits_to_f32, f32_to_f16_bits};
 use rayon::prelude::*;
 
 /// What torch (2.15.0, x86-64) gives for `NaN.to(torch.int8)` in FastChat's compress
@@ -331,66 +333,7 @@ impl QuantFloat for f16 {
     }
     #[inline(always)]
     fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = f16::from_bits(f16_bits_from_f32(s));
-        }
-    }
-}
-
-/// f32 → f16 bits, round to nearest even: `fp16_ieee_from_fp32_value` of the FP16 library,
-/// which is what torch's `c10::Half(float)` runs (c10/util/Half.h). Branch-free (the two
-/// conditionals become selects), so loops over it vectorize.
-#[inline(always)]
-fn f16_bits_from_f32(f: f32) -> u16 {
-    let scale_to_inf = f32::from_bits(0x7780_0000); // 2^112
-    let scale_to_zero = f32::from_bits(0x0880_0000); // 2^-110
-    let base = (f.abs() * scale_to_inf) * scale_to_zero;
-    let w = f.to_bits();
-    let shl1_w = w.wrapping_add(w);
-    let sign = w & 0x8000_0000;
-    let bias = (shl1_w & 0xFF00_0000).max(0x7100_0000);
-    let base = f32::from_bits((bias >> 1) + 0x0780_0000) + base;
-    let bits = base.to_bits();
-    let nonsign = ((bits >> 13) & 0x0000_7C00) + (bits & 0x0000_0FFF);
-    ((sign >> 16)
-        | if shl1_w > 0xFF00_0000 {
-            0x7E00
-        } else {
-            nonsign
-        }) as u16
-}
-
-/// f16 bits → f32, exact: `fp16_ieee_to_fp32_value` of the FP16 library, branch-free.
-#[inline(always)]
-fn f16_bits_to_f32(h: u16) -> f32 {
-    let w = (h as u32) << 16;
-    let sign = w & 0x8000_0000;
-    let two_w = w.wrapping_add(w);
-    let exp_offset = 0xE0u32 << 23;
-    let exp_scale = f32::from_bits(0x0780_0000); // 2^-112
-    let normalized = f32::from_bits((two_w >> 4) + exp_offset) * exp_scale;
-    let magic_mask = 126u32 << 23;
-    let denormalized = f32::from_bits((two_w >> 17) | magic_mask) - 0.5;
-    let denormalized_cutoff = 1u32 << 27;
-    let magnitude = if two_w < denormalized_cutoff {
-        denormalized.to_bits()
-    } else {
-        normalized.to_bits()
-    };
-    f32::from_bits(sign | magnitude)
-}
-
-/// torch's `c10::BFloat16` rounding (`round_to_nearest_even`): NaN becomes the positive quiet
-/// NaN 0x7FC0, everything else rounds to nearest even. Written branch-free so loops over it
-/// vectorize (half's bf16 slice conversion is scalar).
-#[inline(always)]
-fn bf16_bits_from_f32(x: f32) -> u16 {
-    let u = x.to_bits();
-    let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
-    if x.is_nan() {
-        0x7FC0
-    } else {
-        rounded
+        f32_to_f16_bits(src, bytemuck::cast_slice_mut(dst));
     }
 }
 

@@ -30,8 +30,11 @@ struct Params {
 const TILE: u32 = 64u;
 const KT: u32 = 16u;
 
-var<workgroup> ls: array<f32, 1024>; // TILE × KT, [row][k]
-var<workgroup> rs: array<f32, 1024>; // KT × TILE, [k][col]
+// Tiles as vec4s, [k][4 rows] and [k][4 cols], so the inner loop reads each operand with one
+// 16-byte load and keeps its 4 × 4 accumulators in registers (named vec4s, not an indexed
+// array, which a compiler may leave in memory).
+var<workgroup> ls: array<vec4<f32>, 256>; // KT × TILE/4
+var<workgroup> rs: array<vec4<f32>, 256>; // KT × TILE/4
 
 fn w_elem(l: u32) -> u32 {
     if (P.dtype == 0u) {
@@ -45,40 +48,36 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         @builtin(local_invocation_index) li: u32) {
     let row0 = wg.y * TILE;
     let col0 = wg.x * TILE;
-    var acc: array<array<f32, 4>, 4>;
-    for (var a = 0u; a < 4u; a++) {
-        for (var b = 0u; b < 4u; b++) {
-            acc[a][b] = 0.0;
-        }
-    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < P.rank; k0 += KT) {
         for (var j = 0u; j < 4u; j++) {
             let idx = li + 256u * j;
-            // L tile: row idx / KT, rank idx % KT.
-            let lr = row0 + idx / KT;
-            let lk = k0 + idx % KT;
-            ls[idx] = select(0.0, lf[min(lr * P.rank + lk, arrayLength(&lf) - 1u)], lr < P.rows && lk < P.rank);
+            // L tile: row idx / KT, rank idx % KT (consecutive invocations read along a row).
+            let lr = idx / KT;
+            let lk = idx % KT;
+            let lv = select(0.0, lf[min((row0 + lr) * P.rank + k0 + lk, arrayLength(&lf) - 1u)], row0 + lr < P.rows && k0 + lk < P.rank);
+            ls[lk * 16u + lr / 4u][lr % 4u] = lv;
             // R tile: rank idx / TILE, col idx % TILE.
-            let rk = k0 + idx / TILE;
-            let rc = col0 + idx % TILE;
-            rs[idx] = select(0.0, rf[min(rk * P.cols + rc, arrayLength(&rf) - 1u)], rk < P.rank && rc < P.cols);
+            let rk = idx / TILE;
+            let rc = idx % TILE;
+            let rv = select(0.0, rf[min((k0 + rk) * P.cols + col0 + rc, arrayLength(&rf) - 1u)], k0 + rk < P.rank && col0 + rc < P.cols);
+            rs[rk * 16u + rc / 4u][rc % 4u] = rv;
         }
         workgroupBarrier();
         for (var k = 0u; k < KT; k++) {
-            var lv: array<f32, 4>;
-            var rv: array<f32, 4>;
-            for (var a = 0u; a < 4u; a++) {
-                lv[a] = ls[(lid.y * 4u + a) * KT + k];
-                rv[a] = rs[k * TILE + lid.x * 4u + a];
-            }
-            for (var a = 0u; a < 4u; a++) {
-                for (var b = 0u; b < 4u; b++) {
-                    acc[a][b] = acc[a][b] + lv[a] * rv[b];
-                }
-            }
+            let lv = ls[k * 16u + lid.y];
+            let rv = rs[k * 16u + lid.x];
+            acc0 = acc0 + lv.x * rv;
+            acc1 = acc1 + lv.y * rv;
+            acc2 = acc2 + lv.z * rv;
+            acc3 = acc3 + lv.w * rv;
         }
         workgroupBarrier();
     }
+    var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
     for (var a = 0u; a < 4u; a++) {
         let r = row0 + lid.y * 4u + a;
         if (r >= P.rows) {

@@ -18,17 +18,21 @@ use llmfs::compute::{cast, merge};
 use llmfs::demo::SplitMix64;
 use llmfs::format::Dtype;
 
-/// (default context, context with 4 KiB chunks), or None when there is no adapter.
-fn contexts() -> Option<&'static (GpuContext, GpuContext)> {
-    static CTX: OnceLock<Option<(GpuContext, GpuContext)>> = OnceLock::new();
+/// The contexts every test runs on, or None when there is no adapter: the default one, one
+/// with 4 KiB chunks and DMA copies (every call is many chunks, all buffer sets in flight) and
+/// the same with kernels reading and writing host-visible memory directly (where the device
+/// allows it; the default does too).
+fn contexts() -> Option<&'static [GpuContext; 3]> {
+    static CTX: OnceLock<Option<[GpuContext; 3]>> = OnceLock::new();
     CTX.get_or_init(|| {
-        let small = GpuOptions { max_chunk_bytes: 4096, ..Default::default() };
-        match (GpuContext::new(), GpuContext::with_options(small)) {
-            (Ok(a), Ok(b)) => {
-                eprintln!("GPU tests on {}", a.device_name());
-                Some((a, b))
+        let small = GpuOptions { max_chunk_bytes: 4096, direct_inputs: false, direct_output: false, ..Default::default() };
+        let direct = GpuOptions { direct_inputs: true, direct_output: true, copy_threads: 3, ..small };
+        match (GpuContext::new(), GpuContext::with_options(small), GpuContext::with_options(direct)) {
+            (Ok(a), Ok(b), Ok(c)) => {
+                eprintln!("GPU tests on {} (direct transfers: {:?})", a.device_name(), c.direct());
+                Some([a, b, c])
             }
-            (Err(e), _) | (_, Err(e)) => {
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 if std::env::var("LLMFS_REQUIRE_GPU").as_deref() == Ok("1") {
                     panic!("LLMFS_REQUIRE_GPU=1 but no GPU: {e}");
                 }
@@ -44,7 +48,7 @@ fn contexts() -> Option<&'static (GpuContext, GpuContext)> {
 macro_rules! gpu_or_skip {
     () => {
         match contexts() {
-            Some(c) => [&c.0, &c.1],
+            Some(c) => [&c[0], &c[1], &c[2]],
             None => return,
         }
     };
@@ -92,7 +96,7 @@ fn weights(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     v
 }
 
-fn dequant_case<T: QuantFloat>(ctxs: [&GpuContext; 2], rng: &mut SplitMix64, rows: usize, cols: usize, cfg: QuantConfig) {
+fn dequant_case<T: QuantFloat>(ctxs: [&GpuContext; 3], rng: &mut SplitMix64, rows: usize, cols: usize, cfg: QuantConfig) {
     let data: Vec<T> = weights(rng, rows * cols).into_iter().map(T::from_f32).collect();
     let qt = quant::quantize(&data, rows, cols, cfg);
     let le = |v: &[T]| -> Vec<u8> {
@@ -369,18 +373,20 @@ fn lora_merge_within_bound() {
 /// One dispatch over 65535 workgroups (the per-dimension limit): the 2-D grid path.
 #[test]
 fn over_one_dimension_of_workgroups() {
-    let ctxs = gpu_or_skip!();
-    let max = ctxs[0].chunk_bytes();
-    // f16 -> f32: one invocation per output word; 2^16 * 256 + 1001 words.
+    let _ = gpu_or_skip!();
+    // 64 MiB chunks: f16 -> f32 is one invocation per output word, so a chunk of 2^24 words
+    // is 65536 workgroups, one more than a dimension allows.
+    let ctx = GpuContext::with_options(GpuOptions { max_chunk_bytes: 64 << 20, ..Default::default() }).unwrap();
+    let max = ctx.chunk_bytes();
     let n = (1usize << 24) + 1001;
-    if (n * 4) as u64 > max {
-        eprintln!("note: chunk limit {max} < {} bytes; the 2-D grid is covered by the chunked tests only", n * 4);
+    if max < 64 << 20 {
+        eprintln!("note: chunk limit {max} < 64 MiB; the 2-D grid is covered by the chunked tests only");
     }
     let mut rng = SplitMix64(8);
     let src: Vec<u8> = (0..n).flat_map(|_| f16::from_f32(rng.normal()).to_le_bytes()).collect();
     let mut cpu = vec![0u8; n * 4];
     cast::cast(Dtype::F16, Dtype::F32, &src, &mut cpu).unwrap();
     let mut gpu = vec![0u8; n * 4];
-    ctxs[0].cast(Dtype::F16, Dtype::F32, &src, &mut gpu).unwrap();
+    ctx.cast(Dtype::F16, Dtype::F32, &src, &mut gpu).unwrap();
     assert!(gpu == cpu, "large cast differs");
 }

@@ -26,24 +26,36 @@
 //! dtype, so for f16/bf16 outputs the two differ by at most one ulp of the dtype (and only
 //! next to a rounding tie), for f32 by that bound.
 //!
-//! # Streaming: chunks, double buffering, limits
+//! # Streaming: chunks, buffering in flight, limits
 //!
 //! A call is cut into chunks whose every buffer fits `max_storage_buffer_binding_size` and
-//! `max_buffer_size` (and [`GpuOptions::max_chunk_bytes`], 64 MiB by default); each chunk is one
+//! `max_buffer_size` (and [`GpuOptions::max_chunk_bytes`], 16 MiB by default); each chunk is one
 //! dispatch on a 2-D grid, so it never exceeds `max_compute_workgroups_per_dimension` either.
-//! Two buffer sets alternate: while the GPU runs chunk `i`, the CPU copies chunk `i - 1`'s
-//! result out of its mapped readback buffer and chunk `i + 1`'s inputs into its mapped upload
-//! buffer (reused, never reallocated: no page faults on fresh staging memory). What does *not*
-//! overlap is the GPU side of the transfers: wgpu exposes one queue, so the DMA copies of a
-//! chunk and the kernels run one after the other on the device. At PCIe speeds the copies
-//! dominate end-to-end time anyway (see `scripts/bench_gpu_results.md`).
+//! [`SETS`] sets of buffers rotate, made once and kept (pooled): while the GPU runs chunks `i`
+//! and `i - 1`, the CPU copies chunk `i - 2`'s result out of its mapped readback buffer and
+//! chunk `i + 1`'s inputs into its mapped upload buffers. Host staging buffers stay mapped
+//! between uses (wgpu re-maps them; under 32 MiB wgpu's Vulkan allocator keeps their memory
+//! mapped for good, so no page is faulted in twice), and both host copies are split across a
+//! few threads ([`copy::Copier`]): one thread's memcpy out of host-visible memory is slower than
+//! the PCIe link.
+//!
+//! wgpu exposes one queue, so on the device a chunk's DMA copies and its kernel run one after
+//! the other. [`GpuOptions::direct_inputs`] / [`GpuOptions::direct_output`] avoid the copies:
+//! the kernel reads its inputs from, or writes its output to, the host-visible buffer itself
+//! (over PCIe, with the upload and readback directions overlapping each other and the
+//! arithmetic). Which is faster depends on the link and the kernel: the benchmark
+//! (`examples/bench_gpu.rs`) measures both and the default is what won on the H100.
 
+mod copy;
 mod kernels;
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use copy::{Copier, Job};
 
 /// Errors of the GPU backend. None of them is a panic: a daemon started with `--backend gpu`
 /// reports them and exits; `auto` falls back to the CPU.
@@ -74,13 +86,27 @@ pub struct GpuOptions {
     pub max_chunk_bytes: u64,
     /// Ask for a software adapter (lavapipe, WARP) even when a hardware one exists.
     pub force_fallback_adapter: bool,
+    /// Kernels read their inputs straight from the host-visible upload buffers (no DMA copy
+    /// to device memory first). Needs wgpu's `MAPPABLE_PRIMARY_BUFFERS`; ignored without it.
+    pub direct_inputs: bool,
+    /// Kernels write their output straight into the host-visible readback buffer (no DMA
+    /// copy back). Same condition. The LoRA merge ignores both (see `Kernel::direct_ok`).
+    pub direct_output: bool,
+    /// Threads that copy into and out of staging memory, the caller included (0: as many as
+    /// the machine has cores, at most 8).
+    pub copy_threads: usize,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        // 64 MiB: big enough that per-dispatch overhead (tens of µs) is < 1 % at PCIe speed,
-        // small enough that two sets of buffers stay well inside any device's memory.
-        GpuOptions { max_chunk_bytes: 64 << 20, force_fallback_adapter: false }
+        // 16 MiB: per-chunk overhead (submit, map, wake-ups: tens of µs) stays a few % at PCIe
+        // speed, several chunks of a tensor are in flight at once, and every staging buffer
+        // stays under the 32 MiB above which wgpu's Vulkan allocator gives a buffer its own
+        // memory, mapped anew (and faulted in page by page) at every map.
+        // Direct transfers: on the H100 int8 dequantization end to end went from 12-17 GB/s
+        // staged to 20-23 GB/s (scripts/bench_gpu_results.md); the LoRA merge stays staged
+        // whatever this says (Kernel::direct_ok).
+        GpuOptions { max_chunk_bytes: 16 << 20, force_fallback_adapter: false, direct_inputs: true, direct_output: true, copy_threads: 0 }
     }
 }
 
@@ -93,20 +119,44 @@ pub(crate) enum Kernel {
     Bitdelta = 3,
     DeltaApply = 4,
     Lora = 5,
+    /// Benchmark only: `copy_words.wgsl`, for the transfer bounds.
+    Copy = 6,
+}
+
+impl Kernel {
+    /// Whether the kernel may read and write host-visible memory directly: not the LoRA
+    /// merge, which reads its factors once per tile (over PCIe, many times over) and stores
+    /// its output with atomics (across PCIe, slow where they work at all).
+    fn direct_ok(self) -> bool {
+        self != Kernel::Lora
+    }
+}
+
+/// Where a chunk's kernel reads its inputs and writes its output: host-visible memory
+/// directly (true) or device memory with DMA copies (false).
+#[derive(Clone, Copy)]
+struct Direct {
+    inputs: bool,
+    output: bool,
 }
 
 /// Soft-float helpers prepended to every kernel (not a kernel itself).
 const FLOAT_BITS: &str = include_str!("../../../shaders/float_bits.wgsl");
 
 /// The shader sources, built into pipelines once by [`GpuContext::new`].
-const SHADERS: [(&str, &str); 6] = [
+const SHADERS: [(&str, &str); 7] = [
     ("dequantize_groupwise", include_str!("../../../shaders/dequantize_groupwise.wgsl")),
     ("cast_float", include_str!("../../../shaders/cast_float.wgsl")),
     ("add_f16", include_str!("../../../shaders/add_f16.wgsl")),
     ("bitdelta_apply", include_str!("../../../shaders/bitdelta_apply.wgsl")),
     ("delta_apply_lossless", include_str!("../../../shaders/delta_apply_lossless.wgsl")),
     ("lora_merge", include_str!("../../../shaders/lora_merge.wgsl")),
+    ("copy_words", include_str!("../../../shaders/copy_words.wgsl")),
 ];
+
+/// Buffer sets in rotation: chunk `i + 1` is filled while `i` and `i - 1` run on the GPU
+/// and `i - 2` is copied out (the copies on the device and the kernels run in queue order).
+const SETS: usize = 3;
 
 /// Workgroup width of the 1-D kernels (their `@workgroup_size(256)`).
 const WG: u64 = 256;
@@ -119,8 +169,13 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     pipelines: Vec<wgpu::ComputePipeline>,
-    pool: Mutex<[BufSet; 2]>,
+    pool: Mutex<[BufSet; SETS]>,
     chunk_bytes: u64,
+    direct_inputs: bool,
+    direct_output: bool,
+    /// Whether buffers may be both mappable and bound to shaders (`MAPPABLE_PRIMARY_BUFFERS`).
+    mappable_storage: bool,
+    copier: Copier,
     error: Arc<Mutex<Option<String>>>,
     /// Benchmark hook: when non-zero, each chunk's dispatch is repeated this many times with
     /// the inputs resident and the time is added to `kernel_nanos` (see [`Self::measure_kernels`]).
@@ -128,16 +183,63 @@ pub struct GpuContext {
     kernel_nanos: AtomicU64,
 }
 
-/// One set of reusable buffers (two sets alternate: double buffering).
+/// One set of reusable buffers ([`SETS`] of them rotate).
 #[derive(Default)]
 struct BufSet {
     params: Option<wgpu::Buffer>,
-    /// Upload staging (MAP_WRITE | COPY_SRC), all inputs of a chunk back to back.
-    upload: Option<wgpu::Buffer>,
-    upload_mapped: Option<Arc<AtomicBool>>,
+    /// Host-visible upload buffers, one per input (MAP_WRITE | COPY_SRC, and STORAGE when
+    /// kernels read them directly), mapped whenever the set is idle.
+    staging: Vec<Option<Staging>>,
+    /// Device-local copies of the inputs (unused with direct inputs).
     inputs: Vec<Option<wgpu::Buffer>>,
     out: Option<wgpu::Buffer>,
+    /// Host-visible (MAP_READ) output: copied into from `out`, or written by the kernel.
     readback: Option<wgpu::Buffer>,
+}
+
+struct Staging {
+    buf: wgpu::Buffer,
+    /// Set by the map callback once the buffer is mapped for writing again.
+    mapped: Arc<AtomicBool>,
+}
+
+/// A submitted chunk whose output is still to be copied out.
+struct Pending {
+    idx: wgpu::SubmissionIndex,
+    set: usize,
+    out_at: usize,
+    out_len: usize,
+    mapped: mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+}
+
+/// What the transfers measured by [`GpuContext::measure_transfers`] reach, in GB/s of bytes
+/// moved (for `*_both`, the two directions' bytes together). None: not measurable here.
+#[derive(Clone, Debug, Default)]
+pub struct TransferBounds {
+    pub bytes: u64,
+    /// DMA (copy_buffer_to_buffer) host-visible buffer -> device memory, no host memcpy.
+    pub dma_up: f64,
+    /// DMA device memory -> host-visible buffer.
+    pub dma_down: f64,
+    /// Both DMA copies in one submission (other buffers): what one queue gives at once.
+    pub dma_both: f64,
+    /// A shader reading host-visible memory (writing device memory).
+    pub shader_read_host: Option<f64>,
+    /// A shader writing host-visible memory (reading device memory).
+    pub shader_write_host: Option<f64>,
+    /// A shader reading one host-visible buffer and writing another: both directions at once.
+    pub shader_both: Option<f64>,
+    /// Device memory to device memory, by DMA copy (bytes copied; HBM traffic is twice this).
+    pub device_copy: f64,
+    /// Host memcpy into mapped upload memory: one thread, all copy threads.
+    pub host_in_1: f64,
+    pub host_in_n: f64,
+    /// Host memcpy out of mapped readback memory: one thread, all copy threads.
+    pub host_out_1: f64,
+    pub host_out_n: f64,
+    pub copy_threads: usize,
+    /// `queue.write_buffer` (wgpu's own staging, one thread's memcpy) + submit + wait.
+    pub write_buffer: f64,
 }
 
 /// One input of a chunk: `size` bytes (a multiple of 4), made of `pieces` at byte offsets; the
@@ -206,9 +308,10 @@ impl GpuContext {
         let info = adapter.get_info();
         // Everything the adapter offers: large storage bindings mean fewer, larger chunks.
         let limits = adapter.limits();
+        let mappable_storage = adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("llmfs"),
-            required_features: wgpu::Features::empty(),
+            required_features: if mappable_storage { wgpu::Features::MAPPABLE_PRIMARY_BUFFERS } else { wgpu::Features::empty() },
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
@@ -246,6 +349,10 @@ impl GpuContext {
             .min(1 << 30) // keeps element indices in the kernels' u32/i32 range
             / 256
             * 256;
+        let copy_threads = match opts.copy_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
+            n => n,
+        };
         let ctx = GpuContext {
             device,
             queue,
@@ -254,6 +361,10 @@ impl GpuContext {
             pipelines,
             pool: Mutex::new(Default::default()),
             chunk_bytes: chunk_bytes.max(256),
+            direct_inputs: opts.direct_inputs && mappable_storage,
+            direct_output: opts.direct_output && mappable_storage,
+            mappable_storage,
+            copier: Copier::new(copy_threads - 1),
             error,
             kernel_iters: AtomicU32::new(0),
             kernel_nanos: AtomicU64::new(0),
@@ -310,65 +421,133 @@ impl GpuContext {
         (r, Duration::from_nanos(ns))
     }
 
-    /// Transfer bounds: (upload GB/s, readback GB/s, device-to-device copy GB/s counted as
-    /// bytes copied, i.e. half the read + write traffic) for buffers of `bytes`.
-    pub fn measure_transfers(&self, bytes: u64, iters: u32) -> Result<(f64, f64, f64), GpuError> {
-        let bytes = pad4(bytes);
-        let mk = |usage, mapped| {
-            self.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: bytes, usage, mapped_at_creation: mapped })
-        };
-        use wgpu::BufferUsages as U;
-        let up = mk(U::MAP_WRITE | U::COPY_SRC, false);
-        let a = mk(U::STORAGE | U::COPY_DST | U::COPY_SRC, false);
-        let b = mk(U::STORAGE | U::COPY_DST | U::COPY_SRC, false);
-        let down = mk(U::MAP_READ | U::COPY_DST, false);
-        let host = vec![7u8; bytes as usize];
-        let mut sink = vec![0u8; bytes as usize];
-        let map = |buf: &wgpu::Buffer, mode| -> Result<(), GpuError> {
-            let (tx, rx) = std::sync::mpsc::channel();
-            buf.slice(..).map_async(mode, move |r| {
-                let _ = tx.send(r);
-            });
-            self.wait(None)?;
-            rx.recv().map_err(|e| GpuError::Wgpu(e.to_string()))?.map_err(|e| GpuError::Wgpu(e.to_string()))
-        };
-        let (mut t_up, mut t_down, mut t_copy) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    /// Whether kernels read inputs from / write outputs to host-visible memory directly.
+    pub fn direct(&self) -> (bool, bool) {
+        (self.direct_inputs, self.direct_output)
+    }
+
+    fn map_blocking(&self, buf: &wgpu::Buffer, mode: wgpu::MapMode) -> Result<(), GpuError> {
+        let (tx, rx) = mpsc::channel();
+        buf.slice(..).map_async(mode, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(None)?;
+        rx.recv().map_err(|e| GpuError::Wgpu(e.to_string()))?.map_err(|e| GpuError::Wgpu(e.to_string()))
+    }
+
+    /// Submits what `record` encodes and waits for it, `iters` times after one warm-up;
+    /// returns the mean time of one.
+    fn time_gpu(&self, iters: u32, record: impl Fn(&mut wgpu::CommandEncoder)) -> Result<Duration, GpuError> {
+        let mut total = Duration::ZERO;
         for it in 0..=iters {
-            // Upload: host memory -> mapped staging -> device buffer.
-            map(&up, wgpu::MapMode::Write)?;
-            let t0 = Instant::now();
-            up.slice(..).get_mapped_range_mut().copy_from_slice(&host);
-            up.unmap();
             let mut enc = self.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&up, 0, &a, 0, bytes);
-            self.queue.submit([enc.finish()]);
-            self.wait(None)?;
-            let t1 = Instant::now();
-            // Device copy (HBM): a -> b, 8 times in one submission.
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            for _ in 0..8 {
-                enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
-            }
-            self.queue.submit([enc.finish()]);
-            self.wait(None)?;
-            let t2 = Instant::now();
-            // Readback: device buffer -> mapped staging -> host memory.
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&b, 0, &down, 0, bytes);
-            self.queue.submit([enc.finish()]);
-            map(&down, wgpu::MapMode::Read)?;
-            sink.copy_from_slice(&down.slice(..).get_mapped_range());
-            down.unmap();
-            let t3 = Instant::now();
+            record(&mut enc);
+            let t = Instant::now();
+            let idx = self.queue.submit([enc.finish()]);
+            self.wait(Some(idx))?;
             if it > 0 {
-                t_up += t1 - t0;
-                t_copy += (t2 - t1) / 8;
-                t_down += t3 - t2;
+                total += t.elapsed();
             }
         }
+        Ok(total / iters.max(1))
+    }
+
+    /// Transfer bounds for buffers of `bytes` (each measured alone, best kept apart from the
+    /// kernels): see [`TransferBounds`].
+    pub fn measure_transfers(&self, bytes: u64, iters: u32) -> Result<TransferBounds, GpuError> {
+        use wgpu::BufferUsages as U;
+        let bytes = bytes.div_ceil(256) * 256;
+        let mk = |usage| self.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: bytes, usage, mapped_at_creation: false });
+        let host_storage = if self.mappable_storage { U::STORAGE } else { U::empty() };
+        let up = mk(U::MAP_WRITE | U::COPY_SRC | host_storage);
+        let down = mk(U::MAP_READ | U::COPY_DST | host_storage);
+        let up2 = mk(U::MAP_WRITE | U::COPY_SRC);
+        let down2 = mk(U::MAP_READ | U::COPY_DST);
+        let a = mk(U::STORAGE | U::COPY_DST | U::COPY_SRC);
+        let b = mk(U::STORAGE | U::COPY_DST | U::COPY_SRC);
+        let gbs = |n: u64, t: Duration| n as f64 / t.as_secs_f64() / 1e9;
+        let mut tb = TransferBounds { bytes, copy_threads: self.copier.width(), ..Default::default() };
+
+        // Host copies into and out of mapped memory (mapped once: the pages are warm).
+        let host = vec![7u8; bytes as usize];
+        let mut sink = vec![0u8; bytes as usize];
+        sink.fill(1);
+        self.map_blocking(&up, wgpu::MapMode::Write)?;
+        self.map_blocking(&down, wgpu::MapMode::Read)?;
+        {
+            let mut w = up.slice(..).get_mapped_range_mut();
+            let r = down.slice(..).get_mapped_range();
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let t = Instant::now();
+                for _ in 0..iters.max(1) {
+                    f();
+                }
+                gbs(bytes * iters.max(1) as u64, t.elapsed())
+            };
+            tb.host_in_1 = time(&mut || self.copier.run(vec![Job { dst: &mut w, src: Some(&host) }], Some(1)));
+            tb.host_in_n = time(&mut || self.copier.run(vec![Job { dst: &mut w, src: Some(&host) }], None));
+            tb.host_out_1 = time(&mut || self.copier.run(vec![Job { dst: &mut sink, src: Some(&r) }], Some(1)));
+            tb.host_out_n = time(&mut || self.copier.run(vec![Job { dst: &mut sink, src: Some(&r) }], None));
+        }
+        up.unmap();
+        down.unmap();
+
+        // DMA: each direction alone, then both in one submission.
+        tb.dma_up = gbs(bytes, self.time_gpu(iters, |e| e.copy_buffer_to_buffer(&up, 0, &a, 0, bytes))?);
+        tb.dma_down = gbs(bytes, self.time_gpu(iters, |e| e.copy_buffer_to_buffer(&b, 0, &down, 0, bytes))?);
+        tb.dma_both = gbs(
+            2 * bytes,
+            self.time_gpu(iters, |e| {
+                e.copy_buffer_to_buffer(&up2, 0, &a, 0, bytes);
+                e.copy_buffer_to_buffer(&b, 0, &down2, 0, bytes);
+            })?,
+        );
+        tb.device_copy = gbs(bytes, self.time_gpu(iters, |e| e.copy_buffer_to_buffer(&a, 0, &b, 0, bytes))?);
+
+        // A shader moving the bytes (16 a invocation), reading or writing host memory itself.
+        if self.mappable_storage {
+            let params = self.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 16, usage: U::UNIFORM | U::COPY_DST, mapped_at_creation: false });
+            let words = bytes / 16;
+            self.queue.write_buffer(&params, 0, bytemuck::cast_slice(&[words as u32, 0, 0, 0]));
+            let pipeline = &self.pipelines[Kernel::Copy as usize];
+            let layout = pipeline.get_bind_group_layout(0);
+            let (x, y) = self.grid(&Groups::Linear(words.div_ceil(WG)));
+            let shader = |src: &wgpu::Buffer, dst: &wgpu::Buffer| -> Result<Duration, GpuError> {
+                let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &layout,
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
+                    ],
+                });
+                self.time_gpu(iters, |e| {
+                    let mut pass = e.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, &bind, &[]);
+                    pass.dispatch_workgroups(x, y, 1);
+                })
+            };
+            tb.shader_read_host = Some(gbs(bytes, shader(&up, &a)?));
+            tb.shader_write_host = Some(gbs(bytes, shader(&a, &down)?));
+            tb.shader_both = Some(gbs(2 * bytes, shader(&up, &down)?));
+        }
+
+        // queue.write_buffer in pieces of a chunk, as a kernel call would upload.
+        let piece = self.chunk_bytes.min(bytes) as usize;
+        let t = Instant::now();
+        for _ in 0..iters.max(1) {
+            for (k, p) in host.chunks(piece).enumerate() {
+                self.queue.write_buffer(&a, (k * piece) as u64, p);
+            }
+            let idx = self.queue.submit([]);
+            self.wait(Some(idx))?;
+        }
+        tb.write_buffer = gbs(bytes * iters.max(1) as u64, t.elapsed());
         self.check()?;
-        let gbs = |t: Duration| bytes as f64 * iters as f64 / t.as_secs_f64() / 1e9;
-        Ok((gbs(t_up), gbs(t_down), gbs(t_copy)))
+        Ok(tb)
     }
 
     /// Runs `chunks` of `kernel`, writing each chunk's output into `out`.
@@ -385,7 +564,7 @@ impl GpuContext {
 
     fn run_locked(
         &self,
-        pool: &mut [BufSet; 2],
+        pool: &mut [BufSet; SETS],
         kernel: Kernel,
         chunks: Vec<Chunk<'_>>,
         out: &mut [u8],
@@ -393,17 +572,28 @@ impl GpuContext {
     ) -> Result<(), GpuError> {
         let pipeline = &self.pipelines[kernel as usize];
         let layout = pipeline.get_bind_group_layout(0);
-        // (submission, set, out_at, out_len) of the chunk in flight on the other set.
-        let mut pending: Option<(wgpu::SubmissionIndex, usize, usize, usize)> = None;
+        // Submitted chunks, oldest first; chunk i uses set i % SETS, so when every set is in
+        // flight the oldest is the one holding the set the next chunk needs.
+        let mut pending: VecDeque<Pending> = VecDeque::new();
         for (ci, chunk) in chunks.into_iter().enumerate() {
-            let s = ci % 2;
-            let set = &mut pool[s];
-            self.fill_inputs(set, &chunk)?;
-            let bind = self.bind_group(set, &layout, &chunk);
+            let s = ci % SETS;
+            if pending.len() == SETS {
+                let p = pending.pop_front().expect("SETS > 0");
+                self.finish(&pool[p.set], p, out)?;
+            }
+            // Chunks that OR words in atomically (odd-length rows) keep their output on the device.
+            let direct = Direct {
+                inputs: self.direct_inputs && kernel.direct_ok(),
+                output: self.direct_output && kernel.direct_ok() && !chunk.clear_out,
+            };
+            let direct_out = direct.output;
+            self.fill_inputs(&mut pool[s], &chunk, direct)?;
             let set = &pool[s];
+            let bind = self.bind_group(set, &layout, &chunk, direct);
+            let out_buf = if direct_out { set.readback.as_ref() } else { set.out.as_ref() }.expect("made by fill_inputs");
             let dispatch = |enc: &mut wgpu::CommandEncoder| {
                 if chunk.clear_out {
-                    enc.clear_buffer(set.out.as_ref().unwrap(), 0, None);
+                    enc.clear_buffer(out_buf, 0, None);
                 }
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 pass.set_pipeline(pipeline);
@@ -412,7 +602,9 @@ impl GpuContext {
                 pass.dispatch_workgroups(x, y, 1);
             };
             let mut enc = self.device.create_command_encoder(&Default::default());
-            self.encode_uploads(&mut enc, set, &chunk);
+            if !direct.inputs {
+                self.encode_uploads(&mut enc, set, &chunk);
+            }
             dispatch(&mut enc);
             let mut enc = if iters > 0 {
                 // Benchmark: run once, then time `iters` dispatches on resident inputs.
@@ -430,17 +622,26 @@ impl GpuContext {
             } else {
                 enc
             };
-            let rb = pad4(chunk.out_len as u64).max(4);
-            enc.copy_buffer_to_buffer(set.out.as_ref().unwrap(), 0, set.readback.as_ref().unwrap(), 0, rb);
-            let idx = self.queue.submit([enc.finish()]);
-            // While this chunk runs: finish the previous one, and re-map its upload buffer.
-            if let Some((pidx, ps, at, len)) = pending.take() {
-                self.finish(&mut pool[ps], pidx, &mut out[at..at + len])?;
+            let rb_len = pad4(chunk.out_len as u64).max(4);
+            let readback = set.readback.as_ref().expect("made by fill_inputs");
+            if !direct_out {
+                enc.copy_buffer_to_buffer(out_buf, 0, readback, 0, rb_len);
             }
-            pending = Some((idx, s, chunk.out_at, chunk.out_len));
+            let idx = self.queue.submit([enc.finish()]);
+            // Ask for the host buffers back now: wgpu maps them once this chunk is done, and
+            // the polls that wait for earlier chunks deliver the callbacks.
+            for st in set.staging.iter().take(chunk.inputs.len()).flatten() {
+                let flag = st.mapped.clone();
+                st.buf.slice(..).map_async(wgpu::MapMode::Write, move |r| flag.store(r.is_ok(), Ordering::Release));
+            }
+            let (tx, rx) = mpsc::channel();
+            readback.slice(..rb_len).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            pending.push_back(Pending { idx, set: s, out_at: chunk.out_at, out_len: chunk.out_len, mapped: rx });
         }
-        if let Some((pidx, ps, at, len)) = pending.take() {
-            self.finish(&mut pool[ps], pidx, &mut out[at..at + len])?;
+        while let Some(p) = pending.pop_front() {
+            self.finish(&pool[p.set], p, out)?;
         }
         self.check()
     }
@@ -457,33 +658,44 @@ impl GpuContext {
         }
     }
 
-    fn buffer(&self, slot: &mut Option<wgpu::Buffer>, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> bool {
-        if slot.as_ref().is_some_and(|b| b.size() >= size) {
-            return false;
-        }
-        *slot = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+    fn make_buffer(&self, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: grow(size).min(self.limits.max_buffer_size.max(size)),
             usage,
             mapped_at_creation: mapped,
-        }));
-        true
+        })
     }
 
-    /// Copies the chunk's inputs into the set's mapped upload buffer (growing buffers as
-    /// needed) and its parameters into the uniform buffer.
-    fn fill_inputs(&self, set: &mut BufSet, chunk: &Chunk<'_>) -> Result<(), GpuError> {
-        use wgpu::BufferUsages as U;
-        let total: u64 = chunk.inputs.iter().map(|u| u.size.div_ceil(256) * 256).sum();
-        if self.buffer(&mut set.upload, total, U::MAP_WRITE | U::COPY_SRC, true) {
-            set.upload_mapped = Some(Arc::new(AtomicBool::new(true)));
+    /// A buffer of at least `size` bytes in `slot`, kept when big enough.
+    fn buffer(&self, slot: &mut Option<wgpu::Buffer>, size: u64, usage: wgpu::BufferUsages) {
+        if slot.as_ref().is_none_or(|b| b.size() < size) {
+            *slot = None; // free the old one before making the new one
+            *slot = Some(self.make_buffer(size, usage, false));
         }
-        // Wait for the map requested when this set's last chunk finished.
-        let flag = set.upload_mapped.clone().expect("upload buffer exists");
-        // A non-blocking poll normally completes it (that chunk is done); waiting for the whole
-        // queue would wait for the chunk in flight too and undo the overlap.
+    }
+
+    /// Waits until the set's upload buffers are mapped again, copies the chunk's inputs into
+    /// them (all copy threads at once), grows the other buffers as needed and writes the
+    /// parameters.
+    fn fill_inputs(&self, set: &mut BufSet, chunk: &Chunk<'_>, direct: Direct) -> Result<(), GpuError> {
+        use wgpu::BufferUsages as U;
+        let n = chunk.inputs.len();
+        if set.staging.len() < n {
+            set.staging.resize_with(n, || None);
+        }
+        let usage = U::MAP_WRITE | U::COPY_SRC | if self.direct_inputs { U::STORAGE } else { U::empty() };
+        for (slot, u) in set.staging.iter_mut().zip(&chunk.inputs) {
+            if slot.as_ref().is_none_or(|s| s.buf.size() < u.size) {
+                *slot = None; // free the old one before making the new one
+                *slot = Some(Staging { buf: self.make_buffer(u.size, usage, true), mapped: Arc::new(AtomicBool::new(true)) });
+            }
+        }
+        // The maps asked for when this set's last chunk was submitted: that chunk is finished
+        // (its readback was copied out), so a non-blocking poll normally completes them;
+        // waiting for the whole queue would wait for the chunks in flight and undo the overlap.
         let mut tries = 0;
-        while !flag.load(Ordering::Acquire) {
+        while !set.staging.iter().take(n).flatten().all(|s| s.mapped.load(Ordering::Acquire)) {
             if tries < 100 {
                 self.device.poll(wgpu::PollType::Poll).map_err(|e| GpuError::Wgpu(e.to_string()))?;
             } else {
@@ -492,33 +704,48 @@ impl GpuContext {
             tries += 1;
             self.check()?;
         }
-        let upload = set.upload.as_ref().unwrap();
         {
-            let mut view = upload.slice(..total.max(4)).get_mapped_range_mut();
-            let mut at = 0usize;
-            for u in &chunk.inputs {
-                let dst = &mut view[at..at + u.size as usize];
+            let mut views: Vec<wgpu::BufferViewMut> =
+                set.staging.iter().zip(&chunk.inputs).map(|(s, u)| s.as_ref().unwrap().buf.slice(..u.size).get_mapped_range_mut()).collect();
+            let mut jobs = Vec::new();
+            for (view, u) in views.iter_mut().zip(&chunk.inputs) {
+                let mut rest: &mut [u8] = view;
                 let mut filled = 0usize;
                 for &(off, bytes) in &u.pieces {
-                    let off = off as usize;
-                    dst[filled..off].fill(0);
-                    dst[off..off + bytes.len()].copy_from_slice(bytes);
-                    filled = off + bytes.len();
+                    let (gap, tail) = rest.split_at_mut(off as usize - filled);
+                    let (dst, tail) = tail.split_at_mut(bytes.len());
+                    if !gap.is_empty() {
+                        jobs.push(Job { dst: gap, src: None });
+                    }
+                    jobs.push(Job { dst, src: Some(bytes) });
+                    rest = tail;
+                    filled = off as usize + bytes.len();
                 }
-                dst[filled..].fill(0);
-                at += (u.size.div_ceil(256) * 256) as usize;
+                if !rest.is_empty() {
+                    jobs.push(Job { dst: rest, src: None });
+                }
+            }
+            self.copier.run(jobs, None);
+        }
+        for s in set.staging.iter().take(n).flatten() {
+            s.buf.unmap();
+            s.mapped.store(false, Ordering::Release);
+        }
+        if !direct.inputs {
+            if set.inputs.len() < n {
+                set.inputs.resize_with(n, || None);
+            }
+            for (slot, u) in set.inputs.iter_mut().zip(&chunk.inputs) {
+                self.buffer(slot, u.size, U::STORAGE | U::COPY_DST);
             }
         }
-        upload.unmap();
-        flag.store(false, Ordering::Release);
-        if set.inputs.len() < chunk.inputs.len() {
-            set.inputs.resize_with(chunk.inputs.len(), || None);
+        let rb_usage = U::MAP_READ | U::COPY_DST | if self.direct_output { U::STORAGE } else { U::empty() };
+        if direct.output {
+            self.buffer(&mut set.readback, chunk.out_bytes.max(pad4(chunk.out_len as u64)).max(4), rb_usage);
+        } else {
+            self.buffer(&mut set.out, chunk.out_bytes.max(4), U::STORAGE | U::COPY_SRC | U::COPY_DST);
+            self.buffer(&mut set.readback, pad4(chunk.out_len as u64).max(4), rb_usage);
         }
-        for (slot, u) in set.inputs.iter_mut().zip(&chunk.inputs) {
-            self.buffer(slot, u.size, U::STORAGE | U::COPY_DST, false);
-        }
-        self.buffer(&mut set.out, chunk.out_bytes.max(4), U::STORAGE | U::COPY_SRC | U::COPY_DST, false);
-        self.buffer(&mut set.readback, pad4(chunk.out_len as u64).max(4), U::MAP_READ | U::COPY_DST, false);
         let mut params = chunk.params.clone();
         params.resize(params.len().div_ceil(4).max(1) * 4, 0);
         // Uniform bindings are small (64 KiB on many devices): this one is sized exactly.
@@ -536,55 +763,43 @@ impl GpuContext {
     }
 
     fn encode_uploads(&self, enc: &mut wgpu::CommandEncoder, set: &BufSet, chunk: &Chunk<'_>) {
-        let upload = set.upload.as_ref().unwrap();
-        let mut at = 0u64;
-        for (slot, u) in set.inputs.iter().zip(&chunk.inputs) {
-            enc.copy_buffer_to_buffer(upload, at, slot.as_ref().unwrap(), 0, u.size);
-            at += u.size.div_ceil(256) * 256;
+        for ((dev, st), u) in set.inputs.iter().zip(&set.staging).zip(&chunk.inputs) {
+            enc.copy_buffer_to_buffer(&st.as_ref().unwrap().buf, 0, dev.as_ref().unwrap(), 0, u.size);
         }
     }
 
-    fn bind_group(&self, set: &BufSet, layout: &wgpu::BindGroupLayout, chunk: &Chunk<'_>) -> wgpu::BindGroup {
+    fn bind_group(&self, set: &BufSet, layout: &wgpu::BindGroupLayout, chunk: &Chunk<'_>, direct: Direct) -> wgpu::BindGroup {
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: set.params.as_ref().unwrap().as_entire_binding(),
         }];
-        for (i, slot) in set.inputs.iter().take(chunk.inputs.len()).enumerate() {
-            entries.push(wgpu::BindGroupEntry { binding: 1 + i as u32, resource: slot.as_ref().unwrap().as_entire_binding() });
+        for i in 0..chunk.inputs.len() {
+            let buf = if direct.inputs { &set.staging[i].as_ref().unwrap().buf } else { set.inputs[i].as_ref().unwrap() };
+            entries.push(wgpu::BindGroupEntry { binding: 1 + i as u32, resource: buf.as_entire_binding() });
         }
-        entries.push(wgpu::BindGroupEntry {
-            binding: 1 + chunk.inputs.len() as u32,
-            resource: set.out.as_ref().unwrap().as_entire_binding(),
-        });
+        let out = if direct.output { set.readback.as_ref() } else { set.out.as_ref() };
+        entries.push(wgpu::BindGroupEntry { binding: 1 + chunk.inputs.len() as u32, resource: out.unwrap().as_entire_binding() });
         self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout, entries: &entries })
     }
 
-    /// Waits for submission `idx`, copies its readback into `out`, and asks for the set's
-    /// upload buffer to be mapped again (it is free now), to be ready for the set's next chunk.
-    fn finish(&self, set: &mut BufSet, idx: wgpu::SubmissionIndex, out: &mut [u8]) -> Result<(), GpuError> {
-        let rb = set.readback.as_ref().unwrap();
-        let len = pad4(out.len() as u64).max(4);
-        let (tx, rx) = std::sync::mpsc::channel();
-        rb.slice(..len).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait(Some(idx))?;
+    /// Waits for chunk `p` and copies its output out of the set's readback buffer.
+    fn finish(&self, set: &BufSet, p: Pending, out: &mut [u8]) -> Result<(), GpuError> {
+        self.wait(Some(p.idx))?;
         let r = loop {
-            match rx.try_recv() {
+            match p.mapped.try_recv() {
                 Ok(r) => break r,
-                Err(std::sync::mpsc::TryRecvError::Empty) => self.wait(None)?,
+                Err(mpsc::TryRecvError::Empty) => self.wait(None)?,
                 Err(e) => return Err(GpuError::Wgpu(e.to_string())),
             }
         };
         r.map_err(|e| GpuError::Wgpu(e.to_string()))?;
+        let rb = set.readback.as_ref().unwrap();
+        let len = pad4(p.out_len as u64).max(4);
         {
             let view = rb.slice(..len).get_mapped_range();
-            out.copy_from_slice(&view[..out.len()]);
+            self.copier.run(vec![Job { dst: &mut out[p.out_at..p.out_at + p.out_len], src: Some(&view[..p.out_len]) }], None);
         }
         rb.unmap();
-        if let (Some(up), Some(flag)) = (set.upload.as_ref(), set.upload_mapped.clone()) {
-            up.slice(..).map_async(wgpu::MapMode::Write, move |r| flag.store(r.is_ok(), Ordering::Release));
-        }
         self.check()
     }
 

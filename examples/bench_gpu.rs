@@ -7,14 +7,11 @@
 //! named. Run: `scripts/bench_gpu.sh`.
 //!
 //! Throughput is GB/s of *output* (the bytes a reader gets); LoRA shapes are W = 4096×4096 and
-//! 4096×11008 in f16, ranks 16 and 64. For LoRA a second CPU baseline is shown: the same sums
-//! in the same order as `merge::lora_rows` (so the same bits, checked), but a row at a time so
-//! the compiler vectorizes them; the read path's CPU kernel is the scalar one.
+//! 4096×11008 in f16, ranks 16 and 64.
 
 use std::time::{Duration, Instant};
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use llmfs::codec::delta::{self, Transform};
 use llmfs::codec::quant::{self, QuantBytesView, QuantConfig};
 use llmfs::compute::gpu::{GpuContext, GpuOptions};
@@ -51,36 +48,6 @@ struct Row {
     /// One per [`MODES`].
     e2e: Vec<Duration>,
     cpu: Duration,
-    /// LoRA only: the vectorized CPU baseline.
-    cpu_vec: Option<Duration>,
-}
-
-/// `merge::lora_rows` for whole rows of an f16 W (not transposed), one row at a time: the
-/// same products summed in the same order (j = 0..r from 0.0, no FMA), so the same bits,
-/// but the inner loop runs along the row and vectorizes.
-fn lora_rows_vectorized(f: &LoraFactors, cols: usize, rows: std::ops::Range<usize>, w: &[u8], out: &mut [u8]) {
-    let r = f.rank;
-    let mut acc = vec![0f32; cols];
-    let mut wf = vec![0f32; cols];
-    let mut h = vec![f16::ZERO; cols];
-    for (k, o) in rows.enumerate() {
-        acc.fill(0.0);
-        for j in 0..r {
-            let bj = f.b[o * r + j];
-            let aj = &f.a[j * cols..(j + 1) * cols];
-            for (x, &a) in acc.iter_mut().zip(aj) {
-                *x += bj * a;
-            }
-        }
-        let wrow = &w[k * cols * 2..(k + 1) * cols * 2];
-        h.copy_from_slice(bytemuck::cast_slice(wrow));
-        h.convert_to_f32_slice(&mut wf);
-        for (x, &a) in wf.iter_mut().zip(&acc) {
-            *x += a * f.scale;
-        }
-        h.convert_from_f32_slice(&wf);
-        out[k * cols * 2..(k + 1) * cols * 2].copy_from_slice(bytemuck::cast_slice(&h));
-    }
 }
 
 fn main() {
@@ -139,7 +106,7 @@ fn main() {
             let want = out.clone();
             let e = e2e(&want, &mut out, &|g, o| g.dequantize_range_bytes::<f16>(view, 0..n, o).unwrap());
             let (_, k) = ctx.measure_kernels(10, |g| g.dequantize_range_bytes::<f16>(view, 0..n, &mut out).unwrap());
-            rows.push(Row { kernel: format!("dequant int{bits} → f16 (g256, sym)"), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu, cpu_vec: None });
+            rows.push(Row { kernel: format!("dequant int{bits} → f16 (g256, sym)"), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu });
         }
         // Lossless delta apply (Ulp transform, byte planes, bf16-sized elements, with base).
         {
@@ -158,7 +125,7 @@ fn main() {
             let want = out.clone();
             let e = e2e(&want, &mut out, &|g, o| g.inverse_from_planes(Transform::Ulp, 2, &planes, Some(&wbytes), o).unwrap());
             let (_, k) = ctx.measure_kernels(10, |g| g.inverse_from_planes(Transform::Ulp, 2, &planes, Some(&wbytes), &mut out).unwrap());
-            rows.push(Row { kernel: "delta apply (lossless, ulp, 2-byte)".into(), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu, cpu_vec: None });
+            rows.push(Row { kernel: "delta apply (lossless, ulp, 2-byte)".into(), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu });
         }
         // LoRA merge into f16 W, ranks 16 and 64.
         for rank in [16usize, 64] {
@@ -176,21 +143,13 @@ fn main() {
                     merge::lora_rows(&f, Dtype::F16, c, a..a + o.len() / 2, w, o);
                 })
             });
-            let want = out.clone();
-            let mut vout = vec![0u8; 2 * n];
-            let cpu_vec = best(reps, || {
-                vout.par_chunks_mut(2 * c * 16).zip(wbytes.par_chunks(2 * c * 16)).enumerate().for_each(|(i, (o, w))| {
-                    lora_rows_vectorized(&f, c, i * 16..i * 16 + o.len() / (2 * c), w, o);
-                })
-            });
-            assert!(vout == want, "vectorized CPU LoRA differs from merge::lora_rows");
             // The GPU sums in another order: within the bound tests/gpu.rs checks, not the same
             // bits, so e2e is checked against its own first result.
             let mut gpu_want = vec![0u8; 2 * n];
             ctx.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, &mut gpu_want).unwrap();
             let e = e2e(&gpu_want, &mut out, &|g, o| g.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, o).unwrap());
             let (_, k) = ctx.measure_kernels(10, |g| g.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, &mut out).unwrap());
-            rows.push(Row { kernel: format!("LoRA merge r={rank} (f16 W)"), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu, cpu_vec: Some(cpu_vec) });
+            rows.push(Row { kernel: format!("LoRA merge r={rank} (f16 W)"), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu });
         }
     }
     let tb = ctx.measure_transfers(std::env::var("BENCH_BOUND_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(64) << 20, 10).unwrap();
@@ -208,14 +167,8 @@ fn main() {
     for r in &rows {
         let e: Vec<f64> = r.e2e.iter().map(|&t| gbs(r.out_bytes, t)).collect();
         let fastest = *r.e2e.iter().min().unwrap();
-        let cpu = match r.cpu_vec {
-            Some(v) => format!("{:.1} (vectorized: {:.1})", gbs(r.out_bytes, r.cpu), gbs(r.out_bytes, v)),
-            None => format!("{:.1}", gbs(r.out_bytes, r.cpu)),
-        };
-        let ratio = match r.cpu_vec {
-            Some(v) => format!("{:.1}× ({:.1}×)", r.cpu.as_secs_f64() / fastest.as_secs_f64(), v.as_secs_f64() / fastest.as_secs_f64()),
-            None => format!("{:.1}×", r.cpu.as_secs_f64() / fastest.as_secs_f64()),
-        };
+        let cpu = format!("{:.1}", gbs(r.out_bytes, r.cpu));
+        let ratio = format!("{:.1}×", r.cpu.as_secs_f64() / fastest.as_secs_f64());
         println!("| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |", r.kernel, r.shape, gbs(r.out_bytes, r.gpu_kernel), e[0], e[1], e[2], cpu, ratio);
     }
     let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.1}"));

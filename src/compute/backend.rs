@@ -4,7 +4,7 @@
 //! - `cpu` never touches wgpu.
 //! - `gpu` needs a build with `--features gpu` and an adapter; otherwise it is refused with one line.
 //! - `auto` (the default) measures each kernel once on both devices, on a few MiB of synthetic
-//!   input, and keeps the faster (logged). A GPU call that fails at run time is done on the CPU
+//!   input, and keeps the faster (logged); a software adapter (lavapipe) is not considered. A GPU call that fails at run time is done on the CPU
 //!   instead (the results are the same bits), so a lost device degrades speed, not answers.
 //!
 //! Until `select` is called (export, tests), everything runs on the CPU.
@@ -71,6 +71,12 @@ fn select_gpu(required: bool) -> Result<Choice, String> {
         }
     };
     tracing::info!(device = ctx.device_name(), software = ctx.is_software(), "GPU found");
+    if ctx.is_software() && !required {
+        // A software Vulkan device (lavapipe) runs the kernels on these same cores, slower than
+        // the CPU kernels, and its JIT costs tens of MiB: auto leaves it alone (gpu may ask).
+        tracing::info!("the adapter is a software renderer; every kernel runs on the CPU");
+        return Ok(ALL_CPU);
+    }
     let chosen = if required { Choice { dequant: Device::Gpu, cast: Device::Gpu, add_f16: Device::Gpu, lora: Device::Gpu } } else { calibrate(&ctx) };
     let _ = GPU.set(ctx);
     Ok(chosen)

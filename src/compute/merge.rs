@@ -76,12 +76,56 @@ pub struct LoraFactors {
 
 /// Merge elements `elems` (row-major over W's `cols`) of `W + scale · B·A` into `out`, where
 /// `w` holds the same elements of W in `dtype`.
+///
+/// Each element's sum is `Σ_j B[o, j] · A[j, i]` from 0.0 in order j = 0..r (Rust never fuses
+/// the multiply-add), computed for a whole row segment at a time: the loop over the segment is
+/// the inner one, so it vectorizes, and the bits are those of one element at a time.
 pub fn lora_rows(f: &LoraFactors, dtype: Dtype, cols: usize, elems: std::ops::Range<usize>, w: &[u8], out: &mut [u8]) {
     let r = f.rank;
     let a_cols = f.a.len() / r; // A is r × in
+    let (mut acc, mut wide) = (Vec::new(), Vec::new());
+    let mut e = elems.start;
+    while e < elems.end {
+        let (row, c0) = (e / cols, e % cols);
+        let c1 = cols.min(c0 + (elems.end - e));
+        acc.clear();
+        acc.resize(c1 - c0, 0f32);
+        for j in 0..r {
+            if f.transposed {
+                // W[i, o] for i = row, o in c0..c1: B's column j along o, one value of A.
+                let a = f.a[j * a_cols + row];
+                for (x, o) in acc.iter_mut().zip(c0..c1) {
+                    *x += f.b[o * r + j] * a;
+                }
+            } else {
+                // W[o, i] for o = row, i in c0..c1: one value of B, A's row j along i.
+                let b = f.b[row * r + j];
+                for (x, &a) in acc.iter_mut().zip(&f.a[j * a_cols + c0..j * a_cols + c1]) {
+                    *x += b * a;
+                }
+            }
+        }
+        // out = dtype(f32(W) + acc · scale), a slice at a time (per-element conversions cost
+        // more than the r multiply-adds).
+        let (s, k0) = (dtype.size(), e - elems.start);
+        let bytes = k0 * s..(k0 + acc.len()) * s;
+        wide.resize(acc.len(), 0f32);
+        super::cast::cast(dtype, Dtype::F32, &w[bytes.clone()], bytemuck::cast_slice_mut(&mut wide)).expect("a float dtype");
+        for (x, &a) in wide.iter_mut().zip(&acc) {
+            *x += a * f.scale;
+        }
+        super::cast::cast(Dtype::F32, dtype, bytemuck::cast_slice(&wide), &mut out[bytes]).expect("a float dtype");
+        e += c1 - c0;
+    }
+}
+
+/// The obvious loop, one element at a time: the reference [`lora_rows`] is tested against.
+#[cfg(test)]
+fn lora_one_at_a_time(f: &LoraFactors, dtype: Dtype, cols: usize, elems: std::ops::Range<usize>, w: &[u8], out: &mut [u8]) {
+    let r = f.rank;
+    let a_cols = f.a.len() / r;
     for (k, e) in elems.enumerate() {
         let (row, col) = (e / cols, e % cols);
-        // Not transposed: W[o, i] += Σ_j B[o, j] A[j, i]. Transposed: W[i, o] gets the same term.
         let (o, i) = if f.transposed { (col, row) } else { (row, col) };
         let mut acc = 0f32;
         for j in 0..r {
@@ -107,6 +151,37 @@ mod tests {
         for i in 0..n {
             let x = f16::from_le_bytes([a[2 * i], a[2 * i + 1]]).to_f64() + f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64();
             assert_eq!(&out[2 * i..2 * i + 2], &f16::from_f64(x).to_le_bytes(), "element {i}");
+        }
+    }
+
+    #[test]
+    fn lora_rows_gives_the_bits_of_one_element_at_a_time() {
+        let mut rng = SplitMix64(17);
+        for (rows, cols, r, transposed, dtype) in
+            [(9, 37, 4, false, Dtype::F16), (9, 37, 4, true, Dtype::BF16), (5, 64, 16, false, Dtype::F32), (33, 7, 2, true, Dtype::F16)]
+        {
+            // Factors sized for W = out × in (not transposed) or in × out (transposed).
+            let (out_dim, in_dim) = if transposed { (cols, rows) } else { (rows, cols) };
+            let a: Vec<f32> = (0..r * in_dim).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..out_dim * r).map(|_| rng.normal()).collect();
+            let f = LoraFactors { a, b, rank: r, scale: 0.37, transposed };
+            let n = rows * cols;
+            let w: Vec<u8> = (0..n).flat_map(|_| {
+                let v = rng.normal();
+                match dtype {
+                    Dtype::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                    Dtype::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+                    _ => v.to_le_bytes().to_vec(),
+                }
+            }).collect();
+            let s = dtype.size();
+            for range in [0..n, 3..n - 2, cols - 1..cols + 1, 5..5, cols + 2..3 * cols - 1] {
+                let (wr, len) = (&w[range.start * s..range.end * s], range.len() * s);
+                let (mut got, mut want) = (vec![0u8; len], vec![0u8; len]);
+                lora_rows(&f, dtype, cols, range.clone(), wr, &mut got);
+                lora_one_at_a_time(&f, dtype, cols, range.clone(), wr, &mut want);
+                assert!(got == want, "{rows}x{cols} r{r} transposed={transposed} {dtype} {range:?}");
+            }
         }
     }
 

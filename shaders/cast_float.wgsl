@@ -1,6 +1,7 @@
 // cast_float.wgsl: dtype casts between f32, f16 and bf16, bit-identical to compute::cast
-// (round to nearest even through f32; NaN stays NaN with its payload's top bits, as `half` and
-// F16C do; overflow becomes inf). One invocation writes one u32 of output.
+// (round to nearest even through f32; overflow becomes inf; a NaN cast to f16 or bf16 becomes
+// torch's canonical NaN, sign | 0x7E00 or 0x7FC0, as on the CPU). One invocation writes one u32
+// of output.
 
 struct Params {
     n: u32,    // elements
@@ -16,8 +17,8 @@ struct Params {
 fn cast_one(i: u32) -> u32 {
     let w = src[select(i >> 1u, i, P.src_dtype == 0u)];
     let h = dt_elem(w, i, P.src_dtype);
-    // bf16 -> f32 is a shift in compute::cast (no quieting); f16 -> f32 quiets (F16C, `half`).
-    return dt_from_f32(dt_to_f32(h, P.src_dtype), P.dst_dtype, false);
+    // bf16 -> f32 is a shift (no quieting); f16 -> f32 quiets a NaN, as the multiply in the CPU's routine does.
+    return dt_from_f32(dt_to_f32(h, P.src_dtype), P.dst_dtype, true);
 }
 
 @compute @workgroup_size(256)

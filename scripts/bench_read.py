@@ -11,26 +11,34 @@ sequential reads (1 MiB, into one buffer) of the first shard:
   (e), (f) the q8 and q4 variants, first read (dequantized on the fly)
 and the daemon's peak RSS (VmHWM).
 
-usage: scripts/bench_read.py [WORKDIR] [SIZE_MIB]   (build first: cargo build --release --examples)
+Each mount-and-read sequence runs REPS times (a fresh mount each time, so every first read decodes)
+and the table gives the median, with the daemon's and the reader's CPU seconds for the bytes read:
+the ratios of CPU cost do not depend on what else the machine is doing, the throughputs do.
+
+usage: scripts/bench_read.py [WORKDIR] [SIZE_MIB] [REPS]
+  build first: cargo build --release --bins --examples (without --features gpu: a GPU build's
+  `--backend auto` would calibrate on whatever adapter it finds); LLMFS=path picks another binary.
 """
-import json, os, subprocess, sys, time, shutil
+import json, os, resource, statistics, subprocess, sys, time, shutil
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-llmfs = os.path.join(root, "target/release/llmfs")
-gen = os.path.join(root, "target/release/examples/gen_model")
+llmfs = os.environ.get("LLMFS", os.path.join(root, "target/release/llmfs"))
+gen = os.environ.get("GEN", os.path.join(root, "target/release/examples/gen_model"))
 work = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "/tmp/llmfs-bench")
 size_mib = int(sys.argv[2]) if len(sys.argv) > 2 else 1100
+reps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 model, store, mnt = f"{work}/model", f"{work}/store", f"{work}/mnt"
 
 def sh(*args, **kw):
     return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
 
 def read_all(path, bs=1 << 20):
-    """Sequential read into one reused buffer (as dd does), so Python's allocations don't count."""
+    """Sequential read into one reused buffer (as dd does), so Python's allocations don't count.
+    Returns (bytes, wall seconds, this process's CPU seconds)."""
     buf = bytearray(bs)
     view = memoryview(buf)
     n = 0
-    t = time.perf_counter()
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
     try:
         while True:
@@ -40,7 +48,13 @@ def read_all(path, bs=1 << 20):
             n += got
     finally:
         os.close(fd)
-    return n, time.perf_counter() - t
+    wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+    return n, wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+def proc_cpu(pid):
+    """CPU seconds (user + system) process `pid` has used so far."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 def drop_caches():
     subprocess.run(["sync"])
@@ -72,42 +86,63 @@ shard = sorted(f for f in os.listdir(model) if f.endswith(".safetensors"))[0]
 read_all(f"{model}/{shard}")                     # warm the page cache with the base shard
 
 def mounted(env, reads):
-    """Mount (with extra environment), run the reads, unmount; returns rows and the daemon's peak RSS."""
+    """Mount (with extra environment), run the reads, unmount. Returns {label: (bytes, wall s,
+    daemon CPU s, reader CPU s)} and the daemon's peak RSS in KiB."""
     drop_caches()
     read_all(f"{model}/{shard}")
     subprocess.run([llmfs, "--store", store, "mount", mnt, "--cache-size", "256MiB"], check=True,
                    capture_output=True, env={**os.environ, **env})
+    out = {}
     try:
-        pid = sh("pgrep", "-f", f"llmfs --store {store} mount").split()[0]
-        rows = [(label, *read_all(path)) for label, path in reads]
+        pid = sh("pgrep", "-f", f"{llmfs} --store {store} mount").split()[0]
+        for label, path in reads:
+            c0 = proc_cpu(pid)
+            n, wall, reader_cpu = read_all(path)
+            out[label] = (n, wall, proc_cpu(pid) - c0, reader_cpu)
         hwm = int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")][0].split()[1])
     finally:
         subprocess.run([llmfs, "umount", mnt], capture_output=True)
-    return rows, hwm
+    return out, hwm
 
-rows = [("(a) base shard, page cache", *read_all(f"{model}/{shard}"))]
-r1, hwm1 = mounted({}, [
-    ("(b) base shard through the mount (FUSE passthrough)", f"{mnt}/bench/{shard}"),
-    ("(c) f16 cast, first read", f"{mnt}/bench-f16/{shard}"),
-    ("(d) f16 cast, re-read", f"{mnt}/bench-f16/{shard}"),
-    ("(e) q8 variant, first read", f"{mnt}/bench-q8/{shard}"),
-    ("(f) q4 variant, first read", f"{mnt}/bench-q4/{shard}"),
-])
-r2, hwm2 = mounted({"LLMFS_PASSTHROUGH": "0"}, [
-    ("(b') base shard through the daemon (passthrough off)", f"{mnt}/bench/{shard}"),
-])
-rows += r1 + r2
-g = {k.split(")")[0] + ")": n / t / 1e9 for k, n, t in rows}
+A, B, B2, C, D, E, F = ("(a) base shard, page cache", "(b) base shard through the mount (FUSE passthrough)",
+                        "(b') base shard through the daemon (passthrough off)", "(c) f16 cast, first read",
+                        "(d) f16 cast, re-read", "(e) q8 variant, first read", "(f) q4 variant, first read")
+runs, hwms = [], []
+for _ in range(reps):
+    n, wall, cpu = read_all(f"{model}/{shard}")
+    run = {A: (n, wall, 0.0, cpu)}
+    r, hwm1 = mounted({}, [(B, f"{mnt}/bench/{shard}")])
+    run.update(r)
+    # (b') and the variants in one mount: the ratios compare reads of the same daemon.
+    r, hwm2 = mounted({"LLMFS_PASSTHROUGH": "0"}, [
+        (B2, f"{mnt}/bench/{shard}"),
+        (C, f"{mnt}/bench-f16/{shard}"),
+        (D, f"{mnt}/bench-f16/{shard}"),
+        (E, f"{mnt}/bench-q8/{shard}"),
+        (F, f"{mnt}/bench-q4/{shard}"),
+    ])
+    run.update(r)
+    runs.append(run)
+    hwms += [hwm1, hwm2]
+
+def med(label, i):
+    return statistics.median(run[label][i] for run in runs)
+
+gbs = {k: statistics.median(run[k][0] / run[k][1] / 1e9 for run in runs) for k in runs[0]}
+g = {k.split(")")[0] + ")": v for k, v in gbs.items()}
 bd = g["(b')"]
-print(f"\nmodel {model_bytes / 2**30:.2f} GiB bf16, shard {rows[0][1] / 2**20:.0f} MiB, {os.cpu_count()} cores, --cache-size 256MiB\n")
-print("| measure | value |\n|---|---|")
-for k, n, t in rows:
-    print(f"| {k} | {n / t / 1e9:.2f} GB/s |")
-print(f"| (c)/(b') cast first read vs base through the daemon (target >= 0.9) | {g['(c)'] / bd:.2f} |")
-print(f"| (c)/(b) cast first read vs base with passthrough | {g['(c)'] / g['(b)']:.2f} |")
-print(f"| (d)/(a) re-read vs page cache (target >= 0.8) | {g['(d)'] / g['(a)']:.2f} |")
-print(f"| (e)/(b') q8 first read vs base through the daemon (target >= 0.9) | {g['(e)'] / bd:.2f} |")
-print(f"| (f)/(b') q4 first read vs base through the daemon | {g['(f)'] / bd:.2f} |")
-print(f"| daemon peak RSS, --cache-size 256MiB (target <= 320 MiB) | {max(hwm1, hwm2) / 1024:.0f} MiB |")
+print(f"\nmodel {model_bytes / 2**30:.2f} GiB bf16, shard {runs[0][A][0] / 2**20:.0f} MiB, {os.cpu_count()} cores, "
+      f"--cache-size 256MiB, median of {reps} runs\n")
+print("| measure | GB/s | daemon CPU s | reader CPU s |\n|---|---|---|---|")
+for k in runs[0]:
+    print(f"| {k} | {gbs[k]:.2f} | {med(k, 2):.2f} | {med(k, 3):.2f} |")
+cpu = {k.split(")")[0] + ")": med(k, 2) + med(k, 3) for k in runs[0]}
+cpu_bd = cpu["(b')"]
+print(f"| (c)/(b') cast first read vs base through the daemon (target >= 0.9) | {g['(c)'] / bd:.2f} | CPU cost {cpu['(c)'] / cpu_bd:.2f}x | |")
+print(f"| (c)/(b) cast first read vs base with passthrough | {g['(c)'] / g['(b)']:.2f} | | |")
+print(f"| (d)/(a) re-read vs page cache (target >= 0.8) | {g['(d)'] / g['(a)']:.2f} | | |")
+print(f"| (e)/(b') q8 first read vs base through the daemon (target >= 0.9) | {g['(e)'] / bd:.2f} | CPU cost {cpu['(e)'] / cpu_bd:.2f}x | |")
+print(f"| (f)/(b') q4 first read vs base through the daemon | {g['(f)'] / bd:.2f} | CPU cost {cpu['(f)'] / cpu_bd:.2f}x | |")
+print(f"| daemon peak RSS, --cache-size 256MiB (target <= 320 MiB) | {max(hwms) / 1024:.0f} MiB | | |")
 for name, secs in quant_secs.items():
-    print(f"| quantize {name}: throughput / disk ratio | {model_bytes / secs / 1e9:.2f} GB/s / {ratios[name]:.2f}x |")
+    print(f"| quantize {name}: throughput / disk ratio | {model_bytes / secs / 1e9:.2f} GB/s / {ratios[name]:.2f}x | | |")

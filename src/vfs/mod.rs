@@ -633,13 +633,17 @@ impl Fs {
                 Target::Staged { file, .. } => return Ok(Err(file.clone())),
             };
             // Sequential reads grow the read-ahead window (doubling up to MAX_PREFETCH); a seek
-            // resets it, as mountpoint-s3's prefetcher does.
-            if offset == h.next_offset && offset != 0 {
+            // resets it, as mountpoint-s3's prefetcher does. "Sequential" tolerates reordering:
+            // the kernel's read-ahead sends several requests at once and the FUSE threads take
+            // them in any order, so a read near the furthest point reached still counts.
+            let end = offset + size as u64;
+            if h.next_offset != 0 && offset.abs_diff(h.next_offset) <= MAX_PREFETCH {
                 h.window = (h.window * 2).clamp(CHUNK_SIZE, MAX_PREFETCH);
+                h.next_offset = h.next_offset.max(end);
             } else {
                 h.window = 0;
+                h.next_offset = end;
             }
-            h.next_offset = offset + size as u64;
             (file, h.next_offset, h.window)
         };
         if window > 0 {

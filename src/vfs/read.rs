@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::cache::ChunkCache;
+use crate::cache::{ChunkBuf, ChunkCache};
 use crate::variant::{Content, ReadError, SynthFile, SynthTensor, VFile};
 
 /// Output bytes per decoded chunk: large enough that per-chunk overhead (a cache lookup, a task)
@@ -21,7 +21,7 @@ pub const CHUNK_SIZE: u64 = 2 << 20;
 pub type ChunkKey = (u64, u32, u64);
 pub type Cache = ChunkCache<ChunkKey, ReadError>;
 /// A decoded chunk and the byte range of it a read wants.
-pub type ChunkSlice = (Arc<Vec<u8>>, Range<usize>);
+pub type ChunkSlice = (Arc<ChunkBuf>, Range<usize>);
 
 /// How many bytes a read of `size` at `offset` returns (fewer only at the end of the file).
 pub fn read_len(file: &VFile, offset: u64, size: u64) -> usize {
@@ -123,17 +123,15 @@ fn chunk_range(tensor: &SynthTensor, k: u64) -> Range<u64> {
     boundary(tensor, k)..boundary(tensor, k + 1)
 }
 
-fn chunk_bytes(tensor: &SynthTensor, file_id: u64, index: u32, chunk: u64, cache: &Cache) -> Result<Arc<Vec<u8>>, ReadError> {
+fn chunk_bytes(tensor: &SynthTensor, file_id: u64, index: u32, chunk: u64, cache: &Cache) -> Result<Arc<ChunkBuf>, ReadError> {
     let range = chunk_range(tensor, chunk);
-    cache.get_or_decode((file_id, index, chunk), range.end - range.start, || decode_chunk(tensor, range))
+    cache.get_or_decode((file_id, index, chunk), range.end - range.start, |out| decode_chunk(tensor, range, out))
 }
 
-fn decode_chunk(tensor: &SynthTensor, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
+fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Result<(), ReadError> {
     let esize = tensor.source.dtype().size() as u64;
-    let mut out = vec![0u8; (range.end - range.start) as usize];
     let first = ((range.start - tensor.start) / esize) as usize;
-    tensor.source.read(first..first + out.len() / esize as usize, &mut out)?;
-    Ok(out)
+    tensor.source.read(first..first + out.len() / esize as usize, out)
 }
 
 /// Decode, in the background, the chunks that a sequential reader will want next: those covering

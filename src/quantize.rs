@@ -134,12 +134,22 @@ fn quantize_bytes<T: QuantFloat + bytemuck::Pod>(bytes: &[u8], rows: usize, cols
     let data: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
     let qt = quant::quantize(&data, rows, cols, config);
     let back = qt.dequantize();
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in data.iter().zip(&back) {
-        let (x, y) = (x.to_f32() as f64, y.to_f32() as f64);
-        num += (y - x) * (y - x);
-        den += x * x;
-    }
+    // Partial sums per piece on all cores, added in order: the same result on every run.
+    use rayon::prelude::*;
+    let partial: Vec<(f64, f64)> = data
+        .par_chunks(1 << 16)
+        .zip(back.par_chunks(1 << 16))
+        .map(|(xs, ys)| {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (x, y) in xs.iter().zip(ys) {
+                let (x, y) = (x.to_f32() as f64, y.to_f32() as f64);
+                num += (y - x) * (y - x);
+                den += x * x;
+            }
+            (num, den)
+        })
+        .collect();
+    let (num, den) = partial.iter().fold((0f64, 0f64), |(n, d), (pn, pd)| (n + pn, d + pd));
     let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
     let mut parts = vec![qt.q, bytemuck::cast_slice(&qt.scale).to_vec()];
     if !config.symmetric {

@@ -217,6 +217,22 @@ impl<K: Hash + Eq + Clone, E: Clone> ChunkCache<K, E> {
     }
 }
 
+/// Run `f` with `len` bytes of this thread's scratch memory, reused across calls (a decode
+/// otherwise pays an allocation, zeroing and page faults per chunk). A nested call (a recipe
+/// over a recipe) finds the scratch taken and uses a fresh buffer.
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| s.set(buf));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

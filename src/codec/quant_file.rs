@@ -20,6 +20,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::quant::{QuantBytesView, QuantConfig, QuantFloat};
+use crate::cache::with_scratch;
 use crate::format::{Dtype, Header};
 use crate::variant::{ReadError, SourceFile};
 
@@ -122,22 +123,25 @@ impl QuantSource {
         };
         let esize = self.dtype.size();
         let (g_start, g_len) = (first_row * gpr * esize, rows * gpr * esize);
-        let mut q = vec![0u8; q_len];
-        self.file.read_exact_at(&mut q, self.q_offset + q_start as u64)?;
-        let mut scale = vec![0u8; g_len];
-        self.file.read_exact_at(&mut scale, self.scale_offset + g_start as u64)?;
-        let mut min = vec![];
-        if let Some(off) = self.min_offset {
-            min = vec![0u8; g_len];
-            self.file.read_exact_at(&mut min, off + g_start as u64)?;
-        }
-        let local = elems.start - first_row * self.cols..elems.end - first_row * self.cols;
-        match self.dtype {
-            Dtype::F16 => decode::<f16>(rows, self.cols, cfg, &q, &scale, &min, local, out),
-            Dtype::BF16 => decode::<bf16>(rows, self.cols, cfg, &q, &scale, &min, local, out),
-            Dtype::F32 => decode::<f32>(rows, self.cols, cfg, &q, &scale, &min, local, out),
-            other => Err(ReadError::Decode(format!("quantized tensor of dtype {other}"))),
-        }
+        let min_len = if self.min_offset.is_some() { g_len } else { 0 };
+        // Codes, scales and minimums in this thread's scratch: a fresh buffer per chunk cost
+        // a memset of its megabyte.
+        with_scratch(q_len + g_len + min_len, |buf| {
+            let (q, rest) = buf.split_at_mut(q_len);
+            let (scale, min) = rest.split_at_mut(g_len);
+            self.file.read_exact_at(q, self.q_offset + q_start as u64)?;
+            self.file.read_exact_at(scale, self.scale_offset + g_start as u64)?;
+            if let Some(off) = self.min_offset {
+                self.file.read_exact_at(min, off + g_start as u64)?;
+            }
+            let local = elems.start - first_row * self.cols..elems.end - first_row * self.cols;
+            match self.dtype {
+                Dtype::F16 => decode::<f16>(rows, self.cols, cfg, q, scale, min, local, out),
+                Dtype::BF16 => decode::<bf16>(rows, self.cols, cfg, q, scale, min, local, out),
+                Dtype::F32 => decode::<f32>(rows, self.cols, cfg, q, scale, min, local, out),
+                other => Err(ReadError::Decode(format!("quantized tensor of dtype {other}"))),
+            }
+        })
     }
 }
 

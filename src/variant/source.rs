@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use crate::cache::with_scratch;
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
 use crate::delta::import::LazyFactors;
@@ -189,20 +190,4 @@ impl TensorSource {
             }
         }
     }
-}
-
-/// Run `f` with `len` bytes of this thread's scratch memory, reused across calls (a decode
-/// otherwise pays an allocation, zeroing and page faults per chunk). A nested call (a recipe
-/// over a recipe) finds the scratch taken and uses a fresh buffer.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    thread_local! {
-        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    }
-    let mut buf = SCRATCH.with(|s| s.take());
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    let out = f(&mut buf[..len]);
-    SCRATCH.with(|s| s.set(buf));
-    out
 }

@@ -1,17 +1,30 @@
-//! `llmfs export`: materialize an entry's files without FUSE, through the same read path as the
-//! mount (so the bytes are the same as `cp -r` from it).
+//! `llmfs export`: materialize an entry's files without FUSE, through the same sources as the
+//! mount's read path (so the bytes are the same as `cp -r` from it).
+//!
+//! A synthesized file is written piece by piece in parallel: its header, then each tensor in
+//! pieces of whole elements, each decoded by the tensor's source straight into a per-thread
+//! buffer and written at its offset. Export reads every byte once, in order, so it bypasses the
+//! chunk cache the mount needs (no cached copies, no zeroed buffers per read); other files go
+//! through the read path.
 
-use std::fs::{self, OpenOptions};
+use std::cell::RefCell;
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::variant::EntryView;
+use crate::codec::delta::DELTA_CHUNK_ELEMS;
+use crate::variant::{Content, EntryView, SynthFile, VFile};
 use crate::vfs::{self, read, Cache};
 
-/// Bytes per parallel piece of a file: several chunks, so each rayon task decodes a few.
+/// Bytes per parallel piece of a file read through the read path: several chunks, so each rayon
+/// task decodes a few.
 const PIECE: u64 = 4 * read::CHUNK_SIZE;
+
+/// Elements per piece of a synthesized tensor: a whole number of lossless delta chunks (so no
+/// chunk is decoded twice), 2 MiB of bf16 like the read path's cache chunk.
+const PIECE_ELEMS: usize = 4 * DELTA_CHUNK_ELEMS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -21,12 +34,16 @@ pub enum ExportError {
     Read { file: String, source: crate::variant::ReadError },
 }
 
+thread_local! {
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Write every file of `view` into `out_dir` (created if missing; existing files are replaced).
 /// Like `cp`, it leaves flushing to the kernel (no fsync).
 pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -> Result<u64, ExportError> {
     let io = |path: &Path| { let path = path.to_owned(); move |source| ExportError::Io { path, source } };
     fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    // A small cache: export reads every chunk once, in order.
+    // A small cache for the files that go through the read path: it reads every chunk once.
     let cache = Cache::new(64 << 20);
     let mut total = 0;
     for file in &view.files {
@@ -34,15 +51,55 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
         let path = out_dir.join(&file.name);
         let out = OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(io(&path))?;
         out.set_len(file.size).map_err(io(&path))?;
-        (0..file.size.div_ceil(PIECE)).into_par_iter().try_for_each(|piece| {
-            let offset = piece * PIECE;
-            let bytes = read::read_range(file, offset, PIECE, &cache)
-                .map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
-            out.write_all_at(&bytes, offset).map_err(io(&path))?;
-            progress(bytes.len() as u64);
-            Ok(())
-        })?;
+        match &file.content {
+            Content::Synth(synth) => export_synth(file, synth, &out, &path, &progress)?,
+            _ => (0..file.size.div_ceil(PIECE)).into_par_iter().try_for_each(|piece| {
+                let offset = piece * PIECE;
+                let bytes = read::read_range(file, offset, PIECE, &cache)
+                    .map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
+                out.write_all_at(&bytes, offset).map_err(io(&path))?;
+                progress(bytes.len() as u64);
+                Ok(())
+            })?,
+        }
         total += file.size;
     }
     Ok(total)
+}
+
+/// A synthesized file: its header, then every tensor in pieces of [`PIECE_ELEMS`] elements.
+fn export_synth(file: &VFile, synth: &SynthFile, out: &File, path: &Path, progress: &(impl Fn(u64) + Sync)) -> Result<(), ExportError> {
+    let io = |source| ExportError::Io { path: path.to_owned(), source };
+    out.write_all_at(&synth.header, 0).map_err(io)?;
+    progress(synth.header.len() as u64);
+    let pieces: Vec<(usize, usize)> = synth
+        .tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            let numel = ((t.end - t.start) / t.source.dtype().size() as u64) as usize;
+            (0..numel.div_ceil(PIECE_ELEMS)).map(move |p| (i, p))
+        })
+        .collect();
+    pieces.into_par_iter().try_for_each(|(i, p)| {
+        let t = &synth.tensors[i];
+        let esize = t.source.dtype().size();
+        let numel = ((t.end - t.start) / esize as u64) as usize;
+        let elems = p * PIECE_ELEMS..((p + 1) * PIECE_ELEMS).min(numel);
+        let len = elems.len() * esize;
+        // Taken out while in use: a source may itself run rayon tasks on this thread.
+        let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let result = t
+            .source
+            .read(elems.clone(), &mut buf[..len])
+            .map_err(|source| ExportError::Read { file: file.name.clone(), source })
+            .and_then(|()| out.write_all_at(&buf[..len], t.start + (elems.start * esize) as u64).map_err(|source| ExportError::Io { path: path.to_owned(), source }));
+        BUF.with(|b| *b.borrow_mut() = buf);
+        result?;
+        progress(len as u64);
+        Ok(())
+    })
 }

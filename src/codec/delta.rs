@@ -837,30 +837,11 @@ pub fn encode_lossless_with(
     let n = target.len() / esize;
     let frames: Vec<Vec<u8>> = (0..chunk_count(n))
         .into_par_iter()
-        .map_init(
-            || {
-                let mut c = zstd::bulk::Compressor::new(level).expect("zstd compression context");
-                c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-                    .expect("zstd checksum flag");
-                c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))
-                    .expect("zstd content size flag");
-                (c, Vec::new())
-            },
-            |(comp, payload), c| {
-                let r = chunk_elems(c, n);
-                let bytes = r.start * esize..r.end * esize;
-                payload.resize(bytes.len(), 0);
-                chunk_payload(
-                    opts,
-                    esize,
-                    &target[bytes.clone()],
-                    base.map(|b| &b[bytes]),
-                    payload,
-                );
-                // Compressing into a Vec cannot fail but for allocation failure.
-                comp.compress(payload).expect("zstd compress")
-            },
-        )
+        .map(|c| {
+            let r = chunk_elems(c, n);
+            let bytes = r.start * esize..r.end * esize;
+            encode_chunk_with(&target[bytes.clone()], base.map(|b| &b[bytes]), esize, level, opts)
+        })
         .collect();
     let mut offsets = Vec::with_capacity(frames.len() + 1);
     offsets.push(0u64);
@@ -874,6 +855,53 @@ pub fn encode_lossless_with(
         frames: all,
         offsets,
     }
+}
+
+thread_local! {
+    /// Per thread: a zstd compression context for one level (with the content size and checksum
+    /// flags set), the payload scratch (one chunk of planes) and the output scratch (zstd's bound
+    /// for one chunk), reused across chunks so encoding allocates only each frame it returns.
+    static ENCODER: RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>, Vec<u8>)>> = const { RefCell::new(None) };
+}
+
+/// Encode ONE chunk of a tensor's lossless delta with [`LosslessOptions::default_for`]`(esize)`:
+/// `target` is the chunk's elements ([`chunk_elems`]), `base` the base's same elements (None for
+/// a tensor with no base). Returns the chunk's zstd frame, exactly the frame
+/// [`encode_lossless`] stores for that chunk, so a tensor can be coded chunk by chunk as its bytes
+/// arrive (the `deltas/` write path) and read back with [`decode_lossless_chunk`].
+///
+/// # Panics
+/// Like [`encode_lossless`], and if `target` holds more than [`DELTA_CHUNK_ELEMS`] elements.
+pub fn encode_lossless_chunk(target: &[u8], base: Option<&[u8]>, esize: usize, level: i32) -> Vec<u8> {
+    let opts = LosslessOptions::default_for(esize);
+    assert!(esize > 0 && target.len() % esize == 0, "target is not a whole number of elements");
+    assert!(base.is_none_or(|b| b.len() == target.len()), "base and target lengths differ");
+    assert!(target.len() / esize <= DELTA_CHUNK_ELEMS, "more than one chunk");
+    encode_chunk_with(target, base, esize, level, opts)
+}
+
+fn encode_chunk_with(target: &[u8], base: Option<&[u8]>, esize: usize, level: i32, opts: LosslessOptions) -> Vec<u8> {
+    ENCODER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, ..)| *l != level) {
+            let mut c = zstd::bulk::Compressor::new(level).expect("zstd compression context");
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                .expect("zstd checksum flag");
+            c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))
+                .expect("zstd content size flag");
+            *cell = Some((level, c, Vec::new(), Vec::new()));
+        }
+        let (_, comp, payload, out) = cell.as_mut().expect("just set");
+        payload.resize(target.len(), 0);
+        chunk_payload(opts, esize, target, base, payload);
+        let bound = zstd::zstd_safe::compress_bound(target.len());
+        if out.len() < bound {
+            out.resize(bound, 0);
+        }
+        // The output holds zstd's bound, so compressing cannot fail but for allocation failure.
+        let n = comp.compress_to_buffer(&payload[..], &mut out[..]).expect("zstd compress");
+        out[..n].to_vec()
+    })
 }
 
 /// zstd's frame magic number, little-endian (RFC 8878, 3.1.1).

@@ -25,6 +25,7 @@
 pub mod import;
 pub mod make;
 pub mod source;
+pub mod stream;
 pub mod view;
 
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,17 @@ use crate::codec::delta as codec;
 use crate::format::{Dtype, Header};
 use crate::variant::{ReadError, SourceFile, TensorSource};
 
+thread_local! {
+    /// Per thread: a stored frame, the base's bytes of its chunk, and a decoded chunk (for reads
+    /// that cover only part of it).
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+thread_local! {
+    /// Per thread, for lossy deltas: the base's bytes, the codes and the scales of a read.
+    static LOSSY_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
 /// A losslessly coded tensor in a container, against a base tensor (or none: stored whole).
 #[derive(Debug)]
 pub struct LosslessSource {
@@ -42,7 +53,6 @@ impl LosslessSource {
     }
 
     pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
-        let esize = self.dtype.size();
         if elems.is_empty() {
             return Ok(());
         }
@@ -53,23 +63,64 @@ impl LosslessSource {
                 break;
             }
             let frame_range = self.offsets[chunk]..self.offsets[chunk + 1];
-            let mut frame = vec![0u8; (frame_range.end - frame_range.start) as usize];
-            self.file.read_exact_at(&mut frame, self.frames_at + frame_range.start)?;
-            let base = match &self.base {
-                Some(b) => {
-                    let mut bytes = vec![0u8; range.len() * esize];
-                    b.read(range.clone(), &mut bytes)?;
-                    Some(bytes)
-                }
-                None => None,
-            };
-            let mut decoded = vec![0u8; range.len() * esize];
-            codec::decode_lossless_chunk(&frame, base.as_deref(), esize, &mut decoded)
-                .map_err(|e| ReadError::Decode(format!("{}: chunk {chunk}: {e}", self.file.path.display())))?;
             let (lo, hi) = (range.start.max(elems.start), range.end.min(elems.end));
-            out[(lo - elems.start) * esize..(hi - elems.start) * esize]
-                .copy_from_slice(&decoded[(lo - range.start) * esize..(hi - range.start) * esize]);
+            // Per-thread buffers, grown (never zeroed again) to the largest chunk: a read
+            // allocates nothing and a chunk wholly inside `elems` decodes straight into `out`.
+            // Taken out while in use, so a base that is itself a delta (a chain) gets its own.
+            let mut bufs = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+            let result = self.read_chunk(chunk, range.clone(), frame_range, &mut bufs, (lo, hi), elems.start, out);
+            SCRATCH.with(|s| *s.borrow_mut() = bufs);
+            result?;
             chunk += 1;
+        }
+        Ok(())
+    }
+}
+
+impl LosslessSource {
+    /// Decode chunk `chunk` (elements `range`, its frame at `frame_range`) and put its elements
+    /// `lo..hi` into `out`, which holds elements from `out_start` on.
+    #[allow(clippy::too_many_arguments)]
+    fn read_chunk(
+        &self,
+        chunk: usize,
+        range: Range<usize>,
+        frame_range: Range<u64>,
+        (frame, base, decoded): &mut (Vec<u8>, Vec<u8>, Vec<u8>),
+        (lo, hi): (usize, usize),
+        out_start: usize,
+        out: &mut [u8],
+    ) -> Result<(), ReadError> {
+        let esize = self.dtype.size();
+        let grow = |v: &mut Vec<u8>, n: usize| {
+            if v.len() < n {
+                v.resize(n, 0);
+            }
+        };
+        let flen = (frame_range.end - frame_range.start) as usize;
+        grow(frame, flen);
+        self.file.read_exact_at(&mut frame[..flen], self.frames_at + frame_range.start)?;
+        let blen = range.len() * esize;
+        let base = match &self.base {
+            Some(b) => {
+                grow(base, blen);
+                b.read(range.clone(), &mut base[..blen])?;
+                Some(&base[..blen])
+            }
+            None => None,
+        };
+        let whole = lo == range.start && hi == range.end;
+        let dst = if whole {
+            &mut out[(lo - out_start) * esize..(hi - out_start) * esize]
+        } else {
+            grow(decoded, blen);
+            &mut decoded[..blen]
+        };
+        codec::decode_lossless_chunk(&frame[..flen], base, esize, dst)
+            .map_err(|e| ReadError::Decode(format!("{}: chunk {chunk}: {e}", self.file.path.display())))?;
+        if !whole {
+            out[(lo - out_start) * esize..(hi - out_start) * esize]
+                .copy_from_slice(&decoded[(lo - range.start) * esize..(hi - range.start) * esize]);
         }
         Ok(())
     }
@@ -120,23 +171,31 @@ impl LossySource {
         if elems.is_empty() {
             return Ok(());
         }
-        let mut base = vec![0u8; out.len()];
-        self.base.read(elems.clone(), &mut base)?;
+        // Per-thread buffers (see LosslessSource::read): taken out while in use, put back after.
+        let mut bufs = LOSSY_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let result = self.read_with(elems, out, &mut bufs);
+        LOSSY_SCRATCH.with(|s| *s.borrow_mut() = bufs);
+        result
+    }
+
+    fn read_with(&self, elems: Range<usize>, out: &mut [u8], (base, code_bytes, scales): &mut (Vec<u8>, Vec<u8>, Vec<f32>)) -> Result<(), ReadError> {
+        base.resize(out.len(), 0);
+        self.base.read(elems.clone(), base)?;
         let (codes, scale_range) = match self.codec {
             LossyCodec::Q8 => (elems.clone(), codec::q8_groups(&elems)),
             LossyCodec::Bitdelta { cols } => (codec::bitdelta_sign_bytes(&elems), codec::bitdelta_rows(cols, &elems)),
         };
-        let mut code_bytes = vec![0u8; codes.len()];
-        self.file.read_exact_at(&mut code_bytes, self.codes_at + codes.start as u64)?;
-        let mut scale_bytes = vec![0u8; scale_range.len() * 4];
-        self.file.read_exact_at(&mut scale_bytes, self.scales_at + scale_range.start as u64 * 4)?;
-        let scales: Vec<f32> = scale_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        code_bytes.resize(codes.len(), 0);
+        self.file.read_exact_at(code_bytes, self.codes_at + codes.start as u64)?;
+        scales.resize(scale_range.len(), 0.0);
+        let scale_bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut scales[..]);
+        self.file.read_exact_at(scale_bytes, self.scales_at + scale_range.start as u64 * 4)?;
+        for s in scales.iter_mut() {
+            *s = f32::from_bits(u32::from_le(s.to_bits()));
+        }
         match self.codec {
-            LossyCodec::Q8 => {
-                let q: Vec<i8> = code_bytes.iter().map(|&b| b as i8).collect();
-                codec::decode_q8_range(&q, &scales, &base, self.dtype, elems, out);
-            }
-            LossyCodec::Bitdelta { cols } => codec::decode_bitdelta_range(&code_bytes, &scales, &base, self.dtype, cols, elems, out),
+            LossyCodec::Q8 => codec::decode_q8_range(bytemuck::cast_slice(&code_bytes[..]), scales, base, self.dtype, elems, out),
+            LossyCodec::Bitdelta { cols } => codec::decode_bitdelta_range(code_bytes, scales, base, self.dtype, cols, elems, out),
         }
         Ok(())
     }

@@ -186,6 +186,31 @@ fn multi_chunk_round_trip() {
     }
 }
 
+/// Coding chunk by chunk (the write path codes each chunk as its bytes arrive) gives exactly the
+/// frames of coding the whole tensor, and they decode back.
+#[test]
+fn chunk_by_chunk_equals_whole_tensor() {
+    for esize in [1usize, 2, 3, 4] {
+        let n = 2 * DELTA_CHUNK_ELEMS + 777;
+        let base = crate::demo::random_tensor(esize as u64 + 9, n * esize / 2 + 1, crate::format::Dtype::BF16, false);
+        let base = &base[..n * esize];
+        let target = near(base, esize, 3);
+        for b in [Some(base), None] {
+            let whole = encode_lossless(&target, b, esize, DEFAULT_LEVEL);
+            assert_eq!(whole.n_chunks(), chunk_count(n));
+            for c in 0..chunk_count(n) {
+                let r = chunk_elems(c, n);
+                let bytes = r.start * esize..r.end * esize;
+                let frame = encode_lossless_chunk(&target[bytes.clone()], b.map(|b| &b[bytes.clone()]), esize, DEFAULT_LEVEL);
+                assert_eq!(frame, whole.frame(c), "esize {esize}, chunk {c}, base {}", b.is_some());
+                let mut out = vec![0u8; bytes.len()];
+                decode_lossless_chunk(&frame, b.map(|b| &b[bytes.clone()]), esize, &mut out).unwrap();
+                assert!(out == target[bytes], "esize {esize}, chunk {c}: round trip");
+            }
+        }
+    }
+}
+
 #[test]
 fn identical_target_compresses_to_almost_nothing() {
     let n = DELTA_CHUNK_ELEMS;

@@ -978,6 +978,41 @@ fn delta_make_refuses_bad_input_with_one_line() {
     fx.check_ok();
 }
 
+/// Any close of any descriptor of a file sends the daemon a FLUSH: here a dup's, as a forked
+/// child's exec does with the descriptors it inherited while the parent still writes. That FLUSH
+/// stores the file as it is then; the writer's own close must store it again, complete. (It once
+/// ended the staging instead, and the rest of the file was lost: found by tests run in parallel,
+/// whose spawned commands inherited other tests' descriptors.)
+#[test]
+fn a_flush_midway_through_a_write_does_not_lose_the_rest() {
+    let fx = Fx::new();
+    let ft = fx.finetune("ft", 21);
+    let m = fx.mount();
+    let d = m.path().join("base/deltas/mid");
+    fs::create_dir(&d).unwrap();
+    let want = files_of(&ft);
+    let (dir, files) = (d.clone(), want.clone());
+    with_deadline("writing with flushes midway", OP, move || {
+        for (name, bytes) in &files {
+            let mut f = File::create(dir.join(name)).unwrap();
+            for piece in bytes.chunks(bytes.len().div_ceil(3).max(1)) {
+                f.write_all(piece).unwrap();
+                // SAFETY: a dup of our open descriptor, closed at once.
+                unsafe {
+                    let fd = libc::dup(std::os::fd::AsRawFd::as_raw_fd(&f));
+                    assert!(fd >= 0);
+                    libc::close(fd);
+                }
+            }
+            close_checked(f).unwrap_or_else(|e| panic!("close of {name}: {e}"));
+        }
+    });
+    assert_same_files(&read_files(&m.path().join("mid")), &want, "MOUNT/mid");
+    assert_same_files(&read_files(&d), &want, "MOUNT/base/deltas/mid");
+    assert_same_files(&files_of(&fx.export("mid")), &want, "export of mid");
+    fx.check_ok();
+}
+
 #[test]
 fn a_truncated_file_written_into_deltas_is_stored_verbatim() {
     let fx = Fx::new();
@@ -1255,5 +1290,103 @@ fn deltas_over_a_cast_and_over_a_delta() {
     assert_same_files(&read_files(&m.path().join("d4")), &want32, "MOUNT/d4 (written over a cast)");
     let e = fx.info("d3");
     assert_eq!((e["kind"].as_str(), e["recipe"]["base"].as_str()), (Some("delta"), Some("d2")));
+    fx.check_ok();
+}
+
+/// The containers of entry `name` in the store, by file.
+fn containers_of(fx: &Fx, name: &str) -> BTreeMap<String, Vec<u8>> {
+    files_of(&fx.ts.store.join("models").join(name))
+}
+
+/// Files written into `deltas/` are coded while they are written (`delta::stream`) when their
+/// bytes come in order; out of order, rewritten or interleaved with other files, they still read
+/// back byte-identical, and whichever way a file was coded its container is the very one `delta
+/// make` writes for the same bytes.
+#[test]
+fn streamed_writes_store_what_delta_make_stores() {
+    let fx = Fx::new();
+    let ft = fx.finetune("ft", 21);
+    let ft2 = fx.finetune("ft2", 22);
+    let want = files_of(&ft);
+    let want2 = files_of(&ft2);
+    fx.make("mk", "base", &ft, None);
+    let made = containers_of(&fx, "mk");
+    let m = fx.mount();
+    let deltas = m.path().join("base/deltas");
+
+    // 1. cp -r: in order.
+    fs::create_dir(deltas.join("cp")).unwrap();
+    cp_r_ok(&ft, &deltas.join("cp"));
+
+    // 2. Both shards through two descriptors at once, pieces of an odd size taken in turn.
+    fs::create_dir(deltas.join("inter")).unwrap();
+    let dir = deltas.join("inter");
+    let files = want.clone();
+    with_deadline("interleaved writers", OP, move || {
+        let mut open: Vec<(File, &Vec<u8>, usize)> = files
+            .iter()
+            .map(|(n, b)| (OpenOptions::new().write(true).create(true).truncate(true).open(dir.join(n)).unwrap(), b, 0))
+            .collect();
+        const PIECE: usize = 100_003;
+        while open.iter().any(|(_, b, at)| at < &b.len()) {
+            for (f, b, at) in open.iter_mut() {
+                let end = (*at + PIECE).min(b.len());
+                f.write_all_at(&b[*at..end], *at as u64).unwrap();
+                *at = end;
+            }
+        }
+        for (f, _, _) in open {
+            close_checked(f).unwrap();
+        }
+    });
+
+    // 3. A gap filled last (writes past the prefix wait for it), and 4. a rewrite below the
+    // prefix (bytes already coded change: the file is coded again at close).
+    fs::create_dir(deltas.join("gap")).unwrap();
+    fs::create_dir(deltas.join("rew")).unwrap();
+    let (gap, rew) = (deltas.join("gap"), deltas.join("rew"));
+    let (files, files2) = (want.clone(), want2.clone());
+    let mixed = with_deadline("gap and rewrite", OP, move || {
+        let mut mixed = BTreeMap::new();
+        for (name, bytes) in &files {
+            let (a, b) = (bytes.len() / 3, 2 * bytes.len() / 3);
+            let f = OpenOptions::new().write(true).create(true).truncate(true).open(gap.join(name)).unwrap();
+            f.write_all_at(&bytes[..a], 0).unwrap();
+            f.write_all_at(&bytes[b..], b as u64).unwrap();
+            f.write_all_at(&bytes[a..b], a as u64).unwrap();
+            close_checked(f).unwrap();
+
+            let f = OpenOptions::new().write(true).create(true).truncate(true).open(rew.join(name)).unwrap();
+            f.write_all_at(bytes, 0).unwrap();
+            let mut end = bytes.clone();
+            let other = &files2[name];
+            if other.len() == bytes.len() && name.ends_with(".safetensors") {
+                // Same layout (same base): the second half of the data from the other fine-tune.
+                let h = format::parse_header(bytes).unwrap();
+                let from = (h.data_start as usize + bytes.len()) / 2;
+                f.write_all_at(&other[from..], from as u64).unwrap();
+                end[from..].copy_from_slice(&other[from..]);
+            }
+            close_checked(f).unwrap();
+            mixed.insert(name.clone(), end);
+        }
+        mixed
+    });
+    assert_ne!(mixed, want, "the rewrite changed nothing");
+
+    for (name, what) in [("cp", &want), ("inter", &want), ("gap", &want), ("rew", &mixed)] {
+        assert_same_files(&read_files(&m.path().join(name)), what, &format!("MOUNT/{name}"));
+        assert_same_files(&read_files(&deltas.join(name)), what, &format!("MOUNT/base/deltas/{name}"));
+    }
+    drop(m);
+    for name in ["cp", "inter", "gap"] {
+        let got = containers_of(&fx, name);
+        assert_eq!(got.keys().collect::<Vec<_>>(), made.keys().collect::<Vec<_>>(), "files of {name}");
+        for (file, bytes) in &made {
+            assert!(got[file] == *bytes, "{name}/{file}: the container differs from delta make's");
+        }
+    }
+    assert_same_files(&files_of(&fx.export("rew")), &mixed, "export of rew");
+    assert!(fx.tmp_listing().is_empty(), "staging left behind: {:?}", fx.tmp_listing());
     fx.check_ok();
 }

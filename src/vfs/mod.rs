@@ -149,7 +149,9 @@ enum Target {
     Read(VFile),
     /// A file being written into `deltas/NEW/`, staged on disk until close().
     /// `failed`: a write failed (a full disk): the file is incomplete and must not be stored.
-    Staged { file: Arc<std::fs::File>, base: String, name: String, fname: String, dirty: bool, failed: bool },
+    /// `writer`: opened for writing (counted by the staging, which drops the staged copy when
+    /// the last writer is released).
+    Staged { file: Arc<std::fs::File>, base: String, name: String, fname: String, dirty: bool, failed: bool, writer: bool },
 }
 
 pub struct Fs {
@@ -223,11 +225,13 @@ impl Fs {
                     .filter(|(n, e)| registry.entries.get(*n).is_none_or(|new| new.generation() != e.generation()))
                     .map(|(n, _)| n.clone())
                     .collect();
-                for name in stale {
-                    catalog.views.remove(&name);
+                for name in &stale {
+                    catalog.views.remove(name);
                 }
                 if let Some(forget) = self.forget_name.get() {
-                    for name in &gone {
+                    // Gone entries, and changed ones (a delta stored again through deltas/ keeps
+                    // its inodes): the kernel forgets their names, and with them cached sizes.
+                    for name in gone.iter().chain(&stale) {
                         forget(name);
                     }
                 }
@@ -458,15 +462,18 @@ impl Fs {
                         // Rewriting a stored file: stage its bytes first, so a partial write
                         // changes only what it covers (the kernel sends O_TRUNC as a separate
                         // truncate when it did not negotiate atomic O_TRUNC).
-                        stage_copy(stored, &f).map_err(|e| FsError::eio(format!("{name}/{file}: {e}")))?;
+                        if let Err(e) = stage_copy(stored, &f) {
+                            self.staging.closed(&entry, &name, &file);
+                            return Err(FsError::eio(format!("{name}/{file}: {e}")));
+                        }
                     }
-                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: truncate, failed: false };
+                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: truncate, failed: false, writer: true };
                     return Ok(self.insert_handle(ino, target));
                 }
                 if let Some(path) = self.staging.staged_path(&entry, &name, &file) {
                     // A reader of a file still being written sees what is staged.
                     let f = std::fs::File::open(path).map_err(|e| FsError::eio(e.to_string()))?;
-                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: false, failed: false };
+                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: false, failed: false, writer: false };
                     return Ok(self.insert_handle(ino, target));
                 }
                 (Target::Read(committed?), format!("{entry}/deltas/{name}/{file}"))
@@ -511,29 +518,32 @@ impl Fs {
         let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.to_owned() };
         let ino = self.ino(node.clone());
         let attr = self.attr_of(ino, &node)?;
-        let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file.to_owned(), dirty: true, failed: false };
+        let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file.to_owned(), dirty: true, failed: false, writer: true };
         Ok((attr, self.insert_handle(ino, target)))
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let file = {
+        let (file, base, name, fname) = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             match handles.get_mut(&fh).map(|h| &mut h.target) {
-                Some(Target::Staged { file, dirty, .. }) => {
+                Some(Target::Staged { file, dirty, base, name, fname, .. }) => {
                     *dirty = true;
-                    file.clone()
+                    (file.clone(), base.clone(), name.clone(), fname.clone())
                 }
                 Some(Target::Read(_)) => return Err(FsError::new(libc::EBADF)),
                 None => return Err(FsError::new(libc::EBADF)),
             }
         };
-        write::write_at(&file, offset, data).inspect_err(|_| {
+        let n = write::write_at(&file, offset, data).inspect_err(|_| {
             if let Some(Handle { target: Target::Staged { failed, .. }, .. }) =
                 self.handles.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&fh)
             {
                 *failed = true;
             }
-        })
+        })?;
+        // Code what the file now holds in order while the copy goes on (delta::stream).
+        self.staging.written(&base, &name, &fname, offset, data.len() as u64);
+        Ok(n)
     }
 
     /// `truncate`/`ftruncate` of a file being written (cp may size it first).
@@ -544,6 +554,7 @@ impl Fs {
         };
         let path = self.staging.staged_path(entry, name, file).ok_or(FsError::new(libc::EPERM))?;
         std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(size)).map_err(|e| FsError::eio(e.to_string()))?;
+        self.staging.resized(&self.store, entry, name, file, size);
         self.attr_of(ino, &node)
     }
 
@@ -664,7 +675,11 @@ impl Fs {
                 self.staging.discard(base, name, fname);
             }
         }
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
+        if let Some(Handle { target: Target::Staged { base, name, fname, writer: true, .. }, .. }) =
+            self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh)
+        {
+            self.staging.closed(&base, &name, &fname);
+        }
     }
 }
 

@@ -848,6 +848,12 @@ fn dequantize_core<T: QuantFloat, P: Params<T>>(
     }
     #[cfg(target_arch = "x86_64")]
     {
+        // f16 and bf16 scales can divide with an FMA (exact for all of them: see `divide`).
+        if T::SIZE == 2 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: `dequantize_core_avx2_fma` only requires AVX2 and FMA, just checked.
+            unsafe { dequantize_core_avx2_fma(cfg, q, params, elems, cols, out) };
+            return;
+        }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: `dequantize_core_avx2` only requires the CPU to support AVX2, which was
             // just checked.
@@ -855,7 +861,22 @@ fn dequantize_core<T: QuantFloat, P: Params<T>>(
             return;
         }
     }
-    dequantize_segments(cfg, q, params, elems, cols, out);
+    dequantize_segments::<T, P, false>(cfg, q, params, elems, cols, out);
+}
+
+/// [`dequantize_core_avx2`] with the division done by [`divide`]'s FMA sequence, for 2-byte
+/// dtypes whose scales it is proven exact for.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequantize_core_avx2_fma<T: QuantFloat, P: Params<T>>(
+    cfg: QuantConfig,
+    q: &[u8],
+    params: &P,
+    elems: Range<usize>,
+    cols: usize,
+    out: &mut [T],
+) {
+    dequantize_segments::<T, P, true>(cfg, q, params, elems, cols, out);
 }
 
 /// The same loop compiled for AVX2: the division and the conversions run 8 lanes wide instead
@@ -871,12 +892,12 @@ unsafe fn dequantize_core_avx2<T: QuantFloat, P: Params<T>>(
     cols: usize,
     out: &mut [T],
 ) {
-    dequantize_segments(cfg, q, params, elems, cols, out);
+    dequantize_segments::<T, P, false>(cfg, q, params, elems, cols, out);
 }
 
 /// The body of [`dequantize_core`], inlined into each instruction-set variant.
 #[inline(always)]
-fn dequantize_segments<T: QuantFloat, P: Params<T>>(
+fn dequantize_segments<T: QuantFloat, P: Params<T>, const FMA: bool>(
     cfg: QuantConfig,
     q: &[u8],
     params: &P,
@@ -906,7 +927,7 @@ fn dequantize_segments<T: QuantFloat, P: Params<T>>(
             for (x, v) in b.iter_mut().enumerate() {
                 *v = nibble_value(x as u8, cfg.symmetric);
             }
-            finish_chunk::<T>(b, s, m, cfg.symmetric);
+            finish_chunk::<T, FMA>(b, s, m, cfg.symmetric);
             let mut lut = [T::default(); 16];
             T::from_f32_slice(b, &mut lut);
             lookup_nibbles(q, k, &lut, &mut out[o..o + n_left]);
@@ -916,7 +937,7 @@ fn dequantize_segments<T: QuantFloat, P: Params<T>>(
                 let n = n_left.min(CHUNK);
                 let b = &mut buf[..n];
                 decode_codes(q, cfg, k, b);
-                finish_chunk::<T>(b, s, m, cfg.symmetric);
+                finish_chunk::<T, FMA>(b, s, m, cfg.symmetric);
                 T::from_f32_slice(b, &mut out[o..o + n]);
                 k += n;
                 o += n;
@@ -933,16 +954,37 @@ const LUT_MIN: usize = 32;
 /// The ops of compression.py:294 (symmetric) or 297-298 (asymmetric) on decoded codes, in f32,
 /// with the intermediate rounding to `T`; the caller does the final rounding to `T`.
 #[inline(always)]
-fn finish_chunk<T: QuantFloat>(b: &mut [f32], s: f32, m: f32, symmetric: bool) {
+fn finish_chunk<T: QuantFloat, const FMA: bool>(b: &mut [f32], s: f32, m: f32, symmetric: bool) {
     // `data / scale`: a true division, one rounding to T.
-    for v in b.iter_mut() {
-        *v /= s;
-    }
+    divide::<FMA>(b, s);
     if !symmetric {
         // `data.add_(mn)`: the quotient was stored as T first.
         T::round_slice(b);
         for v in b.iter_mut() {
             *v += m;
+        }
+    }
+}
+
+/// `v / s` for each value, correctly rounded. With `FMA` (and `s`, `1/s` well inside the normal
+/// range) without a
+/// division per value: q = v·r for r = 1/s, then q + (v − q·s)·r, whose residual the FMA computes
+/// exactly (Markstein's correction). A division costs several times the two FMAs and was the
+/// bound of dequantization; the sequence is used only where it is proven to give the quotient's
+/// bits: for every code value (−128..=255) over every f16 and every bf16 scale, which
+/// `fma_division_is_exact_for_every_code_and_every_half_scale` checks one by one.
+#[inline(always)]
+fn divide<const FMA: bool>(b: &mut [f32], s: f32) {
+    let r = 1.0 / s;
+    // Away from the ends of the range: v·r must neither overflow (|v| < 256) nor go subnormal.
+    if FMA && s.is_normal() && r.is_normal() && r.abs() < 1e36 && r.abs() > 1e-30 {
+        for v in b.iter_mut() {
+            let q = *v * r;
+            *v = (-q).mul_add(s, *v).mul_add(r, q);
+        }
+    } else {
+        for v in b.iter_mut() {
+            *v /= s;
         }
     }
 }
@@ -1063,6 +1105,43 @@ pub fn dequantize_reference<T: QuantFloat>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `divide::<true>` compiled as dequantization runs it.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn divide_fma(b: &mut [f32], s: f32) {
+        divide::<true>(b, s);
+    }
+
+    /// The proof behind the FMA division: every code value a stored tensor can hold, over every
+    /// scale an f16 or bf16 tensor can store, gives the bits of the IEEE quotient (as FastChat's
+    /// torch division does). Skipped only on a CPU without AVX2+FMA, where it is not used.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn fma_division_is_exact_for_every_code_and_every_half_scale() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let codes: Vec<f32> = (-128..=255).map(|c| c as f32).collect();
+        let mut got = codes.clone();
+        for bits in 0..=u16::MAX {
+            for s in [f16::from_bits(bits).to_f32(), bf16::from_bits(bits).to_f32()] {
+                got.copy_from_slice(&codes);
+                // SAFETY: AVX2 and FMA were checked above.
+                unsafe { divide_fma(&mut got, s) };
+                for (c, g) in codes.iter().zip(&got) {
+                    let want = c / s;
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "{c} / {s:e} ({:#x}): {g:e} ({:#x}), want {want:e} ({:#x})",
+                        s.to_bits(),
+                        g.to_bits(),
+                        want.to_bits()
+                    );
+                }
+            }
+        }
+    }
 
     /// xorshift: deterministic test data without another dependency.
     struct Rng(u64);

@@ -235,7 +235,7 @@ mod sealed {
 /// rounded to `Self` after each op ([`QuantFloat::round`]), which is what torch's CPU kernels
 /// do for reduced-precision types (`opmath_t` = float, one rounding per op).
 pub trait QuantFloat:
-    Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static + sealed::Sealed
+    Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + bytemuck::Pod + 'static + sealed::Sealed
 {
     /// The safetensors dtype name.
     const DTYPE: &'static str;
@@ -798,6 +798,13 @@ pub fn dequantize_range_bytes<T: QuantFloat>(
         min: qt.min,
         _t: std::marker::PhantomData,
     };
+    if cfg!(target_endian = "little") {
+        if let Ok(typed) = bytemuck::try_cast_slice_mut::<u8, T>(out) {
+            // Aligned (chunk buffers and scratch are): decode in place, in one call.
+            dequantize_core::<T, _>(qt.rows, qt.cols, qt.config, qt.q, &params, elems, typed);
+            return;
+        }
+    }
     let mut tmp = [T::default(); CHUNK];
     let mut start = elems.start;
     for out_chunk in out.chunks_mut(CHUNK * T::SIZE) {
@@ -1227,6 +1234,10 @@ mod tests {
                 dequantize_range_bytes::<T>(view, range.clone(), &mut got_b);
                 let want_b: Vec<u8> = want[range.clone()].iter().flat_map(|s| le(*s)).collect();
                 assert_eq!(got_b, want_b, "bytes {cfg:?} {range:?}");
+                // An output that is not aligned for T takes the copying path: the same bytes.
+                let mut odd = vec![0u8; range.len() * T::SIZE + 1];
+                dequantize_range_bytes::<T>(view, range.clone(), &mut odd[1..]);
+                assert_eq!(&odd[1..], &want_b[..], "unaligned bytes {cfg:?} {range:?}");
             }
         }
     }

@@ -2,18 +2,18 @@
 //! mount's read path (so the bytes are the same as `cp -r` from it).
 //!
 //! A synthesized file is written piece by piece in parallel: its header, then each tensor in
-//! pieces of whole elements, each decoded by the tensor's source straight into a per-thread
-//! buffer and written at its offset. Export reads every byte once, in order, so it bypasses the
-//! chunk cache the mount needs (no cached copies, no zeroed buffers per read); other files go
-//! through the read path.
+//! pieces of whole elements, each decoded by the tensor's source straight into the thread's
+//! scratch buffer and written at its offset. Export reads every byte once, in order, so it
+//! bypasses the chunk cache the mount needs (no cached copies, no zeroed buffers per read);
+//! other files go through the read path.
 
-use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
 
+use crate::cache::with_scratch;
 use crate::codec::delta::DELTA_CHUNK_ELEMS;
 use crate::variant::{Content, EntryView, SynthFile, VFile};
 use crate::vfs::{self, read, Cache};
@@ -32,10 +32,6 @@ pub enum ExportError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{file}: {source}")]
     Read { file: String, source: crate::variant::ReadError },
-}
-
-thread_local! {
-    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Write every file of `view` into `out_dir` (created if missing; existing files are replaced).
@@ -87,18 +83,10 @@ fn export_synth(file: &VFile, synth: &SynthFile, out: &File, path: &Path, progre
         let numel = ((t.end - t.start) / esize as u64) as usize;
         let elems = p * PIECE_ELEMS..((p + 1) * PIECE_ELEMS).min(numel);
         let len = elems.len() * esize;
-        // Taken out while in use: a source may itself run rayon tasks on this thread.
-        let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        let result = t
-            .source
-            .read(elems.clone(), &mut buf[..len])
-            .map_err(|source| ExportError::Read { file: file.name.clone(), source })
-            .and_then(|()| out.write_all_at(&buf[..len], t.start + (elems.start * esize) as u64).map_err(|source| ExportError::Io { path: path.to_owned(), source }));
-        BUF.with(|b| *b.borrow_mut() = buf);
-        result?;
+        with_scratch(len, |buf| {
+            t.source.read(elems.clone(), buf).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
+            out.write_all_at(buf, t.start + (elems.start * esize) as u64).map_err(|source| ExportError::Io { path: path.to_owned(), source })
+        })?;
         progress(len as u64);
         Ok(())
     })

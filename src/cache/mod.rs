@@ -217,19 +217,20 @@ impl<K: Hash + Eq + Clone, E: Clone> ChunkCache<K, E> {
     }
 }
 
-/// Run `f` with `len` bytes of this thread's scratch memory, reused across calls (a decode
-/// otherwise pays an allocation, zeroing and page faults per chunk). A nested call (a recipe
-/// over a recipe) finds the scratch taken and uses a fresh buffer.
+/// Run `f` with `len` bytes of this thread's scratch memory (contents unspecified: `f` writes
+/// before it reads), reused across calls: a decode otherwise pays an allocation, zeroing and page
+/// faults per chunk. The thread keeps a stack of buffers, so a nested call (a recipe over a
+/// recipe, a second buffer, a rayon task run while waiting) gets one of its own, reused too.
 pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     thread_local! {
-        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        static SCRATCH: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let mut buf = SCRATCH.with(|s| s.take());
+    let mut buf = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
     if buf.len() < len {
         buf.resize(len, 0);
     }
     let out = f(&mut buf[..len]);
-    SCRATCH.with(|s| s.set(buf));
+    SCRATCH.with(|s| s.borrow_mut().push(buf));
     out
 }
 
@@ -288,6 +289,24 @@ mod tests {
             Ok(())
         });
         assert_eq!(&ok.unwrap()[..], &[5]);
+    }
+
+    #[test]
+    fn nested_scratch_buffers_are_distinct_and_reused() {
+        let addrs = || {
+            with_scratch(100, |a| {
+                a.fill(1);
+                let inner = with_scratch(50, |b| {
+                    b.fill(2);
+                    b.as_ptr() as usize
+                });
+                assert!(a.iter().all(|&x| x == 1), "the nested call wrote into the outer buffer");
+                (a.as_ptr() as usize, inner)
+            })
+        };
+        let first = addrs();
+        assert_ne!(first.0, first.1);
+        assert_eq!(addrs(), first, "a second round should reuse both buffers");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::{keys, DeltaCodec};
+use crate::cache::with_scratch;
 use crate::codec::delta as codec;
 use crate::format::{self, Dtype, HeaderBuilder};
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
@@ -203,25 +204,18 @@ const BATCH_CHUNKS: usize = 32;
 /// Code chunk `chunk` of a tensor of `numel` `dtype` elements whose bytes start at `at` in `src`,
 /// against `twin` (None: stored whole): the chunk's lossless frame.
 pub(crate) fn encode_chunk_at(src: &File, at: u64, dtype: Dtype, numel: usize, chunk: usize, twin: Option<&LogicalTensor>) -> Result<Vec<u8>, Error> {
-    thread_local! {
-        static BUFS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-    }
     let esize = dtype.size();
     let elems = codec::chunk_elems(chunk, numel);
     let len = elems.len() * esize;
-    BUFS.with(|bufs| {
-        let (target, base) = &mut *bufs.borrow_mut();
-        target.resize(len, 0);
+    with_scratch(len, |target| {
         src.read_exact_at(target, at + (elems.start * esize) as u64).map_err(|e| Error::Invalid(format!("reading the target: {e}")))?;
-        let base = match twin {
-            Some(t) => {
-                base.resize(len, 0);
+        match twin {
+            Some(t) => with_scratch(len, |base| {
                 t.source.read(elems, base).map_err(|e| Error::Invalid(e.to_string()))?;
-                Some(&base[..])
-            }
-            None => None,
-        };
-        Ok(codec::encode_lossless_chunk(target, base, esize, codec::DEFAULT_LEVEL))
+                Ok(codec::encode_lossless_chunk(target, Some(base), esize, codec::DEFAULT_LEVEL))
+            }),
+            None => Ok(codec::encode_lossless_chunk(target, None, esize, codec::DEFAULT_LEVEL)),
+        }
     })
 }
 

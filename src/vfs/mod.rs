@@ -606,9 +606,6 @@ impl Fs {
     /// Read into a buffer of this thread's that is reused across requests, so a read costs
     /// neither an allocation nor zeroing nor page faults; `reply` gets the bytes.
     pub fn read<R>(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(FsResult<&[u8]>) -> R) -> R {
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         let file = match self.track(fh, offset, size) {
             Ok(Ok(file)) => file,
             Ok(Err(staged)) => return reply(read_staged(&staged, offset, size).as_deref().map_err(|e| FsError::eio(e.to_string()))),
@@ -621,15 +618,9 @@ impl Fs {
                 Err(e) => reply(Err(e.into())),
             };
         }
-        BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            if buf.len() < n {
-                buf.resize(n, 0);
-            }
-            match read::read_into(&file, offset, &mut buf[..n], &self.cache) {
-                Ok(()) => reply(Ok(&buf[..n])),
-                Err(e) => reply(Err(e.into())),
-            }
+        crate::cache::with_scratch(n, |buf| match read::read_into(&file, offset, buf, &self.cache) {
+            Ok(()) => reply(Ok(buf)),
+            Err(e) => reply(Err(e.into())),
         })
     }
 

@@ -182,10 +182,6 @@ impl Staging {
         Ok(f)
     }
 
-    fn stream(&self, base: &str, name: &str, file: &str) -> Option<Arc<Stream>> {
-        self.lock().get(&(base.to_owned(), name.to_owned()))?.streams.get(file).cloned()
-    }
-
     /// Note a change of staged `file`'s bytes; returns its stream, if it has one.
     fn changed(&self, base: &str, name: &str, file: &str) -> Option<Arc<Stream>> {
         let mut sessions = self.lock();
@@ -205,7 +201,7 @@ impl Staging {
 
     /// Staged `file` was truncated or extended to `size`.
     pub fn resized(&self, store: &Store, base: &str, name: &str, file: &str, size: u64) {
-        let _ = self.changed(base, name, file);
+        let stream = self.changed(base, name, file);
         if size == 0 {
             // `open(O_TRUNC)` where the kernel sends the truncation separately: start afresh.
             if let Some(s) = self.lock().get_mut(&(base.to_owned(), name.to_owned())) {
@@ -213,7 +209,7 @@ impl Staging {
                     s.restart_stream(store, base, file);
                 }
             }
-        } else if let Some(s) = self.stream(base, name, file) {
+        } else if let Some(s) = stream {
             s.resized(size);
         }
     }

@@ -51,9 +51,11 @@ struct Row {
 }
 
 fn main() {
+    // BENCH_COPY_THREADS: host copy threads (default: as many as cores, at most 16).
+    let copy_threads = std::env::var("BENCH_COPY_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let ctxs: Vec<GpuContext> = MODES
         .iter()
-        .map(|&(_, i, o)| match GpuContext::with_options(GpuOptions { direct_inputs: i, direct_output: o, ..Default::default() }) {
+        .map(|&(_, i, o)| match GpuContext::with_options(GpuOptions { direct_inputs: i, direct_output: o, copy_threads, ..Default::default() }) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("bench_gpu: {e}");

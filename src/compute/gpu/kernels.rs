@@ -110,6 +110,7 @@ impl GpuContext {
                 out_bytes,
                 groups: linear(out_bytes / 4),
                 clear_out: false,
+                staged: false,
             });
         }
         self.run(Kernel::Dequantize, chunks, out)
@@ -136,6 +137,7 @@ impl GpuContext {
                     out_bytes,
                     groups: linear(out_bytes / 4),
                     clear_out: false,
+                    staged: false,
                 }
             })
             .collect();
@@ -158,6 +160,7 @@ impl GpuContext {
                     out_bytes: pad4(bytes.len() as u64),
                     groups: linear(r.len().div_ceil(2) as u64),
                     clear_out: false,
+                    staged: false,
                 }
             })
             .collect();
@@ -203,6 +206,7 @@ impl GpuContext {
                     out_bytes,
                     groups: linear(out_bytes / 4),
                     clear_out: false,
+                    staged: false,
                 }
             })
             .collect();
@@ -273,6 +277,7 @@ impl GpuContext {
                     out_bytes,
                     groups: linear(words),
                     clear_out: false,
+                    staged: false,
                 }
             })
             .collect();
@@ -339,6 +344,8 @@ impl GpuContext {
                 out_bytes,
                 groups: Groups::Grid(cols.div_ceil(64) as u32, (rb - ra).div_ceil(64) as u32),
                 clear_out: e == 2 && (cols % 2 == 1 || e_off % 2 == 1 || n % 2 == 1),
+                // f32 elements are stored one word per access, two apart: strided over PCIe.
+                staged: e == 4,
             });
         }
         self.run(Kernel::Lora, chunks, out)

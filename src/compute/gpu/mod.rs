@@ -90,10 +90,11 @@ pub struct GpuOptions {
     /// to device memory first). Needs wgpu's `MAPPABLE_PRIMARY_BUFFERS`; ignored without it.
     pub direct_inputs: bool,
     /// Kernels write their output straight into the host-visible readback buffer (no DMA
-    /// copy back). Same condition. The LoRA merge ignores both (see `Kernel::direct_ok`).
+    /// copy back). Same condition. The LoRA merge's factors always go to device memory (see
+    /// `Kernel::direct_input_ok`), as do chunks marked `staged`.
     pub direct_output: bool,
     /// Threads that copy into and out of staging memory, the caller included (0: as many as
-    /// the machine has cores, at most 8).
+    /// the machine has cores, at most 16).
     pub copy_threads: usize,
 }
 
@@ -104,8 +105,7 @@ impl Default for GpuOptions {
         // stays under the 32 MiB above which wgpu's Vulkan allocator gives a buffer its own
         // memory, mapped anew (and faulted in page by page) at every map.
         // Direct transfers: on the H100 int8 dequantization end to end went from 12-17 GB/s
-        // staged to 20-23 GB/s (scripts/bench_gpu_results.md); the LoRA merge stays staged
-        // whatever this says (Kernel::direct_ok).
+        // staged to 20-23 GB/s (scripts/bench_gpu_results.md).
         GpuOptions { max_chunk_bytes: 16 << 20, force_fallback_adapter: false, direct_inputs: true, direct_output: true, copy_threads: 0 }
     }
 }
@@ -124,11 +124,11 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    /// Whether the kernel may read and write host-visible memory directly: not the LoRA
-    /// merge, which reads its factors once per tile (over PCIe, many times over) and stores
-    /// its output with atomics (across PCIe, slow where they work at all).
-    fn direct_ok(self) -> bool {
-        self != Kernel::Lora
+    /// Whether the kernel may read input `i` straight from host-visible memory: every input
+    /// but the LoRA merge's factors (0 and 1), which each 64 × 64 tile reads again, so over
+    /// PCIe they would move as many bytes as W; they are small and go to device memory.
+    fn direct_input_ok(self, i: usize) -> bool {
+        self != Kernel::Lora || i >= 2
     }
 }
 
@@ -136,8 +136,15 @@ impl Kernel {
 /// directly (true) or device memory with DMA copies (false).
 #[derive(Clone, Copy)]
 struct Direct {
-    inputs: bool,
+    /// Bit i: input i is read directly.
+    inputs: u32,
     output: bool,
+}
+
+impl Direct {
+    fn input(self, i: usize) -> bool {
+        self.inputs & (1 << i) != 0
+    }
 }
 
 /// Soft-float helpers prepended to every kernel (not a kernel itself).
@@ -269,8 +276,11 @@ pub(crate) struct Chunk<'a> {
     pub out_bytes: u64,
     /// Workgroups: `Linear(n)` for the 1-D kernels (laid out on a 2-D grid), or a grid.
     pub groups: Groups,
-    /// Zero the output buffer first (kernels that OR partial words in).
+    /// Zero the output buffer first (kernels that OR partial words in); implies `staged`.
     pub clear_out: bool,
+    /// Move this chunk through device memory with DMA copies even where kernels may read and
+    /// write host memory directly: its accesses would be atomic or strided, slow over PCIe.
+    pub staged: bool,
 }
 
 pub(crate) enum Groups {
@@ -350,7 +360,8 @@ impl GpuContext {
             / 256
             * 256;
         let copy_threads = match opts.copy_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
+            // On the lent H100 host, 16 threads copied 67-73 GB/s, 8 threads 59-61 GB/s.
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(16),
             n => n,
         };
         let ctx = GpuContext {
@@ -581,11 +592,11 @@ impl GpuContext {
                 let p = pending.pop_front().expect("SETS > 0");
                 self.finish(&pool[p.set], p, out)?;
             }
-            // Chunks that OR words in atomically (odd-length rows) keep their output on the device.
-            let direct = Direct {
-                inputs: self.direct_inputs && kernel.direct_ok(),
-                output: self.direct_output && kernel.direct_ok() && !chunk.clear_out,
-            };
+            let staged = chunk.staged || chunk.clear_out;
+            let inputs = (0..chunk.inputs.len())
+                .filter(|&i| self.direct_inputs && !staged && kernel.direct_input_ok(i))
+                .fold(0, |m, i| m | 1 << i);
+            let direct = Direct { inputs, output: self.direct_output && !staged };
             let direct_out = direct.output;
             self.fill_inputs(&mut pool[s], &chunk, direct)?;
             let set = &pool[s];
@@ -602,9 +613,7 @@ impl GpuContext {
                 pass.dispatch_workgroups(x, y, 1);
             };
             let mut enc = self.device.create_command_encoder(&Default::default());
-            if !direct.inputs {
-                self.encode_uploads(&mut enc, set, &chunk);
-            }
+            self.encode_uploads(&mut enc, set, &chunk, direct);
             dispatch(&mut enc);
             let mut enc = if iters > 0 {
                 // Benchmark: run once, then time `iters` dispatches on resident inputs.
@@ -731,11 +740,11 @@ impl GpuContext {
             s.buf.unmap();
             s.mapped.store(false, Ordering::Release);
         }
-        if !direct.inputs {
-            if set.inputs.len() < n {
-                set.inputs.resize_with(n, || None);
-            }
-            for (slot, u) in set.inputs.iter_mut().zip(&chunk.inputs) {
+        if set.inputs.len() < n {
+            set.inputs.resize_with(n, || None);
+        }
+        for (i, (slot, u)) in set.inputs.iter_mut().zip(&chunk.inputs).enumerate() {
+            if !direct.input(i) {
                 self.buffer(slot, u.size, U::STORAGE | U::COPY_DST);
             }
         }
@@ -762,9 +771,12 @@ impl GpuContext {
         Ok(())
     }
 
-    fn encode_uploads(&self, enc: &mut wgpu::CommandEncoder, set: &BufSet, chunk: &Chunk<'_>) {
-        for ((dev, st), u) in set.inputs.iter().zip(&set.staging).zip(&chunk.inputs) {
-            enc.copy_buffer_to_buffer(&st.as_ref().unwrap().buf, 0, dev.as_ref().unwrap(), 0, u.size);
+    /// DMA copies of the inputs the kernel does not read directly.
+    fn encode_uploads(&self, enc: &mut wgpu::CommandEncoder, set: &BufSet, chunk: &Chunk<'_>, direct: Direct) {
+        for (i, ((dev, st), u)) in set.inputs.iter().zip(&set.staging).zip(&chunk.inputs).enumerate() {
+            if !direct.input(i) {
+                enc.copy_buffer_to_buffer(&st.as_ref().unwrap().buf, 0, dev.as_ref().unwrap(), 0, u.size);
+            }
         }
     }
 
@@ -774,7 +786,7 @@ impl GpuContext {
             resource: set.params.as_ref().unwrap().as_entire_binding(),
         }];
         for i in 0..chunk.inputs.len() {
-            let buf = if direct.inputs { &set.staging[i].as_ref().unwrap().buf } else { set.inputs[i].as_ref().unwrap() };
+            let buf = if direct.input(i) { &set.staging[i].as_ref().unwrap().buf } else { set.inputs[i].as_ref().unwrap() };
             entries.push(wgpu::BindGroupEntry { binding: 1 + i as u32, resource: buf.as_entire_binding() });
         }
         let out = if direct.output { set.readback.as_ref() } else { set.out.as_ref() };

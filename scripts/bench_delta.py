@@ -311,6 +311,7 @@ def machine():
     except OSError:
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "mem": mem, "kernel": platform.release(),
+            "load": os.getloadavg()[1],
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
 
 
@@ -677,7 +678,8 @@ exactly what each row runs. Every timed step ran as a subprocess under `/usr/bin
 {a.reps} time(s) each; the table shows the best (smallest) wall time and the largest peak RSS of the runs.
 
 * machine: {mach['nproc']} CPUs (`nproc`), CPU "{mach['cpu']}", {mach['mem']} RAM, Linux {mach['kernel']};
-  shared with other builds while it ran, so times are noisy. Date: {mach['date']}.
+  load average (5 min) {mach['load']:.2f} at the start and {os.getloadavg()[1]:.2f} at the end (other work on
+  the machine makes the times noisy; the CPU column does not depend on it). Date: {mach['date']}.
 * llmfs: release build of commit {git_rev()}; CPU backend.
 * FastChat: fschat {vers.get('fschat', '?')}, torch {vers.get('torch', '?')} (CPU), transformers {vers.get('transformers', '?')},
   python {vers.get('python', '?')}; {zline}.

@@ -3,7 +3,8 @@
 
 Generates a ~1 GiB bf16 model (or reuses one), registers it, an f16 cast and q8/q4 quantized
 variants in a fresh store (timing `quantize`), mounts with --cache-size 256MiB, and measures
-sequential reads (1 MiB, into one buffer) of the first shard:
+sequential reads (1 MiB, into one buffer) of the first shard, the base's and the stored variants'
+files warm in the page cache (so the disk is timed nowhere):
   (a) read directly from disk, warm in the page cache
   (b) through the mount, served by the kernel from the base file (FUSE passthrough)
   (b') through the mount with passthrough off (LLMFS_PASSTHROUGH=0): every byte via the daemon
@@ -89,7 +90,13 @@ def mounted(env, reads):
     """Mount (with extra environment), run the reads, unmount. Returns {label: (bytes, wall s,
     daemon CPU s, reader CPU s)} and the daemon's peak RSS in KiB."""
     drop_caches()
+    # Every path starts from the page cache: the base shard and the variants' stored files
+    # (else a quantized variant's first read would also time the disk, which the base read,
+    # warm, does not).
     read_all(f"{model}/{shard}")
+    for d in os.listdir(f"{store}/models"):
+        for f in os.listdir(f"{store}/models/{d}"):
+            read_all(f"{store}/models/{d}/{f}")
     subprocess.run([llmfs, "--store", store, "mount", mnt, "--cache-size", "256MiB"], check=True,
                    capture_output=True, env={**os.environ, **env})
     out = {}

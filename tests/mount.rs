@@ -900,3 +900,47 @@ fn inodes_and_mtimes_are_stable() {
     let strip = |s: &BTreeMap<String, (u64, u64, i64, i64)>| s.iter().map(|(k, v)| (k.clone(), (v.1, v.2, v.3))).collect::<BTreeMap<_, _>>();
     assert_eq!(strip(&third), strip(&first), "sizes or mtimes changed across a remount");
 }
+
+/// Drop-behind: a sequential reader's chunks leave the cache once it is well past them (the
+/// kernel's page cache holds those bytes), so streaming a file leaves the cache nearly empty;
+/// random reads keep their chunks (LRU); both read the same bytes. Through `Fs` directly: the
+/// kernel's read-ahead would make the request pattern of a real mount vary.
+#[test]
+fn sequential_readers_drop_chunks_behind_them() {
+    let ts = TestStore::new();
+    let model = ts.path("model");
+    let big = ModelSpec { hidden: 1024, intermediate: 2816, layers: 2, heads: 8, kv_heads: 8, vocab: 4096, ..common::small_spec() };
+    common::write_model(&model, &big);
+    ts.ok(&["add", "base", model.to_str().unwrap()]);
+    ts.ok(&["cast", "f16", "--base", "base", "--dtype", "f16"]);
+    let fs = llmfs::vfs::Fs::new(llmfs::registry::Store::open(&ts.store).unwrap(), 1 << 30).unwrap();
+    let entry = fs.lookup(llmfs::vfs::ROOT_INO, "f16").unwrap();
+    let file = fs.lookup(entry.ino, "model.safetensors").unwrap();
+    assert!(file.size > 48 * MIB, "the test needs a file well over the drop-behind distance: {}", file.size);
+    let read = |fh: u64, offset: u64| fs.read(fh, offset, MIB as u32, |r| r.unwrap().to_vec());
+
+    let fh = fs.open(file.ino, false, false).unwrap().fh;
+    let mut sequential = Vec::new();
+    while (sequential.len() as u64) < file.size {
+        sequential.extend(read(fh, sequential.len() as u64));
+    }
+    fs.release(fh);
+    // What is left: the last MAX_PREFETCH (16 MiB) read and what the prefetcher decoded ahead.
+    let left = fs.cache().stats().used_bytes;
+    assert!(left <= 40 * MIB, "a sequential read of {} MiB left {} MiB cached", file.size / MIB, left / MIB);
+
+    // Random 1 MiB reads (a permutation of the file's pieces): no drop-behind, the same bytes.
+    let pieces = file.size.div_ceil(MIB);
+    let stride = if pieces % 37 == 0 { 41 } else { 37 }; // coprime with `pieces` (both prime)
+    let fh = fs.open(file.ino, false, false).unwrap().fh;
+    let mut random = vec![0u8; file.size as usize];
+    for i in 0..pieces {
+        let offset = (i * stride % pieces) * MIB;
+        let bytes = read(fh, offset);
+        random[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);
+    }
+    fs.release(fh);
+    assert_same_bytes(&random, &sequential, "random reads vs a sequential read");
+    let kept = fs.cache().stats().used_bytes;
+    assert!(kept >= file.size * 9 / 10, "random reads kept {} MiB of {} MiB", kept / MIB, file.size / MIB);
+}

@@ -178,6 +178,16 @@ impl<K: Hash + Eq + Clone, E: Clone> ChunkCache<K, E> {
         result
     }
 
+    /// Drop `key`'s chunk (a sequential reader is done with it): its memory goes back for the
+    /// next decode once the last reader holding it lets go. A decode in progress finishes for
+    /// those waiting on it; later readers decode again.
+    pub fn discard(&self, key: &K) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, size)) = inner.slots.pop(key) {
+            inner.used -= size;
+        }
+    }
+
     /// Whether `key` is cached or being decoded (the prefetcher skips those).
     pub fn contains(&self, key: &K) -> bool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).slots.contains(key)

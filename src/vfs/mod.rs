@@ -142,6 +142,8 @@ struct Handle {
     target: Target,
     next_offset: u64,
     window: u64,
+    /// A sequential reader's cached chunks before this offset have been dropped (drop-behind).
+    dropped_to: u64,
 }
 
 enum Target {
@@ -496,7 +498,7 @@ impl Fs {
             Ok(Node::File { entry, .. }) => !self.is_writable_entry(&entry),
             _ => false,
         };
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { target, next_offset: 0, window: 0 });
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { target, next_offset: 0, window: 0, dropped_to: 0 });
         Opened { fh, backing, keep_cache }
     }
 
@@ -627,7 +629,7 @@ impl Fs {
     /// Note where handle `fh`'s reader is going, prefetch for a sequential one, and return what it
     /// reads: a visible file, or (Err) a staged one.
     fn track(&self, fh: u64, offset: u64, size: u32) -> FsResult<Result<VFile, Arc<std::fs::File>>> {
-        let (file, prefetch_from, window) = {
+        let (file, prefetch_from, window, behind) = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             let h = handles.get_mut(&fh).ok_or(FsError::new(libc::EBADF))?;
             let file = match &h.target {
@@ -639,17 +641,31 @@ impl Fs {
             // the kernel's read-ahead sends several requests at once and the FUSE threads take
             // them in any order, so a read near the furthest point reached still counts.
             let end = offset + size as u64;
+            // Chunks a sequential reader has left more than MAX_PREFETCH behind (reordered
+            // requests stay within that) are dropped from the cache, as mountpoint-s3's
+            // prefetcher drops what it has served: streaming a file then neither evicts other
+            // readers' chunks nor needs fresh memory for each chunk it decodes.
+            let mut behind = None;
             if h.next_offset != 0 && offset.abs_diff(h.next_offset) <= MAX_PREFETCH {
                 h.window = (h.window * 2).clamp(CHUNK_SIZE, MAX_PREFETCH);
                 h.next_offset = h.next_offset.max(end);
+                let to = h.next_offset.saturating_sub(MAX_PREFETCH);
+                if to > h.dropped_to + CHUNK_SIZE {
+                    behind = Some(h.dropped_to..to);
+                    h.dropped_to = to;
+                }
             } else {
                 h.window = 0;
                 h.next_offset = end;
+                h.dropped_to = offset;
             }
-            (file, h.next_offset, h.window)
+            (file, h.next_offset, h.window, behind)
         };
         if window > 0 {
             read::prefetch(&file, prefetch_from, window, &self.cache);
+        }
+        if let Some(r) = behind {
+            read::drop_behind(&file, r.start, r.end, &self.cache);
         }
         Ok(Ok(file))
     }

@@ -161,3 +161,29 @@ pub fn prefetch(file: &VFile, offset: u64, len: u64, cache: &Arc<Cache>) {
         }
     }
 }
+
+/// Drop the cached chunks that end within `from..=to` (each chunk once, as a reader's `to` moves
+/// on; the chunk it started in included): a sequential reader has gone past them
+/// and the kernel's page cache holds their bytes (files are opened keep-cache), so keeping them
+/// would only push other readers' chunks out and leave fresh memory (zeroed by the kernel) for
+/// every decode instead of the mapping of a chunk just read.
+pub fn drop_behind(file: &VFile, from: u64, to: u64, cache: &Cache) {
+    let Content::Synth(synth) = &file.content else { return };
+    let to = to.min(file.size);
+    let first = synth.tensors.partition_point(|t| t.end <= from);
+    for (index, tensor) in synth.tensors.iter().enumerate().skip(first) {
+        if tensor.start >= to {
+            break;
+        }
+        if tensor.source.as_stored().is_some() || tensor.start == tensor.end {
+            continue;
+        }
+        let (a, b) = (from.max(tensor.start), to.min(tensor.end));
+        for chunk in chunk_of(tensor, a)..=chunk_of(tensor, b - 1) {
+            let range = chunk_range(tensor, chunk);
+            if range.end <= b {
+                cache.discard(&(synth.id, index as u32, chunk));
+            }
+        }
+    }
+}

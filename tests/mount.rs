@@ -911,8 +911,8 @@ fn sequential_readers_drop_chunks_behind_them() {
     let model = ts.path("model");
     let big = ModelSpec { hidden: 1024, intermediate: 2816, layers: 2, heads: 8, kv_heads: 8, vocab: 4096, ..common::small_spec() };
     common::write_model(&model, &big);
-    ts.ok(&["add", "base", model.to_str().unwrap()]);
-    ts.ok(&["cast", "f16", "--base", "base", "--dtype", "f16"]);
+    ts.ok(["add", "base", model.to_str().unwrap()]);
+    ts.ok(["cast", "f16", "--base", "base", "--dtype", "f16"]);
     let fs = llmfs::vfs::Fs::new(llmfs::registry::Store::open(&ts.store).unwrap(), 1 << 30).unwrap();
     let entry = fs.lookup(llmfs::vfs::ROOT_INO, "f16").unwrap();
     let file = fs.lookup(entry.ino, "model.safetensors").unwrap();

@@ -134,56 +134,44 @@ fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Resu
     tensor.source.read(first..first + out.len() / esize as usize, out)
 }
 
+/// The decoded chunks (tensor index, chunk index) of `synth` that overlap file bytes `from..to`
+/// (tensors served from stored bytes have none).
+fn chunks_overlapping(synth: &SynthFile, from: u64, to: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
+    let first = synth.tensors.partition_point(|t| t.end <= from);
+    synth.tensors.iter().enumerate().skip(first).take_while(move |(_, t)| t.start < to).flat_map(move |(index, tensor)| {
+        let decoded = tensor.source.as_stored().is_none() && tensor.start < tensor.end;
+        let chunks = if decoded { chunk_of(tensor, from.max(tensor.start))..chunk_of(tensor, to.min(tensor.end) - 1) + 1 } else { 0..0 };
+        chunks.map(move |chunk| (index, chunk))
+    })
+}
+
 /// Decode, in the background, the chunks that a sequential reader will want next: those covering
 /// `[offset, offset + len)` that are neither cached nor being decoded. Errors are left for the
 /// reader to meet (and report) when it gets there.
 pub fn prefetch(file: &VFile, offset: u64, len: u64, cache: &Arc<Cache>) {
     let Content::Synth(synth) = &file.content else { return };
-    let end = offset.saturating_add(len).min(file.size);
-    let first = synth.tensors.partition_point(|t| t.end <= offset);
-    for (index, tensor) in synth.tensors.iter().enumerate().skip(first) {
-        if tensor.start >= end {
-            break;
-        }
-        if tensor.source.as_stored().is_some() || tensor.start == tensor.end {
+    for (index, chunk) in chunks_overlapping(synth, offset, offset.saturating_add(len).min(file.size)) {
+        if cache.contains(&(synth.id, index as u32, chunk)) {
             continue;
         }
-        let (from, to) = (offset.max(tensor.start), end.min(tensor.end));
-        for chunk in chunk_of(tensor, from)..=chunk_of(tensor, to - 1) {
-            let key = (synth.id, index as u32, chunk);
-            if cache.contains(&key) {
-                continue;
-            }
-            let (synth, cache) = (synth.clone(), cache.clone());
-            rayon::spawn(move || {
-                let _ = chunk_bytes(&synth.tensors[index], synth.id, index as u32, chunk, &cache);
-            });
-        }
+        let (synth, cache) = (synth.clone(), cache.clone());
+        rayon::spawn(move || {
+            let _ = chunk_bytes(&synth.tensors[index], synth.id, index as u32, chunk, &cache);
+        });
     }
 }
 
 /// Drop the cached chunks that end within `from..=to` (each chunk once, as a reader's `to` moves
-/// on; the chunk it started in included): a sequential reader has gone past them
-/// and the kernel's page cache holds their bytes (files are opened keep-cache), so keeping them
-/// would only push other readers' chunks out and leave fresh memory (zeroed by the kernel) for
-/// every decode instead of the mapping of a chunk just read.
+/// on; the chunk it started in included): a sequential reader has gone past them and the kernel's
+/// page cache holds their bytes (files are opened keep-cache), so keeping them would only push
+/// other readers' chunks out and leave fresh memory (zeroed by the kernel) for every decode
+/// instead of the mapping of a chunk just read.
 pub fn drop_behind(file: &VFile, from: u64, to: u64, cache: &Cache) {
     let Content::Synth(synth) = &file.content else { return };
     let to = to.min(file.size);
-    let first = synth.tensors.partition_point(|t| t.end <= from);
-    for (index, tensor) in synth.tensors.iter().enumerate().skip(first) {
-        if tensor.start >= to {
-            break;
-        }
-        if tensor.source.as_stored().is_some() || tensor.start == tensor.end {
-            continue;
-        }
-        let (a, b) = (from.max(tensor.start), to.min(tensor.end));
-        for chunk in chunk_of(tensor, a)..=chunk_of(tensor, b - 1) {
-            let range = chunk_range(tensor, chunk);
-            if range.end <= b {
-                cache.discard(&(synth.id, index as u32, chunk));
-            }
+    for (index, chunk) in chunks_overlapping(synth, from, to) {
+        if chunk_range(&synth.tensors[index], chunk).end <= to {
+            cache.discard(&(synth.id, index as u32, chunk));
         }
     }
 }

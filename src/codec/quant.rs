@@ -856,8 +856,13 @@ fn dequantize_core<T: QuantFloat, P: Params<T>>(
     #[cfg(target_arch = "x86_64")]
     {
         // f16 and bf16 scales can divide with an FMA (exact for all of them: see `divide`).
-        if T::SIZE == 2 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: `dequantize_core_avx2_fma` only requires AVX2 and FMA, just checked.
+        // F16C too: the fused 8-bit pass converts with it (every CPU with FMA has it).
+        if T::SIZE == 2
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: `dequantize_core_avx2_fma` only requires AVX2, FMA and F16C, just checked.
             unsafe { dequantize_core_avx2_fma(cfg, q, params, elems, cols, out) };
             return;
         }
@@ -874,7 +879,7 @@ fn dequantize_core<T: QuantFloat, P: Params<T>>(
 /// [`dequantize_core_avx2`] with the division done by [`divide`]'s FMA sequence, for 2-byte
 /// dtypes whose scales it is proven exact for.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequantize_core_avx2_fma<T: QuantFloat, P: Params<T>>(
     cfg: QuantConfig,
     q: &[u8],
@@ -938,31 +943,27 @@ fn dequantize_segments<T: QuantFloat, P: Params<T>, const FMA: bool>(
             let mut lut = [T::default(); 16];
             T::from_f32_slice(b, &mut lut);
             let dst = &mut out[o..o + n_left];
+            // Values of `dst` already written; the scalar lookup does the rest.
+            let mut done = 0;
             #[cfg(target_arch = "x86_64")]
             if FMA && T::SIZE == 2 {
                 // From a byte boundary on, 32 values at a time with two byte shuffles.
                 let start = k % 2;
-                if start == 1 {
-                    dst[0] = lut[(q[k / 2] >> 4) as usize];
-                }
+                lookup_nibbles(q, k, &lut, &mut dst[..start]);
                 let lut16: [u16; 16] = bytemuck::cast(lut);
                 // SAFETY: FMA is set only by `dequantize_core_avx2_fma`, after AVX2 was detected.
-                let done = unsafe { lookup_nibbles_avx2(&q[(k + start) / 2..], &lut16, bytemuck::cast_slice_mut(&mut dst[start..])) };
-                lookup_nibbles(q, k + start + done, &lut, &mut dst[start + done..]);
-            } else {
-                lookup_nibbles(q, k, &lut, dst);
+                done = start + unsafe { lookup_nibbles_avx2(&q[(k + start) / 2..], &lut16, bytemuck::cast_slice_mut(&mut dst[start..])) };
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            lookup_nibbles(q, k, &lut, dst);
+            lookup_nibbles(q, k + done, &lut, &mut dst[done..]);
             o += n_left;
         } else {
             #[cfg(target_arch = "x86_64")]
-            if FMA && cfg.bits == 8 && T::SIZE == 2 && fused_exact(s, m) && std::is_x86_feature_detected!("f16c") {
+            if FMA && cfg.bits == 8 && T::SIZE == 2 && fused_exact(s, m) {
                 let dst: &mut [u16] = bytemuck::cast_slice_mut(&mut out[o..o + n_left]);
                 let codes = &q[k..k + n_left];
                 let min = (!cfg.symmetric).then_some(m);
-                // SAFETY: FMA is set only by `dequantize_core_avx2_fma`, which runs after AVX2 and
-                // FMA were detected; F16C was just checked.
+                // SAFETY: FMA is set only by `dequantize_core_avx2_fma`, which runs after AVX2,
+                // FMA and F16C were detected.
                 let done = unsafe {
                     if T::DTYPE == "BF16" {
                         dequantize8_fused::<true>(codes, cfg.symmetric, s, min, dst)
@@ -990,13 +991,12 @@ fn dequantize_segments<T: QuantFloat, P: Params<T>, const FMA: bool>(
 }
 
 /// Whether [`dequantize8_fused`] gives the bits of the generic path for scale `s` and min `m`:
-/// the FMA division's range (see [`divide`]), and a finite min (a NaN min must come out as
-/// torch's canonical NaN, which the generic conversions produce).
+/// the FMA division's range, and a finite min (a NaN min must come out as torch's canonical
+/// NaN, which the generic conversions produce).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn fused_exact(s: f32, m: f32) -> bool {
-    let r = 1.0 / s;
-    s.is_normal() && r.is_normal() && r.abs() < 1e36 && r.abs() > 1e-30 && m.is_finite()
+    fma_division_exact(s) && m.is_finite()
 }
 
 /// 8-bit codes of one group segment to bf16 (`BF16`) or f16 bits, 8 at a time in one pass: the
@@ -1070,6 +1070,14 @@ fn finish_chunk<T: QuantFloat, const FMA: bool>(b: &mut [f32], s: f32, m: f32, s
     }
 }
 
+/// Whether [`divide`]'s FMA sequence gives the quotient's bits for scale `s`: away from the ends
+/// of the range, where v·(1/s) would overflow (|v| < 256) or go subnormal.
+#[inline(always)]
+fn fma_division_exact(s: f32) -> bool {
+    let r = 1.0 / s;
+    s.is_normal() && r.is_normal() && r.abs() < 1e36 && r.abs() > 1e-30
+}
+
 /// `v / s` for each value, correctly rounded. With `FMA` (and `s`, `1/s` well inside the normal
 /// range) without a
 /// division per value: q = v·r for r = 1/s, then q + (v − q·s)·r, whose residual the FMA computes
@@ -1080,8 +1088,7 @@ fn finish_chunk<T: QuantFloat, const FMA: bool>(b: &mut [f32], s: f32, m: f32, s
 #[inline(always)]
 fn divide<const FMA: bool>(b: &mut [f32], s: f32) {
     let r = 1.0 / s;
-    // Away from the ends of the range: v·r must neither overflow (|v| < 256) nor go subnormal.
-    if FMA && s.is_normal() && r.is_normal() && r.abs() < 1e36 && r.abs() > 1e-30 {
+    if FMA && fma_division_exact(s) {
         for v in b.iter_mut() {
             let q = *v * r;
             *v = (-q).mul_add(s, *v).mul_add(r, q);

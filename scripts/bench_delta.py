@@ -496,15 +496,7 @@ def run(bench):
     R["zipnn"] = None
     R["zipnn_error"] = why
     if zpy:
-        zj = os.path.join(W, "zipnn.json")
-        dt, rss, rc = bench.sh([zpy, os.path.abspath(__file__), "_zipnn", base, target, zj], check=False)
-        if rc == 0 and os.path.exists(zj):
-            R["zipnn"] = json.load(open(zj))
-            R["zipnn"]["rss"] = rss
-        else:
-            txt = open(os.path.join(bench.logs, f"{bench.n:03d}_{os.path.basename(zpy)}.log"), errors="replace").read()
-            txt = txt.split("\tCommand being timed")[0]  # drop /usr/bin/time's report
-            R["zipnn_error"] = f"ZipNN run failed (rc {rc}): {' '.join(txt.split())[-800:]}"
+        R["zipnn"], R["zipnn_error"] = run_zipnn(bench, zpy, base, target, "zipnn.json")
 
     # --- a real (AdamW-trained) fine-tune of a smaller generated base: ratios and lossy errors
     if a.real_steps > 0:
@@ -546,13 +538,22 @@ def real_finetune(bench, R, zpy):
         else:
             RF[f"err_{codec}"] = max_abs_err(exp, rft)
         shutil.rmtree(exp)
-    RF["zipnn"] = None
-    if zpy:
-        zj = os.path.join(W, "zipnn_real.json")
-        _, _, rc = bench.sh([zpy, os.path.abspath(__file__), "_zipnn", rbase, rft, zj], check=False)
-        if rc == 0 and os.path.exists(zj):
-            RF["zipnn"] = json.load(open(zj))
+    RF["zipnn"] = run_zipnn(bench, zpy, rbase, rft, "zipnn_real.json")[0] if zpy else None
     R["real"] = RF
+
+
+def run_zipnn(bench, zpy, base, target, out_name):
+    """ZipNN on the XOR delta of base and target (this script's `_zipnn` mode, under ZipNN's
+    Python): (its results with the peak RSS, None), or (None, why it failed)."""
+    zj = os.path.join(bench.work, out_name)
+    _, rss, rc = bench.sh([zpy, os.path.abspath(__file__), "_zipnn", base, target, zj], check=False)
+    if rc == 0 and os.path.exists(zj):
+        result = json.load(open(zj))
+        result["rss"] = rss
+        return result, None
+    txt = open(os.path.join(bench.logs, f"{bench.n:03d}_{os.path.basename(zpy)}.log"), errors="replace").read()
+    txt = txt.split("\tCommand being timed")[0]  # drop /usr/bin/time's report
+    return None, f"ZipNN run failed (rc {rc}): {' '.join(txt.split())[-800:]}"
 
 
 # ----------------------------------------------------------------------------- report

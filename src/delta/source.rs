@@ -4,15 +4,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::cache::with_scratch;
 use crate::codec::delta as codec;
 use crate::format::{Dtype, Header};
 use crate::variant::{ReadError, SourceFile, TensorSource};
-
-thread_local! {
-    /// Per thread: a stored frame, the base's bytes of its chunk, and a decoded chunk (for reads
-    /// that cover only part of it).
-    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-}
 
 thread_local! {
     /// Per thread, for lossy deltas: the base's bytes, the codes and the scales of a read.
@@ -64,13 +59,7 @@ impl LosslessSource {
             }
             let frame_range = self.offsets[chunk]..self.offsets[chunk + 1];
             let (lo, hi) = (range.start.max(elems.start), range.end.min(elems.end));
-            // Per-thread buffers, grown (never zeroed again) to the largest chunk: a read
-            // allocates nothing and a chunk wholly inside `elems` decodes straight into `out`.
-            // Taken out while in use, so a base that is itself a delta (a chain) gets its own.
-            let mut bufs = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-            let result = self.read_chunk(chunk, range.clone(), frame_range, &mut bufs, (lo, hi), elems.start, out);
-            SCRATCH.with(|s| *s.borrow_mut() = bufs);
-            result?;
+            self.read_chunk(chunk, range.clone(), frame_range, (lo, hi), elems.start, out)?;
             chunk += 1;
         }
         Ok(())
@@ -81,48 +70,47 @@ impl LosslessSource {
     /// Decode chunk `chunk` (elements `range`, its frame at `frame_range`) and put its elements
     /// `lo..hi` into `out`, which holds elements from `out_start` on.
     #[allow(clippy::too_many_arguments)]
+    /// Decode chunk `chunk` (elements `range`) and put its elements `lo..hi` into `out`, which
+    /// starts at element `out_start`. The stored frame, the base's bytes and (for a chunk only
+    /// partly read) the decoded chunk live in per-thread scratch (`with_scratch`: nothing is
+    /// allocated per read, and a base that is itself a delta gets buffers of its own); a chunk
+    /// wholly inside the read decodes straight into `out`.
     fn read_chunk(
         &self,
         chunk: usize,
         range: Range<usize>,
         frame_range: Range<u64>,
-        (frame, base, decoded): &mut (Vec<u8>, Vec<u8>, Vec<u8>),
         (lo, hi): (usize, usize),
         out_start: usize,
         out: &mut [u8],
     ) -> Result<(), ReadError> {
         let esize = self.dtype.size();
-        let grow = |v: &mut Vec<u8>, n: usize| {
-            if v.len() < n {
-                v.resize(n, 0);
-            }
-        };
-        let flen = (frame_range.end - frame_range.start) as usize;
-        grow(frame, flen);
-        self.file.read_exact_at(&mut frame[..flen], self.frames_at + frame_range.start)?;
         let blen = range.len() * esize;
-        let base = match &self.base {
-            Some(b) => {
-                grow(base, blen);
-                b.read(range.clone(), &mut base[..blen])?;
-                Some(&base[..blen])
-            }
-            None => None,
-        };
-        let whole = lo == range.start && hi == range.end;
-        let dst = if whole {
-            &mut out[(lo - out_start) * esize..(hi - out_start) * esize]
-        } else {
-            grow(decoded, blen);
-            &mut decoded[..blen]
-        };
-        codec::decode_lossless_chunk(&frame[..flen], base, esize, dst)
-            .map_err(|e| ReadError::Decode(format!("{}: chunk {chunk}: {e}", self.file.path.display())))?;
-        if !whole {
-            out[(lo - out_start) * esize..(hi - out_start) * esize]
-                .copy_from_slice(&decoded[(lo - range.start) * esize..(hi - range.start) * esize]);
-        }
-        Ok(())
+        let out = &mut out[(lo - out_start) * esize..(hi - out_start) * esize];
+        with_scratch((frame_range.end - frame_range.start) as usize, |frame| {
+            self.file.read_exact_at(frame, self.frames_at + frame_range.start)?;
+            with_scratch(if self.base.is_some() { blen } else { 0 }, |base| {
+                let base = match &self.base {
+                    Some(b) => {
+                        b.read(range.clone(), base)?;
+                        Some(&base[..])
+                    }
+                    None => None,
+                };
+                let decode = |dst: &mut [u8]| {
+                    codec::decode_lossless_chunk(frame, base, esize, dst)
+                        .map_err(|e| ReadError::Decode(format!("{}: chunk {chunk}: {e}", self.file.path.display())))
+                };
+                if lo == range.start && hi == range.end {
+                    return decode(out);
+                }
+                with_scratch(blen, |decoded| {
+                    decode(decoded)?;
+                    out.copy_from_slice(&decoded[(lo - range.start) * esize..(hi - range.start) * esize]);
+                    Ok(())
+                })
+            })
+        })
     }
 }
 
@@ -171,7 +159,9 @@ impl LossySource {
         if elems.is_empty() {
             return Ok(());
         }
-        // Per-thread buffers (see LosslessSource::read): taken out while in use, put back after.
+        // Per-thread buffers, taken out while in use (a base that is itself a delta gets its own)
+        // and put back after. Not `with_scratch`, whose byte buffers carry no f32 alignment for
+        // the scales.
         let mut bufs = LOSSY_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
         let result = self.read_with(elems, out, &mut bufs);
         LOSSY_SCRATCH.with(|s| *s.borrow_mut() = bufs);

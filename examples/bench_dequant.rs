@@ -8,9 +8,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use half::{bf16, f16};
-use llmfs::codec::quant::{
-    dequantize_range, dequantize_reference, quantize, QuantConfig, QuantFloat,
-};
+use llmfs::codec::quant::{dequantize_range, dequantize_reference, quantize, QuantConfig, QuantFloat};
 
 /// Output elements per call: the size of a typical FUSE read (1 MiB of f16).
 const CHUNK_ELEMS: usize = 512 * 1024;
@@ -53,39 +51,25 @@ fn bench<T: QuantFloat>(rows: usize, cols: usize, cfg: QuantConfig, reference: b
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let (rows, cols) = (
-        args.first().copied().unwrap_or(4096),
-        args.get(1).copied().unwrap_or(4096),
-    );
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (rows, cols) = (args.first().copied().unwrap_or(4096), args.get(1).copied().unwrap_or(4096));
     // Quantizing (the `llmfs quantize` write path) runs on all cores; shown for scale.
     for (bits, symmetric) in [(8u8, true), (4, false)] {
         let input = data::<f16>(rows * cols);
-        let cfg = QuantConfig {
-            bits,
-            group_size: 256,
-            symmetric,
-        };
+        let cfg = QuantConfig { bits, group_size: 256, symmetric };
         let t = Instant::now();
         black_box(quantize(&input, rows, cols, cfg));
         let s = t.elapsed().as_secs_f64();
-        println!("quantize f16 {rows}x{cols} {bits}-bit symmetric={symmetric}: {:.1} M elements/s (all cores)", (rows * cols) as f64 / s / 1e6);
+        println!(
+            "quantize f16 {rows}x{cols} {bits}-bit symmetric={symmetric}: {:.1} M elements/s (all cores)",
+            (rows * cols) as f64 / s / 1e6
+        );
     }
     println!("dequantize {rows}x{cols}, group 256, one core, GB/s of output (best of 3)");
-    println!(
-        "{:<6} {:<6} {:<6} {:>10} {:>10}",
-        "bits", "mode", "dtype", "fast", "reference"
-    );
+    println!("{:<6} {:<6} {:<6} {:>10} {:>10}", "bits", "mode", "dtype", "fast", "reference");
     for bits in [8u8, 4] {
         for symmetric in [true, false] {
-            let cfg = QuantConfig {
-                bits,
-                group_size: 256,
-                symmetric,
-            };
+            let cfg = QuantConfig { bits, group_size: 256, symmetric };
             let mode = if symmetric { "sym" } else { "asym" };
             let rows_ref = (rows / 8).max(1); // the reference is slow: a slice of the tensor
             println!(

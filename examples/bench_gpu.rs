@@ -38,7 +38,8 @@ fn gbs(bytes: usize, t: Duration) -> f64 {
 }
 
 /// The ways of moving bytes the benchmark compares (context options).
-const MODES: [(&str, bool, bool); 3] = [("staged", false, false), ("direct out", false, true), ("direct in+out", true, true)];
+const MODES: [(&str, bool, bool); 3] =
+    [("staged", false, false), ("direct out", false, true), ("direct in+out", true, true)];
 
 struct Row {
     kernel: String,
@@ -55,11 +56,18 @@ fn main() {
     let copy_threads = std::env::var("BENCH_COPY_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let ctxs: Vec<GpuContext> = MODES
         .iter()
-        .map(|&(_, i, o)| match GpuContext::with_options(GpuOptions { direct_inputs: i, direct_output: o, copy_threads, ..Default::default() }) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("bench_gpu: {e}");
-                std::process::exit(1);
+        .map(|&(_, i, o)| {
+            match GpuContext::with_options(GpuOptions {
+                direct_inputs: i,
+                direct_output: o,
+                copy_threads,
+                ..Default::default()
+            }) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("bench_gpu: {e}");
+                    std::process::exit(1);
+                }
             }
         })
         .collect();
@@ -85,7 +93,10 @@ fn main() {
 
     // BENCH_SHAPES=64x300,.. for a quick check on a software adapter.
     let shapes: Vec<(usize, usize)> = match std::env::var("BENCH_SHAPES") {
-        Ok(s) => s.split(',').map(|p| p.split_once('x').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())).expect("RxC")).collect(),
+        Ok(s) => s
+            .split(',')
+            .map(|p| p.split_once('x').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())).expect("RxC"))
+            .collect(),
         Err(_) => vec![(4096, 4096), (4096, 11008)],
     };
     for (r, c) in shapes {
@@ -107,27 +118,51 @@ fn main() {
             });
             let want = out.clone();
             let e = e2e(&want, &mut out, &|g, o| g.dequantize_range_bytes::<f16>(view, 0..n, o).unwrap());
-            let (_, k) = ctx.measure_kernels(10, |g| g.dequantize_range_bytes::<f16>(view, 0..n, &mut out).unwrap());
-            rows.push(Row { kernel: format!("dequant int{bits} → f16 (g256, sym)"), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu });
+            let (_, k) =
+                ctx.measure_kernels(10, |g| g.dequantize_range_bytes::<f16>(view, 0..n, &mut out).unwrap());
+            rows.push(Row {
+                kernel: format!("dequant int{bits} → f16 (g256, sym)"),
+                shape: format!("{r}×{c}"),
+                out_bytes: 2 * n,
+                gpu_kernel: k,
+                e2e: e,
+                cpu,
+            });
         }
         // Lossless delta apply (Ulp transform, byte planes, bf16-sized elements, with base).
         {
-            let planes: Vec<u8> = (0..2 * n).map(|i| if i < n { rng.next_u64() as u8 } else { (rng.next_u64() % 3) as u8 }).collect();
+            let planes: Vec<u8> = (0..2 * n)
+                .map(|i| if i < n { rng.next_u64() as u8 } else { (rng.next_u64() % 3) as u8 })
+                .collect();
             let mut out = vec![0u8; 2 * n];
             let cpu = best(reps, || {
                 // The stored layout: planes per chunk of DELTA_CHUNK_ELEMS, chunks in parallel.
                 let ce = delta::DELTA_CHUNK_ELEMS;
-                out.par_chunks_mut(2 * ce).zip(planes.par_chunks(2 * ce)).zip(wbytes.par_chunks(2 * ce)).for_each(|((o, p), b)| {
-                    delta::inverse_from_planes(Transform::Ulp, 2, p, Some(b), o);
-                });
+                out.par_chunks_mut(2 * ce)
+                    .zip(planes.par_chunks(2 * ce))
+                    .zip(wbytes.par_chunks(2 * ce))
+                    .for_each(|((o, p), b)| {
+                        delta::inverse_from_planes(Transform::Ulp, 2, p, Some(b), o);
+                    });
             });
             // The GPU gets the planes of the whole tensor at once: same bytes out only when it
             // is one stored chunk, so compare with a CPU run over the same layout.
             delta::inverse_from_planes(Transform::Ulp, 2, &planes, Some(&wbytes), &mut out);
             let want = out.clone();
-            let e = e2e(&want, &mut out, &|g, o| g.inverse_from_planes(Transform::Ulp, 2, &planes, Some(&wbytes), o).unwrap());
-            let (_, k) = ctx.measure_kernels(10, |g| g.inverse_from_planes(Transform::Ulp, 2, &planes, Some(&wbytes), &mut out).unwrap());
-            rows.push(Row { kernel: "delta apply (lossless, ulp, 2-byte)".into(), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu });
+            let e = e2e(&want, &mut out, &|g, o| {
+                g.inverse_from_planes(Transform::Ulp, 2, &planes, Some(&wbytes), o).unwrap()
+            });
+            let (_, k) = ctx.measure_kernels(10, |g| {
+                g.inverse_from_planes(Transform::Ulp, 2, &planes, Some(&wbytes), &mut out).unwrap()
+            });
+            rows.push(Row {
+                kernel: "delta apply (lossless, ulp, 2-byte)".into(),
+                shape: format!("{r}×{c}"),
+                out_bytes: 2 * n,
+                gpu_kernel: k,
+                e2e: e,
+                cpu,
+            });
         }
         // LoRA merge into f16 W, ranks 16 and 64.
         for rank in [16usize, 64] {
@@ -140,21 +175,37 @@ fn main() {
             };
             let mut out = vec![0u8; 2 * n];
             let cpu = best(reps.min(3), || {
-                out.par_chunks_mut(2 * c * 16).zip(wbytes.par_chunks(2 * c * 16)).enumerate().for_each(|(i, (o, w))| {
-                    let a = i * c * 16;
-                    merge::lora_rows(&f, Dtype::F16, c, a..a + o.len() / 2, w, o);
-                })
+                out.par_chunks_mut(2 * c * 16).zip(wbytes.par_chunks(2 * c * 16)).enumerate().for_each(
+                    |(i, (o, w))| {
+                        let a = i * c * 16;
+                        merge::lora_rows(&f, Dtype::F16, c, a..a + o.len() / 2, w, o);
+                    },
+                )
             });
             // The GPU sums in another order: within the bound tests/gpu.rs checks, not the same
             // bits, so e2e is checked against its own first result.
             let mut gpu_want = vec![0u8; 2 * n];
             ctx.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, &mut gpu_want).unwrap();
-            let e = e2e(&gpu_want, &mut out, &|g, o| g.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, o).unwrap());
-            let (_, k) = ctx.measure_kernels(10, |g| g.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, &mut out).unwrap());
-            rows.push(Row { kernel: format!("LoRA merge r={rank} (f16 W)"), shape: format!("{r}×{c}"), out_bytes: 2 * n, gpu_kernel: k, e2e: e, cpu });
+            let e =
+                e2e(&gpu_want, &mut out, &|g, o| g.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, o).unwrap());
+            let (_, k) =
+                ctx.measure_kernels(10, |g| g.lora_rows(&f, Dtype::F16, c, 0..n, &wbytes, &mut out).unwrap());
+            rows.push(Row {
+                kernel: format!("LoRA merge r={rank} (f16 W)"),
+                shape: format!("{r}×{c}"),
+                out_bytes: 2 * n,
+                gpu_kernel: k,
+                e2e: e,
+                cpu,
+            });
         }
     }
-    let tb = ctx.measure_transfers(std::env::var("BENCH_BOUND_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(64) << 20, 10).unwrap();
+    let tb = ctx
+        .measure_transfers(
+            std::env::var("BENCH_BOUND_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(64) << 20,
+            10,
+        )
+        .unwrap();
 
     println!("## GPU kernels vs CPU ({threads} rayon threads)\n");
     println!("Device: **{}**  ", ctx.device_name());
@@ -171,16 +222,40 @@ fn main() {
         let fastest = *r.e2e.iter().min().unwrap();
         let cpu = format!("{:.1}", gbs(r.out_bytes, r.cpu));
         let ratio = format!("{:.1}×", r.cpu.as_secs_f64() / fastest.as_secs_f64());
-        println!("| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |", r.kernel, r.shape, gbs(r.out_bytes, r.gpu_kernel), e[0], e[1], e[2], cpu, ratio);
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            r.kernel,
+            r.shape,
+            gbs(r.out_bytes, r.gpu_kernel),
+            e[0],
+            e[1],
+            e[2],
+            cpu,
+            ratio
+        );
     }
     let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.1}"));
     println!("\nTransfer bounds ({} MiB buffers, GB/s of bytes moved):\n", tb.bytes >> 20);
     println!("| path | host → device | device → host | both at once (sum) |");
     println!("|---|---:|---:|---:|");
-    println!("| DMA copy (copy_buffer_to_buffer, one queue) | {:.1} | {:.1} | {:.1} |", tb.dma_up, tb.dma_down, tb.dma_both);
-    println!("| shader reading / writing host-visible memory | {} | {} | {} |", opt(tb.shader_read_host), opt(tb.shader_write_host), opt(tb.shader_both));
-    println!("| host memcpy into / out of mapped memory, 1 thread | {:.1} | {:.1} | |", tb.host_in_1, tb.host_out_1);
+    println!(
+        "| DMA copy (copy_buffer_to_buffer, one queue) | {:.1} | {:.1} | {:.1} |",
+        tb.dma_up, tb.dma_down, tb.dma_both
+    );
+    println!(
+        "| shader reading / writing host-visible memory | {} | {} | {} |",
+        opt(tb.shader_read_host),
+        opt(tb.shader_write_host),
+        opt(tb.shader_both)
+    );
+    println!(
+        "| host memcpy into / out of mapped memory, 1 thread | {:.1} | {:.1} | |",
+        tb.host_in_1, tb.host_out_1
+    );
     println!("| the same, {} threads | {:.1} | {:.1} | |", tb.copy_threads, tb.host_in_n, tb.host_out_n);
     println!("| `queue.write_buffer` (wgpu's staging) + submit | {:.1} | | |", tb.write_buffer);
-    println!("\nDevice memory copy (bytes copied; HBM traffic is twice this): **{:.1} GB/s**.", tb.device_copy);
+    println!(
+        "\nDevice memory copy (bytes copied; HBM traffic is twice this): **{:.1} GB/s**.",
+        tb.device_copy
+    );
 }

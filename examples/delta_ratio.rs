@@ -19,8 +19,7 @@ use std::time::Instant;
 use half::{bf16, f16};
 use llmfs::codec::delta::{
     chunk_count, chunk_elems, decode_lossless_chunk_with, encode_lossless_with, forward_to_planes,
-    inverse_from_planes, EncodedChunks, LosslessOptions, Transform, DEFAULT_LEVEL,
-    DELTA_CHUNK_ELEMS,
+    inverse_from_planes, EncodedChunks, LosslessOptions, Transform, DEFAULT_LEVEL, DELTA_CHUNK_ELEMS,
 };
 use llmfs::demo::{random_tensor, SplitMix64};
 use llmfs::format::Dtype;
@@ -48,27 +47,18 @@ fn put(dtype: Dtype, v: f32, b: &mut [u8]) {
 fn make_target(base: &[u8], dtype: Dtype, k: f32, seed: u64) -> Vec<u8> {
     let e = dtype.size();
     let n = base.len() / e;
-    let mean = (0..n)
-        .map(|i| get(dtype, &base[i * e..]) as f64)
-        .sum::<f64>()
-        / n as f64;
-    let var = (0..n)
-        .map(|i| (get(dtype, &base[i * e..]) as f64 - mean).powi(2))
-        .sum::<f64>()
-        / n as f64;
+    let mean = (0..n).map(|i| get(dtype, &base[i * e..]) as f64).sum::<f64>() / n as f64;
+    let var = (0..n).map(|i| (get(dtype, &base[i * e..]) as f64 - mean).powi(2)).sum::<f64>() / n as f64;
     let sigma = k * var.sqrt() as f32;
     let mut out = base.to_vec();
     const BLOCK: usize = 1 << 16;
-    out.par_chunks_mut(BLOCK * e)
-        .enumerate()
-        .for_each(|(blk, chunk)| {
-            let mut rng =
-                SplitMix64(seed ^ 0xDE17A ^ (blk as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for el in chunk.chunks_mut(e) {
-                let v = get(dtype, el) + rng.normal() * sigma;
-                put(dtype, v, el);
-            }
-        });
+    out.par_chunks_mut(BLOCK * e).enumerate().for_each(|(blk, chunk)| {
+        let mut rng = SplitMix64(seed ^ 0xDE17A ^ (blk as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for el in chunk.chunks_mut(e) {
+            let v = get(dtype, el) + rng.normal() * sigma;
+            put(dtype, v, el);
+        }
+    });
     out
 }
 
@@ -88,29 +78,16 @@ fn stored_with_chunk(target: &[u8], base: &[u8], esize: usize, level: i32, chunk
         .zip(base.par_chunks(chunk * esize))
         .map(|(t, b)| {
             let mut planes = vec![0u8; t.len()];
-            forward_to_planes(
-                LosslessOptions::DEFAULT.transform,
-                esize,
-                t,
-                Some(b),
-                &mut planes,
-            );
+            forward_to_planes(LosslessOptions::DEFAULT.transform, esize, t, Some(b), &mut planes);
             let mut c = zstd::bulk::Compressor::new(level).unwrap();
-            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-                .unwrap();
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true)).unwrap();
             c.compress(&planes).unwrap().len() + 8
         })
         .sum()
 }
 
 /// Single-thread decode throughput (output bytes per second) of every chunk of `enc`.
-fn decode_gbps(
-    enc: &EncodedChunks,
-    base: &[u8],
-    esize: usize,
-    opts: LosslessOptions,
-    raw: &[u8],
-) -> f64 {
+fn decode_gbps(enc: &EncodedChunks, base: &[u8], esize: usize, opts: LosslessOptions, raw: &[u8]) -> f64 {
     let n = base.len() / esize;
     let mut out = vec![0u8; raw.len()];
     let mut best = f64::MAX;
@@ -145,8 +122,7 @@ fn breakdown(enc: &EncodedChunks, base: &[u8], esize: usize, raw: &[u8]) {
         let t0 = Instant::now();
         for c in 0..chunk_count(n) {
             let r = chunk_elems(c, n);
-            dec.decompress_to_buffer(enc.frame(c), &mut planes[r.start * esize..r.end * esize])
-                .unwrap();
+            dec.decompress_to_buffer(enc.frame(c), &mut planes[r.start * esize..r.end * esize]).unwrap();
         }
         t_zstd = t_zstd.min(t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
@@ -165,11 +141,7 @@ fn breakdown(enc: &EncodedChunks, base: &[u8], esize: usize, raw: &[u8]) {
     }
     assert!(out == raw);
     let gb = raw.len() as f64 / 1e9;
-    println!(
-        "decode breakdown, 1 core: zstd {:.2} GB/s, planes+inverse {:.2} GB/s",
-        gb / t_zstd,
-        gb / t_inv
-    );
+    println!("decode breakdown, 1 core: zstd {:.2} GB/s, planes+inverse {:.2} GB/s", gb / t_zstd, gb / t_inv);
 }
 
 /// zstd parameters vs ratio and one core's zstd decode speed, on the default payload.
@@ -232,41 +204,11 @@ fn main() {
     println!("n = {n} elements, seed = {seed}, ratio = raw / (frames + 8 B per offset)\n");
 
     let variants = [
-        (
-            "ulp+planes",
-            LosslessOptions {
-                transform: Transform::Ulp,
-                planes: true,
-            },
-        ),
-        (
-            "xor+planes",
-            LosslessOptions {
-                transform: Transform::Xor,
-                planes: true,
-            },
-        ),
-        (
-            "xor",
-            LosslessOptions {
-                transform: Transform::Xor,
-                planes: false,
-            },
-        ),
-        (
-            "sub+planes",
-            LosslessOptions {
-                transform: Transform::Sub,
-                planes: true,
-            },
-        ),
-        (
-            "sub",
-            LosslessOptions {
-                transform: Transform::Sub,
-                planes: false,
-            },
-        ),
+        ("ulp+planes", LosslessOptions { transform: Transform::Ulp, planes: true }),
+        ("xor+planes", LosslessOptions { transform: Transform::Xor, planes: true }),
+        ("xor", LosslessOptions { transform: Transform::Xor, planes: false }),
+        ("sub+planes", LosslessOptions { transform: Transform::Sub, planes: true }),
+        ("sub", LosslessOptions { transform: Transform::Sub, planes: false }),
     ];
     println!(
         "{:<5} {:<9} {:>3} | {:>10} {:>10} {:>8} {:>10} {:>8} | {:>9} {:>9}",
@@ -287,17 +229,13 @@ fn main() {
         let base = random_tensor(seed, n, dtype, false);
         let mut targets = vec![("same".to_string(), base.clone())];
         for (i, k) in KS.iter().enumerate() {
-            targets.push((
-                format!("k={k}"),
-                make_target(&base, dtype, *k, seed + 1 + i as u64),
-            ));
+            targets.push((format!("k={k}"), make_target(&base, dtype, *k, seed + 1 + i as u64)));
         }
         if let (Some(dir), Dtype::BF16) = (&dump, dtype) {
             std::fs::create_dir_all(dir).unwrap();
             std::fs::write(dir.join("base.bin"), &base).unwrap();
             for (name, t) in &targets[1..] {
-                std::fs::write(dir.join(format!("target_{}.bin", name.replace('=', ""))), t)
-                    .unwrap();
+                std::fs::write(dir.join(format!("target_{}.bin", name.replace('=', ""))), t).unwrap();
             }
         }
         for (name, target) in &targets {
@@ -359,13 +297,8 @@ fn main() {
             }
             println!();
             let t0 = Instant::now();
-            let enc = encode_lossless_with(
-                &targets[2].1,
-                Some(&base),
-                e,
-                DEFAULT_LEVEL,
-                LosslessOptions::DEFAULT,
-            );
+            let enc =
+                encode_lossless_with(&targets[2].1, Some(&base), e, DEFAULT_LEVEL, LosslessOptions::DEFAULT);
             let dt = t0.elapsed().as_secs_f64();
             println!(
                 "encode bf16 k=0.01 level {DEFAULT_LEVEL}: {:.2} GB/s on {} threads ({} chunks)",

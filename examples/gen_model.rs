@@ -13,7 +13,16 @@ fn main() -> std::io::Result<()> {
     let per_layer = 2 * (4 * h * h + 3 * h * i);
     let fixed = 2 * 2 * v * h;
     let layers = ((mib << 20).saturating_sub(fixed) / per_layer).max(1);
-    let spec = ModelSpec { hidden: h, intermediate: i, layers, heads: 16, kv_heads: 16, vocab: v, shards: 2, ..ModelSpec::tiny() };
+    let spec = ModelSpec {
+        hidden: h,
+        intermediate: i,
+        layers,
+        heads: 16,
+        kv_heads: 16,
+        vocab: v,
+        shards: 2,
+        ..ModelSpec::tiny()
+    };
     write_model(std::path::Path::new(&dir), &spec)?;
     println!("wrote {dir}: {layers} layers");
     Ok(())

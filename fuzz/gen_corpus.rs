@@ -33,13 +33,29 @@ fn main() {
     // safetensors_header
     seed("safetensors_header", "tiny-model", &weights);
     seed("safetensors_header", "empty", &raw("{}", 0));
-    seed("safetensors_header", "metadata", &raw(r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F16","shape":[2,0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}  "#, 3));
+    seed(
+        "safetensors_header",
+        "metadata",
+        &raw(
+            r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F16","shape":[2,0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}  "#,
+            3,
+        ),
+    );
 
     // quant_container: containers of a few configs, one seed per (config, tensor).
     let base_header = format::parse_header(&weights).unwrap();
-    for (i, (bits, gs, sym)) in [(8u8, 8usize, true), (4, 5, false), (4, 16, true), (8, 12, false)].into_iter().enumerate() {
+    for (i, (bits, gs, sym)) in
+        [(8u8, 8usize, true), (4, 5, false), (4, 16, true), (8, 12, false)].into_iter().enumerate()
+    {
         let name = format!("q{i}");
-        llmfs::quantize::quantize(store, &name, "base", QuantConfig { bits, group_size: gs, symmetric: sym }, |_| {}).unwrap();
+        llmfs::quantize::quantize(
+            store,
+            &name,
+            "base",
+            QuantConfig { bits, group_size: gs, symmetric: sym },
+            |_| {},
+        )
+        .unwrap();
         let container = std::fs::read(store.entry_dir(&name).join("model.safetensors")).unwrap();
         let flags = u8::from(bits == 4) | (u8::from(!sym) << 1) | (1 << 2); // BF16
         for t in ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"] {
@@ -54,9 +70,11 @@ fn main() {
     }
 
     // delta_chunk: real frames against the harness's base pattern.
-    for (esize, elems, based) in [(2usize, 1000usize, true), (4, 333, false), (1, 4096, true), (8, 17, true)] {
+    for (esize, elems, based) in [(2usize, 1000usize, true), (4, 333, false), (1, 4096, true), (8, 17, true)]
+    {
         let base = harness::chunk_base(elems * esize, 1);
-        let target: Vec<u8> = base.iter().enumerate().map(|(i, b)| if i % 7 == 0 { b ^ 1 } else { *b }).collect();
+        let target: Vec<u8> =
+            base.iter().enumerate().map(|(i, b)| if i % 7 == 0 { b ^ 1 } else { *b }).collect();
         let enc = dcodec::encode_lossless(&target, based.then_some(&base[..]), esize, 1);
         let mut s = vec![esize as u8, if based { 1 } else { 0 }];
         s.extend_from_slice(&(elems as u32).to_le_bytes()[..3]);

@@ -29,7 +29,9 @@ use llmfs::delta::source::{LosslessSource, LossySource};
 use llmfs::delta::DeltaCodec;
 use llmfs::demo::{self, ModelSpec};
 use llmfs::format::{self, Dtype, HeaderBuilder};
-use llmfs::registry::{self, Entry, EntryKind, FileRecord, FileRole, Fingerprint, ModelInfo, Registry, Store};
+use llmfs::registry::{
+    self, Entry, EntryKind, FileRecord, FileRole, Fingerprint, ModelInfo, Registry, Store,
+};
 use llmfs::variant::{self, Content, SourceFile, TensorSource};
 
 /// Largest output a harness decodes in one read (keeps each run fast and bounded).
@@ -38,7 +40,17 @@ const MAX_OUT: usize = 2 << 20;
 /// The base every container target is checked against: a LLaMA-shaped model of a few KB
 /// (hidden 16, one layer), so seeds stay small.
 pub fn tiny_spec() -> ModelSpec {
-    ModelSpec { hidden: 16, intermediate: 32, layers: 1, heads: 2, kv_heads: 2, vocab: 32, dtype: Dtype::BF16, shards: 1, seed: 5 }
+    ModelSpec {
+        hidden: 16,
+        intermediate: 32,
+        layers: 1,
+        heads: 2,
+        kv_heads: 2,
+        vocab: 32,
+        dtype: Dtype::BF16,
+        shards: 1,
+        seed: 5,
+    }
 }
 
 /// A scratch directory for this process, with a store holding the tiny model as entry `base`
@@ -116,7 +128,11 @@ fn read_ranges(source: &TensorSource, n: usize, esize: usize, salt: usize) {
 pub fn safetensors_header(data: &[u8]) {
     let whole = format::parse_header(data);
     let prefix = format::parse_header_prefix(data, data.len() as u64);
-    assert_eq!(whole.is_ok(), prefix.is_ok(), "parse_header and parse_header_prefix disagree: {whole:?} vs {prefix:?}");
+    assert_eq!(
+        whole.is_ok(),
+        prefix.is_ok(),
+        "parse_header and parse_header_prefix disagree: {whole:?} vs {prefix:?}"
+    );
     if let Ok(h) = &whole {
         assert_eq!(h.file_size(), data.len() as u64, "an accepted header must describe the whole buffer");
         // What we accept, the builder writes back spec-exact and we parse back the same tensors.
@@ -133,7 +149,9 @@ pub fn safetensors_header(data: &[u8]) {
         file.resize(bytes.len() + h.tensors.last().map_or(0, |t| t.end) as usize, 0);
         let again = format::parse_header(&file).expect("a built header parses");
         assert_eq!(again.tensors, infos);
-        let names = |ts: &[format::TensorInfo]| ts.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.len())).collect::<Vec<_>>();
+        let names = |ts: &[format::TensorInfo]| {
+            ts.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.len())).collect::<Vec<_>>()
+        };
         assert_eq!(names(&again.tensors), names(&h.tensors));
     }
     // The prefix parser is also given sizes the buffer does not have (a delta container's claim).
@@ -170,7 +188,8 @@ pub fn registry(data: &[u8]) {
 pub const QUANT_PREFIX: usize = 11;
 
 pub fn quant_config(flags: u8, group_size: usize) -> (QuantConfig, Dtype) {
-    let config = QuantConfig { bits: if flags & 1 == 1 { 4 } else { 8 }, group_size, symmetric: flags & 2 == 0 };
+    let config =
+        QuantConfig { bits: if flags & 1 == 1 { 4 } else { 8 }, group_size, symmetric: flags & 2 == 0 };
     (config, [Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::U8][(flags >> 2) as usize & 3])
 }
 
@@ -189,7 +208,9 @@ pub fn quant_container(data: &[u8]) {
     };
     for t in &header.tensors {
         let Some(stem) = t.name.strip_suffix(".q") else { continue };
-        let Ok(Some(q)) = QuantSource::find(&file, &header, stem, &[rows, cols], dtype, config) else { continue };
+        let Ok(Some(q)) = QuantSource::find(&file, &header, stem, &[rows, cols], dtype, config) else {
+            continue;
+        };
         let n = rows * cols;
         if n == 0 {
             continue;
@@ -247,7 +268,8 @@ pub fn delta_chunk(data: &[u8]) {
             let r = dcodec::chunk_elems(c, n);
             let (lo, hi) = (r.start * esize, r.end * esize);
             let mut got = vec![0u8; hi - lo];
-            dcodec::decode_lossless_chunk(enc.frame(c), base.map(|b| &b[lo..hi]), esize, &mut got).expect("own frame decodes");
+            dcodec::decode_lossless_chunk(enc.frame(c), base.map(|b| &b[lo..hi]), esize, &mut got)
+                .expect("own frame decodes");
             assert!(got == target[lo..hi], "round trip differs in chunk {c}");
         }
     }
@@ -260,7 +282,15 @@ pub fn delta_chunk(data: &[u8]) {
 pub const DELTA_PREFIX: usize = 6;
 
 fn entry(kind: EntryKind) -> Entry {
-    Entry { kind, info: ModelInfo::default(), family: "llama".into(), template: "llama-2".into(), chat_template: None, created: 0, generation: 0 }
+    Entry {
+        kind,
+        info: ModelInfo::default(),
+        family: "llama".into(),
+        template: "llama-2".into(),
+        chat_template: None,
+        created: 0,
+        generation: 0,
+    }
 }
 
 pub fn delta_container(data: &[u8]) {
@@ -282,8 +312,10 @@ pub fn delta_container(data: &[u8]) {
     let file = source_file(&dir.join(name), container);
     let mut reg = fx.store.load().expect("fixture registry");
     let codec = [DeltaCodec::Lossless, DeltaCodec::Q8, DeltaCodec::Bitdelta][(flags >> 1) as usize % 3];
-    let record = FileRecord { name: name.into(), role: FileRole::Weights, fingerprint: file.fingerprint.clone() };
-    reg.entries.insert("d".into(), entry(EntryKind::Delta { base: "base".into(), codec, files: vec![record] }));
+    let record =
+        FileRecord { name: name.into(), role: FileRole::Weights, fingerprint: file.fingerprint.clone() };
+    reg.entries
+        .insert("d".into(), entry(EntryKind::Delta { base: "base".into(), codec, files: vec![record] }));
     if let Ok(view) = variant::build_view(&reg, "d") {
         read_view(&view, numel);
     }
@@ -297,11 +329,17 @@ pub fn delta_container(data: &[u8]) {
     if !base_path.exists() {
         std::fs::write(&base_path, chunk_base(MAX_OUT + 64, 7)).expect("base pattern");
     }
-    let base_file = Arc::new(SourceFile::new(base_path.clone(), Fingerprint::of(&base_path).expect("fingerprint")));
+    let base_file =
+        Arc::new(SourceFile::new(base_path.clone(), Fingerprint::of(&base_path).expect("fingerprint")));
     let base = TensorSource::Stored { file: base_file, offset: 0, dtype };
-    let shape: Vec<usize> = if rows > 0 && numel % rows == 0 { vec![rows, numel / rows] } else { vec![numel] };
+    let shape: Vec<usize> =
+        if rows > 0 && numel % rows == 0 { vec![rows, numel / rows] } else { vec![numel] };
     for t in &header.tensors {
-        let stem = t.name.strip_suffix(".frames").or_else(|| t.name.strip_suffix(".q")).or_else(|| t.name.strip_suffix(".signs"));
+        let stem = t
+            .name
+            .strip_suffix(".frames")
+            .or_else(|| t.name.strip_suffix(".q"))
+            .or_else(|| t.name.strip_suffix(".signs"));
         let Some(stem) = stem else { continue };
         let based = (flags & 0x80 != 0).then(|| base.clone());
         if let Ok(src) = LosslessSource::open(&file, &header, stem, dtype, numel, based) {
@@ -335,8 +373,7 @@ pub fn valid_adapter() -> Vec<u8> {
     bytes
 }
 
-pub const VALID_ADAPTER_CONFIG: &str =
-    r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"],"fan_in_fan_out":false,"use_rslora":false}"#;
+pub const VALID_ADAPTER_CONFIG: &str = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"],"fan_in_fan_out":false,"use_rslora":false}"#;
 
 /// A valid FastChat delta for the fixture's base: the same tensors, f16.
 pub fn valid_fastchat_delta() -> Vec<u8> {
@@ -344,7 +381,8 @@ pub fn valid_fastchat_delta() -> Vec<u8> {
     BYTES
         .get_or_init(|| {
             let dir = scratch("fastchat-delta");
-            demo::write_model(&dir, &ModelSpec { dtype: Dtype::F16, seed: 99, ..tiny_spec() }).expect("delta model");
+            demo::write_model(&dir, &ModelSpec { dtype: Dtype::F16, seed: 99, ..tiny_spec() })
+                .expect("delta model");
             std::fs::read(dir.join("model.safetensors")).expect("delta weights")
         })
         .clone()

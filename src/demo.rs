@@ -32,7 +32,17 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// A few MB: the demo and most tests.
     pub fn tiny() -> Self {
-        ModelSpec { hidden: 256, intermediate: 688, layers: 4, heads: 4, kv_heads: 4, vocab: 2048, dtype: Dtype::BF16, shards: 2, seed: 7 }
+        ModelSpec {
+            hidden: 256,
+            intermediate: 688,
+            layers: 4,
+            heads: 4,
+            kv_heads: 4,
+            vocab: 2048,
+            dtype: Dtype::BF16,
+            shards: 2,
+            seed: 7,
+        }
     }
 
     /// Tensors in file order: (name, shape), grouped by layer so shards split between layers.
@@ -53,7 +63,10 @@ impl ModelSpec {
                 (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
             ]);
         }
-        groups.push(vec![("model.norm.weight".into(), vec![h]), ("lm_head.weight".into(), vec![self.vocab, h])]);
+        groups.push(vec![
+            ("model.norm.weight".into(), vec![h]),
+            ("lm_head.weight".into(), vec![self.vocab, h]),
+        ]);
         groups
     }
 }
@@ -88,7 +101,10 @@ pub fn write_model(dir: &Path, spec: &ModelSpec) -> io::Result<()> {
         &dir.join("tokenizer_config.json"),
         &json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"}),
     )?;
-    write_json(&dir.join("generation_config.json"), &json!({"bos_token_id": 1, "eos_token_id": 2, "do_sample": true, "temperature": 0.7}))?;
+    write_json(
+        &dir.join("generation_config.json"),
+        &json!({"bos_token_id": 1, "eos_token_id": 2, "do_sample": true, "temperature": 0.7}),
+    )?;
 
     let groups = spec.tensors();
     let shards = spec.shards.clamp(1, groups.len());
@@ -97,7 +113,11 @@ pub fn write_model(dir: &Path, spec: &ModelSpec) -> io::Result<()> {
     let mut total = 0u64;
     let mut seed_index = 0u64;
     for (s, shard_groups) in groups.chunks(per_shard).enumerate() {
-        let name = if shards == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, shards) };
+        let name = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", s + 1, shards)
+        };
         let tensors: Vec<&(String, Vec<usize>)> = shard_groups.iter().flatten().collect();
         let mut builder = HeaderBuilder::new().metadata("format", "pt");
         for (t, shape) in &tensors {
@@ -109,7 +129,12 @@ pub fn write_model(dir: &Path, spec: &ModelSpec) -> io::Result<()> {
         out.write_all(&header)?;
         for ((t, shape), info) in tensors.iter().zip(&infos) {
             let norm = t.ends_with("norm.weight");
-            let bytes = random_tensor(spec.seed.wrapping_mul(1_000_003).wrapping_add(seed_index), shape.iter().product(), spec.dtype, norm);
+            let bytes = random_tensor(
+                spec.seed.wrapping_mul(1_000_003).wrapping_add(seed_index),
+                shape.iter().product(),
+                spec.dtype,
+                norm,
+            );
             debug_assert_eq!(bytes.len() as u64, info.len());
             out.write_all(&bytes)?;
             total += bytes.len() as u64;
@@ -178,7 +203,8 @@ impl SplitMix64 {
 pub fn write_finetune(base_dir: &Path, out_dir: &Path, scale: f32, seed: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     std::fs::create_dir_all(out_dir)?;
-    let mut names: Vec<_> = std::fs::read_dir(base_dir)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    let mut names: Vec<_> =
+        std::fs::read_dir(base_dir)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
     names.sort();
     for (i, name) in names.iter().enumerate() {
         let (src, dst) = (base_dir.join(name), out_dir.join(name));
@@ -205,8 +231,12 @@ pub fn write_finetune(base_dir: &Path, out_dir: &Path, scale: f32, seed: u64) ->
                             let x = f32::from_le_bytes([e[0], e[1], e[2], e[3]]);
                             e.copy_from_slice(&(x + d).to_le_bytes())
                         }
-                        Dtype::F16 => e.copy_from_slice(&f16::from_f32(f16::from_le_bytes([e[0], e[1]]).to_f32() + d).to_le_bytes()),
-                        _ => e.copy_from_slice(&bf16::from_f32(bf16::from_le_bytes([e[0], e[1]]).to_f32() + d).to_le_bytes()),
+                        Dtype::F16 => e.copy_from_slice(
+                            &f16::from_f32(f16::from_le_bytes([e[0], e[1]]).to_f32() + d).to_le_bytes(),
+                        ),
+                        _ => e.copy_from_slice(
+                            &bf16::from_f32(bf16::from_le_bytes([e[0], e[1]]).to_f32() + d).to_le_bytes(),
+                        ),
                     }
                 }
             }

@@ -37,7 +37,10 @@ pub enum ExportError {
 /// Write every file of `view` into `out_dir` (created if missing; existing files are replaced).
 /// Like `cp`, it leaves flushing to the kernel (no fsync).
 pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -> Result<u64, ExportError> {
-    let io = |path: &Path| { let path = path.to_owned(); move |source| ExportError::Io { path, source } };
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ExportError::Io { path, source }
+    };
     fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     // A small cache for the files that go through the read path: it reads every chunk once.
     let cache = Cache::new(64 << 20);
@@ -45,7 +48,8 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
     for file in &view.files {
         vfs::check_sources(file).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
         let path = out_dir.join(&file.name);
-        let out = OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(io(&path))?;
+        let out =
+            OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(io(&path))?;
         out.set_len(file.size).map_err(io(&path))?;
         match &file.content {
             Content::Synth(synth) => export_synth(file, synth, &out, &path, &progress)?,
@@ -64,7 +68,13 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
 }
 
 /// A synthesized file: its header, then every tensor in pieces of [`PIECE_ELEMS`] elements.
-fn export_synth(file: &VFile, synth: &SynthFile, out: &File, path: &Path, progress: &(impl Fn(u64) + Sync)) -> Result<(), ExportError> {
+fn export_synth(
+    file: &VFile,
+    synth: &SynthFile,
+    out: &File,
+    path: &Path,
+    progress: &(impl Fn(u64) + Sync),
+) -> Result<(), ExportError> {
     let io = |source| ExportError::Io { path: path.to_owned(), source };
     out.write_all_at(&synth.header, 0).map_err(io)?;
     progress(synth.header.len() as u64);
@@ -84,8 +94,11 @@ fn export_synth(file: &VFile, synth: &SynthFile, out: &File, path: &Path, progre
         let elems = p * PIECE_ELEMS..((p + 1) * PIECE_ELEMS).min(numel);
         let len = elems.len() * esize;
         with_scratch(len, |buf| {
-            t.source.read(elems.clone(), buf).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
-            out.write_all_at(buf, t.start + (elems.start * esize) as u64).map_err(|source| ExportError::Io { path: path.to_owned(), source })
+            t.source
+                .read(elems.clone(), buf)
+                .map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
+            out.write_all_at(buf, t.start + (elems.start * esize) as u64)
+                .map_err(|source| ExportError::Io { path: path.to_owned(), source })
         })?;
         progress(len as u64);
         Ok(())

@@ -170,7 +170,9 @@ pub enum HeaderError {
     SizeMismatch { name: String, start: u64, end: u64, shape: Vec<usize>, dtype: Dtype, expected: u64 },
     #[error("tensor {0:?}: data_offsets overlap or leave a gap before it (starts at {1}, expected {2})")]
     InvalidOffset(String, u64, u64),
-    #[error("tensor data ends at {data_end} but the file has {actual} data bytes (truncated or trailing garbage)")]
+    #[error(
+        "tensor data ends at {data_end} but the file has {actual} data bytes (truncated or trailing garbage)"
+    )]
     DataSizeMismatch { data_end: u64, actual: u64 },
     #[error("__metadata__ must map strings to strings")]
     InvalidMetadata,
@@ -222,7 +224,9 @@ pub fn parse_header(buffer: &[u8]) -> Result<Header, HeaderError> {
 pub fn parse_header_prefix(prefix: &[u8], file_size: u64) -> Result<Header, HeaderError> {
     let len_bytes = prefix.get(..8).ok_or(HeaderError::TooShort(prefix.len() as u64))?;
     let len = check_header_len(u64::from_le_bytes(len_bytes.try_into().unwrap()), file_size)?;
-    let json = prefix.get(8..8 + len as usize).ok_or(HeaderError::HeaderPastEnd { len, file_size: prefix.len() as u64 })?;
+    let json = prefix
+        .get(8..8 + len as usize)
+        .ok_or(HeaderError::HeaderPastEnd { len, file_size: prefix.len() as u64 })?;
     parse_json(json, file_size)
 }
 
@@ -238,8 +242,7 @@ fn check_header_len(len: u64, file_size: u64) -> Result<u64, HeaderError> {
 
 fn parse_json(json: &[u8], file_size: u64) -> Result<Header, HeaderError> {
     let data_start = 8 + json.len() as u64;
-    let value: Value =
-        serde_json::from_slice(json).map_err(|e| HeaderError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(json).map_err(|e| HeaderError::InvalidJson(e.to_string()))?;
     let Value::Object(map) = value else {
         return Err(HeaderError::NotAnObject);
     };
@@ -416,10 +419,8 @@ mod tests {
         assert!(matches!(parse_header(&f), Err(HeaderError::SizeMismatch { .. })));
         let f = file_with(r#"{"a":{"dtype":"Q9","shape":[4],"data_offsets":[0,16]}}"#, 16);
         assert!(matches!(parse_header(&f), Err(HeaderError::UnknownDtype(..))));
-        let f = file_with(
-            r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#,
-            16,
-        );
+        let f =
+            file_with(r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#, 16);
         assert!(matches!(parse_header(&f), Err(HeaderError::InvalidTensor(..))));
         let f = file_with(r#"{"__metadata__":{"a":1}}"#, 0);
         assert!(matches!(parse_header(&f), Err(HeaderError::InvalidMetadata)));

@@ -8,13 +8,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+use llmfs::codec::quant::QuantConfig;
+use llmfs::delta::import::ImportFormat;
+use llmfs::delta::{self, DeltaCodec};
 use llmfs::format::Dtype;
 use llmfs::registry::add::{self, AddOptions, ChatTemplateChoice};
 use llmfs::registry::{self, Entry, EntryKind, Registry, Store};
 use llmfs::vfs::mount::{self, MountOptions};
-use llmfs::codec::quant::QuantConfig;
-use llmfs::delta::import::ImportFormat;
-use llmfs::delta::{self, DeltaCodec};
 use llmfs::{check, demo, export, quantize, variant};
 
 #[derive(Parser)]
@@ -236,25 +236,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let bar = progress_bar(total);
             let entry = quantize::quantize(&store, &name, &base, config, |n| bar.inc(n))?;
             bar.finish_and_clear();
-            let EntryKind::Quantized { errors, .. } = &entry.kind else { unreachable!("quantize makes quantized entries") };
+            let EntryKind::Quantized { errors, .. } = &entry.kind else {
+                unreachable!("quantize makes quantized entries")
+            };
             let max = errors.values().cloned().fold(0.0, f64::max);
-            println!("added {name}: {} tensors of {base} quantized to {bits} bits, max relative error {max:.2e}", errors.len());
+            println!(
+                "added {name}: {} tensors of {base} quantized to {bits} bits, max relative error {max:.2e}",
+                errors.len()
+            );
         }
         Command::Delta(DeltaCommand::Make { name, base, target, codec }) => {
             let size: u64 = std::fs::read_dir(&target)
-                .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+                })
                 .unwrap_or(0);
             let bar = progress_bar(size);
             let entry = delta::make::make_delta(&store, &name, &base, &target, codec, |n| bar.inc(n))?;
             bar.finish_and_clear();
             let EntryKind::Delta { files, .. } = &entry.kind else { unreachable!("make_delta makes deltas") };
             let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
-            println!("added {name}: {} files of {} as a {} delta of {base}, {} stored ({:.2}x smaller)",
-                files.len(), target.display(), codec.name(), human(stored), size as f64 / stored.max(1) as f64);
+            println!(
+                "added {name}: {} files of {} as a {} delta of {base}, {} stored ({:.2}x smaller)",
+                files.len(),
+                target.display(),
+                codec.name(),
+                human(stored),
+                size as f64 / stored.max(1) as f64
+            );
         }
         Command::Delta(DeltaCommand::Import { name, base, from, format }) => {
             delta::import::import(&store, &name, &base, &from, format)?;
-            println!("added {name}: {} delta from {} applied to {base} on read", format.name(), from.display());
+            println!(
+                "added {name}: {} delta from {} applied to {base} on read",
+                format.name(),
+                from.display()
+            );
         }
         Command::Ls { json } => ls(&store.load()?, json)?,
         Command::Info { name, json } => info(&store.load()?, &name, json)?,
@@ -286,7 +303,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 r.get(&name)?;
                 let deps = r.dependents(&name);
                 if !deps.is_empty() {
-                    return Err(registry::Error::HasDependents { name: name.clone(), dependents: deps.join(", ") });
+                    return Err(registry::Error::HasDependents {
+                        name: name.clone(),
+                        dependents: deps.join(", "),
+                    });
                 }
                 Ok(r.entries.remove(&name).expect("checked above"))
             })?;
@@ -302,21 +322,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if backend == "gpu" && !cfg!(feature = "gpu") {
                 bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
             }
-            let opts = MountOptions { cache_size, allow_other, threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) };
+            let opts = MountOptions {
+                cache_size,
+                allow_other,
+                threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+            };
             if foreground {
                 init_logging();
                 let line = llmfs::compute::backend::select(&backend).map_err(|e| anyhow::anyhow!(e))?;
                 tracing::info!("{line}");
                 mount::run_foreground(store, &mountpoint, &opts)?;
             } else {
-                let mut args = vec!["--store".to_string(), store.root().display().to_string(), "mount".into()];
+                let mut args =
+                    vec!["--store".to_string(), store.root().display().to_string(), "mount".into()];
                 args.push(mountpoint.canonicalize().unwrap_or(mountpoint.clone()).display().to_string());
-                args.extend(["--foreground".into(), "--cache-size".into(), cache_size.to_string(), "--backend".into(), backend]);
+                args.extend([
+                    "--foreground".into(),
+                    "--cache-size".into(),
+                    cache_size.to_string(),
+                    "--backend".into(),
+                    backend,
+                ]);
                 if allow_other {
                     args.push("--allow-other".into());
                 }
                 mount::spawn_daemon(&store, &mountpoint, &args)?;
-                println!("mounted {} at {} (log: {})", store.root().display(), mountpoint.display(), store.log_path().display());
+                println!(
+                    "mounted {} at {} (log: {})",
+                    store.root().display(),
+                    mountpoint.display(),
+                    store.log_path().display()
+                );
             }
         }
         Command::Demo { .. } | Command::Umount { .. } => unreachable!("handled above"),
@@ -348,12 +384,16 @@ fn add_variant(store: &Store, name: &str, base: &str, kind: EntryKind) -> Result
         let b = r.get(base)?.clone();
         let entry = Entry {
             kind,
-            info: registry::ModelInfo { simple_name: name.to_owned(), link: b.info.link.clone(), description: format!("{} of {base}", "variant") },
+            info: registry::ModelInfo {
+                simple_name: name.to_owned(),
+                link: b.info.link.clone(),
+                description: format!("{} of {base}", "variant"),
+            },
             family: b.family,
             template: b.template,
             chat_template: b.chat_template,
             created: registry::now_secs(),
-        generation: registry::new_generation(),
+            generation: registry::new_generation(),
         };
         r.entries.insert(name.to_owned(), entry.clone());
         // Refuse what cannot be served before anyone mounts it.
@@ -385,7 +425,14 @@ fn ls(registry: &Registry, as_json: bool) -> Result<()> {
     println!("{:<28} {:<10} {:<24} {:<14} {:>12}", "NAME", "KIND", "BASE", "FAMILY", "SIZE");
     for (n, e) in &registry.entries {
         let size = entry_size(registry, n).map_or("?".into(), human);
-        println!("{:<28} {:<10} {:<24} {:<14} {:>12}", n, e.kind.name(), e.kind.base().unwrap_or("-"), e.family, size);
+        println!(
+            "{:<28} {:<10} {:<24} {:<14} {:>12}",
+            n,
+            e.kind.name(),
+            e.kind.base().unwrap_or("-"),
+            e.family,
+            size
+        );
     }
     Ok(())
 }
@@ -398,7 +445,11 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
@@ -460,18 +511,25 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     println!("simple name:   {}", entry.info.simple_name);
     println!("link:          {}", entry.info.link);
     println!("description:   {}", entry.info.description);
-    println!("tensors:       {tensors} ({})", dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "tensors:       {tensors} ({})",
+        dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", ")
+    );
     println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
     if let EntryKind::Quantized { .. } = entry.kind {
         let r = &value["recipe"];
         println!(
             "quantized:     {} tensors, {} bits, group size {}, {}; max relative error {:.2e}",
-            r["quantized_tensors"], r["bits"], r["group_size"], if r["symmetric"] == true { "symmetric" } else { "asymmetric" },
+            r["quantized_tensors"],
+            r["bits"],
+            r["group_size"],
+            if r["symmetric"] == true { "symmetric" } else { "asymmetric" },
             r["max_relative_error"].as_f64().unwrap_or(0.0)
         );
         println!(
             "on disk:       {} against {} of base weights ({:.2}x smaller)",
-            human(r["on_disk_bytes"].as_u64().unwrap_or(0)), human(r["base_weight_bytes"].as_u64().unwrap_or(0)),
+            human(r["on_disk_bytes"].as_u64().unwrap_or(0)),
+            human(r["base_weight_bytes"].as_u64().unwrap_or(0)),
             r["disk_ratio"].as_f64().unwrap_or(0.0)
         );
     }
@@ -506,7 +564,12 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
         }
     }
     if !have("tiny-vicuna-f32")? {
-        add_variant(&store, "tiny-vicuna-f32", "tiny-vicuna", EntryKind::Cast { base: "tiny-vicuna".into(), dtype: Dtype::F32 })?;
+        add_variant(
+            &store,
+            "tiny-vicuna-f32",
+            "tiny-vicuna",
+            EntryKind::Cast { base: "tiny-vicuna".into(), dtype: Dtype::F32 },
+        )?;
     }
     // A fine-tune, stored as a lossless delta of the base.
     let ft_dir = dir.join("models/tiny-vicuna-ft");
@@ -514,7 +577,14 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
         demo::write_finetune(&model_dir, &ft_dir, 0.01, 5)?;
     }
     if !have("tiny-vicuna-ft")? {
-        delta::make::make_delta(&store, "tiny-vicuna-ft", "tiny-vicuna", &ft_dir, DeltaCodec::Lossless, |_| {})?;
+        delta::make::make_delta(
+            &store,
+            "tiny-vicuna-ft",
+            "tiny-vicuna",
+            &ft_dir,
+            DeltaCodec::Lossless,
+            |_| {},
+        )?;
     }
     std::fs::create_dir_all(&mnt)?;
     let exe_args = vec![

@@ -18,7 +18,13 @@ use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRol
 use crate::variant::{self, LogicalTensor};
 
 /// Create quantized entry `name` from `base`. `progress` receives bytes of base tensors done.
-pub fn quantize(store: &Store, name: &str, base: &str, config: QuantConfig, progress: impl Fn(u64) + Sync) -> Result<Entry, Error> {
+pub fn quantize(
+    store: &Store,
+    name: &str,
+    base: &str,
+    config: QuantConfig,
+    progress: impl Fn(u64) + Sync,
+) -> Result<Entry, Error> {
     registry::validate_name(name)?;
     if !matches!(config.bits, 4 | 8) {
         return Err(Error::Invalid(format!("--bits {}: use 8 or 4", config.bits)));
@@ -34,7 +40,9 @@ pub fn quantize(store: &Store, name: &str, base: &str, config: QuantConfig, prog
     // Re-quantizing dequantized values only adds error; quantize the original instead.
     for link in registry.chain(base)? {
         if let EntryKind::Quantized { .. } = registry.get(link)?.kind {
-            return Err(Error::Invalid(format!("{base} is already quantized (through {link}); quantize its base instead")));
+            return Err(Error::Invalid(format!(
+                "{base} is already quantized (through {link}); quantize its base instead"
+            )));
         }
     }
     let view = variant::build_view(&registry, base).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -68,7 +76,10 @@ pub fn quantize(store: &Store, name: &str, base: &str, config: QuantConfig, prog
         info: registry::ModelInfo {
             simple_name: name.to_owned(),
             link: base_entry.info.link.clone(),
-            description: format!("{base} quantized to {} bits (group size {})", config.bits, config.group_size),
+            description: format!(
+                "{base} quantized to {} bits (group size {})",
+                config.bits, config.group_size
+            ),
         },
         family: base_entry.family,
         template: base_entry.template,
@@ -130,7 +141,12 @@ fn write_container(
 }
 
 /// Quantize one tensor: its stored parts (q, scale, min) and its relative error ‖x'−x‖/‖x‖.
-fn quantize_bytes<T: QuantFloat + bytemuck::Pod>(bytes: &[u8], rows: usize, cols: usize, config: QuantConfig) -> (Vec<Vec<u8>>, f64) {
+fn quantize_bytes<T: QuantFloat + bytemuck::Pod>(
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    config: QuantConfig,
+) -> (Vec<Vec<u8>>, f64) {
     let data: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
     let qt = quant::quantize(&data, rows, cols, config);
     let back = qt.dequantize();

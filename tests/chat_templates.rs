@@ -42,10 +42,7 @@ fn cases() -> Vec<Case> {
                     .expect("messages")
                     .iter()
                     .map(|m| {
-                        (
-                            m["role"].as_str().unwrap().to_string(),
-                            m["content"].as_str().map(str::to_string),
-                        )
+                        (m["role"].as_str().unwrap().to_string(), m["content"].as_str().map(str::to_string))
                     })
                     .collect(),
                 prompt: c["prompt"].as_str().expect("prompt").to_string(),
@@ -56,8 +53,7 @@ fn cases() -> Vec<Case> {
 }
 
 fn rust_prompt(case: &Case) -> String {
-    let conv =
-        template(&case.template).unwrap_or_else(|| panic!("{} is not carried", case.template));
+    let conv = template(&case.template).unwrap_or_else(|| panic!("{} is not carried", case.template));
     let messages: Vec<(usize, Option<&str>)> = case
         .messages
         .iter()
@@ -87,12 +83,7 @@ fn jinja_prompt(env: &Environment<'_>, case: &Case) -> String {
             Some(content) => messages.push(context! { role => role, content => content }),
             None => {
                 // FastChat's trailing `None` is what add_generation_prompt asks for.
-                assert_eq!(
-                    i,
-                    case.messages.len() - 1,
-                    "{}: only the last turn may be open",
-                    case.template
-                );
+                assert_eq!(i, case.messages.len() - 1, "{}: only the last turn may be open", case.template);
                 assert_eq!(role, "assistant");
                 add_generation_prompt = true;
             }
@@ -176,11 +167,7 @@ fn jinja_without_generation_prompt_ends_after_last_message() {
         let got = env
             .render_str(&source, context! { messages => JinjaValue::from_serialize(&messages), add_generation_prompt => false })
             .unwrap();
-        assert_eq!(
-            got,
-            conv.get_prompt(None, &[(0, Some("Hi")), (1, Some("Hello"))]),
-            "{name}"
-        );
+        assert_eq!(got, conv.get_prompt(None, &[(0, Some("Hi")), (1, Some("Hello"))]), "{name}");
     }
 }
 

@@ -13,13 +13,15 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{assert_one_line_error, llmfs_command, run_command, small_spec, tensor_count, write_model, write_raw_safetensors, Finished, TestStore};
+use common::{
+    assert_one_line_error, llmfs_command, run_command, small_spec, tensor_count, write_model,
+    write_raw_safetensors, Finished, TestStore,
+};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
 
 /// Runs `args` on `ts`, which must fail with one line naming every needle and leave the store
 /// unchanged.
@@ -45,10 +47,16 @@ fn s(p: &Path) -> &str {
 }
 
 /// A model directory with a config.json and one hand-made `model.safetensors`.
-fn model_dir_with_weights(ts: &TestStore, rel: &str, header_json: &str, data_len: usize) -> std::path::PathBuf {
+fn model_dir_with_weights(
+    ts: &TestStore,
+    rel: &str,
+    header_json: &str,
+    data_len: usize,
+) -> std::path::PathBuf {
     let dir = ts.path(rel);
     fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("config.json"), r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#).unwrap();
+    fs::write(dir.join("config.json"), r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#)
+        .unwrap();
     write_raw_safetensors(&dir.join("model.safetensors"), header_json, data_len);
     dir
 }
@@ -56,7 +64,10 @@ fn model_dir_with_weights(ts: &TestStore, rel: &str, header_json: &str, data_len
 /// Sets a file's mtime back to what it was (so only its content differs).
 fn restore_mtime(path: &Path, meta: &fs::Metadata) {
     let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.set_times(fs::FileTimes::new().set_modified(meta.modified().unwrap()).set_accessed(meta.accessed().unwrap())).unwrap();
+    f.set_times(
+        fs::FileTimes::new().set_modified(meta.modified().unwrap()).set_accessed(meta.accessed().unwrap()),
+    )
+    .unwrap();
 }
 
 /// The problems `llmfs check` reported: its non-empty output lines (stdout and stderr).
@@ -107,13 +118,18 @@ fn add_pytorch_only_directory_says_how_to_convert() {
     let ts = TestStore::new();
     let dir = ts.path("torch-model");
     fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("config.json"), r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#).unwrap();
+    fs::write(dir.join("config.json"), r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#)
+        .unwrap();
     fs::write(dir.join("pytorch_model.bin"), vec![0x80u8; 4096]).unwrap();
     let f = refused(&ts, &["add", "m", s(&dir)], &["torch-model"]);
     let line = f.stderr.to_lowercase();
     assert!(line.contains("convert"), "should say how to convert: {}", f.stderr);
     assert!(line.contains("safetensors"), "should name the target format: {}", f.stderr);
-    assert!(line.contains("save_pretrained") || line.contains("safe_serialization"), "should give the command: {}", f.stderr);
+    assert!(
+        line.contains("save_pretrained") || line.contains("safe_serialization"),
+        "should give the command: {}",
+        f.stderr
+    );
 }
 
 #[test]
@@ -139,7 +155,11 @@ fn add_invalid_names_are_refused() {
     }
     // The empty name: the line must still say it is the name that is wrong.
     let f = refused(&ts, &["add", "", s(&model)], &["name"]);
-    assert!(f.stderr.contains("\"\"") || f.stderr.contains("empty"), "should show the empty name: {}", f.stderr);
+    assert!(
+        f.stderr.contains("\"\"") || f.stderr.contains("empty"),
+        "should show the empty name: {}",
+        f.stderr
+    );
     assert!(!ts.path("evil").exists() && !ts.store.join("evil").exists());
     // The same rules for variants.
     ts.ok(["add", "m", s(&model)]);
@@ -169,7 +189,12 @@ fn add_truncated_safetensors_is_refused() {
 #[test]
 fn add_header_with_invalid_json_is_refused() {
     let ts = TestStore::new();
-    let dir = model_dir_with_weights(&ts, "bad-json", r#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]"#, 16);
+    let dir = model_dir_with_weights(
+        &ts,
+        "bad-json",
+        r#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]"#,
+        16,
+    );
     refused(&ts, &["add", "m", s(&dir)], &["model.safetensors", "JSON"]);
     let dir = model_dir_with_weights(&ts, "not-object", r#"[1, 2, 3]"#, 0);
     refused(&ts, &["add", "m", s(&dir)], &["model.safetensors"]);
@@ -195,7 +220,11 @@ fn add_header_with_offsets_past_the_end_is_refused() {
     let header = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}"#;
     let dir = model_dir_with_weights(&ts, "past-end", header, 24);
     let f = refused(&ts, &["add", "m", s(&dir)], &["model.safetensors"]);
-    assert!(f.stderr.contains("32") && f.stderr.contains("24"), "should give the end and the real size: {}", f.stderr);
+    assert!(
+        f.stderr.contains("32") && f.stderr.contains("24"),
+        "should give the end and the real size: {}",
+        f.stderr
+    );
     // Offsets that do not agree with the shape.
     let header = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,64]}}"#;
     let dir = model_dir_with_weights(&ts, "shape-mismatch", header, 64);
@@ -232,7 +261,13 @@ fn add_header_declaring_10_gb_fails_fast_without_allocating() {
     );
     for dir in [&small, &sparse, &data] {
         let f = refused(&ts, &["add", "m", s(dir)], &["model.safetensors"]);
-        eprintln!("{}: {:?}, peak RSS {} KiB: {}", dir.display(), f.elapsed, f.max_rss_kib, f.stderr.trim_end());
+        eprintln!(
+            "{}: {:?}, peak RSS {} KiB: {}",
+            dir.display(),
+            f.elapsed,
+            f.max_rss_kib,
+            f.stderr.trim_end()
+        );
         assert!(f.elapsed < Duration::from_secs(1), "{}: took {:?}", dir.display(), f.elapsed);
         // A debug build of the CLI peaks at a few MB; reading 10 GB (or zeroing the buffer) would
         // show as hundreds of MB at least.
@@ -254,7 +289,11 @@ fn add_sharded_model_with_a_wrong_index_is_refused() {
     map.insert("model.embed_tokens.weight".into(), json!("model-00002-of-00002.safetensors"));
     fs::write(&index_path, serde_json::to_vec_pretty(&index).unwrap()).unwrap();
     refused(&ts, &["add", "m", s(&model)], &["model.safetensors.index.json", "model.embed_tokens.weight"]);
-    refused(&ts, &["add", "m", s(&model), "--copy"], &["model.safetensors.index.json", "model.embed_tokens.weight"]);
+    refused(
+        &ts,
+        &["add", "m", s(&model), "--copy"],
+        &["model.safetensors.index.json", "model.embed_tokens.weight"],
+    );
 
     // An index that names a tensor no shard has.
     let map = index["weight_map"].as_object_mut().unwrap();
@@ -391,7 +430,15 @@ fn add_in_place_then_ls_and_info() {
     assert_eq!(list[0]["family"], info["family"]);
 
     let text = ts.ok(["info", "m"]);
-    for want in ["m", "base", "unknown", "one_shot", "model.safetensors", "BF16", &tensor_count(&small_spec()).to_string()] {
+    for want in [
+        "m",
+        "base",
+        "unknown",
+        "one_shot",
+        "model.safetensors",
+        "BF16",
+        &tensor_count(&small_spec()).to_string(),
+    ] {
         assert!(text.contains(want), "info lacks {want:?}:\n{text}");
     }
 }
@@ -419,7 +466,15 @@ fn add_copy_owns_its_files() {
 fn add_link_and_description_override_model_info() {
     let ts = TestStore::new();
     let model = ts.model("model");
-    ts.ok(["add", "m", s(&model), "--link", "https://example.com/m", "--description", "A test model, with commas"]);
+    ts.ok([
+        "add",
+        "m",
+        s(&model),
+        "--link",
+        "https://example.com/m",
+        "--description",
+        "A test model, with commas",
+    ]);
     let info = ts.json(["info", "m", "--json"]);
     assert_eq!(
         info["model_info"],
@@ -475,7 +530,10 @@ fn ls_lists_every_entry() {
     assert_eq!(c["kind"], "cast");
     assert_eq!(c["base"], "a");
     assert!(list[0]["base"].is_null());
-    assert!(c["size"].as_u64().unwrap() > list[0]["size"].as_u64().unwrap(), "f32 is larger than bf16: {list:?}");
+    assert!(
+        c["size"].as_u64().unwrap() > list[0]["size"].as_u64().unwrap(),
+        "f32 is larger than bf16: {list:?}"
+    );
     let text = ts.ok(["ls"]);
     for n in ["a", "b", "c"] {
         assert!(text.lines().any(|l| l.split_whitespace().next() == Some(n)), "{n} missing:\n{text}");
@@ -499,9 +557,20 @@ fn cast_creates_a_variant_of_the_new_dtype() {
     assert_eq!(info["family"], base["family"]);
     assert_eq!(info["template"], base["template"]);
     assert_eq!(info["model_info"]["link"], base["model_info"]["link"]);
-    let names = |v: &Value| v["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let names = |v: &Value| {
+        v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(names(&info), names(&base));
-    let weights = |v: &Value| v["files"].as_array().unwrap().iter().find(|f| f["name"] == "model.safetensors").unwrap()["size"].as_u64().unwrap();
+    let weights = |v: &Value| {
+        v["files"].as_array().unwrap().iter().find(|f| f["name"] == "model.safetensors").unwrap()["size"]
+            .as_u64()
+            .unwrap()
+    };
     let data_bytes = fs::metadata(model.join("model.safetensors")).unwrap().len();
     assert!(weights(&info).abs_diff(data_bytes) < 4096, "{} vs {data_bytes}", weights(&info));
     let text = ts.ok(["info", "m16"]);
@@ -512,9 +581,15 @@ fn cast_creates_a_variant_of_the_new_dtype() {
     assert_eq!(info["dtypes"], json!({"F32": n}));
     assert!(weights(&info) > 2 * data_bytes - 8192, "{} vs {data_bytes}", weights(&info));
     // A cast writes nothing into the user's model directory.
-    let mut files: Vec<String> = fs::read_dir(&model).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut files: Vec<String> = fs::read_dir(&model)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     files.sort();
-    assert_eq!(files, ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]);
+    assert_eq!(
+        files,
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    );
 }
 
 #[test]

@@ -41,7 +41,17 @@ const INDEX: &str = "model.safetensors.index.json";
 /// Small, two shards, bf16; vocab × hidden = 384 000 elements, so the embedding and lm_head span
 /// two lossless chunks (256 Ki elements) and end mid-chunk; kv_heads < heads for odd shapes.
 fn spec(shards: usize) -> ModelSpec {
-    ModelSpec { hidden: 128, intermediate: 344, layers: 2, heads: 4, kv_heads: 2, vocab: 3000, dtype: Dtype::BF16, shards, seed: 5 }
+    ModelSpec {
+        hidden: 128,
+        intermediate: 344,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 3000,
+        dtype: Dtype::BF16,
+        shards,
+        seed: 5,
+    }
 }
 
 /// A store with entry `base` (the generated model of `spec`, added in place).
@@ -80,13 +90,15 @@ impl Fx {
 
     fn finetune_of(&self, from: &Path, rel: &str, seed: u64) -> PathBuf {
         let out = self.ts.path(rel);
-        demo::write_finetune(from, &out, 0.01, seed).unwrap_or_else(|e| panic!("writing a fine-tune into {}: {e}", out.display()));
+        demo::write_finetune(from, &out, 0.01, seed)
+            .unwrap_or_else(|e| panic!("writing a fine-tune into {}: {e}", out.display()));
         out
     }
 
     /// `llmfs delta make NAME --base BASE --target DIR [--codec C]`.
     fn make(&self, name: &str, base: &str, target: &Path, codec: Option<&str>) {
-        let mut args = vec![os("delta"), os("make"), os(name), os("--base"), os(base), os("--target"), os(target)];
+        let mut args =
+            vec![os("delta"), os("make"), os(name), os("--base"), os(base), os("--target"), os(target)];
         if let Some(c) = codec {
             args.extend([os("--codec"), os(c)]);
         }
@@ -170,7 +182,6 @@ fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     with_deadline(&format!("reading {}", path.display()), OP, move || fs::read(&p))
 }
 
-
 /// `got` holds exactly the files of `want`, byte for byte.
 #[track_caller]
 fn assert_same_files(got: &BTreeMap<String, Vec<u8>>, want: &BTreeMap<String, Vec<u8>>, what: &str) {
@@ -206,7 +217,14 @@ fn cp_r(src: &Path, dest: &Path) -> Finished {
 #[track_caller]
 fn cp_r_ok(src: &Path, dest: &Path) {
     let f = cp_r(src, dest);
-    assert!(f.status.success(), "cp -r {} {} failed ({}): {}", src.display(), dest.display(), f.status, f.stderr);
+    assert!(
+        f.status.success(),
+        "cp -r {} {} failed ({}): {}",
+        src.display(),
+        dest.display(),
+        f.status,
+        f.stderr
+    );
 }
 
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -293,7 +311,12 @@ fn write_odd_safetensors(path: &Path, tensors: &[Tensor]) {
         .iter()
         .zip(&offsets)
         .map(|(t, (s, e))| {
-            format!("{}:{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{s},{e}]}}", serde_json::to_string(&t.name).unwrap(), t.dtype.name(), t.shape)
+            format!(
+                "{}:{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{s},{e}]}}",
+                serde_json::to_string(&t.name).unwrap(),
+                t.dtype.name(),
+                t.shape
+            )
         })
         .collect();
     entries.reverse();
@@ -348,7 +371,10 @@ fn ordered(dtype: Dtype, bytes: &[u8], i: usize) -> i64 {
 /// Largest ulp distance between two tensors of the same float dtype.
 fn max_ulps(dtype: Dtype, a: &[u8], b: &[u8]) -> i64 {
     assert_eq!(a.len(), b.len());
-    (0..a.len() / dtype.size()).map(|i| (ordered(dtype, a, i) - ordered(dtype, b, i)).abs()).max().unwrap_or(0)
+    (0..a.len() / dtype.size())
+        .map(|i| (ordered(dtype, a, i) - ordered(dtype, b, i)).abs())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Half an ulp of `v` in `dtype`, relative bound (2^-8 for bf16, 2^-11 for f16, 2^-24 for f32).
@@ -418,16 +444,39 @@ fn structural_target(fx: &Fx, ft: &Path, rel: &str) -> PathBuf {
             t.dtype = Dtype::F32;
         }
     }
-    tensors.insert(3, Tensor { name: "extra.matrix".into(), dtype: Dtype::BF16, shape: vec![64, 128], bytes: demo::random_tensor(99, 64 * 128, Dtype::BF16, false) });
-    tensors.push(Tensor { name: "extra.bias".into(), dtype: Dtype::F32, shape: vec![300], bytes: demo::random_tensor(98, 300, Dtype::F32, false) });
-    tensors.push(Tensor { name: "extra.ids".into(), dtype: Dtype::I64, shape: vec![10], bytes: (0..10i64).flat_map(|i| (i * 7 - 3).to_le_bytes()).collect() });
+    tensors.insert(
+        3,
+        Tensor {
+            name: "extra.matrix".into(),
+            dtype: Dtype::BF16,
+            shape: vec![64, 128],
+            bytes: demo::random_tensor(99, 64 * 128, Dtype::BF16, false),
+        },
+    );
+    tensors.push(Tensor {
+        name: "extra.bias".into(),
+        dtype: Dtype::F32,
+        shape: vec![300],
+        bytes: demo::random_tensor(98, 300, Dtype::F32, false),
+    });
+    tensors.push(Tensor {
+        name: "extra.ids".into(),
+        dtype: Dtype::I64,
+        shape: vec![10],
+        bytes: (0..10i64).flat_map(|i| (i * 7 - 3).to_le_bytes()).collect(),
+    });
     write_odd_safetensors(&out.join("model.safetensors"), &tensors);
     for f in ["config.json", "generation_config.json", "tokenizer_config.json"] {
         fs::copy(ft.join(f), out.join(f)).unwrap();
     }
     fs::write(out.join("README.md"), "# a fine-tune\n\nWith a model card.\n".repeat(20)).unwrap();
-    let vocab: serde_json::Map<String, Value> = (0..3000).map(|i| (format!("tok{i}"), Value::from(i))).collect();
-    fs::write(out.join("tokenizer.json"), serde_json::to_vec(&serde_json::json!({"model": {"type": "BPE", "vocab": vocab}})).unwrap()).unwrap();
+    let vocab: serde_json::Map<String, Value> =
+        (0..3000).map(|i| (format!("tok{i}"), Value::from(i))).collect();
+    fs::write(
+        out.join("tokenizer.json"),
+        serde_json::to_vec(&serde_json::json!({"model": {"type": "BPE", "vocab": vocab}})).unwrap(),
+    )
+    .unwrap();
     fs::write(out.join("empty.txt"), b"").unwrap();
     let mut garbage = 20u64.to_le_bytes().to_vec();
     garbage.extend_from_slice(b"{this is not json!!}");
@@ -439,7 +488,11 @@ fn structural_target(fx: &Fx, ft: &Path, rel: &str) -> PathBuf {
 /// The `llmfs.based` list of a container in STORE/models/NAME/.
 fn based_of(fx: &Fx, name: &str, file: &str) -> BTreeSet<String> {
     let h = format::read_header_path(&fx.ts.store.join("models").join(name).join(file)).unwrap();
-    let based = h.metadata.get("llmfs.based").and_then(Value::as_str).expect("llmfs.based in the container's metadata");
+    let based = h
+        .metadata
+        .get("llmfs.based")
+        .and_then(Value::as_str)
+        .expect("llmfs.based in the container's metadata");
     serde_json::from_str(based).unwrap()
 }
 
@@ -467,7 +520,10 @@ fn lossless_delta_make_reads_back_identical() {
     assert_eq!(info["recipe"]["codec"], "lossless");
     let stored = info["recipe"]["stored_bytes"].as_u64().expect("stored_bytes");
     let target_size = dir_size(&ft);
-    assert!(stored > 0 && stored < target_size * 3 / 4, "stored {stored} bytes of a {target_size}-byte target");
+    assert!(
+        stored > 0 && stored < target_size * 3 / 4,
+        "stored {stored} bytes of a {target_size}-byte target"
+    );
     assert_eq!(info["size"].as_u64(), Some(target_size), "{info:#}");
     let ls = fx.ls();
     let entry = ls.iter().find(|e| e["name"] == "ft").expect("ft in ls");
@@ -509,10 +565,21 @@ fn lossless_delta_of_a_differently_structured_target() {
 
     // Matched across the base's two shards by name; other shapes/dtypes/new names stored whole.
     let based = based_of(&fx, "st", "model.safetensors");
-    for n in ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight", "model.layers.0.self_attn.k_proj.weight"] {
+    for n in [
+        "model.embed_tokens.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    ] {
         assert!(based.contains(n), "{n} not coded against the base: {based:?}");
     }
-    for n in ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight", "extra.matrix", "extra.bias", "extra.ids"] {
+    for n in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "extra.matrix",
+        "extra.bias",
+        "extra.ids",
+    ] {
         assert!(!based.contains(n), "{n} has no base twin but was coded against one");
     }
     let stored = fx.info("st")["recipe"]["stored_bytes"].as_u64().unwrap();
@@ -554,13 +621,18 @@ fn check_lossy(codec_name: &str, got_dir: &Path, target: &Path, base: &HashMap<S
     let (want_t, want_start) = read_tensors(&target.join("model.safetensors"));
     let (got_t, got_start) = read_tensors(&got_dir.join("model.safetensors"));
     assert_eq!(got_start, want_start, "{codec_name}: header length");
-    assert_same_bytes(&got["model.safetensors"][..got_start as usize], &want["model.safetensors"][..want_start as usize], &format!("{codec_name}: header"));
+    assert_same_bytes(
+        &got["model.safetensors"][..got_start as usize],
+        &want["model.safetensors"][..want_start as usize],
+        &format!("{codec_name}: header"),
+    );
     assert_eq!(got_t.len(), want_t.len());
     let mut lossy = 0;
     for (g, t) in got_t.iter().zip(&want_t) {
         assert_eq!((&g.name, g.dtype, &g.shape), (&t.name, t.dtype, &t.shape));
         let what = format!("{codec_name}: {}", t.name);
-        let twin = base.get(&t.name).filter(|b| b.shape == t.shape && b.dtype == t.dtype && t.dtype.is_float());
+        let twin =
+            base.get(&t.name).filter(|b| b.shape == t.shape && b.dtype == t.dtype && t.dtype.is_float());
         let b = match (codec_name, twin) {
             ("q8", Some(b)) => b,
             ("bitdelta", Some(b)) if t.shape.len() == 2 => b,
@@ -580,7 +652,12 @@ fn check_lossy(codec_name: &str, got_dir: &Path, target: &Path, base: &HashMap<S
                 let scale = amax / 127.0;
                 for &i in group {
                     let tol = scale * 0.5 * 1.001 + half_ulp(t.dtype, gv[i].abs().max(tv[i].abs())) + 1e-12;
-                    assert!((gv[i] - tv[i]).abs() <= tol, "{what}: element {i} (group {gi}): got {} want {} (scale {scale})", gv[i], tv[i]);
+                    assert!(
+                        (gv[i] - tv[i]).abs() <= tol,
+                        "{what}: element {i} (group {gi}): got {} want {} (scale {scale})",
+                        gv[i],
+                        tv[i]
+                    );
                 }
             }
             let (q, scales) = codec::encode_q8(&t.bytes, &b.bytes, t.dtype);
@@ -590,7 +667,8 @@ fn check_lossy(codec_name: &str, got_dir: &Path, target: &Path, base: &HashMap<S
             let cols = t.shape[1];
             for r in 0..t.shape[0] {
                 let row = r * cols..(r + 1) * cols;
-                let scale = (row.clone().map(|i| (tv[i] - bv[i]).abs() as f64).sum::<f64>() / cols as f64) as f32;
+                let scale =
+                    (row.clone().map(|i| (tv[i] - bv[i]).abs() as f64).sum::<f64>() / cols as f64) as f32;
                 for i in row {
                     let s = if tv[i] - bv[i] < 0.0 { -scale } else { scale };
                     let expect = round_to(t.dtype, bv[i] + s);
@@ -604,7 +682,10 @@ fn check_lossy(codec_name: &str, got_dir: &Path, target: &Path, base: &HashMap<S
         let ulps = max_ulps(t.dtype, &g.bytes, &reference);
         assert!(ulps <= 1, "{what}: {ulps} ulps from llmfs::codec::delta's own decode");
         if codec_name == "bitdelta" {
-            assert!(g.bytes != t.bytes, "{what}: bitdelta reproduced the target exactly: was it coded at all?");
+            assert!(
+                g.bytes != t.bytes,
+                "{what}: bitdelta reproduced the target exactly: was it coded at all?"
+            );
         }
     }
     assert!(lossy >= 10, "{codec_name}: only {lossy} tensors were lossy-coded");
@@ -620,7 +701,8 @@ fn expected_lossy(codec_name: &str, target: &Path, base: &HashMap<String, Tensor
     let (tensors, start) = read_tensors(&target.join("model.safetensors"));
     let mut bytes = fs::read(target.join("model.safetensors")).unwrap()[..start as usize].to_vec();
     for t in tensors {
-        let twin = base.get(&t.name).filter(|b| b.shape == t.shape && b.dtype == t.dtype && t.dtype.is_float());
+        let twin =
+            base.get(&t.name).filter(|b| b.shape == t.shape && b.dtype == t.dtype && t.dtype.is_float());
         let n = t.shape.iter().product::<usize>();
         let mut decoded = vec![0u8; t.bytes.len()];
         match (codec_name, twin) {
@@ -629,8 +711,17 @@ fn expected_lossy(codec_name: &str, target: &Path, base: &HashMap<String, Tensor
                 codec::decode_q8_range(&q, &scales, &b.bytes, t.dtype, 0..n, &mut decoded);
             }
             ("bitdelta", Some(b)) if t.shape.len() == 2 => {
-                let (signs, scales) = codec::encode_bitdelta(&t.bytes, &b.bytes, t.dtype, t.shape[0], t.shape[1]);
-                codec::decode_bitdelta_range(&signs, &scales, &b.bytes, t.dtype, t.shape[1], 0..n, &mut decoded);
+                let (signs, scales) =
+                    codec::encode_bitdelta(&t.bytes, &b.bytes, t.dtype, t.shape[0], t.shape[1]);
+                codec::decode_bitdelta_range(
+                    &signs,
+                    &scales,
+                    &b.bytes,
+                    t.dtype,
+                    t.shape[1],
+                    0..n,
+                    &mut decoded,
+                );
             }
             _ => decoded = t.bytes.clone(),
         }
@@ -658,7 +749,9 @@ fn lossy_checks_accept_the_codecs_round_trip() {
     let out = fx.ts.path("expected-q8");
     let mut bytes = fs::read(out.join("model.safetensors")).unwrap();
     let (tensors, start) = read_tensors(&out.join("model.safetensors"));
-    let at = start as usize + tensors.iter().take_while(|t| t.name != "lm_head.weight").map(|t| t.bytes.len()).sum::<usize>() + 2 * 1000;
+    let at = start as usize
+        + tensors.iter().take_while(|t| t.name != "lm_head.weight").map(|t| t.bytes.len()).sum::<usize>()
+        + 2 * 1000;
     bytes[at + 1] ^= 0x08;
     fs::write(out.join("model.safetensors"), bytes).unwrap();
     let off = std::panic::catch_unwind(|| check_lossy("q8", &out, &target, &base));
@@ -724,12 +817,25 @@ fn cp_r_into_deltas_stores_a_delta_then_rm_removes_it() {
     let info = fx.info("new");
     assert!(info["recipe"]["stored_bytes"].as_u64().unwrap() < dir_size(&ft), "{info:#}");
     fx.check_ok();
-    assert!(fx.tmp_listing().is_empty() || names_in(&fx.ts.store.join("tmp")).iter().all(|n| n.starts_with("write-new")), "{:?}", fx.tmp_listing());
+    assert!(
+        fx.tmp_listing().is_empty()
+            || names_in(&fx.ts.store.join("tmp")).iter().all(|n| n.starts_with("write-new")),
+        "{:?}",
+        fx.tmp_listing()
+    );
 
     // rm of one file: gone from the entry, the mount and the store.
     fs::remove_file(d.join("generation_config.json")).unwrap();
-    let files: Vec<String> = fx.info("new")["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_owned()).collect();
-    assert!(!files.contains(&"generation_config.json".to_string()) && files.len() == want.len() - 1, "{files:?}");
+    let files: Vec<String> = fx.info("new")["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !files.contains(&"generation_config.json".to_string()) && files.len() == want.len() - 1,
+        "{files:?}"
+    );
     assert!(!fx.ts.store.join("models/new/generation_config.json").exists());
     let left = read_files(&m.path().join("new"));
     let mut want_left = want.clone();
@@ -748,7 +854,10 @@ fn cp_r_into_deltas_stores_a_delta_then_rm_removes_it() {
     assert!(fx.ls().iter().all(|e| e["name"] != "new"), "new still listed after rm -r");
     assert!(!fx.ts.store.join("models/new").exists(), "STORE/models/new left behind");
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp: {:?}", fx.tmp_listing());
-    assert!(wait_until(Duration::from_secs(5), || exists_errno(&m.path().join("new")) == Some(libc::ENOENT)), "MOUNT/new still there");
+    assert!(
+        wait_until(Duration::from_secs(5), || exists_errno(&m.path().join("new")) == Some(libc::ENOENT)),
+        "MOUNT/new still there"
+    );
     assert_eq!(exists_errno(&d), Some(libc::ENOENT));
     fx.check_ok();
 
@@ -757,7 +866,10 @@ fn cp_r_into_deltas_stores_a_delta_then_rm_removes_it() {
     fs::create_dir(&d).unwrap();
     cp_r_ok(&ft2, &d);
     let want2 = files_of(&ft2);
-    assert!(wait_until(Duration::from_secs(5), || read_files(&m.path().join("new")) == want2), "MOUNT/new does not show the second delta");
+    assert!(
+        wait_until(Duration::from_secs(5), || read_files(&m.path().join("new")) == want2),
+        "MOUNT/new does not show the second delta"
+    );
     assert_same_files(&files_of(&fx.export("new")), &want2, "export of the second new");
 }
 
@@ -773,7 +885,11 @@ fn mkdir_and_writes_that_are_refused() {
     // Names taken: an entry (a delta of base, the base itself), a session open now.
     for taken in ["taken", "base"] {
         let p = deltas.join(taken);
-        assert_eq!(errno_of(run("mkdir taken", Box::new(move || fs::create_dir(&p)))), Some(libc::EEXIST), "mkdir deltas/{taken}");
+        assert_eq!(
+            errno_of(run("mkdir taken", Box::new(move || fs::create_dir(&p)))),
+            Some(libc::EEXIST),
+            "mkdir deltas/{taken}"
+        );
     }
     let p = deltas.join("open");
     run("mkdir", Box::new(move || fs::create_dir(&p))).unwrap();
@@ -798,14 +914,23 @@ fn mkdir_and_writes_that_are_refused() {
         ("write MOUNT/taken/x", m.path().join("taken/x")),
     ];
     for (what, p) in cases {
-        let e = errno_of(run(what, Box::new(move || OpenOptions::new().write(true).create(true).truncate(true).open(&p).map(drop))));
+        let e = errno_of(run(
+            what,
+            Box::new(move || OpenOptions::new().write(true).create(true).truncate(true).open(&p).map(drop)),
+        ));
         assert!(e.is_some_and(|e| ro.contains(&e)), "{what}: {e:?}");
     }
-    for (what, p) in [("open MOUNT/base/config.json for write", m.path().join("base/config.json")), ("open MOUNT/taken/config.json for write", m.path().join("taken/config.json"))] {
+    for (what, p) in [
+        ("open MOUNT/base/config.json for write", m.path().join("base/config.json")),
+        ("open MOUNT/taken/config.json for write", m.path().join("taken/config.json")),
+    ] {
         let e = errno_of(run(what, Box::new(move || OpenOptions::new().write(true).open(&p).map(drop))));
         assert!(e.is_some_and(|e| ro.contains(&e)), "{what}: {e:?}");
     }
-    for (what, p) in [("mkdir MOUNT/base/sub", m.path().join("base/sub")), ("mkdir MOUNT/newentry", m.path().join("newentry"))] {
+    for (what, p) in [
+        ("mkdir MOUNT/base/sub", m.path().join("base/sub")),
+        ("mkdir MOUNT/newentry", m.path().join("newentry")),
+    ] {
         let e = errno_of(run(what, Box::new(move || fs::create_dir(&p))));
         assert!(e.is_some_and(|e| ro.contains(&e)), "{what}: {e:?}");
     }
@@ -1035,8 +1160,11 @@ fn a_truncated_file_written_into_deltas_is_stored_verbatim() {
         f.write_all(&h).unwrap();
         close_checked(f).unwrap();
     });
-    let want: BTreeMap<String, Vec<u8>> =
-        [(SHARD1.to_string(), half), (SHARD2.to_string(), fs::read(ft.join(SHARD2)).unwrap()[..100].to_vec())].into();
+    let want: BTreeMap<String, Vec<u8>> = [
+        (SHARD1.to_string(), half),
+        (SHARD2.to_string(), fs::read(ft.join(SHARD2)).unwrap()[..100].to_vec()),
+    ]
+    .into();
     assert_same_files(&read_files(&m.path().join("half")), &want, "MOUNT/half");
     assert_same_files(&read_files(&d), &want, "MOUNT/base/deltas/half");
     assert_same_files(&files_of(&fx.export("half")), &want, "export of half");
@@ -1049,7 +1177,17 @@ fn a_truncated_file_written_into_deltas_is_stored_verbatim() {
 
 /// ~22 MB of bf16 in two shards of ~11 MB: more than a 12 MiB store can take.
 fn big_spec(shards: usize) -> ModelSpec {
-    ModelSpec { hidden: 256, intermediate: 688, layers: 4, heads: 4, kv_heads: 4, vocab: 16000, dtype: Dtype::BF16, shards, seed: 31 }
+    ModelSpec {
+        hidden: 256,
+        intermediate: 688,
+        layers: 4,
+        heads: 4,
+        kv_heads: 4,
+        vocab: 16000,
+        dtype: Dtype::BF16,
+        shards,
+        seed: 31,
+    }
 }
 
 /// What must still read back after a failed copy: the base, a cast, and the target.
@@ -1069,13 +1207,21 @@ fn check_after_enospc(fx: &Fx, m: &MountGuard, want: &Wanted) {
     assert_same_files(&read_files(&m.path().join("f32")), &want.f32, "MOUNT/f32 after ENOSPC");
     if exists_errno(&m.path().join("new")).is_none() {
         for (name, bytes) in read_files(&m.path().join("new")) {
-            assert_same_bytes(&bytes, &want.ft[&name], &format!("MOUNT/new/{name} after ENOSPC (a half entry?)"));
+            assert_same_bytes(
+                &bytes,
+                &want.ft[&name],
+                &format!("MOUNT/new/{name} after ENOSPC (a half entry?)"),
+            );
         }
     }
     if fx.ls().iter().any(|e| e["name"] == "new") {
         for f in fx.info("new")["files"].as_array().unwrap() {
             let name = f["name"].as_str().unwrap();
-            assert_same_bytes(&read(&m.path().join("new").join(name)).unwrap(), &want.ft[name], &format!("registry file {name}"));
+            assert_same_bytes(
+                &read(&m.path().join("new").join(name)).unwrap(),
+                &want.ft[name],
+                &format!("registry file {name}"),
+            );
         }
     }
 }
@@ -1115,26 +1261,39 @@ fn full_disk_fails_the_copy_and_leaves_no_half_entry() {
         fs::create_dir(&d).unwrap();
         let f = cp_r(&ft, &d);
         assert!(!f.status.success(), "cp of {} bytes into a 12 MiB store succeeded", dir_size(&ft));
-        assert!(f.stderr.contains("No space left") || f.stderr.contains("Input/output error"), "cp: {}", f.stderr);
+        assert!(
+            f.stderr.contains("No space left") || f.stderr.contains("Input/output error"),
+            "cp: {}",
+            f.stderr
+        );
         check_after_enospc(&fx, &m, &want);
 
         // Our own write + close of a file bigger than the disk: the error comes at write or
         // close, and close reports it.
-        let (p, bytes) = (d.join("big.safetensors"), [fs::read(ft.join(SHARD1)).unwrap(), fs::read(ft.join(SHARD2)).unwrap()].concat());
+        let (p, bytes) = (
+            d.join("big.safetensors"),
+            [fs::read(ft.join(SHARD1)).unwrap(), fs::read(ft.join(SHARD2)).unwrap()].concat(),
+        );
         let e = with_deadline("writing past a full disk", OP, move || {
             let mut f = File::create(&p).unwrap();
             let w = f.write_all(&bytes);
             let c = close_checked(f);
             w.and(c).err().map(|e| e.raw_os_error())
         });
-        assert!(matches!(e, Some(Some(libc::ENOSPC)) | Some(Some(libc::EIO))), "write+close past a full disk: {e:?}");
+        assert!(
+            matches!(e, Some(Some(libc::ENOSPC)) | Some(Some(libc::EIO))),
+            "write+close past a full disk: {e:?}"
+        );
         check_after_enospc(&fx, &m, &want);
     }
     // A daemon restart sweeps the staging the old one left.
     let m = fx.mount();
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp after a daemon restart: {:?}", fx.tmp_listing());
     for dir in names_in(&fx.ts.store.join("models")) {
-        let left: Vec<_> = names_in(&fx.ts.store.join("models").join(&dir)).into_iter().filter(|n| n.starts_with('.')).collect();
+        let left: Vec<_> = names_in(&fx.ts.store.join("models").join(&dir))
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .collect();
         assert!(left.is_empty(), "STORE/models/{dir}: {left:?}");
     }
     check_after_enospc(&fx, &m, &want);
@@ -1169,7 +1328,11 @@ fn rm_r_after_a_full_disk_cleans_the_staging() {
     assert!(rm.status.success(), "rm -r right after ENOSPC: {}", rm.stderr);
     assert!(fx.ls().iter().all(|e| e["name"] != "new"), "new still listed after rm -r");
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp after rm -r: {:?}", fx.tmp_listing());
-    assert!(!fx.ts.store.join("models/new").exists(), "STORE/models/new after rm -r: {:?}", names_in(&fx.ts.store.join("models/new")));
+    assert!(
+        !fx.ts.store.join("models/new").exists(),
+        "STORE/models/new after rm -r: {:?}",
+        names_in(&fx.ts.store.join("models/new"))
+    );
     check_after_enospc(&fx, &m, &want);
 }
 
@@ -1195,7 +1358,11 @@ fn kill_9_mid_write_leaves_no_staging_and_no_half_entry() {
     // Kill when a file is committed and another is being staged, or at the latest when cp ends.
     let tmp = fx.ts.store.join("tmp");
     let staging_has_bytes = || {
-        names_in(&tmp).iter().any(|s| names_in(&tmp.join(s)).iter().any(|f| fs::metadata(tmp.join(s).join(f)).is_ok_and(|m| m.len() > 0)))
+        names_in(&tmp).iter().any(|s| {
+            names_in(&tmp.join(s))
+                .iter()
+                .any(|f| fs::metadata(tmp.join(s).join(f)).is_ok_and(|m| m.len() > 0))
+        })
     };
     let registry = fx.ts.registry_path();
     let committed = || fs::read_to_string(&registry).is_ok_and(|r| r.contains("\"new\""));
@@ -1225,10 +1392,18 @@ fn kill_9_mid_write_leaves_no_staging_and_no_half_entry() {
     let m = MountGuard::new(&fx.ts, &mp, &[]);
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp after a restart: {:?}", fx.tmp_listing());
     for dir in names_in(&fx.ts.store.join("models")) {
-        let left: Vec<_> = names_in(&fx.ts.store.join("models").join(&dir)).into_iter().filter(|n| n.starts_with('.')).collect();
+        let left: Vec<_> = names_in(&fx.ts.store.join("models").join(&dir))
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .collect();
         assert!(left.is_empty(), "STORE/models/{dir}: {left:?}");
     }
-    let listed: Vec<String> = fx.info("new")["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_owned()).collect();
+    let listed: Vec<String> = fx.info("new")["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect();
     assert!(!listed.is_empty(), "registry lists {listed:?}");
     let got = read_files(&m.path().join("new"));
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), listed, "MOUNT/new lists what the registry does");
@@ -1281,7 +1456,11 @@ fn deltas_over_a_cast_and_over_a_delta() {
     fs::create_dir(&d3).unwrap();
     cp_r_ok(&ft3, &d3);
     let want3 = files_of(&ft3);
-    assert_same_files(&read_files(&m.path().join("d3")), &want3, "MOUNT/d3 (written over a delta of a delta)");
+    assert_same_files(
+        &read_files(&m.path().join("d3")),
+        &want3,
+        "MOUNT/d3 (written over a delta of a delta)",
+    );
     assert_same_files(&files_of(&fx.export("d3")), &want3, "export of d3");
     // A delta written over the cast through the mount.
     let d4 = m.path().join("f32/deltas/d4");
@@ -1325,7 +1504,9 @@ fn streamed_writes_store_what_delta_make_stores() {
     with_deadline("interleaved writers", OP, move || {
         let mut open: Vec<(File, &Vec<u8>, usize)> = files
             .iter()
-            .map(|(n, b)| (OpenOptions::new().write(true).create(true).truncate(true).open(dir.join(n)).unwrap(), b, 0))
+            .map(|(n, b)| {
+                (OpenOptions::new().write(true).create(true).truncate(true).open(dir.join(n)).unwrap(), b, 0)
+            })
             .collect();
         const PIECE: usize = 100_003;
         while open.iter().any(|(_, b, at)| at < &b.len()) {

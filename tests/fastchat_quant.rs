@@ -44,21 +44,14 @@ fn manifest() -> Manifest {
 }
 
 fn elements<T: QuantFloat>(st: &SafeTensors<'_>, name: &str, case: &Case) -> Vec<T> {
-    let view = st
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("{}: tensor {name}: {e}", case.name));
+    let view = st.tensor(name).unwrap_or_else(|e| panic!("{}: tensor {name}: {e}", case.name));
     let want = match T::DTYPE {
         "F16" => Dtype::F16,
         "BF16" => Dtype::BF16,
         _ => Dtype::F32,
     };
     assert_eq!(view.dtype(), want, "{}: {name} dtype", case.name);
-    assert_eq!(
-        view.shape(),
-        &[case.rows, case.cols],
-        "{}: {name} shape",
-        case.name
-    );
+    assert_eq!(view.shape(), &[case.rows, case.cols], "{}: {name} shape", case.name);
     view.data().chunks_exact(T::SIZE).map(T::read_le).collect()
 }
 
@@ -69,11 +62,7 @@ fn check_case<T: QuantFloat>(case: &Case) -> usize {
     let st = SafeTensors::deserialize(&bytes).expect("safetensors");
     let input: Vec<T> = elements(&st, "input", case);
     let expected: Vec<T> = elements(&st, "expected", case);
-    let cfg = QuantConfig {
-        bits: case.bits,
-        group_size: case.group_size,
-        symmetric: case.symmetric,
-    };
+    let cfg = QuantConfig { bits: case.bits, group_size: case.group_size, symmetric: case.symmetric };
     cfg.validate(case.cols).expect("valid config");
 
     let qt = quantize(&input, case.rows, case.cols, cfg);
@@ -82,11 +71,7 @@ fn check_case<T: QuantFloat>(case: &Case) -> usize {
     dequantize_range(qt.view(), 0..n, &mut got);
     for i in 0..n {
         let (g, e) = (got[i], expected[i]);
-        assert!(
-            !e.to_f32().is_nan(),
-            "{}: FastChat produced NaN at {i}",
-            case.name
-        );
+        assert!(!e.to_f32().is_nan(), "{}: FastChat produced NaN at {i}", case.name);
         assert_eq!(
             g.to_bits_u32(),
             e.to_bits_u32(),
@@ -102,8 +87,7 @@ fn check_case<T: QuantFloat>(case: &Case) -> usize {
     // byte interface, must give the same bytes.
     let scale: Vec<u8> = qt.scale.iter().flat_map(|s| le(*s)).collect();
     let min: Vec<u8> = qt.min.iter().flat_map(|s| le(*s)).collect();
-    let view =
-        QuantBytesView::new::<T>(case.rows, case.cols, cfg, &qt.q, &scale, &min).expect("view");
+    let view = QuantBytesView::new::<T>(case.rows, case.cols, cfg, &qt.q, &scale, &min).expect("view");
     for step in [1usize, 5, 97, 1000] {
         let mut start = 0;
         while start < n {
@@ -127,11 +111,7 @@ fn le<T: QuantFloat>(v: T) -> Vec<u8> {
 #[test]
 fn every_case_is_bit_identical_to_fastchat() {
     let m = manifest();
-    assert!(
-        m.cases.len() >= 12,
-        "manifest lists only {} cases",
-        m.cases.len()
-    );
+    assert!(m.cases.len() >= 12, "manifest lists only {} cases", m.cases.len());
     let mut total = 0;
     for case in &m.cases {
         total += match case.dtype.as_str() {
@@ -141,11 +121,7 @@ fn every_case_is_bit_identical_to_fastchat() {
             other => panic!("{}: unknown dtype {other}", case.name),
         };
     }
-    eprintln!(
-        "{} cases, {total} elements bit-identical to FastChat (torch {})",
-        m.cases.len(),
-        m.torch
-    );
+    eprintln!("{} cases, {total} elements bit-identical to FastChat (torch {})", m.cases.len(), m.torch);
 }
 
 #[test]

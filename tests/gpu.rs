@@ -25,7 +25,12 @@ use llmfs::format::Dtype;
 fn contexts() -> Option<&'static [GpuContext; 3]> {
     static CTX: OnceLock<Option<[GpuContext; 3]>> = OnceLock::new();
     CTX.get_or_init(|| {
-        let small = GpuOptions { max_chunk_bytes: 4096, direct_inputs: false, direct_output: false, ..Default::default() };
+        let small = GpuOptions {
+            max_chunk_bytes: 4096,
+            direct_inputs: false,
+            direct_output: false,
+            ..Default::default()
+        };
         let direct = GpuOptions { direct_inputs: true, direct_output: true, copy_threads: 3, ..small };
         match (GpuContext::new(), GpuContext::with_options(small), GpuContext::with_options(direct)) {
             (Ok(a), Ok(b), Ok(c)) => {
@@ -96,7 +101,13 @@ fn weights(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     v
 }
 
-fn dequant_case<T: QuantFloat>(ctxs: [&GpuContext; 3], rng: &mut SplitMix64, rows: usize, cols: usize, cfg: QuantConfig) {
+fn dequant_case<T: QuantFloat>(
+    ctxs: [&GpuContext; 3],
+    rng: &mut SplitMix64,
+    rows: usize,
+    cols: usize,
+    cfg: QuantConfig,
+) {
     let data: Vec<T> = weights(rng, rows * cols).into_iter().map(T::from_f32).collect();
     let qt = quant::quantize(&data, rows, cols, cfg);
     let le = |v: &[T]| -> Vec<u8> {
@@ -163,7 +174,12 @@ fn dequantize_arbitrary_scales() {
                     quant::dequantize_range_bytes::<$t>(v, range.clone(), &mut cpu);
                     for ctx in ctxs {
                         ctx.dequantize_range_bytes::<$t>(v, range.clone(), &mut gpu).unwrap();
-                        assert_same(d, &gpu, &cpu, &format!("arbitrary scales {d} bits {bits} sym {symmetric}"));
+                        assert_same(
+                            d,
+                            &gpu,
+                            &cpu,
+                            &format!("arbitrary scales {d} bits {bits} sym {symmetric}"),
+                        );
                     }
                 }};
             }
@@ -271,7 +287,11 @@ fn bitdelta_matches_cpu() {
                 b
             };
             let signs_all = rng_bytes(&mut rng, n.div_ceil(8));
-            let scales_all: Vec<f32> = (0..rows).map(|r| if r % 3 == 2 { f32::from_bits(rng.next_u64() as u32) } else { rng.uniform() * 1e-3 }).collect();
+            let scales_all: Vec<f32> = (0..rows)
+                .map(
+                    |r| if r % 3 == 2 { f32::from_bits(rng.next_u64() as u32) } else { rng.uniform() * 1e-3 },
+                )
+                .collect();
             let a = (rng.next_u64() as usize) % n;
             let b = a + (rng.next_u64() as usize) % (n - a) + 1;
             for range in [0..n, a..b] {
@@ -318,7 +338,10 @@ fn lossless_delta_apply_matches_cpu() {
         }
     }
     let mut out = [0u8; 6];
-    assert!(matches!(ctxs[0].inverse_from_planes(Transform::Xor, 3, &[0; 6], None, &mut out), Err(GpuError::Unsupported(_))));
+    assert!(matches!(
+        ctxs[0].inverse_from_planes(Transform::Xor, 3, &[0; 6], None, &mut out),
+        Err(GpuError::Unsupported(_))
+    ));
 }
 
 /// The LoRA merge within the f32-accumulation bound of `compute::gpu`'s doc:
@@ -329,7 +352,13 @@ fn lora_merge_within_bound() {
     let ctxs = gpu_or_skip!();
     let mut rng = SplitMix64(7);
     for d in [Dtype::F32, Dtype::F16, Dtype::BF16] {
-        for (out_dim, in_dim, r, transposed) in [(1, 1, 1, false), (37, 53, 3, false), (70, 129, 16, true), (130, 67, 64, false), (64, 64, 20, true)] {
+        for (out_dim, in_dim, r, transposed) in [
+            (1, 1, 1, false),
+            (37, 53, 3, false),
+            (70, 129, 16, true),
+            (130, 67, 64, false),
+            (64, 64, 20, true),
+        ] {
             let a: Vec<f32> = (0..r * in_dim).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..out_dim * r).map(|_| rng.normal() * 0.1).collect();
             let f = merge::LoraFactors { a, b, rank: r, scale: 0.75, transposed };
@@ -355,8 +384,12 @@ fn lora_merge_within_bound() {
                         let bound = 2.0 * (r as f32 + 2.0) * f32::EPSILON * (wv.abs() + f.scale.abs() * mag);
                         let (g, c) = (merge::load(d, &gpu, k), merge::load(d, &cpu, k));
                         let ulp = match d {
-                            Dtype::F16 => (f16::from_f32(c).to_f32() - f16::from_bits(f16::from_f32(c).to_bits() + 1).to_f32()).abs(),
-                            Dtype::BF16 => (bf16::from_f32(c).to_f32() - bf16::from_bits(bf16::from_f32(c).to_bits() + 1).to_f32()).abs(),
+                            Dtype::F16 => (f16::from_f32(c).to_f32()
+                                - f16::from_bits(f16::from_f32(c).to_bits() + 1).to_f32())
+                            .abs(),
+                            Dtype::BF16 => (bf16::from_f32(c).to_f32()
+                                - bf16::from_bits(bf16::from_f32(c).to_bits() + 1).to_f32())
+                            .abs(),
                             _ => 0.0,
                         };
                         assert!(
@@ -376,7 +409,8 @@ fn over_one_dimension_of_workgroups() {
     let _ = gpu_or_skip!();
     // 64 MiB chunks: f16 -> f32 is one invocation per output word, so a chunk of 2^24 words
     // is 65536 workgroups, one more than a dimension allows.
-    let ctx = GpuContext::with_options(GpuOptions { max_chunk_bytes: 64 << 20, ..Default::default() }).unwrap();
+    let ctx =
+        GpuContext::with_options(GpuOptions { max_chunk_bytes: 64 << 20, ..Default::default() }).unwrap();
     let max = ctx.chunk_bytes();
     let n = (1usize << 24) + 1001;
     if max < 64 << 20 {

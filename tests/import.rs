@@ -37,7 +37,17 @@ fn one_line_error(ts: &TestStore, args: &[&str], needle: &str) {
 fn fastchat_delta_gives_fastchats_tensors_bit_for_bit() {
     let ts = TestStore::new();
     ts.ok(["add", "base", data("fastchat_delta/base").to_str().unwrap()]);
-    ts.ok(["delta", "import", "vicuna-ish", "--base", "base", "--from", data("fastchat_delta/delta").to_str().unwrap(), "--format", "fastchat"]);
+    ts.ok([
+        "delta",
+        "import",
+        "vicuna-ish",
+        "--base",
+        "base",
+        "--from",
+        data("fastchat_delta/delta").to_str().unwrap(),
+        "--format",
+        "fastchat",
+    ]);
     let out = ts.path("out");
     ts.ok(["export", "vicuna-ish", out.to_str().unwrap()]);
     let got = tensors(&out.join("model.safetensors"));
@@ -49,7 +59,10 @@ fn fastchat_delta_gives_fastchats_tensors_bit_for_bit() {
         assert!(g_bytes == bytes, "{name}: differs from FastChat's apply_delta");
     }
     // apply_delta saves the delta's tokenizer: the entry serves the delta's non-weight files.
-    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(data("fastchat_delta/delta/tokenizer.json")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(data("fastchat_delta/delta/tokenizer.json")).unwrap()
+    );
     ts.ok(["check", "vicuna-ish"]);
 }
 
@@ -59,7 +72,17 @@ fn lora_merge_is_within_f32_rounding_of_a_float64_merge() {
     ts.ok(["add", "base", data("fastchat_delta/base").to_str().unwrap()]);
     for (adapter, merged) in [("adapter", "merged"), ("adapter_rslora", "merged_rslora")] {
         let name = format!("lora-{adapter}");
-        ts.ok(["delta", "import", &name, "--base", "base", "--from", data(&format!("lora/{adapter}")).to_str().unwrap(), "--format", "lora"]);
+        ts.ok([
+            "delta",
+            "import",
+            &name,
+            "--base",
+            "base",
+            "--from",
+            data(&format!("lora/{adapter}")).to_str().unwrap(),
+            "--format",
+            "lora",
+        ]);
         let out = ts.path(&name);
         ts.ok(["export", &name, out.to_str().unwrap()]);
         let got = tensors(&out.join("model.safetensors"));
@@ -83,7 +106,8 @@ fn lora_merge_is_within_f32_rounding_of_a_float64_merge() {
                     }
                 }
             }
-            differing_from_peft += g_bytes.chunks(2).zip(peft[name].2.chunks(2)).filter(|(a, b)| a != b).count();
+            differing_from_peft +=
+                g_bytes.chunks(2).zip(peft[name].2.chunks(2)).filter(|(a, b)| a != b).count();
         }
         // PEFT's BLAS sums in another order; only rare ties may round apart.
         assert!(differing_from_peft <= 4, "{adapter}: {differing_from_peft} elements differ from PEFT");
@@ -103,32 +127,62 @@ fn bad_imports_are_refused_with_one_line() {
     shape[0] -= 1;
     bytes.truncate(bytes.len() - 2);
     write_tensors(&bad.join("model.safetensors"), &m);
-    one_line_error(&ts, &["delta", "import", "x", "--base", "base", "--from", bad.to_str().unwrap(), "--format", "fastchat"], "model.norm.weight");
+    one_line_error(
+        &ts,
+        &["delta", "import", "x", "--base", "base", "--from", bad.to_str().unwrap(), "--format", "fastchat"],
+        "model.norm.weight",
+    );
 
     // A FastChat delta missing a tensor.
     m.remove("model.norm.weight");
     write_tensors(&bad.join("model.safetensors"), &m);
-    one_line_error(&ts, &["delta", "import", "x", "--base", "base", "--from", bad.to_str().unwrap(), "--format", "fastchat"], "model.norm.weight");
+    one_line_error(
+        &ts,
+        &["delta", "import", "x", "--base", "base", "--from", bad.to_str().unwrap(), "--format", "fastchat"],
+        "model.norm.weight",
+    );
 
     // A LoRA whose rank does not fit its config.
     let lora = ts.path("bad-lora");
     std::fs::create_dir_all(&lora).unwrap();
     let config = std::fs::read_to_string(data("lora/adapter/adapter_config.json")).unwrap();
     std::fs::write(lora.join("adapter_config.json"), config.replace("\"r\": 8", "\"r\": 4")).unwrap();
-    std::fs::copy(data("lora/adapter/adapter_model.safetensors"), lora.join("adapter_model.safetensors")).unwrap();
-    one_line_error(&ts, &["delta", "import", "x", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "lora"], "rank 4");
+    std::fs::copy(data("lora/adapter/adapter_model.safetensors"), lora.join("adapter_model.safetensors"))
+        .unwrap();
+    one_line_error(
+        &ts,
+        &["delta", "import", "x", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "lora"],
+        "rank 4",
+    );
 
     // A LoRA whose target modules are not in the base.
     std::fs::write(lora.join("adapter_config.json"), config).unwrap();
     let mut a = tensors(&data("lora/adapter/adapter_model.safetensors"));
-    let renamed: BTreeMap<_, _> = a.iter_mut().map(|(k, v)| (k.replace("q_proj", "qkv_proj"), v.clone())).collect();
+    let renamed: BTreeMap<_, _> =
+        a.iter_mut().map(|(k, v)| (k.replace("q_proj", "qkv_proj"), v.clone())).collect();
     write_tensors(&lora.join("adapter_model.safetensors"), &renamed);
-    one_line_error(&ts, &["delta", "import", "x", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "lora"], "match no base weight");
+    one_line_error(
+        &ts,
+        &["delta", "import", "x", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "lora"],
+        "match no base weight",
+    );
 
     // Unknown format, missing base, taken name.
-    one_line_error(&ts, &["delta", "import", "x", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "gguf"], "gguf");
-    one_line_error(&ts, &["delta", "import", "x", "--base", "nope", "--from", lora.to_str().unwrap(), "--format", "lora"], "nope");
-    one_line_error(&ts, &["delta", "import", "base", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "lora"], "already exists");
+    one_line_error(
+        &ts,
+        &["delta", "import", "x", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "gguf"],
+        "gguf",
+    );
+    one_line_error(
+        &ts,
+        &["delta", "import", "x", "--base", "nope", "--from", lora.to_str().unwrap(), "--format", "lora"],
+        "nope",
+    );
+    one_line_error(
+        &ts,
+        &["delta", "import", "base", "--base", "base", "--from", lora.to_str().unwrap(), "--format", "lora"],
+        "already exists",
+    );
 }
 
 fn write_tensors(path: &Path, m: &BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>) {

@@ -21,7 +21,10 @@ use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_bytes, daemon_pids, llmfs_mounted, run_command, with_deadline, DaemonGuard, MountGuard, TestStore};
+use common::{
+    assert_same_bytes, daemon_pids, llmfs_mounted, run_command, with_deadline, DaemonGuard, MountGuard,
+    TestStore,
+};
 use half::{bf16, f16};
 use llmfs::demo::{ModelSpec, SplitMix64};
 use llmfs::format::Dtype;
@@ -44,7 +47,17 @@ const MIB: u64 = 1 << 20;
 /// ends mid-chunk; kv_heads < heads for an odd shape. Shard 1 is ~4.7 MB (bf16), under the
 /// fingerprint's whole-hashed 4 MiB head at its middle.
 fn spec() -> ModelSpec {
-    ModelSpec { hidden: 256, intermediate: 688, layers: 4, heads: 4, kv_heads: 2, vocab: 3000, dtype: Dtype::BF16, shards: 2, seed: 23 }
+    ModelSpec {
+        hidden: 256,
+        intermediate: 688,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 3000,
+        dtype: Dtype::BF16,
+        shards: 2,
+        seed: 23,
+    }
 }
 
 /// A store with `base` (the generated model, added in place), `f16` and `f32` (casts of it).
@@ -133,7 +146,6 @@ fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-
 /// Runs an external command under `timeout 60`; returns (success, stdout, stderr).
 fn sh(program: &str, args: &[&OsStr]) -> (bool, String, String) {
     let mut cmd = Command::new("timeout");
@@ -159,7 +171,8 @@ fn checked_layout(bytes: &[u8], what: &str) -> Vec<(String, u64, u64)> {
     let json = &bytes[8..8 + n];
     let text_end = json.iter().rposition(|b| *b != b' ').map_or(0, |p| p + 1);
     assert_eq!(json[text_end - 1], b'}', "{what}: the header does not end in a JSON object");
-    let header: Value = serde_json::from_slice(&json[..text_end]).unwrap_or_else(|e| panic!("{what}: header JSON: {e}"));
+    let header: Value =
+        serde_json::from_slice(&json[..text_end]).unwrap_or_else(|e| panic!("{what}: header JSON: {e}"));
     let mut tensors: Vec<(String, u64, u64)> = header
         .as_object()
         .unwrap()
@@ -233,7 +246,8 @@ fn files_equal_export_original_and_reference_casts() {
     for (file, want) in &original {
         let got = &mounted["base"][file];
         if file == "tokenizer_config.json" && got != want {
-            let (g, w): (Value, Value) = (serde_json::from_slice(got).unwrap(), serde_json::from_slice(want).unwrap());
+            let (g, w): (Value, Value) =
+                (serde_json::from_slice(got).unwrap(), serde_json::from_slice(want).unwrap());
             for (k, v) in w.as_object().unwrap() {
                 assert_eq!(&g[k], v, "tokenizer_config.json: key {k} changed");
             }
@@ -245,17 +259,24 @@ fn files_equal_export_original_and_reference_casts() {
 
     // Casts: same tensors in the same order, bit patterns of the reference conversion.
     let base_index: Value = serde_json::from_slice(&mounted["base"][INDEX]).unwrap();
-    for (name, dtype, st_dtype) in [("f16", Dtype::F16, safetensors::Dtype::F16), ("f32", Dtype::F32, safetensors::Dtype::F32)] {
+    for (name, dtype, st_dtype) in
+        [("f16", Dtype::F16, safetensors::Dtype::F16), ("f32", Dtype::F32, safetensors::Dtype::F32)]
+    {
         let mut total = 0u64;
         for shard in shards() {
             let what = format!("{name}/{shard}");
             let (base_bytes, var_bytes) = (&mounted["base"][shard], &mounted[name][shard]);
             let layout = checked_layout(var_bytes, &what);
             let base_st = SafeTensors::deserialize(base_bytes).unwrap();
-            let var_st = SafeTensors::deserialize(var_bytes).unwrap_or_else(|e| panic!("{what}: safetensors: {e:?}"));
+            let var_st =
+                SafeTensors::deserialize(var_bytes).unwrap_or_else(|e| panic!("{what}: safetensors: {e:?}"));
             let base_order = SafeTensors::read_metadata(base_bytes).unwrap().1.offset_keys();
             let (_, var_meta) = SafeTensors::read_metadata(var_bytes).unwrap();
-            assert_eq!(var_meta.offset_keys(), base_order, "{what}: tensor names or order differ from the base's");
+            assert_eq!(
+                var_meta.offset_keys(),
+                base_order,
+                "{what}: tensor names or order differ from the base's"
+            );
             assert_eq!(layout.iter().map(|t| t.0.clone()).collect::<Vec<_>>(), base_order);
             assert_eq!(
                 var_meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str),
@@ -267,11 +288,16 @@ fn files_equal_export_original_and_reference_casts() {
                 assert_eq!(b.dtype(), safetensors::Dtype::BF16);
                 assert_eq!(v.dtype(), st_dtype, "{what}: {t} dtype");
                 assert_eq!(v.shape(), b.shape(), "{what}: {t} shape");
-                assert_same_bytes(v.data(), &convert_bf16(b.data(), dtype), &format!("{what}: tensor {t} vs the reference cast"));
+                assert_same_bytes(
+                    v.data(),
+                    &convert_bf16(b.data(), dtype),
+                    &format!("{what}: tensor {t} vs the reference cast"),
+                );
                 total += v.data().len() as u64;
             }
         }
-        let index: Value = serde_json::from_slice(&mounted[name][INDEX]).unwrap_or_else(|e| panic!("{name}/{INDEX}: {e}"));
+        let index: Value =
+            serde_json::from_slice(&mounted[name][INDEX]).unwrap_or_else(|e| panic!("{name}/{INDEX}: {e}"));
         assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total), "{name}/{INDEX}: total_size");
         assert_eq!(index["weight_map"], base_index["weight_map"], "{name}/{INDEX}: weight_map");
     }
@@ -321,8 +347,11 @@ fn random_preads_match_export() {
                 }
                 _ => rng.next_u64() % size,
             };
-            let n = file.read_at(&mut buf[..len], offset).unwrap_or_else(|e| panic!("pread #{i} ({offset}, {len}): {e}"));
-            let (from, to) = (offset.min(size) as usize, (offset.saturating_add(len as u64)).min(size) as usize);
+            let n = file
+                .read_at(&mut buf[..len], offset)
+                .unwrap_or_else(|e| panic!("pread #{i} ({offset}, {len}): {e}"));
+            let (from, to) =
+                (offset.min(size) as usize, (offset.saturating_add(len as u64)).min(size) as usize);
             assert_eq!(n, to - from, "pread #{i} ({offset}, {len}) of a {size}-byte file: byte count");
             assert_same_bytes(&buf[..n], &want[from..to], &format!("pread #{i} ({offset}, {len})"));
         }
@@ -341,7 +370,16 @@ fn mmap_read(path: &Path, offset: u64, len: usize, seed: u64) -> Vec<u8> {
         let file = File::open(&p).unwrap();
         // SAFETY: a fresh read-only private mapping of an open file, unmapped below; the file is
         // immutable while mounted.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), offset as libc::off_t) };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
         assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
         // SAFETY: the mapping is `len` bytes long and lives until munmap.
         let slice = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
@@ -371,7 +409,11 @@ fn mmap_reads_the_same_bytes() {
             // A window at a page-aligned offset, ending mid-page.
             let (off, len) = (MIB + 4096 * 3, (MIB + MIB / 2 + 123) as usize);
             let got = mmap_read(&path, off, len, 2);
-            assert_same_bytes(&got, &want[off as usize..off as usize + len], &format!("mmap window of {name}/{file}"));
+            assert_same_bytes(
+                &got,
+                &want[off as usize..off as usize + len],
+                &format!("mmap window of {name}/{file}"),
+            );
         }
     }
 }
@@ -401,14 +443,18 @@ fn standard_tools_see_the_exported_files() {
     fs::create_dir_all(&copies).unwrap();
     for name in ENTRIES {
         let export = fx.export(name);
-        let sizes: BTreeMap<String, u64> =
-            fs::read_dir(&export).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len())).collect();
+        let sizes: BTreeMap<String, u64> = fs::read_dir(&export)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+            .collect();
         let src = m.path().join(name);
 
         let copy = copies.join(name);
         let (ok, _, err) = sh("cp", &[os("-r"), src.as_os_str(), copy.as_os_str()]);
         assert!(ok, "cp -r {}: {err}", src.display());
-        let (ok, out, err) = sh("diff", &[os("-r"), os("-x"), os("deltas"), copy.as_os_str(), export.as_os_str()]);
+        let (ok, out, err) =
+            sh("diff", &[os("-r"), os("-x"), os("deltas"), copy.as_os_str(), export.as_os_str()]);
         assert!(ok, "diff -r of the copy of {name} and its export:\n{out}{err}");
         assert!(copy.join("deltas").is_dir(), "cp -r did not copy {name}/deltas/");
         assert_eq!(fs::read_dir(copy.join("deltas")).unwrap().count(), 0, "{name}/deltas/ is not empty");
@@ -426,7 +472,10 @@ fn standard_tools_see_the_exported_files() {
             listed.insert(f[f.len() - 1].to_owned(), f[4].parse::<u64>().unwrap());
         }
         assert_eq!(listed, sizes, "ls -l {name}: sizes");
-        assert!(out.lines().any(|l| l.starts_with('d') && l.ends_with(" deltas")), "ls -l {name}: no deltas dir:\n{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with('d') && l.ends_with(" deltas")),
+            "ls -l {name}: no deltas dir:\n{out}"
+        );
 
         let (ok, out, err) = sh("du", &[os("-sb"), src.as_os_str()]);
         assert!(ok, "du -sb: {err}");
@@ -473,7 +522,11 @@ fn python_safetensors_loads_the_f32_cast() {
         let bytes = fs::read(fx.export("f32").join(shard)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         for (name, view) in st.tensors() {
-            let sum = view.data().chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().unwrap()) as u64).fold(0u64, u64::wrapping_add);
+            let sum = view
+                .data()
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes(w.try_into().unwrap()) as u64)
+                .fold(0u64, u64::wrapping_add);
             let shape = view.shape().iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
             want.insert(name, format!("{shape} {sum}"));
         }
@@ -501,7 +554,16 @@ fn python_safetensors_loads_the_f32_cast() {
 #[test]
 fn concurrent_readers_match_export() {
     let fx = Fixture::new();
-    let jobs = [("f32", SHARD1), ("f32", SHARD1), ("f32", SHARD2), ("f16", SHARD1), ("f16", SHARD1), ("f16", SHARD2), ("base", SHARD2), ("f32", INDEX)];
+    let jobs = [
+        ("f32", SHARD1),
+        ("f32", SHARD1),
+        ("f32", SHARD2),
+        ("f16", SHARD1),
+        ("f16", SHARD1),
+        ("f16", SHARD2),
+        ("base", SHARD2),
+        ("f32", INDEX),
+    ];
     let want: BTreeMap<(&str, &str), Arc<Vec<u8>>> =
         jobs.iter().map(|&(n, f)| ((n, f), Arc::new(fs::read(fx.export(n).join(f)).unwrap()))).collect();
     // Smaller than what the readers decode together: they contend for the cache.
@@ -509,7 +571,8 @@ fn concurrent_readers_match_export() {
     let barrier = Arc::new(Barrier::new(jobs.len()));
     let (tx, rx) = std::sync::mpsc::channel();
     for (i, &(name, file)) in jobs.iter().enumerate() {
-        let (path, want, barrier, tx) = (m.path().join(name).join(file), want[&(name, file)].clone(), barrier.clone(), tx.clone());
+        let (path, want, barrier, tx) =
+            (m.path().join(name).join(file), want[&(name, file)].clone(), barrier.clone(), tx.clone());
         std::thread::spawn(move || {
             let result = std::panic::catch_unwind(|| {
                 let f = File::open(&path).unwrap();
@@ -522,11 +585,19 @@ fn concurrent_readers_match_export() {
                 barrier.wait();
                 for off in offsets {
                     let end = (off + piece).min(want.len());
-                    f.read_exact_at(&mut buf[..end - off], off as u64).unwrap_or_else(|e| panic!("reader {i}: {}: {e}", path.display()));
-                    assert_same_bytes(&buf[..end - off], &want[off..end], &format!("reader {i}: {} at {off}", path.display()));
+                    f.read_exact_at(&mut buf[..end - off], off as u64)
+                        .unwrap_or_else(|e| panic!("reader {i}: {}: {e}", path.display()));
+                    assert_same_bytes(
+                        &buf[..end - off],
+                        &want[off..end],
+                        &format!("reader {i}: {} at {off}", path.display()),
+                    );
                 }
             });
-            let _ = tx.send((i, result.map_err(|p| p.downcast_ref::<String>().cloned().unwrap_or_else(|| "panicked".into()))));
+            let _ = tx.send((
+                i,
+                result.map_err(|p| p.downcast_ref::<String>().cloned().unwrap_or_else(|| "panicked".into())),
+            ));
         });
     }
     drop(tx);
@@ -555,22 +626,42 @@ fn changed_base_gives_eio_and_a_log_line() {
     {
         let m = fx.mount(&[]);
         let mp = m.path();
-        assert_same_bytes(&read(&mp.join("f16").join(SHARD2)), &fs::read(f16_export.join(SHARD2)).unwrap(), "f16 before the change");
+        assert_same_bytes(
+            &read(&mp.join("f16").join(SHARD2)),
+            &fs::read(f16_export.join(SHARD2)).unwrap(),
+            "f16 before the change",
+        );
         let f = fs::OpenOptions::new().append(true).open(&shard2).unwrap();
         (&f).write_all(b"x").unwrap();
         drop(f);
-        assert_eq!(fs::metadata(&shard2).unwrap().len(), fs::metadata(base_export.join(SHARD2)).unwrap().len() + 1);
+        assert_eq!(
+            fs::metadata(&shard2).unwrap().len(),
+            fs::metadata(base_export.join(SHARD2)).unwrap().len() + 1
+        );
         for name in ["f16", "base"] {
-            assert_eq!(errno_of(try_open(&mp.join(name).join(SHARD2))), Some(libc::EIO), "open of {name}/{SHARD2} after its base grew");
+            assert_eq!(
+                errno_of(try_open(&mp.join(name).join(SHARD2))),
+                Some(libc::EIO),
+                "open of {name}/{SHARD2} after its base grew"
+            );
         }
         let line = m.wait_log_line(&[SHARD2, "changed"], Duration::from_secs(5));
         assert!(line.is_some(), "no log line names {SHARD2} as changed:\n{}", m.log_text());
         eprintln!("log: {}", line.unwrap());
         // Files that do not read from it are still served.
-        assert_same_bytes(&read(&mp.join("f16").join(SHARD1)), &fs::read(f16_export.join(SHARD1)).unwrap(), "f16 shard 1");
+        assert_same_bytes(
+            &read(&mp.join("f16").join(SHARD1)),
+            &fs::read(f16_export.join(SHARD1)).unwrap(),
+            "f16 shard 1",
+        );
         let f = fx.ts.run(["check", "f16"]);
         assert!(!f.0.success(), "llmfs check f16 passed with a changed base");
-        assert!(f.1.contains(SHARD2) || f.2.contains(SHARD2), "llmfs check does not name {SHARD2}:\n{}{}", f.1, f.2);
+        assert!(
+            f.1.contains(SHARD2) || f.2.contains(SHARD2),
+            "llmfs check does not name {SHARD2}:\n{}{}",
+            f.1,
+            f.2
+        );
     }
 
     // (b) A content change that keeps size and mtime: a fresh mount's first open verifies the
@@ -585,17 +676,28 @@ fn changed_base_gives_eio_and_a_log_line() {
     f.set_times(fs::FileTimes::new().set_modified(meta.modified().unwrap())).unwrap();
     drop(f);
     let after = fs::metadata(&shard1).unwrap();
-    assert_eq!((after.len(), after.mtime(), after.mtime_nsec()), (meta.len(), meta.mtime(), meta.mtime_nsec()));
+    assert_eq!(
+        (after.len(), after.mtime(), after.mtime_nsec()),
+        (meta.len(), meta.mtime(), meta.mtime_nsec())
+    );
 
     let m = fx.mount(&[]);
     let mp = m.path();
-    assert_eq!(errno_of(try_open(&mp.join("f32").join(SHARD1))), Some(libc::EIO), "first open of f32/{SHARD1} in a fresh mount");
+    assert_eq!(
+        errno_of(try_open(&mp.join("f32").join(SHARD1))),
+        Some(libc::EIO),
+        "first open of f32/{SHARD1} in a fresh mount"
+    );
     assert_eq!(errno_of(try_open(&mp.join("base").join(SHARD1))), Some(libc::EIO), "open of base/{SHARD1}");
     let line = m.wait_log_line(&[SHARD1, "hash"], Duration::from_secs(5));
     assert!(line.is_some(), "no log line names {SHARD1} and its changed hash:\n{}", m.log_text());
     eprintln!("log: {}", line.unwrap());
     // Files that do not read from the shards are still served.
-    assert_same_bytes(&read(&mp.join("f32").join("config.json")), &fs::read(fx.model.join("config.json")).unwrap(), "config.json");
+    assert_same_bytes(
+        &read(&mp.join("f32").join("config.json")),
+        &fs::read(fx.model.join("config.json")).unwrap(),
+        "config.json",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,7 +727,8 @@ fn entries_appear_and_vanish_while_mounted() {
 
     fx.ok(&["cast", "late-f16", "--base", "base", "--dtype", "f16"]);
     fx.ok(&["add", "late-base", fx.model.to_str().unwrap()]);
-    let took = wait_listing(mp, Duration::from_millis(2500), |n| n.contains("late-f16") && n.contains("late-base"));
+    let took =
+        wait_listing(mp, Duration::from_millis(2500), |n| n.contains("late-f16") && n.contains("late-base"));
     assert!(took.is_some(), "new entries not listed after 2.5 s: {:?}", names(mp));
     for (name, file) in [("late-f16", SHARD2), ("late-base", "config.json")] {
         let want = fs::read(fx.export(name).join(file)).unwrap();
@@ -634,11 +737,16 @@ fn entries_appear_and_vanish_while_mounted() {
 
     fx.ok(&["rm", "late-f16"]);
     fx.ok(&["rm", "late-base"]);
-    let took = wait_listing(mp, Duration::from_millis(2500), |n| !n.contains("late-f16") && !n.contains("late-base"));
+    let took = wait_listing(mp, Duration::from_millis(2500), |n| {
+        !n.contains("late-f16") && !n.contains("late-base")
+    });
     assert!(took.is_some(), "removed entries still listed after 2.5 s: {:?}", names(mp));
     let start = Instant::now();
     while stat(&mp.join("late-f16")).is_ok() {
-        assert!(start.elapsed() < Duration::from_millis(2500), "late-f16 can still be looked up 2.5 s after rm");
+        assert!(
+            start.elapsed() < Duration::from_millis(2500),
+            "late-f16 can still be looked up 2.5 s after rm"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(errno_of(stat(&mp.join("late-f16"))), Some(libc::ENOENT));
@@ -658,14 +766,20 @@ fn chat_template_and_empty_deltas_dirs() {
     let path = mp.join("chat").join("tokenizer_config.json");
     let bytes = read(&path);
     assert_eq!(stat(&path).unwrap().len(), bytes.len() as u64, "stat size of tokenizer_config.json");
-    let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("tokenizer_config.json through the mount is not JSON ({e})"));
+    let v: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("tokenizer_config.json through the mount is not JSON ({e})"));
     let template = v["chat_template"].as_str().expect("a chat_template string");
     assert!(!template.trim().is_empty());
-    let original: Value = serde_json::from_slice(&fs::read(fx.model.join("tokenizer_config.json")).unwrap()).unwrap();
+    let original: Value =
+        serde_json::from_slice(&fs::read(fx.model.join("tokenizer_config.json")).unwrap()).unwrap();
     for (k, val) in original.as_object().unwrap() {
         assert_eq!(&v[k], val, "tokenizer_config.json: key {k}");
     }
-    assert_same_bytes(&bytes, &fs::read(fx.export("chat").join("tokenizer_config.json")).unwrap(), "tokenizer_config.json vs export");
+    assert_same_bytes(
+        &bytes,
+        &fs::read(fx.export("chat").join("tokenizer_config.json")).unwrap(),
+        "tokenizer_config.json vs export",
+    );
 
     let entries = names(mp);
     assert_eq!(entries.len(), 4);
@@ -717,7 +831,10 @@ fn daemon_mode_and_stale_mounts() {
     fx.ok(&["umount", mps]);
     assert!(!llmfs_mounted(&mp), "still mounted after llmfs umount");
     assert!(names(&mp).is_empty(), "the mount point is not empty after umount");
-    assert!(wait_until(Duration::from_secs(10), || daemon_pids(&mp).is_empty()), "the daemon did not exit after umount");
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon_pids(&mp).is_empty()),
+        "the daemon did not exit after umount"
+    );
     let log = fs::read_to_string(fx.ts.store.join("llmfs.log")).unwrap_or_default();
     assert!(log.contains("serving"), "STORE/llmfs.log has no 'serving' line:\n{log}");
 
@@ -783,23 +900,38 @@ fn kill_9_during_reads_under_load() {
                     let end = (offset as usize + len).min(want.len());
                     match f.read_at(&mut buf[..len], offset) {
                         // A read cut short by the kill returns what had arrived: a prefix.
-                        Ok(n) if n < end - offset as usize && killed.load(std::sync::atomic::Ordering::SeqCst) => {
-                            assert_same_bytes(&buf[..n], &want[offset as usize..][..n], &format!("reader {i}: short pread ({offset}, {len})"));
+                        Ok(n)
+                            if n < end - offset as usize
+                                && killed.load(std::sync::atomic::Ordering::SeqCst) =>
+                        {
+                            assert_same_bytes(
+                                &buf[..n],
+                                &want[offset as usize..][..n],
+                                &format!("reader {i}: short pread ({offset}, {len})"),
+                            );
                         }
                         Ok(n) => {
-                            assert_same_bytes(&buf[..n], &want[offset as usize..end], &format!("reader {i}: pread ({offset}, {len})"));
+                            assert_same_bytes(
+                                &buf[..n],
+                                &want[offset as usize..end],
+                                &format!("reader {i}: pread ({offset}, {len})"),
+                            );
                             served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
                         Err(e) => return e.raw_os_error(),
                     }
                 }
             });
-            let _ = tx.send((i, result.map_err(|p| p.downcast_ref::<String>().cloned().unwrap_or_else(|| "panicked".into()))));
+            let _ = tx.send((
+                i,
+                result.map_err(|p| p.downcast_ref::<String>().cloned().unwrap_or_else(|| "panicked".into())),
+            ));
         });
     }
     drop(tx);
     assert!(
-        wait_until(Duration::from_secs(60), || served.load(std::sync::atomic::Ordering::SeqCst) >= 4 * readers),
+        wait_until(Duration::from_secs(60), || served.load(std::sync::atomic::Ordering::SeqCst)
+            >= 4 * readers),
         "the readers did not get going"
     );
     killed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -842,9 +974,16 @@ fn snapshot(mp: &Path) -> BTreeMap<String, (u64, u64, i64, i64)> {
         for (file, fino) in list(&dir).unwrap() {
             let path = dir.join(&file);
             let (a, b) = (stat(&path).unwrap(), stat(&path).unwrap());
-            assert_eq!((a.ino(), a.len(), a.mtime(), a.mtime_nsec()), (b.ino(), b.len(), b.mtime(), b.mtime_nsec()), "{entry}/{file}: two stats differ");
+            assert_eq!(
+                (a.ino(), a.len(), a.mtime(), a.mtime_nsec()),
+                (b.ino(), b.len(), b.mtime(), b.mtime_nsec()),
+                "{entry}/{file}: two stats differ"
+            );
             assert_eq!(a.ino(), fino, "{entry}/{file}: readdir's d_ino and stat's differ");
-            out.insert(format!("{entry}/{file}"), (a.ino(), if a.is_dir() { 0 } else { a.len() }, a.mtime(), a.mtime_nsec()));
+            out.insert(
+                format!("{entry}/{file}"),
+                (a.ino(), if a.is_dir() { 0 } else { a.len() }, a.mtime(), a.mtime_nsec()),
+            );
         }
     }
     out
@@ -880,12 +1019,24 @@ fn inodes_and_mtimes_are_stable() {
         for file in names(&mp.join(entry)) {
             let a = fs_.lookup(e1.ino, &file).unwrap();
             let b = fs_.lookup(e2.ino, &file).unwrap();
-            assert_eq!((a.ino, a.size, a.mtime), (b.ino, b.size, b.mtime), "{entry}/{file}: re-lookup differs");
+            assert_eq!(
+                (a.ino, a.size, a.mtime),
+                (b.ino, b.size, b.mtime),
+                "{entry}/{file}: re-lookup differs"
+            );
             let c = fs_.getattr(a.ino).unwrap();
-            assert_eq!((c.ino, c.size, c.mtime), (a.ino, a.size, a.mtime), "{entry}/{file}: getattr differs from lookup");
+            assert_eq!(
+                (c.ino, c.size, c.mtime),
+                (a.ino, a.size, a.mtime),
+                "{entry}/{file}: getattr differs from lookup"
+            );
             let (_, size, s, ns) = first[&format!("{entry}/{file}")];
             let mtime = a.mtime.duration_since(std::time::UNIX_EPOCH).unwrap();
-            assert_eq!((mtime.as_secs() as i64, mtime.subsec_nanos() as i64), (s, ns), "{entry}/{file}: mtime of a fresh Fs");
+            assert_eq!(
+                (mtime.as_secs() as i64, mtime.subsec_nanos() as i64),
+                (s, ns),
+                "{entry}/{file}: mtime of a fresh Fs"
+            );
             if !matches!(a.kind, llmfs::vfs::Kind::Dir) {
                 assert_eq!(a.size, size);
             }
@@ -897,7 +1048,9 @@ fn inodes_and_mtimes_are_stable() {
     let m2 = fx.mount(&[]);
     let mut third = snapshot(m2.path());
     third.retain(|k, _| k != "other" && !k.starts_with("other/"));
-    let strip = |s: &BTreeMap<String, (u64, u64, i64, i64)>| s.iter().map(|(k, v)| (k.clone(), (v.1, v.2, v.3))).collect::<BTreeMap<_, _>>();
+    let strip = |s: &BTreeMap<String, (u64, u64, i64, i64)>| {
+        s.iter().map(|(k, v)| (k.clone(), (v.1, v.2, v.3))).collect::<BTreeMap<_, _>>()
+    };
     assert_eq!(strip(&third), strip(&first), "sizes or mtimes changed across a remount");
 }
 
@@ -909,7 +1062,15 @@ fn inodes_and_mtimes_are_stable() {
 fn sequential_readers_drop_chunks_behind_them() {
     let ts = TestStore::new();
     let model = ts.path("model");
-    let big = ModelSpec { hidden: 1024, intermediate: 2816, layers: 2, heads: 8, kv_heads: 8, vocab: 4096, ..common::small_spec() };
+    let big = ModelSpec {
+        hidden: 1024,
+        intermediate: 2816,
+        layers: 2,
+        heads: 8,
+        kv_heads: 8,
+        vocab: 4096,
+        ..common::small_spec()
+    };
     common::write_model(&model, &big);
     ts.ok(["add", "base", model.to_str().unwrap()]);
     ts.ok(["cast", "f16", "--base", "base", "--dtype", "f16"]);

@@ -42,7 +42,17 @@ const OP: Duration = Duration::from_secs(60);
 /// down_proj's rows are 1.5 default groups (a padded last group); kv_heads < heads for a shorter
 /// k/v projection. A shard is about 1 MB in bf16 (under the fingerprint's whole-hashed 4 MiB).
 fn spec(dtype: Dtype) -> ModelSpec {
-    ModelSpec { hidden: 256, intermediate: 384, layers: 2, heads: 4, kv_heads: 2, vocab: 512, dtype, shards: 2, seed: 31 }
+    ModelSpec {
+        hidden: 256,
+        intermediate: 384,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 512,
+        dtype,
+        shards: 2,
+        seed: 31,
+    }
 }
 
 /// The configurations every test quantizes with: (entry name, CLI arguments, the config).
@@ -50,11 +60,23 @@ fn configs() -> Vec<(&'static str, Vec<&'static str>, QuantConfig)> {
     vec![
         // FastChat's default: 8 bits, symmetric, group 256.
         ("q8", vec![], QuantConfig { bits: 8, group_size: 256, symmetric: true }),
-        ("q4a128", vec!["--bits", "4", "--group-size", "128", "--asymmetric"], QuantConfig { bits: 4, group_size: 128, symmetric: false }),
+        (
+            "q4a128",
+            vec!["--bits", "4", "--group-size", "128", "--asymmetric"],
+            QuantConfig { bits: 4, group_size: 128, symmetric: false },
+        ),
         // 100 divides neither 256 nor 384: padded last groups.
-        ("q8a100", vec!["--group-size", "100", "--asymmetric"], QuantConfig { bits: 8, group_size: 100, symmetric: false }),
+        (
+            "q8a100",
+            vec!["--group-size", "100", "--asymmetric"],
+            QuantConfig { bits: 8, group_size: 100, symmetric: false },
+        ),
         // Odd: padded rows of 259 and 385 codes, so nibbles straddle rows.
-        ("q4g7", vec!["--bits", "4", "--group-size", "7"], QuantConfig { bits: 4, group_size: 7, symmetric: true }),
+        (
+            "q4g7",
+            vec!["--bits", "4", "--group-size", "7"],
+            QuantConfig { bits: 4, group_size: 7, symmetric: true },
+        ),
     ]
 }
 
@@ -98,24 +120,28 @@ fn s(p: &Path) -> &str {
 
 fn read(path: &Path) -> Vec<u8> {
     let p = path.to_owned();
-    with_deadline(&format!("reading {}", path.display()), OP, move || fs::read(&p)).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    with_deadline(&format!("reading {}", path.display()), OP, move || fs::read(&p))
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// Opens and reads a whole file; the error's errno if either fails.
 fn try_read(path: &Path) -> Result<Vec<u8>, i32> {
     let p = path.to_owned();
-    with_deadline(&format!("reading {}", path.display()), OP, move || fs::read(&p)).map_err(|e| e.raw_os_error().unwrap_or(-1))
+    with_deadline(&format!("reading {}", path.display()), OP, move || fs::read(&p))
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
 }
 
 /// Sorted names of a directory's entries.
 fn names(dir: &Path) -> BTreeSet<String> {
     let p = dir.to_owned();
     with_deadline(&format!("listing {}", dir.display()), OP, move || {
-        fs::read_dir(&p).and_then(|rd| rd.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<std::io::Result<BTreeSet<_>>>())
+        fs::read_dir(&p).and_then(|rd| {
+            rd.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<BTreeSet<_>>>()
+        })
     })
     .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
 }
-
 
 /// One tensor of a safetensors file.
 struct Tensor {
@@ -134,12 +160,14 @@ impl Tensor {
 /// The tensors of a safetensors file, in offset order (parsed by the `safetensors` crate, which
 /// checks the header against the spec).
 fn parse(bytes: &[u8], what: &str) -> Vec<Tensor> {
-    let st = SafeTensors::deserialize(bytes).unwrap_or_else(|e| panic!("{what}: not a safetensors file: {e:?}"));
+    let st =
+        SafeTensors::deserialize(bytes).unwrap_or_else(|e| panic!("{what}: not a safetensors file: {e:?}"));
     let mut out: Vec<(usize, Tensor)> = st
         .tensors()
         .into_iter()
         .map(|(name, view)| {
-            let dtype = Dtype::parse(&format!("{:?}", view.dtype())).unwrap_or_else(|| panic!("{what}: {name}: dtype {:?}", view.dtype()));
+            let dtype = Dtype::parse(&format!("{:?}", view.dtype()))
+                .unwrap_or_else(|| panic!("{what}: {name}: dtype {:?}", view.dtype()));
             let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
             (offset, Tensor { name, dtype, shape: view.shape().to_vec(), data: view.data().to_vec() })
         })
@@ -192,7 +220,12 @@ fn assert_same_elements(got: &[u8], want: &[u8], dtype: Dtype, what: &str) {
         return;
     }
     let size = dtype.size();
-    let (i, (g, w)) = got.chunks_exact(size).zip(want.chunks_exact(size)).enumerate().find(|(_, (g, w))| g != w).expect("a difference");
+    let (i, (g, w)) = got
+        .chunks_exact(size)
+        .zip(want.chunks_exact(size))
+        .enumerate()
+        .find(|(_, (g, w))| g != w)
+        .expect("a difference");
     let value = |b: &[u8]| match dtype {
         Dtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
         Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
@@ -200,7 +233,11 @@ fn assert_same_elements(got: &[u8], want: &[u8], dtype: Dtype, what: &str) {
         _ => f32::NAN,
     };
     let count = got.chunks_exact(size).zip(want.chunks_exact(size)).filter(|(g, w)| g != w).count();
-    panic!("{what}: {count} elements differ; first at element {i}: got {g:02x?} ({}), expected {w:02x?} ({})", value(g), value(w));
+    panic!(
+        "{what}: {count} elements differ; first at element {i}: got {g:02x?} ({}), expected {w:02x?} ({})",
+        value(g),
+        value(w)
+    );
 }
 
 /// Little-endian bf16 bytes widened to f32 (exact).
@@ -212,7 +249,13 @@ fn bf16_to_f32(data: &[u8]) -> Vec<u8> {
 /// files against the reference: for linear weights the reference dequantization of the base
 /// tensor (`base`: file → tensors, as the base entry serves them), for the rest the base's bytes.
 /// Returns the reference relative error of each quantized tensor.
-fn verify_variant(ts: &TestStore, mp: &Path, name: &str, cfg: QuantConfig, base: &BTreeMap<String, Vec<Tensor>>) -> BTreeMap<String, f64> {
+fn verify_variant(
+    ts: &TestStore,
+    mp: &Path,
+    name: &str,
+    cfg: QuantConfig,
+    base: &BTreeMap<String, Vec<Tensor>>,
+) -> BTreeMap<String, f64> {
     let dir = mp.join(name);
     let exported = export(ts, name);
     // Every entry's directory also has an (empty) deltas/ folder, which export does not make.
@@ -223,7 +266,11 @@ fn verify_variant(ts: &TestStore, mp: &Path, name: &str, cfg: QuantConfig, base:
     let mut errors = BTreeMap::new();
     for file in &files {
         let bytes = read(&dir.join(file));
-        assert_same_bytes(&bytes, &fs::read(exported.join(file)).unwrap(), &format!("{name}/{file}: mount against export"));
+        assert_same_bytes(
+            &bytes,
+            &fs::read(exported.join(file)).unwrap(),
+            &format!("{name}/{file}: mount against export"),
+        );
         let Some(base_tensors) = base.get(file) else { continue };
         let what = format!("{name}/{file}");
         let tensors = parse(&bytes, &what);
@@ -246,12 +293,15 @@ fn verify_variant(ts: &TestStore, mp: &Path, name: &str, cfg: QuantConfig, base:
     let index: Value = serde_json::from_slice(&read(&dir.join(INDEX))).expect("the index is JSON");
     let expect_map: BTreeMap<String, String> =
         base.iter().flat_map(|(f, ts)| ts.iter().map(move |t| (t.name.clone(), f.clone()))).collect();
-    let got_map: BTreeMap<String, String> =
-        index["weight_map"].as_object().expect("a weight_map").iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())).collect();
+    let got_map: BTreeMap<String, String> = index["weight_map"]
+        .as_object()
+        .expect("a weight_map")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
     assert_eq!(got_map, expect_map, "{name}/{INDEX}: weight_map");
     errors
 }
-
 
 /// `llmfs ARGS` must fail with one line naming every needle and leave the store unchanged.
 #[track_caller]
@@ -272,7 +322,12 @@ fn flip_byte_keep_mtime(path: &Path, offset: u64) {
     f.set_times(fs::FileTimes::new().set_modified(meta.modified().unwrap())).unwrap();
     drop(f);
     let after = fs::metadata(path).unwrap();
-    assert_eq!((after.len(), after.modified().unwrap()), (meta.len(), meta.modified().unwrap()), "{}: size or mtime changed", path.display());
+    assert_eq!(
+        (after.len(), after.modified().unwrap()),
+        (meta.len(), meta.modified().unwrap()),
+        "{}: size or mtime changed",
+        path.display()
+    );
 }
 
 /// An offset in the middle of a safetensors file's data (past its header).
@@ -303,7 +358,11 @@ fn mount_serves_the_reference(dtype: Dtype) {
     }
     // The base itself is served unchanged.
     for f in SHARDS {
-        assert_same_bytes(&read(&m.path().join("base").join(f)), &fs::read(model.join(f)).unwrap(), &format!("base/{f}"));
+        assert_same_bytes(
+            &read(&m.path().join("base").join(f)),
+            &fs::read(model.join(f)).unwrap(),
+            &format!("base/{f}"),
+        );
     }
 }
 
@@ -345,16 +404,29 @@ fn info_reports_config_sizes_and_errors() {
             assert_eq!(r["bits"].as_u64(), Some(cfg.bits as u64), "{what}: bits");
             assert_eq!(r["group_size"].as_u64(), Some(cfg.group_size as u64), "{what}: group_size");
             assert_eq!(r["symmetric"].as_bool(), Some(cfg.symmetric), "{what}: symmetric");
-            assert_eq!(r["quantized_tensors"].as_u64(), Some(linear.len() as u64), "{what}: quantized_tensors");
+            assert_eq!(
+                r["quantized_tensors"].as_u64(),
+                Some(linear.len() as u64),
+                "{what}: quantized_tensors"
+            );
 
             // Sizes: what is on disk, against the base's weight files.
-            let containers: u64 = SHARDS.iter().map(|f| fs::metadata(ts.store.join("models").join(name).join(f)).unwrap().len()).sum();
+            let containers: u64 = SHARDS
+                .iter()
+                .map(|f| fs::metadata(ts.store.join("models").join(name).join(f)).unwrap().len())
+                .sum();
             let on_disk = r["on_disk_bytes"].as_u64().expect("on_disk_bytes");
             assert_eq!(on_disk, containers, "{what}: on_disk_bytes against the containers' sizes");
             assert_eq!(r["base_weight_bytes"].as_u64(), Some(base_weight_bytes), "{what}: base_weight_bytes");
-            assert!(on_disk < base_weight_bytes, "{what}: {on_disk} bytes on disk, not smaller than {base_weight_bytes}");
+            assert!(
+                on_disk < base_weight_bytes,
+                "{what}: {on_disk} bytes on disk, not smaller than {base_weight_bytes}"
+            );
             let ratio = r["disk_ratio"].as_f64().expect("disk_ratio");
-            assert!((ratio - base_weight_bytes as f64 / on_disk as f64).abs() < 1e-9, "{what}: disk_ratio {ratio}");
+            assert!(
+                (ratio - base_weight_bytes as f64 / on_disk as f64).abs() < 1e-9,
+                "{what}: disk_ratio {ratio}"
+            );
             // Exactly the codes (padding included) and the scales (and minimums) of the linear
             // weights, plus two small headers.
             let data: u64 = linear
@@ -365,16 +437,25 @@ fn info_reports_config_sizes_and_errors() {
                     (cfg.q_len(rows, cols) + parts * cfg.n_groups(rows, cols) * dtype.size()) as u64
                 })
                 .sum();
-            assert!(on_disk > data && on_disk - data < 2 * 8192, "{what}: {on_disk} bytes on disk for {data} bytes of codes and scales");
+            assert!(
+                on_disk > data && on_disk - data < 2 * 8192,
+                "{what}: {on_disk} bytes on disk for {data} bytes of codes and scales"
+            );
             // Of the linear weights alone, about bytes per element over bytes per code where the
             // groups are large (2 for 8 bits of bf16, 4 for 4 bits; twice that from f32).
             let ideal = (dtype.size() * 8) as f64 / cfg.bits as f64;
             let linear_ratio = linear_bytes as f64 / on_disk as f64;
-            assert!(linear_ratio < ideal, "{what}: linear weights {linear_bytes} bytes against {on_disk} on disk");
+            assert!(
+                linear_ratio < ideal,
+                "{what}: linear weights {linear_bytes} bytes against {on_disk} on disk"
+            );
             if cfg.group_size >= 128 {
                 assert!(linear_ratio > 0.85 * ideal, "{what}: linear weights {linear_bytes} bytes against {on_disk} on disk: ratio {linear_ratio:.3}, ideal {ideal}");
             }
-            assert!(ratio > linear_ratio, "{what}: the whole-model ratio {ratio} (embeddings and norms stay in the base)");
+            assert!(
+                ratio > linear_ratio,
+                "{what}: the whole-model ratio {ratio} (embeddings and norms stay in the base)"
+            );
 
             // Errors: per tensor, as the reference measures them; the maximum within a sane bound.
             let errs = r["relative_errors"].as_object().expect("relative_errors");
@@ -382,14 +463,27 @@ fn info_reports_config_sizes_and_errors() {
             let mut max = 0f64;
             for t in &linear {
                 let (_, want) = reference(t, cfg);
-                let got = errs.get(&t.name).and_then(Value::as_f64).unwrap_or_else(|| panic!("{what}: no error for {}", t.name));
-                assert!((got - want).abs() <= 1e-9 * want.max(1e-12), "{what}: {}: reported error {got}, reference {want}", t.name);
+                let got = errs
+                    .get(&t.name)
+                    .and_then(Value::as_f64)
+                    .unwrap_or_else(|| panic!("{what}: no error for {}", t.name));
+                assert!(
+                    (got - want).abs() <= 1e-9 * want.max(1e-12),
+                    "{what}: {}: reported error {got}, reference {want}",
+                    t.name
+                );
                 max = max.max(want);
             }
             let reported_max = r["max_relative_error"].as_f64().expect("max_relative_error");
-            assert!((reported_max - max).abs() <= 1e-9 * max, "{what}: max_relative_error {reported_max}, reference {max}");
+            assert!(
+                (reported_max - max).abs() <= 1e-9 * max,
+                "{what}: max_relative_error {reported_max}, reference {max}"
+            );
             let bound = if cfg.bits == 8 { 0.02 } else { 0.2 };
-            assert!(reported_max > 0.0 && reported_max < bound, "{what}: max_relative_error {reported_max} not in (0, {bound})");
+            assert!(
+                reported_max > 0.0 && reported_max < bound,
+                "{what}: max_relative_error {reported_max} not in (0, {bound})"
+            );
         }
     }
 }
@@ -416,9 +510,17 @@ fn check_finds_a_corrupt_container_and_a_changed_base() {
     assert!(said.contains(s(&container)), "llmfs check does not name {}:\n{said}", container.display());
     {
         let m = mount(&ts, "corrupt");
-        assert_eq!(try_read(&m.path().join("q").join(SHARD1)).err(), Some(libc::EIO), "q/{SHARD1} with a corrupt container");
+        assert_eq!(
+            try_read(&m.path().join("q").join(SHARD1)).err(),
+            Some(libc::EIO),
+            "q/{SHARD1} with a corrupt container"
+        );
         // The other shard reads from an intact container.
-        assert_same_bytes(&read(&m.path().join("q").join(SHARD2)), &fs::read(exported.join(SHARD2)).unwrap(), &format!("q/{SHARD2}"));
+        assert_same_bytes(
+            &read(&m.path().join("q").join(SHARD2)),
+            &fs::read(exported.join(SHARD2)).unwrap(),
+            &format!("q/{SHARD2}"),
+        );
     }
     // Restored (same bytes, same mtime): whole again.
     flip_byte_keep_mtime(&container, offset);
@@ -433,13 +535,21 @@ fn check_finds_a_corrupt_container_and_a_changed_base() {
     let said = format!("{}{}", f.stdout, f.stderr);
     assert!(said.contains(s(&shard)), "llmfs check does not name {}:\n{said}", shard.display());
     let m = mount(&ts, "changed");
-    assert_eq!(try_read(&m.path().join("q").join(SHARD2)).err(), Some(libc::EIO), "q/{SHARD2} with a changed base");
+    assert_eq!(
+        try_read(&m.path().join("q").join(SHARD2)).err(),
+        Some(libc::EIO),
+        "q/{SHARD2} with a changed base"
+    );
     assert!(
         m.wait_log_line(&[SHARD2], Duration::from_secs(5)).is_some(),
         "no log line names {SHARD2}:\n{}",
         m.log_text()
     );
-    assert_same_bytes(&read(&m.path().join("q").join(SHARD1)), &fs::read(exported.join(SHARD1)).unwrap(), &format!("q/{SHARD1}"));
+    assert_same_bytes(
+        &read(&m.path().join("q").join(SHARD1)),
+        &fs::read(exported.join(SHARD1)).unwrap(),
+        &format!("q/{SHARD1}"),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -495,13 +605,24 @@ fn quantizing_a_cast_dequantizes_to_the_reference_of_its_tensors() {
     // The f32 cast's tensors: bf16 widened, exactly.
     let base: BTreeMap<String, Vec<Tensor>> = model_tensors(&model)
         .into_iter()
-        .map(|(f, ts)| (f, ts.into_iter().map(|t| Tensor { data: bf16_to_f32(&t.data), dtype: Dtype::F32, ..t }).collect()))
+        .map(|(f, ts)| {
+            (
+                f,
+                ts.into_iter()
+                    .map(|t| Tensor { data: bf16_to_f32(&t.data), dtype: Dtype::F32, ..t })
+                    .collect(),
+            )
+        })
         .collect();
     let picked: Vec<_> = configs().into_iter().filter(|(n, _, _)| matches!(*n, "q8" | "q4g7")).collect();
     for (name, args, _) in &picked {
         quantize(&ts, name, "c32", args);
         let info = ts.json(["info", name, "--json"]);
-        assert_eq!(info["dtypes"], serde_json::json!({"F32": tensor_count(&spec(Dtype::BF16))}), "{name}: {info:#}");
+        assert_eq!(
+            info["dtypes"],
+            serde_json::json!({"F32": tensor_count(&spec(Dtype::BF16))}),
+            "{name}: {info:#}"
+        );
     }
     let m = mount(&ts, "cast");
     for (name, _, cfg) in &picked {
@@ -512,8 +633,14 @@ fn quantizing_a_cast_dequantizes_to_the_reference_of_its_tensors() {
     // in precision): make sure the test would tell them apart.
     let t = base[SHARD1].iter().find(|t| t.is_linear()).unwrap();
     let cfg = picked[0].2;
-    let narrow = model_tensors(&model).remove(SHARD1).unwrap().into_iter().find(|x| x.name == t.name).unwrap();
-    assert_ne!(reference(t, cfg).0, bf16_to_f32(&reference(&narrow, cfg).0), "{}: f32 and bf16 references coincide", t.name);
+    let narrow =
+        model_tensors(&model).remove(SHARD1).unwrap().into_iter().find(|x| x.name == t.name).unwrap();
+    assert_ne!(
+        reference(t, cfg).0,
+        bf16_to_f32(&reference(&narrow, cfg).0),
+        "{}: f32 and bf16 references coincide",
+        t.name
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,29 +677,39 @@ fn random_preads_match_export() {
                 .collect();
             let p = path.clone();
             let reads = plan.clone();
-            let got: Vec<Vec<u8>> = with_deadline(&format!("500 preads of {}", path.display()), Duration::from_secs(120), move || {
-                let f = File::open(&p).unwrap_or_else(|e| panic!("opening {}: {e}", p.display()));
-                reads
-                    .iter()
-                    .map(|&(offset, len)| {
-                        let mut buf = vec![0u8; len];
-                        let mut n = 0;
-                        while n < len {
-                            let r = f.read_at(&mut buf[n..], offset + n as u64).unwrap_or_else(|e| panic!("pread({offset}, {len}): {e}"));
-                            if r == 0 {
-                                break;
+            let got: Vec<Vec<u8>> = with_deadline(
+                &format!("500 preads of {}", path.display()),
+                Duration::from_secs(120),
+                move || {
+                    let f = File::open(&p).unwrap_or_else(|e| panic!("opening {}: {e}", p.display()));
+                    reads
+                        .iter()
+                        .map(|&(offset, len)| {
+                            let mut buf = vec![0u8; len];
+                            let mut n = 0;
+                            while n < len {
+                                let r = f
+                                    .read_at(&mut buf[n..], offset + n as u64)
+                                    .unwrap_or_else(|e| panic!("pread({offset}, {len}): {e}"));
+                                if r == 0 {
+                                    break;
+                                }
+                                n += r;
                             }
-                            n += r;
-                        }
-                        buf.truncate(n);
-                        buf
-                    })
-                    .collect()
-            });
+                            buf.truncate(n);
+                            buf
+                        })
+                        .collect()
+                },
+            );
             for (i, (&(offset, len), bytes)) in plan.iter().zip(&got).enumerate() {
                 let start = (offset as usize).min(want.len());
                 let end = (offset as usize).saturating_add(len).min(want.len());
-                assert_same_bytes(bytes, &want[start..end], &format!("{name}/{file}: pread #{i} ({offset}, {len}) of {size} bytes"));
+                assert_same_bytes(
+                    bytes,
+                    &want[start..end],
+                    &format!("{name}/{file}: pread #{i} ({offset}, {len}) of {size} bytes"),
+                );
             }
         }
     }

@@ -50,9 +50,39 @@ const INDEX: &str = "model.safetensors.index.json";
 /// shapes (kv_heads < heads, an intermediate size that is not a power of two).
 fn specs() -> Vec<ModelSpec> {
     vec![
-        ModelSpec { hidden: 32, intermediate: 64, layers: 1, heads: 2, kv_heads: 2, vocab: 64, dtype: Dtype::BF16, shards: 1, seed: 1 },
-        ModelSpec { hidden: 32, intermediate: 48, layers: 2, heads: 4, kv_heads: 2, vocab: 96, dtype: Dtype::F16, shards: 2, seed: 2 },
-        ModelSpec { hidden: 16, intermediate: 40, layers: 1, heads: 2, kv_heads: 1, vocab: 50, dtype: Dtype::F32, shards: 1, seed: 3 },
+        ModelSpec {
+            hidden: 32,
+            intermediate: 64,
+            layers: 1,
+            heads: 2,
+            kv_heads: 2,
+            vocab: 64,
+            dtype: Dtype::BF16,
+            shards: 1,
+            seed: 1,
+        },
+        ModelSpec {
+            hidden: 32,
+            intermediate: 48,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 96,
+            dtype: Dtype::F16,
+            shards: 2,
+            seed: 2,
+        },
+        ModelSpec {
+            hidden: 16,
+            intermediate: 40,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            vocab: 50,
+            dtype: Dtype::F32,
+            shards: 1,
+            seed: 3,
+        },
     ]
 }
 
@@ -90,11 +120,22 @@ fn generate(seed: u64, n: usize) -> Vec<Op> {
         .map(|i| match if i == 0 { 0 } else { r(100) } {
             0..=13 => Op::Add { spec: r(3), name: r(POOL as u64) },
             14..=27 => Op::Cast { entry: r(64), f32: r(2) == 1, name: r(POOL as u64) },
-            28..=41 => Op::Quantize { entry: r(64), bits4: r(2) == 1, group: r(GROUPS.len() as u64), asym: r(2) == 1, name: r(POOL as u64) },
+            28..=41 => Op::Quantize {
+                entry: r(64),
+                bits4: r(2) == 1,
+                group: r(GROUPS.len() as u64),
+                asym: r(2) == 1,
+                name: r(POOL as u64),
+            },
             42..=49 => Op::DeltaMake { entry: r(64), seed: r(1000) as u64, name: r(POOL as u64) },
             50..=56 => Op::WriteDelta { entry: r(64), seed: r(1000) as u64, name: r(POOL as u64) },
             57..=66 => Op::Rm { entry: r(64) },
-            _ => Op::Read { entry: r(64), file: r(64), offset: r(1 << 30) as u64, len: if r(5) == 0 { 0 } else { 1 + r(70_000) } },
+            _ => Op::Read {
+                entry: r(64),
+                file: r(64),
+                offset: r(1 << 30) as u64,
+                len: if r(5) == 0 { 0 } else { 1 + r(70_000) },
+            },
         })
         .collect()
 }
@@ -155,7 +196,9 @@ fn parse_weights(bytes: &[u8]) -> Weights {
             name: t.name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
-            data: Arc::new(bytes[(h.data_start + t.start) as usize..(h.data_start + t.end) as usize].to_vec()),
+            data: Arc::new(
+                bytes[(h.data_start + t.start) as usize..(h.data_start + t.end) as usize].to_vec(),
+            ),
         })
         .collect();
     Weights { metadata, tensors }
@@ -196,7 +239,13 @@ fn entry_of_dir(dir: &Path, kind: Kind, base: Option<String>, root: usize) -> Re
 /// A variant: the base's files, each weight file rebuilt from `f` of its tensors with
 /// `llmfs: label` added to the metadata, and the shard index's `metadata.total_size` set to the
 /// variant's tensor bytes (everything else in the index kept).
-fn derive(kind: Kind, base_name: &str, base: &RefEntry, label: &str, f: impl Fn(&Tensor) -> Tensor) -> RefEntry {
+fn derive(
+    kind: Kind,
+    base_name: &str,
+    base: &RefEntry,
+    label: &str,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> RefEntry {
     let mut weights = BTreeMap::new();
     let mut files = base.files.clone();
     let mut total = 0u64;
@@ -298,7 +347,11 @@ impl Reference {
         false
     }
     fn dependents(&self, name: &str) -> Vec<&str> {
-        self.entries.iter().filter(|(_, e)| e.base.as_deref() == Some(name)).map(|(n, _)| n.as_str()).collect()
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.base.as_deref() == Some(name))
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 }
 
@@ -342,17 +395,33 @@ impl World {
         ts.ok(["ls"]);
         let mp = ts.path("mnt");
         let mount = MountGuard::new(&ts, &mp, &[]);
-        World { ts, mount, model_dirs, reference: Reference::default(), log: vec![], finetunes: 0, stats: Stats::default() }
+        World {
+            ts,
+            mount,
+            model_dirs,
+            reference: Reference::default(),
+            log: vec![],
+            finetunes: 0,
+            stats: Stats::default(),
+        }
     }
 
     #[track_caller]
     fn fail(&self, what: String) -> ! {
-        panic!("{what}\n--- operations so far ---\n{}\n--- daemon log ---\n{}", self.log.join("\n"), self.mount.log_text());
+        panic!(
+            "{what}\n--- operations so far ---\n{}\n--- daemon log ---\n{}",
+            self.log.join("\n"),
+            self.mount.log_text()
+        );
     }
 
     /// Runs `llmfs ARGS`; checks it succeeded exactly when `expect_ok`.
     fn cli(&mut self, args: &[&str], expect_ok: bool) {
-        self.log.push(format!("    llmfs {}  (expect {})", args.join(" "), if expect_ok { "success" } else { "a refusal" }));
+        self.log.push(format!(
+            "    llmfs {}  (expect {})",
+            args.join(" "),
+            if expect_ok { "success" } else { "a refusal" }
+        ));
         let f = self.ts.run_full(args);
         if expect_ok {
             self.stats.done += 1;
@@ -398,15 +467,26 @@ impl World {
                 let ok = !self.reference.entries.contains_key(&name);
                 self.cli(&["cast", &name, "--base", &base, "--dtype", arg], ok);
                 if ok {
-                    let e = derive(Kind::Cast, &base, &self.reference.entries[&base], &format!("cast {name}"), |t| cast_tensor(t, dtype));
+                    let e = derive(
+                        Kind::Cast,
+                        &base,
+                        &self.reference.entries[&base],
+                        &format!("cast {name}"),
+                        |t| cast_tensor(t, dtype),
+                    );
                     self.reference.entries.insert(name, e);
                 }
             }
             Op::Quantize { entry, bits4, group, asym, name } => {
                 let Some(base) = self.reference.pick(entry) else { return };
                 let name = format!("q{name}");
-                let cfg = QuantConfig { bits: if bits4 { 4 } else { 8 }, group_size: GROUPS[group], symmetric: !asym };
-                let ok = !self.reference.entries.contains_key(&name) && !self.reference.quantized_chain(&base);
+                let cfg = QuantConfig {
+                    bits: if bits4 { 4 } else { 8 },
+                    group_size: GROUPS[group],
+                    symmetric: !asym,
+                };
+                let ok =
+                    !self.reference.entries.contains_key(&name) && !self.reference.quantized_chain(&base);
                 let (bits, gs) = (cfg.bits.to_string(), cfg.group_size.to_string());
                 let mut args = vec!["quantize", &name, "--base", &base, "--bits", &bits, "--group-size", &gs];
                 if asym {
@@ -414,7 +494,13 @@ impl World {
                 }
                 self.cli(&args, ok);
                 if ok {
-                    let e = derive(Kind::Quantized, &base, &self.reference.entries[&base], &format!("quantized {name}"), |t| quantize_tensor(t, cfg));
+                    let e = derive(
+                        Kind::Quantized,
+                        &base,
+                        &self.reference.entries[&base],
+                        &format!("quantized {name}"),
+                        |t| quantize_tensor(t, cfg),
+                    );
                     self.reference.entries.insert(name, e);
                 }
             }
@@ -438,10 +524,21 @@ impl World {
                 let dest = self.mount.path().join(&base).join("deltas").join(&name);
                 let mut cmd = Command::new("timeout");
                 cmd.args(["-k", "5", "60", "cp", "-r"]).arg(ft.join(".")).arg(format!("{}/", dest.display()));
-                self.log.push(format!("    cp -r {}/. {}/  (expect {})", ft.display(), dest.display(), if ok { "success" } else { "a refusal" }));
+                self.log.push(format!(
+                    "    cp -r {}/. {}/  (expect {})",
+                    ft.display(),
+                    dest.display(),
+                    if ok { "success" } else { "a refusal" }
+                ));
                 let f = run_command(cmd, Duration::from_secs(90));
                 if f.status.success() != ok {
-                    self.fail(format!("cp -r {} {}: {} ({})", ft.display(), dest.display(), f.status, f.stderr));
+                    self.fail(format!(
+                        "cp -r {} {}: {} ({})",
+                        ft.display(),
+                        dest.display(),
+                        f.status,
+                        f.stderr
+                    ));
                 }
                 if ok {
                     self.reference.entries.insert(name, entry_of_dir(&ft, Kind::Delta, Some(base), root));
@@ -458,7 +555,8 @@ impl World {
             Op::Read { entry, file, offset, len } => {
                 let Some(name) = self.reference.pick(entry) else { return };
                 let e = &self.reference.entries[&name];
-                let (fname, want) = e.files.iter().nth(file % e.files.len()).map(|(n, b)| (n.clone(), b.clone())).unwrap();
+                let (fname, want) =
+                    e.files.iter().nth(file % e.files.len()).map(|(n, b)| (n.clone(), b.clone())).unwrap();
                 self.read_and_compare(&name, &fname, &want, offset, len);
                 return;
             }
@@ -476,21 +574,25 @@ impl World {
         let size = want.len() as u64;
         let (off, len) = if len == 0 || size == 0 { (0, size as usize) } else { (offset % size, len) };
         let p = path.clone();
-        let got = with_deadline(&format!("reading {}", path.display()), OP_DEADLINE, move || -> std::io::Result<(u64, Vec<u8>)> {
-            let f = File::open(&p)?;
-            let st = f.metadata()?.len();
-            let mut buf = vec![0u8; len];
-            let mut n = 0;
-            while n < len {
-                let r = f.read_at(&mut buf[n..], off + n as u64)?;
-                if r == 0 {
-                    break;
+        let got = with_deadline(
+            &format!("reading {}", path.display()),
+            OP_DEADLINE,
+            move || -> std::io::Result<(u64, Vec<u8>)> {
+                let f = File::open(&p)?;
+                let st = f.metadata()?.len();
+                let mut buf = vec![0u8; len];
+                let mut n = 0;
+                while n < len {
+                    let r = f.read_at(&mut buf[n..], off + n as u64)?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
                 }
-                n += r;
-            }
-            buf.truncate(n);
-            Ok((st, buf))
-        });
+                buf.truncate(n);
+                Ok((st, buf))
+            },
+        );
         let what = format!("{entry}/{file} [{off}, +{len}) of {size}");
         self.log.push(format!("    read {what}"));
         match got {
@@ -502,8 +604,17 @@ impl World {
                 let end = (off as usize + len).min(want.len());
                 let expect = &want[off as usize..end];
                 if bytes != expect {
-                    let first = bytes.iter().zip(expect).position(|(a, b)| a != b).unwrap_or(bytes.len().min(expect.len()));
-                    self.fail(format!("{what}: {} bytes read, {} expected; first difference at offset {}", bytes.len(), expect.len(), off as usize + first));
+                    let first = bytes
+                        .iter()
+                        .zip(expect)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(bytes.len().min(expect.len()));
+                    self.fail(format!(
+                        "{what}: {} bytes read, {} expected; first difference at offset {}",
+                        bytes.len(),
+                        expect.len(),
+                        off as usize + first
+                    ));
                 }
             }
         }
@@ -524,7 +635,9 @@ impl World {
         loop {
             match self.listing(self.mount.path()) {
                 Ok(got) if got == want => break,
-                Ok(got) if start.elapsed() > VISIBLE => self.fail(format!("the mount lists {got:?}, the reference {want:?}")),
+                Ok(got) if start.elapsed() > VISIBLE => {
+                    self.fail(format!("the mount lists {got:?}, the reference {want:?}"))
+                }
                 Err(e) if start.elapsed() > VISIBLE => self.fail(format!("listing the mount: {e}")),
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
@@ -571,7 +684,10 @@ fn mount_matches_the_reference_model() {
     for case in 0..cases {
         let case_seed = seed.wrapping_add(case as u64);
         let list = generate(case_seed, ops);
-        eprintln!("reference model: case {case} (LLMFS_REFMODEL_SEED={case_seed} LLMFS_REFMODEL_CASES=1), {} ops", list.len());
+        eprintln!(
+            "reference model: case {case} (LLMFS_REFMODEL_SEED={case_seed} LLMFS_REFMODEL_CASES=1), {} ops",
+            list.len()
+        );
         run_ops(&list);
     }
 }
@@ -618,11 +734,14 @@ fn regression_name_reused_after_rm_shows_the_new_entry() {
     // (the kernel revalidating in between) unlikely.
     let mut ops = vec![Op::Add { spec: 0, name: 0 }, Op::Read { entry: 0, file: 2, offset: 0, len: 0 }];
     for spec in [2, 0, 2, 0] {
-        ops.extend([Op::Rm { entry: 0 }, Op::Add { spec, name: 0 }, Op::Read { entry: 0, file: 2, offset: 0, len: 0 }]);
+        ops.extend([
+            Op::Rm { entry: 0 },
+            Op::Add { spec, name: 0 },
+            Op::Read { entry: 0, file: 2, offset: 0, len: 0 },
+        ]);
     }
     run_ops(&ops);
 }
-
 
 /// From the CI seed (case 0): a delta w1 written through `w0/deltas/w1/` (w0 itself written
 /// through `m0/deltas/`), a refused `cp` into `m0/deltas/w1/` (taken), then `llmfs rm w1`: the

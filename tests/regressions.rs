@@ -54,7 +54,14 @@ fn safetensors(tensors: &[(&str, Dtype, &[usize])], fill: u8) -> Vec<u8> {
 fn quantized_entry_with_group_size_zero_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny_store(dir.path());
-    llmfs::quantize::quantize(&store, "q", "base", QuantConfig { bits: 8, group_size: 8, symmetric: true }, |_| {}).unwrap();
+    llmfs::quantize::quantize(
+        &store,
+        "q",
+        "base",
+        QuantConfig { bits: 8, group_size: 8, symmetric: true },
+        |_| {},
+    )
+    .unwrap();
     let mut registry = store.load().unwrap();
     match &mut registry.entries.get_mut("q").unwrap().kind {
         EntryKind::Quantized { config, .. } => config.group_size = 0,
@@ -76,8 +83,16 @@ fn lora_pair_matching_two_base_tensors_is_an_error_not_an_underflow() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     std::fs::create_dir_all(&base).unwrap();
-    std::fs::write(base.join("config.json"), br#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#).unwrap();
-    std::fs::write(base.join("model.safetensors"), safetensors(&[("l", Dtype::F32, &[4, 4]), ("l.weight", Dtype::F32, &[4, 4])], 0)).unwrap();
+    std::fs::write(
+        base.join("config.json"),
+        br#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        base.join("model.safetensors"),
+        safetensors(&[("l", Dtype::F32, &[4, 4]), ("l.weight", Dtype::F32, &[4, 4])], 0),
+    )
+    .unwrap();
     let store = Store::open(dir.path().join("store")).unwrap();
     llmfs::registry::add::add(&store, "base", &base, &Default::default()).unwrap();
     let adapter = dir.path().join("adapter");
@@ -85,10 +100,17 @@ fn lora_pair_matching_two_base_tensors_is_an_error_not_an_underflow() {
     std::fs::write(adapter.join("adapter_config.json"), br#"{"r":2,"lora_alpha":2}"#).unwrap();
     std::fs::write(
         adapter.join("adapter_model.safetensors"),
-        safetensors(&[("base_model.model.l.lora_A.weight", Dtype::F32, &[2, 4]), ("base_model.model.l.lora_B.weight", Dtype::F32, &[4, 2])], 0),
+        safetensors(
+            &[
+                ("base_model.model.l.lora_A.weight", Dtype::F32, &[2, 4]),
+                ("base_model.model.l.lora_B.weight", Dtype::F32, &[4, 2]),
+            ],
+            0,
+        ),
     )
     .unwrap();
-    let result = std::panic::catch_unwind(|| import::import(&store, "lora", "base", &adapter, ImportFormat::Lora));
+    let result =
+        std::panic::catch_unwind(|| import::import(&store, "lora", "base", &adapter, ImportFormat::Lora));
     let result = result.expect("import panicked");
     if let Err(e) = &result {
         assert!(!e.to_string().contains("18446744073709551614"), "{e}");
@@ -121,11 +143,19 @@ fn quant_container_group_size_zero_replay() {
 fn registry_file_names_cannot_leave_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny_store(dir.path());
-    llmfs::quantize::quantize(&store, "q", "base", QuantConfig { bits: 8, group_size: 8, symmetric: true }, |_| {}).unwrap();
+    llmfs::quantize::quantize(
+        &store,
+        "q",
+        "base",
+        QuantConfig { bits: 8, group_size: 8, symmetric: true },
+        |_| {},
+    )
+    .unwrap();
     // The container, moved outside the store, and the record pointing at it.
     let outside = dir.path().join("outside.safetensors");
     std::fs::rename(store.entry_dir("q").join("model.safetensors"), &outside).unwrap();
-    let mut text: serde_json::Value = serde_json::from_slice(&std::fs::read(store.registry_path()).unwrap()).unwrap();
+    let mut text: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.registry_path()).unwrap()).unwrap();
     text["entries"]["q"]["files"][0]["name"] = "../../../outside.safetensors".into();
     std::fs::write(store.registry_path(), serde_json::to_vec(&text).unwrap()).unwrap();
     assert!(store.entry_dir("q").join("../../../outside.safetensors").exists());

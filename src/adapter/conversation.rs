@@ -75,8 +75,7 @@ impl Conversation {
 
     /// `system_template` with the message filled in (FastChat's `system_prompt`).
     pub(crate) fn system_prompt(&self, system_message: &str) -> String {
-        self.system_template
-            .replacen(SYSTEM_PLACEHOLDER, system_message, 1)
+        self.system_template.replacen(SYSTEM_PLACEHOLDER, system_message, 1)
     }
 
     /// What `get_prompt()` emits before the first message, branch by branch.
@@ -143,10 +142,9 @@ impl Conversation {
             (SepStyle::Llama2, Some(m)) if i == 0 => format!("{m} "),
             (SepStyle::Llama2, Some(m)) => format!("{} {m}{sep_i}", self.roles[i % 2]),
             (SepStyle::Llama2, None) => self.roles[i % 2].to_string(),
-            (SepStyle::Llama3, Some(m)) => format!(
-                "<|start_header_id|>{role_name}<|end_header_id|>\n\n{}<|eot_id|>",
-                python_strip(m)
-            ),
+            (SepStyle::Llama3, Some(m)) => {
+                format!("<|start_header_id|>{role_name}<|end_header_id|>\n\n{}<|eot_id|>", python_strip(m))
+            }
             (SepStyle::Llama3, None) => {
                 format!("<|start_header_id|>{role_name}<|end_header_id|>\n\n")
             }
@@ -158,10 +156,7 @@ impl Conversation {
             }
             (SepStyle::Dolly, None) => format!("{role_name}:\n"),
             (SepStyle::Rwkv, Some(m)) => {
-                format!(
-                    "{role_name}: {}\n\n",
-                    m.replace("\r\n", "\n").replace("\n\n", "\n")
-                )
+                format!("{role_name}: {}\n\n", m.replace("\r\n", "\n").replace("\n\n", "\n"))
             }
             (SepStyle::Gemma, Some(m)) => format!("<start_of_turn>{role_name}\n{m}{}", self.sep),
             (SepStyle::Gemma, None) => format!("<start_of_turn>{role_name}\n"),

@@ -25,10 +25,7 @@ pub struct Family {
 }
 
 /// What `detect` answers when nothing matches: FastChat's `BaseModelAdapter`.
-pub const UNKNOWN: Family = Family {
-    name: "unknown",
-    template: "one_shot",
-};
+pub const UNKNOWN: Family = Family { name: "unknown", template: "one_shot" };
 
 const fn fam(name: &'static str, template: &'static str) -> Option<Family> {
     Some(Family { name, template })
@@ -36,9 +33,7 @@ const fn fam(name: &'static str, template: &'static str) -> Option<Family> {
 
 /// The family of `model_name` (a name or a path), with `config` (config.json) as fallback.
 pub fn detect(model_name: &str, config: Option<&Value>) -> Family {
-    detect_name(model_name)
-        .or_else(|| config.and_then(config_rules))
-        .unwrap_or(UNKNOWN)
+    detect_name(model_name).or_else(|| config.and_then(config_rules)).unwrap_or(UNKNOWN)
 }
 
 /// FastChat's `get_model_adapter`: the basename first, then the full path.
@@ -136,18 +131,10 @@ fn name_rules(path: &str) -> Option<Family> {
 
 /// The config.json fallback (not in FastChat, which only sees paths).
 fn config_rules(config: &Value) -> Option<Family> {
-    if let Some(family) = config
-        .get("_name_or_path")
-        .and_then(Value::as_str)
-        .and_then(detect_name)
-    {
+    if let Some(family) = config.get("_name_or_path").and_then(Value::as_str).and_then(detect_name) {
         return Some(family);
     }
-    let model_type = config
-        .get("model_type")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_lowercase();
+    let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("").to_lowercase();
     let architectures: Vec<&str> = config
         .get("architectures")
         .and_then(Value::as_array)
@@ -162,8 +149,7 @@ fn config_rules(config: &Value) -> Option<Family> {
     {
         return fam("mistral", "mistral");
     }
-    if model_type.starts_with("qwen")
-        || arch(&["QWenLMHeadModel", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM"])
+    if model_type.starts_with("qwen") || arch(&["QWenLMHeadModel", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM"])
     {
         return fam("qwen", "qwen-7b-chat");
     }
@@ -210,22 +196,10 @@ mod tests {
         ("databricks/dolly-v2-12b", "dolly", "dolly_v2"),
         ("Qwen/Qwen-7B-Chat", "qwen", "qwen-7b-chat"),
         ("Qwen/Qwen1.5-7B-Chat", "qwen", "qwen-7b-chat"),
-        (
-            "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-            "tinyllama",
-            "TinyLlama",
-        ),
+        ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tinyllama", "TinyLlama"),
         ("openchat/openchat_3.5", "openchat", "openchat_3.5"),
-        (
-            "berkeley-nest/Starling-LM-7B-alpha",
-            "openchat",
-            "openchat_3.5",
-        ),
-        (
-            "deepseek-ai/deepseek-llm-67b-chat",
-            "deepseek-chat",
-            "deepseek-chat",
-        ),
+        ("berkeley-nest/Starling-LM-7B-alpha", "openchat", "openchat_3.5"),
+        ("deepseek-ai/deepseek-llm-67b-chat", "deepseek-chat", "deepseek-chat"),
         ("microsoft/Orca-2-13b", "orca-2", "orca-2"),
         ("tiiuae/falcon-7b-instruct", "falcon", "falcon"),
         ("tiiuae/falcon-180B-chat", "falcon-chat", "falcon-chat"),
@@ -236,14 +210,7 @@ mod tests {
     #[test]
     fn each_family_from_its_name() {
         for &(name, family, tmpl) in BY_NAME {
-            assert_eq!(
-                detect(name, None),
-                Family {
-                    name: family,
-                    template: tmpl
-                },
-                "{name}"
-            );
+            assert_eq!(detect(name, None), Family { name: family, template: tmpl }, "{name}");
             assert!(template(tmpl).is_some(), "{tmpl} is carried");
         }
     }
@@ -251,15 +218,9 @@ mod tests {
     #[test]
     fn basename_first_then_full_path() {
         // FastChat tries the basename first: the directory's name beats its parents'.
-        assert_eq!(
-            detect("/models/vicuna-store/zephyr-7b-beta", None).name,
-            "zephyr"
-        );
+        assert_eq!(detect("/models/vicuna-store/zephyr-7b-beta", None).name, "zephyr");
         // ...and only then the whole path.
-        assert_eq!(
-            detect("/models/Llama-2-7b-chat-hf/snapshot", None).name,
-            "llama-2"
-        );
+        assert_eq!(detect("/models/Llama-2-7b-chat-hf/snapshot", None).name, "llama-2");
         assert_eq!(detect("/models/vicuna-7b-v1.5/", None).name, "vicuna");
     }
 
@@ -278,48 +239,20 @@ mod tests {
     fn each_family_from_config_name_or_path() {
         for &(name, family, tmpl) in BY_NAME {
             let config = json!({ "_name_or_path": name, "architectures": ["LlamaForCausalLM"] });
-            assert_eq!(
-                detect("my-model", Some(&config)),
-                Family {
-                    name: family,
-                    template: tmpl
-                },
-                "{name}"
-            );
+            assert_eq!(detect("my-model", Some(&config)), Family { name: family, template: tmpl }, "{name}");
         }
     }
 
     #[test]
     fn families_with_their_own_architecture_from_config() {
         let cases = [
-            (
-                json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}),
-                "mistral",
-            ),
-            (
-                json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}),
-                "mistral",
-            ),
-            (
-                json!({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}),
-                "qwen",
-            ),
-            (
-                json!({"architectures": ["QWenLMHeadModel"], "model_type": "qwen"}),
-                "qwen",
-            ),
-            (
-                json!({"architectures": ["GemmaForCausalLM"], "model_type": "gemma"}),
-                "gemma",
-            ),
-            (
-                json!({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}),
-                "falcon",
-            ),
-            (
-                json!({"architectures": ["RWForCausalLM"], "model_type": "RefinedWebModel"}),
-                "falcon",
-            ),
+            (json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}), "mistral"),
+            (json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}), "mistral"),
+            (json!({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}), "qwen"),
+            (json!({"architectures": ["QWenLMHeadModel"], "model_type": "qwen"}), "qwen"),
+            (json!({"architectures": ["GemmaForCausalLM"], "model_type": "gemma"}), "gemma"),
+            (json!({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}), "falcon"),
+            (json!({"architectures": ["RWForCausalLM"], "model_type": "RefinedWebModel"}), "falcon"),
             (
                 json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256}),
                 "llama-3",
@@ -335,21 +268,14 @@ mod tests {
             (json!({"model_type": "gpt2"}), "unknown"),
         ];
         for (config, family) in cases {
-            assert_eq!(
-                detect("store-entry-7", Some(&config)).name,
-                family,
-                "{config}"
-            );
+            assert_eq!(detect("store-entry-7", Some(&config)).name, family, "{config}");
         }
     }
 
     #[test]
     fn name_beats_config() {
         let config = json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral"});
-        assert_eq!(
-            detect("HuggingFaceH4/zephyr-7b-beta", Some(&config)).name,
-            "zephyr"
-        );
+        assert_eq!(detect("HuggingFaceH4/zephyr-7b-beta", Some(&config)).name, "zephyr");
         assert_eq!(detect("openchat_3.5", Some(&config)).name, "openchat");
     }
 
@@ -357,12 +283,6 @@ mod tests {
     fn fallback_is_one_shot() {
         assert_eq!(detect("", None), UNKNOWN);
         assert_eq!(detect("x", Some(&json!([1, 2]))), UNKNOWN);
-        assert_eq!(
-            UNKNOWN,
-            Family {
-                name: "unknown",
-                template: "one_shot"
-            }
-        );
+        assert_eq!(UNKNOWN, Family { name: "unknown", template: "one_shot" });
     }
 }

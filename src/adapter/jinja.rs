@@ -50,11 +50,7 @@ fn lit(s: &str) -> String {
 
 /// `{{ a + b + ... }}` over Jinja expressions, empty literals dropped.
 fn out(parts: &[String]) -> String {
-    let parts: Vec<&str> = parts
-        .iter()
-        .map(String::as_str)
-        .filter(|p| *p != "''")
-        .collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).filter(|p| *p != "''").collect();
     if parts.is_empty() {
         String::new()
     } else {
@@ -97,10 +93,8 @@ fn render(conv: &Conversation) -> String {
 
 /// Jinja for `Conversation::system_part`, with `system_message` a template variable.
 fn system_block(conv: &Conversation) -> String {
-    let (prefix, suffix) = conv
-        .system_template
-        .split_once(SYSTEM_PLACEHOLDER)
-        .unwrap_or((conv.system_template, ""));
+    let (prefix, suffix) =
+        conv.system_template.split_once(SYSTEM_PLACEHOLDER).unwrap_or((conv.system_template, ""));
     let system_prompt = [lit(prefix), "system_message".to_string(), lit(suffix)];
     let with = |extra: &[String]| {
         let mut parts = system_prompt.to_vec();
@@ -138,18 +132,13 @@ fn message_block(conv: &Conversation, k: usize, offset: usize) -> String {
     let role = lit(conv.roles[k]);
     let sep_k = lit(if k == 0 { conv.sep } else { conv.sep2 });
     let full = match conv.sep_style {
-        SepStyle::AddColonSingle | SepStyle::FalconChat => {
-            out(&[role, lit(": "), content, lit(conv.sep)])
-        }
+        SepStyle::AddColonSingle | SepStyle::FalconChat => out(&[role, lit(": "), content, lit(conv.sep)]),
         SepStyle::AddColonTwo | SepStyle::DeepseekChat => out(&[role, lit(": "), content, sep_k]),
         SepStyle::Llama2 => {
             let later = out(&[role, lit(" "), content.clone(), sep_k]);
             if offset == 0 {
                 // FastChat's `i == 0`: the first turn continues the `[INST]` block.
-                format!(
-                    "{{% if loop.first %}}{}{{% else %}}{later}{{% endif %}}",
-                    out(&[content, lit(" ")])
-                )
+                format!("{{% if loop.first %}}{}{{% else %}}{later}{{% endif %}}", out(&[content, lit(" ")]))
             } else {
                 later
             }
@@ -169,22 +158,12 @@ fn message_block(conv: &Conversation, k: usize, offset: usize) -> String {
         SepStyle::Rwkv => out(&[
             role,
             lit(": "),
-            "(message['content'] | replace('\\r\\n', '\\n') | replace('\\n\\n', '\\n'))"
-                .to_string(),
+            "(message['content'] | replace('\\r\\n', '\\n') | replace('\\n\\n', '\\n'))".to_string(),
             lit("\n\n"),
         ]),
-        SepStyle::Gemma => out(&[
-            lit("<start_of_turn>"),
-            role,
-            lit("\n"),
-            content,
-            lit(conv.sep),
-        ]),
+        SepStyle::Gemma => out(&[lit("<start_of_turn>"), role, lit("\n"), content, lit(conv.sep)]),
     };
-    format!(
-        "{{% if message['content'] %}}{full}{{% else %}}{}{{% endif %}}",
-        out(&open_turn(conv, k))
-    )
+    format!("{{% if message['content'] %}}{full}{{% else %}}{}{{% endif %}}", out(&open_turn(conv, k)))
 }
 
 /// The Jinja parts of an open turn of role index `k` (FastChat's `None` message).
@@ -197,11 +176,7 @@ fn open_turn(conv: &Conversation, k: usize) -> Vec<String> {
         | SepStyle::DeepseekChat
         | SepStyle::Rwkv => vec![role, lit(":")],
         SepStyle::Llama2 => vec![role],
-        SepStyle::Llama3 => vec![
-            lit("<|start_header_id|>"),
-            role,
-            lit("<|end_header_id|>\n\n"),
-        ],
+        SepStyle::Llama3 => vec![lit("<|start_header_id|>"), role, lit("<|end_header_id|>\n\n")],
         SepStyle::ChatMl => vec![role, lit("\n")],
         SepStyle::Dolly => vec![role, lit(":\n")],
         SepStyle::Gemma => vec![lit("<start_of_turn>"), role, lit("\n")],
@@ -253,10 +228,7 @@ mod tests {
             let t = chat_template_jinja(name).unwrap();
             // Text between tags would be at the mercy of trim_blocks/lstrip_blocks.
             assert!(only_tags(&t), "{name}: {t}");
-            assert!(
-                !t.contains("bos_token") && !t.contains("eos_token"),
-                "{name}"
-            );
+            assert!(!t.contains("bos_token") && !t.contains("eos_token"), "{name}");
         }
         assert!(!only_tags("{{ 'a' }}\n"));
         assert!(chat_template_jinja("no-such-template").is_none());

@@ -241,21 +241,13 @@ mod tests {
             assert!(!names[..i].contains(name), "{name} twice");
             assert_eq!(template(name).map(|t| t.name), Some(*name));
         }
-        assert!(
-            template("Vicuna_v1.1").is_none(),
-            "lookup is exact, like FastChat's"
-        );
+        assert!(template("Vicuna_v1.1").is_none(), "lookup is exact, like FastChat's");
     }
 
     #[test]
     fn system_templates_have_one_placeholder() {
         for t in TEMPLATES {
-            assert_eq!(
-                t.system_template.matches("{system_message}").count(),
-                1,
-                "{}",
-                t.name
-            );
+            assert_eq!(t.system_template.matches("{system_message}").count(), 1, "{}", t.name);
         }
     }
 
@@ -265,7 +257,9 @@ mod tests {
         assert_eq!(t.examples.len(), 2);
         let prompt = t.get_prompt(None, &[(0, Some("Hi")), (1, None)]);
         assert!(prompt.starts_with(t.system_message));
-        assert!(prompt.contains("\n### Human: Got any creative ideas for a 10 year old’s birthday?\n### Assistant: Of course!"));
+        assert!(prompt.contains(
+            "\n### Human: Got any creative ideas for a 10 year old’s birthday?\n### Assistant: Of course!"
+        ));
         assert!(prompt.ends_with("\n### Human: Hi\n### Assistant:"));
     }
 }

@@ -40,12 +40,8 @@ pub fn tokenizer_config_with_template(
             // Replacing a value in place would need a JSON tokenizer; re-serialize instead
             // (key order is kept: serde_json is built with preserve_order).
             let mut map = map;
-            map.insert(
-                "chat_template".to_string(),
-                Value::String(chat_template.to_string()),
-            );
-            let mut bytes =
-                serde_json::to_vec_pretty(&Value::Object(map)).expect("a Value serializes");
+            map.insert("chat_template".to_string(), Value::String(chat_template.to_string()));
+            let mut bytes = serde_json::to_vec_pretty(&Value::Object(map)).expect("a Value serializes");
             bytes.push(b'\n');
             Ok(bytes)
         }
@@ -53,10 +49,7 @@ pub fn tokenizer_config_with_template(
         None => {
             // The parse succeeded and the value is an object, so the last non-space byte is
             // its closing brace.
-            let close = original
-                .iter()
-                .rposition(|&b| b == b'}')
-                .ok_or(TokenizerConfigError::NotObject)?;
+            let close = original.iter().rposition(|&b| b == b'}').ok_or(TokenizerConfigError::NotObject)?;
             let head = original[..close].trim_ascii_end();
             let mut out = Vec::with_capacity(original.len() + template_json.len() + 24);
             out.extend_from_slice(head);
@@ -89,15 +82,7 @@ mod tests {
         let v = parse(&out);
         assert_eq!(v["chat_template"], TEMPLATE);
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            [
-                "add_bos_token",
-                "model_max_length",
-                "tokenizer_class",
-                "chat_template"
-            ]
-        );
+        assert_eq!(keys, ["add_bos_token", "model_max_length", "tokenizer_class", "chat_template"]);
         // Everything before the insertion is the original text, the huge integer included.
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("{\n  \"add_bos_token\": true,\n  \"model_max_length\": 1000000000000000019884624838656,\n  \"tokenizer_class\": \"LlamaTokenizer\",\n  \"chat_template\": "));
@@ -107,15 +92,9 @@ mod tests {
     #[test]
     fn existing_template_is_left_alone() {
         let original = br#"{"chat_template": "{{ x }}", "b": 1}"#;
-        assert_eq!(
-            tokenizer_config_with_template(Some(original), TEMPLATE).unwrap(),
-            original.to_vec()
-        );
+        assert_eq!(tokenizer_config_with_template(Some(original), TEMPLATE).unwrap(), original.to_vec());
         let named = br#"{"chat_template": [{"name": "default", "template": "{{ x }}"}]}"#;
-        assert_eq!(
-            tokenizer_config_with_template(Some(named), TEMPLATE).unwrap(),
-            named.to_vec()
-        );
+        assert_eq!(tokenizer_config_with_template(Some(named), TEMPLATE).unwrap(), named.to_vec());
     }
 
     #[test]
@@ -151,8 +130,7 @@ mod tests {
     fn real_chat_templates_round_trip() {
         for name in crate::adapter::template_names() {
             let jinja = crate::adapter::chat_template_jinja(name).unwrap();
-            let out =
-                tokenizer_config_with_template(Some(br#"{"eos_token": "</s>"}"#), &jinja).unwrap();
+            let out = tokenizer_config_with_template(Some(br#"{"eos_token": "</s>"}"#), &jinja).unwrap();
             assert_eq!(parse(&out)["chat_template"], jinja.as_str(), "{name}");
         }
     }

@@ -21,11 +21,8 @@ const TOKENIZER_FILES: &[&str] = &[
 ];
 
 /// Optional JSON files loaders parse when present; a broken one fails the load.
-const OPTIONAL_JSON: &[&str] = &[
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-];
+const OPTIONAL_JSON: &[&str] =
+    &["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"];
 
 /// Problems FastChat-like loaders would trip on in model directory `dir`, one
 /// human-readable line each; empty means none found.
@@ -42,10 +39,7 @@ pub fn validate(dir: &Path) -> Vec<String> {
     }
 
     if !TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file()) {
-        problems.push(format!(
-            "no tokenizer files (none of {})",
-            TOKENIZER_FILES.join(", ")
-        ));
+        problems.push(format!("no tokenizer files (none of {})", TOKENIZER_FILES.join(", ")));
     }
     if dir.join("vocab.json").is_file()
         && !dir.join("tokenizer.json").is_file()
@@ -76,15 +70,14 @@ fn check_config(config: &Value, problems: &mut Vec<String>) {
     match config.get("model_type") {
         None => problems.push("config.json has no \"model_type\"".to_string()),
         Some(Value::String(s)) if !s.is_empty() => {}
-        Some(_) => {
-            problems.push("config.json \"model_type\" is not a non-empty string".to_string())
-        }
+        Some(_) => problems.push("config.json \"model_type\" is not a non-empty string".to_string()),
     }
     match config.get("architectures") {
         None => problems.push("config.json has no \"architectures\"".to_string()),
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {}
-        Some(_) => problems
-            .push("config.json \"architectures\" is not a non-empty list of names".to_string()),
+        Some(_) => {
+            problems.push("config.json \"architectures\" is not a non-empty list of names".to_string())
+        }
     }
 }
 
@@ -118,11 +111,8 @@ mod tests {
 
     #[test]
     fn complete_directory_is_ok() {
-        let dir = dir_with(&[
-            ("config.json", CONFIG),
-            ("tokenizer.json", "{}"),
-            ("tokenizer_config.json", "{}"),
-        ]);
+        let dir =
+            dir_with(&[("config.json", CONFIG), ("tokenizer.json", "{}"), ("tokenizer_config.json", "{}")]);
         assert_eq!(validate(dir.path()), Vec::<String>::new());
     }
 
@@ -163,27 +153,14 @@ mod tests {
 
     #[test]
     fn broken_tokenizer_config() {
-        let p = validate(
-            dir_with(&[
-                ("config.json", CONFIG),
-                ("tokenizer_config.json", "{\"a\": "),
-            ])
-            .path(),
-        );
+        let p = validate(dir_with(&[("config.json", CONFIG), ("tokenizer_config.json", "{\"a\": ")]).path());
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(has(&p, "tokenizer_config.json is not valid JSON"), "{p:?}");
         let p = validate(
-            dir_with(&[
-                ("config.json", CONFIG),
-                ("tokenizer.json", "{}"),
-                ("generation_config.json", "3"),
-            ])
-            .path(),
+            dir_with(&[("config.json", CONFIG), ("tokenizer.json", "{}"), ("generation_config.json", "3")])
+                .path(),
         );
-        assert!(
-            has(&p, "generation_config.json is not a JSON object"),
-            "{p:?}"
-        );
+        assert!(has(&p, "generation_config.json is not a JSON object"), "{p:?}");
     }
 
     #[test]

@@ -30,7 +30,11 @@ pub struct ChunkBuf {
 enum Mem {
     Heap(Vec<u8>),
     /// `len` bytes in use at `ptr`, of a mapping of `map_len` bytes.
-    Mapped { ptr: std::ptr::NonNull<u8>, len: usize, map_len: usize },
+    Mapped {
+        ptr: std::ptr::NonNull<u8>,
+        len: usize,
+        map_len: usize,
+    },
 }
 
 // SAFETY: the mapping is owned by this value alone (like a Vec's buffer).
@@ -158,13 +162,21 @@ pub struct CacheStats {
 
 impl<K: Hash + Eq + Clone, E: Clone> ChunkCache<K, E> {
     pub fn new(capacity_bytes: u64) -> Self {
-        ChunkCache { inner: Mutex::new(Inner { slots: LruCache::unbounded(), used: 0 }), capacity: capacity_bytes }
+        ChunkCache {
+            inner: Mutex::new(Inner { slots: LruCache::unbounded(), used: 0 }),
+            capacity: capacity_bytes,
+        }
     }
 
     /// The chunk for `key`, decoding it with `decode` if no one has (or is doing so now).
     /// `decode` gets `size` bytes of unspecified contents and must write all of them. The
     /// memory the chunk takes is counted against the budget from the start.
-    pub fn get_or_decode(&self, key: K, size: u64, decode: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<Arc<ChunkBuf>, E> {
+    pub fn get_or_decode(
+        &self,
+        key: K,
+        size: u64,
+        decode: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Arc<ChunkBuf>, E> {
         let slot = self.slot(&key, size);
         let result = slot
             .get_or_init(|| {
@@ -321,7 +333,18 @@ mod tests {
 
     #[test]
     fn chunk_buffers_are_writable_and_aligned_when_mapped() {
-        for len in [0, 1, 4095, HUGE_PAGE / 2 - 1, HUGE_PAGE / 2, HUGE_PAGE, HUGE_PAGE + 12345, 3 * HUGE_PAGE, HUGE_PAGE, HUGE_PAGE - 8] {
+        for len in [
+            0,
+            1,
+            4095,
+            HUGE_PAGE / 2 - 1,
+            HUGE_PAGE / 2,
+            HUGE_PAGE,
+            HUGE_PAGE + 12345,
+            3 * HUGE_PAGE,
+            HUGE_PAGE,
+            HUGE_PAGE - 8,
+        ] {
             let mut b = ChunkBuf::for_decode(len);
             assert_eq!(b.len(), len);
             for (i, x) in b.iter_mut().enumerate() {

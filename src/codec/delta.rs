@@ -215,10 +215,7 @@ pub struct LosslessOptions {
 
 impl LosslessOptions {
     /// What llmfs stores for 1, 2, 4 and 8-byte elements; see the module doc for why.
-    pub const DEFAULT: LosslessOptions = LosslessOptions {
-        transform: Transform::Ulp,
-        planes: true,
-    };
+    pub const DEFAULT: LosslessOptions = LosslessOptions { transform: Transform::Ulp, planes: true };
 
     /// What llmfs stores for `esize`-byte elements: [`Self::DEFAULT`], or XOR with planes for
     /// the widths `Ulp` does not cover.
@@ -226,10 +223,7 @@ impl LosslessOptions {
         if Self::DEFAULT.transform.supports(esize) {
             Self::DEFAULT
         } else {
-            LosslessOptions {
-                transform: Transform::Xor,
-                planes: true,
-            }
+            LosslessOptions { transform: Transform::Xor, planes: true }
         }
     }
 }
@@ -388,11 +382,7 @@ word!(u64, i64);
 /// Reference of `Transform::Ulp` for one element of `bits` ≤ 64 bits held in a u64, written
 /// with explicit sign tests instead of shifts.
 fn ulp_reference(forward: bool, v: u64, b: u64, bits: u32) -> u64 {
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
     let top = 1u64 << (bits - 1);
     let ord = |x: u64| if x & top != 0 { x ^ (top - 1) } else { x };
     if forward {
@@ -410,20 +400,12 @@ fn ulp_reference(forward: bool, v: u64, b: u64, bits: u32) -> u64 {
 
 fn ulp_elem_reference(forward: bool, a: &[u8], b: &[u8], out: &mut [u8]) {
     let n = a.len();
-    assert!(
-        Transform::Ulp.supports(n),
-        "Ulp needs 1, 2, 4 or 8-byte elements, not {n}"
-    );
+    assert!(Transform::Ulp.supports(n), "Ulp needs 1, 2, 4 or 8-byte elements, not {n}");
     let mut av = [0u8; 8];
     let mut bv = [0u8; 8];
     av[..n].copy_from_slice(a);
     bv[..n].copy_from_slice(b);
-    let r = ulp_reference(
-        forward,
-        u64::from_le_bytes(av),
-        u64::from_le_bytes(bv),
-        8 * n as u32,
-    );
+    let r = ulp_reference(forward, u64::from_le_bytes(av), u64::from_le_bytes(bv), 8 * n as u32);
     out.copy_from_slice(&r.to_le_bytes()[..n]);
 }
 
@@ -468,38 +450,22 @@ fn inverse_elem_reference(tr: Transform, d: &[u8], b: &[u8], t: &mut [u8]) {
 }
 
 /// Element by element definition of [`delta_forward`].
-pub fn delta_forward_reference(
-    tr: Transform,
-    esize: usize,
-    target: &[u8],
-    base: &[u8],
-    out: &mut [u8],
-) {
+pub fn delta_forward_reference(tr: Transform, esize: usize, target: &[u8], base: &[u8], out: &mut [u8]) {
     assert!(esize > 0 && target.len() % esize == 0);
     assert!(base.len() == target.len() && out.len() == target.len());
-    for ((t, b), d) in target
-        .chunks_exact(esize)
-        .zip(base.chunks_exact(esize))
-        .zip(out.chunks_exact_mut(esize))
+    for ((t, b), d) in
+        target.chunks_exact(esize).zip(base.chunks_exact(esize)).zip(out.chunks_exact_mut(esize))
     {
         forward_elem_reference(tr, t, b, d);
     }
 }
 
 /// Element by element definition of [`delta_inverse`].
-pub fn delta_inverse_reference(
-    tr: Transform,
-    esize: usize,
-    delta: &[u8],
-    base: &[u8],
-    out: &mut [u8],
-) {
+pub fn delta_inverse_reference(tr: Transform, esize: usize, delta: &[u8], base: &[u8], out: &mut [u8]) {
     assert!(esize > 0 && delta.len() % esize == 0);
     assert!(base.len() == delta.len() && out.len() == delta.len());
-    for ((d, b), t) in delta
-        .chunks_exact(esize)
-        .zip(base.chunks_exact(esize))
-        .zip(out.chunks_exact_mut(esize))
+    for ((d, b), t) in
+        delta.chunks_exact(esize).zip(base.chunks_exact(esize)).zip(out.chunks_exact_mut(esize))
     {
         inverse_elem_reference(tr, d, b, t);
     }
@@ -507,11 +473,7 @@ pub fn delta_inverse_reference(
 
 #[inline(always)]
 fn map_words<W: Word>(a: &[u8], b: &[u8], out: &mut [u8], f: impl Fn(W, W) -> W) {
-    for ((a, b), o) in a
-        .chunks_exact(W::N)
-        .zip(b.chunks_exact(W::N))
-        .zip(out.chunks_exact_mut(W::N))
-    {
+    for ((a, b), o) in a.chunks_exact(W::N).zip(b.chunks_exact(W::N)).zip(out.chunks_exact_mut(W::N)) {
         f(W::load(a), W::load(b)).store(o);
     }
 }
@@ -615,12 +577,7 @@ pub fn inverse_from_planes_reference(
 }
 
 #[inline(always)]
-fn forward_planes_w<W: Word>(
-    target: &[u8],
-    base: Option<&[u8]>,
-    planes: &mut [u8],
-    f: impl Fn(W, W) -> W,
-) {
+fn forward_planes_w<W: Word>(target: &[u8], base: Option<&[u8]>, planes: &mut [u8], f: impl Fn(W, W) -> W) {
     let n = target.len() / W::N;
     let full = n - n % BLOCK;
     let mut tmp = [W::default(); BLOCK];
@@ -659,12 +616,7 @@ fn forward_planes_w<W: Word>(
 }
 
 #[inline(always)]
-fn inverse_planes_w<W: Word>(
-    planes: &[u8],
-    base: Option<&[u8]>,
-    out: &mut [u8],
-    f: impl Fn(W, W) -> W,
-) {
+fn inverse_planes_w<W: Word>(planes: &[u8], base: Option<&[u8]>, out: &mut [u8], f: impl Fn(W, W) -> W) {
     let n = out.len() / W::N;
     let full = n - n % BLOCK;
     for i0 in (0..full).step_by(BLOCK) {
@@ -709,13 +661,7 @@ fn inverse_planes_w<W: Word>(
 ///
 /// # Panics
 /// On mismatched lengths or `esize == 0`.
-pub fn forward_to_planes(
-    tr: Transform,
-    esize: usize,
-    target: &[u8],
-    base: Option<&[u8]>,
-    planes: &mut [u8],
-) {
+pub fn forward_to_planes(tr: Transform, esize: usize, target: &[u8], base: Option<&[u8]>, planes: &mut [u8]) {
     assert!(esize > 0 && target.len() % esize == 0 && planes.len() == target.len());
     assert!(base.is_none_or(|b| b.len() == target.len()));
     macro_rules! go {
@@ -741,13 +687,7 @@ pub fn forward_to_planes(
 ///
 /// # Panics
 /// On mismatched lengths or `esize == 0`.
-pub fn inverse_from_planes(
-    tr: Transform,
-    esize: usize,
-    planes: &[u8],
-    base: Option<&[u8]>,
-    out: &mut [u8],
-) {
+pub fn inverse_from_planes(tr: Transform, esize: usize, planes: &[u8], base: Option<&[u8]>, out: &mut [u8]) {
     assert!(esize > 0 && out.len() % esize == 0 && planes.len() == out.len());
     assert!(base.is_none_or(|b| b.len() == out.len()));
     macro_rules! go {
@@ -773,13 +713,7 @@ pub fn inverse_from_planes(
 // ---------------------------------------------------------------------------------------------
 
 /// Lay out one chunk as it is compressed: transformed, split into planes or not.
-fn chunk_payload(
-    opts: LosslessOptions,
-    esize: usize,
-    target: &[u8],
-    base: Option<&[u8]>,
-    out: &mut [u8],
-) {
+fn chunk_payload(opts: LosslessOptions, esize: usize, target: &[u8], base: Option<&[u8]>, out: &mut [u8]) {
     if opts.planes {
         forward_to_planes(opts.transform, esize, target, base, out);
     } else {
@@ -797,19 +731,8 @@ fn chunk_payload(
 /// # Panics
 /// If `esize == 0`, `target.len()` is not a multiple of `esize`, or `base` has another length.
 /// (`encode_lossless_with` also panics for a transform that does not support `esize`.)
-pub fn encode_lossless(
-    target: &[u8],
-    base: Option<&[u8]>,
-    esize: usize,
-    level: i32,
-) -> EncodedChunks {
-    encode_lossless_with(
-        target,
-        base,
-        esize,
-        level,
-        LosslessOptions::default_for(esize),
-    )
+pub fn encode_lossless(target: &[u8], base: Option<&[u8]>, esize: usize, level: i32) -> EncodedChunks {
+    encode_lossless_with(target, base, esize, level, LosslessOptions::default_for(esize))
 }
 
 /// [`encode_lossless`] with explicit options (for measuring the alternatives).
@@ -821,19 +744,9 @@ pub fn encode_lossless_with(
     opts: LosslessOptions,
 ) -> EncodedChunks {
     assert!(esize > 0, "element size must be at least 1");
-    assert!(
-        opts.transform.supports(esize),
-        "{:?} does not support {esize}-byte elements",
-        opts.transform
-    );
-    assert!(
-        target.len() % esize == 0,
-        "target is not a whole number of elements"
-    );
-    assert!(
-        base.is_none_or(|b| b.len() == target.len()),
-        "base and target lengths differ"
-    );
+    assert!(opts.transform.supports(esize), "{:?} does not support {esize}-byte elements", opts.transform);
+    assert!(target.len() % esize == 0, "target is not a whole number of elements");
+    assert!(base.is_none_or(|b| b.len() == target.len()), "base and target lengths differ");
     let n = target.len() / esize;
     let frames: Vec<Vec<u8>> = (0..chunk_count(n))
         .into_par_iter()
@@ -851,10 +764,7 @@ pub fn encode_lossless_with(
         all.extend_from_slice(&f);
         offsets.push(all.len() as u64);
     }
-    EncodedChunks {
-        frames: all,
-        offsets,
-    }
+    EncodedChunks { frames: all, offsets }
 }
 
 thread_local! {
@@ -880,13 +790,18 @@ pub fn encode_lossless_chunk(target: &[u8], base: Option<&[u8]>, esize: usize, l
     encode_chunk_with(target, base, esize, level, opts)
 }
 
-fn encode_chunk_with(target: &[u8], base: Option<&[u8]>, esize: usize, level: i32, opts: LosslessOptions) -> Vec<u8> {
+fn encode_chunk_with(
+    target: &[u8],
+    base: Option<&[u8]>,
+    esize: usize,
+    level: i32,
+    opts: LosslessOptions,
+) -> Vec<u8> {
     ENCODER.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.as_ref().is_none_or(|(l, ..)| *l != level) {
             let mut c = zstd::bulk::Compressor::new(level).expect("zstd compression context");
-            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-                .expect("zstd checksum flag");
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true)).expect("zstd checksum flag");
             c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))
                 .expect("zstd content size flag");
             *cell = Some((level, c, Vec::new(), Vec::new()));
@@ -922,12 +837,7 @@ fn check_frame(frame: &[u8], expected: usize) -> Result<(), DeltaError> {
     }
     match zstd::zstd_safe::get_frame_content_size(frame) {
         Ok(Some(size)) if size == expected as u64 => {}
-        Ok(Some(size)) => {
-            return Err(DeltaError::SizeMismatch {
-                expected,
-                got: size,
-            })
-        }
+        Ok(Some(size)) => return Err(DeltaError::SizeMismatch { expected, got: size }),
         Ok(None) => return Err(DeltaError::UnknownSize),
         Err(_) => return Err(DeltaError::NotAFrame(frame.len())),
     }
@@ -972,37 +882,24 @@ pub fn decode_lossless_chunk_with(
         return Err(DeltaError::ZeroElementSize);
     }
     if !opts.transform.supports(esize) {
-        return Err(DeltaError::Unsupported {
-            transform: opts.transform,
-            esize,
-        });
+        return Err(DeltaError::Unsupported { transform: opts.transform, esize });
     }
     if out.len() % esize != 0 {
-        return Err(DeltaError::PartialElement {
-            len: out.len(),
-            esize,
-        });
+        return Err(DeltaError::PartialElement { len: out.len(), esize });
     }
     if out.len() / esize > DELTA_CHUNK_ELEMS {
-        return Err(DeltaError::ChunkTooLong {
-            elems: out.len() / esize,
-            max: DELTA_CHUNK_ELEMS,
-        });
+        return Err(DeltaError::ChunkTooLong { elems: out.len() / esize, max: DELTA_CHUNK_ELEMS });
     }
     if let Some(b) = base {
         if b.len() != out.len() {
-            return Err(DeltaError::BaseLength {
-                expected: out.len(),
-                got: b.len(),
-            });
+            return Err(DeltaError::BaseLength { expected: out.len(), got: b.len() });
         }
     }
     check_frame(frame, out.len())?;
     DECODER.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.is_none() {
-            let d =
-                zstd::bulk::Decompressor::new().map_err(|e| DeltaError::Corrupt(e.to_string()))?;
+            let d = zstd::bulk::Decompressor::new().map_err(|e| DeltaError::Corrupt(e.to_string()))?;
             *cell = Some((d, Vec::new()));
         }
         let (dec, scratch) = cell.as_mut().expect("just set");
@@ -1016,14 +913,9 @@ pub fn decode_lossless_chunk_with(
             }
             &mut scratch[..out.len()]
         };
-        let got = dec
-            .decompress_to_buffer(frame, buf)
-            .map_err(|e| DeltaError::Corrupt(e.to_string()))?;
+        let got = dec.decompress_to_buffer(frame, buf).map_err(|e| DeltaError::Corrupt(e.to_string()))?;
         if got != out.len() {
-            return Err(DeltaError::SizeMismatch {
-                expected: out.len(),
-                got: got as u64,
-            });
+            return Err(DeltaError::SizeMismatch { expected: out.len(), got: got as u64 });
         }
         if !direct {
             let payload = &scratch[..out.len()];
@@ -1032,9 +924,7 @@ pub fn decode_lossless_chunk_with(
             } else {
                 match base {
                     Some(b) => delta_inverse(opts.transform, esize, payload, b, out),
-                    None => {
-                        delta_inverse(opts.transform, esize, payload, &vec![0u8; out.len()], out)
-                    }
+                    None => delta_inverse(opts.transform, esize, payload, &vec![0u8; out.len()], out),
                 }
             }
         }
@@ -1055,33 +945,18 @@ pub fn decode_lossless_all(
         return Err(DeltaError::ZeroElementSize);
     }
     if out.len() % esize != 0 {
-        return Err(DeltaError::PartialElement {
-            len: out.len(),
-            esize,
-        });
+        return Err(DeltaError::PartialElement { len: out.len(), esize });
     }
     let n = out.len() / esize;
     if enc.offsets.len() != chunk_count(n) + 1 {
-        return Err(DeltaError::FrameLength {
-            got: enc.frames.len(),
-        });
+        return Err(DeltaError::FrameLength { got: enc.frames.len() });
     }
-    out.par_chunks_mut(DELTA_CHUNK_ELEMS * esize)
-        .enumerate()
-        .try_for_each(|(c, o)| {
-            let (a, b) = (enc.offsets[c] as usize, enc.offsets[c + 1] as usize);
-            let frame = enc.frames.get(a..b).ok_or(DeltaError::FrameLength {
-                got: enc.frames.len(),
-            })?;
-            let r = chunk_elems(c, n);
-            decode_lossless_chunk_with(
-                frame,
-                base.map(|b| &b[r.start * esize..r.end * esize]),
-                esize,
-                opts,
-                o,
-            )
-        })
+    out.par_chunks_mut(DELTA_CHUNK_ELEMS * esize).enumerate().try_for_each(|(c, o)| {
+        let (a, b) = (enc.offsets[c] as usize, enc.offsets[c + 1] as usize);
+        let frame = enc.frames.get(a..b).ok_or(DeltaError::FrameLength { got: enc.frames.len() })?;
+        let r = chunk_elems(c, n);
+        decode_lossless_chunk_with(frame, base.map(|b| &b[r.start * esize..r.end * esize]), esize, opts, o)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1203,20 +1078,11 @@ fn encode_q8_t<T: Float>(target: &[u8], base: &[u8]) -> (Vec<i8>, Vec<f32>) {
 /// If `dtype` is not F16, BF16 or F32, or the buffers are not the same whole number of elements.
 pub fn encode_q8(target: &[u8], base: &[u8], dtype: Dtype) -> (Vec<i8>, Vec<f32>) {
     assert_eq!(target.len(), base.len(), "base and target lengths differ");
-    assert!(
-        target.len() % dtype.size() == 0,
-        "not a whole number of elements"
-    );
+    assert!(target.len() % dtype.size() == 0, "not a whole number of elements");
     with_float!(dtype, T => encode_q8_t::<T>(target, base))
 }
 
-fn decode_q8_t<T: Float>(
-    q: &[i8],
-    scales: &[f32],
-    base: &[u8],
-    elems: Range<usize>,
-    out: &mut [u8],
-) {
+fn decode_q8_t<T: Float>(q: &[i8], scales: &[f32], base: &[u8], elems: Range<usize>, out: &mut [u8]) {
     let g0 = elems.start / DELTA_Q8_GROUP;
     let mut i = elems.start;
     while i < elems.end {
@@ -1228,11 +1094,7 @@ fn decode_q8_t<T: Float>(
         let qs = &q[j0..j0 + len];
         let bs = &base[j0 * T::N..(j0 + len) * T::N];
         let os = &mut out[j0 * T::N..(j0 + len) * T::N];
-        for ((&q, b), o) in qs
-            .iter()
-            .zip(bs.chunks_exact(T::N))
-            .zip(os.chunks_exact_mut(T::N))
-        {
+        for ((&q, b), o) in qs.iter().zip(bs.chunks_exact(T::N)).zip(os.chunks_exact_mut(T::N)) {
             T::put(T::get(b) + q as f32 * s, o);
         }
         i = seg_end;
@@ -1259,21 +1121,9 @@ pub fn decode_q8_range(
     out: &mut [u8],
 ) {
     let e = dtype.size();
-    assert_eq!(
-        q.len(),
-        elems.len(),
-        "q must hold the codes of exactly `elems`"
-    );
-    assert_eq!(
-        scales.len(),
-        q8_groups(&elems).len(),
-        "scales must cover exactly the groups of `elems`"
-    );
-    assert_eq!(
-        base.len(),
-        elems.len() * e,
-        "base must hold exactly `elems`"
-    );
+    assert_eq!(q.len(), elems.len(), "q must hold the codes of exactly `elems`");
+    assert_eq!(scales.len(), q8_groups(&elems).len(), "scales must cover exactly the groups of `elems`");
+    assert_eq!(base.len(), elems.len() * e, "base must hold exactly `elems`");
     assert_eq!(out.len(), elems.len() * e, "out must hold exactly `elems`");
     with_float!(dtype, T => decode_q8_t::<T>(q, scales, base, elems, out))
 }
@@ -1295,12 +1145,7 @@ pub fn bitdelta_sign_bytes(elems: &Range<usize>) -> Range<usize> {
     elems.start / 8..elems.end.div_ceil(8)
 }
 
-fn encode_bitdelta_t<T: Float>(
-    target: &[u8],
-    base: &[u8],
-    rows: usize,
-    cols: usize,
-) -> (Vec<u8>, Vec<f32>) {
+fn encode_bitdelta_t<T: Float>(target: &[u8], base: &[u8], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     let n = rows * cols;
     let mut signs = vec![0u8; n.div_ceil(8)];
     let mut scales = vec![0f32; rows];
@@ -1308,34 +1153,29 @@ fn encode_bitdelta_t<T: Float>(
         return (signs, scales);
     }
     let row_bytes = cols * T::N;
-    scales
-        .par_iter_mut()
-        .zip(target.par_chunks(row_bytes).zip(base.par_chunks(row_bytes)))
-        .for_each(|(s, (t, b))| {
+    scales.par_iter_mut().zip(target.par_chunks(row_bytes).zip(base.par_chunks(row_bytes))).for_each(
+        |(s, (t, b))| {
             let sum: f64 = t
                 .chunks_exact(T::N)
                 .zip(b.chunks_exact(T::N))
                 .map(|(t, b)| (T::get(t) - T::get(b)).abs() as f64)
                 .sum();
             *s = (sum / cols as f64) as f32;
-        });
+        },
+    );
     // Sign bits: 8 elements per byte, row boundaries anywhere inside a byte.
-    signs
-        .par_iter_mut()
-        .enumerate()
-        .with_min_len(4096)
-        .for_each(|(j, byte)| {
-            for k in 0..8 {
-                let i = j * 8 + k;
-                if i >= n {
-                    break;
-                }
-                let d = T::get(&target[i * T::N..]) - T::get(&base[i * T::N..]);
-                if d < 0.0 {
-                    *byte |= 1 << k;
-                }
+    signs.par_iter_mut().enumerate().with_min_len(4096).for_each(|(j, byte)| {
+        for k in 0..8 {
+            let i = j * 8 + k;
+            if i >= n {
+                break;
             }
-        });
+            let d = T::get(&target[i * T::N..]) - T::get(&base[i * T::N..]);
+            if d < 0.0 {
+                *byte |= 1 << k;
+            }
+        }
+    });
     (signs, scales)
 }
 
@@ -1352,11 +1192,7 @@ pub fn encode_bitdelta(
     cols: usize,
 ) -> (Vec<u8>, Vec<f32>) {
     let n = rows.checked_mul(cols).expect("rows × cols overflows");
-    assert_eq!(
-        target.len(),
-        n * dtype.size(),
-        "target must hold rows × cols elements"
-    );
+    assert_eq!(target.len(), n * dtype.size(), "target must hold rows × cols elements");
     assert_eq!(base.len(), target.len(), "base and target lengths differ");
     with_float!(dtype, T => encode_bitdelta_t::<T>(target, base, rows, cols))
 }
@@ -1408,21 +1244,13 @@ pub fn decode_bitdelta_range(
     out: &mut [u8],
 ) {
     let e = dtype.size();
-    assert_eq!(
-        signs.len(),
-        bitdelta_sign_bytes(&elems).len(),
-        "signs must hold the bytes of `elems`"
-    );
+    assert_eq!(signs.len(), bitdelta_sign_bytes(&elems).len(), "signs must hold the bytes of `elems`");
     assert_eq!(
         scales.len(),
         bitdelta_rows(cols, &elems).len(),
         "scales must cover exactly the rows of `elems`"
     );
-    assert_eq!(
-        base.len(),
-        elems.len() * e,
-        "base must hold exactly `elems`"
-    );
+    assert_eq!(base.len(), elems.len() * e, "base must hold exactly `elems`");
     assert_eq!(out.len(), elems.len() * e, "out must hold exactly `elems`");
     if elems.is_empty() {
         return;

@@ -112,18 +112,10 @@ pub enum QuantError {
     ZeroGroupSize,
     /// `rows × padded_cols` does not fit in `usize`.
     #[error("tensor shape {rows}x{cols} with group size {group_size} overflows")]
-    ShapeOverflow {
-        rows: usize,
-        cols: usize,
-        group_size: usize,
-    },
+    ShapeOverflow { rows: usize, cols: usize, group_size: usize },
     /// A buffer's length does not match the shape and configuration.
     #[error("{what} has {got} elements, expected {expected}")]
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
 }
 
 /// FastChat's `CompressionConfig` (compression.py:23-31) for `group_dim=1`, `enabled=True`.
@@ -140,11 +132,7 @@ pub struct QuantConfig {
 impl Default for QuantConfig {
     /// FastChat's `default_compression_config` (compression.py:34-36).
     fn default() -> Self {
-        QuantConfig {
-            bits: 8,
-            group_size: 256,
-            symmetric: true,
-        }
+        QuantConfig { bits: 8, group_size: 256, symmetric: true }
     }
 }
 
@@ -159,13 +147,11 @@ impl QuantConfig {
         if self.group_size == 0 {
             return Err(QuantError::ZeroGroupSize);
         }
-        cols.checked_add(self.group_size)
-            .map(|_| ())
-            .ok_or(QuantError::ShapeOverflow {
-                rows: 1,
-                cols,
-                group_size: self.group_size,
-            })
+        cols.checked_add(self.group_size).map(|_| ()).ok_or(QuantError::ShapeOverflow {
+            rows: 1,
+            cols,
+            group_size: self.group_size,
+        })
     }
 
     /// `ceil(cols / group_size)` (compression.py:240).
@@ -201,11 +187,7 @@ impl QuantConfig {
     /// Validates and checks that every size of a `rows × cols` tensor fits in `usize`.
     pub fn check_shape(&self, rows: usize, cols: usize) -> Result<(), QuantError> {
         self.validate(cols)?;
-        let overflow = QuantError::ShapeOverflow {
-            rows,
-            cols,
-            group_size: self.group_size,
-        };
+        let overflow = QuantError::ShapeOverflow { rows, cols, group_size: self.group_size };
         self.groups_per_row(cols)
             .checked_mul(self.group_size)
             .and_then(|p| p.checked_mul(rows))
@@ -438,14 +420,7 @@ impl<'a, T: QuantFloat> QuantView<'a, T> {
         min: &'a [T],
     ) -> Result<Self, QuantError> {
         check_lengths(rows, cols, config, q.len(), scale.len(), min.len())?;
-        Ok(QuantView {
-            rows,
-            cols,
-            config,
-            q,
-            scale,
-            min,
-        })
+        Ok(QuantView { rows, cols, config, q, scale, min })
     }
 }
 
@@ -480,22 +455,8 @@ impl<'a> QuantBytesView<'a> {
                 });
             }
         }
-        check_lengths(
-            rows,
-            cols,
-            config,
-            q.len(),
-            scale.len() / T::SIZE,
-            min.len() / T::SIZE,
-        )?;
-        Ok(QuantBytesView {
-            rows,
-            cols,
-            config,
-            q,
-            scale,
-            min,
-        })
+        check_lengths(rows, cols, config, q.len(), scale.len() / T::SIZE, min.len() / T::SIZE)?;
+        Ok(QuantBytesView { rows, cols, config, q, scale, min })
     }
 }
 
@@ -516,11 +477,7 @@ fn check_lengths(
     ];
     for (what, expected, got) in expect {
         if expected != got {
-            return Err(QuantError::LengthMismatch {
-                what,
-                expected,
-                got,
-            });
+            return Err(QuantError::LengthMismatch { what, expected, got });
         }
     }
     Ok(())
@@ -535,39 +492,20 @@ fn check_lengths(
 ///
 /// # Panics
 /// If `cfg` is invalid for `cols` or `data.len() != rows * cols`.
-pub fn quantize<T: QuantFloat>(
-    data: &[T],
-    rows: usize,
-    cols: usize,
-    cfg: QuantConfig,
-) -> QuantizedTensor<T> {
+pub fn quantize<T: QuantFloat>(data: &[T], rows: usize, cols: usize, cfg: QuantConfig) -> QuantizedTensor<T> {
     if let Err(e) = cfg.check_shape(rows, cols) {
         panic!("quantize: {e}");
     }
-    assert_eq!(
-        data.len(),
-        rows * cols,
-        "quantize: data length does not match {rows}x{cols}"
-    );
+    assert_eq!(data.len(), rows * cols, "quantize: data length does not match {rows}x{cols}");
     let gpr = cfg.groups_per_row(cols);
     let padded = cfg.padded_cols(cols);
     let mut codes = vec![0u8; rows * padded];
     let mut scale = vec![T::default(); rows * gpr];
-    let mut min = if cfg.symmetric {
-        Vec::new()
-    } else {
-        vec![T::default(); rows * gpr]
-    };
+    let mut min = if cfg.symmetric { Vec::new() } else { vec![T::default(); rows * gpr] };
 
     if rows > 0 && gpr > 0 {
         let work = |(r, (codes_r, scale_r)): (usize, (&mut [u8], &mut [T])), min_r: &mut [T]| {
-            quantize_row(
-                &data[r * cols..(r + 1) * cols],
-                cfg,
-                codes_r,
-                scale_r,
-                min_r,
-            );
+            quantize_row(&data[r * cols..(r + 1) * cols], cfg, codes_r, scale_r, min_r);
         };
         if cfg.symmetric {
             codes
@@ -585,25 +523,20 @@ pub fn quantize<T: QuantFloat>(
         }
     }
 
-    let q = if cfg.bits == 4 {
-        pack_nibbles(&codes, cfg.symmetric)
-    } else {
-        codes
-    };
-    QuantizedTensor {
-        rows,
-        cols,
-        config: cfg,
-        q,
-        scale,
-        min,
-    }
+    let q = if cfg.bits == 4 { pack_nibbles(&codes, cfg.symmetric) } else { codes };
+    QuantizedTensor { rows, cols, config: cfg, q, scale, min }
 }
 
 /// [`quantize_row_any`], compiled for AVX2 when the CPU has it: baseline x86-64 has no
 /// rounding instruction, so `round_ties_even` was a call to libm's `rintf` per value (a third of
 /// the time), and the loops ran 4 lanes wide at most.
-fn quantize_row<T: QuantFloat>(row: &[T], cfg: QuantConfig, codes: &mut [u8], scale: &mut [T], min: &mut [T]) {
+fn quantize_row<T: QuantFloat>(
+    row: &[T],
+    cfg: QuantConfig,
+    codes: &mut [u8],
+    scale: &mut [T],
+    min: &mut [T],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -618,7 +551,13 @@ fn quantize_row<T: QuantFloat>(row: &[T], cfg: QuantConfig, codes: &mut [u8], sc
 /// IEEE arithmetic and exact rounding give the same bits at any vector width.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2<T: QuantFloat>(row: &[T], cfg: QuantConfig, codes: &mut [u8], scale: &mut [T], min: &mut [T]) {
+unsafe fn quantize_row_avx2<T: QuantFloat>(
+    row: &[T],
+    cfg: QuantConfig,
+    codes: &mut [u8],
+    scale: &mut [T],
+    min: &mut [T],
+) {
     quantize_row_any(row, cfg, codes, scale, min);
 }
 
@@ -642,9 +581,7 @@ fn quantize_row_any<T: QuantFloat>(
             // compression.py:262 — `torch.max(data.abs(), ...)`; the padding zeros never raise
             // a maximum of absolute values, so starting from 0 includes them. NaN propagates,
             // as torch's max does.
-            let amax = vals
-                .iter()
-                .fold(0.0f32, |m, v| nan_max(m, v.to_f32().abs()));
+            let amax = vals.iter().fold(0.0f32, |m, v| nan_max(m, v.to_f32().abs()));
             // `B / t` is `t.reciprocal() * B` (torch/_tensor.py `__rdiv__`): two roundings.
             let s = T::round(T::round(1.0 / amax) * b);
             scale[gi] = T::from_f32(s);
@@ -670,7 +607,11 @@ fn quantize_row_any<T: QuantFloat>(
             // compression.py:272-275.
             let code = |x: f32| {
                 let y = T::round(T::round(x - mn) * s).clamp(0.0, b).round_ties_even();
-                if y.is_nan() { ASYM_NAN_CODE } else { y as u8 }
+                if y.is_nan() {
+                    ASYM_NAN_CODE
+                } else {
+                    y as u8
+                }
             };
             for (c, v) in codes_g.iter_mut().zip(vals) {
                 *c = code(v.to_f32());
@@ -720,10 +661,7 @@ fn pack_nibbles(codes: &[u8], symmetric: bool) -> Vec<u8> {
             c & 0xF
         }
     };
-    codes
-        .chunks(2)
-        .map(|p| nib(p[0]) | p.get(1).map_or(0, |&h| nib(h) << 4))
-        .collect()
+    codes.chunks(2).map(|p| nib(p[0]) | p.get(1).map_or(0, |&h| nib(h) << 4)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,21 +721,9 @@ pub fn dequantize_range<T: QuantFloat>(qt: QuantView<'_, T>, elems: Range<usize>
 ///
 /// # Panics
 /// As [`dequantize_range`], with `out.len() != elems.len() * T::SIZE`.
-pub fn dequantize_range_bytes<T: QuantFloat>(
-    qt: QuantBytesView<'_>,
-    elems: Range<usize>,
-    out: &mut [u8],
-) {
-    assert_eq!(
-        out.len(),
-        elems.len() * T::SIZE,
-        "dequantize_range_bytes: output length"
-    );
-    let params = BytesParams::<T> {
-        scale: qt.scale,
-        min: qt.min,
-        _t: std::marker::PhantomData,
-    };
+pub fn dequantize_range_bytes<T: QuantFloat>(qt: QuantBytesView<'_>, elems: Range<usize>, out: &mut [u8]) {
+    assert_eq!(out.len(), elems.len() * T::SIZE, "dequantize_range_bytes: output length");
+    let params = BytesParams::<T> { scale: qt.scale, min: qt.min, _t: std::marker::PhantomData };
     if cfg!(target_endian = "little") {
         if let Ok(typed) = bytemuck::try_cast_slice_mut::<u8, T>(out) {
             // Aligned (chunk buffers and scratch are): decode in place, in one call.
@@ -809,15 +735,7 @@ pub fn dequantize_range_bytes<T: QuantFloat>(
     let mut start = elems.start;
     for out_chunk in out.chunks_mut(CHUNK * T::SIZE) {
         let n = out_chunk.len() / T::SIZE;
-        dequantize_core::<T, _>(
-            qt.rows,
-            qt.cols,
-            qt.config,
-            qt.q,
-            &params,
-            start..start + n,
-            &mut tmp[..n],
-        );
+        dequantize_core::<T, _>(qt.rows, qt.cols, qt.config, qt.q, &params, start..start + n, &mut tmp[..n]);
         for (v, o) in tmp[..n].iter().zip(out_chunk.chunks_exact_mut(T::SIZE)) {
             v.write_le(o);
         }
@@ -830,11 +748,7 @@ fn check_range(rows: usize, cols: usize, elems: &Range<usize>, out_len: usize) {
         elems.start <= elems.end && elems.end <= rows * cols,
         "dequantize: range {elems:?} outside a {rows}x{cols} tensor"
     );
-    assert_eq!(
-        out_len,
-        elems.len(),
-        "dequantize: output length does not match the range"
-    );
+    assert_eq!(out_len, elems.len(), "dequantize: output length does not match the range");
 }
 
 /// The fast path: walks `elems` one (row, group) segment at a time, loads the group's scale and
@@ -952,7 +866,14 @@ fn dequantize_segments<T: QuantFloat, P: Params<T>, const FMA: bool>(
                 lookup_nibbles(q, k, &lut, &mut dst[..start]);
                 let lut16: [u16; 16] = bytemuck::cast(lut);
                 // SAFETY: FMA is set only by `dequantize_core_avx2_fma`, after AVX2 was detected.
-                done = start + unsafe { lookup_nibbles_avx2(&q[(k + start) / 2..], &lut16, bytemuck::cast_slice_mut(&mut dst[start..])) };
+                done = start
+                    + unsafe {
+                        lookup_nibbles_avx2(
+                            &q[(k + start) / 2..],
+                            &lut16,
+                            bytemuck::cast_slice_mut(&mut dst[start..]),
+                        )
+                    };
             }
             lookup_nibbles(q, k + done, &lut, &mut dst[done..]);
             o += n_left;
@@ -1008,7 +929,13 @@ fn fused_exact(s: f32, m: f32) -> bool {
 /// the caller does the rest.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dequantize8_fused<const BF16: bool>(codes: &[u8], symmetric: bool, s: f32, min: Option<f32>, out: &mut [u16]) -> usize {
+unsafe fn dequantize8_fused<const BF16: bool>(
+    codes: &[u8],
+    symmetric: bool,
+    s: f32,
+    min: Option<f32>,
+    out: &mut [u16],
+) -> usize {
     use std::arch::x86_64::*;
     #[inline(always)]
     unsafe fn to_half<const BF16: bool>(y: __m256) -> __m128i {
@@ -1016,7 +943,10 @@ unsafe fn dequantize8_fused<const BF16: bool>(codes: &[u8], symmetric: bool, s: 
             // Round half to even on the bits: + 0x7FFF + the kept lsb, keep the high half.
             let b = _mm256_castps_si256(y);
             let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-            let hi = _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb));
+            let hi = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                _mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)),
+                lsb,
+            ));
             // Pack the 8 u32 (each < 2^16) to u16: per 128-bit lane, then the lanes' halves together.
             let packed = _mm256_packus_epi32(hi, hi);
             _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
@@ -1121,10 +1051,7 @@ fn lookup_nibbles<T: Copy>(q: &[u8], k: usize, lut: &[T; 16], out: &mut [T]) {
     }
     let first_byte = (k + i) / 2;
     let pairs = (n - i) / 2;
-    for (pair, &byte) in out[i..i + 2 * pairs]
-        .chunks_exact_mut(2)
-        .zip(&q[first_byte..first_byte + pairs])
-    {
+    for (pair, &byte) in out[i..i + 2 * pairs].chunks_exact_mut(2).zip(&q[first_byte..first_byte + pairs]) {
         pair[0] = lut[(byte & 0xF) as usize];
         pair[1] = lut[(byte >> 4) as usize];
     }
@@ -1202,11 +1129,7 @@ fn decode_codes(q: &[u8], cfg: QuantConfig, k: usize, out: &mut [f32]) {
 
 /// The scalar reference: one element at a time, straight from compression.py:291-298. Slow; it
 /// is the definition the fast path is tested against.
-pub fn dequantize_reference<T: QuantFloat>(
-    qt: QuantView<'_, T>,
-    elems: Range<usize>,
-    out: &mut [T],
-) {
+pub fn dequantize_reference<T: QuantFloat>(qt: QuantView<'_, T>, elems: Range<usize>, out: &mut [T]) {
     check_range(qt.rows, qt.cols, &elems, out.len());
     let cfg = qt.config;
     let gpr = cfg.groups_per_row(qt.cols);
@@ -1234,11 +1157,7 @@ pub fn dequantize_reference<T: QuantFloat>(
             }
         };
         let x = T::round(code / qt.scale[g].to_f32());
-        *o = if cfg.symmetric {
-            T::from_f32(x)
-        } else {
-            T::from_f32(x + qt.min[g].to_f32())
-        };
+        *o = if cfg.symmetric { T::from_f32(x) } else { T::from_f32(x + qt.min[g].to_f32()) };
     }
 }
 
@@ -1282,7 +1201,10 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn fused_8bit_matches_the_plain_ops_for_every_code_and_every_half_scale() {
-        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c")) {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c"))
+        {
             return;
         }
         fn check<T: QuantFloat>(scale_of: impl Fn(u16) -> f32) {
@@ -1291,7 +1213,12 @@ mod tests {
             let mut checked = 0;
             for bits in 0..=u16::MAX {
                 let s = scale_of(bits);
-                for (symmetric, min) in [(true, None), (false, Some(0.0)), (false, Some(-0.71875)), (false, Some(T::round(3.3e-3)))] {
+                for (symmetric, min) in [
+                    (true, None),
+                    (false, Some(0.0)),
+                    (false, Some(-0.71875)),
+                    (false, Some(T::round(3.3e-3))),
+                ] {
                     if !fused_exact(s, min.unwrap_or(0.0)) {
                         continue;
                     }
@@ -1310,7 +1237,12 @@ mod tests {
                             None => T::from_f32(v / s),
                             Some(m) => T::from_f32(T::round(v / s) + m),
                         };
-                        assert_eq!(g as u32, want.to_bits_u32(), "{} code {c} scale {s:e} min {min:?}", T::DTYPE);
+                        assert_eq!(
+                            g as u32,
+                            want.to_bits_u32(),
+                            "{} code {c} scale {s:e} min {min:?}",
+                            T::DTYPE
+                        );
                     }
                     checked += 1;
                 }
@@ -1371,15 +1303,11 @@ mod tests {
     }
 
     fn random_tensor<T: QuantFloat>(rng: &mut Rng, n: usize, mag: f32) -> Vec<T> {
-        (0..n)
-            .map(|_| T::from_f32(rng.normal_ish() * mag))
-            .collect()
+        (0..n).map(|_| T::from_f32(rng.normal_ish() * mag)).collect()
     }
 
     fn bits_eq<T: QuantFloat>(a: &[T], b: &[T]) -> Option<usize> {
-        a.iter()
-            .zip(b)
-            .position(|(x, y)| x.to_bits_u32() != y.to_bits_u32())
+        a.iter().zip(b).position(|(x, y)| x.to_bits_u32() != y.to_bits_u32())
     }
 
     fn configs() -> Vec<QuantConfig> {
@@ -1387,11 +1315,7 @@ mod tests {
         for bits in [8, 4] {
             for symmetric in [true, false] {
                 for group_size in [1, 2, 3, 7, 16, 33, 64, 256, 1000] {
-                    v.push(QuantConfig {
-                        bits,
-                        group_size,
-                        symmetric,
-                    });
+                    v.push(QuantConfig { bits, group_size, symmetric });
                 }
             }
         }
@@ -1421,16 +1345,11 @@ mod tests {
             for range in ranges {
                 let mut got = vec![T::default(); range.len()];
                 dequantize_range(qt.view(), range.clone(), &mut got);
-                assert_eq!(
-                    bits_eq(&got, &want[range.clone()]),
-                    None,
-                    "{cfg:?} {range:?}"
-                );
+                assert_eq!(bits_eq(&got, &want[range.clone()]), None, "{cfg:?} {range:?}");
                 // Byte interface, on the same range.
                 let scale_b: Vec<u8> = qt.scale.iter().flat_map(|s| le(*s)).collect();
                 let min_b: Vec<u8> = qt.min.iter().flat_map(|s| le(*s)).collect();
-                let view =
-                    QuantBytesView::new::<T>(rows, cols, cfg, &qt.q, &scale_b, &min_b).unwrap();
+                let view = QuantBytesView::new::<T>(rows, cols, cfg, &qt.q, &scale_b, &min_b).unwrap();
                 let mut got_b = vec![0u8; range.len() * T::SIZE];
                 dequantize_range_bytes::<T>(view, range.clone(), &mut got_b);
                 let want_b: Vec<u8> = want[range.clone()].iter().flat_map(|s| le(*s)).collect();
@@ -1466,48 +1385,23 @@ mod tests {
 
     #[test]
     fn default_is_fastchat_default() {
-        assert_eq!(
-            QuantConfig::default(),
-            QuantConfig {
-                bits: 8,
-                group_size: 256,
-                symmetric: true
-            }
-        );
+        assert_eq!(QuantConfig::default(), QuantConfig { bits: 8, group_size: 256, symmetric: true });
     }
 
     #[test]
     fn validate_rejects_bad_configs() {
-        let c = QuantConfig {
-            bits: 3,
-            ..Default::default()
-        };
+        let c = QuantConfig { bits: 3, ..Default::default() };
         assert_eq!(c.validate(10), Err(QuantError::UnsupportedBits(3)));
-        let c = QuantConfig {
-            group_size: 0,
-            ..Default::default()
-        };
+        let c = QuantConfig { group_size: 0, ..Default::default() };
         assert_eq!(c.validate(10), Err(QuantError::ZeroGroupSize));
-        assert!(QuantConfig {
-            group_size: 1000,
-            ..Default::default()
-        }
-        .validate(10)
-        .is_ok());
-        let c = QuantConfig {
-            group_size: usize::MAX / 2,
-            ..Default::default()
-        };
+        assert!(QuantConfig { group_size: 1000, ..Default::default() }.validate(10).is_ok());
+        let c = QuantConfig { group_size: usize::MAX / 2, ..Default::default() };
         assert!(c.check_shape(3, 10).is_err());
     }
 
     #[test]
     fn view_new_checks_lengths() {
-        let cfg = QuantConfig {
-            bits: 4,
-            group_size: 3,
-            symmetric: false,
-        };
+        let cfg = QuantConfig { bits: 4, group_size: 3, symmetric: false };
         // 2 rows × 5 cols → 2 groups a row, 6 padded cols, 12 codes, 6 bytes.
         let q = [0u8; 6];
         let s = [1.0f32; 4];
@@ -1527,30 +1421,19 @@ mod tests {
     #[test]
     fn odd_padded_rows_pack_across_rows() {
         // group 3, cols 3: padded row of 3 codes, so row 1 starts on a high nibble.
-        let cfg = QuantConfig {
-            bits: 4,
-            group_size: 3,
-            symmetric: true,
-        };
+        let cfg = QuantConfig { bits: 4, group_size: 3, symmetric: true };
         let data: Vec<f32> = vec![1.0, -1.0, 0.5, -0.25, 0.0, 0.25, 7.0, 3.5, -7.0];
         let qt = quantize(&data, 3, 3, cfg);
         assert_eq!(qt.q.len(), 5);
         let out = qt.dequantize();
         // 3.5 * (7/7) = 3.5 rounds half to even: 4.
-        assert_eq!(
-            out,
-            vec![1.0, -1.0, 4.0 / 7.0, -0.25, 0.0, 0.25, 7.0, 4.0, -7.0]
-        );
+        assert_eq!(out, vec![1.0, -1.0, 4.0 / 7.0, -0.25, 0.0, 0.25, 7.0, 4.0, -7.0]);
     }
 
     #[test]
     fn symmetric_8bit_known_values() {
         // scale = 127 / 2 = 63.5: 1.0 → 63.5 → 64 (half to even) → 64/63.5.
-        let cfg = QuantConfig {
-            bits: 8,
-            group_size: 4,
-            symmetric: true,
-        };
+        let cfg = QuantConfig { bits: 8, group_size: 4, symmetric: true };
         let qt = quantize(&[2.0f32, 1.0, -0.5, 0.0], 1, 4, cfg);
         assert_eq!(qt.q, vec![127, 64, (-32i8) as u8, 0]);
         assert_eq!(qt.scale, vec![63.5]);
@@ -1645,45 +1528,23 @@ mod tests {
             }
             let gstart = r * cols + (c / cfg.group_size) * cfg.group_size;
             let gend = r * cols + (cols.min((c / cfg.group_size + 1) * cfg.group_size));
-            let mag = data[gstart..gend]
-                .iter()
-                .fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
+            let mag = data[gstart..gend].iter().fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
             let bound = 0.5 / s * (1.0 + 4.0 * eps) + 4.0 * eps * mag + f32::MIN_POSITIVE;
-            prop_assert!(
-                (x - y).abs() <= bound,
-                "x={x} y={y} s={s} bound={bound} cfg={cfg:?}"
-            );
+            prop_assert!((x - y).abs() <= bound, "x={x} y={y} s={s} bound={bound} cfg={cfg:?}");
         }
         Ok(())
     }
 
     fn arb_case() -> impl Strategy<Value = (usize, usize, QuantConfig, Vec<f32>, (usize, usize))> {
-        (
-            1usize..6,
-            1usize..70,
-            prop_oneof![Just(4u8), Just(8u8)],
-            1usize..80,
-            any::<bool>(),
-            -8i32..8,
-        )
+        (1usize..6, 1usize..70, prop_oneof![Just(4u8), Just(8u8)], 1usize..80, any::<bool>(), -8i32..8)
             .prop_flat_map(|(rows, cols, bits, group_size, symmetric, exp)| {
                 let mag = 2f32.powi(exp);
-                let cfg = QuantConfig {
-                    bits,
-                    group_size,
-                    symmetric,
-                };
+                let cfg = QuantConfig { bits, group_size, symmetric };
                 let vals = prop::collection::vec(
                     prop_oneof![8 => -mag..mag, 1 => Just(0.0f32), 1 => Just(mag / 2.0)],
                     rows * cols,
                 );
-                (
-                    Just(rows),
-                    Just(cols),
-                    Just(cfg),
-                    vals,
-                    (any::<usize>(), any::<usize>()),
-                )
+                (Just(rows), Just(cols), Just(cfg), vals, (any::<usize>(), any::<usize>()))
             })
     }
 

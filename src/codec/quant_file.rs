@@ -87,7 +87,9 @@ impl QuantSource {
             || scale.dtype != dtype
             || min.map(|m| m.len()) != expect_min
         {
-            return Err(format!("{name}: stored codes or scales do not match shape {shape:?} and {config:?}"));
+            return Err(format!(
+                "{name}: stored codes or scales do not match shape {shape:?} and {config:?}"
+            ));
         }
         Ok(Some(QuantSource {
             file: file.clone(),
@@ -156,7 +158,8 @@ fn decode<T: QuantFloat>(
     elems: Range<usize>,
     out: &mut [u8],
 ) -> Result<(), ReadError> {
-    let view = QuantBytesView::new::<T>(rows, cols, cfg, q, scale, min).map_err(|e| ReadError::Decode(e.to_string()))?;
+    let view = QuantBytesView::new::<T>(rows, cols, cfg, q, scale, min)
+        .map_err(|e| ReadError::Decode(e.to_string()))?;
     crate::compute::backend::dequantize_range_bytes::<T>(view, elems, out);
     Ok(())
 }

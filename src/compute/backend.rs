@@ -31,7 +31,8 @@ pub struct Choice {
     pub lora: Device,
 }
 
-const ALL_CPU: Choice = Choice { dequant: Device::Cpu, cast: Device::Cpu, add_f16: Device::Cpu, lora: Device::Cpu };
+const ALL_CPU: Choice =
+    Choice { dequant: Device::Cpu, cast: Device::Cpu, add_f16: Device::Cpu, lora: Device::Cpu };
 
 static CHOICE: OnceLock<Choice> = OnceLock::new();
 #[cfg(feature = "gpu")]
@@ -77,7 +78,11 @@ fn select_gpu(required: bool) -> Result<Choice, String> {
         tracing::info!("the adapter is a software renderer; every kernel runs on the CPU");
         return Ok(ALL_CPU);
     }
-    let chosen = if required { Choice { dequant: Device::Gpu, cast: Device::Gpu, add_f16: Device::Gpu, lora: Device::Gpu } } else { calibrate(&ctx) };
+    let chosen = if required {
+        Choice { dequant: Device::Gpu, cast: Device::Gpu, add_f16: Device::Gpu, lora: Device::Gpu }
+    } else {
+        calibrate(&ctx)
+    };
     let _ = GPU.set(ctx);
     Ok(chosen)
 }
@@ -102,15 +107,25 @@ fn calibrate(ctx: &super::gpu::GpuContext) -> Choice {
         let t = Instant::now();
         let ok = gpu();
         let g = t.elapsed().as_secs_f64();
-        tracing::info!("calibration {name}: cpu {:.2} ms a call ({cores} in parallel), gpu {:.2} ms", c * 1e3, g * 1e3);
-        if ok && g < c / cores { Device::Gpu } else { Device::Cpu }
+        tracing::info!(
+            "calibration {name}: cpu {:.2} ms a call ({cores} in parallel), gpu {:.2} ms",
+            c * 1e3,
+            g * 1e3
+        );
+        if ok && g < c / cores {
+            Device::Gpu
+        } else {
+            Device::Cpu
+        }
     };
     let (rows, cols) = (1024usize, 2048usize);
-    let data: Vec<half::f16> = (0..rows * cols).map(|i| half::f16::from_f32(((i * 7919) % 1000) as f32 * 1e-3 - 0.5)).collect();
+    let data: Vec<half::f16> =
+        (0..rows * cols).map(|i| half::f16::from_f32(((i * 7919) % 1000) as f32 * 1e-3 - 0.5)).collect();
     let cfg = quant::QuantConfig::default();
     let qt = quant::quantize(&data, rows, cols, cfg);
     let scale: Vec<u8> = bytemuck::cast_slice(&qt.scale).to_vec();
-    let view = QuantBytesView::new::<half::f16>(rows, cols, cfg, &qt.q, &scale, &[]).expect("consistent by construction");
+    let view = QuantBytesView::new::<half::f16>(rows, cols, cfg, &qt.q, &scale, &[])
+        .expect("consistent by construction");
     let n = rows * cols;
     let out = std::cell::RefCell::new(vec![0u8; n * 2]);
     let dequant = faster(
@@ -125,9 +140,17 @@ fn calibrate(ctx: &super::gpu::GpuContext) -> Choice {
         &|| super::cast::cast(Dtype::F16, Dtype::F32, &src, &mut wide.borrow_mut()).expect("floats"),
         &|| ctx.cast(Dtype::F16, Dtype::F32, &src, &mut wide.borrow_mut()).is_ok(),
     );
-    let add_f16 = faster("add_f16", &|| merge::add_f16(&src, &src, &mut out.borrow_mut()), &|| ctx.add_f16(&src, &src, &mut out.borrow_mut()).is_ok());
+    let add_f16 = faster("add_f16", &|| merge::add_f16(&src, &src, &mut out.borrow_mut()), &|| {
+        ctx.add_f16(&src, &src, &mut out.borrow_mut()).is_ok()
+    });
     let r = 16;
-    let f = LoraFactors { a: vec![0.01; r * cols], b: vec![0.01; rows * r], rank: r, scale: 2.0, transposed: false };
+    let f = LoraFactors {
+        a: vec![0.01; r * cols],
+        b: vec![0.01; rows * r],
+        rank: r,
+        scale: 2.0,
+        transposed: false,
+    };
     let lora = faster(
         "lora",
         &|| merge::lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut()),
@@ -153,7 +176,11 @@ macro_rules! dispatch {
 }
 
 pub fn dequantize_range_bytes<T: QuantFloat>(qt: QuantBytesView<'_>, elems: Range<usize>, out: &mut [u8]) {
-    dispatch!(choice().dequant, |ctx| ctx.dequantize_range_bytes::<T>(qt, elems.clone(), out), quant::dequantize_range_bytes::<T>(qt, elems, out))
+    dispatch!(
+        choice().dequant,
+        |ctx| ctx.dequantize_range_bytes::<T>(qt, elems.clone(), out),
+        quant::dequantize_range_bytes::<T>(qt, elems, out)
+    )
 }
 
 pub fn cast(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(), super::cast::CastError> {
@@ -174,5 +201,9 @@ pub fn add_f16(a: &[u8], b: &[u8], out: &mut [u8]) {
 }
 
 pub fn lora_rows(f: &LoraFactors, dtype: Dtype, cols: usize, elems: Range<usize>, w: &[u8], out: &mut [u8]) {
-    dispatch!(choice().lora, |ctx| ctx.lora_rows(f, dtype, cols, elems.clone(), w, out), merge::lora_rows(f, dtype, cols, elems, w, out))
+    dispatch!(
+        choice().lora,
+        |ctx| ctx.lora_rows(f, dtype, cols, elems.clone(), w, out),
+        merge::lora_rows(f, dtype, cols, elems, w, out)
+    )
 }

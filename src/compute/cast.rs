@@ -115,7 +115,13 @@ pub(crate) fn f32_to_f16_bits(src: &[f32], dst: &mut [u16]) {
 /// a block with a NaN (never, in real weights) is redone the portable way so the bits agree.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn to_f16_blocks<S: Copy>(n: usize, load: impl Fn(usize) -> std::arch::x86_64::__m256, src: &[S], widen: impl Fn(S) -> f32, dst: &mut [u16]) {
+unsafe fn to_f16_blocks<S: Copy>(
+    n: usize,
+    load: impl Fn(usize) -> std::arch::x86_64::__m256,
+    src: &[S],
+    widen: impl Fn(S) -> f32,
+    dst: &mut [u16],
+) {
     use std::arch::x86_64::*;
     let whole = n / 8 * 8;
     for i in (0..whole).step_by(8) {
@@ -195,12 +201,7 @@ pub(crate) fn f16_bits_from_f32(f: f32) -> u16 {
     let base = f32::from_bits((bias >> 1) + 0x0780_0000) + base;
     let bits = base.to_bits();
     let nonsign = ((bits >> 13) & 0x0000_7C00) + (bits & 0x0000_0FFF);
-    ((sign >> 16)
-        | if shl1_w > 0xFF00_0000 {
-            0x7E00
-        } else {
-            nonsign
-        }) as u16
+    ((sign >> 16) | if shl1_w > 0xFF00_0000 { 0x7E00 } else { nonsign }) as u16
 }
 
 /// f16 bits → f32, exact: `fp16_ieee_to_fp32_value` of the FP16 library, branch-free.
@@ -215,11 +216,7 @@ pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
     let magic_mask = 126u32 << 23;
     let denormalized = f32::from_bits((two_w >> 17) | magic_mask) - 0.5;
     let denormalized_cutoff = 1u32 << 27;
-    let magnitude = if two_w < denormalized_cutoff {
-        denormalized.to_bits()
-    } else {
-        normalized.to_bits()
-    };
+    let magnitude = if two_w < denormalized_cutoff { denormalized.to_bits() } else { normalized.to_bits() };
     f32::from_bits(sign | magnitude)
 }
 
@@ -302,7 +299,8 @@ mod tests {
 
     #[test]
     fn specials_are_kept() {
-        let vals = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65504.0, 65520.0, 1e-8, -3.0e38];
+        let vals =
+            [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65504.0, 65520.0, 1e-8, -3.0e38];
         let src: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         check(Dtype::F32, Dtype::F16, &src);
         check(Dtype::F32, Dtype::BF16, &src);

@@ -80,7 +80,14 @@ pub struct LoraFactors {
 /// Each element's sum is `Σ_j B[o, j] · A[j, i]` from 0.0 in order j = 0..r (Rust never fuses
 /// the multiply-add), computed for a whole row segment at a time: the loop over the segment is
 /// the inner one, so it vectorizes, and the bits are those of one element at a time.
-pub fn lora_rows(f: &LoraFactors, dtype: Dtype, cols: usize, elems: std::ops::Range<usize>, w: &[u8], out: &mut [u8]) {
+pub fn lora_rows(
+    f: &LoraFactors,
+    dtype: Dtype,
+    cols: usize,
+    elems: std::ops::Range<usize>,
+    w: &[u8],
+    out: &mut [u8],
+) {
     let r = f.rank;
     let a_cols = f.a.len() / r; // A is r × in
     let (mut acc, mut wide) = (Vec::new(), Vec::new());
@@ -110,18 +117,27 @@ pub fn lora_rows(f: &LoraFactors, dtype: Dtype, cols: usize, elems: std::ops::Ra
         let (s, k0) = (dtype.size(), e - elems.start);
         let bytes = k0 * s..(k0 + acc.len()) * s;
         wide.resize(acc.len(), 0f32);
-        super::cast::cast(dtype, Dtype::F32, &w[bytes.clone()], bytemuck::cast_slice_mut(&mut wide)).expect("a float dtype");
+        super::cast::cast(dtype, Dtype::F32, &w[bytes.clone()], bytemuck::cast_slice_mut(&mut wide))
+            .expect("a float dtype");
         for (x, &a) in wide.iter_mut().zip(&acc) {
             *x += a * f.scale;
         }
-        super::cast::cast(Dtype::F32, dtype, bytemuck::cast_slice(&wide), &mut out[bytes]).expect("a float dtype");
+        super::cast::cast(Dtype::F32, dtype, bytemuck::cast_slice(&wide), &mut out[bytes])
+            .expect("a float dtype");
         e += c1 - c0;
     }
 }
 
 /// The obvious loop, one element at a time: the reference [`lora_rows`] is tested against.
 #[cfg(test)]
-fn lora_one_at_a_time(f: &LoraFactors, dtype: Dtype, cols: usize, elems: std::ops::Range<usize>, w: &[u8], out: &mut [u8]) {
+fn lora_one_at_a_time(
+    f: &LoraFactors,
+    dtype: Dtype,
+    cols: usize,
+    elems: std::ops::Range<usize>,
+    w: &[u8],
+    out: &mut [u8],
+) {
     let r = f.rank;
     let a_cols = f.a.len() / r;
     for (k, e) in elems.enumerate() {
@@ -144,12 +160,15 @@ mod tests {
     fn f16_add_is_the_correctly_rounded_sum() {
         let mut rng = SplitMix64(3);
         let n = 50_000;
-        let a: Vec<u8> = (0..n).flat_map(|_| (rng.next_u64() as u16 & 0x7bff ^ (rng.next_u64() as u16 & 0x8000)).to_le_bytes()).collect();
+        let a: Vec<u8> = (0..n)
+            .flat_map(|_| (rng.next_u64() as u16 & 0x7bff ^ (rng.next_u64() as u16 & 0x8000)).to_le_bytes())
+            .collect();
         let b: Vec<u8> = (0..n).flat_map(|_| f16::from_f32(rng.normal() * 0.01).to_le_bytes()).collect();
         let mut out = vec![0u8; 2 * n];
         add_f16(&a, &b, &mut out);
         for i in 0..n {
-            let x = f16::from_le_bytes([a[2 * i], a[2 * i + 1]]).to_f64() + f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64();
+            let x = f16::from_le_bytes([a[2 * i], a[2 * i + 1]]).to_f64()
+                + f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64();
             assert_eq!(&out[2 * i..2 * i + 2], &f16::from_f64(x).to_le_bytes(), "element {i}");
         }
     }
@@ -157,23 +176,28 @@ mod tests {
     #[test]
     fn lora_rows_gives_the_bits_of_one_element_at_a_time() {
         let mut rng = SplitMix64(17);
-        for (rows, cols, r, transposed, dtype) in
-            [(9, 37, 4, false, Dtype::F16), (9, 37, 4, true, Dtype::BF16), (5, 64, 16, false, Dtype::F32), (33, 7, 2, true, Dtype::F16)]
-        {
+        for (rows, cols, r, transposed, dtype) in [
+            (9, 37, 4, false, Dtype::F16),
+            (9, 37, 4, true, Dtype::BF16),
+            (5, 64, 16, false, Dtype::F32),
+            (33, 7, 2, true, Dtype::F16),
+        ] {
             // Factors sized for W = out × in (not transposed) or in × out (transposed).
             let (out_dim, in_dim) = if transposed { (cols, rows) } else { (rows, cols) };
             let a: Vec<f32> = (0..r * in_dim).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..out_dim * r).map(|_| rng.normal()).collect();
             let f = LoraFactors { a, b, rank: r, scale: 0.37, transposed };
             let n = rows * cols;
-            let w: Vec<u8> = (0..n).flat_map(|_| {
-                let v = rng.normal();
-                match dtype {
-                    Dtype::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
-                    Dtype::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
-                    _ => v.to_le_bytes().to_vec(),
-                }
-            }).collect();
+            let w: Vec<u8> = (0..n)
+                .flat_map(|_| {
+                    let v = rng.normal();
+                    match dtype {
+                        Dtype::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                        Dtype::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+                        _ => v.to_le_bytes().to_vec(),
+                    }
+                })
+                .collect();
             let s = dtype.size();
             for range in [0..n, 3..n - 2, cols - 1..cols + 1, 5..5, cols + 2..3 * cols - 1] {
                 let (wr, len) = (&w[range.start * s..range.end * s], range.len() * s);
@@ -198,7 +222,8 @@ mod tests {
         lora_rows(&f, Dtype::F32, in_dim, 5..out_dim * in_dim, &w[5 * 4..], &mut out[5 * 4..]);
         for e in 5..out_dim * in_dim {
             let (o, i) = (e / in_dim, e % in_dim);
-            let delta: f64 = (0..r).map(|j| b[o * r + j] as f64 * a[j * in_dim + i] as f64).sum::<f64>() * 0.5;
+            let delta: f64 =
+                (0..r).map(|j| b[o * r + j] as f64 * a[j * in_dim + i] as f64).sum::<f64>() * 0.5;
             let want = load(Dtype::F32, &w, e) as f64 + delta;
             let got = load(Dtype::F32, &out, e) as f64;
             assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "element {e}: {got} vs {want}");

@@ -8,9 +8,9 @@
 
 pub mod backend;
 pub mod cast;
-pub mod merge;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod merge;
 
 /// View `bytes` as `T`s when aligned; callers fall back to a copy when not.
 pub(crate) fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Option<&[T]> {

@@ -21,7 +21,9 @@ use serde_json::Value;
 
 use crate::compute::merge::LoraFactors;
 use crate::format::{self, Dtype, Header};
-use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Registry, Store};
+use crate::registry::{
+    self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Registry, Store,
+};
 use crate::variant::{self, Content, EntryView, LogicalTensor, SourceFile, TensorSource, ViewError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +52,13 @@ impl ImportFormat {
 const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Import `from` as entry `name` over `base`: validate it against the base, copy it in, register.
-pub fn import(store: &Store, name: &str, base: &str, from: &Path, format: ImportFormat) -> Result<Entry, Error> {
+pub fn import(
+    store: &Store,
+    name: &str,
+    base: &str,
+    from: &Path,
+    format: ImportFormat,
+) -> Result<Entry, Error> {
     registry::validate_name(name)?;
     let registry = store.load()?;
     if registry.entries.contains_key(name) {
@@ -67,10 +75,15 @@ pub fn import(store: &Store, name: &str, base: &str, from: &Path, format: Import
         .iter()
         .map(|(n, role)| {
             let p = from.join(n);
-            Ok(FileRecord { name: n.clone(), role: *role, fingerprint: Fingerprint::of(&p).map_err(io_err(&p))? })
+            Ok(FileRecord {
+                name: n.clone(),
+                role: *role,
+                fingerprint: Fingerprint::of(&p).map_err(io_err(&p))?,
+            })
         })
         .collect::<Result<_, Error>>()?;
-    import_view(from, &probe, format, &base_view).map_err(|e| Error::Invalid(format!("{}: {e}", from.display())))?;
+    import_view(from, &probe, format, &base_view)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", from.display())))?;
 
     let staging = store.staging_dir(&format!("import-{name}"))?;
     let mut records = vec![];
@@ -78,7 +91,11 @@ pub fn import(store: &Store, name: &str, base: &str, from: &Path, format: Import
         let (src, dst) = (from.join(file), staging.path().join(file));
         fs::copy(&src, &dst).map_err(io_err(&dst))?;
         fs::File::open(&dst).and_then(|f| f.sync_all()).map_err(io_err(&dst))?;
-        records.push(FileRecord { name: file.clone(), role: *role, fingerprint: Fingerprint::of(&dst).map_err(io_err(&dst))? });
+        records.push(FileRecord {
+            name: file.clone(),
+            role: *role,
+            fingerprint: Fingerprint::of(&dst).map_err(io_err(&dst))?,
+        });
     }
     let entry = Entry {
         kind: EntryKind::Imported { base: base.to_owned(), format, files: records },
@@ -115,17 +132,32 @@ fn importable_files(dir: &Path) -> Result<Vec<(String, FileRole)>, Error> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     if !out.iter().any(|(_, r)| *r == FileRole::Weights) {
-        return Err(Error::NotAModel { path: dir.to_owned(), reason: "no *.safetensors weights to import".into() });
+        return Err(Error::NotAModel {
+            path: dir.to_owned(),
+            reason: "no *.safetensors weights to import".into(),
+        });
     }
     Ok(out)
 }
 
 /// The view of an imported entry whose files are in `dir`.
-pub fn imported_view(registry: &Registry, name: &str, files: &[FileRecord], format: ImportFormat, base: &EntryView) -> Result<EntryView, ViewError> {
-    import_view(&registry.entry_dir(name), files, format, base).map_err(|reason| ViewError::Invalid { entry: name.to_owned(), reason })
+pub fn imported_view(
+    registry: &Registry,
+    name: &str,
+    files: &[FileRecord],
+    format: ImportFormat,
+    base: &EntryView,
+) -> Result<EntryView, ViewError> {
+    import_view(&registry.entry_dir(name), files, format, base)
+        .map_err(|reason| ViewError::Invalid { entry: name.to_owned(), reason })
 }
 
-fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &EntryView) -> Result<EntryView, String> {
+fn import_view(
+    dir: &Path,
+    files: &[FileRecord],
+    format: ImportFormat,
+    base: &EntryView,
+) -> Result<EntryView, String> {
     // Every tensor of the imported weight files, by name.
     let mut tensors: HashMap<String, (Arc<SourceFile>, Arc<Header>)> = HashMap::new();
     let mut sources = vec![];
@@ -145,20 +177,40 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
     let stored = |name: &str| -> Option<(TensorSource, Vec<usize>)> {
         let (file, header) = tensors.get(name)?;
         let t = header.tensor(name)?;
-        Some((TensorSource::Stored { file: file.clone(), offset: header.data_start + t.start, dtype: t.dtype }, t.shape.clone()))
+        Some((
+            TensorSource::Stored { file: file.clone(), offset: header.data_start + t.start, dtype: t.dtype },
+            t.shape.clone(),
+        ))
     };
     let mut view = match format {
         ImportFormat::Fastchat => {
-            let to_f16 = |s: TensorSource| if s.dtype() == Dtype::F16 { s } else { TensorSource::Cast { inner: Arc::new(s), to: Dtype::F16 } };
+            let to_f16 = |s: TensorSource| {
+                if s.dtype() == Dtype::F16 {
+                    s
+                } else {
+                    TensorSource::Cast { inner: Arc::new(s), to: Dtype::F16 }
+                }
+            };
             variant::map_weights(base, "fastchat delta", |t| {
                 if !t.source.dtype().is_float() {
                     return Ok(t.clone());
                 }
-                let (delta, shape) = stored(&t.name).ok_or_else(|| format!("the delta has no tensor {:?} (FastChat's apply_delta needs every base tensor)", t.name))?;
+                let (delta, shape) = stored(&t.name).ok_or_else(|| {
+                    format!(
+                        "the delta has no tensor {:?} (FastChat's apply_delta needs every base tensor)",
+                        t.name
+                    )
+                })?;
                 if shape != t.shape || !delta.dtype().is_float() {
-                    return Err(format!("tensor {:?}: the delta's shape {shape:?} does not match the base's {:?}", t.name, t.shape));
+                    return Err(format!(
+                        "tensor {:?}: the delta's shape {shape:?} does not match the base's {:?}",
+                        t.name, t.shape
+                    ));
                 }
-                let source = TensorSource::AddF16 { base: Arc::new(to_f16(t.source.clone())), delta: Arc::new(to_f16(delta)) };
+                let source = TensorSource::AddF16 {
+                    base: Arc::new(to_f16(t.source.clone())),
+                    delta: Arc::new(to_f16(delta)),
+                };
                 Ok(LogicalTensor { source, ..t.clone() })
             })?
         }
@@ -170,8 +222,15 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
                 .and_then(|_| fs::read(&config_path).ok())
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .ok_or_else(|| format!("{}: missing, over 1 MiB, or not JSON", config_path.display()))?;
-            let r = config.get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("adapter_config.json: r must be a positive integer")? as usize;
-            let alpha = config.get("lora_alpha").and_then(Value::as_f64).ok_or("adapter_config.json: no lora_alpha")?;
+            let r = config
+                .get("r")
+                .and_then(Value::as_u64)
+                .filter(|&r| r > 0)
+                .ok_or("adapter_config.json: r must be a positive integer")? as usize;
+            let alpha = config
+                .get("lora_alpha")
+                .and_then(Value::as_f64)
+                .ok_or("adapter_config.json: no lora_alpha")?;
             let rslora = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
             let transposed = config.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false);
             if config.get("use_dora").and_then(Value::as_bool).unwrap_or(false) {
@@ -181,9 +240,10 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
             let mut used = std::collections::HashSet::new();
             let mut view = variant::map_weights(base, "lora merge", |t| {
                 let Some(stem) = t.name.strip_suffix(".weight") else { return Ok(t.clone()) };
-                let (Some((a, a_shape)), Some((b, b_shape))) =
-                    (stored(&format!("{PEFT_PREFIX}{stem}.lora_A.weight")), stored(&format!("{PEFT_PREFIX}{stem}.lora_B.weight")))
-                else {
+                let (Some((a, a_shape)), Some((b, b_shape))) = (
+                    stored(&format!("{PEFT_PREFIX}{stem}.lora_A.weight")),
+                    stored(&format!("{PEFT_PREFIX}{stem}.lora_B.weight")),
+                ) else {
                     return Ok(t.clone());
                 };
                 used.insert(stem.to_owned());
@@ -202,10 +262,25 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
                     return Err(format!("{}: LoRA factors must be float tensors", t.name));
                 }
                 let (a_len, b_len) = (r * in_dim, out_dim * r);
-                let factors = Arc::new(LazyFactors { a, b, a_len, b_len, rank: r, scale, transposed, loaded: Default::default() });
-                Ok(LogicalTensor { source: TensorSource::Lora { base: Arc::new(t.source.clone()), factors, cols }, ..t.clone() })
+                let factors = Arc::new(LazyFactors {
+                    a,
+                    b,
+                    a_len,
+                    b_len,
+                    rank: r,
+                    scale,
+                    transposed,
+                    loaded: Default::default(),
+                });
+                Ok(LogicalTensor {
+                    source: TensorSource::Lora { base: Arc::new(t.source.clone()), factors, cols },
+                    ..t.clone()
+                })
             })?;
-            let lora_tensors = tensors.keys().filter(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")).count();
+            let lora_tensors = tensors
+                .keys()
+                .filter(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
+                .count();
             if lora_tensors == 0 {
                 return Err("adapter_model.safetensors holds no lora_A/lora_B tensors".into());
             }
@@ -214,14 +289,19 @@ fn import_view(dir: &Path, files: &[FileRecord], format: ImportFormat, base: &En
                 return Err(format!("{unused} of {lora_tensors} adapter tensors match no base weight (its target modules do not fit this base)"));
             }
             // A merged model keeps the base's files (config, tokenizer): drop the adapter's.
-            view.files.retain(|f| !matches!(f.name.as_str(), "adapter_config.json" | "adapter_model.safetensors"));
+            view.files
+                .retain(|f| !matches!(f.name.as_str(), "adapter_config.json" | "adapter_model.safetensors"));
             return Ok(view);
         }
     };
     // FastChat: the delta's non-weight files (tokenizer, config) take the place of the base's.
     for record in files.iter().filter(|f| f.role == FileRole::Other) {
         let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
-        let file = variant::VFile { name: record.name.clone(), size: record.fingerprint.size, content: Content::Passthrough(source) };
+        let file = variant::VFile {
+            name: record.name.clone(),
+            size: record.fingerprint.size,
+            content: Content::Passthrough(source),
+        };
         match view.files.iter_mut().find(|f| f.name == record.name) {
             Some(existing) => *existing = file,
             None => view.files.push(file),

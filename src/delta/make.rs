@@ -28,7 +28,9 @@ pub struct BaseTensors(HashMap<String, LogicalTensor>);
 
 impl BaseTensors {
     pub fn of(view: &EntryView) -> Self {
-        BaseTensors(view.weights.values().flat_map(|w| &w.tensors).map(|t| (t.name.clone(), t.clone())).collect())
+        BaseTensors(
+            view.weights.values().flat_map(|w| &w.tensors).map(|t| (t.name.clone(), t.clone())).collect(),
+        )
     }
     /// The base twin of a target tensor: same name, shape and dtype.
     pub(crate) fn twin(&self, name: &str, shape: &[usize], dtype: Dtype) -> Option<&LogicalTensor> {
@@ -49,7 +51,13 @@ pub(crate) struct Layout {
 
 impl Layout {
     /// The layout of a safetensors target with header `h` (`size`: the file's size).
-    pub fn safetensors(name: &str, size: u64, h: &format::Header, base: &BaseTensors, codec: DeltaCodec) -> Layout {
+    pub fn safetensors(
+        name: &str,
+        size: u64,
+        h: &format::Header,
+        base: &BaseTensors,
+        codec: DeltaCodec,
+    ) -> Layout {
         let mut parts = vec![keys::HEADER.to_owned()];
         let mut based = vec![];
         for t in &h.tensors {
@@ -59,7 +67,9 @@ impl Layout {
             }
             let suffixes: &[&str] = match codec {
                 DeltaCodec::Q8 if twin && t.dtype.is_float() => &["q", "scale"],
-                DeltaCodec::Bitdelta if twin && t.dtype.is_float() && t.shape.len() == 2 => &["signs", "scale"],
+                DeltaCodec::Bitdelta if twin && t.dtype.is_float() && t.shape.len() == 2 => {
+                    &["signs", "scale"]
+                }
                 _ => &["frames", "offsets"],
             };
             parts.extend(suffixes.iter().map(|s| format!("{}.{s}", t.name)));
@@ -125,7 +135,13 @@ impl ContainerWriter {
         }
         let (empty, _) = builder.build();
         let reserve = (empty.len() as u64 + layout.parts.len() as u64 * (3 * 19 + 8) + 64).div_ceil(8) * 8;
-        let file = OpenOptions::new().create_new(true).read(true).write(true).mode(0o600).open(path).map_err(io_err(path))?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err(path))?;
         Ok(ContainerWriter {
             file,
             path: path.to_owned(),
@@ -188,7 +204,10 @@ impl ContainerWriter {
         }
         let (mut header, _) = builder.build();
         if header.len() as u64 > self.reserve {
-            return Err(Error::Invalid(format!("{}: container header outgrew its space", self.path.display())));
+            return Err(Error::Invalid(format!(
+                "{}: container header outgrew its space",
+                self.path.display()
+            )));
         }
         header.resize(self.reserve as usize, b' ');
         header[..8].copy_from_slice(&(self.reserve - 8).to_le_bytes());
@@ -203,12 +222,20 @@ const BATCH_CHUNKS: usize = 32;
 
 /// Code chunk `chunk` of a tensor of `numel` `dtype` elements whose bytes start at `at` in `src`,
 /// against `twin` (None: stored whole): the chunk's lossless frame.
-pub(crate) fn encode_chunk_at(src: &File, at: u64, dtype: Dtype, numel: usize, chunk: usize, twin: Option<&LogicalTensor>) -> Result<Vec<u8>, Error> {
+pub(crate) fn encode_chunk_at(
+    src: &File,
+    at: u64,
+    dtype: Dtype,
+    numel: usize,
+    chunk: usize,
+    twin: Option<&LogicalTensor>,
+) -> Result<Vec<u8>, Error> {
     let esize = dtype.size();
     let elems = codec::chunk_elems(chunk, numel);
     let len = elems.len() * esize;
     with_scratch(len, |target| {
-        src.read_exact_at(target, at + (elems.start * esize) as u64).map_err(|e| Error::Invalid(format!("reading the target: {e}")))?;
+        src.read_exact_at(target, at + (elems.start * esize) as u64)
+            .map_err(|e| Error::Invalid(format!("reading the target: {e}")))?;
         match twin {
             Some(t) => with_scratch(len, |base| {
                 t.source.read(elems, base).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -222,7 +249,15 @@ pub(crate) fn encode_chunk_at(src: &File, at: u64, dtype: Dtype, numel: usize, c
 /// Code a whole tensor losslessly from `src` into parts `NAME.frames` and `NAME.offsets`, a batch
 /// of chunks at a time (in parallel), so memory never holds more than a batch.
 #[allow(clippy::too_many_arguments)]
-fn encode_lossless_from(out: &mut ContainerWriter, src: &File, at: u64, name: &str, dtype: Dtype, numel: usize, twin: Option<&LogicalTensor>) -> Result<(), Error> {
+fn encode_lossless_from(
+    out: &mut ContainerWriter,
+    src: &File,
+    at: u64,
+    name: &str,
+    dtype: Dtype,
+    numel: usize,
+    twin: Option<&LogicalTensor>,
+) -> Result<(), Error> {
     use rayon::prelude::*;
     let chunks = codec::chunk_count(numel);
     let mut offsets = Vec::with_capacity(chunks + 1);
@@ -244,7 +279,12 @@ fn encode_lossless_from(out: &mut ContainerWriter, src: &File, at: u64, name: &s
 
 /// Store target file `src` as container `dest` (a new file). Returns its record (fingerprint of
 /// the container, role of the target file).
-pub fn store_file(src: &Path, dest: &Path, base: &BaseTensors, codec: DeltaCodec) -> Result<FileRecord, Error> {
+pub fn store_file(
+    src: &Path,
+    dest: &Path,
+    base: &BaseTensors,
+    codec: DeltaCodec,
+) -> Result<FileRecord, Error> {
     let file = File::open(src).map_err(io_err(src))?;
     let size = file.metadata().map_err(io_err(src))?.len();
     let name = src.file_name().unwrap_or_default().to_string_lossy().into_owned();
@@ -264,7 +304,9 @@ pub fn store_file(src: &Path, dest: &Path, base: &BaseTensors, codec: DeltaCodec
                     let twin = base.twin(&t.name, &t.shape, t.dtype);
                     let at = h.data_start + t.start;
                     match (codec, twin) {
-                        (DeltaCodec::Q8, Some(_)) | (DeltaCodec::Bitdelta, Some(_)) if t.dtype.is_float() && (codec == DeltaCodec::Q8 || t.shape.len() == 2) => {
+                        (DeltaCodec::Q8, Some(_)) | (DeltaCodec::Bitdelta, Some(_))
+                            if t.dtype.is_float() && (codec == DeltaCodec::Q8 || t.shape.len() == 2) =>
+                        {
                             let mut target = vec![0u8; t.len() as usize];
                             file.read_exact_at(&mut target, at).map_err(io_err(src))?;
                             encode_tensor(&mut out, &t.name, t.dtype, &t.shape, &target, twin, codec)?;
@@ -287,7 +329,15 @@ pub fn store_file(src: &Path, dest: &Path, base: &BaseTensors, codec: DeltaCodec
 
 /// Code one tensor with a lossy codec against its base twin (read whole: the codecs' groups and
 /// rows need it).
-fn encode_tensor(out: &mut ContainerWriter, name: &str, dtype: Dtype, shape: &[usize], target: &[u8], twin: Option<&LogicalTensor>, codec: DeltaCodec) -> Result<(), Error> {
+fn encode_tensor(
+    out: &mut ContainerWriter,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+    target: &[u8],
+    twin: Option<&LogicalTensor>,
+    codec: DeltaCodec,
+) -> Result<(), Error> {
     let t = twin.expect("lossy codecs code tensors with a twin");
     let mut b = vec![0u8; target.len()];
     t.source.read(0..target.len() / dtype.size(), &mut b).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -317,7 +367,8 @@ pub fn base_view(registry: &registry::Registry, base: &str) -> Result<EntryView,
 
 /// A target of another architecture than its base is refused: its tensors would not line up.
 pub fn check_architecture(base: &EntryView, target_dir: &Path) -> Result<(), Error> {
-    let read = |bytes: Option<Vec<u8>>| bytes.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let read =
+        |bytes: Option<Vec<u8>>| bytes.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
     let base_config = base.file("config.json").and_then(|f| match &f.content {
         variant::Content::Passthrough(s) => read(fs::read(&s.path).ok()),
         variant::Content::Generated(b) => read(Some(b.to_vec())),
@@ -340,7 +391,14 @@ pub fn check_architecture(base: &EntryView, target_dir: &Path) -> Result<(), Err
 }
 
 /// `llmfs delta make NAME --base BASE --target DIR --codec C`.
-pub fn make_delta(store: &Store, name: &str, base: &str, target_dir: &Path, codec: DeltaCodec, progress: impl Fn(u64)) -> Result<Entry, Error> {
+pub fn make_delta(
+    store: &Store,
+    name: &str,
+    base: &str,
+    target_dir: &Path,
+    codec: DeltaCodec,
+    progress: impl Fn(u64),
+) -> Result<Entry, Error> {
     registry::validate_name(name)?;
     let registry = store.load()?;
     if registry.entries.contains_key(name) {
@@ -359,7 +417,9 @@ pub fn make_delta(store: &Store, name: &str, base: &str, target_dir: &Path, code
         .map_err(io_err(target_dir))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| registry::validate_name(n).is_ok() && fs::metadata(target_dir.join(n)).is_ok_and(|m| m.is_file()))
+        .filter(|n| {
+            registry::validate_name(n).is_ok() && fs::metadata(target_dir.join(n)).is_ok_and(|m| m.is_file())
+        })
         .collect();
     names.sort();
     if names.is_empty() {
@@ -376,7 +436,13 @@ pub fn make_delta(store: &Store, name: &str, base: &str, target_dir: &Path, code
 }
 
 /// A delta entry over `base`, inheriting its family and templates.
-pub fn new_entry(name: &str, base: &str, base_entry: &Entry, codec: DeltaCodec, files: Vec<FileRecord>) -> Entry {
+pub fn new_entry(
+    name: &str,
+    base: &str,
+    base_entry: &Entry,
+    codec: DeltaCodec,
+    files: Vec<FileRecord>,
+) -> Entry {
     Entry {
         kind: EntryKind::Delta { base: base.to_owned(), codec, files },
         info: registry::ModelInfo {

@@ -28,23 +28,47 @@ pub struct LosslessSource {
 
 impl LosslessSource {
     /// Locate `name`'s frames in a container and read its chunk table.
-    pub fn open(file: &Arc<SourceFile>, header: &Header, name: &str, dtype: Dtype, numel: usize, base: Option<TensorSource>) -> Result<Self, String> {
-        let frames = header.tensor(&format!("{name}.frames")).ok_or_else(|| format!("{name}.frames missing"))?;
-        let offsets_t = header.tensor(&format!("{name}.offsets")).ok_or_else(|| format!("{name}.offsets missing"))?;
+    pub fn open(
+        file: &Arc<SourceFile>,
+        header: &Header,
+        name: &str,
+        dtype: Dtype,
+        numel: usize,
+        base: Option<TensorSource>,
+    ) -> Result<Self, String> {
+        let frames =
+            header.tensor(&format!("{name}.frames")).ok_or_else(|| format!("{name}.frames missing"))?;
+        let offsets_t =
+            header.tensor(&format!("{name}.offsets")).ok_or_else(|| format!("{name}.offsets missing"))?;
         let chunks = codec::chunk_count(numel);
         if offsets_t.len() != (chunks as u64 + 1) * 8 {
-            return Err(format!("{name}: chunk table has {} entries, {numel} elements need {}", offsets_t.len() / 8, chunks + 1));
+            return Err(format!(
+                "{name}: chunk table has {} entries, {numel} elements need {}",
+                offsets_t.len() / 8,
+                chunks + 1
+            ));
         }
         let mut raw = vec![0u8; offsets_t.len() as usize];
         file.read_exact_at(&mut raw, header.data_start + offsets_t.start).map_err(|e| e.to_string())?;
-        let offsets: Vec<u64> = raw.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
+        let offsets: Vec<u64> =
+            raw.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
         // A frame is never larger than zstd's bound for a full chunk: a corrupt table cannot make
         // a read allocate more than that.
         let max_frame = zstd::zstd_safe::compress_bound(codec::DELTA_CHUNK_ELEMS * dtype.size()) as u64 + 64;
-        if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[0] > w[1] || w[1] - w[0] > max_frame) || offsets.last() != Some(&frames.len()) {
+        if offsets.first() != Some(&0)
+            || offsets.windows(2).any(|w| w[0] > w[1] || w[1] - w[0] > max_frame)
+            || offsets.last() != Some(&frames.len())
+        {
             return Err(format!("{name}: chunk table is inconsistent with its frames"));
         }
-        Ok(LosslessSource { file: file.clone(), frames_at: header.data_start + frames.start, offsets, base, dtype, numel })
+        Ok(LosslessSource {
+            file: file.clone(),
+            frames_at: header.data_start + frames.start,
+            offsets,
+            base,
+            dtype,
+            numel,
+        })
     }
 
     pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
@@ -98,8 +122,9 @@ impl LosslessSource {
                     None => None,
                 };
                 let decode = |dst: &mut [u8]| {
-                    codec::decode_lossless_chunk(frame, base, esize, dst)
-                        .map_err(|e| ReadError::Decode(format!("{}: chunk {chunk}: {e}", self.file.path.display())))
+                    codec::decode_lossless_chunk(frame, base, esize, dst).map_err(|e| {
+                        ReadError::Decode(format!("{}: chunk {chunk}: {e}", self.file.path.display()))
+                    })
                 };
                 if lo == range.start && hi == range.end {
                     return decode(out);
@@ -137,13 +162,22 @@ pub struct LossySource {
 impl LossySource {
     /// Locate `name`'s codes and scales (whichever lossy codec stored it), checking their sizes
     /// against the tensor's shape. `Ok(None)`: not lossy-coded.
-    pub fn open(file: &Arc<SourceFile>, header: &Header, name: &str, shape: &[usize], dtype: Dtype, base: TensorSource) -> Result<Option<Self>, String> {
+    pub fn open(
+        file: &Arc<SourceFile>,
+        header: &Header,
+        name: &str,
+        shape: &[usize],
+        dtype: Dtype,
+        base: TensorSource,
+    ) -> Result<Option<Self>, String> {
         let numel: usize = shape.iter().product();
         let scale = header.tensor(&format!("{name}.scale"));
         let (codes, codec, want_codes, want_scales) = if let Some(q) = header.tensor(&format!("{name}.q")) {
             (q, LossyCodec::Q8, numel as u64, codec::q8_groups(&(0..numel)).len() as u64)
         } else if let Some(s) = header.tensor(&format!("{name}.signs")) {
-            let [rows, cols] = shape[..] else { return Err(format!("{name}: bitdelta of a tensor that is not 2-D")) };
+            let [rows, cols] = shape[..] else {
+                return Err(format!("{name}: bitdelta of a tensor that is not 2-D"));
+            };
             (s, LossyCodec::Bitdelta { cols }, numel.div_ceil(8) as u64, rows as u64)
         } else {
             return Ok(None);
@@ -152,7 +186,14 @@ impl LossySource {
         if codes.len() != want_codes || scale.len() != want_scales * 4 || scale.dtype != Dtype::F32 {
             return Err(format!("{name}: stored codes or scales do not match shape {shape:?}"));
         }
-        Ok(Some(LossySource { file: file.clone(), codes_at: header.data_start + codes.start, scales_at: header.data_start + scale.start, base, dtype, codec }))
+        Ok(Some(LossySource {
+            file: file.clone(),
+            codes_at: header.data_start + codes.start,
+            scales_at: header.data_start + scale.start,
+            base,
+            dtype,
+            codec,
+        }))
     }
 
     pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
@@ -168,12 +209,19 @@ impl LossySource {
         result
     }
 
-    fn read_with(&self, elems: Range<usize>, out: &mut [u8], (base, code_bytes, scales): &mut (Vec<u8>, Vec<u8>, Vec<f32>)) -> Result<(), ReadError> {
+    fn read_with(
+        &self,
+        elems: Range<usize>,
+        out: &mut [u8],
+        (base, code_bytes, scales): &mut (Vec<u8>, Vec<u8>, Vec<f32>),
+    ) -> Result<(), ReadError> {
         base.resize(out.len(), 0);
         self.base.read(elems.clone(), base)?;
         let (codes, scale_range) = match self.codec {
             LossyCodec::Q8 => (elems.clone(), codec::q8_groups(&elems)),
-            LossyCodec::Bitdelta { cols } => (codec::bitdelta_sign_bytes(&elems), codec::bitdelta_rows(cols, &elems)),
+            LossyCodec::Bitdelta { cols } => {
+                (codec::bitdelta_sign_bytes(&elems), codec::bitdelta_rows(cols, &elems))
+            }
         };
         code_bytes.resize(codes.len(), 0);
         self.file.read_exact_at(code_bytes, self.codes_at + codes.start as u64)?;
@@ -184,8 +232,17 @@ impl LossySource {
             *s = f32::from_bits(u32::from_le(s.to_bits()));
         }
         match self.codec {
-            LossyCodec::Q8 => codec::decode_q8_range(bytemuck::cast_slice(&code_bytes[..]), scales, base, self.dtype, elems, out),
-            LossyCodec::Bitdelta { cols } => codec::decode_bitdelta_range(code_bytes, scales, base, self.dtype, cols, elems, out),
+            LossyCodec::Q8 => codec::decode_q8_range(
+                bytemuck::cast_slice(&code_bytes[..]),
+                scales,
+                base,
+                self.dtype,
+                elems,
+                out,
+            ),
+            LossyCodec::Bitdelta { cols } => {
+                codec::decode_bitdelta_range(code_bytes, scales, base, self.dtype, cols, elems, out)
+            }
         }
         Ok(())
     }

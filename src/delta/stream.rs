@@ -125,8 +125,20 @@ impl Stream {
                 name: name.to_owned(),
                 container,
                 base,
-                progress: Mutex::new(Progress { hwm: 0, pending: BTreeMap::new(), broken: false, plan: None, queued: 0 }),
-                output: Mutex::new(Output { writer: None, done: BTreeMap::new(), next: 0, offsets: vec![0], failed: false }),
+                progress: Mutex::new(Progress {
+                    hwm: 0,
+                    pending: BTreeMap::new(),
+                    broken: false,
+                    plan: None,
+                    queued: 0,
+                }),
+                output: Mutex::new(Output {
+                    writer: None,
+                    done: BTreeMap::new(),
+                    next: 0,
+                    offsets: vec![0],
+                    failed: false,
+                }),
                 all_done: Condvar::new(),
             }),
         })
@@ -150,7 +162,8 @@ impl Stream {
         // Merge [offset, end) with the pending ranges it touches, then into the prefix.
         let mut start = offset;
         let mut end = offset + len;
-        let touching: Vec<(u64, u64)> = p.pending.range(..=end).filter(|&(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
+        let touching: Vec<(u64, u64)> =
+            p.pending.range(..=end).filter(|&(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in touching {
             p.pending.remove(&s);
             start = start.min(s);
@@ -289,7 +302,10 @@ impl Stream {
         let inner = &self.inner;
         let (n_jobs, role) = {
             let mut p = lock(&inner.progress);
-            let usable = !p.broken && p.hwm == size && p.pending.is_empty() && p.plan.as_ref().is_some_and(|plan| plan.size == size && p.queued == plan.jobs.len());
+            let usable = !p.broken
+                && p.hwm == size
+                && p.pending.is_empty()
+                && p.plan.as_ref().is_some_and(|plan| plan.size == size && p.queued == plan.jobs.len());
             let n = p.plan.as_ref().map_or((0, FileRole::Weights), |plan| (plan.jobs.len(), plan.role));
             // Nothing more is queued whatever comes.
             p.broken = true;

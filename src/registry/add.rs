@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{io_err, validate_name, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, ModelInfo, Result, Store, INDEX_FILE};
+use super::{
+    io_err, validate_name, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, ModelInfo, Result,
+    Store, INDEX_FILE,
+};
 use crate::{adapter, format};
 
 /// What the user asked for with `llmfs add`.
@@ -39,7 +42,10 @@ impl std::str::FromStr for ChatTemplateChoice {
             "auto" => Ok(Self::Auto),
             "none" => Ok(Self::None),
             name if adapter::template(name).is_some() => Ok(Self::Named(name.to_owned())),
-            other => Err(format!("unknown template {other:?}; one of: auto, none, {}", adapter::template_names().join(", "))),
+            other => Err(format!(
+                "unknown template {other:?}; one of: auto, none, {}",
+                adapter::template_names().join(", ")
+            )),
         }
     }
 }
@@ -85,7 +91,8 @@ pub fn scan_model_dir(dir: &Path) -> Result<ScannedModel> {
         files.push((name, role));
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
-    let weights: Vec<String> = files.iter().filter(|(_, r)| *r == FileRole::Weights).map(|(n, _)| n.clone()).collect();
+    let weights: Vec<String> =
+        files.iter().filter(|(_, r)| *r == FileRole::Weights).map(|(n, _)| n.clone()).collect();
     if weights.is_empty() {
         let reason = if torch_weights {
             "has only PyTorch .bin/.pt weights; convert them to safetensors first, e.g. \
@@ -101,7 +108,10 @@ pub fn scan_model_dir(dir: &Path) -> Result<ScannedModel> {
         let header = format::read_header_path(&dir.join(w))?;
         for t in header.tensors {
             if let Some(other) = tensor_names.insert(t.name.clone(), w.as_str()) {
-                return Err(Error::NotAModel { path: dir.join(w), reason: format!("tensor {:?} is also in {other}", t.name) });
+                return Err(Error::NotAModel {
+                    path: dir.join(w),
+                    reason: format!("tensor {:?} is also in {other}", t.name),
+                });
             }
         }
     }
@@ -116,7 +126,10 @@ fn check_index(path: &Path, tensors: &std::collections::HashMap<String, &str>) -
     let bad = |reason: String| Error::NotAModel { path: path.to_owned(), reason };
     let bytes = fs::read(path).map_err(io_err(path))?;
     let index: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no weight_map object".into()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no weight_map object".into()))?;
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| bad(format!("weight_map[{tensor:?}] is not a string")))?;
         match tensors.get(tensor) {
@@ -173,7 +186,11 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
         .iter()
         .map(|(file, role)| {
             let p = fingerprint_dir.join(file);
-            Ok(FileRecord { name: file.clone(), role: *role, fingerprint: Fingerprint::of(&p).map_err(io_err(&p))? })
+            Ok(FileRecord {
+                name: file.clone(),
+                role: *role,
+                fingerprint: Fingerprint::of(&p).map_err(io_err(&p))?,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let dir = if opts.copy { store.entry_dir(name) } else { scanned.dir.clone() };

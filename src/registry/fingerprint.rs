@@ -72,7 +72,8 @@ fn sample_hash(file: &File, size: u64) -> io::Result<String> {
         let mut block = vec![0u8; SAMPLE_BLOCK_SIZE as usize];
         for i in 0..SAMPLE_BLOCKS {
             // Evenly spaced, the last one ending at the end of the file.
-            let offset = WHOLE_FILE_LIMIT + (span.saturating_sub(SAMPLE_BLOCK_SIZE)) * i / (SAMPLE_BLOCKS - 1);
+            let offset =
+                WHOLE_FILE_LIMIT + (span.saturating_sub(SAMPLE_BLOCK_SIZE)) * i / (SAMPLE_BLOCKS - 1);
             let len = SAMPLE_BLOCK_SIZE.min(size - offset) as usize;
             file.read_exact_at(&mut block[..len], offset)?;
             hasher.update(&block[..len]);
@@ -97,9 +98,8 @@ mod tests {
         // Change a byte inside the (whole-hashed) head, keep size and mtime.
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[1, 2, 3], 100).unwrap();
-        let times = std::fs::FileTimes::new().set_modified(
-            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(fp.mtime_ns as u64),
-        );
+        let times = std::fs::FileTimes::new()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(fp.mtime_ns as u64));
         f.set_times(times).unwrap();
         assert!(fp.verify(&path).unwrap().contains("hash"));
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"x").unwrap();

@@ -47,12 +47,7 @@ impl Known {
 /// FastChat's description of model `name` (a FastChat model name or a Hugging Face repo id
 /// or name), if it is a well-known one.
 pub fn lookup(name: &str) -> Option<ModelInfo> {
-    let base = name
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or(name)
-        .to_lowercase();
+    let base = name.trim_end_matches('/').rsplit('/').next().unwrap_or(name).to_lowercase();
     if base.is_empty() {
         return None;
     }
@@ -65,15 +60,11 @@ pub fn lookup(name: &str) -> Option<ModelInfo> {
     }
     let all = || FASTCHAT.iter().chain(LATER);
     for candidate in &candidates {
-        if let Some(known) =
-            all().find(|k| k.names.iter().any(|n| n.eq_ignore_ascii_case(candidate)))
-        {
+        if let Some(known) = all().find(|k| k.names.iter().any(|n| n.eq_ignore_ascii_case(candidate))) {
             return Some(known.info());
         }
     }
-    all()
-        .find(|k| k.hf_repo().as_deref() == Some(base.as_str()))
-        .map(Known::info)
+    all().find(|k| k.hf_repo().as_deref() == Some(base.as_str())).map(Known::info)
 }
 
 /// Entries of FastChat main that fschat 0.2.36 lacks.
@@ -603,10 +594,7 @@ mod tests {
     fn fastchat_strings_are_kept() {
         let info = lookup("vicuna-13b").unwrap();
         assert_eq!(info.link, "https://lmsys.org/blog/2023-03-30-vicuna/");
-        assert_eq!(
-            info.description,
-            "A chat assistant fine-tuned on user-shared conversations by LMSYS"
-        );
+        assert_eq!(info.description, "A chat assistant fine-tuned on user-shared conversations by LMSYS");
         // Registered twice in FastChat; the later call wins, as in its OrderedDict.
         assert_eq!(simple("qwen-14b-chat").as_deref(), Some("Qwen"));
     }
@@ -624,11 +612,7 @@ mod tests {
     fn table_is_well_formed() {
         for k in FASTCHAT.iter().chain(LATER) {
             assert!(!k.names.is_empty() && !k.simple_name.is_empty());
-            assert!(
-                k.link.is_empty() || k.link.starts_with("https://"),
-                "{}",
-                k.link
-            );
+            assert!(k.link.is_empty() || k.link.starts_with("https://"), "{}", k.link);
         }
     }
 }

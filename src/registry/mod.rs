@@ -69,7 +69,11 @@ pub struct Entry {
 impl Entry {
     /// What identifies this registration of the name.
     pub fn generation(&self) -> u64 {
-        if self.generation != 0 { self.generation } else { self.created }
+        if self.generation != 0 {
+            self.generation
+        } else {
+            self.created
+        }
     }
 }
 
@@ -116,7 +120,9 @@ impl EntryKind {
     pub fn base(&self) -> Option<&str> {
         match self {
             EntryKind::Base { .. } => None,
-            EntryKind::Cast { base, .. } | EntryKind::Quantized { base, .. } | EntryKind::Delta { base, .. }
+            EntryKind::Cast { base, .. }
+            | EntryKind::Quantized { base, .. }
+            | EntryKind::Delta { base, .. }
             | EntryKind::Imported { base, .. } => Some(base),
         }
     }
@@ -165,11 +171,7 @@ impl Registry {
 
     /// Entries whose recipe names `name` as their base.
     pub fn dependents(&self, name: &str) -> Vec<&str> {
-        self.entries
-            .iter()
-            .filter(|(_, e)| e.kind.base() == Some(name))
-            .map(|(n, _)| n.as_str())
-            .collect()
+        self.entries.iter().filter(|(_, e)| e.kind.base() == Some(name)).map(|(n, _)| n.as_str()).collect()
     }
 
     /// The chain from `name` down to its base directory: `[name, its base, …, the base entry]`.
@@ -178,13 +180,10 @@ impl Registry {
         let mut chain: Vec<&str> = vec![];
         let mut current = name;
         loop {
-            let (key, entry) = self
-                .entries
-                .get_key_value(current)
-                .ok_or_else(|| match chain.last() {
-                    None => Error::NotFound(current.to_owned()),
-                    Some(child) => Error::MissingBase { entry: child.to_string(), base: current.to_owned() },
-                })?;
+            let (key, entry) = self.entries.get_key_value(current).ok_or_else(|| match chain.last() {
+                None => Error::NotFound(current.to_owned()),
+                Some(child) => Error::MissingBase { entry: child.to_string(), base: current.to_owned() },
+            })?;
             if chain.contains(&key.as_str()) {
                 return Err(Error::Cycle(name.to_owned()));
             }
@@ -236,7 +235,11 @@ pub fn validate_name(name: &str) -> Result<()> {
         && name.len() <= 255
         && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok { Ok(()) } else { Err(Error::InvalidName(name.to_owned())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName(name.to_owned()))
+    }
 }
 
 /// A store directory.
@@ -317,7 +320,9 @@ impl Store {
             }
             if let EntryKind::Quantized { config, .. } = &entry.kind {
                 if !matches!(config.bits, 4 | 8) || config.group_size == 0 {
-                    return Err(corrupt(format!("entry {name:?} has an invalid quantization config {config:?}")));
+                    return Err(corrupt(format!(
+                        "entry {name:?} has an invalid quantization config {config:?}"
+                    )));
                 }
             }
         }
@@ -326,7 +331,13 @@ impl Store {
 
     pub fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(io_err(&path))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
@@ -380,7 +391,9 @@ impl Store {
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
     nanos ^ (NEXT.fetch_add(1, Ordering::Relaxed) << 32)
 }
 
@@ -398,7 +411,8 @@ impl StagingDir {
         let path = self.path.take().expect("kept once");
         // The store is private: whatever was copied or written in, its files are 0600.
         for item in fs::read_dir(&path).map_err(io_err(&path))?.flatten() {
-            fs::set_permissions(item.path(), fs::Permissions::from_mode(0o600)).map_err(io_err(&item.path()))?;
+            fs::set_permissions(item.path(), fs::Permissions::from_mode(0o600))
+                .map_err(io_err(&item.path()))?;
         }
         fs::rename(&path, dest).map_err(io_err(dest))?;
         sync_dir(dest.parent().unwrap_or(Path::new("/")));
@@ -418,7 +432,12 @@ impl Drop for StagingDir {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     // ".{file}.{pid}.{n}.tmp": the pid lets `Store::open` sweep what a killed process left.
-    let tmp = dir.join(format!(".{}.{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id(), unique()));
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id(),
+        unique()
+    ));
     let result = (|| {
         let mut f = OpenOptions::new().create_new(true).write(true).mode(0o600).open(&tmp)?;
         f.write_all(bytes)?;
@@ -440,7 +459,10 @@ fn remove_dead_tmp_files(dir: &Path) {
         let name = item.file_name().to_string_lossy().into_owned();
         let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { continue };
         let pid = stem.rsplit('.').nth(1).unwrap_or("");
-        if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && !Path::new("/proc").join(pid).exists() {
+        if !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !Path::new("/proc").join(pid).exists()
+        {
             let _ = fs::remove_file(item.path());
         }
     }
@@ -482,14 +504,23 @@ mod tests {
 
     #[test]
     fn chain_refuses_cycles_and_missing_bases() {
-        let entry = |kind| Entry { kind, info: ModelInfo::default(), family: "x".into(), template: "one_shot".into(), chat_template: None, created: 0, generation: 0 };
+        let entry = |kind| Entry {
+            kind,
+            info: ModelInfo::default(),
+            family: "x".into(),
+            template: "one_shot".into(),
+            chat_template: None,
+            created: 0,
+            generation: 0,
+        };
         let mut r = Registry::default();
         r.entries.insert("a".into(), entry(EntryKind::Cast { base: "b".into(), dtype: Dtype::F16 }));
         r.entries.insert("b".into(), entry(EntryKind::Cast { base: "a".into(), dtype: Dtype::F16 }));
         r.entries.insert("c".into(), entry(EntryKind::Cast { base: "zz".into(), dtype: Dtype::F16 }));
         assert!(matches!(r.chain("a"), Err(Error::Cycle(_))));
         assert!(matches!(r.chain("c"), Err(Error::MissingBase { .. })));
-        r.entries.insert("zz".into(), entry(EntryKind::Base { dir: "/x".into(), copied: false, files: vec![] }));
+        r.entries
+            .insert("zz".into(), entry(EntryKind::Base { dir: "/x".into(), copied: false, files: vec![] }));
         assert_eq!(r.chain("c").unwrap(), vec!["c", "zz"]);
     }
 
@@ -515,6 +546,9 @@ mod tests {
         }
         Store::open(dir.path()).unwrap();
         assert!(!dead.exists(), "a dead process's temporary survived");
-        assert!(live.exists() && other.exists(), "a live process's temporary or an unrelated file was removed");
+        assert!(
+            live.exists() && other.exists(),
+            "a live process's temporary or an unrelated file was removed"
+        );
     }
 }

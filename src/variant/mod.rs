@@ -121,22 +121,25 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
         let entry = registry.get(entry_name)?;
         view = Some(match (&entry.kind, view) {
             (EntryKind::Base { dir, files, .. }, _) => base_view(entry, dir, files),
-            (EntryKind::Cast { dtype, .. }, Some(base)) => map_weights(&base, &format!("cast {entry_name}"), |t| {
-                let source = if t.source.dtype().is_float() && t.source.dtype() != *dtype {
-                    TensorSource::Cast { inner: Arc::new(t.source.clone()), to: *dtype }
-                } else {
-                    t.source.clone()
-                };
-                Ok(LogicalTensor { source, ..t.clone() })
-            })
-            .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?,
+            (EntryKind::Cast { dtype, .. }, Some(base)) => {
+                map_weights(&base, &format!("cast {entry_name}"), |t| {
+                    let source = if t.source.dtype().is_float() && t.source.dtype() != *dtype {
+                        TensorSource::Cast { inner: Arc::new(t.source.clone()), to: *dtype }
+                    } else {
+                        t.source.clone()
+                    };
+                    Ok(LogicalTensor { source, ..t.clone() })
+                })
+                .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?
+            }
             (EntryKind::Quantized { config, files, .. }, Some(base)) => {
                 let containers = open_containers(registry, entry_name, files)?;
                 map_weights(&base, &format!("quantized {entry_name}"), |t| {
                     let found = containers
                         .iter()
                         .find_map(|(file, header)| {
-                            QuantSource::find(file, header, &t.name, &t.shape, t.source.dtype(), *config).transpose()
+                            QuantSource::find(file, header, &t.name, &t.shape, t.source.dtype(), *config)
+                                .transpose()
                         })
                         .transpose()?;
                     Ok(match found {
@@ -146,7 +149,9 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
                 })
                 .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?
             }
-            (EntryKind::Delta { files, .. }, Some(base)) => crate::delta::view::delta_view(registry, entry_name, files, &base)?,
+            (EntryKind::Delta { files, .. }, Some(base)) => {
+                crate::delta::view::delta_view(registry, entry_name, files, &base)?
+            }
             (EntryKind::Imported { format, files, .. }, Some(base)) => {
                 crate::delta::import::imported_view(registry, entry_name, files, *format, &base)?
             }
@@ -183,7 +188,11 @@ fn base_view(entry: &Entry, dir: &Path, records: &[crate::registry::FileRecord])
     for record in records {
         let path = dir.join(&record.name);
         let source = Arc::new(SourceFile::new(path.clone(), record.fingerprint.clone()));
-        let mut file = VFile { name: record.name.clone(), size: record.fingerprint.size, content: Content::Passthrough(source.clone()) };
+        let mut file = VFile {
+            name: record.name.clone(),
+            size: record.fingerprint.size,
+            content: Content::Passthrough(source.clone()),
+        };
         if let Some(reason) = source.stat_problem() {
             file.content = Content::Broken(format!("{}: {reason}", path.display()));
         } else if record.role == FileRole::Weights {
@@ -195,10 +204,15 @@ fn base_view(entry: &Entry, dir: &Path, records: &[crate::registry::FileRecord])
                         .map(|t| LogicalTensor {
                             name: t.name.clone(),
                             shape: t.shape.clone(),
-                            source: TensorSource::Stored { file: source.clone(), offset: header.data_start + t.start, dtype: t.dtype },
+                            source: TensorSource::Stored {
+                                file: source.clone(),
+                                offset: header.data_start + t.start,
+                                dtype: t.dtype,
+                            },
                         })
                         .collect();
-                    view.weights.insert(record.name.clone(), WeightFile { tensors, metadata: header.metadata });
+                    view.weights
+                        .insert(record.name.clone(), WeightFile { tensors, metadata: header.metadata });
                 }
                 Err(e) => file.content = Content::Broken(e.to_string()),
             }
@@ -230,7 +244,8 @@ pub fn map_weights(
     let mut view = EntryView::default();
     for (file_name, weight_file) in &base.weights {
         let tensors = weight_file.tensors.iter().map(&mut map).collect::<Result<Vec<_>, _>>()?;
-        view.weights.insert(file_name.clone(), WeightFile { tensors, metadata: weight_file.metadata.clone() });
+        view.weights
+            .insert(file_name.clone(), WeightFile { tensors, metadata: weight_file.metadata.clone() });
     }
     let mut total_tensor_bytes = 0u64;
     for base_file in &base.files {
@@ -298,7 +313,12 @@ fn layout(label: &str, weights: &WeightFile) -> SynthFile {
     let tensors = infos
         .into_iter()
         .zip(&weights.tensors)
-        .map(|(info, t)| SynthTensor { name: info.name, start: data_start + info.start, end: data_start + info.end, source: t.source.clone() })
+        .map(|(info, t)| SynthTensor {
+            name: info.name,
+            start: data_start + info.start,
+            end: data_start + info.end,
+            source: t.source.clone(),
+        })
         .collect();
     SynthFile::new(header, tensors)
 }

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags, BsdFileFlags,
+    BackingId, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use super::{Attr, Fs, FsError, Kind};
@@ -49,7 +50,11 @@ pub struct MountConfig {
 }
 
 /// Mount `fs` at `mountpoint` and serve until unmounted. Returns a session that `run` serves.
-pub fn session(fs: Arc<Fs>, mountpoint: &Path, opts: &MountConfig) -> std::io::Result<fuser::Session<FuseFs>> {
+pub fn session(
+    fs: Arc<Fs>,
+    mountpoint: &Path,
+    opts: &MountConfig,
+) -> std::io::Result<fuser::Session<FuseFs>> {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("llmfs".into()),
@@ -99,7 +104,12 @@ impl FuseFs {
 impl FuseFs {
     /// The inode's backing id, registering `source`'s file with the kernel if no open handle
     /// holds one.
-    fn backing_id(&self, ino: u64, source: &SourceFile, reply: &ReplyOpen) -> std::io::Result<Arc<BackingId>> {
+    fn backing_id(
+        &self,
+        ino: u64,
+        source: &SourceFile,
+        reply: &ReplyOpen,
+    ) -> std::io::Result<Arc<BackingId>> {
         let mut by_inode = lock(&self.passthrough.by_inode);
         if let Some(id) = by_inode.get(&ino).and_then(Weak::upgrade) {
             return Ok(id);
@@ -116,7 +126,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn ttl(a: &Attr) -> Duration {
-    if a.mutable { TTL_MUTABLE } else { TTL_IMMUTABLE }
+    if a.mutable {
+        TTL_MUTABLE
+    } else {
+        TTL_IMMUTABLE
+    }
 }
 
 /// Log the reason (EIO always, others at debug) and turn an error into fuser's errno.
@@ -143,8 +157,9 @@ impl Filesystem for FuseFs {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         // LLMFS_PASSTHROUGH=0 turns it off (benchmarks compare reads through the daemon).
         let wanted = std::env::var("LLMFS_PASSTHROUGH").map_or(true, |v| v != "0");
-        let passthrough =
-            wanted && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+        let passthrough = wanted
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
         self.passthrough.enabled.store(passthrough, Ordering::Relaxed);
         tracing::info!(abi = ?config.kernel_abi(), passthrough, "kernel connection initialised");
         Ok(())
@@ -224,7 +239,14 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // close(): a file written into deltas/ is stored now, and close() gets the error.
         match self.fs.flush(fh.0) {
             Ok(()) => reply.ok(),
@@ -239,7 +261,15 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
         match self.fs.mkdir(parent.0, name) {
             Ok(a) => reply.entry(&ttl(&a), &self.attr(&a), Generation(0)),
@@ -247,10 +277,25 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn create(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
         let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
         match self.fs.create(parent.0, name) {
-            Ok((a, opened)) => reply.created(&ttl(&a), &self.attr(&a), Generation(0), FileHandle(opened.fh), FopenFlags::empty()),
+            Ok((a, opened)) => reply.created(
+                &ttl(&a),
+                &self.attr(&a),
+                Generation(0),
+                FileHandle(opened.fh),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(errno("create", e)),
         }
     }

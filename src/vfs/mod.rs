@@ -88,12 +88,31 @@ pub struct Opened {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Node {
     Root,
-    Entry { name: String, created: u64 },
-    Deltas { entry: String, created: u64 },
-    File { entry: String, created: u64, file: String },
+    Entry {
+        name: String,
+        created: u64,
+    },
+    Deltas {
+        entry: String,
+        created: u64,
+    },
+    File {
+        entry: String,
+        created: u64,
+        file: String,
+    },
     /// `<entry>/deltas/<name>/`: delta entry `name` over `entry`, stored or being written.
-    DeltaDir { entry: String, created: u64, name: String },
-    DeltaFile { entry: String, created: u64, name: String, file: String },
+    DeltaDir {
+        entry: String,
+        created: u64,
+        name: String,
+    },
+    DeltaFile {
+        entry: String,
+        created: u64,
+        name: String,
+        file: String,
+    },
 }
 
 #[derive(Default)]
@@ -153,7 +172,15 @@ enum Target {
     /// `failed`: a write failed (a full disk): the file is incomplete and must not be stored.
     /// `writer`: opened for writing (counted by the staging, which drops the staged copy when
     /// the last writer is released).
-    Staged { file: Arc<std::fs::File>, base: String, name: String, fname: String, dirty: bool, failed: bool, writer: bool },
+    Staged {
+        file: Arc<std::fs::File>,
+        base: String,
+        name: String,
+        fname: String,
+        dirty: bool,
+        failed: bool,
+        writer: bool,
+    },
 }
 
 pub struct Fs {
@@ -218,13 +245,17 @@ impl Fs {
                 let stale: Vec<String> = catalog
                     .views
                     .keys()
-                    .filter(|name| registry.chain(name).map_or(true, |chain| chain.iter().any(|n| changed(n))))
+                    .filter(|name| {
+                        registry.chain(name).map_or(true, |chain| chain.iter().any(|n| changed(n)))
+                    })
                     .cloned()
                     .collect();
                 let gone: Vec<String> = old
                     .entries
                     .iter()
-                    .filter(|(n, e)| registry.entries.get(*n).is_none_or(|new| new.generation() != e.generation()))
+                    .filter(|(n, e)| {
+                        registry.entries.get(*n).is_none_or(|new| new.generation() != e.generation())
+                    })
                     .map(|(n, _)| n.clone())
                     .collect();
                 for name in &stale {
@@ -245,7 +276,13 @@ impl Fs {
     }
 
     fn entry_created(&self, name: &str) -> Option<u64> {
-        self.catalog.read().unwrap_or_else(|e| e.into_inner()).registry.entries.get(name).map(|e| e.generation())
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .registry
+            .entries
+            .get(name)
+            .map(|e| e.generation())
     }
 
     /// The view of entry `name` at generation `created`, built on first use.
@@ -259,7 +296,8 @@ impl Fs {
         if catalog.registry.entries.get(name).map(|e| e.generation()) != Some(created) {
             return Err(FsError::new(libc::ENOENT));
         }
-        let view = Arc::new(variant::build_view(&catalog.registry, name).map_err(|e| FsError::eio(e.to_string()))?);
+        let view =
+            Arc::new(variant::build_view(&catalog.registry, name).map_err(|e| FsError::eio(e.to_string()))?);
         for file in &view.files {
             if let Content::Broken(reason) = &file.content {
                 tracing::error!(entry = name, file = file.name, "cannot be served: {reason}");
@@ -270,7 +308,12 @@ impl Fs {
     }
 
     fn node(&self, ino: u64) -> FsResult<Node> {
-        self.inodes.read().unwrap_or_else(|e| e.into_inner()).node(ino).cloned().ok_or(FsError::new(libc::ENOENT))
+        self.inodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .node(ino)
+            .cloned()
+            .ok_or(FsError::new(libc::ENOENT))
     }
 
     fn ino(&self, node: Node) -> u64 {
@@ -316,7 +359,10 @@ impl Fs {
     /// Whether entry `name`'s files can change while mounted (a delta, written through deltas/).
     fn is_writable_entry(&self, name: &str) -> bool {
         let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-        matches!(catalog.registry.entries.get(name).map(|e| &e.kind), Some(crate::registry::EntryKind::Delta { .. }))
+        matches!(
+            catalog.registry.entries.get(name).map(|e| &e.kind),
+            Some(crate::registry::EntryKind::Delta { .. })
+        )
     }
 
     /// Whether `name` is a delta of `base`, stored (in the registry) or being written.
@@ -332,13 +378,16 @@ impl Fs {
     fn live(&self, node: &Node) -> bool {
         match node {
             Node::Root => true,
-            Node::Entry { name: entry, created } | Node::Deltas { entry, created } | Node::File { entry, created, .. } => {
-                self.entry_created(entry) == Some(*created)
+            Node::Entry { name: entry, created }
+            | Node::Deltas { entry, created }
+            | Node::File { entry, created, .. } => self.entry_created(entry) == Some(*created),
+            Node::DeltaDir { entry, created, name } => {
+                self.entry_created(entry) == Some(*created) && self.is_delta_of(entry, name)
             }
-            Node::DeltaDir { entry, created, name } => self.entry_created(entry) == Some(*created) && self.is_delta_of(entry, name),
             Node::DeltaFile { entry, created, name, file } => {
                 self.entry_created(entry) == Some(*created)
-                    && (self.staging.staged_size(entry, name, file).is_some() || self.committed(name, file).is_ok())
+                    && (self.staging.staged_size(entry, name, file).is_some()
+                        || self.committed(name, file).is_ok())
             }
         }
     }
@@ -360,7 +409,9 @@ impl Fs {
                 }
             }
             Node::Deltas { entry, created } => Node::DeltaDir { entry, created, name: name.to_owned() },
-            Node::DeltaDir { entry, created, name: delta } => Node::DeltaFile { entry, created, name: delta, file: name.to_owned() },
+            Node::DeltaDir { entry, created, name: delta } => {
+                Node::DeltaFile { entry, created, name: delta, file: name.to_owned() }
+            }
             Node::File { .. } | Node::DeltaFile { .. } => return Err(FsError::new(libc::ENOTDIR)),
         };
         if !self.live(&node) {
@@ -391,12 +442,18 @@ impl Fs {
                 };
                 Ok(names
                     .into_iter()
-                    .map(|(name, created)| (self.ino(Node::Entry { name: name.clone(), created }), Kind::Dir, name))
+                    .map(|(name, created)| {
+                        (self.ino(Node::Entry { name: name.clone(), created }), Kind::Dir, name)
+                    })
                     .collect())
             }
             Node::Entry { name, created } => {
                 let view = self.view(&name, created)?;
-                let mut out = vec![(self.ino(Node::Deltas { entry: name.clone(), created }), Kind::Dir, DELTAS_DIR.to_owned())];
+                let mut out = vec![(
+                    self.ino(Node::Deltas { entry: name.clone(), created }),
+                    Kind::Dir,
+                    DELTAS_DIR.to_owned(),
+                )];
                 for f in &view.files {
                     let node = Node::File { entry: name.clone(), created, file: f.name.clone() };
                     out.push((self.ino(node), Kind::File, f.name.clone()));
@@ -408,7 +465,8 @@ impl Fs {
                 {
                     let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
                     for (n, e) in &catalog.registry.entries {
-                        if matches!(&e.kind, crate::registry::EntryKind::Delta { base, .. } if *base == entry) {
+                        if matches!(&e.kind, crate::registry::EntryKind::Delta { base, .. } if *base == entry)
+                        {
                             names.push(n.clone());
                         }
                     }
@@ -417,11 +475,18 @@ impl Fs {
                 names.dedup();
                 Ok(names
                     .into_iter()
-                    .map(|name| (self.ino(Node::DeltaDir { entry: entry.clone(), created, name: name.clone() }), Kind::Dir, name))
+                    .map(|name| {
+                        (
+                            self.ino(Node::DeltaDir { entry: entry.clone(), created, name: name.clone() }),
+                            Kind::Dir,
+                            name,
+                        )
+                    })
                     .collect())
             }
             Node::DeltaDir { entry, created, name } => {
-                let mut files: Vec<String> = self.staging.staged(&entry, &name).into_iter().map(|(f, _)| f).collect();
+                let mut files: Vec<String> =
+                    self.staging.staged(&entry, &name).into_iter().map(|(f, _)| f).collect();
                 if let Some(c) = self.entry_created(&name) {
                     if let Ok(view) = self.view(&name, c) {
                         files.extend(view.files.iter().map(|f| f.name.clone()));
@@ -432,7 +497,12 @@ impl Fs {
                 Ok(files
                     .into_iter()
                     .map(|file| {
-                        let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.clone() };
+                        let node = Node::DeltaFile {
+                            entry: entry.clone(),
+                            created,
+                            name: name.clone(),
+                            file: file.clone(),
+                        };
                         (self.ino(node), Kind::File, file)
                     })
                     .collect())
@@ -453,7 +523,10 @@ impl Fs {
                     return Err(FsError::new(libc::EROFS));
                 }
                 let view = self.view(&entry, created)?;
-                (Target::Read(view.file(&file).ok_or(FsError::new(libc::ENOENT))?.clone()), format!("{entry}/{file}"))
+                (
+                    Target::Read(view.file(&file).ok_or(FsError::new(libc::ENOENT))?.clone()),
+                    format!("{entry}/{file}"),
+                )
             }
             Node::DeltaFile { entry, name, file, .. } => {
                 let committed = self.committed(&name, &file);
@@ -469,13 +542,29 @@ impl Fs {
                             return Err(FsError::eio(format!("{name}/{file}: {e}")));
                         }
                     }
-                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: truncate, failed: false, writer: true };
+                    let target = Target::Staged {
+                        file: Arc::new(f),
+                        base: entry,
+                        name,
+                        fname: file,
+                        dirty: truncate,
+                        failed: false,
+                        writer: true,
+                    };
                     return Ok(self.insert_handle(ino, target));
                 }
                 if let Some(path) = self.staging.staged_path(&entry, &name, &file) {
                     // A reader of a file still being written sees what is staged.
                     let f = std::fs::File::open(path).map_err(|e| FsError::eio(e.to_string()))?;
-                    let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file, dirty: false, failed: false, writer: false };
+                    let target = Target::Staged {
+                        file: Arc::new(f),
+                        base: entry,
+                        name,
+                        fname: file,
+                        dirty: false,
+                        failed: false,
+                        writer: false,
+                    };
                     return Ok(self.insert_handle(ino, target));
                 }
                 (Target::Read(committed?), format!("{entry}/deltas/{name}/{file}"))
@@ -498,7 +587,10 @@ impl Fs {
             Ok(Node::File { entry, .. }) => !self.is_writable_entry(&entry),
             _ => false,
         };
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { target, next_offset: 0, window: 0, dropped_to: 0 });
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Handle { target, next_offset: 0, window: 0, dropped_to: 0 });
         Opened { fh, backing, keep_cache }
     }
 
@@ -517,10 +609,19 @@ impl Fs {
             return Err(FsError::new(libc::EROFS));
         };
         let f = self.staging.open(&self.store, &entry, &name, file, true)?;
-        let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.to_owned() };
+        let node =
+            Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.to_owned() };
         let ino = self.ino(node.clone());
         let attr = self.attr_of(ino, &node)?;
-        let target = Target::Staged { file: Arc::new(f), base: entry, name, fname: file.to_owned(), dirty: true, failed: false, writer: true };
+        let target = Target::Staged {
+            file: Arc::new(f),
+            base: entry,
+            name,
+            fname: file.to_owned(),
+            dirty: true,
+            failed: false,
+            writer: true,
+        };
         Ok((attr, self.insert_handle(ino, target)))
     }
 
@@ -555,7 +656,11 @@ impl Fs {
             return Err(FsError::new(libc::EROFS));
         };
         let path = self.staging.staged_path(entry, name, file).ok_or(FsError::new(libc::EPERM))?;
-        std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(size)).map_err(|e| FsError::eio(e.to_string()))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| FsError::eio(e.to_string()))?;
         self.staging.resized(&self.store, entry, name, file, size);
         self.attr_of(ino, &node)
     }
@@ -569,7 +674,10 @@ impl Fs {
                 Some(Target::Staged { base, name, fname, failed: true, .. }) => {
                     // Never store a file some write of which was lost: drop it, and say so again.
                     self.staging.discard(base, name, fname);
-                    return Err(FsError { errno: libc::EIO, message: Some(format!("{name}/{fname}: a write failed; the file was not stored")) });
+                    return Err(FsError {
+                        errno: libc::EIO,
+                        message: Some(format!("{name}/{fname}: a write failed; the file was not stored")),
+                    });
                 }
                 Some(Target::Staged { base, name, fname, dirty, .. }) if *dirty => {
                     *dirty = false;
@@ -579,14 +687,16 @@ impl Fs {
             }
         };
         match job {
-            Some((base, name, file)) => self.staging.commit(&self.store, &base, &name, &file).inspect_err(|_| {
-                // Keep it dirty so that release (or another flush) tries again.
-                if let Some(Handle { target: Target::Staged { dirty, .. }, .. }) =
-                    self.handles.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&fh)
-                {
-                    *dirty = true;
-                }
-            }),
+            Some((base, name, file)) => {
+                self.staging.commit(&self.store, &base, &name, &file).inspect_err(|_| {
+                    // Keep it dirty so that release (or another flush) tries again.
+                    if let Some(Handle { target: Target::Staged { dirty, .. }, .. }) =
+                        self.handles.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&fh)
+                    {
+                        *dirty = true;
+                    }
+                })
+            }
             None => Ok(()),
         }
     }
@@ -610,7 +720,11 @@ impl Fs {
     pub fn read<R>(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(FsResult<&[u8]>) -> R) -> R {
         let file = match self.track(fh, offset, size) {
             Ok(Ok(file)) => file,
-            Ok(Err(staged)) => return reply(read_staged(&staged, offset, size).as_deref().map_err(|e| FsError::eio(e.to_string()))),
+            Ok(Err(staged)) => {
+                return reply(
+                    read_staged(&staged, offset, size).as_deref().map_err(|e| FsError::eio(e.to_string())),
+                )
+            }
             Err(e) => return reply(Err(e)),
         };
         let n = read::read_len(&file, offset, size as u64);
@@ -675,7 +789,10 @@ impl Fs {
     /// them would keep a full disk full.
     pub fn release(&self, fh: u64) {
         if let Err(e) = self.flush(fh) {
-            tracing::error!("storing a written file failed, dropping its staged bytes: {}", e.message.unwrap_or_default());
+            tracing::error!(
+                "storing a written file failed, dropping its staged bytes: {}",
+                e.message.unwrap_or_default()
+            );
             if let Some(Handle { target: Target::Staged { base, name, fname, .. }, .. }) =
                 self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh)
             {

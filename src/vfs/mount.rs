@@ -59,7 +59,11 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     // Block the signals in this thread before any other starts, so every thread inherits the
     // mask and only the waiter below receives them.
     let signals = block_signals();
-    let mut session = fuse::session(fs.clone(), &mountpoint, &MountConfig { allow_other: opts.allow_other, threads: opts.threads })?;
+    let mut session = fuse::session(
+        fs.clone(),
+        &mountpoint,
+        &MountConfig { allow_other: opts.allow_other, threads: opts.threads },
+    )?;
     raise_readahead(&mountpoint);
     // Invalidations go out from their own thread: sent from inside a request on the root (a
     // lookup that reloaded the registry) they could wait on the very lock that request holds.
@@ -160,7 +164,10 @@ pub fn spawn_daemon(store: &Store, mountpoint: &Path, args: &[String]) -> Result
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            return Err(MountError::Daemon(format!("it exited with {status}: {}", log_tail(&log_path, start))));
+            return Err(MountError::Daemon(format!(
+                "it exited with {status}: {}",
+                log_tail(&log_path, start)
+            )));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -229,10 +236,14 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
         }
     };
     if !is_mounted(&canonical) {
-        return Err(MountError::Mountpoint { path: mountpoint.to_owned(), reason: "no llmfs mount there".into() });
+        return Err(MountError::Mountpoint {
+            path: mountpoint.to_owned(),
+            reason: "no llmfs mount there".into(),
+        });
     }
-    let c_path = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())
-        .map_err(|_| MountError::Mountpoint { path: canonical.clone(), reason: "path contains NUL".into() })?;
+    let c_path = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes()).map_err(|_| {
+        MountError::Mountpoint { path: canonical.clone(), reason: "path contains NUL".into() }
+    })?;
     // SAFETY: umount2 reads a NUL-terminated path.
     let ok = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) } == 0;
     if !ok {
@@ -243,7 +254,10 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
             .status()
             .or_else(|_| Command::new("fusermount").args(["-u", "-z"]).arg(&canonical).status())?;
         if !status.success() {
-            return Err(MountError::Mountpoint { path: canonical, reason: format!("fusermount failed ({status})") });
+            return Err(MountError::Mountpoint {
+                path: canonical,
+                reason: format!("fusermount failed ({status})"),
+            });
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -61,7 +61,8 @@ fn read_synth(synth: &SynthFile, offset: u64, out: &mut [u8], cache: &Cache) -> 
     }
     let mut index = synth.tensors.partition_point(|t| t.end <= pos);
     while pos < end {
-        let tensor = synth.tensors.get(index).ok_or_else(|| ReadError::Decode("read past the last tensor".into()))?;
+        let tensor =
+            synth.tensors.get(index).ok_or_else(|| ReadError::Decode("read past the last tensor".into()))?;
         let stop = end.min(tensor.end);
         if let Some((file, stored_at)) = tensor.source.as_stored() {
             let dst = &mut out[(pos - offset) as usize..(stop - offset) as usize];
@@ -85,7 +86,12 @@ fn read_synth(synth: &SynthFile, offset: u64, out: &mut [u8], cache: &Cache) -> 
 /// When `[offset, offset + len)` lies inside one decoded chunk (the common case: chunks are
 /// aligned to file offsets, so an aligned 1 MiB read never straddles two), that chunk and the
 /// range within it: the reply can be sent straight from the cache, without a copy.
-pub fn within_one_chunk(file: &VFile, offset: u64, len: usize, cache: &Cache) -> Option<Result<ChunkSlice, ReadError>> {
+pub fn within_one_chunk(
+    file: &VFile,
+    offset: u64,
+    len: usize,
+    cache: &Cache,
+) -> Option<Result<ChunkSlice, ReadError>> {
     let Content::Synth(synth) = &file.content else { return None };
     let end = offset + len as u64;
     let index = synth.tensors.partition_point(|t| t.end <= offset);
@@ -115,7 +121,11 @@ fn boundary(tensor: &SynthTensor, k: u64) -> u64 {
 /// The chunk holding file byte `pos` (which lies in `tensor`).
 fn chunk_of(tensor: &SynthTensor, pos: u64) -> u64 {
     let k = pos / CHUNK_SIZE;
-    if pos < boundary(tensor, k) { k - 1 } else { k }
+    if pos < boundary(tensor, k) {
+        k - 1
+    } else {
+        k
+    }
 }
 
 /// The file byte range of chunk `k` of `tensor`.
@@ -123,9 +133,17 @@ fn chunk_range(tensor: &SynthTensor, k: u64) -> Range<u64> {
     boundary(tensor, k)..boundary(tensor, k + 1)
 }
 
-fn chunk_bytes(tensor: &SynthTensor, file_id: u64, index: u32, chunk: u64, cache: &Cache) -> Result<Arc<ChunkBuf>, ReadError> {
+fn chunk_bytes(
+    tensor: &SynthTensor,
+    file_id: u64,
+    index: u32,
+    chunk: u64,
+    cache: &Cache,
+) -> Result<Arc<ChunkBuf>, ReadError> {
     let range = chunk_range(tensor, chunk);
-    cache.get_or_decode((file_id, index, chunk), range.end - range.start, |out| decode_chunk(tensor, range, out))
+    cache.get_or_decode((file_id, index, chunk), range.end - range.start, |out| {
+        decode_chunk(tensor, range, out)
+    })
 }
 
 fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Result<(), ReadError> {
@@ -138,11 +156,17 @@ fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Resu
 /// (tensors served from stored bytes have none).
 fn chunks_overlapping(synth: &SynthFile, from: u64, to: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
     let first = synth.tensors.partition_point(|t| t.end <= from);
-    synth.tensors.iter().enumerate().skip(first).take_while(move |(_, t)| t.start < to).flat_map(move |(index, tensor)| {
-        let decoded = tensor.source.as_stored().is_none() && tensor.start < tensor.end;
-        let chunks = if decoded { chunk_of(tensor, from.max(tensor.start))..chunk_of(tensor, to.min(tensor.end) - 1) + 1 } else { 0..0 };
-        chunks.map(move |chunk| (index, chunk))
-    })
+    synth.tensors.iter().enumerate().skip(first).take_while(move |(_, t)| t.start < to).flat_map(
+        move |(index, tensor)| {
+            let decoded = tensor.source.as_stored().is_none() && tensor.start < tensor.end;
+            let chunks = if decoded {
+                chunk_of(tensor, from.max(tensor.start))..chunk_of(tensor, to.min(tensor.end) - 1) + 1
+            } else {
+                0..0
+            };
+            chunks.map(move |chunk| (index, chunk))
+        },
+    )
 }
 
 /// Decode, in the background, the chunks that a sequential reader will want next: those covering

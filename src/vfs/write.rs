@@ -68,7 +68,8 @@ static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
 impl Session {
     /// A private staging directory `STORE/tmp/write-NAME.PID.SECS` (the sweep reads the PID).
     fn new(store: &Store, name: &str) -> FsResult<Session> {
-        let dir = store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
+        let dir =
+            store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
         fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
         Ok(Session { dir, files: HashMap::new(), state: HashMap::new(), streams: HashMap::new(), base: None })
     }
@@ -80,11 +81,16 @@ impl Session {
             return;
         }
         if self.base.is_none() {
-            let tensors = store.load().ok().and_then(|r| delta::make::base_view(&r, base).ok()).map(|v| delta::make::BaseTensors::of(&v));
+            let tensors = store
+                .load()
+                .ok()
+                .and_then(|r| delta::make::base_view(&r, base).ok())
+                .map(|v| delta::make::BaseTensors::of(&v));
             self.base = tensors.map(Arc::new);
         }
         let (Some(path), Some(tensors)) = (self.files.get(file), &self.base) else { return };
-        let container = self.dir.join(format!(".{file}.{}.container", NEXT_STREAM.fetch_add(1, Ordering::Relaxed)));
+        let container =
+            self.dir.join(format!(".{file}.{}.container", NEXT_STREAM.fetch_add(1, Ordering::Relaxed)));
         if let Some(s) = Stream::new(path, file, container, tensors.clone()) {
             self.streams.insert(file.to_owned(), Arc::new(s));
         }
@@ -111,7 +117,9 @@ fn io_fs(what: &str, e: io::Error) -> FsError {
 /// A registry error as an errno: a full disk stays ENOSPC, anything else is EIO.
 fn registry_fs(e: registry::Error) -> FsError {
     match &e {
-        registry::Error::Io { source, .. } => FsError { errno: errno_of(source), message: Some(e.to_string()) },
+        registry::Error::Io { source, .. } => {
+            FsError { errno: errno_of(source), message: Some(e.to_string()) }
+        }
         _ => FsError::eio(e.to_string()),
     }
 }
@@ -123,7 +131,8 @@ impl Staging {
 
     /// `mkdir MOUNT/<base>/deltas/<name>`.
     pub fn mkdir(&self, store: &Store, base: &str, name: &str) -> FsResult<()> {
-        registry::validate_name(name).map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
+        registry::validate_name(name)
+            .map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
         let registry = store.load().map_err(registry_fs)?;
         registry.get(base).map_err(|_| FsError::new(libc::ENOENT))?;
         let mut sessions = self.lock();
@@ -159,7 +168,8 @@ impl Staging {
     /// Open staged file `file` for writing, creating (and truncating, when `truncate`) it; a
     /// session is opened implicitly for a delta entry that already exists (writing more files).
     pub fn open(&self, store: &Store, base: &str, name: &str, file: &str, truncate: bool) -> FsResult<File> {
-        registry::validate_name(file).map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
+        registry::validate_name(file)
+            .map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
         let key = (base.to_owned(), name.to_owned());
         let mut sessions = self.lock();
         if !sessions.contains_key(&key) {
@@ -167,7 +177,14 @@ impl Staging {
         }
         let session = sessions.get_mut(&key).expect("inserted above");
         let path = session.dir.join(file);
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(truncate).mode(0o600).open(&path).map_err(|e| io_fs("staging", e))?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(truncate)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_fs("staging", e))?;
         let new = session.files.insert(file.to_owned(), path).is_none();
         let state = session.state.entry(file.to_owned()).or_default();
         state.writers += 1;
@@ -233,7 +250,9 @@ impl Staging {
         let (staged, stream, version) = {
             let mut sessions = self.lock();
             let Some(s) = sessions.get_mut(&(base.to_owned(), name.to_owned())) else { return Ok(()) };
-            let (Some(staged), Some(state)) = (s.files.get(file).cloned(), s.state.get(file)) else { return Ok(()) };
+            let (Some(staged), Some(state)) = (s.files.get(file).cloned(), s.state.get(file)) else {
+                return Ok(());
+            };
             if state.clean() {
                 return Ok(());
             }
@@ -260,7 +279,8 @@ impl Staging {
                 let _ = fs::remove_file(&tmp);
                 let base_tensors = delta::make::BaseTensors::of(&view);
                 // store_file names the container after its source, so code from the staged path.
-                let record = delta::make::store_file(&staged, &tmp, &base_tensors, DeltaCodec::Lossless).map_err(registry_fs)?;
+                let record = delta::make::store_file(&staged, &tmp, &base_tensors, DeltaCodec::Lossless)
+                    .map_err(registry_fs)?;
                 (tmp, record)
             }
         };
@@ -276,7 +296,13 @@ impl Staging {
                     _ => return Err(registry::Error::Exists(name.to_owned())),
                 },
                 None => {
-                    let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![record.clone()]);
+                    let entry = delta::make::new_entry(
+                        name,
+                        base,
+                        &base_entry,
+                        DeltaCodec::Lossless,
+                        vec![record.clone()],
+                    );
                     r.entries.insert(name.to_owned(), entry);
                 }
             }
@@ -290,7 +316,9 @@ impl Staging {
         }
         // Stored as of `version`: clean unless written meanwhile. The staged file stays while a
         // writer has it open ([`Staging::closed`] removes it).
-        if let Some(state) = self.lock().get_mut(&(base.to_owned(), name.to_owned())).and_then(|s| s.state.get_mut(file)) {
+        if let Some(state) =
+            self.lock().get_mut(&(base.to_owned(), name.to_owned())).and_then(|s| s.state.get_mut(file))
+        {
             state.stored = Some(version);
         }
         Ok(())
@@ -381,20 +409,21 @@ impl Staging {
                 return Err(FsError::new(libc::ENOTEMPTY));
             }
         }
-        let removed = store.update(|r| {
-            match r.entries.get(name).map(|e| &e.kind) {
-                Some(EntryKind::Delta { base: b, files, .. }) if b == base => {
-                    if !files.is_empty() {
-                        return Err(registry::Error::Invalid("not empty".into()));
-                    }
-                    if !r.dependents(name).is_empty() {
-                        return Err(registry::Error::HasDependents { name: name.to_owned(), dependents: r.dependents(name).join(", ") });
-                    }
-                    r.entries.remove(name);
-                    Ok(true)
+        let removed = store.update(|r| match r.entries.get(name).map(|e| &e.kind) {
+            Some(EntryKind::Delta { base: b, files, .. }) if b == base => {
+                if !files.is_empty() {
+                    return Err(registry::Error::Invalid("not empty".into()));
                 }
-                _ => Ok(false),
+                if !r.dependents(name).is_empty() {
+                    return Err(registry::Error::HasDependents {
+                        name: name.to_owned(),
+                        dependents: r.dependents(name).join(", "),
+                    });
+                }
+                r.entries.remove(name);
+                Ok(true)
             }
+            _ => Ok(false),
         });
         match removed {
             Err(registry::Error::Invalid(_)) => return Err(FsError::new(libc::ENOTEMPTY)),

@@ -193,7 +193,13 @@ impl TestStore {
         let cmd = self.command(args);
         let description = format!("{cmd:?}");
         let f = run_command(cmd, DEFAULT_TIMEOUT);
-        assert!(f.status.success(), "{description} failed ({}):\nstdout:\n{}\nstderr:\n{}", f.status, f.stdout, f.stderr);
+        assert!(
+            f.status.success(),
+            "{description} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            f.status,
+            f.stdout,
+            f.stderr
+        );
         f.stdout
     }
 
@@ -236,7 +242,8 @@ impl TestStore {
             (Some(a), Some(b)) => assert!(a == b, "{context}: registry.json changed"),
         }
         let allowed: BTreeSet<String> = ["lock", "models", "tmp"].iter().map(|s| s.to_string()).collect();
-        let new_in_root: Vec<_> = after.root.difference(&before.root).filter(|n| !allowed.contains(*n)).collect();
+        let new_in_root: Vec<_> =
+            after.root.difference(&before.root).filter(|n| !allowed.contains(*n)).collect();
         assert!(new_in_root.is_empty(), "{context}: new files in the store: {new_in_root:?}");
         assert_eq!(after.models, before.models, "{context}: STORE/models/ changed");
         assert!(after.tmp.is_empty(), "{context}: leftovers in STORE/tmp/: {:?}", after.tmp);
@@ -254,7 +261,9 @@ pub struct StoreSnapshot {
 
 fn list(dir: &Path) -> BTreeSet<String> {
     match std::fs::read_dir(dir) {
-        Ok(rd) => rd.map(|e| e.expect("a directory entry").file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => {
+            rd.map(|e| e.expect("a directory entry").file_name().to_string_lossy().into_owned()).collect()
+        }
         Err(_) => BTreeSet::new(),
     }
 }
@@ -262,7 +271,17 @@ fn list(dir: &Path) -> BTreeSet<String> {
 /// A LLaMA-shaped model of a few hundred KB in one `model.safetensors` (BF16, 2 layers):
 /// 3 + 9 × 2 = 21 tensors.
 pub fn small_spec() -> ModelSpec {
-    ModelSpec { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 4, vocab: 256, dtype: Dtype::BF16, shards: 1, seed: 11 }
+    ModelSpec {
+        hidden: 64,
+        intermediate: 128,
+        layers: 2,
+        heads: 4,
+        kv_heads: 4,
+        vocab: 256,
+        dtype: Dtype::BF16,
+        shards: 1,
+        seed: 11,
+    }
 }
 
 /// The small model split into `shards` safetensors files with a model.safetensors.index.json.
@@ -308,7 +327,11 @@ pub const MOUNT_WAIT: Duration = Duration::from_secs(60);
 /// Runs `f` on its own thread and returns its result; fails the test if it takes longer than
 /// `timeout` (the thread is left behind, blocked; the mount guards' drop unblocks it). A panic
 /// in `f` is re-raised here.
-pub fn with_deadline<T: Send + 'static>(what: &str, timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn with_deadline<T: Send + 'static>(
+    what: &str,
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(format!("deadline: {what}"))
@@ -361,7 +384,9 @@ pub fn daemon_pids(mp: &Path) -> Vec<libc::pid_t> {
         let pid: libc::pid_t = e.file_name().to_str()?.parse().ok()?;
         let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let ours = args.iter().any(|a| *a == b"--foreground") && args.contains(&want) && args.iter().any(|a| *a == b"mount");
+        let ours = args.iter().any(|a| *a == b"--foreground")
+            && args.contains(&want)
+            && args.iter().any(|a| *a == b"mount");
         // A zombie (already dead, not yet reaped) serves nothing.
         let state = std::fs::read_to_string(e.path().join("stat")).ok()?;
         let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
@@ -383,7 +408,10 @@ impl Watchdog {
         let mp = mp.to_owned();
         std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(MOUNT_WATCHDOG) {
-                eprintln!("watchdog: the mount at {} outlived {MOUNT_WATCHDOG:?}; killing its daemon", mp.display());
+                eprintln!(
+                    "watchdog: the mount at {} outlived {MOUNT_WATCHDOG:?}; killing its daemon",
+                    mp.display()
+                );
                 for p in pid.map_or_else(|| daemon_pids(&mp), |p| vec![p]) {
                     // SAFETY: kill(2) on a daemon this test started.
                     unsafe { libc::kill(p, libc::SIGKILL) };
@@ -416,11 +444,19 @@ impl MountGuard {
         cmd.args(extra).env("RUST_LOG", "info").stdout(log_file.try_clone().unwrap()).stderr(log_file);
         let child = cmd.spawn().expect("spawning llmfs mount --foreground");
         let pid = child.id() as libc::pid_t;
-        let mut guard = MountGuard { path: mp.clone(), log, child: Some(child), watchdog: Some(Watchdog::arm(&mp, Some(pid))) };
+        let mut guard = MountGuard {
+            path: mp.clone(),
+            log,
+            child: Some(child),
+            watchdog: Some(Watchdog::arm(&mp, Some(pid))),
+        };
         let start = Instant::now();
         while !llmfs_mounted(&mp) {
             if let Ok(Some(status)) = guard.child.as_mut().unwrap().try_wait() {
-                panic!("llmfs mount --foreground exited with {status} before mounting:\n{}", guard.log_text());
+                panic!(
+                    "llmfs mount --foreground exited with {status} before mounting:\n{}",
+                    guard.log_text()
+                );
             }
             if start.elapsed() > MOUNT_WAIT {
                 panic!("no mount at {} after {MOUNT_WAIT:?}:\n{}", mp.display(), guard.log_text());
@@ -466,7 +502,9 @@ impl Drop for MountGuard {
             loop {
                 match child.try_wait() {
                     Ok(Some(_)) => break,
-                    Ok(None) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+                    Ok(None) if start.elapsed() < Duration::from_secs(10) => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
                     _ => {
                         eprintln!("llmfs mount --foreground did not exit after umount; killing it");
                         let _ = child.kill();
@@ -481,7 +519,11 @@ impl Drop for MountGuard {
         unmount_quiet(&self.path);
         // A failing test shows what the daemon logged (its temp dir is about to go).
         if std::thread::panicking() {
-            eprintln!("--- daemon log ({}) ---\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default());
+            eprintln!(
+                "--- daemon log ({}) ---\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
         }
     }
 }

@@ -31,11 +31,7 @@ fn near(base: &[u8], esize: usize, seed: u64) -> Vec<u8> {
         // Add ±step with carry to the element as a little-endian integer.
         let mut carry = step as u16;
         for b in e.iter_mut() {
-            let v = if neg {
-                (*b as u16).wrapping_sub(carry)
-            } else {
-                *b as u16 + carry
-            };
+            let v = if neg { (*b as u16).wrapping_sub(carry) } else { *b as u16 + carry };
             *b = v as u8;
             carry = if neg { (v >> 15) & 1 } else { v >> 8 };
         }
@@ -65,11 +61,7 @@ fn round_trip(target: &[u8], base: Option<&[u8]>, esize: usize, opts: LosslessOp
         )
         .unwrap();
     }
-    assert!(
-        out == target,
-        "round trip differs (esize {esize}, {opts:?}, base {})",
-        base.is_some()
-    );
+    assert!(out == target, "round trip differs (esize {esize}, {opts:?}, base {})", base.is_some());
     let mut all = vec![0x55u8; target.len()];
     decode_lossless_all(&enc, base, esize, opts, &mut all).unwrap();
     assert!(all == target);
@@ -87,17 +79,9 @@ fn ulp_known_values() {
     assert_eq!(0x8001u16.ulp_fwd(0), 3);
     // Negative values: −1.0 (0xBF80) to −1.0 − ulp (0xBF81) is one step down.
     assert_eq!(0xBF81u16.ulp_fwd(0xBF80), 1);
-    for (t, b) in [
-        (0x3F81u16, one),
-        (0x8001, 0),
-        (0xFFFF, 0x7FFF),
-        (0x1234, 0xFEDC),
-    ] {
+    for (t, b) in [(0x3F81u16, one), (0x8001, 0), (0xFFFF, 0x7FFF), (0x1234, 0xFEDC)] {
         assert_eq!(t.ulp_fwd(b).ulp_inv(b), t);
-        assert_eq!(
-            ulp_reference(true, t as u64, b as u64, 16),
-            t.ulp_fwd(b) as u64
-        );
+        assert_eq!(ulp_reference(true, t as u64, b as u64, 16), t.ulp_fwd(b) as u64);
     }
 }
 
@@ -122,17 +106,11 @@ fn chunk_arithmetic() {
     assert_eq!(chunk_count(DELTA_CHUNK_ELEMS), 1);
     assert_eq!(chunk_count(DELTA_CHUNK_ELEMS + 1), 2);
     assert_eq!(chunk_elems(0, 10), 0..10);
-    assert_eq!(
-        chunk_elems(1, DELTA_CHUNK_ELEMS + 3),
-        DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 3
-    );
+    assert_eq!(chunk_elems(1, DELTA_CHUNK_ELEMS + 3), DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 3);
     assert!(chunk_elems(5, 10).is_empty());
     assert_eq!(chunks_covering(&(0..0)), 0..0);
     assert_eq!(chunks_covering(&(3..DELTA_CHUNK_ELEMS + 1)), 0..2);
-    assert_eq!(
-        chunks_covering(&(DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 1)),
-        1..2
-    );
+    assert_eq!(chunks_covering(&(DELTA_CHUNK_ELEMS..DELTA_CHUNK_ELEMS + 1)), 1..2);
 }
 
 #[test]
@@ -171,12 +149,8 @@ fn multi_chunk_round_trip() {
     // Three chunks, the last one partial, for each fast-path width and one odd width.
     for esize in [1usize, 2, 3, 4, 8] {
         let n = 2 * DELTA_CHUNK_ELEMS + 1000 + 3;
-        let base = crate::demo::random_tensor(
-            esize as u64,
-            n * esize / 2 + 1,
-            crate::format::Dtype::BF16,
-            false,
-        );
+        let base =
+            crate::demo::random_tensor(esize as u64, n * esize / 2 + 1, crate::format::Dtype::BF16, false);
         let base = &base[..n * esize];
         let target = near(base, esize, 7);
         for opts in opts_all() {
@@ -192,7 +166,12 @@ fn multi_chunk_round_trip() {
 fn chunk_by_chunk_equals_whole_tensor() {
     for esize in [1usize, 2, 3, 4] {
         let n = 2 * DELTA_CHUNK_ELEMS + 777;
-        let base = crate::demo::random_tensor(esize as u64 + 9, n * esize / 2 + 1, crate::format::Dtype::BF16, false);
+        let base = crate::demo::random_tensor(
+            esize as u64 + 9,
+            n * esize / 2 + 1,
+            crate::format::Dtype::BF16,
+            false,
+        );
         let base = &base[..n * esize];
         let target = near(base, esize, 3);
         for b in [Some(base), None] {
@@ -201,7 +180,12 @@ fn chunk_by_chunk_equals_whole_tensor() {
             for c in 0..chunk_count(n) {
                 let r = chunk_elems(c, n);
                 let bytes = r.start * esize..r.end * esize;
-                let frame = encode_lossless_chunk(&target[bytes.clone()], b.map(|b| &b[bytes.clone()]), esize, DEFAULT_LEVEL);
+                let frame = encode_lossless_chunk(
+                    &target[bytes.clone()],
+                    b.map(|b| &b[bytes.clone()]),
+                    esize,
+                    DEFAULT_LEVEL,
+                );
                 assert_eq!(frame, whole.frame(c), "esize {esize}, chunk {c}, base {}", b.is_some());
                 let mut out = vec![0u8; bytes.len()];
                 decode_lossless_chunk(&frame, b.map(|b| &b[bytes.clone()]), esize, &mut out).unwrap();
@@ -442,34 +426,20 @@ fn frame_of_another_chunk_is_rejected() {
     let enc = encode_lossless(&target, Some(&base), 2, 3);
     // The short last chunk's frame given for the full first chunk, and the other way round.
     let mut out0 = vec![0u8; DELTA_CHUNK_ELEMS * 2];
-    let e = decode_lossless_chunk(
-        enc.frame(1),
-        Some(&base[..DELTA_CHUNK_ELEMS * 2]),
-        2,
-        &mut out0,
-    )
-    .unwrap_err();
+    let e =
+        decode_lossless_chunk(enc.frame(1), Some(&base[..DELTA_CHUNK_ELEMS * 2]), 2, &mut out0).unwrap_err();
     assert!(matches!(e, DeltaError::SizeMismatch { .. }), "{e}");
     let mut out1 = vec![0u8; 200];
-    let e = decode_lossless_chunk(
-        enc.frame(0),
-        Some(&base[DELTA_CHUNK_ELEMS * 2..]),
-        2,
-        &mut out1,
-    )
-    .unwrap_err();
+    let e =
+        decode_lossless_chunk(enc.frame(0), Some(&base[DELTA_CHUNK_ELEMS * 2..]), 2, &mut out1).unwrap_err();
     assert!(matches!(e, DeltaError::SizeMismatch { .. }), "{e}");
     // Two frames back to back are not one chunk.
     let mut two = enc.frame(1).to_vec();
     two.extend_from_slice(enc.frame(1));
-    let e = decode_lossless_chunk(&two, Some(&base[DELTA_CHUNK_ELEMS * 2..]), 2, &mut out1)
-        .unwrap_err();
+    let e = decode_lossless_chunk(&two, Some(&base[DELTA_CHUNK_ELEMS * 2..]), 2, &mut out1).unwrap_err();
     assert!(matches!(e, DeltaError::FrameLength { .. }), "{e}");
     // A transform the element size does not support.
-    let ulp = LosslessOptions {
-        transform: Transform::Ulp,
-        planes: true,
-    };
+    let ulp = LosslessOptions { transform: Transform::Ulp, planes: true };
     let e = decode_lossless_chunk_with(enc.frame(1), None, 3, ulp, &mut out1[..198]).unwrap_err();
     assert!(matches!(e, DeltaError::Unsupported { .. }), "{e}");
     // Wrong caller buffers.
@@ -502,16 +472,8 @@ fn corrupted_payload_fails_checksum() {
     // checksum can catch it.
     let mut rng = crate::demo::SplitMix64(9);
     let data: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
-    let enc = encode_lossless_with(
-        &data,
-        None,
-        1,
-        3,
-        LosslessOptions {
-            transform: Transform::Xor,
-            planes: false,
-        },
-    );
+    let enc =
+        encode_lossless_with(&data, None, 1, 3, LosslessOptions { transform: Transform::Xor, planes: false });
     assert!(enc.frames.len() > 4096, "stored raw");
     let mut frame = enc.frame(0).to_vec();
     let mid = frame.len() / 2;
@@ -521,18 +483,12 @@ fn corrupted_payload_fails_checksum() {
         &frame,
         None,
         1,
-        LosslessOptions {
-            transform: Transform::Xor,
-            planes: false,
-        },
+        LosslessOptions { transform: Transform::Xor, planes: false },
         &mut out,
     )
     .unwrap_err();
     assert!(matches!(e, DeltaError::Corrupt(_)), "{e}");
-    assert!(
-        e.to_string().contains("checksum") || e.to_string().contains("orrupt"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("checksum") || e.to_string().contains("orrupt"), "{e}");
 }
 
 #[test]

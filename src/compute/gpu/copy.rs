@@ -53,7 +53,13 @@ impl Copier {
     /// `threads` helpers besides the caller (0: the caller copies alone).
     pub fn new(threads: usize) -> Self {
         let pool = (threads > 0)
-            .then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("llmfs-gpu-copy-{i}")).build().ok())
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("llmfs-gpu-copy-{i}"))
+                    .build()
+                    .ok()
+            })
             .flatten();
         let threads = if pool.is_some() { threads } else { 0 };
         Copier { pool, threads }
@@ -89,7 +95,8 @@ impl Copier {
             if let Some(s) = j.src {
                 assert_eq!(s.len(), j.dst.len(), "copy: lengths");
             }
-            let (dst, src, len) = (j.dst.as_mut_ptr(), j.src.map_or(std::ptr::null(), |s| s.as_ptr()), j.dst.len());
+            let (dst, src, len) =
+                (j.dst.as_mut_ptr(), j.src.map_or(std::ptr::null(), |s| s.as_ptr()), j.dst.len());
             let mut at = 0;
             while at < len {
                 if room == 0 {
@@ -98,7 +105,9 @@ impl Copier {
                 }
                 let n = room.min(len - at);
                 // Safety: `at + n <= len`, inside the job's slices.
-                let part = unsafe { Part { dst: dst.add(at), src: if src.is_null() { src } else { src.add(at) }, len: n } };
+                let part = unsafe {
+                    Part { dst: dst.add(at), src: if src.is_null() { src } else { src.add(at) }, len: n }
+                };
                 runs.last_mut().unwrap().push(part);
                 at += n;
                 room -= n;

@@ -49,8 +49,12 @@ impl GpuContext {
         };
         let cfg = qt.config;
         let (rows, cols) = (qt.rows, qt.cols);
-        input(out.len() == elems.len() * T::SIZE, || format!("output of {} bytes for {} elements", out.len(), elems.len()))?;
-        input(elems.start <= elems.end && elems.end <= rows * cols, || format!("range {elems:?} outside {rows}x{cols}"))?;
+        input(out.len() == elems.len() * T::SIZE, || {
+            format!("output of {} bytes for {} elements", out.len(), elems.len())
+        })?;
+        input(elems.start <= elems.end && elems.end <= rows * cols, || {
+            format!("range {elems:?} outside {rows}x{cols}")
+        })?;
         input(cfg.check_shape(rows, cols).is_ok(), || format!("bad quantization config {cfg:?}"))?;
         input(
             qt.q.len() == cfg.q_len(rows, cols)
@@ -85,7 +89,11 @@ impl GpuContext {
             let (g0, g1) = (r0 * gpr + c0 / gs, r1 * gpr + c1 / gs);
             let g_start = g0 / per_word_g * per_word_g;
             let sc = &qt.scale[g_start * T::SIZE..(g1 + 1) * T::SIZE];
-            let mn = if cfg.symmetric { Upload::zeros() } else { Upload::bytes(&qt.min[g_start * T::SIZE..(g1 + 1) * T::SIZE]) };
+            let mn = if cfg.symmetric {
+                Upload::zeros()
+            } else {
+                Upload::bytes(&qt.min[g_start * T::SIZE..(g1 + 1) * T::SIZE])
+            };
             let n = r.len();
             let out_bytes = pad4((n * T::SIZE) as u64);
             let params = vec![
@@ -200,7 +208,11 @@ impl GpuContext {
                 let out_bytes = pad4((r.len() * e) as u64);
                 Chunk {
                     params: vec![r.len() as u32, cols as u32, (a % cols) as u32, (a % 8) as u32, dc],
-                    inputs: vec![Upload::bytes(sg), Upload::bytes(sc), Upload::bytes(&base[r.start * e..r.end * e])],
+                    inputs: vec![
+                        Upload::bytes(sg),
+                        Upload::bytes(sc),
+                        Upload::bytes(&base[r.start * e..r.end * e]),
+                    ],
                     out_at: r.start * e,
                     out_len: r.len() * e,
                     out_bytes,
@@ -229,7 +241,14 @@ impl GpuContext {
     }
 
     /// [`crate::codec::delta::delta_inverse`] on the GPU (no planes), bit-identical.
-    pub fn delta_inverse(&self, tr: Transform, esize: usize, delta: &[u8], base: &[u8], out: &mut [u8]) -> Result<(), GpuError> {
+    pub fn delta_inverse(
+        &self,
+        tr: Transform,
+        esize: usize,
+        delta: &[u8],
+        base: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), GpuError> {
         self.delta_apply(tr, esize, delta, Some(base), out, false)
     }
 
@@ -261,7 +280,9 @@ impl GpuContext {
                 let d = if planes {
                     Upload {
                         size: stride * esize as u64,
-                        pieces: (0..esize).map(|k| (k as u64 * stride, &delta[k * n + r.start..k * n + r.end])).collect(),
+                        pieces: (0..esize)
+                            .map(|k| (k as u64 * stride, &delta[k * n + r.start..k * n + r.end]))
+                            .collect(),
                     }
                 } else {
                     Upload::bytes(&delta[r.start * esize..r.end * esize])
@@ -270,7 +291,14 @@ impl GpuContext {
                 let out_bytes = pad4((m * esize) as u64);
                 let words = if esize == 8 { m as u64 } else { out_bytes / 4 };
                 Chunk {
-                    params: vec![m as u32, esize as u32, trc, planes as u32, stride as u32, base.is_some() as u32],
+                    params: vec![
+                        m as u32,
+                        esize as u32,
+                        trc,
+                        planes as u32,
+                        stride as u32,
+                        base.is_some() as u32,
+                    ],
                     inputs: vec![d, b],
                     out_at: r.start * esize,
                     out_len: m * esize,
@@ -303,28 +331,41 @@ impl GpuContext {
         if elems.is_empty() {
             return Ok(());
         }
-        input(r > 0 && cols > 0 && f.a.len() % r == 0 && f.b.len() % r == 0, || "lora: factor shapes".into())?;
+        input(r > 0 && cols > 0 && f.a.len() % r == 0 && f.b.len() % r == 0, || {
+            "lora: factor shapes".into()
+        })?;
         let (a_cols, b_rows) = (f.a.len() / r, f.b.len() / r); // A is r × in, B is out × r
-        // L (rows × r) and R (r × cols) of W's stored orientation.
+                                                               // L (rows × r) and R (r × cols) of W's stored orientation.
         let (lt, rt);
         let (left, right): (&[f32], &[f32]) = if f.transposed {
             input(cols == b_rows, || "lora: W's columns are not B's rows".into())?;
-            lt = (0..a_cols).flat_map(|i| (0..r).map(move |j| (i, j))).map(|(i, j)| f.a[j * a_cols + i]).collect::<Vec<f32>>();
-            rt = (0..r).flat_map(|j| (0..b_rows).map(move |o| (j, o))).map(|(j, o)| f.b[o * r + j]).collect::<Vec<f32>>();
+            lt = (0..a_cols)
+                .flat_map(|i| (0..r).map(move |j| (i, j)))
+                .map(|(i, j)| f.a[j * a_cols + i])
+                .collect::<Vec<f32>>();
+            rt = (0..r)
+                .flat_map(|j| (0..b_rows).map(move |o| (j, o)))
+                .map(|(j, o)| f.b[o * r + j])
+                .collect::<Vec<f32>>();
             (&lt, &rt)
         } else {
             input(cols == a_cols, || "lora: W's columns are not A's columns".into())?;
             (&f.b, &f.a)
         };
         let rows_total = left.len() / r;
-        input(elems.end <= rows_total * cols, || format!("lora: range {elems:?} outside {rows_total}x{cols}"))?;
+        input(elems.end <= rows_total * cols, || {
+            format!("lora: range {elems:?} outside {rows_total}x{cols}")
+        })?;
         let right_bytes: &[u8] = bytemuck::cast_slice(right);
         let left_bytes: &[u8] = bytemuck::cast_slice(left);
         let (first_row, last_row) = (elems.start / cols, (elems.end - 1) / cols);
         // Rows per chunk: W's and out's bytes within the chunk limit, tiles within the grid.
         let row_bytes = (cols * e.max(4)).max(r * 4) as u64;
-        let rows_step = ((self.chunk_bytes / row_bytes).max(1) as usize).min(self.max_groups_per_dim() as usize * 64);
-        input((self.max_groups_per_dim() as usize) * 64 >= cols, || "lora: rows too long for one dispatch".into())?;
+        let rows_step =
+            ((self.chunk_bytes / row_bytes).max(1) as usize).min(self.max_groups_per_dim() as usize * 64);
+        input((self.max_groups_per_dim() as usize) * 64 >= cols, || {
+            "lora: rows too long for one dispatch".into()
+        })?;
         let mut chunks = Vec::new();
         for rr in pieces(last_row + 1 - first_row, rows_step) {
             let (ra, rb) = (first_row + rr.start, first_row + rr.end);
@@ -333,7 +374,16 @@ impl GpuContext {
             let e_off = ga - ra * cols;
             let out_bytes = pad4((n * e) as u64);
             chunks.push(Chunk {
-                params: vec![(rb - ra) as u32, cols as u32, r as u32, dc, e_off as u32, n as u32, (f.scale).to_bits(), 0],
+                params: vec![
+                    (rb - ra) as u32,
+                    cols as u32,
+                    r as u32,
+                    dc,
+                    e_off as u32,
+                    n as u32,
+                    (f.scale).to_bits(),
+                    0,
+                ],
                 inputs: vec![
                     Upload::bytes(&left_bytes[ra * r * 4..rb * r * 4]),
                     Upload::bytes(right_bytes),

@@ -106,7 +106,13 @@ impl Default for GpuOptions {
         // memory, mapped anew (and faulted in page by page) at every map.
         // Direct transfers: on the H100 int8 dequantization end to end went from 12-17 GB/s
         // staged to 20-23 GB/s (scripts/bench_gpu_results.md).
-        GpuOptions { max_chunk_bytes: 16 << 20, force_fallback_adapter: false, direct_inputs: true, direct_output: true, copy_threads: 0 }
+        GpuOptions {
+            max_chunk_bytes: 16 << 20,
+            force_fallback_adapter: false,
+            direct_inputs: true,
+            direct_output: true,
+            copy_threads: 0,
+        }
     }
 }
 
@@ -321,7 +327,11 @@ impl GpuContext {
         let mappable_storage = adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("llmfs"),
-            required_features: if mappable_storage { wgpu::Features::MAPPABLE_PRIMARY_BUFFERS } else { wgpu::Features::empty() },
+            required_features: if mappable_storage {
+                wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+            } else {
+                wgpu::Features::empty()
+            },
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
@@ -386,7 +396,10 @@ impl GpuContext {
 
     /// "NVIDIA H100 80GB HBM3 (Vulkan)", "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)", ...
     pub fn device_name(&self) -> String {
-        format!("{} ({:?}, driver {} {})", self.info.name, self.info.backend, self.info.driver, self.info.driver_info)
+        format!(
+            "{} ({:?}, driver {} {})",
+            self.info.name, self.info.backend, self.info.driver, self.info.driver_info
+        )
     }
 
     /// Whether the adapter is a software rasterizer (lavapipe, WARP): `auto` should not pick it.
@@ -468,7 +481,14 @@ impl GpuContext {
     pub fn measure_transfers(&self, bytes: u64, iters: u32) -> Result<TransferBounds, GpuError> {
         use wgpu::BufferUsages as U;
         let bytes = bytes.div_ceil(256) * 256;
-        let mk = |usage| self.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: bytes, usage, mapped_at_creation: false });
+        let mk = |usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
         let host_storage = if self.mappable_storage { U::STORAGE } else { U::empty() };
         let up = mk(U::MAP_WRITE | U::COPY_SRC | host_storage);
         let down = mk(U::MAP_READ | U::COPY_DST | host_storage);
@@ -496,9 +516,11 @@ impl GpuContext {
                 }
                 gbs(bytes * iters.max(1) as u64, t.elapsed())
             };
-            tb.host_in_1 = time(&mut || self.copier.run(vec![Job { dst: &mut w, src: Some(&host) }], Some(1)));
+            tb.host_in_1 =
+                time(&mut || self.copier.run(vec![Job { dst: &mut w, src: Some(&host) }], Some(1)));
             tb.host_in_n = time(&mut || self.copier.run(vec![Job { dst: &mut w, src: Some(&host) }], None));
-            tb.host_out_1 = time(&mut || self.copier.run(vec![Job { dst: &mut sink, src: Some(&r) }], Some(1)));
+            tb.host_out_1 =
+                time(&mut || self.copier.run(vec![Job { dst: &mut sink, src: Some(&r) }], Some(1)));
             tb.host_out_n = time(&mut || self.copier.run(vec![Job { dst: &mut sink, src: Some(&r) }], None));
         }
         up.unmap();
@@ -518,7 +540,12 @@ impl GpuContext {
 
         // A shader moving the bytes (16 a invocation), reading or writing host memory itself.
         if self.mappable_storage {
-            let params = self.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 16, usage: U::UNIFORM | U::COPY_DST, mapped_at_creation: false });
+            let params = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16,
+                usage: U::UNIFORM | U::COPY_DST,
+                mapped_at_creation: false,
+            });
             let words = bytes / 16;
             self.queue.write_buffer(&params, 0, bytemuck::cast_slice(&[words as u32, 0, 0, 0]));
             let pipeline = &self.pipelines[Kernel::Copy as usize];
@@ -601,7 +628,8 @@ impl GpuContext {
             self.fill_inputs(&mut pool[s], &chunk, direct)?;
             let set = &pool[s];
             let bind = self.bind_group(set, &layout, &chunk, direct);
-            let out_buf = if direct_out { set.readback.as_ref() } else { set.out.as_ref() }.expect("made by fill_inputs");
+            let out_buf = if direct_out { set.readback.as_ref() } else { set.out.as_ref() }
+                .expect("made by fill_inputs");
             let dispatch = |enc: &mut wgpu::CommandEncoder| {
                 if chunk.clear_out {
                     enc.clear_buffer(out_buf, 0, None);
@@ -641,13 +669,21 @@ impl GpuContext {
             // the polls that wait for earlier chunks deliver the callbacks.
             for st in set.staging.iter().take(chunk.inputs.len()).flatten() {
                 let flag = st.mapped.clone();
-                st.buf.slice(..).map_async(wgpu::MapMode::Write, move |r| flag.store(r.is_ok(), Ordering::Release));
+                st.buf
+                    .slice(..)
+                    .map_async(wgpu::MapMode::Write, move |r| flag.store(r.is_ok(), Ordering::Release));
             }
             let (tx, rx) = mpsc::channel();
             readback.slice(..rb_len).map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send(r);
             });
-            pending.push_back(Pending { idx, set: s, out_at: chunk.out_at, out_len: chunk.out_len, mapped: rx });
+            pending.push_back(Pending {
+                idx,
+                set: s,
+                out_at: chunk.out_at,
+                out_len: chunk.out_len,
+                mapped: rx,
+            });
         }
         while let Some(p) = pending.pop_front() {
             self.finish(&pool[p.set], p, out)?;
@@ -697,7 +733,10 @@ impl GpuContext {
         for (slot, u) in set.staging.iter_mut().zip(&chunk.inputs) {
             if slot.as_ref().is_none_or(|s| s.buf.size() < u.size) {
                 *slot = None; // free the old one before making the new one
-                *slot = Some(Staging { buf: self.make_buffer(u.size, usage, true), mapped: Arc::new(AtomicBool::new(true)) });
+                *slot = Some(Staging {
+                    buf: self.make_buffer(u.size, usage, true),
+                    mapped: Arc::new(AtomicBool::new(true)),
+                });
             }
         }
         // The maps asked for when this set's last chunk was submitted: that chunk is finished
@@ -714,8 +753,12 @@ impl GpuContext {
             self.check()?;
         }
         {
-            let mut views: Vec<wgpu::BufferViewMut> =
-                set.staging.iter().zip(&chunk.inputs).map(|(s, u)| s.as_ref().unwrap().buf.slice(..u.size).get_mapped_range_mut()).collect();
+            let mut views: Vec<wgpu::BufferViewMut> = set
+                .staging
+                .iter()
+                .zip(&chunk.inputs)
+                .map(|(s, u)| s.as_ref().unwrap().buf.slice(..u.size).get_mapped_range_mut())
+                .collect();
             let mut jobs = Vec::new();
             for (view, u) in views.iter_mut().zip(&chunk.inputs) {
                 let mut rest: &mut [u8] = view;
@@ -772,7 +815,13 @@ impl GpuContext {
     }
 
     /// DMA copies of the inputs the kernel does not read directly.
-    fn encode_uploads(&self, enc: &mut wgpu::CommandEncoder, set: &BufSet, chunk: &Chunk<'_>, direct: Direct) {
+    fn encode_uploads(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        set: &BufSet,
+        chunk: &Chunk<'_>,
+        direct: Direct,
+    ) {
         for (i, ((dev, st), u)) in set.inputs.iter().zip(&set.staging).zip(&chunk.inputs).enumerate() {
             if !direct.input(i) {
                 enc.copy_buffer_to_buffer(&st.as_ref().unwrap().buf, 0, dev.as_ref().unwrap(), 0, u.size);
@@ -780,17 +829,30 @@ impl GpuContext {
         }
     }
 
-    fn bind_group(&self, set: &BufSet, layout: &wgpu::BindGroupLayout, chunk: &Chunk<'_>, direct: Direct) -> wgpu::BindGroup {
+    fn bind_group(
+        &self,
+        set: &BufSet,
+        layout: &wgpu::BindGroupLayout,
+        chunk: &Chunk<'_>,
+        direct: Direct,
+    ) -> wgpu::BindGroup {
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: set.params.as_ref().unwrap().as_entire_binding(),
         }];
         for i in 0..chunk.inputs.len() {
-            let buf = if direct.input(i) { &set.staging[i].as_ref().unwrap().buf } else { set.inputs[i].as_ref().unwrap() };
+            let buf = if direct.input(i) {
+                &set.staging[i].as_ref().unwrap().buf
+            } else {
+                set.inputs[i].as_ref().unwrap()
+            };
             entries.push(wgpu::BindGroupEntry { binding: 1 + i as u32, resource: buf.as_entire_binding() });
         }
         let out = if direct.output { set.readback.as_ref() } else { set.out.as_ref() };
-        entries.push(wgpu::BindGroupEntry { binding: 1 + chunk.inputs.len() as u32, resource: out.unwrap().as_entire_binding() });
+        entries.push(wgpu::BindGroupEntry {
+            binding: 1 + chunk.inputs.len() as u32,
+            resource: out.unwrap().as_entire_binding(),
+        });
         self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout, entries: &entries })
     }
 
@@ -809,7 +871,10 @@ impl GpuContext {
         let len = pad4(p.out_len as u64).max(4);
         {
             let view = rb.slice(..len).get_mapped_range();
-            self.copier.run(vec![Job { dst: &mut out[p.out_at..p.out_at + p.out_len], src: Some(&view[..p.out_len]) }], None);
+            self.copier.run(
+                vec![Job { dst: &mut out[p.out_at..p.out_at + p.out_len], src: Some(&view[..p.out_len]) }],
+                None,
+            );
         }
         rb.unmap();
         self.check()

@@ -767,11 +767,14 @@ pub fn encode_lossless_with(
     EncodedChunks { frames: all, offsets }
 }
 
+/// A zstd compression context for one level, the payload scratch and the output scratch.
+type EncoderState = (i32, zstd::bulk::Compressor<'static>, Vec<u8>, Vec<u8>);
+
 thread_local! {
     /// Per thread: a zstd compression context for one level (with the content size and checksum
     /// flags set), the payload scratch (one chunk of planes) and the output scratch (zstd's bound
     /// for one chunk), reused across chunks so encoding allocates only each frame it returns.
-    static ENCODER: RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>, Vec<u8>)>> = const { RefCell::new(None) };
+    static ENCODER: RefCell<Option<EncoderState>> = const { RefCell::new(None) };
 }
 
 /// Encode ONE chunk of a tensor's lossless delta with [`LosslessOptions::default_for`]`(esize)`:

@@ -183,6 +183,9 @@ enum Target {
     },
 }
 
+/// A callback into the FUSE layer that invalidates one name under the root.
+type ForgetName = Box<dyn Fn(&str) + Send + Sync>;
+
 pub struct Fs {
     store: Store,
     catalog: RwLock<Catalog>,
@@ -193,7 +196,7 @@ pub struct Fs {
     mount_time: SystemTime,
     staging: write::Staging,
     /// Tells the kernel to forget a cached name under the root (set by the FUSE layer).
-    forget_name: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    forget_name: std::sync::OnceLock<ForgetName>,
 }
 
 impl Fs {

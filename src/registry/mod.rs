@@ -200,6 +200,8 @@ impl Registry {
 pub enum Error {
     #[error("invalid name {0:?}: use letters, digits, '.', '_' and '-', not starting with '.'")]
     InvalidName(String),
+    #[error("invalid file path {0:?}: components must not be empty, '.' or '..'")]
+    InvalidFilePath(String),
     #[error("no entry named {0:?} (see `llmfs ls`)")]
     NotFound(String),
     #[error("an entry named {0:?} already exists")]
@@ -239,6 +241,23 @@ pub fn validate_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidName(name.to_owned()))
+    }
+}
+
+/// A file of an entry is named by its path relative to the entry's directory: components joined
+/// by `/`, each any name the local filesystem allows (dotfiles, spaces, non-ASCII) except empty,
+/// `.` and `..`, none holding NUL, none over 255 bytes; no leading or trailing `/`. So
+/// `1_Pooling/config.json` and `.gitattributes` are file names, and no name leaves the entry.
+pub fn validate_file_path(path: &str) -> Result<()> {
+    let ok = !path.is_empty()
+        && path.len() <= 4096
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && c.len() <= 255 && !c.contains('\0'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidFilePath(path.to_owned()))
     }
 }
 
@@ -315,7 +334,7 @@ impl Store {
                 | EntryKind::Imported { files, .. } => &files[..],
                 EntryKind::Cast { .. } => &[],
             };
-            if let Some(f) = files.iter().find(|f| validate_name(&f.name).is_err()) {
+            if let Some(f) = files.iter().find(|f| validate_file_path(&f.name).is_err()) {
                 return Err(corrupt(format!("entry {name:?} names file {:?}", f.name)));
             }
             if let EntryKind::Quantized { config, .. } = &entry.kind {
@@ -487,9 +506,16 @@ mod tests {
     fn names_are_validated() {
         for good in ["llama-2-7b", "a", "Qwen1.5_0.5B", "x.y-z_1"] {
             validate_name(good).unwrap();
+            validate_file_path(good).unwrap();
         }
         for bad in ["", ".", "..", ".hidden", "a/b", "../x", "a b", "é", &"x".repeat(256)] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["1_Pooling/config.json", ".gitattributes", "a b+é.txt", "x/.y/z", "..a"] {
+            validate_file_path(good).unwrap();
+        }
+        for bad in ["", ".", "..", "/a", "a/", "a//b", "a/../b", "../x", "a/./b", "a\0b", &"x".repeat(256)] {
+            assert!(validate_file_path(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -15,7 +15,7 @@ use llmfs::format::Dtype;
 use llmfs::registry::add::{self, AddOptions, ChatTemplateChoice};
 use llmfs::registry::{self, Entry, EntryKind, Registry, Store};
 use llmfs::vfs::mount::{self, MountOptions};
-use llmfs::{check, demo, export, quantize, variant};
+use llmfs::{adapter, check, demo, export, quantize, variant};
 
 #[derive(Parser)]
 #[command(name = "llmfs", version, about = "A FUSE filesystem for LLM weights: variants synthesized on read")]
@@ -417,7 +417,7 @@ fn ls(registry: &Registry, as_json: bool) -> Result<()> {
         let list: Vec<_> = registry
             .entries
             .iter()
-            .map(|(n, e)| json!({"name": n, "kind": e.kind.name(), "base": e.kind.base(), "family": e.family, "size": entry_size(registry, n), "simple_name": e.info.simple_name}))
+            .map(|(n, e)| json!({"name": n, "kind": e.kind.name(), "base": e.kind.base(), "family": e.family, "adapter": adapter::adapter_of_family(&e.family), "template": e.template, "size": entry_size(registry, n), "simple_name": e.info.simple_name}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
@@ -489,8 +489,10 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         "kind": entry.kind.name(),
         "recipe": recipe,
         "family": entry.family,
+        "adapter": adapter::adapter_of_family(&entry.family),
         "template": entry.template,
         "chat_template": entry.chat_template,
+        "chat_template_unavailable": entry.chat_template.as_deref().and_then(adapter::no_chat_template_reason),
         "model_info": entry.info,
         "files": files,
         "tensors": tensors,
@@ -506,8 +508,18 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         Some(base) => println!("kind:          {} of {base}", entry.kind.name()),
         None => println!("kind:          {} {}", entry.kind.name(), value["recipe"]),
     }
-    println!("family:        {} (template {})", entry.family, entry.template);
-    println!("chat_template: {}", entry.chat_template.as_deref().unwrap_or("(the model's own, or none)"));
+    // The FastChat adapter beside its template; families an older llmfs recorded may be none.
+    match adapter::adapter_of_family(&entry.family) {
+        Some(a) => println!("adapter:       {a} (family {}, template {})", entry.family, entry.template),
+        None => println!("adapter:       ? (family {}, template {})", entry.family, entry.template),
+    }
+    match entry.chat_template.as_deref() {
+        None => println!("chat_template: (the model's own, or none)"),
+        Some(t) => match adapter::no_chat_template_reason(t) {
+            None => println!("chat_template: {t} (written into tokenizer_config.json)"),
+            Some(why) => println!("chat_template: none: template {t} has no Jinja form ({why})"),
+        },
+    }
     println!("simple name:   {}", entry.info.simple_name);
     println!("link:          {}", entry.info.link);
     println!("description:   {}", entry.info.description);

@@ -129,7 +129,8 @@ mod tests {
     #[test]
     fn real_chat_templates_round_trip() {
         for name in crate::adapter::template_names() {
-            let jinja = crate::adapter::chat_template_jinja(name).unwrap();
+            // The API models' templates have no Jinja form (chat_template_jinja's tests).
+            let Some(jinja) = crate::adapter::chat_template_jinja(name) else { continue };
             let out = tokenizer_config_with_template(Some(br#"{"eos_token": "</s>"}"#), &jinja).unwrap();
             assert_eq!(parse(&out)["chat_template"], jinja.as_str(), "{name}");
         }

@@ -51,7 +51,9 @@ pub struct Entry {
     #[serde(flatten)]
     pub kind: EntryKind,
     pub info: ModelInfo,
-    /// Model family (adapter) and FastChat conversation template name.
+    /// Model family: llmfs's short name of the FastChat model adapter (`vicuna` for
+    /// VicunaAdapter; `adapter::adapter_of_family` gives the class), and the FastChat
+    /// conversation template name.
     pub family: String,
     pub template: String,
     /// Template whose Jinja form the mount puts into tokenizer_config.json, if any.

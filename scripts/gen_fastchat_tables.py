@@ -653,6 +653,7 @@ def main():
     records, problems, claimed = [], [], set()
     for name, source in names:
         fa = type(fma.get_model_adapter(name)).__name__
+        sys.stdout, real_stdout = sys.stderr, sys.stdout  # MPTAdapter prints a warning
         try:
             ft = fma.get_conversation_template(name).name
         except ImportError:
@@ -660,6 +661,8 @@ def main():
             # adapter_config.json (with peft, over the network); a name alone has none.
             assert fa == "PeftModelAdapter", name
             ft = None
+        finally:
+            sys.stdout = real_stdout
         a, t = pick(adapters, name)
         fa2, ft2 = pick(fastchat_only, name)
         if (fa2, ft2) != (fa, ft):

@@ -241,15 +241,12 @@ fn model_registry_names_pick_fastchats_template() {
     }
 }
 
-/// A Python with fschat 0.2.36's `fastchat.model` importable: `LLMFS_FASTCHAT_PYTHON`, else
-/// `python3`.
+/// A Python with fschat 0.2.36's `fastchat.conversation` importable: `LLMFS_FASTCHAT_PYTHON`,
+/// else `python3`.
 fn fastchat_python() -> Option<String> {
     let python = std::env::var("LLMFS_FASTCHAT_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&python)
-        .args([
-            "-c",
-            "import fastchat, fastchat.model.model_adapter; assert fastchat.__version__ == '0.2.36'",
-        ])
+        .args(["-c", "import fastchat, fastchat.conversation; assert fastchat.__version__ == '0.2.36'"])
         .output()
         .is_ok_and(|o| o.status.success());
     ok.then_some(python)
@@ -265,18 +262,23 @@ fn fastchat_itself_agrees() {
     let script = r#"
 import json, sys
 import fastchat.conversation as c
-import fastchat.model.model_adapter as m
-from fastchat.model.model_registry import model_info
 real_stdout, sys.stdout = sys.stdout, sys.stderr  # MPTAdapter prints a warning
-names = json.load(open(sys.argv[1]))["names"]
-out = {"names": {}, "prompts": {}}
-for r in names:
-    try:
-        t = m.get_conversation_template(r["name"]).name
-    except ImportError:
-        t = None
-    out["names"][r["name"]] = [type(m.get_model_adapter(r["name"])).__name__, t]
-out["registry"] = sorted(model_info)
+out = {"names": None, "prompts": {}}
+try:
+    # Imports torch and transformers at module level.
+    import fastchat.model.model_adapter as m
+    from fastchat.model.model_registry import model_info
+except ImportError as e:
+    out["why"] = repr(e)
+else:
+    out["names"] = {}
+    for r in json.load(open(sys.argv[1]))["names"]:
+        try:
+            t = m.get_conversation_template(r["name"]).name
+        except ImportError:
+            t = None  # PeftModelAdapter wants peft and the adapter's config
+        out["names"][r["name"]] = [type(m.get_model_adapter(r["name"])).__name__, t]
+    out["registry"] = sorted(model_info)
 data = json.load(open(sys.argv[2]))
 for name, conv in c.conv_templates.items():
     prompts = []
@@ -303,6 +305,25 @@ json.dump(out, real_stdout)
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let live: Value = serde_json::from_slice(&o.stdout).expect("json from python");
 
+    let mut checked = 0;
+    for case in cases() {
+        let Some(live_prompts) = live["prompts"].get(&case.template) else { continue };
+        let i = case_index(&case);
+        assert_eq!(
+            live_prompts[i].as_str().map(str::to_string),
+            rust_prompt(&case),
+            "{} ({})",
+            case.template,
+            case.label
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 83 * 7, "every fschat 0.2.36 template, every conversation");
+
+    if live["names"].is_null() {
+        eprintln!("SKIPPED the adapter half: fastchat.model does not import ({})", live["why"]);
+        return;
+    }
     let records = names();
     let registry: BTreeSet<&str> =
         records.iter().filter(|r| r.source == "model_info").map(|r| r.name.as_str()).collect();
@@ -321,20 +342,6 @@ json.dump(out, real_stdout)
             }
         }
     }
-    let mut checked = 0;
-    for case in cases() {
-        let Some(live_prompts) = live["prompts"].get(&case.template) else { continue };
-        let i = case_index(&case);
-        assert_eq!(
-            live_prompts[i].as_str().map(str::to_string),
-            rust_prompt(&case),
-            "{} ({})",
-            case.template,
-            case.label
-        );
-        checked += 1;
-    }
-    assert_eq!(checked, 83 * 7, "every fschat 0.2.36 template, every conversation");
 }
 
 fn case_index(case: &Case) -> usize {

@@ -1143,32 +1143,8 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "AiroborosAdapter",
         family: "airoboros",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "airoboros"),
-            Cond::Contains(Subject::Lower, "spicyboros"),
-        ]),
-        templates: Some(&[
-            (
-                Cond::Or(&[Cond::Contains(Subject::Raw, "-3."), Cond::Contains(Subject::Raw, "-3p")]),
-                "airoboros_v3",
-            ),
-            (
-                Cond::Or(&[
-                    Cond::Contains(Subject::Raw, "spicyboros"),
-                    Cond::Regex(
-                        Subject::Raw,
-                        &[&[
-                            Atom { ranges: &[('-', '-')], plus: false },
-                            Atom { ranges: &[('2', '2')], plus: false },
-                            Atom { ranges: &[('.', '.')], plus: false },
-                            Atom { ranges: &[('2', '9')], plus: true },
-                        ]],
-                    ),
-                ]),
-                "airoboros_v2",
-            ),
-            (Cond::True, "airoboros_v1"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "airoboros"), Cond::Contains(Subject::Lower, "spicyboros")]),
+        templates: Some(&[(Cond::Or(&[Cond::Contains(Subject::Raw, "-3."), Cond::Contains(Subject::Raw, "-3p")]), "airoboros_v3"), (Cond::Or(&[Cond::Contains(Subject::Raw, "spicyboros"), Cond::Regex(Subject::Raw, &[&[Atom { ranges: &[('-', '-')], plus: false }, Atom { ranges: &[('2', '2')], plus: false }, Atom { ranges: &[('.', '.')], plus: false }, Atom { ranges: &[('2', '9')], plus: true }]])]), "airoboros_v2"), (Cond::True, "airoboros_v1")]),
     },
     Adapter {
         name: "LongChatAdapter",
@@ -1181,11 +1157,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "GoogleT5Adapter",
         family: "google-t5",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "flan-"),
-            Cond::Contains(Subject::Lower, "fastchat-t5"),
-            Cond::Contains(Subject::Lower, "codet5p"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "flan-"), Cond::Contains(Subject::Lower, "fastchat-t5"), Cond::Contains(Subject::Lower, "codet5p")]),
         templates: Some(&[(Cond::True, "one_shot")]),
     },
     Adapter {
@@ -1207,11 +1179,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         family: "chat-glm",
         origin: "fschat 0.2.36",
         matches: Cond::Contains(Subject::Lower, "chatglm"),
-        templates: Some(&[
-            (Cond::Contains(Subject::Lower, "chatglm2"), "chatglm2"),
-            (Cond::Contains(Subject::Lower, "chatglm3"), "chatglm3"),
-            (Cond::True, "chatglm"),
-        ]),
+        templates: Some(&[(Cond::Contains(Subject::Lower, "chatglm2"), "chatglm2"), (Cond::Contains(Subject::Lower, "chatglm3"), "chatglm3"), (Cond::True, "chatglm")]),
     },
     Adapter {
         name: "CodeGeexAdapter",
@@ -1231,39 +1199,21 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "OasstPythiaAdapter",
         family: "oasst-pythia",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "oasst"),
-            Cond::Contains(Subject::Lower, "pythia"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "oasst"), Cond::Contains(Subject::Lower, "pythia")]),
         templates: Some(&[(Cond::True, "oasst_pythia")]),
     },
     Adapter {
         name: "OasstLLaMAAdapter",
         family: "oasst-lla-ma",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "openassistant-sft-7-llama-30b-hf"),
-            Cond::And(&[
-                Cond::Contains(Subject::Lower, "oasst"),
-                Cond::Not(&Cond::Contains(Subject::Lower, "pythia")),
-            ]),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "openassistant-sft-7-llama-30b-hf"), Cond::And(&[Cond::Contains(Subject::Lower, "oasst"), Cond::Not(&Cond::Contains(Subject::Lower, "pythia"))])]),
         templates: Some(&[(Cond::True, "oasst_llama")]),
     },
     Adapter {
         name: "OpenChat35Adapter",
         family: "open-chat35",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::And(&[Cond::Contains(Subject::Lower, "openchat"), Cond::Contains(Subject::Lower, "3.5")]),
-            Cond::And(&[
-                Cond::Not(&Cond::And(&[
-                    Cond::Contains(Subject::Lower, "openchat"),
-                    Cond::Contains(Subject::Lower, "3.5"),
-                ])),
-                Cond::Contains(Subject::Lower, "starling-lm"),
-            ]),
-        ]),
+        matches: Cond::Or(&[Cond::And(&[Cond::Contains(Subject::Lower, "openchat"), Cond::Contains(Subject::Lower, "3.5")]), Cond::And(&[Cond::Not(&Cond::And(&[Cond::Contains(Subject::Lower, "openchat"), Cond::Contains(Subject::Lower, "3.5")])), Cond::Contains(Subject::Lower, "starling-lm")])]),
         templates: Some(&[(Cond::True, "openchat_3.5")]),
     },
     Adapter {
@@ -1326,29 +1276,14 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "GeminiAdapter",
         family: "gemini",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "gemini"),
-            Cond::Contains(Subject::Lower, "bard"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "gemini"), Cond::Contains(Subject::Lower, "bard")]),
         templates: Some(&[(Cond::True, "gemini")]),
     },
     Adapter {
         name: "ChatGPTAdapter",
         family: "chat-gpt",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Eq("gpt-3.5-turbo"),
-            Cond::Eq("gpt-3.5-turbo-0301"),
-            Cond::Eq("gpt-3.5-turbo-0613"),
-            Cond::Eq("gpt-3.5-turbo-1106"),
-            Cond::Eq("gpt-3.5-turbo-0125"),
-            Cond::Eq("gpt-4"),
-            Cond::Eq("gpt-4-0314"),
-            Cond::Eq("gpt-4-0613"),
-            Cond::Eq("gpt-4-turbo"),
-            Cond::Eq("gpt-4-1106-preview"),
-            Cond::Eq("gpt-4-0125-preview"),
-        ]),
+        matches: Cond::Or(&[Cond::Eq("gpt-3.5-turbo"), Cond::Eq("gpt-3.5-turbo-0301"), Cond::Eq("gpt-3.5-turbo-0613"), Cond::Eq("gpt-3.5-turbo-1106"), Cond::Eq("gpt-3.5-turbo-0125"), Cond::Eq("gpt-4"), Cond::Eq("gpt-4-0314"), Cond::Eq("gpt-4-0613"), Cond::Eq("gpt-4-turbo"), Cond::Eq("gpt-4-1106-preview"), Cond::Eq("gpt-4-0125-preview")]),
         templates: Some(&[(Cond::True, "chatgpt")]),
     },
     Adapter {
@@ -1362,43 +1297,15 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "ClaudeAdapter",
         family: "claude",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Eq("claude-1"),
-            Cond::Eq("claude-2"),
-            Cond::Eq("claude-2.0"),
-            Cond::Eq("claude-2.1"),
-            Cond::Eq("claude-instant-1"),
-            Cond::Eq("claude-instant-1.2"),
-        ]),
+        matches: Cond::Or(&[Cond::Eq("claude-1"), Cond::Eq("claude-2"), Cond::Eq("claude-2.0"), Cond::Eq("claude-2.1"), Cond::Eq("claude-instant-1"), Cond::Eq("claude-instant-1.2")]),
         templates: Some(&[(Cond::True, "claude")]),
     },
     Adapter {
         name: "MPTAdapter",
         family: "mpt",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "mpt"),
-            Cond::Not(&Cond::Contains(Subject::Lower, "airoboros")),
-        ]),
-        templates: Some(&[
-            (Cond::Contains(Subject::Lower, "mpt-7b-chat"), "mpt-7b-chat"),
-            (
-                Cond::And(&[
-                    Cond::Not(&Cond::Contains(Subject::Lower, "mpt-7b-chat")),
-                    Cond::Contains(Subject::Lower, "mpt-30b-chat"),
-                ]),
-                "mpt-30b-chat",
-            ),
-            (
-                Cond::And(&[
-                    Cond::Not(&Cond::Contains(Subject::Lower, "mpt-7b-chat")),
-                    Cond::Not(&Cond::Contains(Subject::Lower, "mpt-30b-chat")),
-                    Cond::Contains(Subject::Lower, "mpt-30b-instruct"),
-                ]),
-                "mpt-30b-instruct",
-            ),
-            (Cond::True, "zero_shot"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "mpt"), Cond::Not(&Cond::Contains(Subject::Lower, "airoboros"))]),
+        templates: Some(&[(Cond::Contains(Subject::Lower, "mpt-7b-chat"), "mpt-7b-chat"), (Cond::And(&[Cond::Not(&Cond::Contains(Subject::Lower, "mpt-7b-chat")), Cond::Contains(Subject::Lower, "mpt-30b-chat")]), "mpt-30b-chat"), (Cond::And(&[Cond::Not(&Cond::Contains(Subject::Lower, "mpt-7b-chat")), Cond::Not(&Cond::Contains(Subject::Lower, "mpt-30b-chat")), Cond::Contains(Subject::Lower, "mpt-30b-instruct")]), "mpt-30b-instruct"), (Cond::True, "zero_shot")]),
     },
     Adapter {
         name: "BiLLaAdapter",
@@ -1432,10 +1339,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "SnoozyAdapter",
         family: "snoozy",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "gpt4all"),
-            Cond::Contains(Subject::Lower, "snoozy"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "gpt4all"), Cond::Contains(Subject::Lower, "snoozy")]),
         templates: Some(&[(Cond::True, "snoozy")]),
     },
     Adapter {
@@ -1443,17 +1347,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         family: "wizard-lm",
         origin: "fschat 0.2.36",
         matches: Cond::Contains(Subject::Lower, "wizardlm"),
-        templates: Some(&[
-            (
-                Cond::Or(&[
-                    Cond::Contains(Subject::Lower, "13b"),
-                    Cond::Contains(Subject::Lower, "30b"),
-                    Cond::Contains(Subject::Lower, "70b"),
-                ]),
-                "vicuna_v1.1",
-            ),
-            (Cond::True, "one_shot"),
-        ]),
+        templates: Some(&[(Cond::Or(&[Cond::Contains(Subject::Lower, "13b"), Cond::Contains(Subject::Lower, "30b"), Cond::Contains(Subject::Lower, "70b")]), "vicuna_v1.1"), (Cond::True, "one_shot")]),
     },
     Adapter {
         name: "ManticoreAdapter",
@@ -1480,10 +1374,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "ChangGPTAdapter",
         family: "chang-gpt",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "polyglot"),
-            Cond::Contains(Subject::Lower, "chang"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "polyglot"), Cond::Contains(Subject::Lower, "chang")]),
         templates: Some(&[(Cond::True, "polyglot_changgpt")]),
     },
     Adapter {
@@ -1497,20 +1388,14 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "FalconChatAdapter",
         family: "falcon-chat",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "falcon"),
-            Cond::Contains(Subject::Lower, "chat"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "falcon"), Cond::Contains(Subject::Lower, "chat")]),
         templates: Some(&[(Cond::True, "falcon-chat")]),
     },
     Adapter {
         name: "FalconAdapter",
         family: "falcon",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "falcon"),
-            Cond::Not(&Cond::Contains(Subject::Lower, "chat")),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "falcon"), Cond::Not(&Cond::Contains(Subject::Lower, "chat"))]),
         templates: Some(&[(Cond::True, "falcon")]),
     },
     Adapter {
@@ -1525,17 +1410,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         family: "baichuan",
         origin: "fschat 0.2.36",
         matches: Cond::Contains(Subject::Lower, "baichuan"),
-        templates: Some(&[
-            (
-                Cond::And(&[
-                    Cond::Contains(Subject::Lower, "chat"),
-                    Cond::Contains(Subject::Lower, "baichuan2"),
-                ]),
-                "baichuan2-chat",
-            ),
-            (Cond::Contains(Subject::Lower, "chat"), "baichuan-chat"),
-            (Cond::True, "zero_shot"),
-        ]),
+        templates: Some(&[(Cond::And(&[Cond::Contains(Subject::Lower, "chat"), Cond::Contains(Subject::Lower, "baichuan2")]), "baichuan2-chat"), (Cond::Contains(Subject::Lower, "chat"), "baichuan-chat"), (Cond::True, "zero_shot")]),
     },
     Adapter {
         name: "XGenAdapter",
@@ -1583,43 +1458,28 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "OpenOrcaAdapter",
         family: "open-orca",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "mistral-7b-openorca"),
-            Cond::Contains(Subject::Lower, "openorca"),
-        ]),
-        templates: Some(&[
-            (Cond::Contains(Subject::Lower, "mistral-7b-openorca"), "mistral-7b-openorca"),
-            (Cond::True, "open-orca"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "mistral-7b-openorca"), Cond::Contains(Subject::Lower, "openorca")]),
+        templates: Some(&[(Cond::Contains(Subject::Lower, "mistral-7b-openorca"), "mistral-7b-openorca"), (Cond::True, "open-orca")]),
     },
     Adapter {
         name: "DolphinAdapter",
         family: "dolphin",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "dolphin"),
-            Cond::Contains(Subject::Lower, "mistral"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "dolphin"), Cond::Contains(Subject::Lower, "mistral")]),
         templates: Some(&[(Cond::True, "dolphin-2.2.1-mistral-7b")]),
     },
     Adapter {
         name: "Hermes2Adapter",
         family: "hermes2",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "openhermes-2.5-mistral-7b"),
-            Cond::Contains(Subject::Lower, "openhermes-2-mistral-7b"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "openhermes-2.5-mistral-7b"), Cond::Contains(Subject::Lower, "openhermes-2-mistral-7b")]),
         templates: Some(&[(Cond::True, "OpenHermes-2.5-Mistral-7B")]),
     },
     Adapter {
         name: "NousHermes2MixtralAdapter",
         family: "nous-hermes2-mixtral",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "nous-hermes-2-mixtral-8x7b-dpo"),
-            Cond::Contains(Subject::Lower, "nous-hermes-2-mixtral-8x7b-sft"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "nous-hermes-2-mixtral-8x7b-dpo"), Cond::Contains(Subject::Lower, "nous-hermes-2-mixtral-8x7b-sft")]),
         templates: Some(&[(Cond::True, "Nous-Hermes-2-Mixtral-8x7B-DPO")]),
     },
     Adapter {
@@ -1633,10 +1493,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "MistralAdapter",
         family: "mistral",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "mistral"),
-            Cond::Contains(Subject::Lower, "mixtral"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "mistral"), Cond::Contains(Subject::Lower, "mixtral")]),
         templates: Some(&[(Cond::True, "mistral")]),
     },
     Adapter {
@@ -1658,25 +1515,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         family: "aquila-chat",
         origin: "fschat 0.2.36",
         matches: Cond::Contains(Subject::Lower, "aquila"),
-        templates: Some(&[
-            (
-                Cond::And(&[
-                    Cond::Contains(Subject::Lower, "aquilachat2"),
-                    Cond::Contains(Subject::Lower, "16k"),
-                ]),
-                "aquila",
-            ),
-            (
-                Cond::And(&[
-                    Cond::Contains(Subject::Lower, "aquilachat2"),
-                    Cond::Not(&Cond::Contains(Subject::Lower, "16k")),
-                    Cond::Contains(Subject::Lower, "34b"),
-                ]),
-                "aquila-legacy",
-            ),
-            (Cond::Contains(Subject::Lower, "aquilachat2"), "aquila-v1"),
-            (Cond::True, "aquila-chat"),
-        ]),
+        templates: Some(&[(Cond::And(&[Cond::Contains(Subject::Lower, "aquilachat2"), Cond::Contains(Subject::Lower, "16k")]), "aquila"), (Cond::And(&[Cond::Contains(Subject::Lower, "aquilachat2"), Cond::Not(&Cond::Contains(Subject::Lower, "16k")), Cond::Contains(Subject::Lower, "34b")]), "aquila-legacy"), (Cond::Contains(Subject::Lower, "aquilachat2"), "aquila-v1"), (Cond::True, "aquila-chat")]),
     },
     Adapter {
         name: "BGEAdapter",
@@ -1710,30 +1549,14 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "VigogneAdapter",
         family: "vigogne",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "vigogne"),
-            Cond::Contains(Subject::Lower, "vigostral"),
-        ]),
-        templates: Some(&[
-            (
-                Cond::And(&[
-                    Cond::Contains(Subject::Lower, "chat"),
-                    Cond::Contains(Subject::Lower, "vigostral"),
-                ]),
-                "vigogne_chat_v3",
-            ),
-            (Cond::Contains(Subject::Lower, "chat"), "vigogne_chat_v2"),
-            (Cond::True, "vigogne_instruct"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "vigogne"), Cond::Contains(Subject::Lower, "vigostral")]),
+        templates: Some(&[(Cond::And(&[Cond::Contains(Subject::Lower, "chat"), Cond::Contains(Subject::Lower, "vigostral")]), "vigogne_chat_v3"), (Cond::Contains(Subject::Lower, "chat"), "vigogne_chat_v2"), (Cond::True, "vigogne_instruct")]),
     },
     Adapter {
         name: "OpenLLaMaOpenInstructAdapter",
         family: "open-lla-ma-open-instruct",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "open-llama"),
-            Cond::Contains(Subject::Lower, "open-instruct"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "open-llama"), Cond::Contains(Subject::Lower, "open-instruct")]),
         templates: Some(&[(Cond::True, "alpaca")]),
     },
     Adapter {
@@ -1810,11 +1633,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "PygmalionAdapter",
         family: "pygmalion",
         origin: "fschat 0.2.36",
-        matches: Cond::Or(&[
-            Cond::Contains(Subject::Lower, "pygmalion"),
-            Cond::Contains(Subject::Lower, "mythalion"),
-            Cond::Contains(Subject::Lower, "metharme"),
-        ]),
+        matches: Cond::Or(&[Cond::Contains(Subject::Lower, "pygmalion"), Cond::Contains(Subject::Lower, "mythalion"), Cond::Contains(Subject::Lower, "metharme")]),
         templates: Some(&[(Cond::True, "metharme")]),
     },
     Adapter {
@@ -1856,10 +1675,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "DeepseekChatAdapter",
         family: "deepseek-chat",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "deepseek-llm"),
-            Cond::Contains(Subject::Lower, "chat"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "deepseek-llm"), Cond::Contains(Subject::Lower, "chat")]),
         templates: Some(&[(Cond::True, "deepseek-chat")]),
     },
     Adapter {
@@ -1887,10 +1703,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         name: "SolarAdapter",
         family: "solar",
         origin: "fschat 0.2.36",
-        matches: Cond::And(&[
-            Cond::Contains(Subject::Lower, "solar-"),
-            Cond::Contains(Subject::Lower, "instruct"),
-        ]),
+        matches: Cond::And(&[Cond::Contains(Subject::Lower, "solar-"), Cond::Contains(Subject::Lower, "instruct")]),
         templates: Some(&[(Cond::True, "solar")]),
     },
     Adapter {

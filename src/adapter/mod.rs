@@ -18,6 +18,8 @@
 
 mod conversation;
 mod detect;
+// Generated (scripts/gen_fastchat_tables.py --check compares it byte for byte): not reformatted.
+#[rustfmt::skip]
 mod fastchat_tables;
 mod jinja;
 mod rules;

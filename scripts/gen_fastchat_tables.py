@@ -632,7 +632,7 @@ def main():
                 "name": cls.__name__,
                 "family": family_name(cls.__name__),
                 "origin": origin[cls],
-                "doc": " ".join((cls.__doc__ or "").split()),
+                "doc": ((cls.__doc__ or "").strip().splitlines() or [""])[0].strip(),
                 "match": match,
                 "templates": templates,
             }
@@ -859,6 +859,8 @@ def render_rust(adapters, convs, later_names, style_names):
     w("/// match wins), FastChat main's Llama3/Gemma adapters just before BaseModelAdapter.")
     w("pub(crate) static ADAPTERS: &[Adapter] = &[")
     for a in adapters:
+        if a["doc"]:
+            w(f"    // {a['doc']}")
         w("    Adapter {")
         w(f"        name: {rs_str(a['name'])},")
         w(f"        family: {rs_str(a['family'])},")

@@ -516,7 +516,9 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     match entry.chat_template.as_deref() {
         None => println!("chat_template: (the model's own, or none)"),
         Some(t) => match adapter::no_chat_template_reason(t) {
-            None => println!("chat_template: {t} (written into tokenizer_config.json)"),
+            None => {
+                println!("chat_template: {t} (in the mounted tokenizer_config.json if the model has none)")
+            }
             Some(why) => println!("chat_template: none: template {t} has no Jinja form ({why})"),
         },
     }

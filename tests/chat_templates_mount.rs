@@ -5,7 +5,8 @@
 //! to a transformers tokenizer and calls `apply_chat_template(..., tokenize=False)` on every
 //! conversation of `tests/data/fastchat_prompts.json`: the text must be FastChat's
 //! `get_prompt()` byte for byte (the empty conversation aside: transformers refuses those). The five templates FastChat has no text prompt for must reach
-//! the mount with no `chat_template` at all, and `llmfs info` must say why.
+//! the mount with no `chat_template` at all, and `llmfs info` must say why. `info` and
+//! `ls --json` show the adapter beside the template.
 //! Skipped (saying so) when transformers is not importable; .ci/run installs it.
 
 mod common;
@@ -83,6 +84,25 @@ fn transformers_renders_every_mounted_template_like_fastchat() {
         assert!(text.contains(&format!("chat_template: none: template {name} has no Jinja form")), "{text}");
     }
     assert_eq!(without, 5, "chatgpt, pplxai, bard, gemini, steerlm");
+
+    // A detected family: info shows the adapter beside the template; ls --json carries both.
+    ts.ok(["add", "vicuna-7b-v1.5", model.to_str().unwrap()]);
+    let info = ts.json(["info", "vicuna-7b-v1.5", "--json"]);
+    assert_eq!(
+        (&info["adapter"], &info["template"]),
+        (&"VicunaAdapter".into(), &"vicuna_v1.1".into()),
+        "{info:#}"
+    );
+    assert_eq!(info["chat_template"], "vicuna_v1.1");
+    assert!(info["chat_template_unavailable"].is_null());
+    let text = ts.ok(["info", "vicuna-7b-v1.5"]);
+    assert!(text.contains("adapter:       VicunaAdapter (family vicuna, template vicuna_v1.1)"), "{text}");
+    let list = ts.json(["ls", "--json"]);
+    for e in list.as_array().unwrap() {
+        assert!(e["adapter"].is_string() && e["template"].is_string(), "{e}");
+    }
+    let vicuna = list.as_array().unwrap().iter().find(|e| e["name"] == "vicuna-7b-v1.5").unwrap();
+    assert_eq!(vicuna["adapter"], "VicunaAdapter");
 
     let mp = ts.path("mnt");
     let mount = MountGuard::new(&ts, &mp, &[]);

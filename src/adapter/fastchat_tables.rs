@@ -1118,6 +1118,7 @@ pub(crate) static TEMPLATES: &[Conversation] = &[
 /// Every model adapter of fastchat/model/model_adapter.py in registration order (the first
 /// match wins), FastChat main's Llama3/Gemma adapters just before BaseModelAdapter.
 pub(crate) static ADAPTERS: &[Adapter] = &[
+    // Loads any "peft" model and it's base model.
     Adapter {
         name: "PeftModelAdapter",
         family: "peft-model",
@@ -1125,6 +1126,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "peft"),
         templates: None,
     },
+    // The model adapter for StableVicuna
     Adapter {
         name: "StableVicunaAdapter",
         family: "stable-vicuna",
@@ -1132,6 +1134,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "stable-vicuna"),
         templates: Some(&[(Cond::True, "stable-vicuna")]),
     },
+    // Model adapter for Vicuna models (e.g., lmsys/vicuna-7b-v1.5)
     Adapter {
         name: "VicunaAdapter",
         family: "vicuna",
@@ -1139,6 +1142,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "vicuna"),
         templates: Some(&[(Cond::Contains(Subject::Leaf, "v0"), "one_shot"), (Cond::True, "vicuna_v1.1")]),
     },
+    // The model adapter for jondurbin/airoboros-*
     Adapter {
         name: "AiroborosAdapter",
         family: "airoboros",
@@ -1146,6 +1150,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "airoboros"), Cond::Contains(Subject::Lower, "spicyboros")]),
         templates: Some(&[(Cond::Or(&[Cond::Contains(Subject::Raw, "-3."), Cond::Contains(Subject::Raw, "-3p")]), "airoboros_v3"), (Cond::Or(&[Cond::Contains(Subject::Raw, "spicyboros"), Cond::Regex(Subject::Raw, &[&[Atom { ranges: &[('-', '-')], plus: false }, Atom { ranges: &[('2', '2')], plus: false }, Atom { ranges: &[('.', '.')], plus: false }, Atom { ranges: &[('2', '9')], plus: true }]])]), "airoboros_v2"), (Cond::True, "airoboros_v1")]),
     },
+    // Model adapter for LongChat models (e.g., lmsys/longchat-7b-16k).
     Adapter {
         name: "LongChatAdapter",
         family: "long-chat",
@@ -1153,6 +1158,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "longchat"),
         templates: Some(&[(Cond::True, "vicuna_v1.1")]),
     },
+    // The model adapter for google/Flan based models, such as Salesforce/codet5p-6b, lmsys/fastchat-t5-3b-v1.0, flan-t5-*, flan-ul2
     Adapter {
         name: "GoogleT5Adapter",
         family: "google-t5",
@@ -1160,6 +1166,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "flan-"), Cond::Contains(Subject::Lower, "fastchat-t5"), Cond::Contains(Subject::Lower, "codet5p")]),
         templates: Some(&[(Cond::True, "one_shot")]),
     },
+    // The model adapter for Koala
     Adapter {
         name: "KoalaAdapter",
         family: "koala",
@@ -1167,6 +1174,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "koala"),
         templates: Some(&[(Cond::True, "koala_v1")]),
     },
+    // The model adapter for Alpaca
     Adapter {
         name: "AlpacaAdapter",
         family: "alpaca",
@@ -1174,6 +1182,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "alpaca"),
         templates: Some(&[(Cond::True, "alpaca")]),
     },
+    // The model adapter for THUDM/chatglm-6b, THUDM/chatglm2-6b
     Adapter {
         name: "ChatGLMAdapter",
         family: "chat-glm",
@@ -1181,6 +1190,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "chatglm"),
         templates: Some(&[(Cond::Contains(Subject::Lower, "chatglm2"), "chatglm2"), (Cond::Contains(Subject::Lower, "chatglm3"), "chatglm3"), (Cond::True, "chatglm")]),
     },
+    // The model adapter for THUDM/codegeex-6b, THUDM/codegeex2-6b
     Adapter {
         name: "CodeGeexAdapter",
         family: "code-geex",
@@ -1188,6 +1198,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "codegeex"),
         templates: Some(&[(Cond::True, "codegeex")]),
     },
+    // The model adapter for databricks/dolly-v2-12b
     Adapter {
         name: "DollyV2Adapter",
         family: "dolly-v2",
@@ -1195,6 +1206,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "dolly-v2"),
         templates: Some(&[(Cond::True, "dolly_v2")]),
     },
+    // The model adapter for OpenAssistant/oasst-sft-4-pythia-12b-epoch-3.5
     Adapter {
         name: "OasstPythiaAdapter",
         family: "oasst-pythia",
@@ -1202,6 +1214,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "oasst"), Cond::Contains(Subject::Lower, "pythia")]),
         templates: Some(&[(Cond::True, "oasst_pythia")]),
     },
+    // The model adapter for OpenAssistant/oasst-sft-7-llama-30b
     Adapter {
         name: "OasstLLaMAAdapter",
         family: "oasst-lla-ma",
@@ -1209,6 +1222,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "openassistant-sft-7-llama-30b-hf"), Cond::And(&[Cond::Contains(Subject::Lower, "oasst"), Cond::Not(&Cond::Contains(Subject::Lower, "pythia"))])]),
         templates: Some(&[(Cond::True, "oasst_llama")]),
     },
+    // The model adapter for OpenChat 3.5 (e.g. openchat/openchat_3.5)
     Adapter {
         name: "OpenChat35Adapter",
         family: "open-chat35",
@@ -1216,6 +1230,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::And(&[Cond::Contains(Subject::Lower, "openchat"), Cond::Contains(Subject::Lower, "3.5")]), Cond::And(&[Cond::Not(&Cond::And(&[Cond::Contains(Subject::Lower, "openchat"), Cond::Contains(Subject::Lower, "3.5")])), Cond::Contains(Subject::Lower, "starling-lm")])]),
         templates: Some(&[(Cond::True, "openchat_3.5")]),
     },
+    // The model adapter for TenyxChat (e.g. tenyx/TenyxChat-7B-v1)
     Adapter {
         name: "TenyxChatAdapter",
         family: "tenyx-chat",
@@ -1223,6 +1238,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "tenyxchat"),
         templates: Some(&[(Cond::True, "tenyxchat")]),
     },
+    // The model adapter for StabilityAI/stablelm-tuned-alpha-7b
     Adapter {
         name: "StableLMAdapter",
         family: "stable-lm",
@@ -1230,6 +1246,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "stablelm"),
         templates: Some(&[(Cond::True, "stablelm")]),
     },
+    // The model adapter for project-baize/baize-v2-7b
     Adapter {
         name: "BaizeAdapter",
         family: "baize",
@@ -1237,6 +1254,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "baize"),
         templates: Some(&[(Cond::True, "baize")]),
     },
+    // The model adapter for BlinkDL/RWKV-4-Raven
     Adapter {
         name: "RwkvAdapter",
         family: "rwkv",
@@ -1244,6 +1262,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "rwkv-4"),
         templates: Some(&[(Cond::True, "rwkv")]),
     },
+    // The model adapter for OpenBuddy/openbuddy-7b-v1.1-bf16-enc
     Adapter {
         name: "OpenBuddyAdapter",
         family: "open-buddy",
@@ -1251,6 +1270,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "openbuddy"),
         templates: Some(&[(Cond::True, "openbuddy")]),
     },
+    // The model adapter for FreedomIntelligence/phoenix-inst-chat-7b
     Adapter {
         name: "PhoenixAdapter",
         family: "phoenix",
@@ -1258,6 +1278,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "phoenix"),
         templates: Some(&[(Cond::True, "phoenix")]),
     },
+    // The model adapter for Bard
     Adapter {
         name: "BardAdapter",
         family: "bard",
@@ -1265,6 +1286,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Eq("bard"),
         templates: Some(&[(Cond::True, "bard")]),
     },
+    // The model adapter for PaLM2
     Adapter {
         name: "PaLM2Adapter",
         family: "pa-lm2",
@@ -1272,6 +1294,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Eq("palm-2"),
         templates: Some(&[(Cond::True, "bard")]),
     },
+    // The model adapter for Gemini
     Adapter {
         name: "GeminiAdapter",
         family: "gemini",
@@ -1279,6 +1302,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "gemini"), Cond::Contains(Subject::Lower, "bard")]),
         templates: Some(&[(Cond::True, "gemini")]),
     },
+    // The model adapter for ChatGPT
     Adapter {
         name: "ChatGPTAdapter",
         family: "chat-gpt",
@@ -1286,6 +1310,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Eq("gpt-3.5-turbo"), Cond::Eq("gpt-3.5-turbo-0301"), Cond::Eq("gpt-3.5-turbo-0613"), Cond::Eq("gpt-3.5-turbo-1106"), Cond::Eq("gpt-3.5-turbo-0125"), Cond::Eq("gpt-4"), Cond::Eq("gpt-4-0314"), Cond::Eq("gpt-4-0613"), Cond::Eq("gpt-4-turbo"), Cond::Eq("gpt-4-1106-preview"), Cond::Eq("gpt-4-0125-preview")]),
         templates: Some(&[(Cond::True, "chatgpt")]),
     },
+    // The model adapter for Azure OpenAI
     Adapter {
         name: "AzureOpenAIAdapter",
         family: "azure-open-ai",
@@ -1293,6 +1318,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Eq("azure-gpt-35-turbo"), Cond::Eq("azure-gpt-4")]),
         templates: Some(&[(Cond::True, "chatgpt")]),
     },
+    // The model adapter for Claude
     Adapter {
         name: "ClaudeAdapter",
         family: "claude",
@@ -1300,6 +1326,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Eq("claude-1"), Cond::Eq("claude-2"), Cond::Eq("claude-2.0"), Cond::Eq("claude-2.1"), Cond::Eq("claude-instant-1"), Cond::Eq("claude-instant-1.2")]),
         templates: Some(&[(Cond::True, "claude")]),
     },
+    // The model adapter for MPT series (mosaicml/mpt-7b-chat, mosaicml/mpt-30b-chat)
     Adapter {
         name: "MPTAdapter",
         family: "mpt",
@@ -1307,6 +1334,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "mpt"), Cond::Not(&Cond::Contains(Subject::Lower, "airoboros"))]),
         templates: Some(&[(Cond::Contains(Subject::Lower, "mpt-7b-chat"), "mpt-7b-chat"), (Cond::And(&[Cond::Not(&Cond::Contains(Subject::Lower, "mpt-7b-chat")), Cond::Contains(Subject::Lower, "mpt-30b-chat")]), "mpt-30b-chat"), (Cond::And(&[Cond::Not(&Cond::Contains(Subject::Lower, "mpt-7b-chat")), Cond::Not(&Cond::Contains(Subject::Lower, "mpt-30b-chat")), Cond::Contains(Subject::Lower, "mpt-30b-instruct")]), "mpt-30b-instruct"), (Cond::True, "zero_shot")]),
     },
+    // The model adapter for Neutralzz/BiLLa-7B-SFT
     Adapter {
         name: "BiLLaAdapter",
         family: "bi-lla",
@@ -1314,6 +1342,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "billa"),
         templates: Some(&[(Cond::True, "billa")]),
     },
+    // The model adapter for togethercomputer/RedPajama-INCITE-7B-Chat
     Adapter {
         name: "RedPajamaINCITEAdapter",
         family: "red-pajama-incite",
@@ -1321,6 +1350,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "redpajama-incite"),
         templates: Some(&[(Cond::True, "redpajama-incite")]),
     },
+    // The model adapter for h2oai/h2ogpt-gm-oasst1-en-2048-open-llama-7b
     Adapter {
         name: "H2OGPTAdapter",
         family: "h2-ogpt",
@@ -1328,6 +1358,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "h2ogpt"),
         templates: Some(&[(Cond::True, "h2ogpt")]),
     },
+    // The model adapter for LMFlow/Full-Robin-7b-v2
     Adapter {
         name: "RobinAdapter",
         family: "robin",
@@ -1335,6 +1366,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "robin"),
         templates: Some(&[(Cond::True, "Robin")]),
     },
+    // The model adapter for nomic-ai/gpt4all-13b-snoozy
     Adapter {
         name: "SnoozyAdapter",
         family: "snoozy",
@@ -1342,6 +1374,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "gpt4all"), Cond::Contains(Subject::Lower, "snoozy")]),
         templates: Some(&[(Cond::True, "snoozy")]),
     },
+    // The model adapter for WizardLM/WizardLM-13B-V1.0
     Adapter {
         name: "WizardLMAdapter",
         family: "wizard-lm",
@@ -1349,6 +1382,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "wizardlm"),
         templates: Some(&[(Cond::Or(&[Cond::Contains(Subject::Lower, "13b"), Cond::Contains(Subject::Lower, "30b"), Cond::Contains(Subject::Lower, "70b")]), "vicuna_v1.1"), (Cond::True, "one_shot")]),
     },
+    // The model adapter for openaccess-ai-collective/manticore-13b-chat-pyg
     Adapter {
         name: "ManticoreAdapter",
         family: "manticore",
@@ -1356,6 +1390,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "manticore"),
         templates: Some(&[(Cond::True, "manticore")]),
     },
+    // The model adapter for timdettmers/guanaco-33b-merged
     Adapter {
         name: "GuanacoAdapter",
         family: "guanaco",
@@ -1363,6 +1398,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "guanaco"),
         templates: Some(&[(Cond::True, "zero_shot")]),
     },
+    // The model adapter for camel-ai/CAMEL-13B-Combined-Data
     Adapter {
         name: "CamelAdapter",
         family: "camel",
@@ -1370,6 +1406,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "camel"),
         templates: Some(&[(Cond::True, "vicuna_v1.1")]),
     },
+    // The model adapter for lcw99/polyglot-ko-12.8b-chang-instruct-chat
     Adapter {
         name: "ChangGPTAdapter",
         family: "chang-gpt",
@@ -1377,6 +1414,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "polyglot"), Cond::Contains(Subject::Lower, "chang")]),
         templates: Some(&[(Cond::True, "polyglot_changgpt")]),
     },
+    // The model adapter for allenai/tulu-30b
     Adapter {
         name: "TuluAdapter",
         family: "tulu",
@@ -1391,6 +1429,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "falcon"), Cond::Contains(Subject::Lower, "chat")]),
         templates: Some(&[(Cond::True, "falcon-chat")]),
     },
+    // The model adapter for tiiuae/falcon-40b
     Adapter {
         name: "FalconAdapter",
         family: "falcon",
@@ -1398,6 +1437,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "falcon"), Cond::Not(&Cond::Contains(Subject::Lower, "chat"))]),
         templates: Some(&[(Cond::True, "falcon")]),
     },
+    // The model adapter for TigerResearch/tigerbot-7b-sft
     Adapter {
         name: "TigerBotAdapter",
         family: "tiger-bot",
@@ -1405,6 +1445,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "tigerbot"),
         templates: Some(&[(Cond::True, "tigerbot")]),
     },
+    // The model adapter for Baichuan models (e.g., baichuan-inc/Baichuan-7B)
     Adapter {
         name: "BaichuanAdapter",
         family: "baichuan",
@@ -1412,6 +1453,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "baichuan"),
         templates: Some(&[(Cond::And(&[Cond::Contains(Subject::Lower, "chat"), Cond::Contains(Subject::Lower, "baichuan2")]), "baichuan2-chat"), (Cond::Contains(Subject::Lower, "chat"), "baichuan-chat"), (Cond::True, "zero_shot")]),
     },
+    // The model adapter for Salesforce/xgen-7b
     Adapter {
         name: "XGenAdapter",
         family: "xgen",
@@ -1419,6 +1461,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "xgen"),
         templates: Some(&[(Cond::True, "xgen")]),
     },
+    // The model adapter for any EleutherAI/pythia model
     Adapter {
         name: "PythiaAdapter",
         family: "pythia",
@@ -1426,6 +1469,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "pythia"),
         templates: Some(&[(Cond::True, "one_shot")]),
     },
+    // The model adapter for internlm/internlm-chat-7b
     Adapter {
         name: "InternLMChatAdapter",
         family: "intern-lmchat",
@@ -1433,6 +1477,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "internlm"),
         templates: Some(&[(Cond::True, "internlm-chat")]),
     },
+    // The model adapter for HuggingFaceH4/starchat-beta
     Adapter {
         name: "StarChatAdapter",
         family: "star-chat",
@@ -1440,6 +1485,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "starchat"),
         templates: Some(&[(Cond::True, "starchat")]),
     },
+    // The model adapter for Llama-2 (e.g., meta-llama/Llama-2-7b-hf)
     Adapter {
         name: "Llama2Adapter",
         family: "llama2",
@@ -1447,6 +1493,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "llama-2"),
         templates: Some(&[(Cond::True, "llama-2")]),
     },
+    // The model adapter for CuteGPT
     Adapter {
         name: "CuteGPTAdapter",
         family: "cute-gpt",
@@ -1454,6 +1501,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "cutegpt"),
         templates: Some(&[(Cond::True, "cutegpt")]),
     },
+    // Model adapter for Open-Orca models which may use different prompt templates
     Adapter {
         name: "OpenOrcaAdapter",
         family: "open-orca",
@@ -1461,6 +1509,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "mistral-7b-openorca"), Cond::Contains(Subject::Lower, "openorca")]),
         templates: Some(&[(Cond::Contains(Subject::Lower, "mistral-7b-openorca"), "mistral-7b-openorca"), (Cond::True, "open-orca")]),
     },
+    // Model adapter for ehartford/dolphin-2.2.1-mistral-7b
     Adapter {
         name: "DolphinAdapter",
         family: "dolphin",
@@ -1468,6 +1517,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "dolphin"), Cond::Contains(Subject::Lower, "mistral")]),
         templates: Some(&[(Cond::True, "dolphin-2.2.1-mistral-7b")]),
     },
+    // Model adapter for teknium/OpenHermes-2.5-Mistral-7B and teknium/OpenHermes-2-Mistral-7B models
     Adapter {
         name: "Hermes2Adapter",
         family: "hermes2",
@@ -1475,6 +1525,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "openhermes-2.5-mistral-7b"), Cond::Contains(Subject::Lower, "openhermes-2-mistral-7b")]),
         templates: Some(&[(Cond::True, "OpenHermes-2.5-Mistral-7B")]),
     },
+    // Model adapter for NousResearch/Nous-Hermes-2-Mixtral-8x7B-DPO model
     Adapter {
         name: "NousHermes2MixtralAdapter",
         family: "nous-hermes2-mixtral",
@@ -1482,6 +1533,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "nous-hermes-2-mixtral-8x7b-dpo"), Cond::Contains(Subject::Lower, "nous-hermes-2-mixtral-8x7b-sft")]),
         templates: Some(&[(Cond::True, "Nous-Hermes-2-Mixtral-8x7B-DPO")]),
     },
+    // The model adapter for NousResearch/Nous-Hermes-13b
     Adapter {
         name: "NousHermesAdapter",
         family: "nous-hermes",
@@ -1489,6 +1541,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "nous-hermes"),
         templates: Some(&[(Cond::True, "alpaca")]),
     },
+    // The model adapter for Mistral AI models
     Adapter {
         name: "MistralAdapter",
         family: "mistral",
@@ -1496,6 +1549,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "mistral"), Cond::Contains(Subject::Lower, "mixtral")]),
         templates: Some(&[(Cond::True, "mistral")]),
     },
+    // The model adapter for WizardCoder (e.g., WizardLM/WizardCoder-Python-34B-V1.0)
     Adapter {
         name: "WizardCoderAdapter",
         family: "wizard-coder",
@@ -1503,6 +1557,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "wizardcoder"),
         templates: Some(&[(Cond::True, "alpaca")]),
     },
+    // The model adapter for Qwen/Qwen-7B-Chat
     Adapter {
         name: "QwenChatAdapter",
         family: "qwen-chat",
@@ -1510,6 +1565,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "qwen"),
         templates: Some(&[(Cond::True, "qwen-7b-chat")]),
     },
+    // The model adapter for BAAI/Aquila
     Adapter {
         name: "AquilaChatAdapter",
         family: "aquila-chat",
@@ -1517,6 +1573,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "aquila"),
         templates: Some(&[(Cond::And(&[Cond::Contains(Subject::Lower, "aquilachat2"), Cond::Contains(Subject::Lower, "16k")]), "aquila"), (Cond::And(&[Cond::Contains(Subject::Lower, "aquilachat2"), Cond::Not(&Cond::Contains(Subject::Lower, "16k")), Cond::Contains(Subject::Lower, "34b")]), "aquila-legacy"), (Cond::Contains(Subject::Lower, "aquilachat2"), "aquila-v1"), (Cond::True, "aquila-chat")]),
     },
+    // The model adapter for BGE (e.g., BAAI/bge-large-en-v1.5)
     Adapter {
         name: "BGEAdapter",
         family: "bge",
@@ -1524,6 +1581,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "bge"),
         templates: Some(&[(Cond::True, "one_shot")]),
     },
+    // The model adapter for E5 (e.g., intfloat/e5-large-v2)
     Adapter {
         name: "E5Adapter",
         family: "e5",
@@ -1531,6 +1589,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "e5-"),
         templates: Some(&[(Cond::True, "one_shot")]),
     },
+    // The model adapter for FlagAlpha/LLama2-Chinese sft
     Adapter {
         name: "Lamma2ChineseAdapter",
         family: "lamma2-chinese",
@@ -1538,6 +1597,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "llama2-chinese"),
         templates: Some(&[(Cond::True, "llama2-chinese")]),
     },
+    // The model adapter for ymcui/Chinese-LLaMA-Alpaca sft
     Adapter {
         name: "Lamma2ChineseAlpacaAdapter",
         family: "lamma2-chinese-alpaca",
@@ -1545,6 +1605,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "chinese-alpaca"),
         templates: Some(&[(Cond::True, "chinese-alpaca2")]),
     },
+    // The model adapter for vigogne (e.g., bofenghuang/vigogne-2-7b-chat)
     Adapter {
         name: "VigogneAdapter",
         family: "vigogne",
@@ -1552,6 +1613,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "vigogne"), Cond::Contains(Subject::Lower, "vigostral")]),
         templates: Some(&[(Cond::And(&[Cond::Contains(Subject::Lower, "chat"), Cond::Contains(Subject::Lower, "vigostral")]), "vigogne_chat_v3"), (Cond::Contains(Subject::Lower, "chat"), "vigogne_chat_v2"), (Cond::True, "vigogne_instruct")]),
     },
+    // The model adapter for OpenLLaMa-Open-Instruct (e.g., VMware/open-llama-7b-open-instruct)
     Adapter {
         name: "OpenLLaMaOpenInstructAdapter",
         family: "open-lla-ma-open-instruct",
@@ -1559,6 +1621,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "open-llama"), Cond::Contains(Subject::Lower, "open-instruct")]),
         templates: Some(&[(Cond::True, "alpaca")]),
     },
+    // The model adapter for FreedomIntelligence/ReaLM-7b
     Adapter {
         name: "ReaLMAdapter",
         family: "rea-lm",
@@ -1566,6 +1629,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Raw, "ReaLM"),
         templates: Some(&[(Cond::True, "ReaLM-7b-v1")]),
     },
+    // The model adapter for Phind-CodeLlama (e.g., Phind/Phind-CodeLlama-34B-v2)
     Adapter {
         name: "PhindCodeLlamaAdapter",
         family: "phind-code-llama",
@@ -1573,6 +1637,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "phind-codellama-"),
         templates: Some(&[(Cond::True, "phind")]),
     },
+    // The model adapter for CodeLlama (e.g., codellama/CodeLlama-34b-hf)
     Adapter {
         name: "CodeLlamaAdapter",
         family: "code-llama",
@@ -1580,6 +1645,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "codellama"),
         templates: Some(&[(Cond::True, "llama-2")]),
     },
+    // The model adapter for Llama2-ko-chang (e.g., lcw99/llama2-ko-chang-instruct-chat)
     Adapter {
         name: "Llama2ChangAdapter",
         family: "llama2-chang",
@@ -1587,6 +1653,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "llama2-ko-chang"),
         templates: Some(&[(Cond::True, "polyglot_changgpt")]),
     },
+    // The model adapter for Zephyr (e.g. HuggingFaceH4/zephyr-7b-alpha)
     Adapter {
         name: "ZephyrAdapter",
         family: "zephyr",
@@ -1594,6 +1661,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "zephyr"),
         templates: Some(&[(Cond::True, "zephyr")]),
     },
+    // The model adapter for Notus (e.g. argilla/notus-7b-v1)
     Adapter {
         name: "NotusAdapter",
         family: "notus",
@@ -1601,6 +1669,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "notus"),
         templates: Some(&[(Cond::True, "zephyr")]),
     },
+    // The model adapter for CatPPT (e.g. rishiraj/CatPPT)
     Adapter {
         name: "CatPPTAdapter",
         family: "cat-ppt",
@@ -1608,6 +1677,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "catppt"),
         templates: Some(&[(Cond::True, "catppt")]),
     },
+    // The model adapter for TinyLlama (e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0)
     Adapter {
         name: "TinyLlamaAdapter",
         family: "tiny-llama",
@@ -1615,6 +1685,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "tinyllama"),
         templates: Some(&[(Cond::True, "TinyLlama")]),
     },
+    // The model adapter for Xwin-LM V0.1 and V0.2 series of models(e.g., Xwin-LM/Xwin-LM-70B-V0.1)
     Adapter {
         name: "XwinLMAdapter",
         family: "xwin-lm",
@@ -1622,6 +1693,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "xwin-lm"),
         templates: Some(&[(Cond::True, "vicuna_v1.1")]),
     },
+    // The model adapter for OpenLemur/lemur-70b-chat-v1
     Adapter {
         name: "LemurAdapter",
         family: "lemur",
@@ -1629,6 +1701,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "lemur-70b-chat"),
         templates: Some(&[(Cond::True, "lemur-70b-chat")]),
     },
+    // The model adapter for Pygmalion/Metharme series of models(e.g., PygmalionAI/mythalion-13b)
     Adapter {
         name: "PygmalionAdapter",
         family: "pygmalion",
@@ -1636,6 +1709,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Contains(Subject::Lower, "pygmalion"), Cond::Contains(Subject::Lower, "mythalion"), Cond::Contains(Subject::Lower, "metharme")]),
         templates: Some(&[(Cond::True, "metharme")]),
     },
+    // The model adapter for Microsoft/Orca-2 series of models (e.g. Microsoft/Orca-2-7b, Microsoft/Orca-2-13b)
     Adapter {
         name: "MicrosoftOrcaAdapter",
         family: "microsoft-orca",
@@ -1643,6 +1717,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "orca-2"),
         templates: Some(&[(Cond::True, "orca-2")]),
     },
+    // The model adapter for xDAN-AI (e.g. xDAN-AI/xDAN-L1-Chat-RL-v1)
     Adapter {
         name: "XdanAdapter",
         family: "xdan",
@@ -1650,6 +1725,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "xdan"), Cond::Contains(Subject::Lower, "v1")]),
         templates: Some(&[(Cond::True, "xdan-v1")]),
     },
+    // The model adapter for Yi models
     Adapter {
         name: "YiAdapter",
         family: "yi",
@@ -1657,6 +1733,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "yi-"), Cond::Contains(Subject::Lower, "chat")]),
         templates: Some(&[(Cond::True, "Yi-34b-chat")]),
     },
+    // The model adapter for Perplexity AI
     Adapter {
         name: "PplxAIAdapter",
         family: "pplx-ai",
@@ -1664,6 +1741,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Or(&[Cond::Eq("pplx-7b-online"), Cond::Eq("pplx-70b-online")]),
         templates: Some(&[(Cond::True, "pplxai")]),
     },
+    // The model adapter for deepseek-ai's coder models
     Adapter {
         name: "DeepseekCoderAdapter",
         family: "deepseek-coder",
@@ -1671,6 +1749,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "deepseek-coder"),
         templates: Some(&[(Cond::True, "deepseek-coder")]),
     },
+    // The model adapter for deepseek-ai's chat models
     Adapter {
         name: "DeepseekChatAdapter",
         family: "deepseek-chat",
@@ -1678,6 +1757,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "deepseek-llm"), Cond::Contains(Subject::Lower, "chat")]),
         templates: Some(&[(Cond::True, "deepseek-chat")]),
     },
+    // The model adapter for Yuan2.0
     Adapter {
         name: "Yuan2Adapter",
         family: "yuan2",
@@ -1685,6 +1765,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "yuan2"),
         templates: Some(&[(Cond::True, "yuan2")]),
     },
+    // The model adapter for MetaMath models
     Adapter {
         name: "MetaMathAdapter",
         family: "meta-math",
@@ -1692,6 +1773,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "metamath"),
         templates: Some(&[(Cond::True, "metamath")]),
     },
+    // Model adapter for jondurbin/bagel-* models
     Adapter {
         name: "BagelAdapter",
         family: "bagel",
@@ -1699,6 +1781,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "bagel"),
         templates: Some(&[(Cond::True, "airoboros_v3")]),
     },
+    // The model adapter for upstage/SOLAR-10.7B-Instruct-v1.0
     Adapter {
         name: "SolarAdapter",
         family: "solar",
@@ -1706,6 +1789,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::And(&[Cond::Contains(Subject::Lower, "solar-"), Cond::Contains(Subject::Lower, "instruct")]),
         templates: Some(&[(Cond::True, "solar")]),
     },
+    // The model adapter for nvidia/Llama2-70B-SteerLM-Chat
     Adapter {
         name: "SteerLMAdapter",
         family: "steer-lm",
@@ -1713,6 +1797,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "steerlm-chat"),
         templates: Some(&[(Cond::True, "steerlm")]),
     },
+    // The model adapter for liuhaotian/llava-v1.5 series of models
     Adapter {
         name: "LlavaAdapter",
         family: "llava",
@@ -1720,6 +1805,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "llava"),
         templates: Some(&[(Cond::True, "vicuna_v1.1")]),
     },
+    // The model adapter for Yuan
     Adapter {
         name: "YuanAdapter",
         family: "yuan",
@@ -1727,6 +1813,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "yuan"),
         templates: Some(&[(Cond::True, "yuan")]),
     },
+    // The model adapter for Llama-3 (e.g., meta-llama/Meta-Llama-3-8B-Instruct)
     Adapter {
         name: "Llama3Adapter",
         family: "llama3",
@@ -1734,6 +1821,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "llama-3"),
         templates: Some(&[(Cond::True, "llama-3")]),
     },
+    // The model adapter for google/gemma
     Adapter {
         name: "GemmaAdapter",
         family: "gemma",
@@ -1741,6 +1829,7 @@ pub(crate) static ADAPTERS: &[Adapter] = &[
         matches: Cond::Contains(Subject::Lower, "gemma"),
         templates: Some(&[(Cond::True, "gemma")]),
     },
+    // The base and the default model adapter.
     Adapter {
         name: "BaseModelAdapter",
         family: "unknown",

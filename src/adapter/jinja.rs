@@ -38,7 +38,7 @@ pub fn no_chat_template_reason(template_name: &str) -> Option<&'static str> {
     match template(template_name) {
         None => Some("llmfs does not carry this template"),
         Some(c) if c.sep_style == SepStyle::NoPrompt => Some(
-            "FastChat has no text prompt for it (sep_style None: an API model's template, sent as a message list)",
+            "FastChat has no text prompt for it: sep_style None, an API model's template, sent as a message list",
         ),
         Some(_) => None,
     }

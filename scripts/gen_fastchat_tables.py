@@ -35,8 +35,8 @@ Usage (installs fschat into a venv of its own unless `fastchat` is importable al
 
 The venv (default /tmp/fschat-venv, `--venv DIR`) is made with --system-site-packages
 (fastchat.model imports torch and transformers at module level) and gets
-`pip install --no-deps fschat==0.2.36 psutil accelerate`: the rest of fschat's
-dependencies serve its web servers, not these modules.
+`pip install psutil requests` and `pip install --no-deps fschat==0.2.36 accelerate`: the
+rest of fschat's dependencies serve its web servers, not these modules.
 """
 
 import argparse
@@ -71,10 +71,9 @@ def ensure_fastchat(venv_dir):
     python = os.path.join(venv_dir, "bin", "python")
     if not os.path.exists(python):
         subprocess.check_call([sys.executable, "-m", "venv", "--system-site-packages", venv_dir])
-    subprocess.check_call(
-        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-         f"fschat=={FSCHAT_VERSION}", "psutil", "accelerate"]
-    )
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.check_call(pip + ["psutil", "requests"])
+    subprocess.check_call(pip + ["--no-deps", f"fschat=={FSCHAT_VERSION}", "accelerate"])
     env = dict(os.environ, LLMFS_GEN_IN_VENV="1")
     os.execve(python, [python, os.path.abspath(__file__)] + sys.argv[1:], env)
 

@@ -32,10 +32,28 @@ pub struct Family {
 /// What `detect` answers when nothing matches: FastChat's `BaseModelAdapter`.
 pub const UNKNOWN: Family = Family { name: "unknown", adapter: "BaseModelAdapter", template: "one_shot" };
 
-/// The FastChat adapter class behind a registry `family` name (`None` for names an older
-/// llmfs recorded that are no adapter's).
+/// Family names llmfs recorded before the adapters were generated, where they differ.
+const OLDER_FAMILIES: &[(&str, &str)] = &[
+    ("longchat", "LongChatAdapter"),
+    ("dolly", "DollyV2Adapter"),
+    ("openchat", "OpenChat35Adapter"),
+    ("wizardlm", "WizardLMAdapter"),
+    ("llama-2", "Llama2Adapter"),
+    ("llama-3", "Llama3Adapter"),
+    ("qwen", "QwenChatAdapter"),
+    ("codellama", "CodeLlamaAdapter"),
+    ("tinyllama", "TinyLlamaAdapter"),
+    ("orca-2", "MicrosoftOrcaAdapter"),
+];
+
+/// The FastChat adapter class behind a registry `family` name, older llmfs's names
+/// included (`None` for a name that is no adapter's).
 pub fn adapter_of_family(family: &str) -> Option<&'static str> {
-    ADAPTERS.iter().find(|a| a.family == family).map(|a| a.name)
+    ADAPTERS
+        .iter()
+        .find(|a| a.family == family)
+        .map(|a| a.name)
+        .or_else(|| OLDER_FAMILIES.iter().find(|(f, _)| *f == family).map(|&(_, a)| by_class(a).name))
 }
 
 /// Every adapter as (FastChat class, llmfs family), in FastChat's registration order.
@@ -178,7 +196,8 @@ mod tests {
         }
         assert_eq!(adapter_of_family("vicuna"), Some("VicunaAdapter"));
         assert_eq!(adapter_of_family("unknown"), Some("BaseModelAdapter"));
-        assert_eq!(adapter_of_family("llama-2-from-an-old-registry"), None);
+        assert_eq!(adapter_of_family("llama-2"), Some("Llama2Adapter"), "an older llmfs's name");
+        assert_eq!(adapter_of_family("no-such-family"), None);
     }
 
     #[test]

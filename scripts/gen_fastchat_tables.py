@@ -88,7 +88,7 @@ LATER_STYLES = {"LLAMA3": 1000, "GEMMA": 1001}
 def later_additions():
     """(adapter classes, Conversation objects) from FastChat main, in its own code."""
     from fastchat.conversation import Conversation
-    from fastchat.model.model_adapter import BaseModelAdapter, get_conv_template
+    from fastchat.model.model_adapter import BaseModelAdapter
 
     class LaterConversation(Conversation):
         def get_prompt(self) -> str:

@@ -222,8 +222,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Add { name, path, copy, link, description, chat_template } => {
             let opts = AddOptions { copy, link, description, chat_template };
-            let entry = add::add(&store, &name, &path, &opts)?;
-            println!("added {name}: {} family, template {}", entry.family, entry.template);
+            let added = add::add(&store, &name, &path, &opts)?;
+            print_notes(&added.notes);
+            let entry = added.entry;
+            let EntryKind::Base { files, .. } = &entry.kind else { unreachable!("add makes bases") };
+            println!(
+                "added {name}: {} files, {} family, template {}",
+                files.len(),
+                entry.family,
+                entry.template
+            );
         }
         Command::Cast { name, base, dtype } => {
             add_variant(&store, &name, &base, EntryKind::Cast { base: base.clone(), dtype })?;
@@ -246,14 +254,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Delta(DeltaCommand::Make { name, base, target, codec }) => {
-            let size: u64 = std::fs::read_dir(&target)
-                .map(|d| {
-                    d.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
-                })
-                .unwrap_or(0);
+            let size = registry::walk::walk(&target).map(|w| w.total_size()).unwrap_or(0);
             let bar = progress_bar(size);
-            let entry = delta::make::make_delta(&store, &name, &base, &target, codec, |n| bar.inc(n))?;
+            let added = delta::make::make_delta(&store, &name, &base, &target, codec, |n| bar.inc(n))?;
             bar.finish_and_clear();
+            print_notes(&added.notes);
+            let entry = added.entry;
             let EntryKind::Delta { files, .. } = &entry.kind else { unreachable!("make_delta makes deltas") };
             let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             println!(
@@ -266,7 +272,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Delta(DeltaCommand::Import { name, base, from, format }) => {
-            delta::import::import(&store, &name, &base, &from, format)?;
+            let added = delta::import::import(&store, &name, &base, &from, format)?;
+            print_notes(&added.notes);
             println!(
                 "added {name}: {} delta from {} applied to {base} on read",
                 format.name(),
@@ -358,6 +365,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo { .. } | Command::Umount { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a command's walk of a directory left out or followed outside it: one line each, on
+/// stderr, so nothing is left out without a word.
+fn print_notes(notes: &[String]) {
+    for n in notes {
+        eprintln!("llmfs: note: {n}");
+    }
 }
 
 fn init_logging() {

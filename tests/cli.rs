@@ -703,6 +703,62 @@ fn check_of_a_variant_fails_when_its_base_changed() {
     assert!(!lines.is_empty() && lines.iter().all(|l| l.contains("m16")), "{lines:?}");
 }
 
+/// A delta whose target's shard index names shards it lacks, or maps tensors to a shard that
+/// does not hold them (what a copy interrupted midway leaves): `check` fails with one line per
+/// shard, for the delta and for a variant of it, and passes once the index is whole again.
+#[test]
+fn check_fails_when_the_shard_index_names_missing_shards_or_tensors() {
+    let ts = TestStore::new();
+    let base = ts.path("base");
+    // 2 layers + embeddings + head: 4 groups, 2 per shard, would make 2 shards; 4 layers make 3.
+    write_model(&base, &llmfs::demo::ModelSpec { layers: 4, ..common::sharded_spec(3) });
+    ts.ok(["add", "base", s(&base)]);
+    let target = ts.path("target");
+    llmfs::demo::write_finetune(&base, &target, 0.01, 7).unwrap();
+    let (s2, s3) = ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors");
+    for shard in [s2, s3] {
+        fs::rename(target.join(shard), ts.path(shard)).unwrap();
+    }
+    ts.ok(["delta", "make", "half", "--base", "base", "--target", s(&target)]);
+    ts.ok(["cast", "half-f32", "--base", "half", "--dtype", "f32"]);
+    for name in ["half", "half-f32"] {
+        let f = ts.run_full(["check", name]);
+        assert!(f.status.code().is_some_and(|c| c != 0), "check passed a half model: {f:?}");
+        let lines = check_lines(&f);
+        assert_eq!(lines.len(), 2, "one line per missing shard: {lines:?}");
+        for (line, shard) in lines.iter().zip([s2, s3]) {
+            assert!(
+                line.starts_with(&format!("{name}: "))
+                    && line.contains(shard)
+                    && line.contains("does not have"),
+                "{line}"
+            );
+        }
+    }
+    // The shards back, but the index maps a tensor to the wrong one.
+    for shard in [s2, s3] {
+        fs::rename(ts.path(shard), target.join(shard)).unwrap();
+    }
+    let index_path = target.join("model.safetensors.index.json");
+    let mut index: Value = serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    let (moved, _) =
+        map.iter().find(|(_, v)| v.as_str() == Some(s3)).map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    map.insert(moved.clone(), json!("model-00001-of-00003.safetensors"));
+    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    ts.ok(["delta", "make", "wrong", "--base", "base", "--target", s(&target)]);
+    let f = ts.run_full(["check", "wrong"]);
+    let lines = check_lines(&f);
+    assert!(f.status.code().is_some_and(|c| c != 0), "{f:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("model-00001-of-00003.safetensors") && lines[0].contains(&moved), "{lines:?}");
+    // Whole again: passes.
+    fs::copy(base.join("model.safetensors.index.json"), &index_path).unwrap();
+    ts.ok(["delta", "make", "whole", "--base", "base", "--target", s(&target)]);
+    let out = ts.ok(["check", "whole"]);
+    assert!(out.contains("1 entry ok"), "{out}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Which store
 // ---------------------------------------------------------------------------------------------

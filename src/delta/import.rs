@@ -250,6 +250,15 @@ fn import_view(
                 if !a.dtype().is_float() || !b.dtype().is_float() {
                     return Err(format!("{}: LoRA factors must be float tensors", t.name));
                 }
+                // The merge computes in f32 and rounds to the weight's dtype: an integer (or F64)
+                // weight has no such merge, and would fail every read. Refuse it here.
+                if !t.source.dtype().is_float() {
+                    return Err(format!(
+                        "{}: the adapter targets a {} weight; LoRA merges only into F16, BF16 or F32 weights",
+                        t.name,
+                        t.source.dtype()
+                    ));
+                }
                 let (a_len, b_len) = (r * in_dim, out_dim * r);
                 let factors = Arc::new(LazyFactors {
                     a,
@@ -319,6 +328,9 @@ impl LazyFactors {
         self.loaded
             .get_or_init(|| {
                 let widen = |s: &TensorSource, n: usize| -> Result<Vec<f32>, String> {
+                    if !s.dtype().is_float() {
+                        return Err(format!("a LoRA factor is {}, not a float tensor", s.dtype()));
+                    }
                     let mut bytes = vec![0u8; n * s.dtype().size()];
                     s.read(0..n, &mut bytes).map_err(|e| e.to_string())?;
                     Ok((0..n).map(|i| crate::compute::merge::load(s.dtype(), &bytes, i)).collect())

@@ -540,6 +540,47 @@ fn ls_lists_every_entry() {
     }
 }
 
+/// `ls` shows, beside each entry's logical size, the bytes it keeps in the store: its copies,
+/// containers and deltas under STORE/models/NAME/ (subdirectories too); nothing for a base
+/// referenced in place or a cast.
+#[test]
+fn ls_shows_the_bytes_each_entry_stores_beside_its_size() {
+    let ts = TestStore::new();
+    let model = ts.model("model");
+    fs::create_dir_all(model.join("1_Pooling")).unwrap();
+    fs::write(model.join("1_Pooling/config.json"), vec![b' '; 1000]).unwrap();
+    ts.ok(["add", "inplace", s(&model)]);
+    ts.ok(["add", "copied", s(&model), "--copy"]);
+    ts.ok(["cast", "cast", "--base", "copied", "--dtype", "f32"]);
+    ts.ok(["quantize", "q", "--base", "copied", "--group-size", "64"]);
+    fn du(dir: &Path) -> u64 {
+        fs::read_dir(dir).map_or(0, |rd| {
+            rd.map(|e| e.unwrap().path())
+                .map(|p| if p.is_dir() { du(&p) } else { fs::metadata(&p).unwrap().len() })
+                .sum()
+        })
+    }
+    let list = ts.json(["ls", "--json"]);
+    let by_name: std::collections::BTreeMap<&str, &Value> =
+        list.as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), e)).collect();
+    let model_bytes = du(&model);
+    for (name, want) in
+        [("inplace", 0), ("copied", model_bytes), ("cast", 0), ("q", du(&ts.store.join("models/q")))]
+    {
+        let e = by_name[name];
+        assert_eq!(e["stored_bytes"].as_u64(), Some(want), "{name}: {e}");
+        assert!(e["size"].as_u64().unwrap() > 0, "{name}: {e}");
+    }
+    assert!(by_name["q"]["stored_bytes"].as_u64().unwrap() < by_name["q"]["size"].as_u64().unwrap());
+    assert_eq!(by_name["copied"]["size"].as_u64(), Some(model_bytes), "the copy's logical size");
+    let text = ts.ok(["ls"]);
+    let header = text.lines().next().unwrap();
+    assert!(header.contains("SIZE") && header.contains("STORED"), "{text}");
+    let line = |n: &str| text.lines().find(|l| l.split_whitespace().next() == Some(n)).unwrap().to_owned();
+    assert!(line("inplace").trim_end().ends_with("in place"), "{text}");
+    assert!(line("cast").trim_end().ends_with("0 B"), "{text}");
+}
+
 #[test]
 fn cast_creates_a_variant_of_the_new_dtype() {
     let (ts, model) = store_with_model();
@@ -757,6 +798,45 @@ fn check_fails_when_the_shard_index_names_missing_shards_or_tensors() {
     ts.ok(["delta", "make", "whole", "--base", "base", "--target", s(&target)]);
     let out = ts.ok(["check", "whole"]);
     assert!(out.contains("1 entry ok"), "{out}");
+}
+
+/// `llmfs demo` prints commands that work as typed: each invocation of llmfs by the binary's real
+/// path (nothing needs installing first), paths quoted (the demo directory here has a space).
+/// Every printed command is run with bash, in order, and must succeed; the last unmounts.
+#[test]
+fn demo_prints_commands_that_work_as_typed() {
+    let ts = TestStore::new();
+    let dir = ts.path("demo dir");
+    let guard = common::DaemonGuard::new(&dir.join("mnt"));
+    let f = run_command(llmfs_command(["demo", s(&dir)]), Duration::from_secs(120));
+    assert!(f.status.success(), "demo failed: {f:?}");
+    let commands: Vec<&str> =
+        f.stdout.lines().skip_while(|l| !l.starts_with("Try:")).skip(1).map(str::trim).collect();
+    assert!(commands.len() >= 6, "{}", f.stdout);
+    let exe = common::llmfs_bin();
+    assert!(Path::new(exe).is_absolute());
+    for c in &commands {
+        for word in c.split_whitespace() {
+            assert_ne!(word, "llmfs", "a bare `llmfs` needs installing first: {c}");
+        }
+    }
+    assert!(commands.iter().filter(|c| c.starts_with(exe)).count() >= 3, "{commands:?}");
+    assert!(commands.last().unwrap().contains(" umount "), "the last command ends the demo: {commands:?}");
+    let python_ok = std::process::Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    for c in &commands {
+        if c.starts_with("python3") && !python_ok && std::env::var_os("CI").is_none() {
+            eprintln!("note: skipping (no python3 with safetensors and numpy): {c}");
+            continue;
+        }
+        let mut cmd = std::process::Command::new("bash");
+        cmd.args(["-c", c]).stdin(std::process::Stdio::null());
+        let r = run_command(cmd, Duration::from_secs(120));
+        assert!(r.status.success(), "`{c}` failed:\n{}\n{}", r.stdout, r.stderr);
+    }
+    assert!(!common::llmfs_mounted(&guard.path), "the printed umount left the mount");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -301,33 +301,3 @@ fn delta_import_keeps_every_file_of_the_adapter() {
     assert_eq!(fs::read(out.join("sub dir/notes+1.txt")).unwrap(), b"kept");
     assert_eq!(fs::read(out.join(".gitattributes")).unwrap(), b"x");
 }
-
-#[test]
-fn the_store_is_private_subdirectories_included() {
-    use std::os::unix::fs::PermissionsExt;
-    let ts = TestStore::new();
-    let repo = ts.model("repo");
-    fs::create_dir_all(repo.join("1_Pooling")).unwrap();
-    fs::write(repo.join("1_Pooling/config.json"), b"{}").unwrap();
-    for p in [repo.join("1_Pooling"), repo.join("1_Pooling/config.json"), repo.join("config.json")] {
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    ts.ok(["add", "m", s(&repo), "--copy"]);
-    fn walk(p: &Path, out: &mut Vec<(PathBuf, u32)>) {
-        out.push((p.to_owned(), fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777));
-        if p.is_dir() {
-            for e in fs::read_dir(p).unwrap() {
-                walk(&e.unwrap().path(), out);
-            }
-        }
-    }
-    let mut modes = vec![];
-    walk(&ts.store, &mut modes);
-    let mut dirs = 0;
-    for (p, mode) in &modes {
-        let want = if p.is_dir() { 0o700 } else { 0o600 };
-        dirs += p.is_dir() as usize;
-        assert_eq!(*mode, want, "{} is {mode:o}", p.display());
-    }
-    assert!(modes.iter().any(|(p, _)| p.ends_with("models/m/1_Pooling/config.json")) && dirs >= 4);
-}

@@ -273,6 +273,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_is_skipped_with_a_line_and_a_non_utf8_name_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        fs::write(p.join("model.safetensors"), "x").unwrap();
+        let fifo = std::ffi::CString::new(p.join("pipe").as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let w = walk(p).unwrap();
+        assert_eq!(names(&w), ["model.safetensors"]);
+        assert!(w.notes.len() == 1 && w.notes[0].contains("skipped pipe"), "{:?}", w.notes);
+        fs::write(p.join(std::ffi::OsStr::from_bytes(b"bad\xff.txt")), "x").unwrap();
+        let e = walk(p).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+    }
+
+    #[test]
     fn roles_come_from_the_top_level_only() {
         assert_eq!(role_of("model.safetensors"), FileRole::Weights);
         assert_eq!(role_of(INDEX_FILE), FileRole::Index);

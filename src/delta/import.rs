@@ -21,7 +21,8 @@ use serde_json::Value;
 
 use crate::compute::merge::LoraFactors;
 use crate::format::{self, Dtype, Header};
-use crate::registry::add::{copy_to_staging, gone, Added};
+use crate::registry::add::{copy_to_staging, Added};
+use crate::registry::walk::gone;
 use crate::registry::{
     self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Registry, Store,
 };

@@ -301,7 +301,7 @@ pub fn store_file_named(
     base: &BaseTensors,
     codec: DeltaCodec,
 ) -> Result<FileRecord, Error> {
-    let file = File::open(src).map_err(crate::registry::add::gone(src))?;
+    let file = File::open(src).map_err(crate::registry::walk::gone(src))?;
     let size = file.metadata().map_err(io_err(src))?.len();
     let name = name.to_owned();
     let weights = registry::walk::role_of(&name) == FileRole::Weights;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::walk;
+use super::walk::{self, gone};
 use super::{
     io_err, validate_name, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, ModelInfo, Result,
     Store, INDEX_FILE,
@@ -219,22 +219,6 @@ pub(crate) fn copy_to_staging(
         fs::File::open(&dst).and_then(|f| f.sync_all()).map_err(io_err(&dst))?;
     }
     Ok(staging)
-}
-
-/// An I/O error on a file the walk found: one that is gone says so (it vanished while the command
-/// ran; nothing was registered).
-pub(crate) fn gone(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            Error::NotAModel {
-                path: path.to_owned(),
-                reason: "vanished while it was being added (nothing was registered; run the command again)"
-                    .into(),
-            }
-        } else {
-            Error::Io { path: path.to_owned(), source }
-        }
-    }
 }
 
 pub(crate) fn read_json(path: &Path) -> Option<Value> {

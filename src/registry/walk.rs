@@ -118,7 +118,7 @@ impl Walker {
     /// cycle.
     fn dir(&mut self, path: &Path, rel: &str, ancestors: &mut Vec<(u64, u64)>) -> Result<()> {
         let mut names = vec![];
-        for item in fs::read_dir(path).map_err(io_err(path))? {
+        for item in fs::read_dir(path).map_err(gone(path))? {
             names.push(item.map_err(io_err(path))?.file_name());
         }
         names.sort();
@@ -142,7 +142,7 @@ impl Walker {
                     ),
                 });
             }
-            let link = fs::symlink_metadata(&child).map_err(io_err(&child))?;
+            let link = fs::symlink_metadata(&child).map_err(gone(&child))?;
             let meta = if link.file_type().is_symlink() {
                 let target = fs::read_link(&child).unwrap_or_default();
                 let meta = fs::metadata(&child).map_err(|e| Error::NotAModel {
@@ -196,6 +196,22 @@ impl Walker {
             }
         }
         Ok(())
+    }
+}
+
+/// An I/O error on a file the walk found: one that is gone says so (it vanished while the command
+/// ran; nothing was registered).
+pub(crate) fn gone(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::NotAModel {
+                path: path.to_owned(),
+                reason: "vanished while it was being added (nothing was registered; run the command again)"
+                    .into(),
+            }
+        } else {
+            Error::Io { path: path.to_owned(), source }
+        }
     }
 }
 

@@ -178,7 +178,8 @@ fn main() {
                 out.par_chunks_mut(2 * c * 16).zip(wbytes.par_chunks(2 * c * 16)).enumerate().for_each(
                     |(i, (o, w))| {
                         let a = i * c * 16;
-                        merge::lora_rows(&f, Dtype::F16, c, a..a + o.len() / 2, w, o);
+                        merge::lora_rows(&f, Dtype::F16, c, a..a + o.len() / 2, w, o)
+                            .expect("F16 has a merge");
                     },
                 )
             });

@@ -13,6 +13,8 @@ It installs nothing. It needs (tested with these):
                                               # pulls CUDA libraries, `import torch` needs them
     /tmp/fcq/bin/pip install fschat==0.2.36 --no-deps
     /tmp/fcq/bin/pip install transformers accelerate psutil requests safetensors numpy
+    (or, with torch and transformers installed system-wide: pip install fschat==0.2.36 --no-deps
+    accelerate psutil)
         # fastchat.model.compression imports transformers/accelerate/huggingface_hub at the top,
         # and fastchat.model's __init__ imports model_adapter (psutil, requests).
 Run from the repository root:
@@ -93,6 +95,14 @@ def cases():
             out.append(dict(dtype=dname, bits=4, symmetric=sym, rows=8, cols=50, group_size=64))
             out.append(dict(dtype=dname, bits=8, symmetric=sym, rows=1, cols=30, group_size=32, special_rows=False))
             out.append(dict(dtype=dname, bits=4, symmetric=sym, rows=1, cols=32, group_size=32, special_rows=False))
+    # Rows shorter than FastChat's default group (128 columns at group size 256: one padded
+    # group per row) and rows that are not a multiple of it (300 = 256 + a padded 44). Appended
+    # after the cases above so their seeds, and their files, stay as they were.
+    for dname in DTYPES:
+        for bits in (8, 4):
+            for sym in (True, False):
+                for cols in (128, 300):
+                    out.append(dict(dtype=dname, bits=bits, symmetric=sym, rows=8, cols=cols, group_size=256))
     for c in out:
         seed += 1
         c["seed"] = seed

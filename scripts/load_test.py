@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Load test (hardening issue): 16 concurrent readers over three variants, random ranges, for a
 fixed time; every read compared with `llmfs export` of the same file. Reports mismatches, hung
-readers (a read over 30 s), the daemon's peak RSS against the cache budget, and throughput.
+readers (a read over 30 s), the daemon's peak RSS against its budget (the cache + 64 MiB), and
+throughput. Exits non-zero on a mismatch, an error, a hung reader, or a peak RSS over budget (or
+one that could not be measured).
 
 usage: scripts/load_test.py [SECONDS] [READERS]   (build first: cargo build --release --bins --examples)
 """
@@ -15,6 +17,8 @@ readers = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 work = "/tmp/llmfs-load"
 store, mnt, model = f"{work}/store", f"{work}/mnt", f"{work}/model"
 cache_mib = 128
+# The daemon's memory target (README, Numbers): its chunk cache plus 64 MiB for everything else.
+rss_budget_mib = cache_mib + 64
 
 def sh(*a):
     return subprocess.run(a, check=True, capture_output=True, text=True).stdout
@@ -86,4 +90,16 @@ print(f"| readers | seconds | reads | GB/s | mismatches | errors | hung | slowes
 print("|---|---|---|---|---|---|---|---|---|")
 print(f"| {readers} | {elapsed:.0f} | {stats['reads']} | {stats['bytes'] / elapsed / 1e9:.2f} | {stats['mismatches']} | {stats['errors']} | {hung} | {stats['slowest']:.2f} s | {hwm[0] / 1024:.0f} MiB |")
 shutil.rmtree(work, ignore_errors=True)
-sys.exit(1 if stats["mismatches"] or stats["errors"] or hung else 0)
+peak_mib = hwm[0] / 1024
+failures = []
+if stats["mismatches"] or stats["errors"] or hung:
+    failures.append(f"{stats['mismatches']} mismatches, {stats['errors']} errors, {hung} hung readers")
+if hwm[0] == 0:
+    failures.append("the daemon's peak RSS could not be measured")
+elif peak_mib > rss_budget_mib:
+    failures.append(f"daemon peak RSS {peak_mib:.0f} MiB is over the budget of {rss_budget_mib} MiB")
+for f in failures:
+    print(f"FAIL: {f}", file=sys.stderr)
+if not failures:
+    print(f"ok: peak RSS {peak_mib:.0f} MiB within the budget of {rss_budget_mib} MiB")
+sys.exit(1 if failures else 0)

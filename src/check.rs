@@ -2,11 +2,20 @@
 //!
 //! For each entry: its chain of bases resolves (no cycle, nothing missing); every base file still
 //! matches its fingerprint (size, mtime, sampled hash) and every weight header still parses; the
-//! adapter's file-level checks pass (config.json, tokenizer); and the entry's view builds with
-//! every file servable, which for variants means every tensor resolves to a source.
+//! adapter's file-level checks pass (config.json, tokenizer); the entry's view builds with every
+//! file servable, which for variants means every tensor resolves to a source; and, for every kind
+//! of entry, the shard index (`model.safetensors.index.json`) names only shards the entry has,
+//! each holding the tensors the index maps to it — FastChat's loaders (and transformers') open
+//! the shards the index names, so a missing shard or tensor fails a load halfway.
+//!
+//! Each check is one function returning its problem lines; [`check`] runs them all in order.
 
-use crate::registry::{EntryKind, Registry};
-use crate::variant::{self, Content};
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::registry::{Entry, EntryKind, FileRole, Registry, INDEX_FILE};
+use crate::variant::{self, Content, EntryView};
 use crate::{adapter, format};
 
 /// One line per problem, each naming the entry and the file.
@@ -24,33 +33,119 @@ pub fn check(registry: &Registry, names: &[String]) -> Vec<String> {
             problems.push(format!("{name}: {e}"));
             continue;
         }
-        if let EntryKind::Base { dir, files, .. } = &entry.kind {
-            for f in files {
-                let path = dir.join(&f.name);
-                if let Some(reason) = f.fingerprint.verify(&path) {
-                    problems.push(format!("{name}: {}: {reason}", path.display()));
-                } else if f.role == crate::registry::FileRole::Weights {
-                    if let Err(e) = format::read_header_path(&path) {
-                        problems.push(format!("{name}: {e}"));
-                    }
-                }
+        let view = variant::build_view(registry, name);
+        match (&entry.kind, &view) {
+            (EntryKind::Base { .. }, _) => problems.extend(base_files(name, entry)),
+            (_, Err(e)) => problems.push(format!("{name}: {e}")),
+            (_, Ok(view)) => problems.extend(servable(name, view)),
+        }
+        if let Ok(view) = &view {
+            problems.extend(shard_index(name, view));
+        }
+    }
+    problems
+}
+
+/// A base's files against their fingerprints, its weight headers, and the adapter's checks.
+fn base_files(name: &str, entry: &Entry) -> Vec<String> {
+    let mut problems = vec![];
+    let EntryKind::Base { dir, files, .. } = &entry.kind else { return problems };
+    for f in files {
+        let path = dir.join(&f.name);
+        if let Some(reason) = f.fingerprint.verify(&path) {
+            problems.push(format!("{name}: {}: {reason}", path.display()));
+        } else if f.role == FileRole::Weights {
+            if let Err(e) = format::read_header_path(&path) {
+                problems.push(format!("{name}: {e}"));
             }
-            for p in adapter::validate(dir) {
-                problems.push(format!("{name}: {p}"));
-            }
+        }
+    }
+    for p in adapter::validate(dir) {
+        problems.push(format!("{name}: {p}"));
+    }
+    problems
+}
+
+/// Every file of a variant's view can be served.
+fn servable(name: &str, view: &EntryView) -> Vec<String> {
+    let mut problems = vec![];
+    for f in &view.files {
+        if let Content::Broken(reason) = &f.content {
+            problems.push(format!("{name}: {}: {reason}", f.name));
+        } else if let Err(e) = crate::vfs::check_sources(f) {
+            problems.push(format!("{name}: {}: {e}", f.name));
+        }
+    }
+    problems
+}
+
+/// Index files above this size are refused (real ones are well under 1 MiB).
+const MAX_INDEX_SIZE: u64 = 64 << 20;
+
+/// The shard index, read as the mount serves it: every shard it names is a file of the entry,
+/// and each holds the tensors the index maps to it. One line per missing shard and per shard
+/// lacking tensors (not one per tensor: a lost shard of a 70B model would be hundreds of lines).
+/// An unservable index or shard is left to the checks above, which already report it.
+fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
+    let Some(file) = view.file(INDEX_FILE) else { return vec![] };
+    if matches!(file.content, Content::Broken(_)) || crate::vfs::check_sources(file).is_err() {
+        return vec![];
+    }
+    let line = |reason: String| vec![format!("{name}: {INDEX_FILE}: {reason}")];
+    if file.size > MAX_INDEX_SIZE {
+        return line(format!("{} bytes is too large for a shard index", file.size));
+    }
+    let cache = crate::vfs::Cache::new(MAX_INDEX_SIZE);
+    let bytes = match crate::vfs::read::read_range(file, 0, file.size, &cache) {
+        Ok(b) => b,
+        Err(e) => return line(format!("cannot be read: {e}")),
+    };
+    let index: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return line(format!("not valid JSON: {e}")),
+    };
+    let Some(map) = index.get("weight_map").and_then(Value::as_object) else {
+        return line("no weight_map object".into());
+    };
+    // Shard → the tensors the index maps to it, in the index's order.
+    let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (tensor, shard) in map {
+        match shard.as_str() {
+            Some(s) => shards.entry(s).or_default().push(tensor),
+            None => return line(format!("weight_map[{tensor:?}] is not a string")),
+        }
+    }
+    let mut problems = vec![];
+    for (shard, tensors) in shards {
+        let Some(f) = view.file(shard) else {
+            problems.extend(line(format!(
+                "names shard {shard} ({} tensors), which the entry does not have",
+                tensors.len()
+            )));
+            continue;
+        };
+        if matches!(f.content, Content::Broken(_)) {
             continue;
         }
-        match variant::build_view(registry, name) {
-            Err(e) => problems.push(format!("{name}: {e}")),
-            Ok(view) => {
-                for f in &view.files {
-                    if let Content::Broken(reason) = &f.content {
-                        problems.push(format!("{name}: {}: {reason}", f.name));
-                    } else if let Err(e) = crate::vfs::check_sources(f) {
-                        problems.push(format!("{name}: {}: {e}", f.name));
-                    }
-                }
+        let Some(weights) = view.weights.get(shard) else {
+            problems.extend(line(format!("names shard {shard}, which is not a safetensors weight file")));
+            continue;
+        };
+        let held: std::collections::HashSet<&str> = weights.tensors.iter().map(|t| t.name.as_str()).collect();
+        let lacking: Vec<&str> = tensors.into_iter().filter(|t| !held.contains(t)).collect();
+        if !lacking.is_empty() {
+            const SHOWN: usize = 3;
+            let mut list =
+                lacking.iter().take(SHOWN).map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ");
+            if lacking.len() > SHOWN {
+                list.push_str(&format!(" and {} more", lacking.len() - SHOWN));
             }
+            problems.extend(line(format!(
+                "maps {} tensor{} to {shard}, which does not hold {}: {list}",
+                lacking.len(),
+                if lacking.len() == 1 { "" } else { "s" },
+                if lacking.len() == 1 { "it" } else { "them" }
+            )));
         }
     }
     problems

@@ -197,9 +197,24 @@ impl SplitMix64 {
     }
 }
 
+/// `cp -r src dst`: the subdirectories of a model directory, copied as they are.
+fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for item in std::fs::read_dir(src)? {
+        let item = item?;
+        let (from, to) = (item.path(), dst.join(item.file_name()));
+        if from.is_dir() {
+            copy_tree(&from, &to)?;
+        } else {
+            std::fs::copy(&from, &to)?;
+        }
+    }
+    Ok(())
+}
+
 /// Write a "fine-tune" of the model in `base_dir` into `out_dir`: every floating weight moved by
 /// N(0, `scale` · 0.02) (about `scale` of the weights' std), rounded to its dtype; other files
-/// copied. The header and tensor order are the base's.
+/// (and subdirectories) copied. The header and tensor order are the base's.
 pub fn write_finetune(base_dir: &Path, out_dir: &Path, scale: f32, seed: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     std::fs::create_dir_all(out_dir)?;
@@ -208,6 +223,10 @@ pub fn write_finetune(base_dir: &Path, out_dir: &Path, scale: f32, seed: u64) ->
     names.sort();
     for (i, name) in names.iter().enumerate() {
         let (src, dst) = (base_dir.join(name), out_dir.join(name));
+        if src.is_dir() {
+            copy_tree(&src, &dst)?;
+            continue;
+        }
         if !name.to_string_lossy().ends_with(".safetensors") {
             std::fs::copy(&src, &dst)?;
             continue;

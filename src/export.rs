@@ -34,7 +34,8 @@ pub enum ExportError {
     Read { file: String, source: crate::variant::ReadError },
 }
 
-/// Write every file of `view` into `out_dir` (created if missing; existing files are replaced).
+/// Write every file of `view` into `out_dir` (created if missing, subdirectories too; existing files
+/// are replaced).
 /// Like `cp`, it leaves flushing to the kernel (no fsync).
 pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -> Result<u64, ExportError> {
     let io = |path: &Path| {
@@ -47,7 +48,13 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
     let mut total = 0;
     for file in &view.files {
         vfs::check_sources(file).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
+        // File names are relative paths (subdirectories, dotfiles); none may leave `out_dir`.
+        crate::registry::validate_file_path(&file.name)
+            .map_err(|e| ExportError::Io { path: out_dir.to_owned(), source: std::io::Error::other(e) })?;
         let path = out_dir.join(&file.name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
         let out =
             OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(io(&path))?;
         out.set_len(file.size).map_err(io(&path))?;

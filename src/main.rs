@@ -222,8 +222,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Add { name, path, copy, link, description, chat_template } => {
             let opts = AddOptions { copy, link, description, chat_template };
-            let entry = add::add(&store, &name, &path, &opts)?;
-            println!("added {name}: {} family, template {}", entry.family, entry.template);
+            let added = add::add(&store, &name, &path, &opts)?;
+            print_notes(&added.notes);
+            let entry = added.entry;
+            let EntryKind::Base { files, .. } = &entry.kind else { unreachable!("add makes bases") };
+            println!(
+                "added {name}: {} files, {} family, template {}",
+                files.len(),
+                entry.family,
+                entry.template
+            );
         }
         Command::Cast { name, base, dtype } => {
             add_variant(&store, &name, &base, EntryKind::Cast { base: base.clone(), dtype })?;
@@ -246,14 +254,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Delta(DeltaCommand::Make { name, base, target, codec }) => {
-            let size: u64 = std::fs::read_dir(&target)
-                .map(|d| {
-                    d.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
-                })
-                .unwrap_or(0);
+            let size = registry::walk::walk(&target).map(|w| w.total_size()).unwrap_or(0);
             let bar = progress_bar(size);
-            let entry = delta::make::make_delta(&store, &name, &base, &target, codec, |n| bar.inc(n))?;
+            let added = delta::make::make_delta(&store, &name, &base, &target, codec, |n| bar.inc(n))?;
             bar.finish_and_clear();
+            print_notes(&added.notes);
+            let entry = added.entry;
             let EntryKind::Delta { files, .. } = &entry.kind else { unreachable!("make_delta makes deltas") };
             let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             println!(
@@ -266,7 +272,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Delta(DeltaCommand::Import { name, base, from, format }) => {
-            delta::import::import(&store, &name, &base, &from, format)?;
+            let added = delta::import::import(&store, &name, &base, &from, format)?;
+            print_notes(&added.notes);
             println!(
                 "added {name}: {} delta from {} applied to {base} on read",
                 format.name(),
@@ -360,6 +367,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a command's walk of a directory left out or followed outside it: one line each, on
+/// stderr, so nothing is left out without a word.
+fn print_notes(notes: &[String]) {
+    for n in notes {
+        eprintln!("llmfs: note: {n}");
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
@@ -412,26 +427,62 @@ fn entry_size(registry: &Registry, name: &str) -> Option<u64> {
     variant::build_view(registry, name).ok().map(|v| v.total_size())
 }
 
+/// Bytes the entry keeps in the store (`STORE/models/NAME/`, subdirectories included): its
+/// copies, containers, deltas. 0 for a base referenced in place. Apparent sizes (`du -b`), so the
+/// number does not depend on the filesystem's block size.
+fn stored_bytes(registry: &Registry, name: &str) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        let Ok(items) = std::fs::read_dir(dir) else { return 0 };
+        items
+            .flatten()
+            .map(|item| match item.metadata() {
+                Ok(m) if m.is_dir() => walk(&item.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&registry.entry_dir(name))
+}
+
 fn ls(registry: &Registry, as_json: bool) -> Result<()> {
     if as_json {
         let list: Vec<_> = registry
             .entries
             .iter()
-            .map(|(n, e)| json!({"name": n, "kind": e.kind.name(), "base": e.kind.base(), "family": e.family, "adapter": adapter::adapter_of_family(&e.family), "template": e.template, "size": entry_size(registry, n), "simple_name": e.info.simple_name}))
+            .map(|(n, e)| {
+                json!({
+                    "name": n,
+                    "kind": e.kind.name(),
+                    "base": e.kind.base(),
+                    "family": e.family,
+                    "adapter": adapter::adapter_of_family(&e.family),
+                    "template": e.template,
+                    "size": entry_size(registry, n),
+                    "stored_bytes": stored_bytes(registry, n),
+                    "simple_name": e.info.simple_name,
+                })
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
-    println!("{:<28} {:<10} {:<24} {:<14} {:>12}", "NAME", "KIND", "BASE", "FAMILY", "SIZE");
+    // SIZE: the files as the mount shows them; STORED: what the entry itself keeps on disk.
+    println!("{:<28} {:<14} {:<24} {:<14} {:>12} {:>12}", "NAME", "KIND", "BASE", "FAMILY", "SIZE", "STORED");
     for (n, e) in &registry.entries {
         let size = entry_size(registry, n).map_or("?".into(), human);
+        let stored = match &e.kind {
+            EntryKind::Base { copied: false, .. } => "in place".to_owned(),
+            _ => human(stored_bytes(registry, n)),
+        };
         println!(
-            "{:<28} {:<10} {:<24} {:<14} {:>12}",
+            "{:<28} {:<14} {:<24} {:<14} {:>12} {:>12}",
             n,
             e.kind.name(),
             e.kind.base().unwrap_or("-"),
             e.family,
-            size
+            size,
+            stored
         );
     }
     Ok(())
@@ -611,22 +662,44 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
         "256MiB".into(),
     ];
     mount::spawn_daemon(&store, &mnt, &exe_args)?;
-    let s = store.root().display();
-    let m = mnt.display();
+    // The commands are printed to work as typed (in bash): the binary by its real path (it need
+    // not be on $PATH, e.g. `cargo run --release -- demo`), every path shell-quoted.
+    let exe = std::env::current_exe().map_or("llmfs".into(), |p| p.display().to_string());
+    let q = |p: &Path| shell_quote(&p.display().to_string());
+    let (llmfs, s, m, f) = (shell_quote(&exe), q(store.root()), q(&mnt), q(&ft_dir));
+    let f32_export = q(&dir.join("export-f32"));
+    let m_raw = mnt.display();
     println!(
-        "demo store: {s}\nmounted at: {m}\n\nTry:\n  ls -l {m}/*/\n  llmfs --store {s} ls\n  llmfs --store {s} info tiny-vicuna-q4\n  \
-         python3 -c \"from safetensors import safe_open; f = safe_open('{m}/tiny-vicuna-f32/model-00001-of-00002.safetensors', 'numpy'); print(f.keys())\"\n  \
-         cmp <(llmfs --store {s} export tiny-vicuna-f32 /tmp/f32 >/dev/null; cat /tmp/f32/*.safetensors) <(cat {m}/tiny-vicuna-f32/*.safetensors) && echo same bytes\n  \
+        "demo store: {}\nmounted at: {}\n\nTry:\n  ls -l {m}/*/\n  {llmfs} --store {s} ls\n  {llmfs} --store {s} info tiny-vicuna-q4\n  \
+         python3 -c \"from safetensors import safe_open; f = safe_open('{m_raw}/tiny-vicuna-f32/model-00001-of-00002.safetensors', 'numpy'); print(f.keys())\"\n  \
+         cmp <({llmfs} --store {s} export tiny-vicuna-f32 {f32_export} >/dev/null; cat {f32_export}/*.safetensors) <(cat {m}/tiny-vicuna-f32/*.safetensors) && echo same bytes\n  \
          mkdir {m}/tiny-vicuna/deltas/my-ft && cp -r {f}/. {m}/tiny-vicuna/deltas/my-ft/ && diff -r -x deltas {f} {m}/my-ft && echo stored as a delta\n  \
-         llmfs umount {m}",
-        f = ft_dir.display()
+         {llmfs} umount {m}",
+        store.root().display(),
+        mnt.display(),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `s` as one bash word: unchanged when it holds only safe characters, else single-quoted.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_are_quoted_only_when_needed() {
+        assert_eq!(shell_quote("/tmp/a-b_c.d"), "/tmp/a-b_c.d");
+        assert_eq!(shell_quote("/tmp/a b"), "'/tmp/a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
 
     #[test]
     fn sizes_parse() {

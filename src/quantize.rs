@@ -49,17 +49,13 @@ pub fn quantize(
     for file in &view.files {
         crate::vfs::check_sources(file).map_err(|e| Error::Invalid(format!("{base}: {}: {e}", file.name)))?;
     }
-    // Refuse a group size larger than a row before doing any work, naming the narrowest tensor.
-    let targets = view.weights.values().flat_map(|w| &w.tensors).filter(|t| is_target(t));
-    if let Some(t) = targets.min_by_key(|t| t.shape[1]) {
-        if config.group_size > t.shape[1] {
-            return Err(Error::Invalid(format!(
-                "--group-size {} is larger than the rows of {} ({} columns)",
-                config.group_size, t.name, t.shape[1]
-            )));
-        }
-    } else {
+    // A row shorter than the group, or not a multiple of it, is padded with zeros to whole groups,
+    // as FastChat's compress does (compression.py:248-257; codec::quant): nothing to refuse.
+    if !view.weights.values().flat_map(|w| &w.tensors).any(is_target) {
         return Err(Error::Invalid(format!("{base} has no linear weights to quantize")));
+    }
+    for t in view.weights.values().flat_map(|w| &w.tensors).filter(|t| is_target(t)) {
+        config.check_shape(t.shape[0], t.shape[1]).map_err(|e| Error::Invalid(format!("{}: {e}", t.name)))?;
     }
 
     let staging = store.staging_dir(&format!("quantize-{name}"))?;

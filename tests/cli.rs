@@ -540,6 +540,47 @@ fn ls_lists_every_entry() {
     }
 }
 
+/// `ls` shows, beside each entry's logical size, the bytes it keeps in the store: its copies,
+/// containers and deltas under STORE/models/NAME/ (subdirectories too); nothing for a base
+/// referenced in place or a cast.
+#[test]
+fn ls_shows_the_bytes_each_entry_stores_beside_its_size() {
+    let ts = TestStore::new();
+    let model = ts.model("model");
+    fs::create_dir_all(model.join("1_Pooling")).unwrap();
+    fs::write(model.join("1_Pooling/config.json"), vec![b' '; 1000]).unwrap();
+    ts.ok(["add", "inplace", s(&model)]);
+    ts.ok(["add", "copied", s(&model), "--copy"]);
+    ts.ok(["cast", "cast", "--base", "copied", "--dtype", "f32"]);
+    ts.ok(["quantize", "q", "--base", "copied", "--group-size", "64"]);
+    fn du(dir: &Path) -> u64 {
+        fs::read_dir(dir).map_or(0, |rd| {
+            rd.map(|e| e.unwrap().path())
+                .map(|p| if p.is_dir() { du(&p) } else { fs::metadata(&p).unwrap().len() })
+                .sum()
+        })
+    }
+    let list = ts.json(["ls", "--json"]);
+    let by_name: std::collections::BTreeMap<&str, &Value> =
+        list.as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), e)).collect();
+    let model_bytes = du(&model);
+    for (name, want) in
+        [("inplace", 0), ("copied", model_bytes), ("cast", 0), ("q", du(&ts.store.join("models/q")))]
+    {
+        let e = by_name[name];
+        assert_eq!(e["stored_bytes"].as_u64(), Some(want), "{name}: {e}");
+        assert!(e["size"].as_u64().unwrap() > 0, "{name}: {e}");
+    }
+    assert!(by_name["q"]["stored_bytes"].as_u64().unwrap() < by_name["q"]["size"].as_u64().unwrap());
+    assert_eq!(by_name["copied"]["size"].as_u64(), Some(model_bytes), "the copy's logical size");
+    let text = ts.ok(["ls"]);
+    let header = text.lines().next().unwrap();
+    assert!(header.contains("SIZE") && header.contains("STORED"), "{text}");
+    let line = |n: &str| text.lines().find(|l| l.split_whitespace().next() == Some(n)).unwrap().to_owned();
+    assert!(line("inplace").trim_end().ends_with("in place"), "{text}");
+    assert!(line("cast").trim_end().ends_with("0 B"), "{text}");
+}
+
 #[test]
 fn cast_creates_a_variant_of_the_new_dtype() {
     let (ts, model) = store_with_model();
@@ -701,6 +742,101 @@ fn check_of_a_variant_fails_when_its_base_changed() {
     assert!(f.status.code().is_some_and(|c| c != 0), "check passed a variant of a modified base: {f:?}");
     let lines = check_lines(&f);
     assert!(!lines.is_empty() && lines.iter().all(|l| l.contains("m16")), "{lines:?}");
+}
+
+/// A delta whose target's shard index names shards it lacks, or maps tensors to a shard that
+/// does not hold them (what a copy interrupted midway leaves): `check` fails with one line per
+/// shard, for the delta and for a variant of it, and passes once the index is whole again.
+#[test]
+fn check_fails_when_the_shard_index_names_missing_shards_or_tensors() {
+    let ts = TestStore::new();
+    let base = ts.path("base");
+    // 2 layers + embeddings + head: 4 groups, 2 per shard, would make 2 shards; 4 layers make 3.
+    write_model(&base, &llmfs::demo::ModelSpec { layers: 4, ..common::sharded_spec(3) });
+    ts.ok(["add", "base", s(&base)]);
+    let target = ts.path("target");
+    llmfs::demo::write_finetune(&base, &target, 0.01, 7).unwrap();
+    let (s2, s3) = ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors");
+    for shard in [s2, s3] {
+        fs::rename(target.join(shard), ts.path(shard)).unwrap();
+    }
+    ts.ok(["delta", "make", "half", "--base", "base", "--target", s(&target)]);
+    ts.ok(["cast", "half-f32", "--base", "half", "--dtype", "f32"]);
+    for name in ["half", "half-f32"] {
+        let f = ts.run_full(["check", name]);
+        assert!(f.status.code().is_some_and(|c| c != 0), "check passed a half model: {f:?}");
+        let lines = check_lines(&f);
+        assert_eq!(lines.len(), 2, "one line per missing shard: {lines:?}");
+        for (line, shard) in lines.iter().zip([s2, s3]) {
+            assert!(
+                line.starts_with(&format!("{name}: "))
+                    && line.contains(shard)
+                    && line.contains("does not have"),
+                "{line}"
+            );
+        }
+    }
+    // The shards back, but the index maps a tensor to the wrong one.
+    for shard in [s2, s3] {
+        fs::rename(ts.path(shard), target.join(shard)).unwrap();
+    }
+    let index_path = target.join("model.safetensors.index.json");
+    let mut index: Value = serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    let (moved, _) =
+        map.iter().find(|(_, v)| v.as_str() == Some(s3)).map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    map.insert(moved.clone(), json!("model-00001-of-00003.safetensors"));
+    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    ts.ok(["delta", "make", "wrong", "--base", "base", "--target", s(&target)]);
+    let f = ts.run_full(["check", "wrong"]);
+    let lines = check_lines(&f);
+    assert!(f.status.code().is_some_and(|c| c != 0), "{f:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("model-00001-of-00003.safetensors") && lines[0].contains(&moved), "{lines:?}");
+    // Whole again: passes.
+    fs::copy(base.join("model.safetensors.index.json"), &index_path).unwrap();
+    ts.ok(["delta", "make", "whole", "--base", "base", "--target", s(&target)]);
+    let out = ts.ok(["check", "whole"]);
+    assert!(out.contains("1 entry ok"), "{out}");
+}
+
+/// `llmfs demo` prints commands that work as typed: each invocation of llmfs by the binary's real
+/// path (nothing needs installing first), paths quoted (the demo directory here has a space).
+/// Every printed command is run with bash, in order, and must succeed; the last unmounts.
+#[test]
+fn demo_prints_commands_that_work_as_typed() {
+    let ts = TestStore::new();
+    let dir = ts.path("demo dir");
+    let guard = common::DaemonGuard::new(&dir.join("mnt"));
+    let f = run_command(llmfs_command(["demo", s(&dir)]), Duration::from_secs(120));
+    assert!(f.status.success(), "demo failed: {f:?}");
+    let commands: Vec<&str> =
+        f.stdout.lines().skip_while(|l| !l.starts_with("Try:")).skip(1).map(str::trim).collect();
+    assert!(commands.len() >= 6, "{}", f.stdout);
+    let exe = common::llmfs_bin();
+    assert!(Path::new(exe).is_absolute());
+    for c in &commands {
+        for word in c.split_whitespace() {
+            assert_ne!(word, "llmfs", "a bare `llmfs` needs installing first: {c}");
+        }
+    }
+    assert!(commands.iter().filter(|c| c.starts_with(exe)).count() >= 3, "{commands:?}");
+    assert!(commands.last().unwrap().contains(" umount "), "the last command ends the demo: {commands:?}");
+    let python_ok = std::process::Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    for c in &commands {
+        if c.starts_with("python3") && !python_ok && std::env::var_os("CI").is_none() {
+            eprintln!("note: skipping (no python3 with safetensors and numpy): {c}");
+            continue;
+        }
+        let mut cmd = std::process::Command::new("bash");
+        cmd.args(["-c", c]).stdin(std::process::Stdio::null());
+        let r = run_command(cmd, Duration::from_secs(120));
+        assert!(r.status.success(), "`{c}` failed:\n{}\n{}", r.stdout, r.stderr);
+    }
+    assert!(!common::llmfs_mounted(&guard.path), "the printed umount left the mount");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ fn le<T: QuantFloat>(v: T) -> Vec<u8> {
 #[test]
 fn every_case_is_bit_identical_to_fastchat() {
     let m = manifest();
-    assert!(m.cases.len() >= 12, "manifest lists only {} cases", m.cases.len());
+    assert!(m.cases.len() >= 72, "manifest lists only {} cases", m.cases.len());
     let mut total = 0;
     for case in &m.cases {
         total += match case.dtype.as_str() {
@@ -138,6 +138,18 @@ fn cases_cover_the_contract() {
                         && c.cols % c.group_size != 0),
                     "no padded case for {dtype} {bits}-bit symmetric={symmetric}"
                 );
+                // FastChat's default group size on rows shorter than it (one padded group per
+                // row) and on rows that are not a multiple of it (a full group and a padded one).
+                for (cols, what) in [(128, "shorter than"), (300, "not a multiple of")] {
+                    assert!(
+                        m.cases.iter().any(|c| c.dtype == dtype
+                            && c.bits == bits
+                            && c.symmetric == symmetric
+                            && c.group_size == 256
+                            && c.cols == cols),
+                        "no {dtype} {bits}-bit symmetric={symmetric} case with rows {what} the group (256)"
+                    );
+                }
             }
         }
     }

@@ -372,7 +372,7 @@ fn lora_merge_within_bound() {
             for range in [0..n, s0..n, s0 / 2..(s0 + 1).min(n)] {
                 let w = &w_all[range.start * d.size()..range.end * d.size()];
                 let mut cpu = vec![0u8; w.len()];
-                merge::lora_rows(&f, d, cols, range.clone(), w, &mut cpu);
+                merge::lora_rows(&f, d, cols, range.clone(), w, &mut cpu).unwrap();
                 for ctx in ctxs {
                     let mut gpu = vec![0u8; w.len()];
                     ctx.lora_rows(&f, d, cols, range.clone(), w, &mut gpu).unwrap();

@@ -205,3 +205,50 @@ fn f16_add_matches_the_float64_sum_rounded_once() {
         assert_eq!(o, &f16::from_f64(x + x).to_le_bytes()[..], "element {i}");
     }
 }
+
+/// A LoRA adapter whose base weight is not a float tensor (I8, U8, F64, I32) was accepted at
+/// import, and the first read of the merged weight panicked the daemon (`compute::merge`,
+/// `expect("a float dtype")`, from a FUSE read and from a prefetch task). It is refused at
+/// import with one line naming the weight and its dtype, and the store is left as it was.
+#[test]
+fn lora_on_a_weight_that_is_not_a_float_is_refused_at_import() {
+    use safetensors::Dtype as D;
+    for (dtype, size) in [(D::I8, 1), (D::U8, 1), (D::F64, 8), (D::I32, 4)] {
+        let ts = TestStore::new();
+        let base = ts.path("base");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::write(
+            base.join("config.json"),
+            br#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#,
+        )
+        .unwrap();
+        let mut m = BTreeMap::new();
+        m.insert("l.weight".to_owned(), (dtype, vec![4, 4], vec![1u8; 16 * size]));
+        m.insert("norm.weight".to_owned(), (D::F32, vec![4], vec![0u8; 16]));
+        write_tensors(&base.join("model.safetensors"), &m);
+        ts.ok(["add", "base", base.to_str().unwrap()]);
+        let adapter = ts.path("adapter");
+        std::fs::create_dir_all(&adapter).unwrap();
+        std::fs::write(adapter.join("adapter_config.json"), br#"{"r":2,"lora_alpha":2}"#).unwrap();
+        let mut a = BTreeMap::new();
+        a.insert("base_model.model.l.lora_A.weight".to_owned(), (D::F32, vec![2, 4], vec![0u8; 32]));
+        a.insert("base_model.model.l.lora_B.weight".to_owned(), (D::F32, vec![4, 2], vec![0u8; 32]));
+        write_tensors(&adapter.join("adapter_model.safetensors"), &a);
+        let name = format!("{dtype:?}");
+        one_line_error(
+            &ts,
+            &[
+                "delta",
+                "import",
+                "x",
+                "--base",
+                "base",
+                "--from",
+                adapter.to_str().unwrap(),
+                "--format",
+                "lora",
+            ],
+            &format!("l.weight: the adapter targets a {name} weight"),
+        );
+    }
+}

@@ -565,8 +565,6 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
     refused(&ts, &["quantize", "x", "--base", "base", "--bits", "3"], &["3"]);
     refused(&ts, &["quantize", "x", "--base", "base", "--bits", "16"], &["16"]);
     refused(&ts, &["quantize", "x", "--base", "base", "--group-size", "0"], &["group"]);
-    // The narrowest quantized rows have 256 columns.
-    refused(&ts, &["quantize", "x", "--base", "base", "--group-size", "257"], &["257", "256"]);
     refused(&ts, &["quantize", "x", "--base", "q"], &["already quantized"]);
     refused(&ts, &["quantize", "x", "--base", "qf32"], &["already quantized"]);
     refused(&ts, &["quantize", "q", "--base", "base"], &["\"q\"", "exists"]);
@@ -592,6 +590,50 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
 
     // The good entries are still fine.
     ts.ok(["check", "q"]);
+}
+
+/// Rows shorter than the group (128 columns at FastChat's default 256) and rows that are not a
+/// multiple of it (300 columns) are padded with zeros to whole groups, as FastChat's compress
+/// does (tests/fastchat_quant.rs holds the codec to torch on both shapes): quantize accepts them
+/// and every linear weight reads back as the reference.
+#[test]
+fn rows_shorter_than_the_group_or_not_a_multiple_are_padded() {
+    let ts = TestStore::new();
+    let model = ts.path("model");
+    let narrow = ModelSpec { hidden: 128, intermediate: 300, ..spec(Dtype::BF16) };
+    common::write_model(&model, &narrow);
+    ts.ok(["add", "base", s(&model)]);
+    let base = model_tensors(&model);
+    let widths: BTreeSet<usize> =
+        base.values().flatten().filter(|t| t.is_linear()).map(|t| t.shape[1]).collect();
+    assert!(widths.contains(&128) && widths.contains(&300), "column counts {widths:?}");
+    for (name, args, cfg) in [
+        ("q8", vec![], QuantConfig { bits: 8, group_size: 256, symmetric: true }),
+        (
+            "q4a",
+            vec!["--bits", "4", "--asymmetric"],
+            QuantConfig { bits: 4, group_size: 256, symmetric: false },
+        ),
+        ("q8g1000", vec!["--group-size", "1000"], QuantConfig { bits: 8, group_size: 1000, symmetric: true }),
+    ] {
+        quantize(&ts, name, "base", &args);
+        let out = export(&ts, name);
+        let mut checked = 0;
+        for (file, tensors) in &base {
+            let got = parse(&fs::read(out.join(file)).unwrap(), file);
+            for (g, want) in got.iter().zip(tensors) {
+                let what = format!("{name}/{file}: {}", g.name);
+                if want.is_linear() {
+                    assert_same_elements(&g.data, &reference(want, cfg).0, g.dtype, &what);
+                    checked += 1;
+                } else {
+                    assert_same_elements(&g.data, &want.data, g.dtype, &what);
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 7 + 1, "{name}: linear weights checked");
+        ts.ok(["check", name]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

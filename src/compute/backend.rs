@@ -153,7 +153,8 @@ fn calibrate(ctx: &super::gpu::GpuContext) -> Choice {
     };
     let lora = faster(
         "lora",
-        &|| merge::lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut()),
+        // F16 always has a merge: the Result is Ok.
+        &|| drop(merge::lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut())),
         &|| ctx.lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut()).is_ok(),
     );
     Choice { dequant, cast, add_f16, lora }
@@ -200,10 +201,24 @@ pub fn add_f16(a: &[u8], b: &[u8], out: &mut [u8]) {
     dispatch!(choice().add_f16, |ctx| ctx.add_f16(a, b, out), merge::add_f16(a, b, out))
 }
 
-pub fn lora_rows(f: &LoraFactors, dtype: Dtype, cols: usize, elems: Range<usize>, w: &[u8], out: &mut [u8]) {
-    dispatch!(
-        choice().lora,
-        |ctx| ctx.lora_rows(f, dtype, cols, elems.clone(), w, out),
-        merge::lora_rows(f, dtype, cols, elems, w, out)
-    )
+/// [`merge::lora_rows`] on the faster device; an error (a weight dtype with no merge) is the
+/// caller's to turn into EIO.
+pub fn lora_rows(
+    f: &LoraFactors,
+    dtype: Dtype,
+    cols: usize,
+    elems: Range<usize>,
+    w: &[u8],
+    out: &mut [u8],
+) -> Result<(), super::cast::CastError> {
+    #[cfg(feature = "gpu")]
+    if choice().lora == Device::Gpu && dtype.is_float() {
+        if let Some(ctx) = GPU.get() {
+            match ctx.lora_rows(f, dtype, cols, elems.clone(), w, out) {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!("GPU kernel failed, using the CPU: {e}"),
+            }
+        }
+    }
+    merge::lora_rows(f, dtype, cols, elems, w, out)
 }

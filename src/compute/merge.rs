@@ -13,6 +13,7 @@
 
 use half::{bf16, f16};
 
+use super::cast::CastError;
 use crate::format::Dtype;
 
 /// `out = f16(a + b)` elementwise on little-endian f16 bytes. Works in blocks through f32 with
@@ -75,7 +76,9 @@ pub struct LoraFactors {
 }
 
 /// Merge elements `elems` (row-major over W's `cols`) of `W + scale · B·A` into `out`, where
-/// `w` holds the same elements of W in `dtype`.
+/// `w` holds the same elements of W in `dtype`. A `dtype` that is not F16, BF16 or F32 is an
+/// error (import refuses such adapters; a hand-edited registry could still name one): it
+/// reaches here from a read, which must answer EIO, never panic.
 ///
 /// Each element's sum is `Σ_j B[o, j] · A[j, i]` from 0.0 in order j = 0..r (Rust never fuses
 /// the multiply-add), computed for a whole row segment at a time: the loop over the segment is
@@ -87,7 +90,10 @@ pub fn lora_rows(
     elems: std::ops::Range<usize>,
     w: &[u8],
     out: &mut [u8],
-) {
+) -> Result<(), CastError> {
+    if !dtype.is_float() {
+        return Err(CastError { from: dtype, to: Dtype::F32 });
+    }
     let r = f.rank;
     let a_cols = f.a.len() / r; // A is r × in
     let (mut acc, mut wide) = (Vec::new(), Vec::new());
@@ -117,15 +123,14 @@ pub fn lora_rows(
         let (s, k0) = (dtype.size(), e - elems.start);
         let bytes = k0 * s..(k0 + acc.len()) * s;
         wide.resize(acc.len(), 0f32);
-        super::cast::cast(dtype, Dtype::F32, &w[bytes.clone()], bytemuck::cast_slice_mut(&mut wide))
-            .expect("a float dtype");
+        super::cast::cast(dtype, Dtype::F32, &w[bytes.clone()], bytemuck::cast_slice_mut(&mut wide))?;
         for (x, &a) in wide.iter_mut().zip(&acc) {
             *x += a * f.scale;
         }
-        super::cast::cast(Dtype::F32, dtype, bytemuck::cast_slice(&wide), &mut out[bytes])
-            .expect("a float dtype");
+        super::cast::cast(Dtype::F32, dtype, bytemuck::cast_slice(&wide), &mut out[bytes])?;
         e += c1 - c0;
     }
+    Ok(())
 }
 
 /// The obvious loop, one element at a time: the reference [`lora_rows`] is tested against.
@@ -202,10 +207,20 @@ mod tests {
             for range in [0..n, 3..n - 2, cols - 1..cols + 1, 5..5, cols + 2..3 * cols - 1] {
                 let (wr, len) = (&w[range.start * s..range.end * s], range.len() * s);
                 let (mut got, mut want) = (vec![0u8; len], vec![0u8; len]);
-                lora_rows(&f, dtype, cols, range.clone(), wr, &mut got);
+                lora_rows(&f, dtype, cols, range.clone(), wr, &mut got).unwrap();
                 lora_one_at_a_time(&f, dtype, cols, range.clone(), wr, &mut want);
                 assert!(got == want, "{rows}x{cols} r{r} transposed={transposed} {dtype} {range:?}");
             }
+        }
+    }
+
+    #[test]
+    fn lora_on_a_weight_that_is_not_a_float_is_an_error_not_a_panic() {
+        let f = LoraFactors { a: vec![1.0; 4], b: vec![1.0; 4], rank: 2, scale: 1.0, transposed: false };
+        for dtype in [Dtype::I8, Dtype::U8, Dtype::F64, Dtype::I32] {
+            let w = vec![0u8; 4 * dtype.size()];
+            let mut out = w.clone();
+            assert!(lora_rows(&f, dtype, 2, 0..4, &w, &mut out).is_err(), "{dtype}");
         }
     }
 
@@ -219,7 +234,7 @@ mod tests {
         let f = LoraFactors { a: a.clone(), b: b.clone(), rank: r, scale: 0.5, transposed: false };
         let mut out = vec![0u8; w.len()];
         // A range starting mid-row, as the read path asks.
-        lora_rows(&f, Dtype::F32, in_dim, 5..out_dim * in_dim, &w[5 * 4..], &mut out[5 * 4..]);
+        lora_rows(&f, Dtype::F32, in_dim, 5..out_dim * in_dim, &w[5 * 4..], &mut out[5 * 4..]).unwrap();
         for e in 5..out_dim * in_dim {
             let (o, i) = (e / in_dim, e % in_dim);
             let delta: f64 =

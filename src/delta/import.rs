@@ -21,6 +21,8 @@ use serde_json::Value;
 
 use crate::compute::merge::LoraFactors;
 use crate::format::{self, Dtype, Header};
+use crate::registry::add::{copy_to_staging, Added};
+use crate::registry::walk::gone;
 use crate::registry::{
     self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Registry, Store,
 };
@@ -58,7 +60,7 @@ pub fn import(
     base: &str,
     from: &Path,
     format: ImportFormat,
-) -> Result<Entry, Error> {
+) -> Result<Added, Error> {
     registry::validate_name(name)?;
     let registry = store.load()?;
     if registry.entries.contains_key(name) {
@@ -69,7 +71,8 @@ pub fn import(
     if !fs::metadata(from).map_err(io_err(from))?.is_dir() {
         return Err(Error::NotAModel { path: from.to_owned(), reason: "not a directory".into() });
     }
-    let files = importable_files(from)?;
+    let walked = importable_files(from)?;
+    let (files, notes) = (walked.with_roles(), walked.notes);
     // Validate against the base before copying anything: the same check the view makes.
     let probe: Vec<FileRecord> = files
         .iter()
@@ -78,25 +81,25 @@ pub fn import(
             Ok(FileRecord {
                 name: n.clone(),
                 role: *role,
-                fingerprint: Fingerprint::of(&p).map_err(io_err(&p))?,
+                fingerprint: Fingerprint::of(&p).map_err(gone(&p))?,
             })
         })
         .collect::<Result<_, Error>>()?;
     import_view(from, &probe, format, &base_view)
         .map_err(|e| Error::Invalid(format!("{}: {e}", from.display())))?;
 
-    let staging = store.staging_dir(&format!("import-{name}"))?;
-    let mut records = vec![];
-    for (file, role) in &files {
-        let (src, dst) = (from.join(file), staging.path().join(file));
-        fs::copy(&src, &dst).map_err(io_err(&dst))?;
-        fs::File::open(&dst).and_then(|f| f.sync_all()).map_err(io_err(&dst))?;
-        records.push(FileRecord {
-            name: file.clone(),
-            role: *role,
-            fingerprint: Fingerprint::of(&dst).map_err(io_err(&dst))?,
-        });
-    }
+    let staging = copy_to_staging(store, &format!("import-{name}"), from, &files)?;
+    let records = files
+        .iter()
+        .map(|(file, role)| {
+            let dst = staging.path().join(file);
+            Ok(FileRecord {
+                name: file.clone(),
+                role: *role,
+                fingerprint: Fingerprint::of(&dst).map_err(io_err(&dst))?,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     let entry = Entry {
         kind: EntryKind::Imported { base: base.to_owned(), format, files: records },
         info: registry::ModelInfo {
@@ -111,33 +114,20 @@ pub fn import(
         generation: registry::new_generation(),
     };
     store.insert_entry(name, &entry, Some(staging))?;
-    Ok(entry)
+    Ok(Added { entry, notes })
 }
 
-fn importable_files(dir: &Path) -> Result<Vec<(String, FileRole)>, Error> {
-    let mut out = vec![];
-    for item in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
-        let n = item.file_name().to_string_lossy().into_owned();
-        if registry::validate_name(&n).is_err() || !fs::metadata(dir.join(&n)).is_ok_and(|m| m.is_file()) {
-            continue;
-        }
-        let role = if n.ends_with(".safetensors") {
-            FileRole::Weights
-        } else if n == registry::INDEX_FILE {
-            FileRole::Index
-        } else {
-            FileRole::Other
-        };
-        out.push((n, role));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    if !out.iter().any(|(_, r)| *r == FileRole::Weights) {
+/// The directory to import, walked as `registry::walk` keeps it (every file, top-level
+/// `*.safetensors` as weights).
+fn importable_files(dir: &Path) -> Result<registry::walk::Walk, Error> {
+    let walked = registry::walk::walk(dir)?;
+    if !walked.with_roles().iter().any(|(_, r)| *r == FileRole::Weights) {
         return Err(Error::NotAModel {
             path: dir.to_owned(),
-            reason: "no *.safetensors weights to import".into(),
+            reason: "no *.safetensors weights at its top level to import".into(),
         });
     }
-    Ok(out)
+    Ok(walked)
 }
 
 /// The view of an imported entry whose files are in `dir`.
@@ -261,6 +251,15 @@ fn import_view(
                 if !a.dtype().is_float() || !b.dtype().is_float() {
                     return Err(format!("{}: LoRA factors must be float tensors", t.name));
                 }
+                // The merge computes in f32 and rounds to the weight's dtype: an integer (or F64)
+                // weight has no such merge, and would fail every read. Refuse it here.
+                if !t.source.dtype().is_float() {
+                    return Err(format!(
+                        "{}: the adapter targets a {} weight; LoRA merges only into F16, BF16 or F32 weights",
+                        t.name,
+                        t.source.dtype()
+                    ));
+                }
                 let (a_len, b_len) = (r * in_dim, out_dim * r);
                 let factors = Arc::new(LazyFactors {
                     a,
@@ -330,6 +329,9 @@ impl LazyFactors {
         self.loaded
             .get_or_init(|| {
                 let widen = |s: &TensorSource, n: usize| -> Result<Vec<f32>, String> {
+                    if !s.dtype().is_float() {
+                        return Err(format!("a LoRA factor is {}, not a float tensor", s.dtype()));
+                    }
                     let mut bytes = vec![0u8; n * s.dtype().size()];
                     s.read(0..n, &mut bytes).map_err(|e| e.to_string())?;
                     Ok((0..n).map(|i| crate::compute::merge::load(s.dtype(), &bytes, i)).collect())

@@ -20,6 +20,7 @@ use super::{keys, DeltaCodec};
 use crate::cache::with_scratch;
 use crate::codec::delta as codec;
 use crate::format::{self, Dtype, HeaderBuilder};
+use crate::registry::add::Added;
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
 use crate::variant::{self, EntryView, LogicalTensor};
 
@@ -285,10 +286,26 @@ pub fn store_file(
     base: &BaseTensors,
     codec: DeltaCodec,
 ) -> Result<FileRecord, Error> {
-    let file = File::open(src).map_err(io_err(src))?;
-    let size = file.metadata().map_err(io_err(src))?.len();
     let name = src.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let header = if name.ends_with(".safetensors") { format::read_header(&file).ok() } else { None };
+    store_file_named(src, &name, dest, base, codec)
+}
+
+/// [`store_file`] for the file the entry names `name` (a relative path, see `registry::walk`):
+/// only a top-level `*.safetensors` is coded tensor by tensor against the base; any other file,
+/// a `*.safetensors` in a subdirectory too, is stored verbatim (it reads back byte-identical
+/// either way, and variants leave it alone).
+pub fn store_file_named(
+    src: &Path,
+    name: &str,
+    dest: &Path,
+    base: &BaseTensors,
+    codec: DeltaCodec,
+) -> Result<FileRecord, Error> {
+    let file = File::open(src).map_err(crate::registry::walk::gone(src))?;
+    let size = file.metadata().map_err(io_err(src))?.len();
+    let name = name.to_owned();
+    let weights = registry::walk::role_of(&name) == FileRole::Weights;
+    let header = if weights { format::read_header(&file).ok() } else { None };
     let layout = match &header {
         Some(h) => Layout::safetensors(&name, size, h, base, codec),
         None => Layout::verbatim(&name, size, codec),
@@ -398,7 +415,7 @@ pub fn make_delta(
     target_dir: &Path,
     codec: DeltaCodec,
     progress: impl Fn(u64),
-) -> Result<Entry, Error> {
+) -> Result<Added, Error> {
     registry::validate_name(name)?;
     let registry = store.load()?;
     if registry.entries.contains_key(name) {
@@ -410,29 +427,24 @@ pub fn make_delta(
         return Err(Error::NotAModel { path: target_dir.to_owned(), reason: "not a directory".into() });
     }
     check_architecture(&view, target_dir)?;
+    let walked = registry::walk::walk(target_dir)?;
+    if walked.files.is_empty() {
+        return Err(Error::NotAModel { path: target_dir.to_owned(), reason: "no files to store".into() });
+    }
     let base_tensors = BaseTensors::of(&view);
     let staging = store.staging_dir(&format!("delta-{name}"))?;
     let mut files = vec![];
-    let mut names: Vec<String> = fs::read_dir(target_dir)
-        .map_err(io_err(target_dir))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| {
-            registry::validate_name(n).is_ok() && fs::metadata(target_dir.join(n)).is_ok_and(|m| m.is_file())
-        })
-        .collect();
-    names.sort();
-    if names.is_empty() {
-        return Err(Error::NotAModel { path: target_dir.to_owned(), reason: "no files to store".into() });
-    }
-    for file_name in &names {
-        let src = target_dir.join(file_name);
-        files.push(store_file(&src, &staging.path().join(file_name), &base_tensors, codec)?);
-        progress(fs::metadata(&src).map(|m| m.len()).unwrap_or(0));
+    for (file_name, size) in &walked.files {
+        let (src, dest) = (walked.root.join(file_name), staging.path().join(file_name));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        files.push(store_file_named(&src, file_name, &dest, &base_tensors, codec)?);
+        progress(*size);
     }
     let entry = new_entry(name, base, &base_entry, codec, files);
     store.insert_entry(name, &entry, Some(staging))?;
-    Ok(entry)
+    Ok(Added { entry, notes: walked.notes })
 }
 
 /// A delta entry over `base`, inheriting its family and templates.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::walk::{self, gone};
 use super::{
     io_err, validate_name, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, ModelInfo, Result,
     Store, INDEX_FILE,
@@ -54,52 +55,29 @@ impl std::str::FromStr for ChatTemplateChoice {
 #[derive(Debug)]
 pub struct ScannedModel {
     pub dir: PathBuf,
+    /// Every kept file (relative path, see [`walk`]) and its role.
     pub files: Vec<(String, FileRole)>,
     pub tensor_count: usize,
+    /// What the walk left out or followed outside the directory, one line each.
+    pub notes: Vec<String>,
 }
 
 /// Validate a model directory without touching the store.
 pub fn scan_model_dir(dir: &Path) -> Result<ScannedModel> {
-    let meta = fs::metadata(dir).map_err(io_err(dir))?;
-    if !meta.is_dir() {
-        return Err(Error::NotAModel { path: dir.to_owned(), reason: "not a directory".into() });
-    }
-    let dir = dir.canonicalize().map_err(io_err(dir))?;
-    let mut files = vec![];
-    let mut torch_weights = false;
-    for item in fs::read_dir(&dir).map_err(io_err(&dir))? {
-        let item = item.map_err(io_err(&dir))?;
-        let name = item.file_name().to_string_lossy().into_owned();
-        // Follow symlinks: the Hugging Face cache's snapshot directories are links into blobs/.
-        let path = dir.join(&name);
-        let is_file = fs::metadata(&path).map(|m| m.is_file()).unwrap_or(false);
-        if name.starts_with('.') || !is_file || validate_name(&name).is_err() {
-            continue;
-        }
-        let role = if name.ends_with(".safetensors") {
-            FileRole::Weights
-        } else if name == INDEX_FILE {
-            FileRole::Index
-        } else {
-            if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
-                // Served only as safetensors: skip pickles (variants could not be synthesized).
-                torch_weights = true;
-                continue;
-            }
-            FileRole::Other
-        };
-        files.push((name, role));
-    }
-    files.sort_by(|a, b| a.0.cmp(&b.0));
-    let weights: Vec<String> =
-        files.iter().filter(|(_, r)| *r == FileRole::Weights).map(|(n, _)| n.clone()).collect();
+    let walked = walk::walk(dir)?;
+    let files = walked.with_roles();
+    let dir = walked.root;
+    let weights: Vec<&str> =
+        files.iter().filter(|(_, r)| *r == FileRole::Weights).map(|(n, _)| n.as_str()).collect();
     if weights.is_empty() {
-        let reason = if torch_weights {
+        // PyTorch pickles are kept beside safetensors weights, but cannot stand in for them:
+        // variants are synthesized from safetensors only.
+        let reason = if files.iter().any(|(n, _)| walk::is_pickle(n)) {
             "has only PyTorch .bin/.pt weights; convert them to safetensors first, e.g. \
              python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\""
                 .to_owned()
         } else {
-            "not a model directory: no *.safetensors weights".to_owned()
+            "not a model directory: no *.safetensors weights at its top level".to_owned()
         };
         return Err(Error::NotAModel { path: dir, reason });
     }
@@ -107,7 +85,7 @@ pub fn scan_model_dir(dir: &Path) -> Result<ScannedModel> {
     for w in &weights {
         let header = format::read_header_path(&dir.join(w))?;
         for t in header.tensors {
-            if let Some(other) = tensor_names.insert(t.name.clone(), w.as_str()) {
+            if let Some(other) = tensor_names.insert(t.name.clone(), *w) {
                 return Err(Error::NotAModel {
                     path: dir.join(w),
                     reason: format!("tensor {:?} is also in {other}", t.name),
@@ -118,7 +96,8 @@ pub fn scan_model_dir(dir: &Path) -> Result<ScannedModel> {
     if files.iter().any(|(_, r)| *r == FileRole::Index) {
         check_index(&dir.join(INDEX_FILE), &tensor_names)?;
     }
-    Ok(ScannedModel { dir, files, tensor_count: tensor_names.len() })
+    let tensor_count = tensor_names.len();
+    Ok(ScannedModel { dir, files, tensor_count, notes: walked.notes })
 }
 
 /// The shard index must map every tensor to the shard that holds it.
@@ -144,10 +123,22 @@ fn check_index(path: &Path, tensors: &std::collections::HashMap<String, &str>) -
     Ok(())
 }
 
+/// A new entry, and the lines saying what its directory's walk left out or followed.
+#[derive(Debug)]
+pub struct Added {
+    pub entry: Entry,
+    pub notes: Vec<String>,
+}
+
 /// Register the model directory at `path` as base entry `name`.
-pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<Entry> {
+pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<Added> {
     validate_name(name)?;
     let scanned = scan_model_dir(path)?;
+    register(store, name, scanned, opts)
+}
+
+/// Everything after the scan: a file that vanishes from here on is an error, and nothing changes.
+fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions) -> Result<Added> {
     if store.load()?.entries.contains_key(name) {
         return Err(Error::Exists(name.to_owned()));
     }
@@ -179,7 +170,11 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
     }
 
     // Copy into staging first: the entry's directory appears whole or not at all.
-    let staging = if opts.copy { Some(copy_to_staging(store, name, &scanned)?) } else { None };
+    let staging = if opts.copy {
+        Some(copy_to_staging(store, &format!("add-{name}"), &scanned.dir, &scanned.files)?)
+    } else {
+        None
+    };
     let fingerprint_dir = staging.as_ref().map_or(scanned.dir.clone(), |s| s.path().to_owned());
     let files = scanned
         .files
@@ -189,7 +184,7 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
             Ok(FileRecord {
                 name: file.clone(),
                 role: *role,
-                fingerprint: Fingerprint::of(&p).map_err(io_err(&p))?,
+                fingerprint: Fingerprint::of(&p).map_err(gone(&p))?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -204,14 +199,23 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
         generation: super::new_generation(),
     };
     store.insert_entry(name, &entry, staging)?;
-    Ok(entry)
+    Ok(Added { entry, notes: scanned.notes })
 }
 
-fn copy_to_staging(store: &Store, name: &str, scanned: &ScannedModel) -> Result<super::StagingDir> {
-    let staging = store.staging_dir(&format!("add-{name}"))?;
-    for (file, _) in &scanned.files {
-        let (src, dst) = (scanned.dir.join(file), staging.path().join(file));
-        fs::copy(&src, &dst).map_err(io_err(&dst))?;
+/// Copy `files` (relative paths) from `from` into a new staging directory, subdirectories too.
+pub(crate) fn copy_to_staging(
+    store: &Store,
+    label: &str,
+    from: &Path,
+    files: &[(String, FileRole)],
+) -> Result<super::StagingDir> {
+    let staging = store.staging_dir(label)?;
+    for (file, _) in files {
+        let (src, dst) = (from.join(file), staging.path().join(file));
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        fs::copy(&src, &dst).map_err(gone(&src))?;
         fs::File::open(&dst).and_then(|f| f.sync_all()).map_err(io_err(&dst))?;
     }
     Ok(staging)
@@ -219,4 +223,31 @@ fn copy_to_staging(store: &Store, name: &str, scanned: &ScannedModel) -> Result<
 
 pub(crate) fn read_json(path: &Path) -> Option<Value> {
     serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_vanishes_mid_add_is_an_error_and_changes_nothing() {
+        for copy in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let model = d.path().join("m");
+            crate::demo::write_model(&model, &crate::demo::ModelSpec::tiny()).unwrap();
+            std::fs::create_dir_all(model.join("1_Pooling")).unwrap();
+            std::fs::write(model.join("1_Pooling/config.json"), "{}").unwrap();
+            let store = Store::open(d.path().join("store")).unwrap();
+            let scanned = scan_model_dir(&model).unwrap();
+            assert!(scanned.files.iter().any(|(n, _)| n == "1_Pooling/config.json"));
+            // Gone between the walk and the copy / fingerprint.
+            std::fs::remove_file(model.join("1_Pooling/config.json")).unwrap();
+            let opts = AddOptions { copy, ..Default::default() };
+            let e = register(&store, "m", scanned, &opts).unwrap_err().to_string();
+            assert!(e.contains("1_Pooling/config.json") && e.contains("vanished"), "copy={copy}: {e}");
+            assert!(store.load().unwrap().entries.is_empty(), "copy={copy}: an entry was registered");
+            assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "staging left behind");
+            assert!(!store.entry_dir("m").exists());
+        }
+    }
 }

@@ -22,6 +22,7 @@
 pub mod add;
 pub mod fingerprint;
 pub mod known_models;
+pub mod walk;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -430,15 +431,29 @@ impl StagingDir {
     /// Renames the staging directory to `dest` (atomic on one filesystem) and keeps it.
     pub fn keep(mut self, dest: &Path) -> Result<()> {
         let path = self.path.take().expect("kept once");
-        // The store is private: whatever was copied or written in, its files are 0600.
-        for item in fs::read_dir(&path).map_err(io_err(&path))?.flatten() {
-            fs::set_permissions(item.path(), fs::Permissions::from_mode(0o600))
-                .map_err(io_err(&item.path()))?;
-        }
+        // The store is private: whatever was copied or written in, its directories are 0700 and
+        // its files 0600, subdirectories included.
+        make_private(&path)?;
         fs::rename(&path, dest).map_err(io_err(dest))?;
         sync_dir(dest.parent().unwrap_or(Path::new("/")));
         Ok(())
     }
+}
+
+/// Modes 0700 (directories) and 0600 (files) for everything under `dir` (symlinks are not
+/// followed: staging directories hold none).
+fn make_private(dir: &Path) -> Result<()> {
+    for item in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = item.map_err(io_err(dir))?.path();
+        let kind = fs::symlink_metadata(&path).map_err(io_err(&path))?.file_type();
+        if kind.is_dir() {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).map_err(io_err(&path))?;
+            make_private(&path)?;
+        } else if kind.is_file() {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for StagingDir {

@@ -184,8 +184,8 @@ impl TensorSource {
                 let f = factors.get()?;
                 with_scratch(out.len(), |w| {
                     base.read(elems.clone(), w)?;
-                    compute::backend::lora_rows(&f, base.dtype(), *cols, elems, w, out);
-                    Ok(())
+                    compute::backend::lora_rows(&f, base.dtype(), *cols, elems, w, out)
+                        .map_err(|e| ReadError::Decode(format!("LoRA merge: {e}")))
                 })
             }
         }

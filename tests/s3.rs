@@ -306,8 +306,39 @@ fn a_server_killed_mid_read_gives_an_error_within_the_bound_and_reads_work_after
     let reader = ObjectReader::open(store.clone(), "obj", opts.clone()).unwrap();
     assert_eq!(&reader.read_at(0, 1 << 20).unwrap()[..], &big[..1 << 20]);
 
-    weed.kill();
     let bound = limits.bound();
+    // Killed in the middle of a whole-object parallel read (from its sink, after the first part):
+    // the parts still needed fail within the bound; what was delivered is right.
+    let mut killed_at = None;
+    let r = store.read_range_parallel("obj", 0..big.len() as u64, &opts, &mut |off, b| {
+        assert_eq!(&b[..], &big[off as usize..off as usize + b.len()]);
+        if killed_at.is_none() {
+            weed.kill();
+            killed_at = Some(Instant::now());
+        }
+        Ok(())
+    });
+    let took = killed_at.expect("no part delivered").elapsed();
+    println!("parallel read, server killed after its first part: {took:?}: {r:?}");
+    assert!(r.is_err() && took <= bound + Duration::from_secs(2), "{took:?} {r:?}");
+    // A sequential reader going on after the kill: right bytes from what it had prefetched, then
+    // an error (in bounded time), never a hang or wrong bytes.
+    let mut off = 1u64 << 20;
+    let err = loop {
+        let start = Instant::now();
+        match reader.read_at(off, 1 << 20) {
+            Ok(b) => {
+                assert!(!b.is_empty(), "read past the prefetched parts succeeded with the server down");
+                assert_eq!(&b[..], &big[off as usize..off as usize + b.len()]);
+                off += b.len() as u64;
+            }
+            Err(e) => {
+                assert!(start.elapsed() <= bound + Duration::from_secs(2), "{:?}", start.elapsed());
+                break e;
+            }
+        }
+    };
+    println!("sequential reader: served {} MiB from prefetched parts, then {err}", off >> 20);
     for what in ["reader", "get_range", "parallel", "head"] {
         let start = Instant::now();
         let r = match what {
@@ -336,6 +367,27 @@ fn a_server_killed_mid_read_gives_an_error_within_the_bound_and_reads_work_after
         })
         .unwrap();
     assert_eq!(n, big.len() as u64);
+
+    // An upload killed midway (after its first part) fails in bounded time and leaves nothing
+    // visible under its key: a multipart object exists only once completed.
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), &big).unwrap();
+    let mut killed_at = None;
+    let r = store.put_file("models/x/upload.safetensors", src.path(), &mut |_| {
+        if killed_at.is_none() {
+            weed.kill();
+            killed_at = Some(Instant::now());
+        }
+    });
+    let took = killed_at.expect("no progress reported").elapsed();
+    println!("put_file, server killed after its first part: {took:?}: {r:?}");
+    assert!(r.is_err() && took <= bound + Duration::from_secs(2), "{took:?} {r:?}");
+    weed.restart();
+    assert_eq!(
+        store.head("models/x/upload.safetensors"),
+        Err(StoreError::NotFound { key: "models/x/upload.safetensors".into() })
+    );
+    assert!(store.list("models").unwrap().is_empty());
 }
 
 fn stub_store(stub: &Stub, limits: Limits) -> Store {
@@ -412,4 +464,53 @@ fn plain_http_needs_allow_http() {
     config.allow_http = false;
     let err = Store::s3(config).unwrap_err();
     assert!(err.to_string().contains("AWS_ALLOW_HTTP=true"), "{err}");
+}
+
+/// Throughput of the read paths against SeaweedFS on this machine (not a CI check: numbers
+/// only). `cargo test --release --test s3 bench_reads -- --ignored --nocapture`;
+/// LLMFS_BENCH_MB sets the object size (default 256).
+#[test]
+#[ignore = "benchmark: run by hand"]
+fn bench_reads() {
+    let Some(weed) = Weed::start("bench_reads") else { return };
+    let mb: usize = std::env::var("LLMFS_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let size = mb << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("obj");
+    std::fs::write(&src, data(size, 5)).unwrap();
+    let rate = |t: Duration| format!("{:.0} MB/s", size as f64 / 1e6 / t.as_secs_f64());
+    let s3 = Arc::new(Store::s3(weed.config("bench", Limits::default())).unwrap());
+    let t = Instant::now();
+    s3.put_file("obj", &src, &mut |_| {}).unwrap();
+    println!("put_file {mb} MiB (multipart, 4 in flight): {}", rate(t.elapsed()));
+    let t = Instant::now();
+    assert_eq!(s3.get("obj").unwrap().bytes.len(), size);
+    println!("one whole GET: {}", rate(t.elapsed()));
+    for in_flight in [1, 2, 4, 8] {
+        let opts = ReadOptions { part_size: 8 << 20, max_in_flight: in_flight };
+        let t = Instant::now();
+        let mut n = 0;
+        s3.read_range_parallel("obj", 0..size as u64, &opts, &mut |_, b| {
+            n += b.len();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, size);
+        println!("read_range_parallel, 8 MiB parts, {in_flight} in flight: {}", rate(t.elapsed()));
+    }
+    let reader = ObjectReader::open(s3.clone(), "obj", ReadOptions::default()).unwrap();
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < size as u64 {
+        off += reader.read_at(off, 1 << 20).unwrap().len() as u64;
+    }
+    println!("ObjectReader, sequential 1 MiB reads (window up to 8 x 8 MiB): {}", rate(t.elapsed()));
+    let local = Arc::new(Store::local(tmp.path()).unwrap());
+    let reader = ObjectReader::open(local, "obj", ReadOptions::default()).unwrap();
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < size as u64 {
+        off += reader.read_at(off, 1 << 20).unwrap().len() as u64;
+    }
+    println!("local directory, sequential 1 MiB reads (page cache warm): {}", rate(t.elapsed()));
 }

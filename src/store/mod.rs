@@ -364,6 +364,13 @@ impl Store {
     }
 }
 
+// Shared by every FUSE and rayon thread.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Store>();
+    send_sync::<ObjectReader>();
+};
+
 /// The precondition of a put.
 #[derive(Clone, Copy, Debug)]
 enum Cond<'a> {

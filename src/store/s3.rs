@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
@@ -279,6 +279,10 @@ impl S3Store {
             .with_bucket_name(&config.bucket)
             .with_region(config.region.as_deref().unwrap_or("us-east-1"))
             .with_allow_http(config.allow_http)
+            // Whatever AWS_* variables `from_env` found: certificates are verified, and puts
+            // use If-Match / If-None-Match (the probe then says whether the server honours them).
+            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::AllowInvalidCertificates), "false")
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
             .with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
                 format!("{}ms", l.connect.as_millis()),
@@ -504,9 +508,12 @@ impl S3Store {
             Ok(r.e_tag.unwrap_or_default())
         })();
         if uploaded.is_err() {
-            // Best effort: a left-over upload costs storage until the bucket's lifecycle rule
-            // (or `gc`) removes it, but is never visible as an object.
-            let _ = self.block(key, async { upload.abort().await.map_err(|e| map_err(key, e)) });
+            // Best effort, in the background so that the error is not delayed by a second
+            // retry period against a server that is down: a left-over upload costs storage
+            // until the bucket's lifecycle rule (or `gc`) removes it, but is never an object.
+            drop(self.rt.spawn(async move {
+                let _ = tokio::time::timeout(bound, upload.abort()).await;
+            }));
         }
         uploaded
     }
@@ -533,5 +540,28 @@ impl S3Store {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_urls_parse_into_bucket_and_prefix() {
+        let p = |u| S3Config::parse_url(u);
+        assert_eq!(p("s3://b").unwrap(), ("b".into(), "".into()));
+        assert_eq!(p("s3://b/").unwrap(), ("b".into(), "".into()));
+        assert_eq!(p("s3://b/x/y/").unwrap(), ("b".into(), "x/y".into()));
+        assert!(p("s3:///x").is_err());
+        assert!(p("s3://b/x//y").is_err());
+        assert!(p("http://b").is_err());
+    }
+
+    #[test]
+    fn the_bound_covers_the_last_retry() {
+        let l = Limits::default();
+        assert_eq!(l.bound(), Duration::from_secs(70));
+        assert!(l.bound() > l.retry_total + l.max_backoff + l.request);
     }
 }

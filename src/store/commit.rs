@@ -83,18 +83,8 @@ pub fn update_object<E>(
         if let Some(e) = rejected {
             return Err(UpdateError::Rejected(e));
         }
-        return match outcome? {
-            Some((bytes, etag)) => Ok(Committed { bytes, etag, written: true, attempts: 1 }),
-            None => {
-                let current = store.get(key)?;
-                Ok(Committed {
-                    bytes: current.bytes.to_vec(),
-                    etag: current.etag,
-                    written: false,
-                    attempts: 1,
-                })
-            }
-        };
+        let (bytes, etag, written) = outcome?;
+        return Ok(Committed { bytes, etag, written, attempts: 1 });
     }
 
     let start = Instant::now();

@@ -252,29 +252,33 @@ impl LocalDir {
     }
 
     /// Read-modify-write under the lock: no other local writer can come between, so it never
-    /// conflicts (the S3 backend retries instead).
+    /// conflicts (the S3 backend retries instead). Returns the bytes now stored, their etag, and
+    /// whether they were written (`f` returning `None` leaves the old ones).
     pub(super) fn update(
         &self,
         key: &str,
         f: &mut UpdateFn<'_>,
-    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+    ) -> Result<(Vec<u8>, String, bool), StoreError> {
         let _lock = self.lock()?;
-        let old = match fs::read(self.path(key)) {
+        let dest = self.path(key);
+        let old = match fs::read(&dest) {
             Ok(b) => Some(b),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err(key)(e)),
         };
-        let Some(new) = f(old.as_deref())? else { return Ok(None) };
+        let Some(new) = f(old.as_deref())? else {
+            let etag = etag_of(&fs::metadata(&dest).map_err(io_err(key))?);
+            return Ok((old.unwrap_or_default(), etag, false));
+        };
         let (tmp, mut file) = self.tmp_file(key)?;
         let written = file.write_all(&new).and_then(|()| file.sync_all());
         drop(file);
-        let dest = self.path(key);
         let result = written.and_then(|()| fs::rename(&tmp, &dest)).map_err(io_err(key));
         let _ = fs::remove_file(&tmp);
         result?;
         sync_dir(dest.parent().unwrap_or(&self.root));
         let etag = etag_of(&fs::metadata(&dest).map_err(io_err(key))?);
-        Ok(Some((new, etag)))
+        Ok((new, etag, true))
     }
 }
 

@@ -77,7 +77,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-pub use commit::{update_object, Committed, UpdateError};
+pub use commit::{update_object, Committed, UpdateError, MAX_COMMIT_TIME};
 pub use reader::{ObjectReader, ReadOptions};
 pub use s3::{Limits, S3Config};
 
@@ -101,7 +101,7 @@ pub enum StoreError {
     /// The operation passed its hard deadline ([`Limits::bound`]).
     #[error("{key}: no answer from the store within {secs} s")]
     Timeout { key: String, secs: u64 },
-    /// Conflicting updates kept winning for longer than [`commit::MAX_COMMIT_TIME`].
+    /// Conflicting updates kept winning for longer than [`MAX_COMMIT_TIME`].
     #[error("{key}: gave up after {attempts} conflicting concurrent updates")]
     Contention { key: String, attempts: u32 },
     #[error("invalid key {key:?}: {reason}")]

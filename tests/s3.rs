@@ -390,6 +390,34 @@ fn a_server_killed_mid_read_gives_an_error_within_the_bound_and_reads_work_after
     assert!(store.list("models").unwrap().is_empty());
 }
 
+#[test]
+fn a_frozen_server_times_out_within_the_bound_and_reads_resume_when_it_thaws() {
+    let Some(weed) = Weed::start("a_frozen_server_times_out…") else { return };
+    let limits = Limits { request: Duration::from_secs(2), ..s3_common::test_limits() };
+    let store = Arc::new(Store::s3(weed.config("frozen", limits)).unwrap());
+    let big = data(24 << 20, 11);
+    store.put("obj", Bytes::from(big.clone())).unwrap();
+    let reader = ObjectReader::open(store.clone(), "obj", ReadOptions::default()).unwrap();
+    weed.freeze(true);
+    for what in ["reader", "get"] {
+        let start = Instant::now();
+        let r = match what {
+            "reader" => reader.read_at(16 << 20, 1 << 20).map(|_| ()),
+            _ => store.get("obj").map(|_| ()),
+        };
+        let took = start.elapsed();
+        println!("{what} from a frozen server: {took:?}: {r:?}");
+        assert!(r.is_err(), "{what} succeeded from a frozen server");
+        assert!(
+            took >= limits.request && took <= limits.bound() + Duration::from_secs(2),
+            "{what}: {took:?}"
+        );
+    }
+    weed.freeze(false);
+    assert_eq!(&reader.read_at(16 << 20, 1 << 20).unwrap()[..], &big[16 << 20..17 << 20]);
+    assert!(store.get("obj").unwrap().bytes == big);
+}
+
 fn stub_store(stub: &Stub, limits: Limits) -> Store {
     Store::s3(s3_config(&stub.endpoint(), "", limits)).unwrap()
 }

@@ -203,6 +203,15 @@ impl Weed {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`) to the server's process group: a server that
+    /// accepts connections (the kernel does) but never answers.
+    pub fn freeze(&self, frozen: bool) {
+        let child = self.child.as_ref().expect("running");
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signalling the process group we created; no memory is involved.
+        unsafe { libc::killpg(child.id() as libc::pid_t, signal) };
+    }
+
     /// Starts it again on the same directory and ports.
     pub fn restart(&mut self) {
         self.kill();

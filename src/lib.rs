@@ -17,5 +17,6 @@ pub mod export;
 pub mod format;
 pub mod quantize;
 pub mod registry;
+pub mod store;
 pub mod variant;
 pub mod vfs;

@@ -417,7 +417,7 @@ fn ls(registry: &Registry, as_json: bool) -> Result<()> {
         let list: Vec<_> = registry
             .entries
             .iter()
-            .map(|(n, e)| json!({"name": n, "kind": e.kind.name(), "base": e.kind.base(), "family": e.family, "size": entry_size(registry, n), "simple_name": e.info.simple_name}))
+            .map(|(n, e)| json!({"name": n, "kind": e.kind.name(), "base": e.kind.base(), "family": e.family, "size": entry_size(registry, n), "simple_name": e.info.simple_name, "unfinished": registry.unfinished(n)}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
@@ -425,8 +425,11 @@ fn ls(registry: &Registry, as_json: bool) -> Result<()> {
     println!("{:<28} {:<10} {:<24} {:<14} {:>12}", "NAME", "KIND", "BASE", "FAMILY", "SIZE");
     for (n, e) in &registry.entries {
         let size = entry_size(registry, n).map_or("?".into(), human);
+        let unfinished = registry.unfinished(n).len();
+        let incomplete =
+            if unfinished > 0 { format!("  INCOMPLETE ({unfinished} unfinished)") } else { String::new() };
         println!(
-            "{:<28} {:<10} {:<24} {:<14} {:>12}",
+            "{:<28} {:<10} {:<24} {:<14} {:>12}{incomplete}",
             n,
             e.kind.name(),
             e.kind.base().unwrap_or("-"),
@@ -496,6 +499,7 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         "tensors": tensors,
         "dtypes": dtypes,
         "size": view.total_size(),
+        "unfinished": registry.unfinished(name),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -516,6 +520,14 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", ")
     );
     println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
+    let unfinished = registry.unfinished(name);
+    if !unfinished.is_empty() {
+        println!(
+            "INCOMPLETE:    {} file(s) being written through deltas/ were never stored (write them again): {}",
+            unfinished.len(),
+            unfinished.join(", ")
+        );
+    }
     if let EntryKind::Quantized { .. } = entry.kind {
         let r = &value["recipe"];
         println!(

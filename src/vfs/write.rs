@@ -797,3 +797,32 @@ pub fn sweep(store: &Store) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_leave_the_entry_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let staging = Staging::default();
+        for bad in ["../x", "a/../b", "/abs", "a//b", "a/", ".", ""] {
+            let e = staging.open(&store, "base", "new", bad, true).err().map(|e| e.errno);
+            assert_eq!(e, Some(libc::EINVAL), "open of {bad:?}");
+            let e = staging.mkdir_sub(&store, "base", "new", bad).err().map(|e| e.errno);
+            assert_eq!(e, Some(libc::EINVAL), "mkdir of {bad:?}");
+            let e = staging.rename(&store, "base", "new", "a", bad).err().map(|e| e.errno);
+            assert_eq!(e, Some(libc::EINVAL), "rename to {bad:?}");
+        }
+        assert!(store.load().unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn paths_move_with_their_directory() {
+        assert!(within("a/b", "a") && within("a", "a") && !within("ab", "a") && !within("a", "a/b"));
+        assert_eq!(moved("a/b/c", "a/b", "z"), "z/c");
+        assert_eq!(join("", "x"), "x");
+        assert_eq!(join("d", "x"), "d/x");
+    }
+}

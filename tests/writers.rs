@@ -640,6 +640,17 @@ fn kill_9_mid_copy_of_three_shards_is_incomplete_until_copied_again() {
         assert_eq!(lines, 1, "check's line for {u}:\n{}", f.stdout);
     }
     eprintln!("check after kill -9:\n{}", f.stdout);
+    // An unfinished file is listed in deltas/new/ (so it can be removed or written again) but
+    // never served: a read is EIO, and MOUNT/new/ does not show it.
+    let mnt = fx.mnt();
+    for u in &unfinished {
+        let (w, r) = (d.join(u), mnt.join("new").join(u));
+        let (in_deltas, read, in_view) = with_deadline("unfinished files", OP, move || {
+            (fs::metadata(&w).is_ok(), errno(fs::read(&w)), r.exists())
+        });
+        assert!(in_deltas && !in_view, "{u}: listed in deltas/new {in_deltas}, in MOUNT/new {in_view}");
+        assert_eq!(read, Some(libc::EIO), "read of unfinished {u}");
+    }
     // What is stored reads back as written; a second cp -r completes the entry.
     timed_ok(&[os("cp"), os("-r"), os(&ft.join(".")), os(&d)]);
     assert!(fx.info("new")["unfinished"].as_array().unwrap().is_empty());

@@ -691,6 +691,12 @@ fn a_panic_under_a_request_is_eio_and_the_daemon_goes_on() {
     assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the daemon died");
     let log = fx.m.as_ref().unwrap().wait_log_line(&["panic", TENSOR], Duration::from_secs(10));
     assert!(log.is_some(), "no log line:\n{}", fx.m.as_ref().unwrap().log_text());
+    // A panic in a FUSE handler itself (the hook panics in a lookup of that name): EIO too.
+    let p = mnt.join(TENSOR);
+    assert_eq!(with_deadline("a lookup that panics", OP, move || errno(fs::metadata(&p))), Some(libc::EIO));
+    // SAFETY: signal 0 only checks that our daemon still exists.
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the daemon died in a handler's panic");
+    assert!(fx.m.as_ref().unwrap().wait_log_line(&["lookup", "panic"], Duration::from_secs(10)).is_some());
     // Everything else still reads: the other tensor of the same file, other files and entries.
     let p = mnt.join("half/model.safetensors");
     let size = fs::metadata(&p).unwrap().len();

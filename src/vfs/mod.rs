@@ -528,6 +528,7 @@ impl Fs {
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        read::test_panic(name);
         self.refresh();
         let node = match self.node(parent)? {
             Node::Root => {

@@ -164,9 +164,10 @@ fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Resu
 }
 
 /// Test-only hook (tests/writers.rs): with `LLMFS_TEST_PANIC_TENSOR=NAME` in the daemon's
-/// environment, decoding tensor NAME panics, so a test can show a panic under a request is EIO
-/// and a log line. Not a user setting; unset, it costs one cached lookup.
-fn test_panic(tensor: &str) {
+/// environment, decoding tensor NAME panics (and so does a lookup of a file named NAME, a panic
+/// in a FUSE handler itself), so a test can show a panic under a request is EIO and a log line.
+/// Not a user setting; unset, it costs one cached lookup.
+pub(super) fn test_panic(tensor: &str) {
     static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     if NAME.get_or_init(|| std::env::var("LLMFS_TEST_PANIC_TENSOR").ok()).as_deref() == Some(tensor) {
         panic!("LLMFS_TEST_PANIC_TENSOR={tensor} (a test's deliberate panic)");

@@ -497,6 +497,28 @@ fn renames_and_directories_within_an_entry() {
         assert!(fs::metadata(d.join("z/empty")).unwrap().is_dir());
         assert_eq!(errno(fs::metadata(d.join("a"))), Some(libc::ENOENT));
         fs::remove_dir(d.join("z/empty")).unwrap();
+        // A directory over an empty one; RENAME_NOREPLACE over an existing file.
+        fs::create_dir(d.join("e1")).unwrap();
+        fs::write(d.join("e1/f.txt"), b"f").unwrap();
+        fs::create_dir(d.join("e2")).unwrap();
+        fs::rename(d.join("e1"), d.join("e2")).unwrap();
+        assert_eq!(fs::read(d.join("e2/f.txt")).unwrap(), b"f");
+        assert_eq!(errno(fs::rename(d.join("z"), d.join("e2"))), Some(libc::ENOTEMPTY));
+        fs::remove_file(d.join("e2/f.txt")).unwrap();
+        fs::remove_dir(d.join("e2")).unwrap();
+        let cstr = |p: PathBuf| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).unwrap();
+        let (from, to) = (cstr(d.join("config.json")), cstr(d.join("model.safetensors")));
+        // SAFETY: renameat2 reads two NUL-terminated paths.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EEXIST)));
         // A file onto a directory and back, a directory into itself.
         assert_eq!(errno(fs::rename(d.join("config.json"), d.join("z"))), Some(libc::EISDIR));
         assert_eq!(errno(fs::rename(d.join("z"), d.join("config.json"))), Some(libc::ENOTDIR));

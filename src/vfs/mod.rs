@@ -755,6 +755,8 @@ impl Fs {
 
     /// `mkdir <entry>/deltas/NAME`, or a directory inside it.
     pub fn mkdir(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
         match self.node(parent)? {
             Node::Deltas { entry, .. } => self.staging.mkdir(&self.store, &entry, name)?,
             Node::DeltaDir { entry, name: delta, dir, .. } => {
@@ -772,6 +774,8 @@ impl Fs {
 
     /// `open(O_CREAT)` in `<entry>/deltas/NAME/` or a directory inside it.
     pub fn create(&self, parent: u64, file: &str) -> FsResult<(Attr, Opened)> {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
         let Node::DeltaDir { entry, created, name, dir } = self.node(parent)? else {
             return Err(FsError::new(libc::EROFS));
         };
@@ -843,6 +847,8 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: u64, file: &str) -> FsResult<()> {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
         let Node::DeltaDir { entry, created, name, dir } = self.node(parent)? else {
             return Err(FsError::new(libc::EROFS));
         };
@@ -862,6 +868,8 @@ impl Fs {
     }
 
     pub fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
         match self.node(parent)? {
             Node::Deltas { entry, .. } => self.staging.rmdir(&self.store, &entry, name),
             Node::DeltaDir { entry, name: delta, dir, .. } => {
@@ -884,6 +892,8 @@ impl Fs {
     /// an empty directory of the target name). Out of the entry, into another, or of an entry's
     /// directory itself: EXDEV (so `mv` copies instead); anywhere else: EROFS.
     pub fn rename(&self, parent: u64, name: &str, newparent: u64, newname: &str, flags: u32) -> FsResult<()> {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
         const NOREPLACE: u32 = 1;
         if flags & !NOREPLACE != 0 {
             // RENAME_EXCHANGE, RENAME_WHITEOUT.

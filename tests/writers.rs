@@ -573,11 +573,15 @@ fn renames_and_directories_within_an_entry() {
     assert_eq!(fs::read(mnt.join("new/z/b/c/deep.txt")).unwrap(), b"deep");
     assert!(!fx.ts.store.join("models/new/a").exists(), "the old directory stayed in the store");
     fx.check_ok();
-    // A remount serves the same tree.
+    // A remount serves the same tree; `rm -r` of it (directories only files imply, emptied by
+    // the rm, stay until their rmdir) removes the entry.
     drop(fx.m.take());
     let mnt = fx.mount();
     assert_eq!(fs::read(mnt.join("base/deltas/new/z/b/c/deep.txt")).unwrap(), b"deep");
     assert_eq!(fs::read(mnt.join("new/config.json")).unwrap(), b"{\"a\": 1}");
+    timed_ok(&[os("rm"), os("-r"), os(&mnt.join("base/deltas/new"))]);
+    assert!(fx.ts.ok(["ls"]).lines().all(|l| !l.starts_with("new ")), "new still listed after rm -r");
+    assert!(!fx.ts.store.join("models/new").exists(), "STORE/models/new left after rm -r");
 }
 
 /// ~10 MB of bf16 per shard, three shards.

@@ -857,6 +857,7 @@ impl Fs {
             return Err(FsError::new(libc::EISDIR));
         }
         self.staging.unlink(&self.store, &entry, &name, &path)?;
+        self.staging.keep_parents(&self.store, &entry, &name, &path)?;
         let node = Node::DeltaFile { entry, created, name, file: path };
         // Its inode names nothing now (a file of that name written later is a new one).
         let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
@@ -931,6 +932,7 @@ impl Fs {
             _ => {}
         }
         self.staging.rename(&self.store, &entry, &delta, &from, &to)?;
+        self.staging.keep_parents(&self.store, &entry, &delta, &from)?;
         self.inodes.write().unwrap_or_else(|e| e.into_inner()).rename(&entry, &delta, &from, &to);
         Ok(())
     }

@@ -260,12 +260,29 @@ impl Staging {
         Ok(())
     }
 
-    /// `rmdir` of a directory made with mkdir inside an entry (the caller checked it is empty).
+    /// `path` left its directory (rm, rename): the directories above it stay until rmdir, as on
+    /// any filesystem, also when no file implies them any more.
+    pub fn keep_parents(&self, store: &Store, base: &str, name: &str, path: &str) -> FsResult<()> {
+        if !path.contains('/') {
+            return Ok(());
+        }
+        let mut sessions = self.lock();
+        let s = Self::session(&mut sessions, store, base, name)?;
+        let mut dir = path;
+        while let Some((parent, _)) = dir.rsplit_once('/') {
+            s.dirs.insert(parent.to_owned());
+            dir = parent;
+        }
+        Self::drop_if_idle(&mut sessions, base, name);
+        Ok(())
+    }
+
+    /// `rmdir` of a directory inside an entry (the caller checked it is empty).
     pub fn rmdir_sub(&self, base: &str, name: &str, dir: &str) -> FsResult<()> {
         let mut sessions = self.lock();
-        let s = sessions.get_mut(&key(base, name)).ok_or(FsError::new(libc::ENOENT))?;
-        if !s.dirs.remove(dir) {
-            return Err(FsError::new(libc::ENOENT));
+        // (A directory only its files imply goes with them: nothing to remove here.)
+        if let Some(s) = sessions.get_mut(&key(base, name)) {
+            s.dirs.remove(dir);
         }
         Self::drop_if_idle(&mut sessions, base, name);
         Ok(())

@@ -29,6 +29,7 @@ pub fn check(registry: &Registry, names: &[String]) -> Vec<String> {
                 continue;
             }
         };
+        problems.extend(unfinished(registry, name));
         if let Err(e) = registry.chain(name) {
             problems.push(format!("{name}: {e}"));
             continue;
@@ -149,4 +150,14 @@ fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
         }
     }
     problems
+}
+
+/// An entry written through `deltas/` whose writer stopped before storing some files (a daemon
+/// killed mid-copy): one line per such file. Writing the file again, or removing it, clears it.
+pub fn unfinished(registry: &Registry, name: &str) -> Vec<String> {
+    registry
+        .unfinished(name)
+        .into_iter()
+        .map(|f| format!("{name}: {f}: unfinished: it was being written into deltas/ and never stored"))
+        .collect()
 }

@@ -461,6 +461,7 @@ fn ls(registry: &Registry, as_json: bool) -> Result<()> {
                     "size": entry_size(registry, n),
                     "stored_bytes": stored_bytes(registry, n),
                     "simple_name": e.info.simple_name,
+                    "unfinished": registry.unfinished(n),
                 })
             })
             .collect();
@@ -475,8 +476,11 @@ fn ls(registry: &Registry, as_json: bool) -> Result<()> {
             EntryKind::Base { copied: false, .. } => "in place".to_owned(),
             _ => human(stored_bytes(registry, n)),
         };
+        let unfinished = registry.unfinished(n).len();
+        let incomplete =
+            if unfinished > 0 { format!("  INCOMPLETE ({unfinished} unfinished)") } else { String::new() };
         println!(
-            "{:<28} {:<14} {:<24} {:<14} {:>12} {:>12}",
+            "{:<28} {:<14} {:<24} {:<14} {:>12} {:>12}{incomplete}",
             n,
             e.kind.name(),
             e.kind.base().unwrap_or("-"),
@@ -549,6 +553,7 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         "tensors": tensors,
         "dtypes": dtypes,
         "size": view.total_size(),
+        "unfinished": registry.unfinished(name),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -581,6 +586,14 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", ")
     );
     println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
+    let unfinished = registry.unfinished(name);
+    if !unfinished.is_empty() {
+        println!(
+            "INCOMPLETE:    {} file(s) being written through deltas/ were never stored (write them again): {}",
+            unfinished.len(),
+            unfinished.join(", ")
+        );
+    }
     if let EntryKind::Quantized { .. } = entry.kind {
         let r = &value["recipe"];
         println!(

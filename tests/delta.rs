@@ -138,20 +138,6 @@ impl Fx {
         assert!(f.status.success(), "llmfs check failed:\n{}\n{}", f.stdout, f.stderr);
     }
 
-    /// An interrupted copy leaves an entry whose shard index names shards it lacks: `check` must
-    /// fail, each line naming such a shard (issue 12: no half model passes check).
-    fn check_reports_missing_shards(&self) {
-        let f = self.ts.run_full(["check"]);
-        assert!(!f.status.success(), "llmfs check passed a half-copied entry:\n{}", f.stdout);
-        let lines: Vec<&str> = f.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert!(
-            !lines.is_empty() && lines.iter().all(|l| l.contains("which the entry does not have")),
-            "check: {}\n{}",
-            f.stdout,
-            f.stderr
-        );
-    }
-
     fn tmp_listing(&self) -> BTreeSet<String> {
         names_in(&self.ts.store.join("tmp"))
     }
@@ -916,9 +902,13 @@ fn mkdir_and_writes_that_are_refused() {
         assert!(r.is_err(), "mkdir deltas/{bad:?} succeeded");
     }
     assert!(fx.ls().iter().all(|e| e["name"] != ".hidden" && e["name"] != "a b"));
-    // A file with an invalid name inside a delta directory.
+    // A dotfile inside a delta directory is a file like any other (`.gitattributes`).
     let p = deltas.join("open/.x");
-    assert!(run("create .x", Box::new(move || fs::write(&p, b"x"))).is_err(), "created deltas/open/.x");
+    run("create .x", Box::new(move || fs::write(&p, b"x"))).unwrap();
+    let p = deltas.join("open/.x");
+    assert_eq!(run("read .x", Box::new(move || fs::read(&p).map(|b| assert_eq!(b, b"x")))).ok(), Some(()));
+    let p = deltas.join("open/.x");
+    run("rm .x", Box::new(move || fs::remove_file(&p))).unwrap();
 
     // Writing anywhere but under deltas/.
     let ro = [libc::EROFS, libc::EACCES, libc::EPERM];
@@ -1311,10 +1301,14 @@ fn full_disk_fails_the_copy_and_leaves_no_half_entry() {
         assert!(left.is_empty(), "STORE/models/{dir}: {left:?}");
     }
     check_after_enospc(&fx, &m, &want);
-    fx.check_reports_missing_shards();
+    // What could not be stored is listed unfinished: check refuses the entry until it is
+    // written again or removed.
+    let f = fx.ts.run_full(["check"]);
+    assert!(!f.status.success() && f.stdout.contains("unfinished"), "check after ENOSPC:\n{}", f.stdout);
     // With the space back, rm -r removes what was stored, and a small delta fits.
     let rm = rm_rf(&m.path().join("base/deltas/new"));
     assert!(rm.status.success(), "rm -r: {}", rm.stderr);
+    fx.check_ok();
     assert!(fx.ls().iter().all(|e| e["name"] != "new"), "new still listed after rm -r");
     assert!(!fx.ts.store.join("models/new").exists(), "STORE/models/new after rm -r");
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp: {:?}", fx.tmp_listing());
@@ -1327,6 +1321,43 @@ fn full_disk_fails_the_copy_and_leaves_no_half_entry() {
     fs::create_dir(&d).unwrap();
     cp_r_ok(&small, &d);
     assert_same_files(&read_files(&m.path().join("small")), &files_of(&small), "MOUNT/small");
+}
+
+/// Issue 12: with a file open on two descriptors, a write that fails on one (a full disk) means
+/// the file is not stored, and every close of it says so, the other descriptor's too; the
+/// registry lists it unfinished until it is written again.
+#[test]
+fn a_failed_write_on_one_descriptor_fails_every_close() {
+    let (_disk_dir, _tmpfs, fx, ft, _want) = full_disk_fixture();
+    let m = fx.mount();
+    let d = m.path().join("base/deltas/two");
+    fs::create_dir(&d).unwrap();
+    let p = d.join("big.safetensors");
+    let bytes = [fs::read(ft.join(SHARD1)).unwrap(), fs::read(ft.join(SHARD2)).unwrap()].concat();
+    let (a_write, a_close, b_close) = with_deadline("two descriptors, one full disk", OP, move || {
+        let mut a = File::create(&p).unwrap();
+        let mut b = OpenOptions::new().write(true).open(&p).unwrap();
+        b.write_all(b"small").unwrap();
+        let a_write = a.write_all(&bytes).err().and_then(|e| e.raw_os_error());
+        // B closes first: its own writes went through, but the file's did not.
+        let b_close = close_checked(b).err().and_then(|e| e.raw_os_error());
+        let a_close = close_checked(a).err().and_then(|e| e.raw_os_error());
+        (a_write, a_close, b_close)
+    });
+    assert_eq!(a_write, Some(libc::ENOSPC), "the write past a full disk");
+    assert!(b_close.is_some(), "close of the other descriptor succeeded although nothing was stored");
+    assert!(a_close.is_some(), "close of the failed descriptor succeeded");
+    let info = fx.info("two");
+    let stored: Vec<&str> =
+        info["files"].as_array().unwrap().iter().filter_map(|f| f["name"].as_str()).collect();
+    assert!(!stored.contains(&"big.safetensors"), "stored after a failed write: {info:#}");
+    assert_eq!(info["unfinished"], serde_json::json!(["big.safetensors"]), "{info:#}");
+    let f = fx.ts.run_full(["check"]);
+    assert!(!f.status.success() && f.stdout.contains("big.safetensors"), "check:\n{}", f.stdout);
+    // Removing it completes (here: empties) the entry.
+    fs::remove_file(d.join("big.safetensors")).unwrap();
+    assert!(fx.info("two")["unfinished"].as_array().unwrap().is_empty());
+    fx.check_ok();
 }
 
 #[test]
@@ -1369,21 +1400,19 @@ fn kill_9_mid_write_leaves_no_staging_and_no_half_entry() {
     cmd.args(["-k", "5", "100", "cp", "-r"]).arg(ft.join(".")).arg(format!("{}/", d.display()));
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let mut cp = ChildGuard(Some(cmd.spawn().unwrap()));
-    // Kill when a file is committed and another is being staged, or at the latest when cp ends.
-    let tmp = fx.ts.store.join("tmp");
-    let staging_has_bytes = || {
-        names_in(&tmp).iter().any(|s| {
-            names_in(&tmp.join(s))
-                .iter()
-                .any(|f| fs::metadata(tmp.join(s).join(f)).is_ok_and(|m| m.len() > 0))
-        })
-    };
+    // Kill when a file is stored and another is being written (the registry lists it as
+    // unfinished), or at the latest when cp ends.
     let registry = fx.ts.registry_path();
-    let committed = || fs::read_to_string(&registry).is_ok_and(|r| r.contains("\"new\""));
+    let mid_copy = || {
+        let r: Value =
+            fs::read(&registry).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        r["entries"]["new"]["files"].as_array().is_some_and(|f| !f.is_empty())
+            && r["unfinished"]["new"]["files"].as_array().is_some_and(|f| !f.is_empty())
+    };
     let start = Instant::now();
     let mut mid = false;
     loop {
-        if committed() && staging_has_bytes() {
+        if mid_copy() {
             mid = true;
             break;
         }
@@ -1424,15 +1453,20 @@ fn kill_9_mid_write_leaves_no_staging_and_no_half_entry() {
     for name in &listed {
         assert_same_bytes(&got[name], &want[name], &format!("MOUNT/new/{name} after kill -9"));
     }
-    // Whether the kill left an index naming shards the entry lacks depends on where cp was.
-    let index = "model.safetensors.index.json";
-    if listed.iter().any(|n| n == index)
-        && !want.keys().filter(|n| n.ends_with(".safetensors")).all(|n| listed.contains(n))
-    {
-        fx.check_reports_missing_shards();
-    } else {
-        fx.check_ok();
+    // The file being written when the daemon died is unfinished: check fails, naming it.
+    let f = fx.ts.run_full(["check"]);
+    assert!(!f.status.success(), "check passed an entry whose copy was killed:\n{}", f.stdout);
+    let unfinished = fx.info("new")["unfinished"].as_array().unwrap().clone();
+    assert!(!unfinished.is_empty(), "no unfinished file after kill -9");
+    for u in &unfinished {
+        let u = u.as_str().unwrap();
+        assert!(f.stdout.contains(u), "check does not name {u}:\n{}", f.stdout);
     }
+    // Writing the files again completes it.
+    cp_r_ok(&ft, &d);
+    assert!(fx.info("new")["unfinished"].as_array().unwrap().is_empty());
+    assert_same_files(&read_files(&m.path().join("new")), &want, "MOUNT/new after a second cp -r");
+    fx.check_ok();
     // The restarted daemon takes a whole copy.
     let again = m.path().join("base/deltas/again");
     fs::create_dir(&again).unwrap();

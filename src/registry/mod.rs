@@ -24,7 +24,7 @@ pub mod fingerprint;
 pub mod known_models;
 pub mod walk;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -157,12 +157,62 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub struct Registry {
     pub version: u32,
     pub entries: BTreeMap<String, Entry>,
+    /// Files of entries written through `MOUNT/<base>/deltas/` that were opened for writing and
+    /// are not stored as written (a daemon killed mid-copy leaves them): such an entry is
+    /// incomplete until each is written and closed, or removed. See [`Registry::unfinished`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unfinished: BTreeMap<String, Unfinished>,
     /// The store this catalogue was loaded from (not serialized).
     #[serde(skip)]
     pub store_root: PathBuf,
 }
 
+/// The unfinished files of one registration of an entry (`generation`: a list left by an entry
+/// that was removed is not inherited by a new one of the same name).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unfinished {
+    pub generation: u64,
+    pub files: BTreeSet<String>,
+}
+
 impl Registry {
+    /// Files of entry `name` that were being written and are not stored as written: empty for a
+    /// complete entry.
+    pub fn unfinished(&self, name: &str) -> Vec<&str> {
+        match (self.entries.get(name), self.unfinished.get(name)) {
+            (Some(e), Some(u)) if u.generation == e.generation() => {
+                u.files.iter().map(|f| f.as_str()).collect()
+            }
+            _ => vec![],
+        }
+    }
+
+    /// Note that `file` of entry `name` (which must exist) is being written.
+    pub fn mark_unfinished(&mut self, name: &str, file: &str) {
+        self.prune_unfinished();
+        let Some(generation) = self.entries.get(name).map(|e| e.generation()) else { return };
+        let u = self.unfinished.entry(name.to_owned()).or_default();
+        if u.generation != generation {
+            *u = Unfinished { generation, files: BTreeSet::new() };
+        }
+        u.files.insert(file.to_owned());
+    }
+
+    /// `file` of entry `name` is stored as written, or gone: no longer unfinished.
+    pub fn clear_unfinished(&mut self, name: &str, file: &str) -> bool {
+        let removed = self.unfinished.get_mut(name).is_some_and(|u| u.files.remove(file));
+        self.prune_unfinished();
+        removed
+    }
+
+    /// Drop lists of entries that are gone or registered anew, and empty ones.
+    fn prune_unfinished(&mut self) {
+        let entries = &self.entries;
+        self.unfinished.retain(|n, u| {
+            !u.files.is_empty() && entries.get(n).is_some_and(|e| e.generation() == u.generation)
+        });
+    }
+
     /// Where entry `name` keeps the files it owns (containers, copies).
     pub fn entry_dir(&self, name: &str) -> PathBuf {
         self.store_root.join("models").join(name)
@@ -339,6 +389,10 @@ impl Store {
             };
             if let Some(f) = files.iter().find(|f| validate_file_path(&f.name).is_err()) {
                 return Err(corrupt(format!("entry {name:?} names file {:?}", f.name)));
+            }
+            let unfinished = registry.unfinished.get(name).map(|u| &u.files);
+            if let Some(f) = unfinished.into_iter().flatten().find(|f| validate_file_path(f).is_err()) {
+                return Err(corrupt(format!("entry {name:?} names unfinished file {f:?}")));
             }
             if let EntryKind::Quantized { config, .. } = &entry.kind {
                 if !matches!(config.bits, 4 | 8) || config.group_size == 0 {
@@ -565,6 +619,43 @@ mod tests {
         r.entries
             .insert("zz".into(), entry(EntryKind::Base { dir: "/x".into(), copied: false, files: vec![] }));
         assert_eq!(r.chain("c").unwrap(), vec!["c", "zz"]);
+    }
+
+    #[test]
+    fn unfinished_files_follow_the_registration_and_survive_a_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = Entry {
+            kind: EntryKind::Base { dir: "/x".into(), copied: false, files: vec![] },
+            info: ModelInfo::default(),
+            family: "x".into(),
+            template: "one_shot".into(),
+            chat_template: None,
+            created: 1,
+            generation: 7,
+        };
+        store
+            .update(|r| {
+                r.entries.insert("a".into(), entry.clone());
+                r.mark_unfinished("a", "sub/model.safetensors");
+                r.mark_unfinished("gone", "x");
+                Ok(())
+            })
+            .unwrap();
+        let r = store.load().unwrap();
+        assert_eq!(r.unfinished("a"), ["sub/model.safetensors"]);
+        assert!(r.unfinished("gone").is_empty());
+        // A new registration of the name does not inherit the list.
+        store
+            .update(|r| {
+                r.entries.insert("a".into(), Entry { generation: 8, ..entry.clone() });
+                Ok(())
+            })
+            .unwrap();
+        assert!(store.load().unwrap().unfinished("a").is_empty());
+        let mut r = store.load().unwrap();
+        r.entries.insert("a".into(), entry.clone());
+        assert!(!r.clear_unfinished("a", "sub/model.safetensors") || r.unfinished("a").is_empty());
     }
 
     #[test]

@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     BackingId, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, SessionACL, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use super::{Attr, Fs, FsError, Kind};
@@ -143,6 +143,15 @@ fn errno(op: &str, e: FsError) -> Errno {
     Errno::from_i32(e.errno)
 }
 
+/// Run one request's handler. A panic in it (a bug) fails that request alone: the reply, dropped
+/// unsent while unwinding, answers EIO (fuser's `Drop`), the reason goes to the log, and the
+/// daemon goes on serving every other request.
+fn guard(op: &str, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        tracing::error!("{op}: {}; the request got EIO", crate::vfs::panic_message(&*panic));
+    }
+}
+
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Ask for 1 MiB; take what the kernel allows when it caps lower.
@@ -166,43 +175,48 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
-        match self.fs.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&ttl(&a), &self.attr(&a), Generation(0)),
-            Err(e) => reply.error(errno("lookup", e)),
-        }
+        guard("lookup", || {
+            let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+            match self.fs.lookup(parent.0, name) {
+                Ok(a) => reply.entry(&ttl(&a), &self.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("lookup", e)),
+            }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+        guard("getattr", || match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno("getattr", e)),
-        }
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        let truncate = flags.0 & libc::O_TRUNC != 0;
-        let opened = match self.fs.open(ino.0, write, truncate) {
-            Ok(o) => o,
-            Err(e) => return reply.error(errno("open", e)),
-        };
-        if let Some(source) = opened.backing.filter(|_| self.passthrough.enabled.load(Ordering::Relaxed)) {
-            match self.backing_id(ino.0, &source, &reply) {
-                Ok(id) => {
-                    reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
-                    lock(&self.passthrough.by_handle).insert(opened.fh, id);
-                    return;
-                }
-                Err(e) => {
-                    tracing::info!("FUSE passthrough unavailable, reading through the daemon: {e}");
-                    self.passthrough.enabled.store(false, Ordering::Relaxed);
+        guard("open", || {
+            let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+            let truncate = flags.0 & libc::O_TRUNC != 0;
+            let opened = match self.fs.open(ino.0, write, truncate) {
+                Ok(o) => o,
+                Err(e) => return reply.error(errno("open", e)),
+            };
+            if let Some(source) = opened.backing.filter(|_| self.passthrough.enabled.load(Ordering::Relaxed))
+            {
+                match self.backing_id(ino.0, &source, &reply) {
+                    Ok(id) => {
+                        reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
+                        lock(&self.passthrough.by_handle).insert(opened.fh, id);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::info!("FUSE passthrough unavailable, reading through the daemon: {e}");
+                        self.passthrough.enabled.store(false, Ordering::Relaxed);
+                    }
                 }
             }
-        }
-        // Files that never change while visible: let the page cache keep what it has read.
-        let flags = if opened.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-        reply.opened(FileHandle(opened.fh), flags)
+            // Files that never change while visible: let the page cache keep what it has read.
+            let flags = if opened.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+            reply.opened(FileHandle(opened.fh), flags)
+        })
     }
 
     fn read(
@@ -216,9 +230,11 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.fs.read(fh.0, offset, size, |result| match result {
-            Ok(data) => reply.data(data),
-            Err(e) => reply.error(errno("read", e)),
+        guard("read", || {
+            self.fs.read(fh.0, offset, size, |result| match result {
+                Ok(data) => reply.data(data),
+                Err(e) => reply.error(errno("read", e)),
+            })
         })
     }
 
@@ -232,11 +248,13 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
-        if lock(&self.passthrough.by_handle).remove(&fh.0).is_some() {
-            lock(&self.passthrough.by_inode).retain(|_, id| id.strong_count() > 0);
-        }
-        reply.ok();
+        guard("release", || {
+            self.fs.release(fh.0);
+            if lock(&self.passthrough.by_handle).remove(&fh.0).is_some() {
+                lock(&self.passthrough.by_inode).retain(|_, id| id.strong_count() > 0);
+            }
+            reply.ok();
+        })
     }
 
     fn flush(
@@ -247,18 +265,20 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(): a file written into deltas/ is stored now, and close() gets the error.
-        match self.fs.flush(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("flush", e)),
-        }
+        guard("flush", || {
+            // close(): a file written into deltas/ is stored now, and close() gets the error.
+            match self.fs.flush(fh.0) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("flush", e)),
+            }
+        })
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.fs.flush(fh.0) {
+        guard("fsync", || match self.fs.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", e)),
-        }
+        })
     }
 
     fn mkdir(
@@ -270,11 +290,13 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
-        match self.fs.mkdir(parent.0, name) {
-            Ok(a) => reply.entry(&ttl(&a), &self.attr(&a), Generation(0)),
-            Err(e) => reply.error(errno("mkdir", e)),
-        }
+        guard("mkdir", || {
+            let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
+            match self.fs.mkdir(parent.0, name) {
+                Ok(a) => reply.entry(&ttl(&a), &self.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("mkdir", e)),
+            }
+        })
     }
 
     fn create(
@@ -287,17 +309,19 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
-        match self.fs.create(parent.0, name) {
-            Ok((a, opened)) => reply.created(
-                &ttl(&a),
-                &self.attr(&a),
-                Generation(0),
-                FileHandle(opened.fh),
-                FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(errno("create", e)),
-        }
+        guard("create", || {
+            let Some(name) = name.to_str() else { return reply.error(Errno::EINVAL) };
+            match self.fs.create(parent.0, name) {
+                Ok((a, opened)) => reply.created(
+                    &ttl(&a),
+                    &self.attr(&a),
+                    Generation(0),
+                    FileHandle(opened.fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno("create", e)),
+            }
+        })
     }
 
     fn write(
@@ -312,10 +336,10 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        guard("write", || match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", e)),
-        }
+        })
     }
 
     fn setattr(
@@ -336,50 +360,90 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // Only a size change means anything (cp truncates); modes and times are fixed by the
-        // registry, and accepting them silently keeps `cp -a` working.
-        let result = match size {
-            Some(size) => self.fs.set_size(ino.0, size),
-            None => self.fs.getattr(ino.0),
-        };
-        match result {
-            Ok(a) => reply.attr(&ttl(&a), &self.attr(&a)),
-            Err(e) => reply.error(errno("setattr", e)),
-        }
+        guard("setattr", || {
+            // Only a size change means anything (cp truncates); modes and times are fixed by the
+            // registry, and accepting them silently keeps `cp -a` working.
+            let result = match size {
+                Some(size) => self.fs.set_size(ino.0, size),
+                None => self.fs.getattr(ino.0),
+            };
+            match result {
+                Ok(a) => reply.attr(&ttl(&a), &self.attr(&a)),
+                Err(e) => reply.error(errno("setattr", e)),
+            }
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
-        match self.fs.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("unlink", e)),
-        }
+        guard("unlink", || {
+            let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+            match self.fs.unlink(parent.0, name) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("unlink", e)),
+            }
+        })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
-        match self.fs.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rmdir", e)),
-        }
+        guard("rmdir", || {
+            let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+            match self.fs.rmdir(parent.0, name) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rmdir", e)),
+            }
+        })
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let entries = match self.fs.readdir(ino.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno("readdir", e)),
-        };
-        let dots = [(ino.0, Kind::Dir, ".".to_owned()), (ino.0, Kind::Dir, "..".to_owned())];
-        for (i, (child, kind, name)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
-            let kind = if kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
-                break;
+        guard("readdir", || {
+            let entries = match self.fs.readdir(ino.0) {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno("readdir", e)),
+            };
+            let dots = [(ino.0, Kind::Dir, ".".to_owned()), (ino.0, Kind::Dir, "..".to_owned())];
+            for (i, (child, kind, name)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize)
+            {
+                let kind = if kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+                if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+                    break;
+                }
             }
-        }
-        reply.ok();
+            reply.ok();
+        })
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        guard("rename", || {
+            let (Some(name), Some(newname)) = (name.to_str(), newname.to_str()) else {
+                return reply.error(Errno::EINVAL);
+            };
+            match self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rename", e)),
+            }
+        })
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Every registry change is durable when it returns (an fsynced rename): nothing to do.
+        reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(0, 0, 0, 0, 0, MAX_IO, 255, MAX_IO);
+        // The store's filesystem: where what is written into deltas/ goes (tools that check free
+        // space before writing, such as huggingface_hub, see what is there).
+        match self.fs.store_statfs() {
+            Some(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.bsize),
+            None => reply.statfs(0, 0, 0, 0, 0, MAX_IO, 255, MAX_IO),
+        }
     }
 }

@@ -84,13 +84,20 @@ pub struct Opened {
     pub keep_cache: bool,
 }
 
-/// What an inode names. `created` is the entry's generation (unique per registration).
+/// What an inode names. `created` is the entry's generation (unique per registration). File and
+/// directory paths inside an entry are relative, `/`-separated (`1_Pooling/config.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Node {
     Root,
     Entry {
         name: String,
         created: u64,
+    },
+    /// `<entry>/<dir>/`: a subdirectory, implied by the paths of the entry's files.
+    Dir {
+        entry: String,
+        created: u64,
+        dir: String,
     },
     Deltas {
         entry: String,
@@ -101,11 +108,13 @@ enum Node {
         created: u64,
         file: String,
     },
-    /// `<entry>/deltas/<name>/`: delta entry `name` over `entry`, stored or being written.
+    /// `<entry>/deltas/<name>/<dir>`: delta entry `name` over `entry`, stored or being written
+    /// (`dir` empty), or a directory in it.
     DeltaDir {
         entry: String,
         created: u64,
         name: String,
+        dir: String,
     },
     DeltaFile {
         entry: String,
@@ -113,6 +122,8 @@ enum Node {
         name: String,
         file: String,
     },
+    /// What was at a path a rename replaced: the inode names nothing now.
+    Gone(u64),
 }
 
 #[derive(Default)]
@@ -137,6 +148,101 @@ impl Inodes {
         }
         self.nodes.get(ino.checked_sub(ROOT_INO + 1)? as usize)
     }
+
+    /// A rename of `from` to `to` inside `<entry>/deltas/<name>/`: the kernel keeps the inodes it
+    /// knows under their new names, so each inode at or under `from` now names the path under
+    /// `to`, and those that named what was at `to` name nothing.
+    fn rename(&mut self, entry: &str, name: &str, from: &str, to: &str) {
+        let path_of = |node: &Node| match node {
+            Node::DeltaFile { entry: e, name: n, file: p, .. }
+            | Node::DeltaDir { entry: e, name: n, dir: p, .. }
+                if e == entry && n == name && !p.is_empty() =>
+            {
+                Some(p.clone())
+            }
+            _ => None,
+        };
+        let with_path = |node: &Node, path: String| match node.clone() {
+            Node::DeltaFile { entry, created, name, .. } => {
+                Node::DeltaFile { entry, created, name, file: path }
+            }
+            Node::DeltaDir { entry, created, name, .. } => Node::DeltaDir { entry, created, name, dir: path },
+            other => other,
+        };
+        for pass in [to, from] {
+            for i in 0..self.nodes.len() {
+                let Some(path) = path_of(&self.nodes[i]) else { continue };
+                if !write::within(&path, pass) {
+                    continue;
+                }
+                let ino = i as u64 + ROOT_INO + 1;
+                let new = if pass == to {
+                    Node::Gone(ino)
+                } else {
+                    with_path(&self.nodes[i], write::moved(&path, from, to))
+                };
+                let old = std::mem::replace(&mut self.nodes[i], new.clone());
+                self.by_node.remove(&old);
+                self.by_node.insert(new, ino);
+            }
+        }
+    }
+}
+
+/// The entries of directory `dir` (empty: the top) of a tree given by its file paths and
+/// directory paths: each child's name and kind.
+fn children<'a>(
+    files: impl IntoIterator<Item = &'a String>,
+    dirs: impl IntoIterator<Item = &'a String>,
+    dir: &str,
+) -> std::collections::BTreeMap<String, Kind> {
+    let mut out = std::collections::BTreeMap::new();
+    let tagged = files.into_iter().map(|f| (f, Kind::File)).chain(dirs.into_iter().map(|d| (d, Kind::Dir)));
+    for (path, kind) in tagged {
+        let rest = if dir.is_empty() {
+            Some(path.as_str())
+        } else {
+            path.strip_prefix(dir).and_then(|r| r.strip_prefix('/'))
+        };
+        match rest.map(|r| r.split_once('/')) {
+            Some(Some((first, _))) => {
+                out.entry(first.to_owned()).or_insert(Kind::Dir);
+            }
+            Some(None) if !rest.unwrap_or_default().is_empty() => {
+                out.insert(rest.unwrap_or_default().to_owned(), kind);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What `path` is in a tree given by its file paths and directory paths.
+fn find<'a>(
+    files: impl IntoIterator<Item = &'a String>,
+    dirs: impl IntoIterator<Item = &'a String>,
+    path: &str,
+) -> Option<Kind> {
+    let mut found = None;
+    for f in files {
+        if f == path {
+            return Some(Kind::File);
+        }
+        if write::within(f, path) {
+            found = Some(Kind::Dir);
+        }
+    }
+    if found.is_none() && dirs.into_iter().any(|d| write::within(d, path)) {
+        found = Some(Kind::Dir);
+    }
+    found
+}
+
+/// The paths of what is in `<base>/deltas/<name>/`: files (staged, stored, unfinished) and the
+/// directories made in it.
+struct DeltaTree {
+    files: std::collections::BTreeSet<String>,
+    dirs: Vec<String>,
 }
 
 /// What says registry.json changed: its inode (every save renames a new file in) and mtime.
@@ -168,19 +274,11 @@ struct Handle {
 enum Target {
     /// A visible (immutable) file.
     Read(VFile),
-    /// A file being written into `deltas/NEW/`, staged on disk until close().
-    /// `failed`: a write failed (a full disk): the file is incomplete and must not be stored.
+    /// A file being written into `deltas/NEW/`, staged on disk until close(): staged file `id`
+    /// of the session, which knows its name (renames move it) and whether a write of it failed.
     /// `writer`: opened for writing (counted by the staging, which drops the staged copy when
-    /// the last writer is released).
-    Staged {
-        file: Arc<std::fs::File>,
-        base: String,
-        name: String,
-        fname: String,
-        dirty: bool,
-        failed: bool,
-        writer: bool,
-    },
+    /// the last writer is released); a reader of a file being written has `writer` false.
+    Staged { file: Arc<std::fs::File>, base: String, name: String, id: u64, writer: bool },
 }
 
 /// A callback into the FUSE layer that invalidates one name under the root.
@@ -333,7 +431,7 @@ impl Fs {
         let dir = |mtime, writable| Attr { ino, kind: Kind::Dir, size: 0, mtime, mutable: true, writable };
         Ok(match node {
             Node::Root => dir(self.mount_time, false),
-            Node::Entry { name, .. } => dir(secs(name), false),
+            Node::Entry { name, .. } | Node::Dir { entry: name, .. } => dir(secs(name), false),
             Node::Deltas { entry, .. } | Node::DeltaDir { entry, .. } => dir(secs(entry), true),
             Node::File { entry, created, file } => {
                 let view = self.view(entry, *created)?;
@@ -345,10 +443,12 @@ impl Fs {
             Node::DeltaFile { entry, name, file, .. } => {
                 let size = match self.staging.staged_size(entry, name, file) {
                     Some(size) => size,
-                    None => self.committed(name, file)?.size,
+                    // An unfinished file (its writer died) shows as empty until written again.
+                    None => self.committed(name, file).map_or(0, |f| f.size),
                 };
                 Attr { ino, kind: Kind::File, size, mtime: secs(entry), mutable: true, writable: true }
             }
+            Node::Gone(_) => return Err(FsError::new(libc::ENOENT)),
         })
     }
 
@@ -377,6 +477,27 @@ impl Fs {
         matches!(catalog.registry.entries.get(name).map(|e| &e.kind), Some(crate::registry::EntryKind::Delta { base: b, .. }) if b == base)
     }
 
+    /// What `<base>/deltas/<name>/` holds: staged, stored and unfinished files, made directories.
+    fn delta_tree(&self, base: &str, name: &str) -> DeltaTree {
+        let (staged, dirs) = self.staging.paths(base, name);
+        let mut files: std::collections::BTreeSet<String> = staged.into_iter().collect();
+        if self.is_delta_of(base, name) {
+            if let Some(c) = self.entry_created(name) {
+                if let Ok(view) = self.view(name, c) {
+                    files.extend(view.files.iter().map(|f| f.name.clone()));
+                }
+            }
+            let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+            files.extend(catalog.registry.unfinished(name).into_iter().map(str::to_owned));
+        }
+        DeltaTree { files, dirs }
+    }
+
+    /// The file paths of entry `entry`'s view.
+    fn entry_paths(&self, entry: &str, created: u64) -> FsResult<Vec<String>> {
+        Ok(self.view(entry, created)?.files.iter().map(|f| f.name.clone()).collect())
+    }
+
     /// Check that `node` still exists in the current registry (or staging).
     fn live(&self, node: &Node) -> bool {
         match node {
@@ -384,44 +505,69 @@ impl Fs {
             Node::Entry { name: entry, created }
             | Node::Deltas { entry, created }
             | Node::File { entry, created, .. } => self.entry_created(entry) == Some(*created),
-            Node::DeltaDir { entry, created, name } => {
-                self.entry_created(entry) == Some(*created) && self.is_delta_of(entry, name)
+            Node::Dir { entry, created, dir } => {
+                self.entry_created(entry) == Some(*created)
+                    && self.entry_paths(entry, *created).is_ok_and(|p| find(&p, &[], dir) == Some(Kind::Dir))
+            }
+            Node::DeltaDir { entry, created, name, dir } => {
+                self.entry_created(entry) == Some(*created)
+                    && self.is_delta_of(entry, name)
+                    && (dir.is_empty() || {
+                        let t = self.delta_tree(entry, name);
+                        find(&t.files, &t.dirs, dir) == Some(Kind::Dir)
+                    })
             }
             Node::DeltaFile { entry, created, name, file } => {
-                self.entry_created(entry) == Some(*created)
-                    && (self.staging.staged_size(entry, name, file).is_some()
-                        || self.committed(name, file).is_ok())
+                self.entry_created(entry) == Some(*created) && {
+                    let t = self.delta_tree(entry, name);
+                    t.files.contains(file)
+                }
             }
+            Node::Gone(_) => false,
         }
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        read::test_panic(name);
         self.refresh();
         let node = match self.node(parent)? {
             Node::Root => {
                 let created = self.entry_created(name).ok_or(FsError::new(libc::ENOENT))?;
                 Node::Entry { name: name.to_owned(), created }
             }
-            Node::Entry { name: entry, created } => {
-                if name == DELTAS_DIR {
-                    Node::Deltas { entry, created }
-                } else {
-                    let view = self.view(&entry, created)?;
-                    view.file(name).ok_or(FsError::new(libc::ENOENT))?;
-                    Node::File { entry, created, file: name.to_owned() }
+            Node::Entry { name: entry, created } if name == DELTAS_DIR => Node::Deltas { entry, created },
+            Node::Entry { name: entry, created } => self.entry_child(entry, created, String::new(), name)?,
+            Node::Dir { entry, created, dir } => self.entry_child(entry, created, dir, name)?,
+            Node::Deltas { entry, created } => {
+                Node::DeltaDir { entry, created, name: name.to_owned(), dir: String::new() }
+            }
+            Node::DeltaDir { entry, created, name: delta, dir } => {
+                let path = write::join(&dir, name);
+                let t = self.delta_tree(&entry, &delta);
+                match find(&t.files, &t.dirs, &path) {
+                    Some(Kind::File) => Node::DeltaFile { entry, created, name: delta, file: path },
+                    Some(Kind::Dir) => Node::DeltaDir { entry, created, name: delta, dir: path },
+                    None => return Err(FsError::new(libc::ENOENT)),
                 }
             }
-            Node::Deltas { entry, created } => Node::DeltaDir { entry, created, name: name.to_owned() },
-            Node::DeltaDir { entry, created, name: delta } => {
-                Node::DeltaFile { entry, created, name: delta, file: name.to_owned() }
-            }
             Node::File { .. } | Node::DeltaFile { .. } => return Err(FsError::new(libc::ENOTDIR)),
+            Node::Gone(_) => return Err(FsError::new(libc::ENOENT)),
         };
         if !self.live(&node) {
             return Err(FsError::new(libc::ENOENT));
         }
         let ino = self.ino(node.clone());
         self.attr_of(ino, &node)
+    }
+
+    /// `name` in directory `dir` of a (read-only) entry: a file or a subdirectory.
+    fn entry_child(&self, entry: String, created: u64, dir: String, name: &str) -> FsResult<Node> {
+        let path = write::join(&dir, name);
+        match find(&self.entry_paths(&entry, created)?, &[], &path) {
+            Some(Kind::File) => Ok(Node::File { entry, created, file: path }),
+            Some(Kind::Dir) => Ok(Node::Dir { entry, created, dir: path }),
+            None => Err(FsError::new(libc::ENOENT)),
+        }
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
@@ -450,18 +596,25 @@ impl Fs {
                     })
                     .collect())
             }
-            Node::Entry { name, created } => {
-                let view = self.view(&name, created)?;
+            Node::Entry { name: entry, created } => {
                 let mut out = vec![(
-                    self.ino(Node::Deltas { entry: name.clone(), created }),
+                    self.ino(Node::Deltas { entry: entry.clone(), created }),
                     Kind::Dir,
                     DELTAS_DIR.to_owned(),
                 )];
-                for f in &view.files {
-                    let node = Node::File { entry: name.clone(), created, file: f.name.clone() };
-                    out.push((self.ino(node), Kind::File, f.name.clone()));
+                // A file or directory of the model named `deltas` is hidden by the write folder.
+                let paths = self.entry_paths(&entry, created)?;
+                for (child, kind) in children(&paths, &[], "").into_iter().filter(|(n, _)| n != DELTAS_DIR) {
+                    out.push(self.entry_node(&entry, created, "", child, kind));
                 }
                 Ok(out)
+            }
+            Node::Dir { entry, created, dir } => {
+                let paths = self.entry_paths(&entry, created)?;
+                Ok(children(&paths, &[], &dir)
+                    .into_iter()
+                    .map(|(child, kind)| self.entry_node(&entry, created, &dir, child, kind))
+                    .collect())
             }
             Node::Deltas { entry, created } => {
                 let mut names = self.staging.sessions(&entry);
@@ -479,39 +632,52 @@ impl Fs {
                 Ok(names
                     .into_iter()
                     .map(|name| {
-                        (
-                            self.ino(Node::DeltaDir { entry: entry.clone(), created, name: name.clone() }),
-                            Kind::Dir,
-                            name,
-                        )
-                    })
-                    .collect())
-            }
-            Node::DeltaDir { entry, created, name } => {
-                let mut files: Vec<String> =
-                    self.staging.staged(&entry, &name).into_iter().map(|(f, _)| f).collect();
-                if let Some(c) = self.entry_created(&name) {
-                    if let Ok(view) = self.view(&name, c) {
-                        files.extend(view.files.iter().map(|f| f.name.clone()));
-                    }
-                }
-                files.sort();
-                files.dedup();
-                Ok(files
-                    .into_iter()
-                    .map(|file| {
-                        let node = Node::DeltaFile {
+                        let node = Node::DeltaDir {
                             entry: entry.clone(),
                             created,
                             name: name.clone(),
-                            file: file.clone(),
+                            dir: String::new(),
                         };
-                        (self.ino(node), Kind::File, file)
+                        (self.ino(node), Kind::Dir, name)
+                    })
+                    .collect())
+            }
+            Node::DeltaDir { entry, created, name, dir } => {
+                let t = self.delta_tree(&entry, &name);
+                Ok(children(&t.files, &t.dirs, &dir)
+                    .into_iter()
+                    .map(|(child, kind)| {
+                        let path = write::join(&dir, &child);
+                        let (entry, name) = (entry.clone(), name.clone());
+                        let node = match kind {
+                            Kind::File => Node::DeltaFile { entry, created, name, file: path },
+                            Kind::Dir => Node::DeltaDir { entry, created, name, dir: path },
+                        };
+                        (self.ino(node), kind, child)
                     })
                     .collect())
             }
             Node::File { .. } | Node::DeltaFile { .. } => Err(FsError::new(libc::ENOTDIR)),
+            Node::Gone(_) => Err(FsError::new(libc::ENOENT)),
         }
+    }
+
+    /// A listing row for `child` of directory `dir` of a read-only entry.
+    fn entry_node(
+        &self,
+        entry: &str,
+        created: u64,
+        dir: &str,
+        child: String,
+        kind: Kind,
+    ) -> (u64, Kind, String) {
+        let path = write::join(dir, &child);
+        let entry = entry.to_owned();
+        let node = match kind {
+            Kind::File => Node::File { entry, created, file: path },
+            Kind::Dir => Node::Dir { entry, created, dir: path },
+        };
+        (self.ino(node), kind, child)
     }
 
     /// Open a file. For reading, every file it reads from must be unchanged since it was added,
@@ -534,44 +700,34 @@ impl Fs {
             Node::DeltaFile { entry, name, file, .. } => {
                 let committed = self.committed(&name, &file);
                 if write {
-                    let staged = self.staging.staged_path(&entry, &name, &file).is_some();
-                    let f = self.staging.open(&self.store, &entry, &name, &file, truncate)?;
+                    let (f, id, staged) = self.staging.open(&self.store, &entry, &name, &file, truncate)?;
                     if let (Ok(stored), false, false) = (&committed, truncate, staged) {
                         // Rewriting a stored file: stage its bytes first, so a partial write
                         // changes only what it covers (the kernel sends O_TRUNC as a separate
                         // truncate when it did not negotiate atomic O_TRUNC).
                         if let Err(e) = stage_copy(stored, &f) {
-                            self.staging.closed(&entry, &name, &file);
+                            self.staging.closed(&entry, &name, id);
                             return Err(FsError::eio(format!("{name}/{file}: {e}")));
                         }
                     }
-                    let target = Target::Staged {
-                        file: Arc::new(f),
-                        base: entry,
-                        name,
-                        fname: file,
-                        dirty: truncate,
-                        failed: false,
-                        writer: true,
-                    };
+                    let target = Target::Staged { file: Arc::new(f), base: entry, name, id, writer: true };
                     return Ok(self.insert_handle(ino, target));
                 }
                 if let Some(path) = self.staging.staged_path(&entry, &name, &file) {
                     // A reader of a file still being written sees what is staged.
                     let f = std::fs::File::open(path).map_err(|e| FsError::eio(e.to_string()))?;
-                    let target = Target::Staged {
-                        file: Arc::new(f),
-                        base: entry,
-                        name,
-                        fname: file,
-                        dirty: false,
-                        failed: false,
-                        writer: false,
-                    };
+                    let target =
+                        Target::Staged { file: Arc::new(f), base: entry, name, id: 0, writer: false };
                     return Ok(self.insert_handle(ino, target));
+                }
+                if committed.is_err() && self.delta_tree(&entry, &name).files.contains(&file) {
+                    return Err(FsError::eio(format!(
+                        "{name}/{file}: unfinished (its writer stopped before close); write it again"
+                    )));
                 }
                 (Target::Read(committed?), format!("{entry}/deltas/{name}/{file}"))
             }
+            Node::Gone(_) => return Err(FsError::new(libc::ENOENT)),
             _ => return Err(FsError::new(libc::EISDIR)),
         };
         if let Target::Read(vfile) = &target {
@@ -597,125 +753,188 @@ impl Fs {
         Opened { fh, backing, keep_cache }
     }
 
-    /// `mkdir <entry>/deltas/NAME`.
+    /// `mkdir <entry>/deltas/NAME`, or a directory inside it.
     pub fn mkdir(&self, parent: u64, name: &str) -> FsResult<Attr> {
-        let Node::Deltas { entry, .. } = self.node(parent)? else {
-            return Err(FsError::new(libc::EROFS));
-        };
-        self.staging.mkdir(&self.store, &entry, name)?;
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
+        match self.node(parent)? {
+            Node::Deltas { entry, .. } => self.staging.mkdir(&self.store, &entry, name)?,
+            Node::DeltaDir { entry, name: delta, dir, .. } => {
+                let path = write::join(&dir, name);
+                let t = self.delta_tree(&entry, &delta);
+                if find(&t.files, &t.dirs, &path).is_some() {
+                    return Err(FsError::new(libc::EEXIST));
+                }
+                self.staging.mkdir_sub(&self.store, &entry, &delta, &path)?;
+            }
+            _ => return Err(FsError::new(libc::EROFS)),
+        }
         self.lookup(parent, name)
     }
 
-    /// `open(O_CREAT)` in `<entry>/deltas/NAME/`.
+    /// `open(O_CREAT)` in `<entry>/deltas/NAME/` or a directory inside it.
     pub fn create(&self, parent: u64, file: &str) -> FsResult<(Attr, Opened)> {
-        let Node::DeltaDir { entry, created, name } = self.node(parent)? else {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
+        let Node::DeltaDir { entry, created, name, dir } = self.node(parent)? else {
             return Err(FsError::new(libc::EROFS));
         };
-        let f = self.staging.open(&self.store, &entry, &name, file, true)?;
-        let node =
-            Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: file.to_owned() };
+        let path = write::join(&dir, file);
+        let (f, id, _) = self.staging.open(&self.store, &entry, &name, &path, true)?;
+        let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: path };
         let ino = self.ino(node.clone());
         let attr = self.attr_of(ino, &node)?;
-        let target = Target::Staged {
-            file: Arc::new(f),
-            base: entry,
-            name,
-            fname: file.to_owned(),
-            dirty: true,
-            failed: false,
-            writer: true,
-        };
+        let target = Target::Staged { file: Arc::new(f), base: entry, name, id, writer: true };
         Ok((attr, self.insert_handle(ino, target)))
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let (file, base, name, fname) = {
-            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-            match handles.get_mut(&fh).map(|h| &mut h.target) {
-                Some(Target::Staged { file, dirty, base, name, fname, .. }) => {
-                    *dirty = true;
-                    (file.clone(), base.clone(), name.clone(), fname.clone())
+        let (file, base, name, id) = {
+            let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            match handles.get(&fh).map(|h| &h.target) {
+                Some(Target::Staged { file, base, name, id, writer: true }) => {
+                    (file.clone(), base.clone(), name.clone(), *id)
                 }
-                Some(Target::Read(_)) => return Err(FsError::new(libc::EBADF)),
-                None => return Err(FsError::new(libc::EBADF)),
+                _ => return Err(FsError::new(libc::EBADF)),
             }
         };
-        let n = write::write_at(&file, offset, data).inspect_err(|_| {
-            if let Some(Handle { target: Target::Staged { failed, .. }, .. }) =
-                self.handles.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&fh)
-            {
-                *failed = true;
-            }
+        let n = write::write_at(&file, offset, data).inspect_err(|e| {
+            // Never store a file some write of which was lost: every close of it says so.
+            let reason = e.message.clone().unwrap_or_else(|| "a write failed".into());
+            self.staging.write_failed(&base, &name, id, reason);
         })?;
         // Code what the file now holds in order while the copy goes on (delta::stream).
-        self.staging.written(&base, &name, &fname, offset, data.len() as u64);
+        self.staging.written(&self.store, &base, &name, id, offset, data.len() as u64)?;
         Ok(n)
     }
 
-    /// `truncate`/`ftruncate` of a file being written (cp may size it first).
+    /// `truncate`/`ftruncate` of a file in deltas/ (cp may size it first). A stored file that is
+    /// not open is staged, resized and stored again.
     pub fn set_size(&self, ino: u64, size: u64) -> FsResult<Attr> {
         let node = self.node(ino)?;
         let Node::DeltaFile { entry, name, file, .. } = &node else {
             return Err(FsError::new(libc::EROFS));
         };
-        let path = self.staging.staged_path(entry, name, file).ok_or(FsError::new(libc::EPERM))?;
+        let Some(path) = self.staging.staged_path(entry, name, file) else {
+            let opened = self.open(ino, true, size == 0)?;
+            let mut result = Ok(());
+            if size != 0 {
+                result = self.set_size(ino, size).map(drop);
+            }
+            let result = result.and_then(|()| self.flush(opened.fh));
+            self.release(opened.fh);
+            result?;
+            return self.attr_of(ino, &node);
+        };
         std::fs::OpenOptions::new()
             .write(true)
             .open(path)
             .and_then(|f| f.set_len(size))
             .map_err(|e| FsError::eio(e.to_string()))?;
-        self.staging.resized(&self.store, entry, name, file, size);
+        self.staging.resized(&self.store, entry, name, file, size)?;
         self.attr_of(ino, &node)
     }
 
-    /// close() of a handle: a file written through it is stored now, and the error (a full disk)
-    /// returned to close().
+    /// close() of a handle: a file written through it (or through any other descriptor) and not
+    /// stored as it is now is stored, and the error (a full disk, an earlier failed write of
+    /// the file) returned to close().
     pub fn flush(&self, fh: u64) -> FsResult<()> {
-        let job = {
-            let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-            match handles.get_mut(&fh).map(|h| &mut h.target) {
-                Some(Target::Staged { base, name, fname, failed: true, .. }) => {
-                    // Never store a file some write of which was lost: drop it, and say so again.
-                    self.staging.discard(base, name, fname);
-                    return Err(FsError {
-                        errno: libc::EIO,
-                        message: Some(format!("{name}/{fname}: a write failed; the file was not stored")),
-                    });
-                }
-                Some(Target::Staged { base, name, fname, dirty, .. }) if *dirty => {
-                    *dirty = false;
-                    Some((base.clone(), name.clone(), fname.clone()))
-                }
-                _ => None,
-            }
+        let job = match self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh).map(|h| &h.target) {
+            Some(Target::Staged { base, name, id, writer: true, .. }) => (base.clone(), name.clone(), *id),
+            _ => return Ok(()),
         };
-        match job {
-            Some((base, name, file)) => {
-                self.staging.commit(&self.store, &base, &name, &file).inspect_err(|_| {
-                    // Keep it dirty so that release (or another flush) tries again.
-                    if let Some(Handle { target: Target::Staged { dirty, .. }, .. }) =
-                        self.handles.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&fh)
-                    {
-                        *dirty = true;
-                    }
-                })
-            }
-            None => Ok(()),
-        }
+        self.staging.commit(&self.store, &job.0, &job.1, job.2)
     }
 
     pub fn unlink(&self, parent: u64, file: &str) -> FsResult<()> {
-        let Node::DeltaDir { entry, name, .. } = self.node(parent)? else {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
+        let Node::DeltaDir { entry, created, name, dir } = self.node(parent)? else {
             return Err(FsError::new(libc::EROFS));
         };
-        self.staging.unlink(&self.store, &entry, &name, file)
+        let path = write::join(&dir, file);
+        if find(&self.delta_tree(&entry, &name).files, &[], &path) == Some(Kind::Dir) {
+            return Err(FsError::new(libc::EISDIR));
+        }
+        self.staging.unlink(&self.store, &entry, &name, &path)?;
+        self.staging.keep_parents(&self.store, &entry, &name, &path)?;
+        let node = Node::DeltaFile { entry, created, name, file: path };
+        // Its inode names nothing now (a file of that name written later is a new one).
+        let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(ino) = inodes.by_node.remove(&node) {
+            inodes.nodes[(ino - ROOT_INO - 1) as usize] = Node::Gone(ino);
+            inodes.by_node.insert(Node::Gone(ino), ino);
+        }
+        Ok(())
     }
 
     pub fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
-        let Node::Deltas { entry, .. } = self.node(parent)? else {
-            return Err(FsError::new(libc::EROFS));
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
+        match self.node(parent)? {
+            Node::Deltas { entry, .. } => self.staging.rmdir(&self.store, &entry, name),
+            Node::DeltaDir { entry, name: delta, dir, .. } => {
+                let path = write::join(&dir, name);
+                let t = self.delta_tree(&entry, &delta);
+                match find(&t.files, &t.dirs, &path) {
+                    None => Err(FsError::new(libc::ENOENT)),
+                    Some(Kind::File) => Err(FsError::new(libc::ENOTDIR)),
+                    Some(Kind::Dir) if !children(&t.files, &t.dirs, &path).is_empty() => {
+                        Err(FsError::new(libc::ENOTEMPTY))
+                    }
+                    Some(Kind::Dir) => self.staging.rmdir_sub(&entry, &delta, &path),
+                }
+            }
+            _ => Err(FsError::new(libc::EROFS)),
+        }
+    }
+
+    /// `rename(2)` inside one `<entry>/deltas/NAME/` (files and directories, replacing a file or
+    /// an empty directory of the target name). Out of the entry, into another, or of an entry's
+    /// directory itself: EXDEV (so `mv` copies instead); anywhere else: EROFS.
+    pub fn rename(&self, parent: u64, name: &str, newparent: u64, newname: &str, flags: u32) -> FsResult<()> {
+        // What is stored now (another descriptor's close may have just changed it).
+        self.refresh();
+        const NOREPLACE: u32 = 1;
+        if flags & !NOREPLACE != 0 {
+            // RENAME_EXCHANGE, RENAME_WHITEOUT.
+            return Err(FsError::new(libc::EINVAL));
+        }
+        let (from_dir, to_dir) = (self.node(parent)?, self.node(newparent)?);
+        let (entry, delta, from, to) = match (&from_dir, &to_dir) {
+            (
+                Node::DeltaDir { entry, created, name: n, dir },
+                Node::DeltaDir { entry: e2, created: c2, name: n2, dir: d2 },
+            ) if entry == e2 && created == c2 && n == n2 => {
+                (entry.clone(), n.clone(), write::join(dir, name), write::join(d2, newname))
+            }
+            (Node::DeltaDir { .. } | Node::Deltas { .. }, _)
+            | (_, Node::DeltaDir { .. } | Node::Deltas { .. }) => {
+                return Err(FsError {
+                    errno: libc::EXDEV,
+                    message: Some(format!(
+                        "rename of {name:?} to {newname:?}: only within one deltas/<name>/ directory"
+                    )),
+                })
+            }
+            _ => return Err(FsError::new(libc::EROFS)),
         };
-        self.staging.rmdir(&self.store, &entry, name)
+        let t = self.delta_tree(&entry, &delta);
+        let source = find(&t.files, &t.dirs, &from).ok_or(FsError::new(libc::ENOENT))?;
+        match (source, find(&t.files, &t.dirs, &to)) {
+            (_, Some(_)) if from == to => return Ok(()),
+            (_, Some(_)) if flags & NOREPLACE != 0 => return Err(FsError::new(libc::EEXIST)),
+            (Kind::File, Some(Kind::Dir)) => return Err(FsError::new(libc::EISDIR)),
+            (Kind::Dir, Some(Kind::File)) => return Err(FsError::new(libc::ENOTDIR)),
+            (Kind::Dir, Some(Kind::Dir)) if !children(&t.files, &t.dirs, &to).is_empty() => {
+                return Err(FsError::new(libc::ENOTEMPTY))
+            }
+            _ => {}
+        }
+        self.staging.rename(&self.store, &entry, &delta, &from, &to)?;
+        self.staging.keep_parents(&self.store, &entry, &delta, &from)?;
+        self.inodes.write().unwrap_or_else(|e| e.into_inner()).rename(&entry, &delta, &from, &to);
+        Ok(())
     }
 
     /// Read into a buffer of this thread's that is reused across requests, so a read costs
@@ -788,24 +1007,17 @@ impl Fs {
     }
 
     /// Drop a handle; a written file not yet stored (no flush came) is stored now. If it cannot
-    /// be, its staged bytes are dropped too: close() already returned the error, and keeping
-    /// them would keep a full disk full.
+    /// be, its staged bytes are dropped with its last writer: close() already returned the
+    /// error, keeping them would keep a full disk full, and the registry still lists the file
+    /// as unfinished.
     pub fn release(&self, fh: u64) {
         if let Err(e) = self.flush(fh) {
-            tracing::error!(
-                "storing a written file failed, dropping its staged bytes: {}",
-                e.message.unwrap_or_default()
-            );
-            if let Some(Handle { target: Target::Staged { base, name, fname, .. }, .. }) =
-                self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh)
-            {
-                self.staging.discard(base, name, fname);
-            }
+            tracing::error!("storing a written file failed: {}", e.message.unwrap_or_default());
         }
-        if let Some(Handle { target: Target::Staged { base, name, fname, writer: true, .. }, .. }) =
+        if let Some(Handle { target: Target::Staged { base, name, id, writer: true, .. }, .. }) =
             self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh)
         {
-            self.staging.closed(&base, &name, &fname);
+            self.staging.closed(&base, &name, id);
         }
     }
 }
@@ -832,6 +1044,45 @@ fn read_staged(file: &std::fs::File, offset: u64, size: u32) -> std::io::Result<
     let mut buf = vec![0u8; n];
     file.read_exact_at(&mut buf, offset)?;
     Ok(buf)
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned());
+    format!("panic: {}", text.unwrap_or_else(|| "(no message)".into()))
+}
+
+/// Sizes of the store's filesystem, for statfs of the mount.
+pub struct StoreStatfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+}
+
+impl Fs {
+    pub fn store_statfs(&self) -> Option<StoreStatfs> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.store.root().as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some(StoreStatfs {
+            blocks: st.f_blocks as u64,
+            bfree: st.f_bfree as u64,
+            bavail: st.f_bavail as u64,
+            files: st.f_files as u64,
+            ffree: st.f_ffree as u64,
+            bsize: st.f_frsize as u32,
+        })
+    }
 }
 
 /// Every source file a virtual file reads from must still match its fingerprint.

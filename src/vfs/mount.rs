@@ -59,6 +59,15 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     // Block the signals in this thread before any other starts, so every thread inherits the
     // mask and only the waiter below receives them.
     let signals = block_signals();
+    // A panic escaping any task on the rayon pool (the read path's prefetch catches its own;
+    // the write path's coding tasks run there too) is logged, not the end of the daemon (rayon's
+    // default aborts the process). Threads start here, after the signal mask is set.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .panic_handler(|panic| tracing::error!("a task on the rayon pool: {}", super::panic_message(&*panic)))
+        .build_global();
+    if let Err(e) = pool {
+        tracing::info!("rayon pool already set up, its panic handler unchanged: {e}");
+    }
     let mut session = fuse::session(
         fs.clone(),
         &mountpoint,

@@ -146,10 +146,32 @@ fn chunk_bytes(
     })
 }
 
+/// Decode one chunk. A panic while decoding (a bug in a codec or a merge) is this chunk's error,
+/// for the request that wanted it and every reader waiting on it, never the end of the daemon
+/// (a prefetch task on the rayon pool would otherwise abort the process).
 fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Result<(), ReadError> {
     let esize = tensor.source.dtype().size() as u64;
     let first = ((range.start - tensor.start) / esize) as usize;
-    tensor.source.read(first..first + out.len() / esize as usize, out)
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        test_panic(&tensor.name);
+        tensor.source.read(first..first + out.len() / esize as usize, out)
+    }))
+    .unwrap_or_else(|panic| {
+        let reason = format!("decoding {}: {}", tensor.name, super::panic_message(&*panic));
+        tracing::error!("{reason}");
+        Err(ReadError::Decode(reason))
+    })
+}
+
+/// Test-only hook (tests/writers.rs): with `LLMFS_TEST_PANIC_TENSOR=NAME` in the daemon's
+/// environment, decoding tensor NAME panics (and so does a lookup of a file named NAME, a panic
+/// in a FUSE handler itself), so a test can show a panic under a request is EIO and a log line.
+/// Not a user setting; unset, it costs one cached lookup.
+pub(super) fn test_panic(tensor: &str) {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if NAME.get_or_init(|| std::env::var("LLMFS_TEST_PANIC_TENSOR").ok()).as_deref() == Some(tensor) {
+        panic!("LLMFS_TEST_PANIC_TENSOR={tensor} (a test's deliberate panic)");
+    }
 }
 
 /// The decoded chunks (tensor index, chunk index) of `synth` that overlap file bytes `from..to`
@@ -180,7 +202,14 @@ pub fn prefetch(file: &VFile, offset: u64, len: u64, cache: &Arc<Cache>) {
         }
         let (synth, cache) = (synth.clone(), cache.clone());
         rayon::spawn(move || {
-            let _ = chunk_bytes(&synth.tensors[index], synth.id, index as u32, chunk, &cache);
+            // A panic escaping a rayon task aborts the process: keep it here (decode_chunk
+            // already turns the decoder's own into an error).
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                chunk_bytes(&synth.tensors[index], synth.id, index as u32, chunk, &cache)
+            }));
+            if let Err(panic) = done {
+                tracing::error!("prefetch: {}", super::panic_message(&*panic));
+            }
         });
     }
 }

@@ -1,31 +1,48 @@
 //! The write path: `cp -r FINETUNED MOUNT/<base>/deltas/NEW/` stores a delta.
 //!
 //! `mkdir deltas/NEW` opens a staging session (a directory under `STORE/tmp/`). Each file written
-//! into it is staged on disk there (never held in memory). A safetensors file whose bytes arrive
-//! in order is also coded while it is written: each chunk of each tensor is coded against the
-//! base on the rayon pool as soon as it is complete (`delta::stream`), into a container in the
-//! staging directory, so close has only the last chunks left. When the file is closed (flush),
-//! that container is finished, or, if the writes did not allow it (a rewrite of bytes already
-//! coded, a hole, a header that does not parse, any other file), the staged file is coded then
-//! (`delta::make::store_file`; the same container bytes either way); it moves to
-//! `STORE/models/NEW/`, and the registry gains it in one atomic update: entry NEW appears with its
-//! first closed file and grows with each one. A failure to store (a full disk, say) is returned by
-//! close() itself, so `cp` reports it; the staged bytes stay until the file is written again or
-//! removed. A daemon killed mid-write leaves only staging directories, swept at the next start:
-//! the registry never names a half-written file.
+//! into it, at any depth (`1_Pooling/config.json`, `.gitattributes`), is staged on disk there
+//! (never held in memory) under a number of its own, so a rename moves only its name. A
+//! safetensors file whose bytes arrive in order is also coded while it is written: each chunk of
+//! each tensor is coded against the base on the rayon pool as soon as it is complete
+//! (`delta::stream`), into a container in the staging directory, so close has only the last
+//! chunks left. When the file is closed (flush), that container is finished, or, if the writes did
+//! not allow it (a rewrite of bytes already coded, a hole, a header that does not parse, any other
+//! file), the staged file is coded then (`delta::make::store_file`; the same container bytes
+//! either way); it moves to `STORE/models/NEW/<path>`, and the registry gains it in one atomic
+//! update. What decides how a file is coded is its content, never its name: a file whose bytes
+//! are a safetensors file is coded tensor by tensor against the base under any name, so weights
+//! written as `.tmpXXXX` or `*.incomplete` and renamed into place are deltas like any other. A
+//! failure to store (a full disk, say) is returned by close() itself, so `cp` reports it, and by
+//! every later close of that file until it is written again: no descriptor's close() says a file
+//! is stored when it is not.
+//!
+//! Unfinished files: opening a file for writing names it in the registry's `unfinished` list of
+//! the entry (creating the entry, empty, if this is its first file) before the open returns, and
+//! the store at close removes it in the same update that records the file; a write after that
+//! store names it again. A daemon killed mid-copy thus leaves the files it was writing listed:
+//! `llmfs ls`, `info` and `check` say the entry is incomplete until they are written again (or
+//! removed). Staging directories a killed daemon left are swept at the next start.
+//!
+//! Rename (files and directories, within one entry, replacing a file of the target name): the
+//! stored record and container move with the name, in one registry update made under the store
+//! lock; a staged file (still open) just changes name, and is stored under its new one.
+//!
+//! Lock order: the store's lock (a registry update), then the sessions' mutex; never a registry
+//! update while holding the sessions' mutex.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{FsError, FsResult};
 use crate::delta::stream::Stream;
 use crate::delta::{self, DeltaCodec};
-use crate::registry::{self, EntryKind, Store};
+use crate::registry::{self, EntryKind, Registry, Store};
 
 /// One `deltas/NEW/` directory being written.
 ///
@@ -35,51 +52,86 @@ use crate::registry::{self, EntryKind, Store};
 /// a FLUSH stores the file as it is then; the writer's own close stores it again, complete.
 struct Session {
     dir: PathBuf,
-    /// Staged files by name (being written, or stored and still open for writing).
-    files: HashMap<String, PathBuf>,
-    /// Per staged file: open write handles, the write version (bumped by every write, resize
-    /// and truncating open), the version last stored, and a lock that runs one store at a time.
-    state: HashMap<String, FileState>,
-    /// Files being coded as they are written (`delta::stream`), by name.
-    streams: HashMap<String, Arc<Stream>>,
+    /// Staged files by their path in the entry.
+    names: HashMap<String, u64>,
+    /// Staged files by number (a handle names its file by number: renames do not move it).
+    staged: HashMap<u64, Staged>,
+    /// Directories made with mkdir inside the entry (those holding no file exist only here).
+    dirs: BTreeSet<String>,
     /// The base's tensors, found once for the session's streams (None: not yet, or the base
     /// cannot be read now: files are then coded at close, which reports why).
     base: Option<Arc<delta::make::BaseTensors>>,
 }
 
-#[derive(Default)]
-struct FileState {
+/// A file being written: its staged bytes and how far they are stored.
+struct Staged {
+    /// Its path in the entry; None once removed or replaced while open (nothing to store).
+    name: Option<String>,
+    path: PathBuf,
     writers: usize,
+    /// Bumped by every write, resize and truncating open.
     version: u64,
+    /// The version last stored.
     stored: Option<u64>,
+    /// Runs one store of the file at a time.
     storing: Arc<Mutex<()>>,
+    /// A write failed: the staged bytes are not what was written, and are never stored.
+    failed: Option<String>,
+    /// Coding as it is written (`delta::stream`).
+    stream: Option<Arc<Stream>>,
+    /// The registry lists it as unfinished.
+    marked: bool,
 }
 
-impl FileState {
+impl Staged {
     /// The staged bytes are the stored ones (nothing written since the last store).
     fn clean(&self) -> bool {
         self.stored == Some(self.version)
     }
 }
 
-/// Numbers the streams' containers, so a stream started anew never meets its predecessor's file.
-static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
+/// Numbers staged files and streams' containers, so nothing started anew meets its predecessor.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn next_id() -> u64 {
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `dir/name`, or `name` at the entry's top.
+pub fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// `path` is `dir` or lies under it.
+pub(super) fn within(path: &str, dir: &str) -> bool {
+    path == dir || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
+/// `path` with its leading `from` replaced by `to` (`path` within `from`).
+pub(super) fn moved(path: &str, from: &str, to: &str) -> String {
+    format!("{to}{}", &path[from.len()..])
+}
 
 impl Session {
     /// A private staging directory `STORE/tmp/write-NAME.PID.SECS` (the sweep reads the PID).
     fn new(store: &Store, name: &str) -> FsResult<Session> {
-        let dir =
-            store.tmp_dir().join(format!("write-{name}.{}.{}", std::process::id(), registry::now_secs()));
+        let dir = store.tmp_dir().join(format!(
+            "write-{name}.{}.{}{}",
+            std::process::id(),
+            registry::now_secs(),
+            next_id()
+        ));
         fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
-        Ok(Session { dir, files: HashMap::new(), state: HashMap::new(), streams: HashMap::new(), base: None })
+        Ok(Session { dir, names: HashMap::new(), staged: HashMap::new(), dirs: BTreeSet::new(), base: None })
     }
 
-    /// Start coding staged `file` as it is written (dropping any stream it had).
-    fn restart_stream(&mut self, store: &Store, base: &str, file: &str) {
-        self.streams.remove(file);
-        if !file.ends_with(".safetensors") {
-            return;
-        }
+    /// Start coding staged file `id` as it is written (dropping any stream it had). Every file
+    /// gets one: a stream gives up at once on bytes that are not a safetensors file.
+    fn restart_stream(&mut self, store: &Store, base: &str, id: u64) {
         if self.base.is_none() {
             let tensors = store
                 .load()
@@ -88,11 +140,24 @@ impl Session {
                 .map(|v| delta::make::BaseTensors::of(&v));
             self.base = tensors.map(Arc::new);
         }
-        let (Some(path), Some(tensors)) = (self.files.get(file), &self.base) else { return };
-        let container =
-            self.dir.join(format!(".{file}.{}.container", NEXT_STREAM.fetch_add(1, Ordering::Relaxed)));
-        if let Some(s) = Stream::new(path, file, container, tensors.clone()) {
-            self.streams.insert(file.to_owned(), Arc::new(s));
+        let container = self.dir.join(format!(".stream-{}.container", next_id()));
+        let Some(s) = self.staged.get_mut(&id) else { return };
+        s.stream = None;
+        if let Some(tensors) = &self.base {
+            // The stream's name decides only that it tries (it codes `*.safetensors`) and the
+            // record's name, which the store replaces with the file's path.
+            s.stream = Stream::new(&s.path, "stream.safetensors", container, tensors.clone()).map(Arc::new);
+        }
+    }
+
+    /// Forget staged file `name` (removed, or replaced by a rename): an open writer keeps its
+    /// bytes until it closes, and nothing of it is stored.
+    fn orphan(&mut self, name: &str) {
+        if let Some(id) = self.names.remove(name) {
+            if let Some(s) = self.staged.get_mut(&id) {
+                s.name = None;
+                s.stream = None;
+            }
         }
     }
 }
@@ -101,6 +166,12 @@ impl Session {
 #[derive(Default)]
 pub struct Staging {
     sessions: Mutex<HashMap<(String, String), Session>>,
+}
+
+type Sessions = HashMap<(String, String), Session>;
+
+fn key(base: &str, name: &str) -> (String, String) {
+    (base.to_owned(), name.to_owned())
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -124,9 +195,43 @@ fn registry_fs(e: registry::Error) -> FsError {
     }
 }
 
+/// Whether the file at `path` holds a safetensors file (a header that parses and fits).
+fn is_safetensors(path: &Path) -> bool {
+    File::open(path).is_ok_and(|f| crate::format::read_header(&f).is_ok())
+}
+
+/// The files of delta entry `name` over `base` in `r`, if it is one.
+fn delta_files<'a>(r: &'a mut Registry, base: &str, name: &str) -> Option<&'a mut Vec<registry::FileRecord>> {
+    match r.entries.get_mut(name).map(|e| &mut e.kind) {
+        Some(EntryKind::Delta { base: b, files, .. }) if b == base => Some(files),
+        _ => None,
+    }
+}
+
+/// Create `path`'s parent directories (private, like the store).
+fn make_parents(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(p) => fs::DirBuilder::new().recursive(true).mode(0o700).create(p),
+        None => Ok(()),
+    }
+}
+
 impl Staging {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Session>> {
+    fn lock(&self) -> MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session of `name`, opened if there is none (writing into an existing delta entry).
+    fn session<'a>(
+        sessions: &'a mut Sessions,
+        store: &Store,
+        base: &str,
+        name: &str,
+    ) -> FsResult<&'a mut Session> {
+        Ok(match sessions.entry(key(base, name)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Session::new(store, name)?),
+        })
     }
 
     /// `mkdir MOUNT/<base>/deltas/<name>`.
@@ -139,12 +244,52 @@ impl Staging {
         if registry.entries.contains_key(name) || sessions.keys().any(|(_, n)| n == name) {
             return Err(FsError::new(libc::EEXIST));
         }
-        sessions.insert((base.to_owned(), name.to_owned()), Session::new(store, name)?);
+        sessions.insert(key(base, name), Session::new(store, name)?);
+        Ok(())
+    }
+
+    /// `mkdir MOUNT/<base>/deltas/<name>/<dir>` (the caller checked that nothing is there).
+    pub fn mkdir_sub(&self, store: &Store, base: &str, name: &str, dir: &str) -> FsResult<()> {
+        registry::validate_file_path(dir)
+            .map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
+        let mut sessions = self.lock();
+        let s = Self::session(&mut sessions, store, base, name)?;
+        if s.names.contains_key(dir) || !s.dirs.insert(dir.to_owned()) {
+            return Err(FsError::new(libc::EEXIST));
+        }
+        Ok(())
+    }
+
+    /// `path` left its directory (rm, rename): the directories above it stay until rmdir, as on
+    /// any filesystem, also when no file implies them any more.
+    pub fn keep_parents(&self, store: &Store, base: &str, name: &str, path: &str) -> FsResult<()> {
+        if !path.contains('/') {
+            return Ok(());
+        }
+        let mut sessions = self.lock();
+        let s = Self::session(&mut sessions, store, base, name)?;
+        let mut dir = path;
+        while let Some((parent, _)) = dir.rsplit_once('/') {
+            s.dirs.insert(parent.to_owned());
+            dir = parent;
+        }
+        Self::drop_if_idle(&mut sessions, base, name);
+        Ok(())
+    }
+
+    /// `rmdir` of a directory inside an entry (the caller checked it is empty).
+    pub fn rmdir_sub(&self, base: &str, name: &str, dir: &str) -> FsResult<()> {
+        let mut sessions = self.lock();
+        // (A directory only its files imply goes with them: nothing to remove here.)
+        if let Some(s) = sessions.get_mut(&key(base, name)) {
+            s.dirs.remove(dir);
+        }
+        Self::drop_if_idle(&mut sessions, base, name);
         Ok(())
     }
 
     pub fn has_session(&self, base: &str, name: &str) -> bool {
-        self.lock().contains_key(&(base.to_owned(), name.to_owned()))
+        self.lock().contains_key(&key(base, name))
     }
 
     /// Names of the sessions open under `base`.
@@ -152,266 +297,453 @@ impl Staging {
         self.lock().keys().filter(|(b, _)| b == base).map(|(_, n)| n.clone()).collect()
     }
 
-    /// Staged files of a session with their current sizes.
-    pub fn staged(&self, base: &str, name: &str) -> Vec<(String, u64)> {
+    /// Paths of a session's staged files, and the directories made in it.
+    pub fn paths(&self, base: &str, name: &str) -> (Vec<String>, Vec<String>) {
         let sessions = self.lock();
-        let Some(s) = sessions.get(&(base.to_owned(), name.to_owned())) else { return vec![] };
-        s.files.iter().map(|(f, p)| (f.clone(), fs::metadata(p).map_or(0, |m| m.len()))).collect()
+        let Some(s) = sessions.get(&key(base, name)) else { return (vec![], vec![]) };
+        (s.names.keys().cloned().collect(), s.dirs.iter().cloned().collect())
     }
 
     pub fn staged_size(&self, base: &str, name: &str, file: &str) -> Option<u64> {
-        let sessions = self.lock();
-        let path = sessions.get(&(base.to_owned(), name.to_owned()))?.files.get(file)?;
+        let path = self.staged_path(base, name, file)?;
         Some(fs::metadata(path).map_or(0, |m| m.len()))
     }
 
-    /// Open staged file `file` for writing, creating (and truncating, when `truncate`) it; a
-    /// session is opened implicitly for a delta entry that already exists (writing more files).
-    pub fn open(&self, store: &Store, base: &str, name: &str, file: &str, truncate: bool) -> FsResult<File> {
-        registry::validate_name(file)
+    /// The staged file, for reads of a file still being written.
+    pub fn staged_path(&self, base: &str, name: &str, file: &str) -> Option<PathBuf> {
+        let sessions = self.lock();
+        let s = sessions.get(&key(base, name))?;
+        Some(s.staged.get(s.names.get(file)?)?.path.clone())
+    }
+
+    /// Open staged file `file` (a path in the entry) for writing, creating (and truncating, when
+    /// `truncate`) it; a session is opened implicitly for a delta entry that already exists
+    /// (writing more files). Returns the staged file and its number, and whether it was staged
+    /// before this open. The file is listed as unfinished in the registry before this returns.
+    pub fn open(
+        &self,
+        store: &Store,
+        base: &str,
+        name: &str,
+        file: &str,
+        truncate: bool,
+    ) -> FsResult<(File, u64, bool)> {
+        registry::validate_file_path(file)
             .map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
-        let key = (base.to_owned(), name.to_owned());
-        let mut sessions = self.lock();
-        if !sessions.contains_key(&key) {
-            sessions.insert(key.clone(), Session::new(store, name)?);
+        let (f, id, existed, marked) = {
+            let mut sessions = self.lock();
+            let session = Self::session(&mut sessions, store, base, name)?;
+            let existed = session.names.get(file).copied();
+            let id = existed.unwrap_or_else(next_id);
+            let path = session.dir.join(format!("{id}"));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(truncate)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io_fs("staging", e))?;
+            let s = session.staged.entry(id).or_insert_with(|| Staged {
+                name: Some(file.to_owned()),
+                path,
+                writers: 0,
+                version: 0,
+                stored: None,
+                storing: Arc::new(Mutex::new(())),
+                failed: None,
+                stream: None,
+                marked: false,
+            });
+            session.names.insert(file.to_owned(), id);
+            s.writers += 1;
+            if truncate {
+                s.version += 1;
+                s.failed = None;
+            }
+            let marked = s.marked;
+            if truncate || existed.is_none() {
+                // Empty now (or about to be filled by a copy of the stored file, which a stream
+                // never sees as written, so it then codes nothing and close codes the staged file).
+                session.restart_stream(store, base, id);
+            }
+            (f, id, existed.is_some(), marked)
+        };
+        if !marked {
+            if let Err(e) = self.mark(store, base, name, id) {
+                self.closed(base, name, id);
+                return Err(e);
+            }
         }
-        let session = sessions.get_mut(&key).expect("inserted above");
-        let path = session.dir.join(file);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(truncate)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| io_fs("staging", e))?;
-        let new = session.files.insert(file.to_owned(), path).is_none();
-        let state = session.state.entry(file.to_owned()).or_default();
-        state.writers += 1;
-        if truncate {
-            state.version += 1;
-        }
-        if truncate || new {
-            // Empty now (or about to be filled by a copy of the stored file, which a stream
-            // never sees as written, so it then codes nothing and close codes the staged file).
-            session.restart_stream(store, base, file);
-        }
-        Ok(f)
+        Ok((f, id, existed))
     }
 
-    /// Note a change of staged `file`'s bytes; returns its stream, if it has one.
-    fn changed(&self, base: &str, name: &str, file: &str) -> Option<Arc<Stream>> {
+    /// List staged file `id` as unfinished in the registry (creating the entry, empty, if it is
+    /// the first file of a new delta).
+    fn mark(&self, store: &Store, base: &str, name: &str, id: u64) -> FsResult<()> {
+        let lock = store.lock().map_err(registry_fs)?;
+        let mut r = store.load().map_err(registry_fs)?;
         let mut sessions = self.lock();
-        let s = sessions.get_mut(&(base.to_owned(), name.to_owned()))?;
-        if let Some(state) = s.state.get_mut(file) {
-            state.version += 1;
+        let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
+            return Ok(());
+        };
+        let Some(file) = s.name.clone() else { return Ok(()) };
+        match r.entries.get(name) {
+            Some(e) if matches!(&e.kind, EntryKind::Delta { base: b, .. } if b == base) => {}
+            Some(_) => return Err(FsError::new(libc::EEXIST)),
+            None => {
+                let base_entry = r.get(base).map_err(registry_fs)?.clone();
+                let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
+                r.entries.insert(name.to_owned(), entry);
+            }
         }
-        s.streams.get(file).cloned()
+        r.mark_unfinished(name, &file);
+        store.save(&r, &lock).map_err(registry_fs)?;
+        s.marked = true;
+        Ok(())
     }
 
-    /// `data.len()` bytes were written at `offset` of staged `file`: code what is now complete.
-    pub fn written(&self, base: &str, name: &str, file: &str, offset: u64, len: u64) {
-        if let Some(s) = self.changed(base, name, file) {
+    /// Note a change of staged file `id`'s bytes; returns its stream, and whether it must be
+    /// listed as unfinished again (it was stored, and is now being changed).
+    fn changed(&self, base: &str, name: &str, id: u64) -> (Option<Arc<Stream>>, bool) {
+        let mut sessions = self.lock();
+        let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
+            return (None, false);
+        };
+        s.version += 1;
+        (s.stream.clone(), !s.marked && s.name.is_some())
+    }
+
+    /// `len` bytes were written at `offset` of staged file `id`: code what is now complete.
+    pub fn written(
+        &self,
+        store: &Store,
+        base: &str,
+        name: &str,
+        id: u64,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<()> {
+        let (stream, unmarked) = self.changed(base, name, id);
+        if unmarked {
+            self.mark(store, base, name, id)?;
+        }
+        if let Some(s) = stream {
             s.written(offset, len);
         }
+        Ok(())
     }
 
-    /// Staged `file` was truncated or extended to `size`.
-    pub fn resized(&self, store: &Store, base: &str, name: &str, file: &str, size: u64) {
-        let stream = self.changed(base, name, file);
+    /// A write into staged file `id` failed: it is never stored as it is.
+    pub fn write_failed(&self, base: &str, name: &str, id: u64, reason: String) {
+        if let Some(s) = self.lock().get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) {
+            s.failed = Some(reason);
+            s.stream = None;
+        }
+    }
+
+    /// Staged file `file` was truncated or extended to `size`.
+    pub fn resized(&self, store: &Store, base: &str, name: &str, file: &str, size: u64) -> FsResult<()> {
+        let Some(id) = self.lock().get(&key(base, name)).and_then(|s| s.names.get(file).copied()) else {
+            return Ok(());
+        };
+        let (stream, unmarked) = self.changed(base, name, id);
+        if unmarked {
+            self.mark(store, base, name, id)?;
+        }
         if size == 0 {
             // `open(O_TRUNC)` where the kernel sends the truncation separately: start afresh.
-            if let Some(s) = self.lock().get_mut(&(base.to_owned(), name.to_owned())) {
-                if s.streams.contains_key(file) {
-                    s.restart_stream(store, base, file);
+            let mut sessions = self.lock();
+            if let Some(s) = sessions.get_mut(&key(base, name)) {
+                if s.staged.get(&id).is_some_and(|f| f.stream.is_some()) {
+                    s.restart_stream(store, base, id);
                 }
             }
         } else if let Some(s) = stream {
             s.resized(size);
         }
+        Ok(())
     }
 
-    /// The staged file, for reads of a file still being written.
-    pub fn staged_path(&self, base: &str, name: &str, file: &str) -> Option<PathBuf> {
-        self.lock().get(&(base.to_owned(), name.to_owned()))?.files.get(file).cloned()
-    }
-
-    /// Store staged `file` as part of delta entry `name` over `base` (close() of a written file).
-    pub fn commit(&self, store: &Store, base: &str, name: &str, file: &str) -> FsResult<()> {
+    /// Store staged file `id` as part of delta entry `name` over `base` (close() of a written
+    /// file). Ok at once if it is stored as it is, or was removed; the error if a write of it
+    /// failed or it cannot be stored.
+    pub fn commit(&self, store: &Store, base: &str, name: &str, id: u64) -> FsResult<()> {
         let storing = {
             let sessions = self.lock();
-            let state = sessions.get(&(base.to_owned(), name.to_owned())).and_then(|s| s.state.get(file));
-            // Removed while open (rm, or a discarded failed store): nothing to store.
-            let Some(state) = state else { return Ok(()) };
-            state.storing.clone()
+            match sessions.get(&key(base, name)).and_then(|s| s.staged.get(&id)) {
+                Some(s) => s.storing.clone(),
+                None => return Ok(()),
+            }
         };
         // One store of a file at a time (two FLUSHes of one file can arrive together).
         let _storing = storing.lock().unwrap_or_else(|e| e.into_inner());
-        let (staged, stream, version) = {
+        let (staged, stream, version, dir, shown) = {
             let mut sessions = self.lock();
-            let Some(s) = sessions.get_mut(&(base.to_owned(), name.to_owned())) else { return Ok(()) };
-            let (Some(staged), Some(state)) = (s.files.get(file).cloned(), s.state.get(file)) else {
-                return Ok(());
-            };
-            if state.clean() {
+            let Some(session) = sessions.get_mut(&key(base, name)) else { return Ok(()) };
+            let dir = session.dir.clone();
+            let Some(s) = session.staged.get_mut(&id) else { return Ok(()) };
+            let Some(shown) = s.name.clone() else { return Ok(()) };
+            if let Some(reason) = &s.failed {
+                return Err(FsError {
+                    errno: libc::EIO,
+                    message: Some(format!("{name}/{shown}: {reason}; the file was not stored")),
+                });
+            }
+            if s.clean() {
                 return Ok(());
             }
-            let version = state.version;
             // A stream codes one writing of the file: taken now, whatever comes of it.
-            (staged, s.streams.remove(file), version)
+            (s.path.clone(), s.stream.take(), s.version, dir, shown)
         };
-        let registry = store.load().map_err(registry_fs)?;
-        let base_entry = registry.get(base).map_err(registry_fs)?.clone();
-        let view = delta::make::base_view(&registry, base).map_err(registry_fs)?;
-        let dir = store.entry_dir(name);
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| io_fs("store", e))?;
         let size = fs::metadata(&staged).map_err(|e| io_fs("staging", e))?.len();
         let streamed = match stream.and_then(|s| s.finish(size)) {
             Some(Ok(done)) => Some(done),
             Some(Err(e)) => return Err(registry_fs(e)),
             None => None,
         };
-        let (tmp, record) = match streamed {
+        let (tmp, mut record) = match streamed {
             // Coded while it was written: the container is complete in the staging directory.
             Some(done) => done,
             None => {
-                let tmp = dir.join(format!(".{file}.{}.tmp", std::process::id()));
-                let _ = fs::remove_file(&tmp);
+                let registry = store.load().map_err(registry_fs)?;
+                let view = delta::make::base_view(&registry, base).map_err(registry_fs)?;
                 let base_tensors = delta::make::BaseTensors::of(&view);
-                // store_file names the container after its source, so code from the staged path.
-                let record = delta::make::store_file(&staged, &tmp, &base_tensors, DeltaCodec::Lossless)
-                    .map_err(registry_fs)?;
-                (tmp, record)
+                // store_file codes by its source's name: give it one that says what the bytes
+                // are (a link to the staged file), whatever the file is called.
+                let code_dir = dir.join(format!(".code-{}", next_id()));
+                fs::DirBuilder::new().mode(0o700).create(&code_dir).map_err(|e| io_fs("staging", e))?;
+                let leaf = shown.rsplit('/').next().unwrap_or(&shown);
+                let as_name = if is_safetensors(&staged) {
+                    "weights.safetensors"
+                } else if leaf == registry::INDEX_FILE {
+                    registry::INDEX_FILE
+                } else {
+                    "file"
+                };
+                let src = code_dir.join(as_name);
+                let tmp = dir.join(format!(".code-{}.container", next_id()));
+                let result = fs::hard_link(&staged, &src)
+                    .map_err(registry::io_err(&src))
+                    .and_then(|()| delta::make::store_file(&src, &tmp, &base_tensors, DeltaCodec::Lossless));
+                let _ = fs::remove_dir_all(&code_dir);
+                (tmp, result.map_err(registry_fs)?)
             }
         };
-        let dest = dir.join(file);
-        let result = store.update(|r| {
-            match r.entries.get_mut(name) {
-                Some(e) => match &mut e.kind {
-                    EntryKind::Delta { base: b, files, .. } if b == base => {
-                        files.retain(|f| f.name != file);
-                        files.push(record.clone());
-                        files.sort_by(|a, b| a.name.cmp(&b.name));
-                    }
-                    _ => return Err(registry::Error::Exists(name.to_owned())),
-                },
-                None => {
-                    let entry = delta::make::new_entry(
-                        name,
-                        base,
-                        &base_entry,
-                        DeltaCodec::Lossless,
-                        vec![record.clone()],
-                    );
-                    r.entries.insert(name.to_owned(), entry);
-                }
+        let result = (|| -> FsResult<()> {
+            let lock = store.lock().map_err(registry_fs)?;
+            let mut r = store.load().map_err(registry_fs)?;
+            let mut sessions = self.lock();
+            // The name now (a rename may have moved it while it was coded).
+            let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
+                return Ok(());
+            };
+            let Some(file) = s.name.clone() else { return Ok(()) };
+            record.name = file.clone();
+            if !r.entries.contains_key(name) {
+                let base_entry = r.get(base).map_err(registry_fs)?.clone();
+                let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
+                r.entries.insert(name.to_owned(), entry);
+            }
+            let files = delta_files(&mut r, base, name).ok_or(FsError::new(libc::EEXIST))?;
+            files.retain(|f| f.name != file);
+            files.push(record.clone());
+            files.sort_by(|a, b| a.name.cmp(&b.name));
+            // Written since this version was taken: still unfinished.
+            let finished = s.version == version;
+            if finished {
+                r.clear_unfinished(name, &file);
             }
             // Into place while holding the store lock, so the registry and the file agree.
-            fs::rename(&tmp, &dest).map_err(registry::io_err(&dest))?;
+            let dest = store.entry_dir(name).join(&file);
+            make_parents(&dest).map_err(|e| io_fs("store", e))?;
+            fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
+            store.save(&r, &lock).map_err(registry_fs)?;
+            // Stored as of `version`: clean unless written meanwhile. The staged file stays while
+            // a writer has it open ([`Staging::closed`] removes it).
+            s.stored = Some(version);
+            if finished {
+                s.marked = false;
+            }
             Ok(())
-        });
-        if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
-            return Err(registry_fs(e));
-        }
-        // Stored as of `version`: clean unless written meanwhile. The staged file stays while a
-        // writer has it open ([`Staging::closed`] removes it).
-        if let Some(state) =
-            self.lock().get_mut(&(base.to_owned(), name.to_owned())).and_then(|s| s.state.get_mut(file))
-        {
-            state.stored = Some(version);
-        }
-        Ok(())
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
     }
 
-    /// A writer's handle of staged `file` was released (after its last store or discard). With
-    /// no writer left the staged copy goes: the stored file speaks for it, and with nothing
-    /// left staged the entry speaks for the directory (a later `llmfs rm NAME` leaves no trace).
-    pub fn closed(&self, base: &str, name: &str, file: &str) {
-        let key = (base.to_owned(), name.to_owned());
+    /// A writer's handle of staged file `id` was released (after its last store). With no
+    /// writer left the staged copy goes: the stored file speaks for it (or, if it could not be
+    /// stored, the registry still lists it as unfinished), and with nothing left staged or made
+    /// the entry speaks for the directory (a later `llmfs rm NAME` leaves no trace).
+    pub fn closed(&self, base: &str, name: &str, id: u64) {
         let mut sessions = self.lock();
-        let Some(s) = sessions.get_mut(&key) else { return };
-        let Some(state) = s.state.get_mut(file) else { return };
-        state.writers = state.writers.saturating_sub(1);
-        if state.writers > 0 {
+        let Some(s) = sessions.get_mut(&key(base, name)) else { return };
+        let Some(f) = s.staged.get_mut(&id) else { return };
+        f.writers = f.writers.saturating_sub(1);
+        if f.writers > 0 {
             return;
         }
-        s.state.remove(file);
-        s.streams.remove(file);
-        if let Some(p) = s.files.remove(file) {
-            let _ = fs::remove_file(p);
+        let f = s.staged.remove(&id).expect("found above");
+        let _ = fs::remove_file(&f.path);
+        if let Some(n) = &f.name {
+            if s.names.get(n) == Some(&id) {
+                s.names.remove(n);
+            }
         }
-        if s.files.is_empty() {
-            if let Some(s) = sessions.remove(&key) {
+        Self::drop_if_idle(&mut sessions, base, name);
+    }
+
+    /// End a session with nothing staged and no directory of its own.
+    fn drop_if_idle(sessions: &mut Sessions, base: &str, name: &str) {
+        if sessions.get(&key(base, name)).is_some_and(|s| s.staged.is_empty() && s.dirs.is_empty()) {
+            if let Some(s) = sessions.remove(&key(base, name)) {
                 let _ = fs::remove_dir_all(s.dir);
             }
         }
     }
 
-    /// Whether staged `file` holds bytes not stored yet.
-    fn unstored(s: &Session, file: &str) -> bool {
-        s.files.contains_key(file) && !s.state.get(file).is_some_and(FileState::clean)
-    }
-
-    /// Forget a staged file (its store failed and its writer is gone).
-    pub fn discard(&self, base: &str, name: &str, file: &str) {
-        if let Some(s) = self.lock().get_mut(&(base.to_owned(), name.to_owned())) {
-            s.streams.remove(file);
-            if let Some(p) = s.files.remove(file) {
-                let _ = fs::remove_file(p);
-            }
-        }
-    }
-
-    /// `rm MOUNT/<base>/deltas/<name>/<file>`: drop a staged file, and a stored one from the entry.
+    /// `rm MOUNT/<base>/deltas/<name>/<file>`: drop a staged file, and a stored one (or an
+    /// unfinished one) from the entry.
     pub fn unlink(&self, store: &Store, base: &str, name: &str, file: &str) -> FsResult<()> {
-        let mut was_staged = false;
-        if let Some(s) = self.lock().get_mut(&(base.to_owned(), name.to_owned())) {
-            s.streams.remove(file);
-            if let Some(p) = s.files.remove(file) {
-                let _ = fs::remove_file(p);
-                was_staged = true;
-            }
-        }
-        let removed = store
-            .update(|r| match r.entries.get_mut(name).map(|e| &mut e.kind) {
-                Some(EntryKind::Delta { base: b, files, .. }) if b == base => {
-                    let before = files.len();
-                    files.retain(|f| f.name != file);
-                    if files.len() == before {
-                        return Err(registry::Error::NotFound(file.to_owned()));
-                    }
-                    Ok(())
+        let was_staged = {
+            let mut sessions = self.lock();
+            match sessions.get_mut(&key(base, name)) {
+                Some(s) if s.names.contains_key(file) => {
+                    s.orphan(file);
+                    true
                 }
-                _ => Err(registry::Error::NotFound(name.to_owned())),
-            })
-            .map_err(|e| match e {
-                registry::Error::NotFound(_) => FsError::new(libc::ENOENT),
-                e => registry_fs(e),
-            });
+                _ => false,
+            }
+        };
+        let removed = store.update(|r| {
+            let unfinished = r.clear_unfinished(name, file);
+            let files = delta_files(r, base, name).ok_or_else(|| registry::Error::NotFound(name.into()))?;
+            let before = files.len();
+            files.retain(|f| f.name != file);
+            if files.len() == before && !unfinished {
+                return Err(registry::Error::NotFound(file.to_owned()));
+            }
+            Ok(())
+        });
         match removed {
             Ok(()) => {
                 let _ = fs::remove_file(store.entry_dir(name).join(file));
                 Ok(())
             }
             // Only staged (never stored): dropping it was the whole of rm.
-            Err(e) if e.errno == libc::ENOENT && was_staged => Ok(()),
-            Err(e) => Err(e),
+            Err(registry::Error::NotFound(_)) if was_staged => Ok(()),
+            Err(registry::Error::NotFound(_)) => Err(FsError::new(libc::ENOENT)),
+            Err(e) => Err(registry_fs(e)),
         }
+    }
+
+    /// `rename` within delta entry `name` over `base`: the file or directory `from` becomes `to`
+    /// (the caller checked the target: nothing there, a file replaced by a file, or an empty
+    /// directory replaced by a directory). Stored files move with their records and containers
+    /// in one registry update; staged ones change name.
+    pub fn rename(&self, store: &Store, base: &str, name: &str, from: &str, to: &str) -> FsResult<()> {
+        registry::validate_file_path(to)
+            .map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
+        if within(to, from) {
+            // Into itself (POSIX: EINVAL), or onto itself (nothing to do).
+            return if to == from { Ok(()) } else { Err(FsError::new(libc::EINVAL)) };
+        }
+        let lock = store.lock().map_err(registry_fs)?;
+        let mut r = store.load().map_err(registry_fs)?;
+        let mut sessions = self.lock();
+        let dir = store.entry_dir(name);
+        // Stored files: records and containers.
+        let mut moves: Vec<(PathBuf, PathBuf)> = vec![];
+        if let Some(files) = delta_files(&mut r, base, name) {
+            let moving: Vec<String> =
+                files.iter().filter(|f| within(&f.name, from)).map(|f| f.name.clone()).collect();
+            if !moving.is_empty() {
+                files.retain(|f| f.name != to);
+            }
+            for f in files.iter_mut().filter(|f| within(&f.name, from)) {
+                let new = moved(&f.name, from, to);
+                moves.push((dir.join(&f.name), dir.join(&new)));
+                f.name = new;
+            }
+            files.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        let unfinished: Vec<String> = r
+            .unfinished(name)
+            .into_iter()
+            .filter(|f| within(f, from) || *f == to)
+            .map(str::to_owned)
+            .collect();
+        for f in &unfinished {
+            r.clear_unfinished(name, f);
+        }
+        for f in unfinished.iter().filter(|f| within(f, from)) {
+            r.mark_unfinished(name, &moved(f, from, to));
+        }
+        let mut done = vec![];
+        let mut result = Ok(());
+        for (old, new) in &moves {
+            match make_parents(new).and_then(|()| fs::rename(old, new)) {
+                Ok(()) => done.push((old, new)),
+                Err(e) => {
+                    result = Err(io_fs("store", e));
+                    break;
+                }
+            }
+        }
+        if result.is_ok() && (!moves.is_empty() || !unfinished.is_empty()) {
+            result = store.save(&r, &lock).map_err(registry_fs);
+        }
+        if let Err(e) = result {
+            for (old, new) in done.into_iter().rev() {
+                let _ = fs::rename(new, old);
+            }
+            return Err(e);
+        }
+        for (old, _) in &moves {
+            // Leave no empty directories behind in the store.
+            let mut p = old.parent();
+            while let Some(d) = p.filter(|d| *d != dir && fs::remove_dir(d).is_ok()) {
+                p = d.parent();
+            }
+        }
+        // Staged files and made directories.
+        if let Some(s) = sessions.get_mut(&key(base, name)) {
+            let moving: Vec<String> = s.names.keys().filter(|n| within(n, from)).cloned().collect();
+            if !moving.is_empty() {
+                s.orphan(to);
+            }
+            for old in moving {
+                let id = s.names.remove(&old).expect("listed above");
+                let new = moved(&old, from, to);
+                if let Some(f) = s.staged.get_mut(&id) {
+                    f.name = Some(new.clone());
+                }
+                s.names.insert(new, id);
+            }
+            let dirs: Vec<String> = s.dirs.iter().filter(|d| within(d, from)).cloned().collect();
+            if !dirs.is_empty() {
+                s.dirs.remove(to);
+            }
+            for d in dirs {
+                s.dirs.remove(&d);
+                s.dirs.insert(moved(&d, from, to));
+            }
+        }
+        Ok(())
     }
 
     /// `rmdir MOUNT/<base>/deltas/<name>`: the entry goes with its (empty) directory.
     pub fn rmdir(&self, store: &Store, base: &str, name: &str) -> FsResult<()> {
-        let key = (base.to_owned(), name.to_owned());
-        if let Some(s) = self.lock().get(&key) {
+        if let Some(s) = self.lock().get(&key(base, name)) {
             // Files stored and still open count as the entry's (checked below), not as staged.
-            if s.files.keys().any(|f| Self::unstored(s, f)) {
+            let unstored = s.staged.values().any(|f| f.name.is_some() && !f.clean());
+            if unstored || !s.dirs.is_empty() {
                 return Err(FsError::new(libc::ENOTEMPTY));
             }
         }
         let removed = store.update(|r| match r.entries.get(name).map(|e| &e.kind) {
             Some(EntryKind::Delta { base: b, files, .. }) if b == base => {
-                if !files.is_empty() {
+                if !files.is_empty() || !r.unfinished(name).is_empty() {
                     return Err(registry::Error::Invalid("not empty".into()));
                 }
                 if !r.dependents(name).is_empty() {
@@ -432,7 +764,7 @@ impl Staging {
             Ok(false) if !self.has_session(base, name) => return Err(FsError::new(libc::ENOENT)),
             Ok(_) => {}
         }
-        if let Some(s) = self.lock().remove(&key) {
+        if let Some(s) = self.lock().remove(&key(base, name)) {
             let _ = fs::remove_dir_all(s.dir);
         }
         let _ = fs::remove_dir_all(store.entry_dir(name));
@@ -461,16 +793,53 @@ pub fn sweep(store: &Store) {
             }
         }
     }
+    // Containers of an older version's commits (".{file}.{pid}.tmp" in the entry's directory)
+    // whose process died; a stored file of that form (a dotfile of the model) stays.
+    let registry = store.load().unwrap_or_default();
     if let Ok(dirs) = fs::read_dir(store.root().join("models")) {
         for dir in dirs.flatten() {
+            let entry = dir.file_name().to_string_lossy().into_owned();
+            let stored = |n: &str| match registry.entries.get(&entry).map(|e| &e.kind) {
+                Some(EntryKind::Delta { files, .. }) => files.iter().any(|f| f.name == n),
+                _ => true,
+            };
             for f in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
                 let n = f.file_name().to_string_lossy().into_owned();
-                // ".{file}.{pid}.tmp": a commit in progress, or one whose process died.
                 let pid = n.rsplit('.').nth(1).unwrap_or("");
-                if n.starts_with('.') && n.ends_with(".tmp") && !alive(pid) {
+                let numeric = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+                if n.starts_with('.') && n.ends_with(".tmp") && numeric && !alive(pid) && !stored(&n) {
                     let _ = fs::remove_file(f.path());
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_leave_the_entry_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let staging = Staging::default();
+        for bad in ["../x", "a/../b", "/abs", "a//b", "a/", ".", ""] {
+            let e = staging.open(&store, "base", "new", bad, true).err().map(|e| e.errno);
+            assert_eq!(e, Some(libc::EINVAL), "open of {bad:?}");
+            let e = staging.mkdir_sub(&store, "base", "new", bad).err().map(|e| e.errno);
+            assert_eq!(e, Some(libc::EINVAL), "mkdir of {bad:?}");
+            let e = staging.rename(&store, "base", "new", "a", bad).err().map(|e| e.errno);
+            assert_eq!(e, Some(libc::EINVAL), "rename to {bad:?}");
+        }
+        assert!(store.load().unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn paths_move_with_their_directory() {
+        assert!(within("a/b", "a") && within("a", "a") && !within("ab", "a") && !within("a", "a/b"));
+        assert_eq!(moved("a/b/c", "a/b", "z"), "z/c");
+        assert_eq!(join("", "x"), "x");
+        assert_eq!(join("d", "x"), "d/x");
     }
 }

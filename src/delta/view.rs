@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::source::{LosslessSource, LossySource};
 use super::{keys, make::BaseTensors};
 use crate::format::{self, Dtype};
-use crate::registry::{FileRecord, Registry};
+use crate::registry::{self, FileRecord, FileRole, Registry};
 use crate::variant::{
     Content, EntryView, LogicalTensor, SourceFile, SynthFile, SynthTensor, TensorSource, VFile, ViewError,
     WeightFile,
@@ -90,10 +90,17 @@ pub fn delta_view(
                     source: src,
                 });
             }
-            view.weights.insert(
-                record.name.clone(),
-                WeightFile { tensors: logical, metadata: target.metadata.clone() },
-            );
+            // The bytes are rebuilt tensor by tensor whatever the file is called, but only a
+            // top-level `*.safetensors` is one of the model's weight files (what a cast or a
+            // quantization of this entry converts): the same rule as `add` and `delta make`, so a
+            // safetensors file written through deltas/ under another name or in a subdirectory
+            // stays a plain file for the entries built on this one.
+            if registry::walk::role_of(&record.name) == FileRole::Weights {
+                view.weights.insert(
+                    record.name.clone(),
+                    WeightFile { tensors: logical, metadata: target.metadata.clone() },
+                );
+            }
             (prefix, synth)
         } else {
             let src = LosslessSource::open(&source, &container, keys::FILE, Dtype::U8, size as usize, None)

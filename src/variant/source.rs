@@ -33,21 +33,43 @@ impl ReadError {
     }
 }
 
-/// A file llmfs reads from (a base file, a stored container), with the fingerprint it must still
-/// have. It is opened once and read with `pread`, never mapped: a file changed under a mapping
-/// would SIGBUS the daemon, while `pread` only returns short or different bytes, which the
-/// fingerprint checks catch.
+/// A file llmfs reads from (a base file, a stored container, a decoded file in the disk cache),
+/// with the fingerprint it must still have. It is opened once and read with `pread`, never
+/// mapped: a file changed under a mapping would SIGBUS the daemon, while `pread` only returns
+/// short or different bytes, which the checks catch: the fingerprint at every open, and after
+/// every read the file's size, mtime and ctime against what they were when it was opened (an
+/// edit in place while a variant is open, anywhere in the file, changes the ctime, which cannot
+/// be set back).
 #[derive(Debug)]
 pub struct SourceFile {
     pub path: PathBuf,
     pub fingerprint: Fingerprint,
-    /// Opened and fully verified (sampled hash) on first use; the outcome is kept.
-    opened: OnceLock<Result<File, ReadError>>,
+    /// Opened and fully verified (sampled hash) on first use; the outcome is kept, with the
+    /// file's (size, mtime, ctime) then.
+    opened: OnceLock<Result<(File, Stamp), ReadError>>,
+}
+
+/// (size, mtime ns, ctime ns) of an open file.
+type Stamp = (u64, i64, i64);
+
+fn stamp(file: &File) -> io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+    Ok((m.len(), ns(m.mtime(), m.mtime_nsec()), ns(m.ctime(), m.ctime_nsec())))
 }
 
 impl SourceFile {
     pub fn new(path: PathBuf, fingerprint: Fingerprint) -> Self {
         SourceFile { path, fingerprint, opened: OnceLock::new() }
+    }
+
+    /// A file llmfs wrote itself and holds open (a decoded file of the disk cache): trusted as it
+    /// is now, and checked on every read like any other.
+    pub fn already_open(path: PathBuf, file: File) -> io::Result<Self> {
+        let st = stamp(&file)?;
+        let fingerprint = Fingerprint { size: st.0, mtime_ns: st.1, hash: String::new() };
+        Ok(SourceFile { path, fingerprint, opened: OnceLock::from(Ok((file, st))) })
     }
 
     /// The cheap check (size and mtime), as a reason (without the path) if it fails.
@@ -74,20 +96,36 @@ impl SourceFile {
 
     /// The open file (verified on first use).
     pub fn file(&self) -> Result<&File, ReadError> {
+        self.opened().map(|(f, _)| f)
+    }
+
+    fn opened(&self) -> Result<&(File, Stamp), ReadError> {
         self.opened
             .get_or_init(|| {
                 if let Some(reason) = self.fingerprint.verify(&self.path) {
                     return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
                 }
-                File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))
+                let file = File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))?;
+                let st = stamp(&file).map_err(|e| ReadError::io(&self.path, e))?;
+                Ok((file, st))
             })
             .as_ref()
             .map_err(Clone::clone)
     }
 
-    /// Read exactly `buf.len()` bytes at `offset`.
+    /// Read exactly `buf.len()` bytes at `offset`, then check that the file did not change
+    /// since it was opened (a write during the read changes it before it returns).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-        self.file()?.read_exact_at(buf, offset).map_err(|e| ReadError::io(&self.path, e))
+        let (file, opened) = self.opened()?;
+        file.read_exact_at(buf, offset).map_err(|e| ReadError::io(&self.path, e))?;
+        match stamp(file) {
+            Ok(now) if now == *opened => Ok(()),
+            Ok(_) => Err(ReadError::Changed {
+                path: self.path.display().to_string(),
+                reason: "changed while open (size, modification or change time differs)".into(),
+            }),
+            Err(e) => Err(ReadError::io(&self.path, e)),
+        }
     }
 }
 

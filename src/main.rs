@@ -102,7 +102,7 @@ enum Command {
         #[arg(long)]
         allow_other: bool,
         /// Directory of decoded variant files, kept across mounts (default STORE/cache; 0: none).
-        #[arg(long)]
+        #[arg(long, env = "LLMFS_DISK_CACHE")]
         disk_cache: Option<PathBuf>,
         /// Bytes the disk cache may hold (default 32GiB, at most half the disk's free space; 0: none).
         #[arg(long, value_parser = parse_size)]

@@ -380,10 +380,23 @@ impl DiskCache {
         if need > self.capacity {
             return Ok(None);
         }
-        {
+        // Room is made by evicting committed entries; fills and commits in progress count
+        // too, so when they hold the room, wait for a commit (its entry can then go) and try
+        // again, or serve this file uncached if none is under way.
+        loop {
             let mut st = self.lock();
             self.evict_until(&mut st, need, Some(key));
-            st.used += need;
+            if st.used + need <= self.capacity {
+                st.used += need;
+                break;
+            }
+            drop(st);
+            if !self.wait_for_a_commit() {
+                tracing::info!(
+                    "disk cache: no room for {label} beside the fills in progress; serving it uncached"
+                );
+                return Ok(None);
+            }
         }
         let unreserve = || self.lock().used -= need;
         static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -494,6 +507,16 @@ impl DiskCache {
             *pending -= 1;
             this.pending_done.notify_all();
         });
+    }
+
+    /// Wait until a background commit ends (false: none is running).
+    fn wait_for_a_commit(&self) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if *pending == 0 {
+            return false;
+        }
+        drop(self.pending_done.wait(pending));
+        true
     }
 
     /// Wait until every background commit has finished (before unmounting, so that what was

@@ -45,8 +45,8 @@ pub struct SourceFile {
     pub path: PathBuf,
     pub fingerprint: Fingerprint,
     /// Opened and fully verified (sampled hash) on first use; the outcome is kept, with the
-    /// file's (size, mtime, ctime) then.
-    opened: OnceLock<Result<(File, Stamp), ReadError>>,
+    /// file's (size, mtime, ctime) then (None: a file of llmfs's own, not checked per read).
+    opened: OnceLock<Result<(File, Option<Stamp>), ReadError>>,
 }
 
 /// (size, mtime ns, ctime ns) of an open file.
@@ -64,12 +64,13 @@ impl SourceFile {
         SourceFile { path, fingerprint, opened: OnceLock::new() }
     }
 
-    /// A file llmfs wrote itself and holds open (a decoded file of the disk cache): trusted as it
-    /// is now, and checked on every read like any other.
+    /// A file llmfs wrote itself and holds open (a decoded file of the disk cache, checked by
+    /// the cache before it is handed out): trusted as it is. Not checked per read: the cache
+    /// renames it into place (a new ctime) while it is read.
     pub fn already_open(path: PathBuf, file: File) -> io::Result<Self> {
         let st = stamp(&file)?;
         let fingerprint = Fingerprint { size: st.0, mtime_ns: st.1, hash: String::new() };
-        Ok(SourceFile { path, fingerprint, opened: OnceLock::from(Ok((file, st))) })
+        Ok(SourceFile { path, fingerprint, opened: OnceLock::from(Ok((file, None))) })
     }
 
     /// The cheap check (size and mtime), as a reason (without the path) if it fails.
@@ -86,12 +87,27 @@ impl SourceFile {
     }
 
     /// Checks the file is still the one that was added: called whenever a virtual file that reads
-    /// from it is opened. The first call also verifies the sampled hash.
+    /// from it is opened. The first call also verifies the sampled hash; later ones also
+    /// compare the open file with what it was then (a write in place, even one that restores the
+    /// mtime, changes the ctime).
     pub fn check(&self) -> Result<&File, ReadError> {
         if let Some(reason) = self.stat_problem() {
             return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
         }
-        self.file()
+        self.unchanged_since_opened()
+    }
+
+    /// The open file, if its size, mtime and ctime are what they were when it was opened.
+    fn unchanged_since_opened(&self) -> Result<&File, ReadError> {
+        let (file, opened) = self.opened()?;
+        match opened.map(|st| stamp(file).map(|now| now == st)) {
+            None | Some(Ok(true)) => Ok(file),
+            Some(Ok(false)) => Err(ReadError::Changed {
+                path: self.path.display().to_string(),
+                reason: "changed while mounted (size, modification or change time differs)".into(),
+            }),
+            Some(Err(e)) => Err(ReadError::io(&self.path, e)),
+        }
     }
 
     /// The open file (verified on first use).
@@ -99,7 +115,7 @@ impl SourceFile {
         self.opened().map(|(f, _)| f)
     }
 
-    fn opened(&self) -> Result<&(File, Stamp), ReadError> {
+    fn opened(&self) -> Result<&(File, Option<Stamp>), ReadError> {
         self.opened
             .get_or_init(|| {
                 if let Some(reason) = self.fingerprint.verify(&self.path) {
@@ -107,7 +123,7 @@ impl SourceFile {
                 }
                 let file = File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))?;
                 let st = stamp(&file).map_err(|e| ReadError::io(&self.path, e))?;
-                Ok((file, st))
+                Ok((file, Some(st)))
             })
             .as_ref()
             .map_err(Clone::clone)
@@ -116,16 +132,8 @@ impl SourceFile {
     /// Read exactly `buf.len()` bytes at `offset`, then check that the file did not change
     /// since it was opened (a write during the read changes it before it returns).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-        let (file, opened) = self.opened()?;
-        file.read_exact_at(buf, offset).map_err(|e| ReadError::io(&self.path, e))?;
-        match stamp(file) {
-            Ok(now) if now == *opened => Ok(()),
-            Ok(_) => Err(ReadError::Changed {
-                path: self.path.display().to_string(),
-                reason: "changed while open (size, modification or change time differs)".into(),
-            }),
-            Err(e) => Err(ReadError::io(&self.path, e)),
-        }
+        self.file()?.read_exact_at(buf, offset).map_err(|e| ReadError::io(&self.path, e))?;
+        self.unchanged_since_opened().map(|_| ())
     }
 }
 

@@ -107,9 +107,9 @@ enum Command {
         /// Bytes the disk cache may hold (default 32GiB, at most half the disk's free space; 0: none).
         #[arg(long, value_parser = parse_size)]
         disk_cache_size: Option<u64>,
-        /// What is checked before a cached file is first served: full (its content hash, once
-        /// per mount) or stat (length, inode and ctime).
-        #[arg(long, default_value = "full", value_parser = ["full", "stat"])]
+        /// What is checked before a cached file is served: stat (its length, inode and ctime,
+        /// which any write changes) or full (also its content hash, once per mount: reads it all).
+        #[arg(long, default_value = "stat", value_parser = ["full", "stat"])]
         disk_cache_verify: String,
     },
     /// Unmount (also a stale mount whose daemon died).

@@ -257,7 +257,11 @@ fn a_truncated_or_changed_cache_file_is_decoded_again_never_served() {
             _ => f.write_all_at(&[!want[want.len() - 100]], want.len() as u64 - 100).unwrap(),
         }
         drop(f);
-        let extra: &[&str] = if damage == "flip-stat" { &["--disk-cache-verify", "stat"] } else { &[] };
+        let extra: &[&str] = match damage {
+            "flip" => &["--disk-cache-verify", "full"],
+            "flip-stat" => &["--disk-cache-verify", "stat"],
+            _ => &[],
+        };
         let m = fx.mount(extra);
         assert_same_bytes(
             &read(&m.path().join(&label)),

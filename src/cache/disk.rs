@@ -165,9 +165,10 @@ pub struct DiskCache {
     capacity: u64,
     verify: Verify,
     state: Mutex<State>,
-    /// Commits running in the background, and a signal when one ends.
-    pending: Mutex<usize>,
-    pending_done: Condvar,
+    /// Commits running in the background, and a signal when one ends (shared with the commit
+    /// threads, which let go of the cache before they signal: once [`DiskCache::flush`]
+    /// returns, dropping the cache releases its directory).
+    pending: Arc<(Mutex<usize>, Condvar)>,
     _lock: File,
 }
 
@@ -258,8 +259,7 @@ impl DiskCache {
                 verified: HashSet::new(),
                 stats: DiskStats::default(),
             }),
-            pending: Mutex::new(0),
-            pending_done: Condvar::new(),
+            pending: Arc::new((Mutex::new(0), Condvar::new())),
             _lock: lock,
         };
         {
@@ -483,8 +483,9 @@ impl DiskCache {
         tmp: PathBuf,
         slot: Slot,
     ) {
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         let this = self.clone();
+        let pending = self.pending.clone();
         std::thread::spawn(move || {
             let result = this.commit(&key, len, &label, &file, &tmp);
             let mut st = this.lock();
@@ -503,28 +504,28 @@ impl DiskCache {
                 st.slots.remove(&key);
             }
             drop(st);
-            let mut pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
-            *pending -= 1;
-            this.pending_done.notify_all();
+            drop(this);
+            *pending.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            pending.1.notify_all();
         });
     }
 
     /// Wait until a background commit ends (false: none is running).
     fn wait_for_a_commit(&self) -> bool {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = self.pending.0.lock().unwrap_or_else(|e| e.into_inner());
         if *pending == 0 {
             return false;
         }
-        drop(self.pending_done.wait(pending));
+        drop(self.pending.1.wait(pending));
         true
     }
 
     /// Wait until every background commit has finished (before unmounting, so that what was
     /// decoded survives the daemon).
     pub fn flush(&self) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.pending.0.lock().unwrap_or_else(|e| e.into_inner());
         while *pending > 0 {
-            pending = self.pending_done.wait(pending).unwrap_or_else(|e| e.into_inner());
+            pending = self.pending.1.wait(pending).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -554,7 +555,11 @@ impl DiskCache {
 impl DiskCache {
     /// Hash, fsync, rename into place, then write the sidecar that commits the entry.
     fn commit(&self, key: &Key, len: u64, label: &str, file: &File, tmp: &Path) -> Result<Meta, String> {
-        let hash = content_hash(file, len).map_err(|e| format!("hashing: {e}"))?;
+        // On this thread alone, at low priority: a reader is loading what was just decoded, and
+        // the next file may be decoding on the pool.
+        // SAFETY: setpriority on this thread (a Linux thread id is a process id for it).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+        let hash = hash_pieces(file, len, false).map_err(|e| format!("hashing: {e}"))?;
         file.sync_all().map_err(|e| format!("fsync: {e}"))?;
         let data = self.dir.join(key.hex());
         std::fs::rename(tmp, &data).map_err(|e| format!("rename: {e}"))?;
@@ -588,18 +593,25 @@ impl DiskCache {
 /// BLAKE3 over the file's length and the hashes of its [`HASH_PIECE`]-byte pieces, hashed in
 /// parallel on the rayon pool (a plain BLAKE3 of the whole file would run on one core).
 pub fn content_hash(file: &File, len: u64) -> std::io::Result<String> {
-    let pieces = len.div_ceil(HASH_PIECE);
-    let leaves: Vec<[u8; 32]> = (0..pieces)
-        .into_par_iter()
-        .map(|i| {
-            let at = i * HASH_PIECE;
-            let n = HASH_PIECE.min(len - at) as usize;
-            with_scratch(n, |buf| {
-                file.read_exact_at(buf, at)?;
-                Ok(*blake3::hash(buf).as_bytes())
-            })
+    hash_pieces(file, len, true)
+}
+
+/// [`content_hash`], on the rayon pool or (`parallel` false) on this thread.
+fn hash_pieces(file: &File, len: u64, parallel: bool) -> std::io::Result<String> {
+    let leaf = |i: u64| {
+        let at = i * HASH_PIECE;
+        let n = HASH_PIECE.min(len - at) as usize;
+        with_scratch(n, |buf| {
+            file.read_exact_at(buf, at)?;
+            Ok(*blake3::hash(buf).as_bytes())
         })
-        .collect::<std::io::Result<_>>()?;
+    };
+    let pieces = len.div_ceil(HASH_PIECE);
+    let leaves: Vec<[u8; 32]> = if parallel {
+        (0..pieces).into_par_iter().map(leaf).collect::<std::io::Result<_>>()?
+    } else {
+        (0..pieces).map(leaf).collect::<std::io::Result<_>>()?
+    };
     let mut h = blake3::Hasher::new();
     h.update(&len.to_le_bytes());
     for leaf in &leaves {

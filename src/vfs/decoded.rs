@@ -143,10 +143,24 @@ fn decode_into_cache(
 }
 
 /// Write all of `synth` into `out` (of its length): the header, then every tensor in pieces of
-/// [`PIECE`] bytes decoded in parallel, each written at its offset as soon as it is done.
+/// [`PIECE`] bytes decoded in parallel, each straight into its place in a shared mapping of the
+/// file. Buffered `pwrite`s of one file serialize on its inode lock (ext4, xfs: a single
+/// memcpy stream into the page cache, measured at 3 GB/s on 16 cores); page faults in a mapping
+/// do not, and decoding in place saves that copy. Where the file cannot be mapped (or its
+/// blocks not reserved) the pieces are written with `pwrite` instead.
 pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
-    let io = |e: std::io::Error| ReadError::Io { path: "the disk cache".into(), reason: e.to_string() };
-    out.write_all_at(&synth.header, 0).map_err(io)?;
+    let len = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
+    match Mapped::new(out, len) {
+        Ok(map) => write_mapped(synth, &map),
+        Err(e) => {
+            tracing::debug!("disk cache: writing by pwrite ({e})");
+            write_by_pwrite(synth, out)
+        }
+    }
+}
+
+/// (tensor index, first element, end element) of every piece of `synth`'s tensors.
+fn pieces(synth: &SynthFile) -> Vec<(usize, u64, u64)> {
     let mut pieces = vec![];
     for (i, t) in synth.tensors.iter().enumerate() {
         let esize = t.source.dtype().size() as u64;
@@ -158,12 +172,101 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadE
             at += per;
         }
     }
-    pieces.into_par_iter().try_for_each(|(i, from, to)| {
+    pieces
+}
+
+fn cache_io(e: std::io::Error) -> ReadError {
+    ReadError::Io { path: "the disk cache".into(), reason: e.to_string() }
+}
+
+fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
+    out.write_all_at(&synth.header, 0).map_err(cache_io)?;
+    pieces(synth).into_par_iter().try_for_each(|(i, from, to)| {
         let t = &synth.tensors[i];
         let esize = t.source.dtype().size() as u64;
         with_scratch(((to - from) * esize) as usize, |buf| {
             t.source.read(from as usize..to as usize, buf)?;
-            out.write_all_at(buf, t.start + from * esize).map_err(io)
+            out.write_all_at(buf, t.start + from * esize).map_err(cache_io)
         })
     })
+}
+
+fn write_mapped(synth: &SynthFile, map: &Mapped) -> Result<(), ReadError> {
+    map.range(0, synth.header.len() as u64)?.copy_from_slice(&synth.header);
+    pieces(synth).into_par_iter().try_for_each(|(i, from, to)| {
+        let t = &synth.tensors[i];
+        let esize = t.source.dtype().size() as u64;
+        let dst = map.range(t.start + from * esize, t.start + to * esize)?;
+        t.source.read(from as usize..to as usize, dst)
+    })
+}
+
+/// A writable shared mapping of a whole file whose blocks are reserved (fallocate): writing
+/// through it cannot run out of space. Pages are faulted in per range with
+/// MADV_POPULATE_WRITE, which reports an error (an I/O error, no memory) where a plain write
+/// fault would raise SIGBUS.
+struct Mapped {
+    addr: usize,
+    len: usize,
+}
+
+const PAGE: u64 = 4096;
+
+impl Mapped {
+    fn new(file: &std::fs::File, len: u64) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Err(std::io::Error::other("empty"));
+        }
+        // SAFETY: plain syscalls on a descriptor we own; the mapping is checked before use.
+        unsafe {
+            if libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            let p =
+                libc::mmap(std::ptr::null_mut(), len as usize, prot, libc::MAP_SHARED, file.as_raw_fd(), 0);
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(Mapped { addr: p as usize, len: len as usize })
+        }
+    }
+
+    /// Bytes `from..to` of the file, faulted in, for one writer. Callers take disjoint ranges
+    /// (the pieces of distinct tensors, or of one tensor, never overlap).
+    #[allow(clippy::mut_from_ref)]
+    fn range(&self, from: u64, to: u64) -> Result<&mut [u8], ReadError> {
+        assert!(from <= to && to as usize <= self.len, "a piece inside the file");
+        if from == to {
+            return Ok(&mut []);
+        }
+        let (pa, pb) = (from / PAGE * PAGE, to.div_ceil(PAGE).saturating_mul(PAGE).min(self.len as u64));
+        // SAFETY: the page range lies inside our mapping; POPULATE_WRITE only faults pages in.
+        let r = unsafe {
+            libc::madvise(
+                (self.addr + pa as usize) as *mut libc::c_void,
+                (pb - pa) as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        // EINVAL: a kernel before 5.14; the writes then fault pages in one by one (the blocks
+        // are reserved, so only an I/O error could fail them).
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(cache_io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: inside the mapping, which lives as long as `self`; the file is ours (created
+        // by the disk cache in its 0700 directory, its length fixed) so nothing truncates it
+        // under the mapping; ranges handed out are disjoint, so no two `&mut` alias.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut((self.addr + from as usize) as *mut u8, (to - from) as usize)
+        })
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
 }

@@ -192,22 +192,24 @@ fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadErr
 }
 
 fn write_mapped(synth: &SynthFile, map: &Mapped) -> Result<(), ReadError> {
-    map.range(0, synth.header.len() as u64)?.copy_from_slice(&synth.header);
+    map.piece(0, synth.header.len() as u64)?.copy_from_slice(&synth.header);
     pieces(synth).into_par_iter().try_for_each(|(i, from, to)| {
         let t = &synth.tensors[i];
         let esize = t.source.dtype().size() as u64;
-        let dst = map.range(t.start + from * esize, t.start + to * esize)?;
-        t.source.read(from as usize..to as usize, dst)
+        let mut dst = map.piece(t.start + from * esize, t.start + to * esize)?;
+        t.source.read(from as usize..to as usize, &mut dst)
     })
 }
 
-/// A writable shared mapping of a whole file whose blocks are reserved (fallocate): writing
-/// through it cannot run out of space. Pages are faulted in per range with
+/// A file whose blocks are reserved (fallocate: writing through a mapping of it cannot run out
+/// of space), mapped piece by piece: each piece gets a shared mapping of its own pages for as
+/// long as it is decoded, so the daemon never maps more than the pieces in flight (its RSS
+/// stays bounded by one piece per core, not the file's size). Pages are faulted in with
 /// MADV_POPULATE_WRITE, which reports an error (an I/O error, no memory) where a plain write
 /// fault would raise SIGBUS.
 struct Mapped {
-    addr: usize,
-    len: usize,
+    fd: std::os::fd::RawFd,
+    len: u64,
 }
 
 const PAGE: u64 = 4096;
@@ -215,58 +217,81 @@ const PAGE: u64 = 4096;
 impl Mapped {
     fn new(file: &std::fs::File, len: u64) -> std::io::Result<Mapped> {
         use std::os::fd::AsRawFd;
-        if len == 0 {
-            return Err(std::io::Error::other("empty"));
+        // SAFETY: fallocate on a descriptor we own.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: plain syscalls on a descriptor we own; the mapping is checked before use.
-        unsafe {
-            if libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let prot = libc::PROT_READ | libc::PROT_WRITE;
-            let p =
-                libc::mmap(std::ptr::null_mut(), len as usize, prot, libc::MAP_SHARED, file.as_raw_fd(), 0);
-            if p == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(Mapped { addr: p as usize, len: len as usize })
-        }
+        Ok(Mapped { fd: file.as_raw_fd(), len })
     }
 
-    /// Bytes `from..to` of the file, faulted in, for one writer. Callers take disjoint ranges
-    /// (the pieces of distinct tensors, or of one tensor, never overlap).
-    #[allow(clippy::mut_from_ref)]
-    fn range(&self, from: u64, to: u64) -> Result<&mut [u8], ReadError> {
-        assert!(from <= to && to as usize <= self.len, "a piece inside the file");
+    /// Bytes `from..to` of the file, mapped and faulted in, for one writer until dropped.
+    fn piece(&self, from: u64, to: u64) -> Result<Piece, ReadError> {
+        assert!(from <= to && to <= self.len, "a piece inside the file");
         if from == to {
-            return Ok(&mut []);
+            return Ok(Piece { addr: 0, map_len: 0, skip: 0, len: 0 });
         }
-        let (pa, pb) = (from / PAGE * PAGE, to.div_ceil(PAGE).saturating_mul(PAGE).min(self.len as u64));
-        // SAFETY: the page range lies inside our mapping; POPULATE_WRITE only faults pages in.
-        let r = unsafe {
-            libc::madvise(
-                (self.addr + pa as usize) as *mut libc::c_void,
-                (pb - pa) as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        // EINVAL: a kernel before 5.14; the writes then fault pages in one by one (the blocks
-        // are reserved, so only an I/O error could fail them).
-        if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        let (pa, pb) = (from / PAGE * PAGE, to.div_ceil(PAGE) * PAGE);
+        let map_len = (pb - pa) as usize;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh shared mapping of our own file (the descriptor outlives `self`);
+        // checked below before use.
+        let p =
+            unsafe { libc::mmap(std::ptr::null_mut(), map_len, prot, libc::MAP_SHARED, self.fd, pa as i64) };
+        if p == libc::MAP_FAILED {
             return Err(cache_io(std::io::Error::last_os_error()));
         }
-        // SAFETY: inside the mapping, which lives as long as `self`; the file is ours (created
-        // by the disk cache in its 0700 directory, its length fixed) so nothing truncates it
-        // under the mapping; ranges handed out are disjoint, so no two `&mut` alias.
-        Ok(unsafe {
-            std::slice::from_raw_parts_mut((self.addr + from as usize) as *mut u8, (to - from) as usize)
-        })
+        let piece =
+            Piece { addr: p as usize, map_len, skip: (from - pa) as usize, len: (to - from) as usize };
+        // SAFETY: the range is the mapping just made; POPULATE_WRITE only faults pages in.
+        if unsafe { libc::madvise(p, map_len, libc::MADV_POPULATE_WRITE) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL: a kernel before 5.14; the writes then fault pages in one by one (the
+            // blocks are reserved, so only an I/O error could fail them).
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(cache_io(e));
+            }
+        }
+        Ok(piece)
     }
 }
 
-impl Drop for Mapped {
+/// One piece's mapping (unmapped on drop).
+struct Piece {
+    addr: usize,
+    map_len: usize,
+    skip: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for Piece {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `len` bytes at `skip` lie inside the mapping, which lives as long as `self`.
+        unsafe { std::slice::from_raw_parts((self.addr + self.skip) as *const u8, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Piece {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in deref. The mapping is this value's own (other pieces map their own
+        // ranges; where two share a page they write distinct bytes of it), and the file is the
+        // disk cache's, created in its 0700 directory with its length fixed before it was
+        // mapped, so nothing truncates it under the mapping.
+        unsafe { std::slice::from_raw_parts_mut((self.addr + self.skip) as *mut u8, self.len) }
+    }
+}
+
+impl Drop for Piece {
     fn drop(&mut self) {
-        // SAFETY: unmapping what `new` mapped; no slice of it outlives `self`.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        if self.map_len > 0 {
+            // SAFETY: unmapping what `piece` mapped; no slice of it outlives `self`.
+            unsafe { libc::munmap(self.addr as *mut libc::c_void, self.map_len) };
+        }
     }
 }

@@ -21,7 +21,8 @@ hash checked on first open), with LLMFS_PASSTHROUGH=0 (the daemon serves the cac
 cache at all (--disk-cache 0: decoded on the FUSE read path, as before the disk cache).
 
 usage: scripts/bench_load.py [WORKDIR] [SIZE_MIB] [REPS] [LOADERS]
-  LOADERS: comma-separated subset of load_file,safe_open,hf (default all)
+  LOADERS: comma-separated subset of load_file,safe_open,hf (default all); BENCH_EXTRA=0 leaves
+  out the extra rows
   build first: cargo build --release --bins --examples; LLMFS=path picks another binary.
   Run under `taskset -c 0,1` for the 2-core table (the daemon inherits the affinity).
 """
@@ -315,13 +316,18 @@ def main():
     variant("base", "base through the mount")
     for entry, label in VARIANTS:
         variant(entry, label)
+    if os.environ.get("BENCH_EXTRA", "1") == "0":  # the kinds only (a shorter run)
+        return finish(w, results, work, cores, loaders)
     variant("d-lossless", "lossless delta, again with --disk-cache-verify full", extra_again=("--disk-cache-verify", "full"))
     env = dict(os.environ, LLMFS_PASSTHROUGH="0")
     variant("d-lossless", "lossless delta, LLMFS_PASSTHROUGH=0 (cache file by pread)", env=env)
     variant("d-lossless", "lossless delta, --disk-cache 0 (decoded on the read path)",
             extra_first=("--disk-cache-size", "0"), remount=False)
-    w.close()
+    finish(w, results, work, cores, loaders)
 
+
+def finish(w, results, work, cores, loaders):
+    w.close()
     with open(f"{work}/results-{cores}cores.json", "w") as f:
         json.dump(results, f, indent=1)
     print_table(results, loaders)

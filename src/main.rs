@@ -8,13 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+use llmfs::cache::disk::Verify;
 use llmfs::codec::quant::QuantConfig;
 use llmfs::delta::import::ImportFormat;
 use llmfs::delta::{self, DeltaCodec};
 use llmfs::format::Dtype;
 use llmfs::registry::add::{self, AddOptions, ChatTemplateChoice};
 use llmfs::registry::{self, Entry, EntryKind, Registry, Store};
-use llmfs::vfs::mount::{self, MountOptions};
+use llmfs::vfs::mount::{self, DiskCacheOptions, MountOptions};
 use llmfs::{adapter, check, demo, export, quantize, variant};
 
 #[derive(Parser)]
@@ -100,6 +101,16 @@ enum Command {
         /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf unless root).
         #[arg(long)]
         allow_other: bool,
+        /// Directory of decoded variant files, kept across mounts (default STORE/cache; 0: none).
+        #[arg(long, env = "LLMFS_DISK_CACHE")]
+        disk_cache: Option<PathBuf>,
+        /// Bytes the disk cache may hold (default 32GiB, at most half the disk's free space; 0: none).
+        #[arg(long, value_parser = parse_size)]
+        disk_cache_size: Option<u64>,
+        /// What is checked before a cached file is served: stat (its length, inode and ctime,
+        /// which any write changes) or full (also its content hash, once per mount: reads it all).
+        #[arg(long, default_value = "stat", value_parser = ["full", "stat"])]
+        disk_cache_verify: String,
     },
     /// Unmount (also a stale mount whose daemon died).
     Umount { mountpoint: PathBuf },
@@ -325,14 +336,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("removed {name}");
         }
-        Command::Mount { mountpoint, cache_size, backend, foreground, allow_other } => {
+        Command::Mount {
+            mountpoint,
+            cache_size,
+            backend,
+            foreground,
+            allow_other,
+            disk_cache,
+            disk_cache_size,
+            disk_cache_verify,
+        } => {
             if backend == "gpu" && !cfg!(feature = "gpu") {
                 bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
             }
+            let disk_dir = match disk_cache {
+                Some(d) if d.as_os_str() == "0" => None,
+                Some(d) => Some(std::path::absolute(&d).unwrap_or(d)),
+                None => Some(store.root().join("cache")),
+            };
+            let verify = if disk_cache_verify == "stat" { Verify::Stat } else { Verify::Full };
             let opts = MountOptions {
                 cache_size,
                 allow_other,
                 threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+                disk_cache: disk_dir
+                    .clone()
+                    .filter(|_| disk_cache_size != Some(0))
+                    .map(|dir| DiskCacheOptions { dir, size: disk_cache_size, verify }),
             };
             if foreground {
                 init_logging();
@@ -349,7 +379,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     cache_size.to_string(),
                     "--backend".into(),
                     backend,
+                    "--disk-cache".into(),
+                    disk_dir.map_or("0".into(), |d| d.display().to_string()),
+                    "--disk-cache-verify".into(),
+                    disk_cache_verify,
                 ]);
+                if let Some(size) = disk_cache_size {
+                    args.extend(["--disk-cache-size".into(), size.to_string()]);
+                }
                 if allow_other {
                     args.push("--allow-other".into());
                 }

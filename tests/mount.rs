@@ -862,8 +862,8 @@ fn daemon_mode_and_stale_mounts() {
     drop(guard);
 }
 
-/// kill -9 of the daemon while 8 readers are busy decoding (a cache of two chunks keeps every
-/// reader going to the daemon): each reader gets the right bytes or an error — never wrong
+/// kill -9 of the daemon while 8 readers are busy decoding (a cache of two chunks and no disk
+/// cache keep every reader going to the daemon): each reader gets the right bytes or an error — never wrong
 /// bytes — and none hangs; `llmfs umount` then clears the dead mount and a new one serves.
 #[test]
 fn kill_9_during_reads_under_load() {
@@ -874,7 +874,9 @@ fn kill_9_during_reads_under_load() {
     let guard = DaemonGuard::new(&fx.root().join("kmnt"));
     let mp = guard.path.clone();
     let mps = mp.to_str().unwrap();
-    fx.ok(&["mount", mps, "--cache-size", "4MiB"]);
+    // No disk cache: decoded copies would be read by the kernel, never reaching the daemon
+    // (tests/disk_cache.rs kills it during a fill).
+    fx.ok(&["mount", mps, "--cache-size", "4MiB", "--disk-cache", "0"]);
     let pids = daemon_pids(&mp);
     assert_eq!(pids.len(), 1, "one daemon");
 

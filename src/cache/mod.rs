@@ -9,6 +9,8 @@
 //! their `Arc` until they finish copying, so memory above the budget is bounded by the number of
 //! in-flight reads times the chunk size. A failed decode is not cached: the next read retries.
 
+pub mod disk;
+
 use std::hash::Hash;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -40,7 +40,8 @@ pub struct FuseFs {
 struct Passthrough {
     enabled: AtomicBool,
     by_handle: Mutex<HashMap<u64, Arc<BackingId>>>,
-    by_inode: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// The backing id of each inode with open handles, and the file it is for.
+    by_inode: Mutex<HashMap<u64, (Weak<BackingId>, std::path::PathBuf)>>,
 }
 
 /// Options for [`mount`].
@@ -103,7 +104,10 @@ impl FuseFs {
 
 impl FuseFs {
     /// The inode's backing id, registering `source`'s file with the kernel if no open handle
-    /// holds one.
+    /// holds one. The kernel takes one backing file per inode at a time: while handles of
+    /// another file are open on this inode (a delta rewritten through deltas/ while its old
+    /// decoded copy is still read), the open is refused with EBUSY rather than served the
+    /// other file's bytes.
     fn backing_id(
         &self,
         ino: u64,
@@ -111,12 +115,17 @@ impl FuseFs {
         reply: &ReplyOpen,
     ) -> std::io::Result<Arc<BackingId>> {
         let mut by_inode = lock(&self.passthrough.by_inode);
-        if let Some(id) = by_inode.get(&ino).and_then(Weak::upgrade) {
-            return Ok(id);
+        if let Some((id, path)) = by_inode.get(&ino) {
+            if let Some(id) = id.upgrade() {
+                if *path == source.path {
+                    return Ok(id);
+                }
+                return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+            }
         }
         let file = source.file().map_err(std::io::Error::other)?;
         let id = Arc::new(reply.open_backing(file)?);
-        by_inode.insert(ino, Arc::downgrade(&id));
+        by_inode.insert(ino, (Arc::downgrade(&id), source.path.clone()));
         Ok(id)
     }
 }
@@ -207,6 +216,11 @@ impl Filesystem for FuseFs {
                         lock(&self.passthrough.by_handle).insert(opened.fh, id);
                         return;
                     }
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        tracing::warn!("open: another version of inode {} is still open: EBUSY", ino.0);
+                        self.fs.release(opened.fh);
+                        return reply.error(Errno::EBUSY);
+                    }
                     Err(e) => {
                         tracing::info!("FUSE passthrough unavailable, reading through the daemon: {e}");
                         self.passthrough.enabled.store(false, Ordering::Relaxed);
@@ -251,7 +265,7 @@ impl Filesystem for FuseFs {
         guard("release", || {
             self.fs.release(fh.0);
             if lock(&self.passthrough.by_handle).remove(&fh.0).is_some() {
-                lock(&self.passthrough.by_inode).retain(|_, id| id.strong_count() > 0);
+                lock(&self.passthrough.by_inode).retain(|_, (id, _)| id.strong_count() > 0);
             }
             reply.ok();
         })

@@ -11,6 +11,7 @@
 //! Inode numbers are assigned on first sight and never reused within a mount; an entry removed
 //! and added again under the same name is a new generation with new inodes.
 
+mod decoded;
 pub mod fuse;
 pub mod mount;
 pub mod read;
@@ -295,6 +296,8 @@ pub struct Fs {
     staging: write::Staging,
     /// Tells the kernel to forget a cached name under the root (set by the FUSE layer).
     forget_name: std::sync::OnceLock<ForgetName>,
+    /// Decoded files on local disk (decoded.rs), when the mount has one.
+    disk: std::sync::OnceLock<Arc<crate::cache::disk::DiskCache>>,
 }
 
 impl Fs {
@@ -312,6 +315,7 @@ impl Fs {
             mount_time: SystemTime::now(),
             staging: write::Staging::default(),
             forget_name: std::sync::OnceLock::new(),
+            disk: std::sync::OnceLock::new(),
         })
     }
 
@@ -324,6 +328,11 @@ impl Fs {
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// Serve synthesized files from their decoded copies in `disk` (see decoded.rs).
+    pub fn set_disk_cache(&self, disk: Arc<crate::cache::disk::DiskCache>) {
+        let _ = self.disk.set(disk);
     }
 
     /// Reload the registry if it changed on disk. A corrupt registry keeps the last good one.
@@ -686,7 +695,8 @@ impl Fs {
     pub fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<Opened> {
         // A delta's files change when written through deltas/: serve the registry as it is now.
         self.refresh();
-        let (target, where_) = match self.node(ino)? {
+        let node = self.node(ino)?;
+        let (target, where_) = match node.clone() {
             Node::File { entry, created, file } => {
                 if write {
                     return Err(FsError::new(libc::EROFS));
@@ -733,6 +743,7 @@ impl Fs {
         if let Target::Read(vfile) = &target {
             check_sources(vfile).map_err(|e| FsError::eio(format!("{where_}: {e}")))?;
         }
+        let target = self.served_decoded(&node, target)?;
         Ok(self.insert_handle(ino, target))
     }
 
@@ -1098,7 +1109,10 @@ pub fn check_sources(file: &VFile) -> Result<(), variant::ReadError> {
             }
             sources.sort_by_key(|s| Arc::as_ptr(s) as usize);
             sources.dedup_by_key(|s| Arc::as_ptr(s) as usize);
-            sources.iter().try_for_each(|s| s.check().map(|_| ()))
+            // In parallel: a first open verifies each file's sampled hash (6 MiB read and hashed
+            // per file), which for a delta over a sharded base is several files.
+            use rayon::prelude::*;
+            sources.par_iter().try_for_each(|s| s.check().map(|_| ()))
         }
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::fuse::{self, MountConfig};
 use super::Fs;
+use crate::cache::disk::{DiskCache, Verify};
 use crate::registry::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,58 @@ pub struct MountOptions {
     pub cache_size: u64,
     pub allow_other: bool,
     pub threads: usize,
+    /// Where decoded files are kept (None: no disk cache).
+    pub disk_cache: Option<DiskCacheOptions>,
+}
+
+/// `--disk-cache DIR --disk-cache-size SIZE --disk-cache-verify full|stat`.
+#[derive(Clone, Debug)]
+pub struct DiskCacheOptions {
+    pub dir: PathBuf,
+    /// None: [`DEFAULT_DISK_CACHE_SIZE`], at most half of what the disk has free (counting what
+    /// the cache already holds as free).
+    pub size: Option<u64>,
+    pub verify: Verify,
+}
+
+/// The disk cache's size when none is given: room for a few fine-tunes of an 8B model.
+pub const DEFAULT_DISK_CACHE_SIZE: u64 = 32 << 30;
+
+/// Open the disk cache of `opts`. A cache that cannot be opened (another daemon holds it, an
+/// unwritable directory) is logged and the mount goes on without one.
+fn open_disk_cache(opts: &DiskCacheOptions) -> Option<Arc<DiskCache>> {
+    let size = opts.size.unwrap_or_else(|| {
+        let free = free_bytes(&opts.dir).unwrap_or(0) + dir_bytes(&opts.dir);
+        DEFAULT_DISK_CACHE_SIZE.min(free / 2)
+    });
+    if size == 0 {
+        tracing::info!("disk cache off");
+        return None;
+    }
+    match DiskCache::open(&opts.dir, size, opts.verify) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::error!("disk cache off: {e}");
+            None
+        }
+    }
+}
+
+/// Free bytes (for an unprivileged user) on the filesystem that holds `dir` or its nearest
+/// existing parent.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Bytes of the files directly in `dir` (the disk cache's entries).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
 }
 
 fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
@@ -56,6 +109,10 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     let mountpoint = check_mountpoint(mountpoint)?;
     keep_freed_chunks_in_heap();
     let fs = Arc::new(Fs::new(store, opts.cache_size)?);
+    let disk = opts.disk_cache.as_ref().and_then(open_disk_cache);
+    if let Some(disk) = &disk {
+        fs.set_disk_cache(disk.clone());
+    }
     // Block the signals in this thread before any other starts, so every thread inherits the
     // mask and only the waiter below receives them.
     let signals = block_signals();
@@ -100,6 +157,10 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     });
     tracing::info!(mountpoint = %mountpoint.display(), cache_size = opts.cache_size, threads = opts.threads, "serving");
     session.run()?;
+    if let Some(disk) = &disk {
+        // What was decoded is committed before the daemon goes, so the next mount finds it.
+        disk.flush();
+    }
     tracing::info!("unmounted");
     Ok(())
 }

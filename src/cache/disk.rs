@@ -1,0 +1,759 @@
+//! A cache of whole files on local disk, bounded in bytes, that survives restarts.
+//!
+//! Each entry is one file `DIR/<key>` holding exactly the cached bytes (so the kernel can serve
+//! it directly: FUSE passthrough, mmap) and a sidecar `DIR/<key>.meta` that commits it: its
+//! length, a BLAKE3 tree hash of its content, and the inode and ctime the data file had when it
+//! was committed. Nothing here knows what the bytes are: a key is a hash of whatever identifies
+//! the content (for a decoded variant file: the entry's generation, the file, the fingerprints of
+//! everything it is decoded from, the codec parameters), so the same cache can hold other
+//! whole objects (object-store chunks) later.
+//!
+//! Crash safety: a fill is written to `DIR/tmp/`, its hash computed, fsynced, renamed into
+//! place, and only then the sidecar written (fsynced, renamed, directory fsynced). A crash or
+//! kill -9 at any point leaves either a committed entry or garbage that the next open of the
+//! cache sweeps: data without a sidecar, or anything under `tmp/`. A committed entry is checked
+//! before it is served: its sidecar, its length, its inode and ctime (any write, truncate or
+//! chmod through the filesystem changes the ctime, which cannot be set back) and, with
+//! [`Verify::Full`], the content hash the first time it is opened in this process. An entry
+//! that fails is removed and filled again, never served.
+//!
+//! Fills are single-flight: concurrent callers for one key wait on the first one's fill. The
+//! filled file is handed out as soon as its bytes are written (in the page cache); hashing,
+//! fsync and the commit happen on a background thread, so a first reader does not wait on the
+//! disk. [`DiskCache::flush`] waits for those commits (at unmount).
+//!
+//! Bounded: entries are kept in LRU order (by last use, persisted as the sidecar's mtime) and
+//! the least recently used are removed before a fill that would pass the capacity. Space is
+//! counted in whole 4 KiB blocks, fills in progress included. A file still open elsewhere keeps
+//! its blocks until closed (POSIX unlink semantics); what the cache directory holds stays within
+//! the capacity. One process uses a directory at a time (an `flock` on `DIR/lock`).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use lru::LruCache;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::with_scratch;
+
+/// Bumped whenever the layout of a cache directory changes: older entries are then ignored.
+const FORMAT: u32 = 1;
+/// The tree hash's leaves: a piece of this many bytes is hashed per task, in parallel.
+const HASH_PIECE: u64 = 2 << 20;
+const BLOCK: u64 = 4096;
+
+/// A content identity: BLAKE3 of length-prefixed parts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Key([u8; 32]);
+
+impl Key {
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+    fn parse(hex: &str) -> Option<Key> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut k = [0u8; 32];
+        for (i, b) in k.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Key(k))
+    }
+}
+
+/// Builds a [`Key`] from the parts that identify some content.
+pub struct KeyBuilder(blake3::Hasher);
+
+impl KeyBuilder {
+    /// `domain` keeps keys of different kinds of content apart.
+    pub fn new(domain: &str) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(&FORMAT.to_le_bytes());
+        let mut b = KeyBuilder(h);
+        b.part(domain.as_bytes());
+        b
+    }
+    /// Add one part (length-prefixed, so parts cannot run into each other).
+    pub fn part(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+    pub fn finish(&self) -> Key {
+        Key(*self.0.finalize().as_bytes())
+    }
+}
+
+/// How much of a committed entry is checked before it is first served in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Length, inode and ctime: catches every change made through the filesystem.
+    Stat,
+    /// Those, and the content hash (reads the whole file once per process): also catches
+    /// corruption below the filesystem.
+    Full,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskCacheError {
+    #[error("{}: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
+    #[error("{}: in use by another llmfs process", .0.display())]
+    Locked(PathBuf),
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> DiskCacheError {
+    DiskCacheError::Io { path: path.to_owned(), reason: e.to_string() }
+}
+
+/// The sidecar that commits an entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    len: u64,
+    /// Hex tree hash of the content ([`content_hash`]).
+    hash: String,
+    ino: u64,
+    ctime_ns: i64,
+    /// What the content is, for people reading the directory and the logs.
+    label: String,
+}
+
+/// A cached file, open for reading.
+#[derive(Debug)]
+pub struct Cached {
+    pub file: File,
+    /// Where the entry lives once committed (the file may still be under `tmp/` until then).
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+/// Counters for logs, tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    pub entries: usize,
+    pub used_bytes: u64,
+    pub fills: u64,
+    pub hits: u64,
+    pub rejected: u64,
+    pub evictions: u64,
+}
+
+type Slot = Arc<OnceLock<Result<Option<Arc<Cached>>, String>>>;
+
+struct State {
+    entries: LruCache<Key, Meta>,
+    /// Blocks of committed entries and of fills in progress.
+    used: u64,
+    /// Single flight: a key being resolved (checked or filled, until committed).
+    slots: HashMap<Key, Slot>,
+    /// Entries whose content hash was checked (or computed) by this process.
+    verified: HashSet<Key>,
+    stats: DiskStats,
+}
+
+pub struct DiskCache {
+    dir: PathBuf,
+    capacity: u64,
+    verify: Verify,
+    state: Mutex<State>,
+    /// Commits running in the background, and a signal when one ends (shared with the commit
+    /// threads, which let go of the cache before they signal: once [`DiskCache::flush`]
+    /// returns, dropping the cache releases its directory).
+    pending: Arc<(Mutex<usize>, Condvar)>,
+    _lock: File,
+}
+
+fn blocks(len: u64) -> u64 {
+    len.div_ceil(BLOCK) * BLOCK + BLOCK
+}
+
+fn ctime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec())
+}
+
+impl DiskCache {
+    /// Open (creating) the cache in `dir`, holding at most `capacity` bytes; sweep what a crash
+    /// left and evict down to the capacity.
+    pub fn open(dir: &Path, capacity: u64, verify: Verify) -> Result<DiskCache, DiskCacheError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("tmp"))
+            .map_err(|e| io_err(dir, e))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0
+        {
+            return Err(DiskCacheError::Locked(dir.to_owned()));
+        }
+        // Nothing under tmp/ is committed: a fill or commit that a crash cut short.
+        for e in std::fs::read_dir(dir.join("tmp")).map_err(|e| io_err(dir, e))?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let mut found: Vec<(SystemTime, Key, Meta)> = vec![];
+        let mut names: HashSet<String> = HashSet::new();
+        for e in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?.flatten() {
+            names.insert(e.file_name().to_string_lossy().into_owned());
+        }
+        for name in &names {
+            let path = dir.join(name);
+            if let Some(hex) = name.strip_suffix(".meta") {
+                let meta = std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
+                    .filter(|m| m.format == FORMAT);
+                let data_len = std::fs::metadata(dir.join(hex)).map(|m| m.len()).ok();
+                match (Key::parse(hex), meta) {
+                    (Some(key), Some(meta)) if data_len == Some(meta.len) => {
+                        let used = std::fs::metadata(&path)
+                            .and_then(|m| m.modified())
+                            .unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((used, key, meta));
+                    }
+                    _ => {
+                        tracing::info!(
+                            "disk cache: removing {} (unreadable, of another format or its data gone)",
+                            path.display()
+                        );
+                        let _ = std::fs::remove_file(&path);
+                        let _ = std::fs::remove_file(dir.join(hex));
+                    }
+                }
+            } else if Key::parse(name).is_some() && !names.contains(&format!("{name}.meta")) {
+                // Data that was never committed (a crash between its rename and the sidecar's).
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        found.sort_by_key(|(t, ..)| *t);
+        let mut entries = LruCache::unbounded();
+        let mut used = 0;
+        for (_, key, meta) in found {
+            used += blocks(meta.len);
+            entries.put(key, meta);
+        }
+        let cache = DiskCache {
+            dir: dir.to_owned(),
+            capacity,
+            verify,
+            state: Mutex::new(State {
+                entries,
+                used,
+                slots: HashMap::new(),
+                verified: HashSet::new(),
+                stats: DiskStats::default(),
+            }),
+            pending: Arc::new((Mutex::new(0), Condvar::new())),
+            _lock: lock,
+        };
+        {
+            let mut st = cache.lock();
+            cache.evict_until(&mut st, 0, None);
+            tracing::info!(
+                dir = %dir.display(),
+                entries = st.entries.len(),
+                used_bytes = st.used,
+                capacity,
+                verify = ?verify,
+                "disk cache opened"
+            );
+        }
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> DiskStats {
+        let st = self.lock();
+        DiskStats { entries: st.entries.len(), used_bytes: st.used, ..st.stats }
+    }
+
+    /// The cached bytes for `key` (`len` of them), filling them with `fill` if they are not
+    /// cached (or fail their check). `fill` gets an empty file of length `len` and must write
+    /// every byte. `Ok(None)`: this content cannot be cached (larger than the cache, or the
+    /// cache directory failed: logged) and the caller serves it some other way. A fill's error
+    /// is returned (as its message) and nothing is cached.
+    pub fn get_or_fill(
+        self: &Arc<Self>,
+        key: &Key,
+        len: u64,
+        label: &str,
+        fill: impl FnOnce(&File) -> Result<(), String>,
+    ) -> Result<Option<Arc<Cached>>, String> {
+        let slot = self.lock().slots.entry(*key).or_default().clone();
+        let mut leader_committing = None;
+        let result = slot
+            .get_or_init(|| {
+                let (r, commit) = self.resolve(key, len, label, fill, &slot);
+                leader_committing = Some(commit);
+                r
+            })
+            .clone();
+        if leader_committing == Some(false) {
+            // Resolved from a committed entry, or failed: later callers start afresh. (A fill
+            // keeps its slot until its commit ends, so callers meanwhile share the filled file.)
+            let mut st = self.lock();
+            if st.slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                st.slots.remove(key);
+            }
+        }
+        result
+    }
+
+    /// The cached file (checked) or a new fill; and whether a commit was started.
+    fn resolve(
+        self: &Arc<Self>,
+        key: &Key,
+        len: u64,
+        label: &str,
+        fill: impl FnOnce(&File) -> Result<(), String>,
+        slot: &Slot,
+    ) -> (Result<Option<Arc<Cached>>, String>, bool) {
+        match self.resolve_inner(key, len, label, fill) {
+            Ok(Some((cached, Some((file, tmp))))) => {
+                self.commit_in_background(*key, len, label.to_owned(), file, tmp, slot.clone());
+                (Ok(Some(cached)), true)
+            }
+            Ok(Some((cached, None))) => (Ok(Some(cached)), false),
+            Ok(None) => (Ok(None), false),
+            Err(e) => (Err(e), false),
+        }
+    }
+
+    /// A hit, or a fill with the file and temporary path to commit.
+    #[allow(clippy::type_complexity)]
+    fn resolve_inner(
+        &self,
+        key: &Key,
+        len: u64,
+        label: &str,
+        fill: impl FnOnce(&File) -> Result<(), String>,
+    ) -> Result<Option<(Arc<Cached>, Option<(File, PathBuf)>)>, String> {
+        let committed = self.lock().entries.get(key).cloned();
+        if let Some(meta) = committed {
+            match self.check(key, &meta, len) {
+                Ok(cached) => {
+                    let mut st = self.lock();
+                    st.stats.hits += 1;
+                    drop(st);
+                    self.touch(key);
+                    return Ok(Some((Arc::new(cached), None)));
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        "disk cache: {label} ({}) failed its check, decoding it again: {reason}",
+                        key.hex()
+                    );
+                    let mut st = self.lock();
+                    st.stats.rejected += 1;
+                    self.remove(&mut st, key);
+                }
+            }
+        }
+        let need = blocks(len);
+        if need > self.capacity {
+            return Ok(None);
+        }
+        // Room is made by evicting committed entries; fills and commits in progress count
+        // too, so when they hold the room, wait for a commit (its entry can then go) and try
+        // again, or serve this file uncached if none is under way.
+        loop {
+            let mut st = self.lock();
+            self.evict_until(&mut st, need, Some(key));
+            if st.used + need <= self.capacity {
+                st.used += need;
+                break;
+            }
+            drop(st);
+            if !self.wait_for_a_commit() {
+                tracing::info!(
+                    "disk cache: no room for {label} beside the fills in progress; serving it uncached"
+                );
+                return Ok(None);
+            }
+        }
+        let unreserve = || self.lock().used -= need;
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.dir.join("tmp").join(format!(
+            "{}.{}.{}",
+            key.hex(),
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = match OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                unreserve();
+                tracing::error!("disk cache: cannot create {}: {e}; serving {label} uncached", tmp.display());
+                return Ok(None);
+            }
+        };
+        if let Err(e) = file.set_len(len) {
+            unreserve();
+            let _ = std::fs::remove_file(&tmp);
+            tracing::error!("disk cache: {}: {e}; serving {label} uncached", tmp.display());
+            return Ok(None);
+        }
+        let start = Instant::now();
+        if let Err(e) = fill(&file) {
+            unreserve();
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        tracing::info!(
+            bytes = len,
+            secs = format!("{:.3}", start.elapsed().as_secs_f64()),
+            "disk cache: decoded {label} ({})",
+            key.hex()
+        );
+        let reader = match File::open(&tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                unreserve();
+                let _ = std::fs::remove_file(&tmp);
+                tracing::error!("disk cache: reopening {}: {e}; serving {label} uncached", tmp.display());
+                return Ok(None);
+            }
+        };
+        self.lock().stats.fills += 1;
+        Ok(Some((Arc::new(Cached { file: reader, path: self.dir.join(key.hex()), len }), Some((file, tmp)))))
+    }
+
+    /// Is the committed entry still what was committed? The open file if so.
+    fn check(&self, key: &Key, meta: &Meta, len: u64) -> Result<Cached, String> {
+        let path = self.dir.join(key.hex());
+        let file = File::open(&path).map_err(|e| format!("cannot open: {e}"))?;
+        let st = file.metadata().map_err(|e| e.to_string())?;
+        if meta.len != len || st.len() != len {
+            return Err(format!("length {} where {len} was expected", st.len()));
+        }
+        if st.ino() != meta.ino || ctime_ns(&st) != meta.ctime_ns {
+            return Err("changed since it was committed (inode or ctime)".into());
+        }
+        let checked = self.lock().verified.contains(key);
+        if self.verify == Verify::Full && !checked {
+            let hash = content_hash(&file, len).map_err(|e| format!("reading it: {e}"))?;
+            if hash != meta.hash {
+                return Err("content hash differs".into());
+            }
+            self.lock().verified.insert(*key);
+        }
+        Ok(Cached { file, path, len })
+    }
+
+    /// Record a use: LRU order here, and the sidecar's mtime for the next process.
+    fn touch(&self, key: &Key) {
+        if let Ok(f) = File::options().write(true).open(self.dir.join(format!("{}.meta", key.hex()))) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    fn commit_in_background(
+        self: &Arc<Self>,
+        key: Key,
+        len: u64,
+        label: String,
+        file: File,
+        tmp: PathBuf,
+        slot: Slot,
+    ) {
+        *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let this = self.clone();
+        let pending = self.pending.clone();
+        std::thread::spawn(move || {
+            let result = this.commit(&key, len, &label, &file, &tmp);
+            let mut st = this.lock();
+            match result {
+                Ok(meta) => {
+                    st.entries.put(key, meta);
+                    st.verified.insert(key);
+                }
+                Err(e) => {
+                    tracing::error!("disk cache: committing {label}: {e}; it will be decoded again");
+                    st.used -= blocks(len);
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+            if st.slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                st.slots.remove(&key);
+            }
+            drop(st);
+            drop(this);
+            *pending.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            pending.1.notify_all();
+        });
+    }
+
+    /// Wait until a background commit ends (false: none is running).
+    fn wait_for_a_commit(&self) -> bool {
+        let pending = self.pending.0.lock().unwrap_or_else(|e| e.into_inner());
+        if *pending == 0 {
+            return false;
+        }
+        drop(self.pending.1.wait(pending));
+        true
+    }
+
+    /// Wait until every background commit has finished (before unmounting, so that what was
+    /// decoded survives the daemon).
+    pub fn flush(&self) {
+        let mut pending = self.pending.0.lock().unwrap_or_else(|e| e.into_inner());
+        while *pending > 0 {
+            pending = self.pending.1.wait(pending).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Remove least recently used entries until `need` more bytes fit (never `keep`).
+    fn evict_until(&self, st: &mut State, need: u64, keep: Option<&Key>) {
+        while st.used + need > self.capacity {
+            let victim = st.entries.iter().rev().map(|(k, _)| *k).find(|k| Some(k) != keep);
+            let Some(victim) = victim else { break };
+            let label = st.entries.peek(&victim).map(|m| m.label.clone()).unwrap_or_default();
+            tracing::info!("disk cache: evicting {label} ({})", victim.hex());
+            st.stats.evictions += 1;
+            self.remove(st, &victim);
+        }
+    }
+
+    /// Drop a committed entry: its sidecar first, so a crash midway leaves only garbage.
+    fn remove(&self, st: &mut State, key: &Key) {
+        if let Some(meta) = st.entries.pop(key) {
+            st.used -= blocks(meta.len);
+        }
+        st.verified.remove(key);
+        let _ = std::fs::remove_file(self.dir.join(format!("{}.meta", key.hex())));
+        let _ = std::fs::remove_file(self.dir.join(key.hex()));
+    }
+}
+
+impl DiskCache {
+    /// Hash, fsync, rename into place, then write the sidecar that commits the entry.
+    fn commit(&self, key: &Key, len: u64, label: &str, file: &File, tmp: &Path) -> Result<Meta, String> {
+        // On this thread alone, at low priority: a reader is loading what was just decoded, and
+        // the next file may be decoding on the pool.
+        // SAFETY: setpriority on this thread (a Linux thread id is a process id for it).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+        let hash = hash_pieces(file, len, false).map_err(|e| format!("hashing: {e}"))?;
+        file.sync_all().map_err(|e| format!("fsync: {e}"))?;
+        let data = self.dir.join(key.hex());
+        std::fs::rename(tmp, &data).map_err(|e| format!("rename: {e}"))?;
+        // After the rename, which changes the ctime on Linux filesystems.
+        let st = std::fs::metadata(&data).map_err(|e| e.to_string())?;
+        let meta = Meta {
+            format: FORMAT,
+            len,
+            hash,
+            ino: st.ino(),
+            ctime_ns: ctime_ns(&st),
+            label: label.to_owned(),
+        };
+        let side_tmp = self.dir.join("tmp").join(format!("{}.meta", key.hex()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&side_tmp)
+            .map_err(|e| e.to_string())?;
+        f.write_all(&serde_json::to_vec(&meta).expect("a sidecar serializes")).map_err(|e| e.to_string())?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        std::fs::rename(&side_tmp, self.dir.join(format!("{}.meta", key.hex())))
+            .map_err(|e| e.to_string())?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
+        Ok(meta)
+    }
+}
+
+/// BLAKE3 over the file's length and the hashes of its [`HASH_PIECE`]-byte pieces, hashed in
+/// parallel on the rayon pool (a plain BLAKE3 of the whole file would run on one core).
+pub fn content_hash(file: &File, len: u64) -> std::io::Result<String> {
+    hash_pieces(file, len, true)
+}
+
+/// [`content_hash`], on the rayon pool or (`parallel` false) on this thread.
+fn hash_pieces(file: &File, len: u64, parallel: bool) -> std::io::Result<String> {
+    let leaf = |i: u64| {
+        let at = i * HASH_PIECE;
+        let n = HASH_PIECE.min(len - at) as usize;
+        with_scratch(n, |buf| {
+            file.read_exact_at(buf, at)?;
+            Ok(*blake3::hash(buf).as_bytes())
+        })
+    };
+    let pieces = len.div_ceil(HASH_PIECE);
+    let leaves: Vec<[u8; 32]> = if parallel {
+        (0..pieces).into_par_iter().map(leaf).collect::<std::io::Result<_>>()?
+    } else {
+        (0..pieces).map(leaf).collect::<std::io::Result<_>>()?
+    };
+    let mut h = blake3::Hasher::new();
+    h.update(&len.to_le_bytes());
+    for leaf in &leaves {
+        h.update(leaf);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> Key {
+        KeyBuilder::new("test").part(&[n]).finish()
+    }
+
+    fn fill_with(byte: u8) -> impl FnOnce(&File) -> Result<(), String> {
+        move |f: &File| {
+            let len = f.metadata().unwrap().len() as usize;
+            f.write_all_at(&vec![byte; len], 0).map_err(|e| e.to_string())
+        }
+    }
+
+    fn read_all(c: &Cached) -> Vec<u8> {
+        let mut v = vec![0; c.len as usize];
+        c.file.read_exact_at(&mut v, 0).unwrap();
+        v
+    }
+
+    #[test]
+    fn fills_once_commits_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, Verify::Full).unwrap());
+        let c = cache.get_or_fill(&key(1), 10_000, "one", fill_with(7)).unwrap().unwrap();
+        assert_eq!(read_all(&c), vec![7; 10_000]);
+        cache.flush();
+        let again = cache.get_or_fill(&key(1), 10_000, "one", |_| panic!("filled twice")).unwrap().unwrap();
+        assert_eq!(read_all(&again), vec![7; 10_000]);
+        assert_eq!(cache.stats().fills, 1);
+        drop(cache);
+        let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, Verify::Full).unwrap());
+        let c = cache.get_or_fill(&key(1), 10_000, "one", |_| panic!("not kept")).unwrap().unwrap();
+        assert_eq!(read_all(&c), vec![7; 10_000]);
+    }
+
+    #[test]
+    fn stays_within_capacity_evicting_least_recent() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(DiskCache::open(dir.path(), 5 * (8192 + BLOCK), Verify::Stat).unwrap());
+        for n in 0..10 {
+            cache.get_or_fill(&key(n), 8192, "k", fill_with(n)).unwrap().unwrap();
+            cache.flush();
+            assert!(cache.stats().used_bytes <= cache.capacity());
+            let on_disk: u64 =
+                std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
+            assert!(on_disk <= cache.capacity(), "{on_disk} bytes on disk");
+        }
+        assert_eq!(cache.stats().entries, 5);
+        assert!(cache.get_or_fill(&key(1), 1 << 30, "huge", fill_with(0)).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_changed_or_truncated_entry_is_filled_again() {
+        for (verify, damage) in [(Verify::Full, "flip"), (Verify::Stat, "flip"), (Verify::Stat, "truncate")] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, verify).unwrap());
+                cache.get_or_fill(&key(3), 5000, "x", fill_with(3)).unwrap();
+                cache.flush();
+            }
+            let data = dir.path().join(key(3).hex());
+            let f = OpenOptions::new().write(true).open(&data).unwrap();
+            match damage {
+                "flip" => f.write_all_at(&[4], 4000).unwrap(),
+                _ => f.set_len(4000).unwrap(),
+            }
+            let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, verify).unwrap());
+            let c = cache.get_or_fill(&key(3), 5000, "x", fill_with(3)).unwrap().unwrap();
+            assert_eq!(read_all(&c), vec![3; 5000], "{verify:?} {damage}");
+            assert_eq!(cache.stats().rejected + cache.stats().fills, 2 - (damage == "truncate") as u64);
+        }
+    }
+
+    #[test]
+    fn content_damaged_below_the_filesystem_is_caught_by_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, Verify::Full).unwrap());
+            cache.get_or_fill(&key(5), 5000, "x", fill_with(5)).unwrap();
+            cache.flush();
+        }
+        // Same length, inode and ctime, other bytes: what only the hash can see.
+        let meta_path = dir.path().join(format!("{}.meta", key(5).hex()));
+        let mut meta: Meta = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+        meta.hash = "0".repeat(64);
+        std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, Verify::Full).unwrap());
+        cache.get_or_fill(&key(5), 5000, "x", fill_with(5)).unwrap().unwrap();
+        assert_eq!((cache.stats().rejected, cache.stats().fills), (1, 1));
+    }
+
+    #[test]
+    fn concurrent_callers_share_one_fill_and_failures_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, Verify::Full).unwrap());
+        let fills = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, fills) = (cache.clone(), fills.clone());
+                std::thread::spawn(move || {
+                    let c = cache
+                        .get_or_fill(&key(9), 3000, "x", |f| {
+                            fills.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            fill_with(9)(f)
+                        })
+                        .unwrap()
+                        .unwrap();
+                    read_all(&c)
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), vec![9; 3000]);
+        }
+        assert_eq!(fills.load(Ordering::SeqCst), 1);
+        assert!(cache.get_or_fill(&key(10), 100, "bad", |_| Err("boom".into())).is_err());
+        let c = cache.get_or_fill(&key(10), 100, "bad", fill_with(1)).unwrap().unwrap();
+        assert_eq!(read_all(&c), vec![1; 100]);
+    }
+
+    #[test]
+    fn crash_leftovers_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp").join("half-written"), b"x").unwrap();
+        // Data renamed into place, its sidecar never written.
+        std::fs::write(dir.path().join(key(2).hex()), b"uncommitted").unwrap();
+        let cache = Arc::new(DiskCache::open(dir.path(), 1 << 20, Verify::Full).unwrap());
+        assert_eq!(cache.stats().entries, 0);
+        assert!(!dir.path().join(key(2).hex()).exists());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(matches!(DiskCache::open(dir.path(), 1 << 20, Verify::Full), Err(DiskCacheError::Locked(_))));
+    }
+}

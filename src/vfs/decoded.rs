@@ -64,7 +64,13 @@ impl Fs {
                 }))
             }
             Ok(None) => Ok(target),
-            Err(e) => Err(FsError::eio(format!("{label}: {e}"))),
+            // A fill that failed (a tensor that does not decode, a full cache disk) leaves the
+            // file to the read path, where only the bytes that cannot be decoded answer EIO and
+            // the rest of the file still reads, as it does with no disk cache.
+            Err(e) => {
+                tracing::warn!("{label}: not decoded into the disk cache, read through the daemon: {e}");
+                Ok(target)
+            }
         }
     }
 
@@ -187,7 +193,7 @@ fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadErr
         let t = &synth.tensors[i];
         let esize = t.source.dtype().size() as u64;
         with_scratch(((to - from) * esize) as usize, |buf| {
-            t.source.read(from as usize..to as usize, buf)?;
+            super::read::decode_elements(t, from as usize..to as usize, buf)?;
             out.write_all_at(buf, t.start + from * esize).map_err(cache_io)
         })
     })

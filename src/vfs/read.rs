@@ -152,9 +152,20 @@ fn chunk_bytes(
 fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Result<(), ReadError> {
     let esize = tensor.source.dtype().size() as u64;
     let first = ((range.start - tensor.start) / esize) as usize;
+    decode_elements(tensor, first..first + out.len() / esize as usize, out)
+}
+
+/// Decode elements `elems` of `tensor` into `out`, a panic in the decoder being an error: every
+/// decode of the daemon (a FUSE read's chunk, a prefetch task, a whole-file decode into the
+/// disk cache) goes through here.
+pub(super) fn decode_elements(
+    tensor: &SynthTensor,
+    elems: Range<usize>,
+    out: &mut [u8],
+) -> Result<(), ReadError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         test_panic(&tensor.name);
-        tensor.source.read(first..first + out.len() / esize as usize, out)
+        tensor.source.read(elems, out)
     }))
     .unwrap_or_else(|panic| {
         let reason = format!("decoding {}: {}", tensor.name, super::panic_message(&*panic));

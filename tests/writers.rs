@@ -487,6 +487,17 @@ fn renames_and_directories_within_an_entry() {
         f.write_all(b" 1}").unwrap();
         close_checked(f).unwrap();
         assert_eq!(fs::read(d.join("config.json")).unwrap(), b"{\"a\": 1}");
+        // A stored file renamed over one still open for writing replaces it: the open writer
+        // writes a file no name leads to, and its close stores nothing (it stored its bytes
+        // under the replaced name).
+        let mut w = File::create(d.join("log.txt")).unwrap();
+        w.write_all(b"open writer").unwrap();
+        fs::write(d.join(".log.txt.new"), b"renamed in").unwrap();
+        fs::rename(d.join(".log.txt.new"), d.join("log.txt")).unwrap();
+        w.write_all(b", more").unwrap();
+        close_checked(w).unwrap();
+        assert_eq!(fs::read(d.join("log.txt")).unwrap(), b"renamed in");
+        fs::remove_file(d.join("log.txt")).unwrap();
         // Directories at depth: mkdir, files, rename of a directory, rmdir.
         fs::create_dir_all(d.join("a/b/c")).unwrap();
         fs::write(d.join("a/b/c/deep.txt"), b"deep").unwrap();

@@ -208,6 +208,21 @@ fn delta_files<'a>(r: &'a mut Registry, base: &str, name: &str) -> Option<&'a mu
     }
 }
 
+/// The files of delta entry `name` over `base` in `r`, the entry made (empty) if there is none
+/// yet (the first file written into `deltas/NAME/`); EEXIST if `name` is another entry.
+fn delta_entry<'a>(
+    r: &'a mut Registry,
+    base: &str,
+    name: &str,
+) -> FsResult<&'a mut Vec<registry::FileRecord>> {
+    if !r.entries.contains_key(name) {
+        let base_entry = r.get(base).map_err(registry_fs)?.clone();
+        let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
+        r.entries.insert(name.to_owned(), entry);
+    }
+    delta_files(r, base, name).ok_or(FsError::new(libc::EEXIST))
+}
+
 /// Create `path`'s parent directories (private, like the store).
 fn make_parents(path: &Path) -> io::Result<()> {
     match path.parent() {
@@ -388,15 +403,7 @@ impl Staging {
             return Ok(());
         };
         let Some(file) = s.name.clone() else { return Ok(()) };
-        match r.entries.get(name) {
-            Some(e) if matches!(&e.kind, EntryKind::Delta { base: b, .. } if b == base) => {}
-            Some(_) => return Err(FsError::new(libc::EEXIST)),
-            None => {
-                let base_entry = r.get(base).map_err(registry_fs)?.clone();
-                let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
-                r.entries.insert(name.to_owned(), entry);
-            }
-        }
+        delta_entry(&mut r, base, name)?;
         r.mark_unfinished(name, &file);
         store.save(&r, &lock).map_err(registry_fs)?;
         s.marked = true;
@@ -540,12 +547,7 @@ impl Staging {
             };
             let Some(file) = s.name.clone() else { return Ok(()) };
             record.name = file.clone();
-            if !r.entries.contains_key(name) {
-                let base_entry = r.get(base).map_err(registry_fs)?.clone();
-                let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
-                r.entries.insert(name.to_owned(), entry);
-            }
-            let files = delta_files(&mut r, base, name).ok_or(FsError::new(libc::EEXIST))?;
+            let files = delta_entry(&mut r, base, name)?;
             files.retain(|f| f.name != file);
             files.push(record.clone());
             files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -709,7 +711,9 @@ impl Staging {
         // Staged files and made directories.
         if let Some(s) = sessions.get_mut(&key(base, name)) {
             let moving: Vec<String> = s.names.keys().filter(|n| within(n, from)).cloned().collect();
-            if !moving.is_empty() {
+            if !moving.is_empty() || !moves.is_empty() {
+                // A file renamed over one still open for writing replaces it, as on any
+                // filesystem: that writer now writes a file no name leads to (nothing stored).
                 s.orphan(to);
             }
             for old in moving {

@@ -188,6 +188,12 @@ fn a_hugging_face_cache_snapshot_of_symlinks_is_followed() {
         let depth = name.matches('/').count() + 2;
         symlink(format!("{}blobs/{blob}", "../".repeat(depth)), &link).unwrap();
     }
+    // The repository itself (`models--org--tiny/`) is not the model: the line names the
+    // snapshot to add, the one refs/main points to.
+    fs::create_dir_all(snapshot.with_file_name("ffff0000")).unwrap();
+    fs::create_dir_all(cache.join("refs")).unwrap();
+    fs::write(cache.join("refs/main"), "0123abcd\n").unwrap();
+    refused(&ts, &["add", "hub", s(&cache)], &["Hugging Face cache repository", s(&snapshot)]);
     let f = ts.run_full(["add", "hub", s(&snapshot)]);
     assert!(f.status.success(), "{}", f.stderr);
     assert!(

@@ -116,11 +116,17 @@ fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
             None => return line(format!("weight_map[{tensor:?}] is not a string")),
         }
     }
+    // transformers' save_pretrained leaves the index of a sharded save when an unsharded one
+    // follows into the same directory; loaders that trust the index (vLLM) then skip the weights.
+    let stale = match view.file("model.safetensors") {
+        Some(_) => " (a stale index beside model.safetensors, as save_pretrained leaves when an unsharded save follows a sharded one: remove it)",
+        None => "",
+    };
     let mut problems = vec![];
     for (shard, tensors) in shards {
         let Some(f) = view.file(shard) else {
             problems.extend(line(format!(
-                "names shard {shard} ({} tensors), which the entry does not have",
+                "names shard {shard} ({} tensors), which the entry does not have{stale}",
                 tensors.len()
             )));
             continue;

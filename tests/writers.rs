@@ -385,7 +385,29 @@ fn save_pretrained_twice_into_deltas_reads_back_identical() {
         .collect();
     assert!(names.iter().all(|n| !n.starts_with(".tmp")), "a temporary file was kept: {names:?}");
     fx.check_ok();
+    // A sharded save then an unsharded one into the same directory: transformers leaves the
+    // first index beside model.safetensors (on any filesystem); check names it as stale.
+    python(STALE_INDEX, &[os(&base), os(&mnt.join("tiny/deltas/resaved"))]);
+    let f = fx.check();
+    let out = format!("{}{}", f.stdout, f.stderr);
+    assert!(!f.status.success(), "check passed an entry with a stale index:\n{out}");
+    assert!(
+        out.contains("resaved: model.safetensors.index.json: names shard") && out.contains("stale index"),
+        "{out}"
+    );
+    timed_ok(&[os("rm"), os(&mnt.join("tiny/deltas/resaved/model.safetensors.index.json"))]);
+    fx.check_ok();
 }
+
+const STALE_INDEX: &str = r#"
+import os, sys
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model.save_pretrained(sys.argv[2], max_shard_size="200KB")
+assert "model.safetensors.index.json" in os.listdir(sys.argv[2]), os.listdir(sys.argv[2])
+model.save_pretrained(sys.argv[2])
+assert "model.safetensors" in os.listdir(sys.argv[2]), os.listdir(sys.argv[2])
+"#;
 
 #[test]
 fn subdirectories_show_for_a_base_and_its_variants() {

@@ -126,8 +126,9 @@ fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
     for (shard, tensors) in shards {
         let Some(f) = view.file(shard) else {
             problems.extend(line(format!(
-                "names shard {shard} ({} tensors), which the entry does not have{stale}",
-                tensors.len()
+                "names shard {shard} ({} tensor{}), which the entry does not have{stale}",
+                tensors.len(),
+                if tensors.len() == 1 { "" } else { "s" }
             )));
             continue;
         };

@@ -617,21 +617,25 @@ impl Staging {
                 _ => false,
             }
         };
-        let removed = store.update(|r| {
+        let removed = (|| -> registry::Result<()> {
+            let lock = store.lock()?;
+            let mut r = store.load()?;
             let unfinished = r.clear_unfinished(name, file);
-            let files = delta_files(r, base, name).ok_or_else(|| registry::Error::NotFound(name.into()))?;
+            let files =
+                delta_files(&mut r, base, name).ok_or_else(|| registry::Error::NotFound(name.into()))?;
             let before = files.len();
             files.retain(|f| f.name != file);
             if files.len() == before && !unfinished {
                 return Err(registry::Error::NotFound(file.to_owned()));
             }
+            store.save(&r, &lock)?;
+            // Still under the lock: a file of this name stored by another descriptor's close
+            // right after this update must not lose its container to this removal.
+            let _ = fs::remove_file(store.entry_dir(name).join(file));
             Ok(())
-        });
+        })();
         match removed {
-            Ok(()) => {
-                let _ = fs::remove_file(store.entry_dir(name).join(file));
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             // Only staged (never stored): dropping it was the whole of rm.
             Err(registry::Error::NotFound(_)) if was_staged => Ok(()),
             Err(registry::Error::NotFound(_)) => Err(FsError::new(libc::ENOENT)),
@@ -757,6 +761,9 @@ impl Staging {
                     });
                 }
                 r.entries.remove(name);
+                // Under the store's lock: an entry of this name made right after this update
+                // (mkdir and a first file) keeps its files.
+                let _ = fs::remove_dir_all(store.entry_dir(name));
                 Ok(true)
             }
             _ => Ok(false),
@@ -771,7 +778,6 @@ impl Staging {
         if let Some(s) = self.lock().remove(&key(base, name)) {
             let _ = fs::remove_dir_all(s.dir);
         }
-        let _ = fs::remove_dir_all(store.entry_dir(name));
         Ok(())
     }
 }

@@ -161,10 +161,18 @@ fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
 
 /// An entry written through `deltas/` whose writer stopped before storing some files (a daemon
 /// killed mid-copy): one line per such file. Writing the file again, or removing it, clears it.
+/// The line says both ways out: a writer's temporary file (rsync's `.NAME.XXXXXX`) is never
+/// written again by the next run, so only its removal completes the entry.
 pub fn unfinished(registry: &Registry, name: &str) -> Vec<String> {
+    let base = registry.entries.get(name).and_then(|e| e.kind.base()).unwrap_or("BASE");
     registry
         .unfinished(name)
         .into_iter()
-        .map(|f| format!("{name}: {f}: unfinished: it was being written into deltas/ and never stored"))
+        .map(|f| {
+            format!(
+                "{name}: {f}: unfinished: it was being written into deltas/ and never stored \
+                 (write it again, or remove it: rm MOUNT/{base}/deltas/{name}/{f})"
+            )
+        })
         .collect()
 }

@@ -614,7 +614,7 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     let unfinished = registry.unfinished(name);
     if !unfinished.is_empty() {
         println!(
-            "INCOMPLETE:    {} file(s) being written through deltas/ were never stored (write them again): {}",
+            "INCOMPLETE:    {} file(s) being written through deltas/ were never stored (write them again, or rm them there): {}",
             unfinished.len(),
             unfinished.join(", ")
         );

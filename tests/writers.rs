@@ -697,6 +697,9 @@ fn kill_9_mid_copy_of_three_shards_is_incomplete_until_copied_again() {
     for u in &unfinished {
         let lines = f.stdout.lines().filter(|l| l.contains(u.as_str()) && l.contains("unfinished")).count();
         assert_eq!(lines, 1, "check's line for {u}:\n{}", f.stdout);
+        // The way out, for a temporary file the next run never writes again (rsync's).
+        let rm = format!("rm MOUNT/base/deltas/new/{u})");
+        assert!(f.stdout.contains(&rm), "check does not say {rm:?}:\n{}", f.stdout);
     }
     eprintln!("check after kill -9:\n{}", f.stdout);
     // An unfinished file is listed in deltas/new/ (so it can be removed or written again) but

@@ -202,6 +202,19 @@ fn a_hugging_face_cache_snapshot_of_symlinks_is_followed() {
         f.stderr
     );
     assert_kept(&ts, "hub", &files, false);
+    // The family comes from the repository id (`org/tiny` here: none), not from the hash that
+    // names the snapshot; a Vicuna snapshot is Vicuna's under any entry name.
+    let vicuna = ts.path("hub/models--lmsys--vicuna-7b-v1.5/snapshots/89abcdef");
+    fs::create_dir_all(&vicuna).unwrap();
+    for (name, bytes) in files.iter().filter(|(n, _)| !n.contains('/')) {
+        fs::write(vicuna.join(name), bytes).unwrap();
+    }
+    ts.ok(["add", "snap", s(&vicuna)]);
+    let info = ts.json(["info", "snap", "--json"]);
+    assert_eq!(
+        (info["adapter"].as_str(), info["template"].as_str()),
+        (Some("VicunaAdapter"), Some("vicuna_v1.1"))
+    );
     ts.ok(["add", "hub-copy", s(&snapshot), "--copy"]);
     assert_kept(&ts, "hub-copy", &files, true);
     // The copy holds files, not links into the cache.

@@ -233,8 +233,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_notes(&added.notes);
             let entry = added.entry;
             let EntryKind::Base { files, .. } = &entry.kind else { unreachable!("add makes bases") };
+            // Say what the mount's tokenizer_config.json gets: the family's template is not always
+            // it (the model has its own, the family is unknown, --chat-template chose another).
+            let chat = match entry.chat_template.as_deref() {
+                None => "the model's own chat_template, or none".to_owned(),
+                Some(t) => match adapter::no_chat_template_reason(t) {
+                    None => format!("chat_template {t} in the mounted tokenizer_config.json"),
+                    Some(why) => format!("no chat_template: {t} has no Jinja form ({why})"),
+                },
+            };
             println!(
-                "added {name}: {} files, {} family, template {}",
+                "added {name}: {} files, {} family, template {}; {chat}",
                 files.len(),
                 entry.family,
                 entry.template

@@ -441,6 +441,16 @@ fn add_in_place_then_ls_and_info() {
     ] {
         assert!(text.contains(want), "info lacks {want:?}:\n{text}");
     }
+    // Plain lines: where a base is served from (not its JSON recipe), and, at add, what the
+    // mounted tokenizer_config.json gets.
+    let from =
+        format!("kind:          base, served in place from {}", model.canonicalize().unwrap().display());
+    assert!(text.contains(&from), "info lacks {from:?}:\n{text}");
+    assert!(out.contains("; the model's own chat_template, or none"), "{out}");
+    let out = ts.ok(["add", "vicuna-7b", s(&model)]);
+    assert!(out.contains("; chat_template vicuna_v1.1 in the mounted tokenizer_config.json"), "{out}");
+    let out = ts.ok(["add", "api", s(&model), "--chat-template", "chatgpt"]);
+    assert!(out.contains("; no chat_template: chatgpt has no Jinja form"), "{out}");
 }
 
 #[test]

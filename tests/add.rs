@@ -202,6 +202,9 @@ fn a_hugging_face_cache_snapshot_of_symlinks_is_followed() {
         f.stderr
     );
     assert_kept(&ts, "hub", &files, false);
+    // delta make walks a directory by the same rules: the repository is refused there too.
+    let args = ["delta", "make", "hub-ft", "--base", "hub", "--target", s(&cache)];
+    refused(&ts, &args, &["Hugging Face cache repository", s(&snapshot)]);
     // The family comes from the repository id (`org/tiny` here: none), not from the hash that
     // names the snapshot; a Vicuna snapshot is Vicuna's under any entry name.
     let vicuna = ts.path("hub/models--lmsys--vicuna-7b-v1.5/snapshots/89abcdef");

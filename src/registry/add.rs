@@ -64,9 +64,6 @@ pub struct ScannedModel {
 
 /// Validate a model directory without touching the store.
 pub fn scan_model_dir(dir: &Path) -> Result<ScannedModel> {
-    if let Some(reason) = hub_repo(dir) {
-        return Err(Error::NotAModel { path: dir.to_owned(), reason });
-    }
     let walked = walk::walk(dir)?;
     let files = walked.with_roles();
     let dir = walked.root;
@@ -117,33 +114,6 @@ fn model_path_name(dir: &Path) -> String {
         }
     }
     name(Some(dir)).unwrap_or_default()
-}
-
-/// Why `dir` is a Hugging Face cache repository (`hub/models--ORG--NAME/`, holding `blobs/`,
-/// `refs/` and `snapshots/REV/`) rather than a model: the model is one of its snapshots, which
-/// this names (the one `refs/main` points to, else the first), so the user can add that.
-fn hub_repo(dir: &Path) -> Option<String> {
-    let snapshots = dir.join("snapshots");
-    if !snapshots.is_dir() || !dir.join("blobs").is_dir() {
-        return None;
-    }
-    let main = fs::read_to_string(dir.join("refs/main")).ok().map(|r| r.trim().to_owned());
-    let rev = main.filter(|r| !r.is_empty() && snapshots.join(r).is_dir()).or_else(|| {
-        let mut revs: Vec<String> = fs::read_dir(&snapshots)
-            .ok()?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        revs.sort();
-        revs.into_iter().next()
-    });
-    Some(match rev {
-        Some(rev) => format!(
-            "a Hugging Face cache repository, not a model directory: add one of its snapshots, such as {}",
-            snapshots.join(rev).display()
-        ),
-        None => "a Hugging Face cache repository with no snapshot (snapshots/ is empty)".to_owned(),
-    })
 }
 
 /// The shard index must map every tensor to the shard that holds it.

@@ -396,6 +396,27 @@ impl Staging {
     /// List staged file `id` as unfinished in the registry (creating the entry, empty, if it is
     /// the first file of a new delta).
     fn mark(&self, store: &Store, base: &str, name: &str, id: u64) -> FsResult<()> {
+        self.update_staged(store, base, name, id, |lock, r, s, file| {
+            delta_entry(r, base, name)?;
+            r.mark_unfinished(name, &file);
+            store.save(r, lock).map_err(registry_fs)?;
+            s.marked = true;
+            Ok(())
+        })
+    }
+
+    /// Run `f` on the registry as it is now and staged file `id` with its name now (a rename
+    /// may have moved it), under the store's lock then the sessions' mutex (the lock order);
+    /// `f` saves what it changed. Nothing runs if the file is gone or was removed or replaced
+    /// (nothing of it is to be recorded).
+    fn update_staged(
+        &self,
+        store: &Store,
+        base: &str,
+        name: &str,
+        id: u64,
+        f: impl FnOnce(&registry::StoreLock, &mut Registry, &mut Staged, String) -> FsResult<()>,
+    ) -> FsResult<()> {
         let lock = store.lock().map_err(registry_fs)?;
         let mut r = store.load().map_err(registry_fs)?;
         let mut sessions = self.lock();
@@ -403,11 +424,7 @@ impl Staging {
             return Ok(());
         };
         let Some(file) = s.name.clone() else { return Ok(()) };
-        delta_entry(&mut r, base, name)?;
-        r.mark_unfinished(name, &file);
-        store.save(&r, &lock).map_err(registry_fs)?;
-        s.marked = true;
-        Ok(())
+        f(&lock, &mut r, s, file)
     }
 
     /// Note a change of staged file `id`'s bytes; returns its stream, and whether it must be
@@ -537,17 +554,10 @@ impl Staging {
                 (tmp, result.map_err(registry_fs)?)
             }
         };
-        let result = (|| -> FsResult<()> {
-            let lock = store.lock().map_err(registry_fs)?;
-            let mut r = store.load().map_err(registry_fs)?;
-            let mut sessions = self.lock();
-            // The name now (a rename may have moved it while it was coded).
-            let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
-                return Ok(());
-            };
-            let Some(file) = s.name.clone() else { return Ok(()) };
+        // Under the name it has now (a rename may have moved it while it was coded).
+        let result = self.update_staged(store, base, name, id, |lock, r, s, file| {
             record.name = file.clone();
-            let files = delta_entry(&mut r, base, name)?;
+            let files = delta_entry(r, base, name)?;
             files.retain(|f| f.name != file);
             files.push(record.clone());
             files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -560,7 +570,7 @@ impl Staging {
             let dest = store.entry_dir(name).join(&file);
             make_parents(&dest).map_err(|e| io_fs("store", e))?;
             fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
-            store.save(&r, &lock).map_err(registry_fs)?;
+            store.save(r, lock).map_err(registry_fs)?;
             // Stored as of `version`: clean unless written meanwhile. The staged file stays while
             // a writer has it open ([`Staging::closed`] removes it).
             s.stored = Some(version);
@@ -568,7 +578,7 @@ impl Staging {
                 s.marked = false;
             }
             Ok(())
-        })();
+        });
         let _ = fs::remove_file(&tmp);
         result
     }

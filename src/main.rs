@@ -345,6 +345,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if backend == "gpu" && !cfg!(feature = "gpu") {
                 bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
             }
+            let dead = std::fs::metadata(&mountpoint).err().and_then(|e| e.raw_os_error());
+            if matches!(dead, Some(libc::ENOTCONN | libc::ECONNABORTED)) {
+                // A mount whose daemon died (kill -9, a crash): say how to clear it.
+                bail!(
+                    "{}: a dead llmfs mount is there (its daemon is gone): `llmfs umount {}` clears it, then mount again",
+                    mountpoint.display(),
+                    mountpoint.display()
+                );
+            }
             let opts = MountOptions {
                 cache_size,
                 allow_other,
@@ -368,15 +377,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ]);
                 if allow_other {
                     args.push("--allow-other".into());
-                }
-                let dead = std::fs::metadata(&mountpoint).err().and_then(|e| e.raw_os_error());
-                if matches!(dead, Some(libc::ENOTCONN | libc::ECONNABORTED)) {
-                    // A mount whose daemon died (kill -9, a crash): say how to clear it.
-                    bail!(
-                        "{}: a dead llmfs mount is there (its daemon is gone): `llmfs umount {}` clears it, then mount again",
-                        mountpoint.display(),
-                        mountpoint.display()
-                    );
                 }
                 mount::spawn_daemon(&store, &mountpoint, &args)?;
                 println!(

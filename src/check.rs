@@ -116,12 +116,19 @@ fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
             None => return line(format!("weight_map[{tensor:?}] is not a string")),
         }
     }
+    // transformers' save_pretrained leaves the index of a sharded save when an unsharded one
+    // follows into the same directory; loaders that trust the index (vLLM) then skip the weights.
+    let stale = match view.file("model.safetensors") {
+        Some(_) => " (a stale index beside model.safetensors, as save_pretrained leaves when an unsharded save follows a sharded one: remove it)",
+        None => "",
+    };
     let mut problems = vec![];
     for (shard, tensors) in shards {
         let Some(f) = view.file(shard) else {
             problems.extend(line(format!(
-                "names shard {shard} ({} tensors), which the entry does not have",
-                tensors.len()
+                "names shard {shard} ({} tensor{}), which the entry does not have{stale}",
+                tensors.len(),
+                if tensors.len() == 1 { "" } else { "s" }
             )));
             continue;
         };
@@ -154,10 +161,18 @@ fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
 
 /// An entry written through `deltas/` whose writer stopped before storing some files (a daemon
 /// killed mid-copy): one line per such file. Writing the file again, or removing it, clears it.
+/// The line says both ways out: a writer's temporary file (rsync's `.NAME.XXXXXX`) is never
+/// written again by the next run, so only its removal completes the entry.
 pub fn unfinished(registry: &Registry, name: &str) -> Vec<String> {
+    let base = registry.entries.get(name).and_then(|e| e.kind.base()).unwrap_or("BASE");
     registry
         .unfinished(name)
         .into_iter()
-        .map(|f| format!("{name}: {f}: unfinished: it was being written into deltas/ and never stored"))
+        .map(|f| {
+            format!(
+                "{name}: {f}: unfinished: it was being written into deltas/ and never stored \
+                 (write it again, or remove it: rm MOUNT/{base}/deltas/{name}/{f})"
+            )
+        })
         .collect()
 }

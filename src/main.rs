@@ -192,6 +192,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !matches!(cli.command, Command::Mount { .. }) {
+        // A command's output piped into `head` (`llmfs info NAME | head`) ends it quietly, as
+        // it does any Unix tool, instead of a panic on the next println. The daemon keeps
+        // Rust's default (SIGPIPE ignored): nothing it writes ends it.
+        // SAFETY: signal(2) with SIG_DFL, before any thread of ours starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -237,8 +244,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_notes(&added.notes);
             let entry = added.entry;
             let EntryKind::Base { files, .. } = &entry.kind else { unreachable!("add makes bases") };
+            // Say what the mount's tokenizer_config.json gets: the family's template is not always
+            // it (the model has its own, the family is unknown, --chat-template chose another).
+            let chat = match entry.chat_template.as_deref() {
+                None => "the model's own chat_template, or none".to_owned(),
+                Some(t) => match adapter::no_chat_template_reason(t) {
+                    None => format!("chat_template {t} in the mounted tokenizer_config.json"),
+                    Some(why) => format!("no chat_template: {t} has no Jinja form ({why})"),
+                },
+            };
             println!(
-                "added {name}: {} files, {} family, template {}",
+                "added {name}: {} files, {} family, template {}; {chat}",
                 files.len(),
                 entry.family,
                 entry.template
@@ -348,6 +364,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             if backend == "gpu" && !cfg!(feature = "gpu") {
                 bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
+            }
+            let dead = std::fs::metadata(&mountpoint).err().and_then(|e| e.raw_os_error());
+            if matches!(dead, Some(libc::ENOTCONN | libc::ECONNABORTED)) {
+                // A mount whose daemon died (kill -9, a crash): say how to clear it.
+                bail!(
+                    "{}: a dead llmfs mount is there (its daemon is gone): `llmfs umount {}` clears it, then mount again",
+                    mountpoint.display(),
+                    mountpoint.display()
+                );
             }
             let disk_dir = match disk_cache {
                 Some(d) if d.as_os_str() == "0" => None,
@@ -597,9 +622,15 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!("name:          {name}");
-    match entry.kind.base() {
-        Some(base) => println!("kind:          {} of {base}", entry.kind.name()),
-        None => println!("kind:          {} {}", entry.kind.name(), value["recipe"]),
+    match (&entry.kind, entry.kind.base()) {
+        (_, Some(base)) => println!("kind:          {} of {base}", entry.kind.name()),
+        (EntryKind::Base { dir, copied: false, .. }, None) => {
+            println!("kind:          base, served in place from {}", dir.display())
+        }
+        (EntryKind::Base { dir, .. }, None) => {
+            println!("kind:          base, copied into the store from {}", dir.display())
+        }
+        (_, None) => println!("kind:          {} {}", entry.kind.name(), value["recipe"]),
     }
     // The FastChat adapter beside its template; families an older llmfs recorded may be none.
     match adapter::adapter_of_family(&entry.family) {
@@ -618,15 +649,18 @@ fn info(registry: &Registry, name: &str, as_json: bool) -> Result<()> {
     println!("simple name:   {}", entry.info.simple_name);
     println!("link:          {}", entry.info.link);
     println!("description:   {}", entry.info.description);
-    println!(
-        "tensors:       {tensors} ({})",
-        dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", ")
-    );
+    match tensors {
+        0 => println!("tensors:       0"),
+        _ => println!(
+            "tensors:       {tensors} ({})",
+            dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(", ")
+        ),
+    }
     println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
     let unfinished = registry.unfinished(name);
     if !unfinished.is_empty() {
         println!(
-            "INCOMPLETE:    {} file(s) being written through deltas/ were never stored (write them again): {}",
+            "INCOMPLETE:    {} file(s) being written through deltas/ were never stored (write them again, or rm them there): {}",
             unfinished.len(),
             unfinished.join(", ")
         );

@@ -188,6 +188,12 @@ fn a_hugging_face_cache_snapshot_of_symlinks_is_followed() {
         let depth = name.matches('/').count() + 2;
         symlink(format!("{}blobs/{blob}", "../".repeat(depth)), &link).unwrap();
     }
+    // The repository itself (`models--org--tiny/`) is not the model: the line names the
+    // snapshot to add, the one refs/main points to.
+    fs::create_dir_all(snapshot.with_file_name("ffff0000")).unwrap();
+    fs::create_dir_all(cache.join("refs")).unwrap();
+    fs::write(cache.join("refs/main"), "0123abcd\n").unwrap();
+    refused(&ts, &["add", "hub", s(&cache)], &["Hugging Face cache repository", s(&snapshot)]);
     let f = ts.run_full(["add", "hub", s(&snapshot)]);
     assert!(f.status.success(), "{}", f.stderr);
     assert!(
@@ -196,6 +202,22 @@ fn a_hugging_face_cache_snapshot_of_symlinks_is_followed() {
         f.stderr
     );
     assert_kept(&ts, "hub", &files, false);
+    // delta make walks a directory by the same rules: the repository is refused there too.
+    let args = ["delta", "make", "hub-ft", "--base", "hub", "--target", s(&cache)];
+    refused(&ts, &args, &["Hugging Face cache repository", s(&snapshot)]);
+    // The family comes from the repository id (`org/tiny` here: none), not from the hash that
+    // names the snapshot; a Vicuna snapshot is Vicuna's under any entry name.
+    let vicuna = ts.path("hub/models--lmsys--vicuna-7b-v1.5/snapshots/89abcdef");
+    fs::create_dir_all(&vicuna).unwrap();
+    for (name, bytes) in files.iter().filter(|(n, _)| !n.contains('/')) {
+        fs::write(vicuna.join(name), bytes).unwrap();
+    }
+    ts.ok(["add", "snap", s(&vicuna)]);
+    let info = ts.json(["info", "snap", "--json"]);
+    assert_eq!(
+        (info["adapter"].as_str(), info["template"].as_str()),
+        (Some("VicunaAdapter"), Some("vicuna_v1.1"))
+    );
     ts.ok(["add", "hub-copy", s(&snapshot), "--copy"]);
     assert_kept(&ts, "hub-copy", &files, true);
     // The copy holds files, not links into the cache.

@@ -441,6 +441,16 @@ fn add_in_place_then_ls_and_info() {
     ] {
         assert!(text.contains(want), "info lacks {want:?}:\n{text}");
     }
+    // Plain lines: where a base is served from (not its JSON recipe), and, at add, what the
+    // mounted tokenizer_config.json gets.
+    let from =
+        format!("kind:          base, served in place from {}", model.canonicalize().unwrap().display());
+    assert!(text.contains(&from), "info lacks {from:?}:\n{text}");
+    assert!(out.contains("; the model's own chat_template, or none"), "{out}");
+    let out = ts.ok(["add", "vicuna-7b", s(&model)]);
+    assert!(out.contains("; chat_template vicuna_v1.1 in the mounted tokenizer_config.json"), "{out}");
+    let out = ts.ok(["add", "api", s(&model), "--chat-template", "chatgpt"]);
+    assert!(out.contains("; no chat_template: chatgpt has no Jinja form"), "{out}");
 }
 
 #[test]
@@ -889,4 +899,29 @@ fn store_flag_overrides_env_which_overrides_home() {
     assert_eq!(names(run(None, None, &["ls", "--json"])), ["in-home"]);
     assert_eq!(names(run(None, Some(&a), &["ls", "--json"])), ["in-a"]);
     assert_eq!(names(run(Some(&b), None, &["ls", "--json"])), ["in-b"]);
+}
+
+/// `llmfs info m | head -1`: output into a pipe whose reader has gone ends the command quietly
+/// (SIGPIPE), as it does any Unix tool; it used to panic with "failed printing to stdout".
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::ExitStatusExt;
+    let (ts, _) = store_with_model();
+    for args in [&["info", "m"][..], &["ls"], &["check"], &["info", "m", "--json"]] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills two descriptors; the read end is closed at once, so every
+        // write into the other fails (EPIPE), whenever the child makes it.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: fds[1] is open and owned here; Stdio takes it over.
+        let out = unsafe { std::process::Stdio::from_raw_fd(fds[1]) };
+        let mut cmd = llmfs_command([&["--store", ts.store.to_str().unwrap()][..], args].concat());
+        cmd.stdout(out).stderr(std::process::Stdio::piped());
+        let what = format!("llmfs {args:?}");
+        let o = common::with_deadline(&what, Duration::from_secs(60), move || cmd.output().unwrap());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{what}: {:?}, stderr: {stderr}", o.status);
+        assert!(stderr.is_empty(), "{what} wrote to stderr: {stderr}");
+    }
 }

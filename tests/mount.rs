@@ -851,6 +851,7 @@ fn daemon_mode_and_stale_mounts() {
     assert!(matches!(stale, Some(libc::ENOTCONN | libc::ECONNABORTED)), "a stale mount's stat: {stale:?}");
     let f = fx.ts.run(["mount", mps]);
     assert!(!f.0.success(), "llmfs mount over a stale mount succeeded");
+    assert!(f.2.contains("dead llmfs mount") && f.2.contains("llmfs umount"), "no hint: {}", f.2);
     fx.ok(&["umount", mps]);
     assert!(!llmfs_mounted(&mp), "the stale mount is still there after llmfs umount");
 

@@ -385,7 +385,29 @@ fn save_pretrained_twice_into_deltas_reads_back_identical() {
         .collect();
     assert!(names.iter().all(|n| !n.starts_with(".tmp")), "a temporary file was kept: {names:?}");
     fx.check_ok();
+    // A sharded save then an unsharded one into the same directory: transformers leaves the
+    // first index beside model.safetensors (on any filesystem); check names it as stale.
+    python(STALE_INDEX, &[os(&base), os(&mnt.join("tiny/deltas/resaved"))]);
+    let f = fx.check();
+    let out = format!("{}{}", f.stdout, f.stderr);
+    assert!(!f.status.success(), "check passed an entry with a stale index:\n{out}");
+    assert!(
+        out.contains("resaved: model.safetensors.index.json: names shard") && out.contains("stale index"),
+        "{out}"
+    );
+    timed_ok(&[os("rm"), os(&mnt.join("tiny/deltas/resaved/model.safetensors.index.json"))]);
+    fx.check_ok();
 }
+
+const STALE_INDEX: &str = r#"
+import os, sys
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model.save_pretrained(sys.argv[2], max_shard_size="200KB")
+assert "model.safetensors.index.json" in os.listdir(sys.argv[2]), os.listdir(sys.argv[2])
+model.save_pretrained(sys.argv[2])
+assert "model.safetensors" in os.listdir(sys.argv[2]), os.listdir(sys.argv[2])
+"#;
 
 #[test]
 fn subdirectories_show_for_a_base_and_its_variants() {
@@ -487,6 +509,17 @@ fn renames_and_directories_within_an_entry() {
         f.write_all(b" 1}").unwrap();
         close_checked(f).unwrap();
         assert_eq!(fs::read(d.join("config.json")).unwrap(), b"{\"a\": 1}");
+        // A stored file renamed over one still open for writing replaces it: the open writer
+        // writes a file no name leads to, and its close stores nothing (it stored its bytes
+        // under the replaced name).
+        let mut w = File::create(d.join("log.txt")).unwrap();
+        w.write_all(b"open writer").unwrap();
+        fs::write(d.join(".log.txt.new"), b"renamed in").unwrap();
+        fs::rename(d.join(".log.txt.new"), d.join("log.txt")).unwrap();
+        w.write_all(b", more").unwrap();
+        close_checked(w).unwrap();
+        assert_eq!(fs::read(d.join("log.txt")).unwrap(), b"renamed in");
+        fs::remove_file(d.join("log.txt")).unwrap();
         // Directories at depth: mkdir, files, rename of a directory, rmdir.
         fs::create_dir_all(d.join("a/b/c")).unwrap();
         fs::write(d.join("a/b/c/deep.txt"), b"deep").unwrap();
@@ -664,6 +697,9 @@ fn kill_9_mid_copy_of_three_shards_is_incomplete_until_copied_again() {
     for u in &unfinished {
         let lines = f.stdout.lines().filter(|l| l.contains(u.as_str()) && l.contains("unfinished")).count();
         assert_eq!(lines, 1, "check's line for {u}:\n{}", f.stdout);
+        // The way out, for a temporary file the next run never writes again (rsync's).
+        let rm = format!("rm MOUNT/base/deltas/new/{u})");
+        assert!(f.stdout.contains(&rm), "check does not say {rm:?}:\n{}", f.stdout);
     }
     eprintln!("check after kill -9:\n{}", f.stdout);
     // An unfinished file is listed in deltas/new/ (so it can be removed or written again) but

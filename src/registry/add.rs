@@ -100,6 +100,22 @@ pub fn scan_model_dir(dir: &Path) -> Result<ScannedModel> {
     Ok(ScannedModel { dir, files, tensor_count, notes: walked.notes })
 }
 
+/// The name FastChat would be given for the model at `dir`: its basename, or for a Hugging Face
+/// cache snapshot (`models--ORG--NAME/snapshots/REV/`, whose basename is a commit hash) the
+/// repository id `ORG/NAME` it was downloaded as.
+fn model_path_name(dir: &Path) -> String {
+    let name = |p: Option<&Path>| p.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+    let parent = dir.parent();
+    if name(parent).as_deref() == Some("snapshots") {
+        if let Some(repo) = name(parent.and_then(Path::parent)) {
+            if let Some(id) = repo.strip_prefix("models--") {
+                return id.replacen("--", "/", 1);
+            }
+        }
+    }
+    name(Some(dir)).unwrap_or_default()
+}
+
 /// The shard index must map every tensor to the shard that holds it.
 fn check_index(path: &Path, tensors: &std::collections::HashMap<String, &str>) -> Result<()> {
     let bad = |reason: String| Error::NotAModel { path: path.to_owned(), reason };
@@ -146,8 +162,7 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
     // FastChat matches the model path; the entry name is often more telling, so try it first.
     let mut family = adapter::detect(name, config.as_ref());
     if family == adapter::UNKNOWN {
-        let basename = scanned.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        family = adapter::detect(&basename, config.as_ref());
+        family = adapter::detect(&model_path_name(&scanned.dir), config.as_ref());
     }
     let has_template = read_json(&scanned.dir.join("tokenizer_config.json"))
         .is_some_and(|t| t.get("chat_template").is_some_and(|v| !v.is_null()));

@@ -80,6 +80,9 @@ pub fn walk(dir: &Path) -> Result<Walk> {
     if !meta.is_dir() {
         return Err(Error::NotAModel { path: dir.to_owned(), reason: "not a directory".into() });
     }
+    if let Some(reason) = hub_repo(dir) {
+        return Err(Error::NotAModel { path: dir.to_owned(), reason });
+    }
     let root = dir.canonicalize().map_err(io_err(dir))?;
     let mut walker = Walker { root: root.clone(), out: Walk { root, ..Default::default() }, outside: vec![] };
     let mut ancestors = vec![(meta.dev(), meta.ino())];
@@ -103,6 +106,33 @@ pub fn walk(dir: &Path) -> Result<Walk> {
     }
     out.files.sort();
     Ok(out)
+}
+
+/// Why `dir` is a Hugging Face cache repository (`hub/models--ORG--NAME/`, holding `blobs/`,
+/// `refs/` and `snapshots/REV/`) rather than a model: the model is one of its snapshots, which
+/// this names (the one `refs/main` points to, else the first), so the user can add that.
+fn hub_repo(dir: &Path) -> Option<String> {
+    let snapshots = dir.join("snapshots");
+    if !snapshots.is_dir() || !dir.join("blobs").is_dir() {
+        return None;
+    }
+    let main = fs::read_to_string(dir.join("refs/main")).ok().map(|r| r.trim().to_owned());
+    let rev = main.filter(|r| !r.is_empty() && snapshots.join(r).is_dir()).or_else(|| {
+        let mut revs: Vec<String> = fs::read_dir(&snapshots)
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        revs.sort();
+        revs.into_iter().next()
+    });
+    Some(match rev {
+        Some(rev) => format!(
+            "a Hugging Face cache repository, not a model directory: add one of its snapshots, such as {}",
+            snapshots.join(rev).display()
+        ),
+        None => "a Hugging Face cache repository with no snapshot (snapshots/ is empty)".to_owned(),
+    })
 }
 
 struct Walker {

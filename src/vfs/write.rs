@@ -208,6 +208,21 @@ fn delta_files<'a>(r: &'a mut Registry, base: &str, name: &str) -> Option<&'a mu
     }
 }
 
+/// The files of delta entry `name` over `base` in `r`, the entry made (empty) if there is none
+/// yet (the first file written into `deltas/NAME/`); EEXIST if `name` is another entry.
+fn delta_entry<'a>(
+    r: &'a mut Registry,
+    base: &str,
+    name: &str,
+) -> FsResult<&'a mut Vec<registry::FileRecord>> {
+    if !r.entries.contains_key(name) {
+        let base_entry = r.get(base).map_err(registry_fs)?.clone();
+        let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
+        r.entries.insert(name.to_owned(), entry);
+    }
+    delta_files(r, base, name).ok_or(FsError::new(libc::EEXIST))
+}
+
 /// Create `path`'s parent directories (private, like the store).
 fn make_parents(path: &Path) -> io::Result<()> {
     match path.parent() {
@@ -381,6 +396,27 @@ impl Staging {
     /// List staged file `id` as unfinished in the registry (creating the entry, empty, if it is
     /// the first file of a new delta).
     fn mark(&self, store: &Store, base: &str, name: &str, id: u64) -> FsResult<()> {
+        self.update_staged(store, base, name, id, |lock, r, s, file| {
+            delta_entry(r, base, name)?;
+            r.mark_unfinished(name, &file);
+            store.save(r, lock).map_err(registry_fs)?;
+            s.marked = true;
+            Ok(())
+        })
+    }
+
+    /// Run `f` on the registry as it is now and staged file `id` with its name now (a rename
+    /// may have moved it), under the store's lock then the sessions' mutex (the lock order);
+    /// `f` saves what it changed. Nothing runs if the file is gone or was removed or replaced
+    /// (nothing of it is to be recorded).
+    fn update_staged(
+        &self,
+        store: &Store,
+        base: &str,
+        name: &str,
+        id: u64,
+        f: impl FnOnce(&registry::StoreLock, &mut Registry, &mut Staged, String) -> FsResult<()>,
+    ) -> FsResult<()> {
         let lock = store.lock().map_err(registry_fs)?;
         let mut r = store.load().map_err(registry_fs)?;
         let mut sessions = self.lock();
@@ -388,19 +424,7 @@ impl Staging {
             return Ok(());
         };
         let Some(file) = s.name.clone() else { return Ok(()) };
-        match r.entries.get(name) {
-            Some(e) if matches!(&e.kind, EntryKind::Delta { base: b, .. } if b == base) => {}
-            Some(_) => return Err(FsError::new(libc::EEXIST)),
-            None => {
-                let base_entry = r.get(base).map_err(registry_fs)?.clone();
-                let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
-                r.entries.insert(name.to_owned(), entry);
-            }
-        }
-        r.mark_unfinished(name, &file);
-        store.save(&r, &lock).map_err(registry_fs)?;
-        s.marked = true;
-        Ok(())
+        f(&lock, &mut r, s, file)
     }
 
     /// Note a change of staged file `id`'s bytes; returns its stream, and whether it must be
@@ -530,22 +554,10 @@ impl Staging {
                 (tmp, result.map_err(registry_fs)?)
             }
         };
-        let result = (|| -> FsResult<()> {
-            let lock = store.lock().map_err(registry_fs)?;
-            let mut r = store.load().map_err(registry_fs)?;
-            let mut sessions = self.lock();
-            // The name now (a rename may have moved it while it was coded).
-            let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
-                return Ok(());
-            };
-            let Some(file) = s.name.clone() else { return Ok(()) };
+        // Under the name it has now (a rename may have moved it while it was coded).
+        let result = self.update_staged(store, base, name, id, |lock, r, s, file| {
             record.name = file.clone();
-            if !r.entries.contains_key(name) {
-                let base_entry = r.get(base).map_err(registry_fs)?.clone();
-                let entry = delta::make::new_entry(name, base, &base_entry, DeltaCodec::Lossless, vec![]);
-                r.entries.insert(name.to_owned(), entry);
-            }
-            let files = delta_files(&mut r, base, name).ok_or(FsError::new(libc::EEXIST))?;
+            let files = delta_entry(r, base, name)?;
             files.retain(|f| f.name != file);
             files.push(record.clone());
             files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -558,7 +570,7 @@ impl Staging {
             let dest = store.entry_dir(name).join(&file);
             make_parents(&dest).map_err(|e| io_fs("store", e))?;
             fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
-            store.save(&r, &lock).map_err(registry_fs)?;
+            store.save(r, lock).map_err(registry_fs)?;
             // Stored as of `version`: clean unless written meanwhile. The staged file stays while
             // a writer has it open ([`Staging::closed`] removes it).
             s.stored = Some(version);
@@ -566,7 +578,7 @@ impl Staging {
                 s.marked = false;
             }
             Ok(())
-        })();
+        });
         let _ = fs::remove_file(&tmp);
         result
     }
@@ -615,21 +627,25 @@ impl Staging {
                 _ => false,
             }
         };
-        let removed = store.update(|r| {
+        let removed = (|| -> registry::Result<()> {
+            let lock = store.lock()?;
+            let mut r = store.load()?;
             let unfinished = r.clear_unfinished(name, file);
-            let files = delta_files(r, base, name).ok_or_else(|| registry::Error::NotFound(name.into()))?;
+            let files =
+                delta_files(&mut r, base, name).ok_or_else(|| registry::Error::NotFound(name.into()))?;
             let before = files.len();
             files.retain(|f| f.name != file);
             if files.len() == before && !unfinished {
                 return Err(registry::Error::NotFound(file.to_owned()));
             }
+            store.save(&r, &lock)?;
+            // Still under the lock: a file of this name stored by another descriptor's close
+            // right after this update must not lose its container to this removal.
+            let _ = fs::remove_file(store.entry_dir(name).join(file));
             Ok(())
-        });
+        })();
         match removed {
-            Ok(()) => {
-                let _ = fs::remove_file(store.entry_dir(name).join(file));
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             // Only staged (never stored): dropping it was the whole of rm.
             Err(registry::Error::NotFound(_)) if was_staged => Ok(()),
             Err(registry::Error::NotFound(_)) => Err(FsError::new(libc::ENOENT)),
@@ -709,7 +725,9 @@ impl Staging {
         // Staged files and made directories.
         if let Some(s) = sessions.get_mut(&key(base, name)) {
             let moving: Vec<String> = s.names.keys().filter(|n| within(n, from)).cloned().collect();
-            if !moving.is_empty() {
+            if !moving.is_empty() || !moves.is_empty() {
+                // A file renamed over one still open for writing replaces it, as on any
+                // filesystem: that writer now writes a file no name leads to (nothing stored).
                 s.orphan(to);
             }
             for old in moving {
@@ -753,6 +771,9 @@ impl Staging {
                     });
                 }
                 r.entries.remove(name);
+                // Under the store's lock: an entry of this name made right after this update
+                // (mkdir and a first file) keeps its files.
+                let _ = fs::remove_dir_all(store.entry_dir(name));
                 Ok(true)
             }
             _ => Ok(false),
@@ -767,7 +788,6 @@ impl Staging {
         if let Some(s) = self.lock().remove(&key(base, name)) {
             let _ = fs::remove_dir_all(s.dir);
         }
-        let _ = fs::remove_dir_all(store.entry_dir(name));
         Ok(())
     }
 }

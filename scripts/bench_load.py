@@ -20,6 +20,19 @@ Extra rows for the lossless delta: after a remount with --disk-cache-verify full
 hash checked on first open), with LLMFS_PASSTHROUGH=0 (the daemon serves the cache file by pread), and with no disk
 cache at all (--disk-cache 0: decoded on the FUSE read path, as before the disk cache).
 
+Cold rows (BENCH_COLD=1): the base warm in the page cache, the plain fine-tune's files and the
+lossless delta's stored container dropped from it (posix_fadvise DONTNEED per file, not
+drop_caches), the disk cache empty; the bytes each first load reads from the block device
+(/proc/PID/io of the loader and the daemon) beside what each stores.
+ZipNN peer (BENCH_ZIPNN=SITE, implies the cold rows): SITE is a `pip install --target` dir with
+zipnn==0.5.4 transformers==4.49.0 safetensors==0.5.3 tokenizers==0.21.1 huggingface_hub==0.29.3
+(--no-deps; torch from the system). The fine-tune is compressed as ZipNN's scripts do, per tensor
+(*.znn.safetensors: zipnn_safetensors() + load_file, SafeOpen + get_tensor) and whole-file
+(*.safetensors.znn: zipnn_hf() + from_pretrained, or decompress + safetensors load), and loaded
+cold (its files dropped) and again (cached), in the same run as the lossless delta.
+BENCH_KINDS=d-lossless (a comma-separated subset of base and the variants' entries) registers and
+runs only those, without the extra rows.
+
 usage: scripts/bench_load.py [WORKDIR] [SIZE_MIB] [REPS] [LOADERS]
   LOADERS: comma-separated subset of load_file,safe_open,hf (default all); BENCH_EXTRA=0 leaves
   out the extra rows
@@ -95,15 +108,164 @@ def worker():
         print(json.dumps(out), flush=True)
 
 
-class Worker:
-    def __init__(self):
-        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_worker"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+# --------------------------------------------------------------------------------------------
+# The ZipNN peer's worker (BENCH_ZIPNN=SITE): run with PYTHONPATH=SITE, a `pip --target` dir with
+# zipnn 0.5.4, transformers 4.49 and safetensors 0.5.3 (its loading plugins fail on transformers 5
+# and safetensors 0.8); torch is the system's. It compresses the fine-tune both ways ZipNN's
+# scripts do and loads the copies through ZipNN's own loading paths.
+# --------------------------------------------------------------------------------------------
 
-    def load(self, loader, d):
-        self.p.stdin.write(json.dumps({"loader": loader, "dir": d}) + "\n")
+def zworker():
+    # zipnn_hf prints progress to stdout: keep stdout for the answers alone.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import torch
+    import safetensors.torch
+    import transformers
+    from zipnn import ZipNN, zipnn_hf, zipnn_safetensors
+    from zipnn.zipnn import SafeOpen, decompress_safetensors_tensor
+    transformers.logging.set_verbosity_error()
+    zipnn_hf()            # from_pretrained decompresses *.safetensors.znn (whole-file)
+    zipnn_safetensors()   # safetensors.torch.load_file decompresses *.znn.safetensors (per tensor)
+    buf = [None]
+
+    def touch(t):
+        b = t.detach().reshape(-1).contiguous().view(torch.uint8)
+        n = b.numel()
+        if buf[0] is None or buf[0].numel() < n:
+            buf[0] = torch.empty(n, dtype=torch.uint8)
+        buf[0][:n].copy_(b)
+        return n
+
+    def per_tensor(d):
+        return sorted(glob.glob(os.path.join(d, "*.znn.safetensors")))
+
+    def whole(d):
+        return sorted(glob.glob(os.path.join(d, "*.safetensors.znn")))
+
+    def load_file(d):
+        n = 0
+        for f in per_tensor(d):
+            sd = safetensors.torch.load_file(f)
+            n += sum(touch(v) for v in sd.values())
+            del sd
+        for f in whole(d):  # the whole-file format: decompress the file, then parse it
+            with open(f, "rb") as h:
+                sd = safetensors.torch.load(bytes(ZipNN(is_streaming=True).decompress(h.read())))
+            n += sum(touch(v) for v in sd.values())
+            del sd
+        return n
+
+    def safe_open_(d):
+        if not per_tensor(d):
+            raise ValueError("n/a: ZipNN's whole-file format has no per-tensor reader")
+        n = 0
+        for f in per_tensor(d):
+            with SafeOpen(f, "pt") as h:
+                for k in h.keys():
+                    n += touch(h.get_tensor(k))
+        return n
+
+    def hf(d):
+        if not whole(d):
+            raise ValueError("n/a: zipnn_hf() decompresses only the whole-file format")
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype="auto")
+        n = sum(touch(p) for p in model.parameters())
+        del model
+        return n
+
+    def compress(src, pt, wf):
+        """As ZipNN's scripts/zipnn_compress_safetensors.py (per tensor: each floating-point tensor
+        Huffman-coded by ZipNN when that is smaller, its dtype and shape in the file's metadata) and
+        scripts/zipnn_compress_file.py --is_streaming (the whole file in 1 MiB chunks, bfloat16)."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        from zipnn.util_header import EnumFormat
+        from zipnn.util_torch import zipnn_is_floating_point
+        from zipnn.util_safetensors import (build_compressed_tensor_info, set_compressed_tensors_metadata,
+                                            COMPRESSED_DTYPE, COMPRESSION_METHOD)
+        for d in (pt, wf):
+            os.makedirs(d, exist_ok=True)
+        t0 = time.perf_counter()
+        for f in sorted(os.listdir(src)):
+            path = os.path.join(src, f)
+            if f.endswith(".safetensors"):
+                tensors, infos = {}, {}
+                with safe_open(path, "pt", "cpu") as h:
+                    for name in h.keys():
+                        t = h.get_tensor(name)
+                        if not zipnn_is_floating_point(EnumFormat.TORCH.value, t, t.dtype):
+                            tensors[name] = t
+                            continue
+                        info = build_compressed_tensor_info(t)
+                        # ZipNN reorders its input's bits in place: hand it a copy.
+                        c = ZipNN(input_format="torch", bytearray_dtype=t.dtype,
+                                  method=COMPRESSION_METHOD).compress(t.clone())
+                        if not torch.equal(decompress_safetensors_tensor(torch.frombuffer(bytearray(c), dtype=torch.uint8))
+                                           .view(torch.uint8).reshape(-1), t.view(torch.uint8).reshape(-1)):
+                            raise ValueError(f"ZipNN's round trip of {name} differs")
+                        if len(c) >= t.numel() * t.element_size():
+                            tensors[name] = t
+                            continue
+                        tensors[name] = torch.frombuffer(bytearray(c), dtype=COMPRESSED_DTYPE)
+                        infos[name] = info
+                    metadata = h.metadata() or {"format": "pt"}
+                set_compressed_tensors_metadata(infos, metadata)
+                save_file(tensors, os.path.join(pt, f[: -len(".safetensors")] + ".znn.safetensors"), metadata)
+                data = open(path, "rb").read()
+                c = ZipNN(bytearray_dtype="bfloat16", is_streaming=True, streaming_chunk=1 << 20,
+                          method="HUFFMAN").compress(bytearray(data))
+                if bytes(ZipNN(is_streaming=True).decompress(c)) != data:
+                    raise ValueError(f"ZipNN's whole-file round trip of {f} differs")
+                with open(os.path.join(wf, f + ".znn"), "wb") as o:
+                    o.write(c)
+            elif f.endswith(".index.json"):  # the shard names, as zipnn_compress_path.py rewrites them
+                text = open(path).read()
+                open(os.path.join(pt, f), "w").write(text.replace('.safetensors"', '.znn.safetensors"'))
+                open(os.path.join(wf, f), "w").write(text.replace('.safetensors"', '.safetensors.znn"'))
+            else:
+                shutil.copy(path, pt)
+                shutil.copy(path, wf)
+        from importlib.metadata import version
+        return {"secs": time.perf_counter() - t0, "zipnn": version("zipnn"),
+                "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+    fns = {"load_file": load_file, "safe_open": safe_open_, "hf": hf}
+    for line in sys.stdin:
+        req = json.loads(line)
+        gc.collect()
+        t = time.perf_counter()
+        try:
+            if "compress" in req:
+                out = compress(*req["compress"])
+            else:
+                n = fns[req["loader"]](req["dir"])
+                out = {"secs": time.perf_counter() - t, "bytes": n}
+        except Exception as e:
+            out = {"error": f"{type(e).__name__}: {e}"[:300]}
+        gc.collect()
+        print(json.dumps(out), file=answers, flush=True)
+
+
+class Worker:
+    def __init__(self, mode="_worker", env=None):
+        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def request(self, req):
+        self.p.stdin.write(json.dumps(req) + "\n")
         self.p.stdin.flush()
         return json.loads(self.p.stdout.readline())
+
+    def load(self, loader, d):
+        """One timed load; "disk_read" is what this process read from the block device meanwhile."""
+        r0 = read_bytes(self.p.pid)
+        r = self.request({"loader": loader, "dir": d})
+        r1 = read_bytes(self.p.pid)
+        if r0 is not None and r1 is not None:
+            r["disk_read"] = r1 - r0
+        return r
 
     def close(self):
         self.p.stdin.close()
@@ -127,6 +289,34 @@ def warm(paths):
         with open(p, "rb") as f:
             while f.read(16 << 20):
                 pass
+
+
+def drop(paths):
+    """Drop files from the page cache (written back first), leaving every other file cached: the
+    cold case of a node that serves many fine-tunes of one warm base (drop_caches would drop the
+    base too)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_bytes(pid):
+    """Bytes a process has read from the block device (/proc/PID/io), None where unreadable."""
+    try:
+        for line in open(f"/proc/{pid}/io"):
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def files(d, pattern="*"):
+    return sorted(p for p in glob.glob(os.path.join(d, pattern)) if os.path.isfile(p))
 
 
 def make_fastchat_delta(base, ft, out):
@@ -179,27 +369,35 @@ VARIANTS = [  # (entry, label)
 ]
 
 
-def setup(work, size_mib):
+def setup(work, size_mib, entries=None):
+    """Generate the model and register `entries` (default: the base and every variant) that the
+    store does not hold yet, so a run of a few kinds (BENCH_KINDS) builds only those."""
     model, ft, fcd, lora, store = (f"{work}/{x}" for x in ("model", "ft", "fc-delta", "lora-adapter", "store"))
     if not os.path.exists(f"{model}/config.json"):
         print(sh(f"{EXAMPLES}/gen_model", model, str(size_mib)), end="", file=sys.stderr)
     if not os.path.exists(f"{ft}/config.json"):
         sh(f"{EXAMPLES}/gen_finetune", model, ft)
-    if not os.path.exists(f"{fcd}/config.json"):
-        make_fastchat_delta(model, ft, fcd)
-    if not os.path.exists(f"{lora}/adapter_config.json"):
-        make_lora(model, lora)
-    if not os.path.exists(f"{store}/registry.json"):
-        shutil.rmtree(store, ignore_errors=True)
-        L = [LLMFS, "--store", store]
-        sh(*L, "add", "base", model)
-        sh(*L, "cast", "f16", "--base", "base", "--dtype", "f16")
-        sh(*L, "quantize", "q8", "--base", "base")
-        sh(*L, "quantize", "q4", "--base", "base", "--bits", "4", "--group-size", "128")
-        for codec in ("lossless", "q8", "bitdelta"):
-            sh(*L, "delta", "make", f"d-{codec}", "--base", "base", "--target", ft, "--codec", codec)
-        sh(*L, "delta", "import", "fc", "--base", "base", "--from", fcd, "--format", "fastchat")
-        sh(*L, "delta", "import", "lora", "--base", "base", "--from", lora, "--format", "lora")
+    want = ["base"] + [e for e, _ in VARIANTS] if entries is None else ["base"] + list(entries)
+    have = set()
+    if os.path.exists(f"{store}/registry.json"):
+        have = set(json.load(open(f"{store}/registry.json"))["entries"])
+    L = [LLMFS, "--store", store]
+    cmds = {
+        "base": lambda: sh(*L, "add", "base", model),
+        "f16": lambda: sh(*L, "cast", "f16", "--base", "base", "--dtype", "f16"),
+        "q8": lambda: sh(*L, "quantize", "q8", "--base", "base"),
+        "q4": lambda: sh(*L, "quantize", "q4", "--base", "base", "--bits", "4", "--group-size", "128"),
+        "fc": lambda: (make_fastchat_delta(model, ft, fcd) if not os.path.exists(f"{fcd}/config.json") else None,
+                       sh(*L, "delta", "import", "fc", "--base", "base", "--from", fcd, "--format", "fastchat")),
+        "lora": lambda: (make_lora(model, lora) if not os.path.exists(f"{lora}/adapter_config.json") else None,
+                         sh(*L, "delta", "import", "lora", "--base", "base", "--from", lora, "--format", "lora")),
+    }
+    for codec in ("lossless", "q8", "bitdelta"):
+        cmds[f"d-{codec}"] = (lambda c: lambda: sh(*L, "delta", "make", f"d-{c}", "--base", "base", "--target", ft,
+                                                    "--codec", c))(codec)
+    for e in want:
+        if e not in have:
+            cmds[e]()
     return model, ft, store
 
 
@@ -260,7 +458,12 @@ def main():
     reps = int(args[2]) if len(args) > 2 else 2
     loaders = args[3].split(",") if len(args) > 3 else LOADERS
     os.makedirs(work, exist_ok=True)
-    model, ft, store = setup(work, size_mib)
+    kinds = os.environ.get("BENCH_KINDS")  # a comma-separated subset of base and VARIANTS' entries
+    variants = VARIANTS if kinds is None else [v for v in VARIANTS if v[0] in kinds.split(",")]
+    cold = os.environ.get("BENCH_COLD") == "1"
+    zsite = os.environ.get("BENCH_ZIPNN")
+    need = None if kinds is None else {e for e, _ in variants} | ({"d-lossless"} if cold or zsite else set())
+    model, ft, store = setup(work, size_mib, need)
     cores = len(os.sched_getaffinity(0))
     mnt, cache = f"{work}/mnt", f"{work}/cache"
     warm(glob.glob(f"{model}/*.safetensors") + glob.glob(f"{ft}/*.safetensors")
@@ -313,10 +516,13 @@ def main():
                     m.close()
         row(label, first, again if remount else None, rss)
 
-    variant("base", "base through the mount")
-    for entry, label in VARIANTS:
+    if kinds is None or "base" in kinds.split(","):
+        variant("base", "base through the mount")
+    for entry, label in variants:
         variant(entry, label)
-    if os.environ.get("BENCH_EXTRA", "1") == "0":  # the kinds only (a shorter run)
+    if cold or zsite:
+        peer(results, w, loaders, reps, model, ft, store, mnt, cache, better, zsite, work)
+    if os.environ.get("BENCH_EXTRA", "1") == "0" or kinds is not None:  # the kinds only (a shorter run)
         return finish(w, results, work, cores, loaders)
     variant("d-lossless", "lossless delta, again with --disk-cache-verify full", extra_again=("--disk-cache-verify", "full"))
     env = dict(os.environ, LLMFS_PASSTHROUGH="0")
@@ -326,11 +532,116 @@ def main():
     finish(w, results, work, cores, loaders)
 
 
+def peer(results, w, loaders, reps, model, ft, store, mnt, cache, better, zsite, work):
+    """Cold loads (BENCH_COLD=1) and the ZipNN peer (BENCH_ZIPNN=SITE). The base stays warm in the
+    page cache (one base serves many fine-tunes); the plain fine-tune's files, the lossless delta's
+    stored container and ZipNN's files are dropped from it before each first load (drop()), and
+    the disk cache starts empty. "again": the plain fine-tune and ZipNN's copies loaded once more
+    with their files now cached; the delta after a remount, its decoded file in the disk cache."""
+    rows = results.setdefault("peer", [])
+    base_files = files(model, "*.safetensors") + files(f"{store}/models/base")
+    container = files(f"{store}/models/d-lossless")
+    size = lambda fs: sum(os.path.getsize(f) for f in fs)
+
+    def add(label, on_disk, first, again):
+        rows.append({"label": label, "on_disk": on_disk, "first": first, "again": again})
+        print(f"# {label}: on disk {on_disk / 1e6:.0f} MB; " + ", ".join(
+            f"{l} {first[l].get('secs') and first[l]['bytes'] / first[l]['secs'] / 1e9}"
+            f" (read {first[l].get('disk_read')}) / {again.get(l, {}).get('secs') and again[l]['bytes'] / again[l]['secs'] / 1e9}"
+            for l in first), file=sys.stderr, flush=True)
+
+    def plain_like(worker, d, ls):
+        first, again = {}, {}
+        for l in ls:
+            for _ in range(reps):
+                drop(files(d))
+                first[l] = better(first.get(l), worker.load(l, d))
+                again[l] = better(again.get(l), worker.load(l, d))
+        return first, again
+
+    first, again = plain_like(w, ft, loaders)
+    add("plain fine-tune, cold", size(files(ft)), first, again)
+
+    first, again = {}, {}
+    for l in loaders:
+        for _ in range(reps):
+            warm(base_files)
+            drop(container)
+            shutil.rmtree(cache, ignore_errors=True)
+            m = Mount(store, mnt, cache)
+            r = w.load(l, f"{mnt}/d-lossless")
+            dr = read_bytes(m.pid) if m.pid else None
+            if "disk_read" in r and dr is not None:
+                r["disk_read"] += dr  # the daemon reads the container; the loader the decoded file
+            m.close()
+            first[l] = better(first.get(l), r)
+            m = Mount(store, mnt, cache)
+            again[l] = better(again.get(l), w.load(l, f"{mnt}/d-lossless"))
+            m.close()
+    add("llmfs lossless delta, cold", size(container), first, again)
+
+    if not zsite:
+        return
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(zsite) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    z = Worker("_zworker", env)
+    zpt, zwf = f"{work}/zipnn-per-tensor", f"{work}/zipnn-whole-file"
+    if not os.path.exists(f"{zwf}/config.json"):
+        c = z.request({"compress": [ft, zpt, zwf]})
+        if "error" in c:
+            raise SystemExit(f"ZipNN compression failed: {c['error']}")
+        results["zipnn"] = c
+        print(f"# ZipNN compressed the fine-tune both ways in {c['secs']:.1f} s ({c})", file=sys.stderr)
+    for l in ("load_file", "hf"):  # warm-up: imports, the first from_pretrained's model code
+        z.load(l, zwf)
+    first, again = plain_like(z, zpt, [l for l in loaders if l != "hf"])
+    add("ZipNN per-tensor (.znn.safetensors)", size(files(zpt, "*.safetensors")), first, again)
+    first, again = plain_like(z, zwf, [l for l in loaders if l != "safe_open"])
+    add("ZipNN whole-file (.safetensors.znn)", size(files(zwf, "*.znn")), first, again)
+    z.close()
+
+
+def print_peer(results, loaders):
+    rows = results.get("peer")
+    if not rows:
+        return
+    names = {"load_file": "load_file", "safe_open": "safe_open+get_tensor", "hf": "from_pretrained"}
+    plain = rows[0]
+
+    def g(r):
+        return r["bytes"] / r["secs"] / 1e9 if r and "secs" in r else None
+
+    def cell(r, l, ref):
+        if l not in r:
+            return "n/a"
+        if "error" in r[l]:
+            return "n/a" if r[l]["error"].startswith("ValueError: n/a") else "error"
+        p = g(ref.get(l))
+        return f"{g(r[l]):.2f} ({g(r[l]) / p:.2f}x)" if p else f"{g(r[l]):.2f}"
+
+    def read(r):
+        v = [r[l]["disk_read"] for l in loaders if l in r and "disk_read" in r[l]]
+        return f"{min(v) / 1e6:.0f}–{max(v) / 1e6:.0f}" if v else "?"
+
+    print(f"\n{results['cores']} cores, cold: base warm; the fine-tune's, the delta's and ZipNN's files dropped "
+          "from the page cache (posix_fadvise DONTNEED), disk cache empty; GB/s (ratio to the plain fine-tune "
+          "cold, same loader); again: files now cached / delta after a remount\n")
+    print("| case | stored, MB (of the fine-tune) | read from disk, first, MB | "
+          + " | ".join(f"{names[l]} first | again" for l in loaders) + " |")
+    print("|" + "---|" * (3 + 2 * len(loaders)))
+    for r in rows:
+        cells = []
+        for l in loaders:
+            cells += [cell(r["first"], l, plain["first"]), cell(r["again"], l, plain["first"])]
+        print(f"| {r['label']} | {r['on_disk'] / 1e6:.0f} ({r['on_disk'] / plain['on_disk']:.2f}) | "
+              f"{read(r['first'])} | " + " | ".join(cells) + " |")
+
+
 def finish(w, results, work, cores, loaders):
     w.close()
     with open(f"{work}/results-{cores}cores.json", "w") as f:
         json.dump(results, f, indent=1)
     print_table(results, loaders)
+    print_peer(results, loaders)
 
 
 def print_table(results, loaders):
@@ -363,8 +674,11 @@ def print_table(results, loaders):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         worker()
+    elif len(sys.argv) > 1 and sys.argv[1] == "_zworker":
+        zworker()
     elif len(sys.argv) > 1 and sys.argv[1] == "_table":
         r = json.load(open(sys.argv[2]))
         print_table(r, [l for l in LOADERS if l in r["rows"][0]["first"]])
+        print_peer(r, [l for l in LOADERS if l in r["rows"][0]["first"]])
     else:
         main()

@@ -359,9 +359,10 @@ impl Reference {
 // The system under test
 // ---------------------------------------------------------------------------------------------
 
+// The mount drops before its temporary directory (fields drop in order).
 struct World {
-    ts: TestStore,
     mount: MountGuard,
+    ts: TestStore,
     model_dirs: Vec<PathBuf>,
     reference: Reference,
     /// What happened so far, printed when a check fails.

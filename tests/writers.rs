@@ -125,9 +125,11 @@ fn errno<T>(r: std::io::Result<T>) -> Option<i32> {
 }
 
 /// A store with a base entry, mounted.
+// Fields drop in order: the mount goes before its temporary directory is removed (the other way
+// round, the removal walks into the live mount and leaves the directory behind).
 struct Fx {
-    ts: TestStore,
     m: Option<MountGuard>,
+    ts: TestStore,
 }
 
 impl Fx {

@@ -774,3 +774,39 @@ fn a_panic_under_a_request_is_eio_and_the_daemon_goes_on() {
         8 + header.len() as u64 + 8 * n as u64
     );
 }
+
+/// A sparse file far larger than the disk (a write at a huge offset, `truncate -s`) is refused
+/// with EFBIG at the write or truncate, not staged and then stored whole.
+#[test]
+fn a_huge_sparse_file_in_deltas_is_refused_with_efbig() {
+    use std::os::unix::fs::FileExt;
+    let mut fx = Fx::new();
+    let base = fx.root().join("base");
+    common::write_small_model(&base);
+    fx.ts.ok([os("add"), os("base"), os(&base)]);
+    let mnt = fx.mount();
+    let d = mnt.join("base/deltas/new");
+    fs::create_dir(&d).unwrap();
+    // Bigger than the free space of the store's filesystem (where files are staged).
+    let c = std::ffi::CString::new(fx.ts.store.to_str().unwrap()).unwrap();
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    let huge = st.f_bavail as u64 * st.f_frsize as u64 + (16 << 30);
+    let f = timed(&[os("truncate"), os("-s"), os(&huge.to_string()), os(&d.join("sparse"))]);
+    assert!(!f.status.success() && f.stderr.contains("File too large"), "truncate -s {huge}: {f:?}");
+    let p = d.join("pwritten");
+    let e = with_deadline("a write at a huge offset", OP, move || {
+        let file = File::create(&p).unwrap();
+        let e = errno(file.write_all_at(b"x", huge));
+        drop(file);
+        e
+    });
+    assert_eq!(e, Some(libc::EFBIG));
+    // Nothing big was staged or stored, and a sparse file that fits is still taken.
+    let stored = tree_bytes(&fx.ts.store.join("models/new"));
+    assert!(stored < 1 << 20, "{stored} bytes stored");
+    timed_ok(&[os("truncate"), os("-s"), os("1M"), os(&d.join("fits"))]);
+    assert_eq!(fs::metadata(d.join("fits")).unwrap().len(), 1 << 20);
+    assert_eq!(fs::metadata(mnt.join("new/fits")).unwrap().len(), 1 << 20);
+}

@@ -842,11 +842,10 @@ impl Fs {
             result?;
             return self.attr_of(ino, &node);
         };
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|f| f.set_len(size))
-            .map_err(|e| FsError::eio(e.to_string()))?;
+        let f =
+            std::fs::OpenOptions::new().write(true).open(path).map_err(|e| FsError::eio(e.to_string()))?;
+        write::fits(&f, size)?;
+        f.set_len(size).map_err(|e| FsError::eio(e.to_string()))?;
         self.staging.resized(&self.store, entry, name, file, size)?;
         self.attr_of(ino, &node)
     }

@@ -870,8 +870,38 @@ impl Staging {
 
 /// Write `data` at `offset` of a staged file.
 pub fn write_at(file: &File, offset: u64, data: &[u8]) -> FsResult<u32> {
+    fits(file, offset.saturating_add(data.len() as u64))?;
     file.write_all_at(data, offset).map_err(|e| io_fs("staging write", e))?;
     Ok(data.len() as u32)
+}
+
+/// EFBIG if staged file `file` grown to `size` bytes would be larger than the staging
+/// filesystem can hold: a write at a huge offset (or `truncate -s 1T`) makes a sparse file that
+/// costs nothing until it is stored, and storing reads (and codes) every byte of it, holes
+/// included. Its current size plus the free space is what a real file could reach.
+pub fn fits(file: &File, size: u64) -> FsResult<()> {
+    use std::os::fd::AsRawFd;
+    let now = file.metadata().map_err(|e| io_fs("staging", e))?.len();
+    if size <= now {
+        return Ok(());
+    }
+    // SAFETY: fstatvfs fills the struct we pass, for a descriptor we hold open.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Ok(()); // Unknown: the write itself says if the disk is full.
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    if size - now > free {
+        return Err(FsError {
+            errno: libc::EFBIG,
+            message: Some(format!(
+                "a file of {size} bytes does not fit: the staging filesystem has {free} bytes free \
+                 (a write at a huge offset or a truncate far past the end makes a sparse file, which \
+                 is stored whole)"
+            )),
+        });
+    }
+    Ok(())
 }
 
 /// Remove what a killed daemon left: staging directories of processes that no longer run, and

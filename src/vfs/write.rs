@@ -607,7 +607,14 @@ impl Staging {
             Some(done) => done,
             None => {
                 let registry = store.load().map_err(registry_fs)?;
-                let view = delta::make::base_view(&registry, base).map_err(registry_fs)?;
+                let view = delta::make::base_view(&registry, base).map_err(|e| FsError {
+                    errno: libc::EIO,
+                    message: Some(format!(
+                        "{name}/{shown} not stored: its base {base} cannot be read as it was added \
+                         ({e}); a delta is coded against the base's bytes as added, so no file is \
+                         stored over a changed base: `llmfs check {base}` says what to do"
+                    )),
+                })?;
                 let base_tensors = delta::make::BaseTensors::of(&view);
                 // store_file codes by its source's name: give it one that says what the bytes
                 // are (a link to the staged file), whatever the file is called.

@@ -877,15 +877,17 @@ impl Staging {
 
 /// Write `data` at `offset` of a staged file.
 pub fn write_at(file: &File, offset: u64, data: &[u8]) -> FsResult<u32> {
-    fits(file, offset.saturating_add(data.len() as u64))?;
+    // Only a hole is checked: a write that runs out of disk gets the disk's own ENOSPC.
+    fits(file, offset)?;
     file.write_all_at(data, offset).map_err(|e| io_fs("staging write", e))?;
     Ok(data.len() as u32)
 }
 
-/// EFBIG if staged file `file` grown to `size` bytes would be larger than the staging
-/// filesystem can hold: a write at a huge offset (or `truncate -s 1T`) makes a sparse file that
-/// costs nothing until it is stored, and storing reads (and codes) every byte of it, holes
-/// included. Its current size plus the free space is what a real file could reach.
+/// EFBIG if staged file `file` grown to `size` bytes by a hole (a write past its end, a
+/// truncate that extends it) would be larger than the staging filesystem can hold: a write at a
+/// huge offset (or `truncate -s 1T`) makes a sparse file that costs nothing until it is stored,
+/// and storing reads (and codes) every byte of it, holes included. Its current size plus the
+/// free space is what a real file could reach.
 pub fn fits(file: &File, size: u64) -> FsResult<()> {
     use std::os::fd::AsRawFd;
     let now = file.metadata().map_err(|e| io_fs("staging", e))?.len();

@@ -54,7 +54,7 @@ fn base_files(name: &str, entry: &Entry) -> Vec<String> {
     for f in files {
         let path = dir.join(&f.name);
         if let Some(reason) = f.fingerprint.verify(&path) {
-            problems.push(format!("{name}: {}: {reason}", path.display()));
+            problems.push(format!("{name}: {}: {reason}; {}", path.display(), changed_hint(name, &path, f)));
         } else if f.role == FileRole::Weights {
             if let Err(e) = format::read_header_path(&path) {
                 problems.push(format!("{name}: {e}"));
@@ -65,6 +65,30 @@ fn base_files(name: &str, entry: &Entry) -> Vec<String> {
         problems.push(format!("{name}: {p}"));
     }
     problems
+}
+
+/// What to do about base file `path` that no longer matches its fingerprint. A base is never
+/// re-fingerprinted silently: its variants and deltas were coded against the bytes it was added
+/// with, and the sampled hash cannot prove the bytes it does not read unchanged. When only the
+/// modification time moved (`touch`, a copy that did not keep times), putting it back is the
+/// user's say-so that the bytes are the same.
+fn changed_hint(name: &str, path: &std::path::Path, f: &crate::registry::FileRecord) -> String {
+    let now = crate::registry::fingerprint::Fingerprint::of(path);
+    let fp = &f.fingerprint;
+    let serves = format!(
+        "until then {name} and every variant over it answer EIO, and writes into MOUNT/{name}/deltas/ fail at close"
+    );
+    match now {
+        Ok(now) if now.size == fp.size && now.hash == fp.hash => {
+            let (secs, ns) = (fp.mtime_ns.div_euclid(1_000_000_000), fp.mtime_ns.rem_euclid(1_000_000_000));
+            format!(
+                "its size and sampled bytes match, only its modification time moved: if its bytes are \
+                 the ones added, put the time back with `touch -m -d @{secs}.{ns:09} '{}'`; {serves}",
+                path.display()
+            )
+        }
+        _ => format!("restore the bytes it was added with (or `llmfs rm` the entries over it and add it again); {serves}"),
+    }
 }
 
 /// Every file of a variant's view can be served.

@@ -302,6 +302,17 @@ fn add_sharded_model_with_a_wrong_index_is_refused() {
     fs::write(&index_path, serde_json::to_vec_pretty(&index).unwrap()).unwrap();
     refused(&ts, &["add", "m", s(&model)], &["model.safetensors.index.json", "model.ghost.weight"]);
 
+    // A stale index left beside an unsharded save: the error says to remove it (as check does).
+    let unsharded = ts.path("unsharded");
+    write_model(&unsharded, &common::sharded_spec(1));
+    assert!(unsharded.join("model.safetensors").exists());
+    fs::write(unsharded.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).unwrap())
+        .unwrap();
+    let stale = unsharded.join("model.safetensors.index.json");
+    refused(&ts, &["add", "u", s(&unsharded)], &["stale index", &format!("remove {}", s(&stale))]);
+    fs::remove_file(&stale).unwrap();
+    ts.ok(["add", "u", s(&unsharded)]);
+
     // Put right, it is accepted.
     index["weight_map"].as_object_mut().unwrap().remove("model.ghost.weight");
     fs::write(&index_path, serde_json::to_vec_pretty(&index).unwrap()).unwrap();

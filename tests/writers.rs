@@ -776,3 +776,87 @@ fn a_panic_under_a_request_is_eio_and_the_daemon_goes_on() {
         8 + header.len() as u64 + 8 * n as u64
     );
 }
+
+/// A base file whose mtime moved (`touch`) refuses every write into its `deltas/` (a delta is
+/// coded against the bytes the base was added with, and llmfs never re-fingerprints it on its
+/// own): close() answers EIO, the daemon's log says why and names `llmfs check`, and `check`
+/// names the file and gives the command that puts the time back, after which writes work.
+#[test]
+fn a_touched_base_refuses_writes_and_check_says_how_to_put_it_back() {
+    let mut fx = Fx::new();
+    let base = fx.root().join("base");
+    common::write_small_model(&base);
+    fx.ts.ok([os("add"), os("base"), os(&base)]);
+    let mnt = fx.mount();
+    let d = mnt.join("base/deltas/new");
+    fs::create_dir(&d).unwrap();
+    let touched = base.join("model.safetensors");
+    timed_ok(&[os("touch"), os("-m"), os("-d"), os("2001-02-03 04:05:06"), os(&touched)]);
+    let f = timed(&[os("cp"), os(&base.join("config.json")), os(&d.join("config.json"))]);
+    assert!(!f.status.success(), "a write over a changed base was accepted");
+    let log =
+        fx.m.as_ref().unwrap().wait_log_line(&["not stored", "llmfs check base"], Duration::from_secs(10));
+    assert!(log.is_some(), "no clear log line:\n{}", fx.m.as_ref().unwrap().log_text());
+
+    let f = fx.check();
+    assert!(!f.status.success(), "check passed a touched base");
+    let out = format!("{}{}", f.stdout, f.stderr);
+    let line = out
+        .lines()
+        .find(|l| l.contains(touched.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("check does not name {touched:?}:\n{out}"));
+    assert!(line.contains("modification time") && line.contains("deltas/"), "{line}");
+    // The command check gives, run as it is printed, puts things right.
+    let cmd = line.split('`').nth(1).unwrap_or_else(|| panic!("no command in {line}"));
+    assert!(cmd.starts_with("touch -m -d @"), "{cmd}");
+    timed_ok(&[os("sh"), os("-c"), os(cmd)]);
+    let f = fx.check();
+    let out = format!("{}{}", f.stdout, f.stderr);
+    assert!(!out.contains(touched.to_str().unwrap()), "{out}");
+    // The refused file is listed unfinished until written again, which now works.
+    timed_ok(&[os("cp"), os(&base.join("config.json")), os(&d.join("config.json"))]);
+    assert_eq!(fs::read(d.join("config.json")).unwrap(), fs::read(base.join("config.json")).unwrap());
+    fx.check_ok();
+
+    // Changed bytes (not only the time): check says to restore them.
+    fs::write(base.join("config.json"), b"{}").unwrap();
+    let f = fx.check();
+    let out = format!("{}{}", f.stdout, f.stderr);
+    assert!(!f.status.success() && out.contains("restore the bytes"), "{out}");
+}
+
+/// A sparse file far larger than the disk (a write at a huge offset, `truncate -s`) is refused
+/// with EFBIG at the write or truncate, not staged and then stored whole.
+#[test]
+fn a_huge_sparse_file_in_deltas_is_refused_with_efbig() {
+    use std::os::unix::fs::FileExt;
+    let mut fx = Fx::new();
+    let base = fx.root().join("base");
+    common::write_small_model(&base);
+    fx.ts.ok([os("add"), os("base"), os(&base)]);
+    let mnt = fx.mount();
+    let d = mnt.join("base/deltas/new");
+    fs::create_dir(&d).unwrap();
+    // Bigger than the free space of the store's filesystem (where files are staged).
+    let c = std::ffi::CString::new(fx.ts.store.to_str().unwrap()).unwrap();
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    let huge = st.f_bavail as u64 * st.f_frsize as u64 + (16 << 30);
+    let f = timed(&[os("truncate"), os("-s"), os(&huge.to_string()), os(&d.join("sparse"))]);
+    assert!(!f.status.success() && f.stderr.contains("File too large"), "truncate -s {huge}: {f:?}");
+    let p = d.join("pwritten");
+    let e = with_deadline("a write at a huge offset", OP, move || {
+        let file = File::create(&p).unwrap();
+        let e = errno(file.write_all_at(b"x", huge));
+        drop(file);
+        e
+    });
+    assert_eq!(e, Some(libc::EFBIG));
+    // Nothing big was staged or stored, and a sparse file that fits is still taken.
+    let stored = tree_bytes(&fx.ts.store.join("models/new"));
+    assert!(stored < 1 << 20, "{stored} bytes stored");
+    timed_ok(&[os("truncate"), os("-s"), os("1M"), os(&d.join("fits"))]);
+    assert_eq!(fs::metadata(d.join("fits")).unwrap().len(), 1 << 20);
+    assert_eq!(fs::metadata(mnt.join("new/fits")).unwrap().len(), 1 << 20);
+}

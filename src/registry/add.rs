@@ -125,12 +125,27 @@ fn check_index(path: &Path, tensors: &std::collections::HashMap<String, &str>) -
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| bad("no weight_map object".into()))?;
+    // An index naming shards beside an unsharded model.safetensors is what save_pretrained
+    // leaves when an unsharded save follows a sharded one (the same hint as `llmfs check`'s).
+    let unsharded = tensors.values().any(|f| *f == "model.safetensors");
+    let hint = |file: &str| match unsharded && file != "model.safetensors" {
+        true => format!(
+            " (a stale index beside model.safetensors, as save_pretrained leaves when an unsharded save \
+             follows a sharded one: remove {})",
+            path.display()
+        ),
+        false => String::new(),
+    };
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| bad(format!("weight_map[{tensor:?}] is not a string")))?;
         match tensors.get(tensor) {
             Some(actual) if *actual == file => {}
-            Some(actual) => return Err(bad(format!("maps {tensor:?} to {file}, but it is in {actual}"))),
-            None => return Err(bad(format!("maps {tensor:?} to {file}, which has no such tensor"))),
+            Some(actual) => {
+                return Err(bad(format!("maps {tensor:?} to {file}, but it is in {actual}{}", hint(file))))
+            }
+            None => {
+                return Err(bad(format!("maps {tensor:?} to {file}, which has no such tensor{}", hint(file))))
+            }
         }
     }
     if map.len() != tensors.len() {

@@ -12,7 +12,8 @@
 //!   downloads leave beside the files), empty directories (an entry holds files), and anything
 //!   that is neither a file nor a directory (a socket, a FIFO: reading one could block forever);
 //! - followed with a line: a symlink whose target lies outside the directory (the entry then
-//!   depends on that target too);
+//!   depends on that target too), except a hub snapshot's links into its own repository's
+//!   `blobs/` (`models--ORG--NAME/snapshots/REV/` → `../../blobs/`), which is the layout;
 //! - refused: a dangling symlink, a directory cycle through symlinks, a name that is not UTF-8
 //!   (entries name files by UTF-8 paths), a path [`super::validate_file_path`] refuses, and a
 //!   top-level `deltas` (the mount's `MOUNT/NAME/deltas/` is where fine-tunes are written).
@@ -84,7 +85,15 @@ pub fn walk(dir: &Path) -> Result<Walk> {
         return Err(Error::NotAModel { path: dir.to_owned(), reason });
     }
     let root = dir.canonicalize().map_err(io_err(dir))?;
-    let mut walker = Walker { root: root.clone(), out: Walk { root, ..Default::default() }, outside: vec![] };
+    // A hub cache snapshot (`models--ORG--NAME/snapshots/REV/`) is all symlinks into its
+    // repository's `blobs/`: that is the layout, not worth a line; links leaving it still are.
+    let blobs = root
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .and_then(|repo| repo.join("blobs").canonicalize().ok());
+    let mut walker =
+        Walker { root: root.clone(), out: Walk { root, ..Default::default() }, outside: vec![], blobs };
     let mut ancestors = vec![(meta.dev(), meta.ino())];
     walker.dir(&walker.root.clone(), "", &mut ancestors)?;
     let Walker { mut out, outside, .. } = walker;
@@ -140,6 +149,8 @@ struct Walker {
     out: Walk,
     /// Symlinks (relative path, canonical target) that lead outside `root`.
     outside: Vec<(String, PathBuf)>,
+    /// The hub cache repository's `blobs/` when `root` is one of its snapshots.
+    blobs: Option<PathBuf>,
 }
 
 impl Walker {
@@ -180,7 +191,8 @@ impl Walker {
                     reason: format!("a symlink to {} that cannot be followed: {e}", target.display()),
                 })?;
                 let real = child.canonicalize().map_err(io_err(&child))?;
-                if !real.starts_with(&self.root) {
+                let hub_blob = self.blobs.as_ref().is_some_and(|b| real.starts_with(b));
+                if !real.starts_with(&self.root) && !hub_blob {
                     self.outside.push((child_rel.clone(), real));
                 }
                 meta

@@ -710,12 +710,17 @@ impl Fs {
             Node::DeltaFile { entry, name, file, .. } => {
                 let committed = self.committed(&name, &file);
                 if write {
-                    let (f, id, staged) = self.staging.open(&self.store, &entry, &name, &file, truncate)?;
+                    let fill = committed.is_ok() && !truncate;
+                    let (f, id, staged) =
+                        self.staging.open(&self.store, &entry, &name, &file, truncate, fill)?;
                     if let (Ok(stored), false, false) = (&committed, truncate, staged) {
                         // Rewriting a stored file: stage its bytes first, so a partial write
                         // changes only what it covers (the kernel sends O_TRUNC as a separate
-                        // truncate when it did not negotiate atomic O_TRUNC).
-                        if let Err(e) = stage_copy(stored, &f) {
+                        // truncate when it did not negotiate atomic O_TRUNC). A second open of
+                        // the file waits in staging.open until this copy is over.
+                        let copied = stage_copy(stored, &f);
+                        self.staging.filled(&entry, &name, id, copied.clone());
+                        if let Err(e) = copied {
                             self.staging.closed(&entry, &name, id);
                             return Err(FsError::eio(format!("{name}/{file}: {e}")));
                         }
@@ -791,7 +796,7 @@ impl Fs {
             return Err(FsError::new(libc::EROFS));
         };
         let path = write::join(&dir, file);
-        let (f, id, _) = self.staging.open(&self.store, &entry, &name, &path, true)?;
+        let (f, id, _) = self.staging.open(&self.store, &entry, &name, &path, true, false)?;
         let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: path };
         let ino = self.ino(node.clone());
         let attr = self.attr_of(ino, &node)?;
@@ -837,11 +842,10 @@ impl Fs {
             result?;
             return self.attr_of(ino, &node);
         };
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|f| f.set_len(size))
-            .map_err(|e| FsError::eio(e.to_string()))?;
+        let f =
+            std::fs::OpenOptions::new().write(true).open(path).map_err(|e| FsError::eio(e.to_string()))?;
+        write::fits(&f, size)?;
+        f.set_len(size).map_err(|e| FsError::eio(e.to_string()))?;
         self.staging.resized(&self.store, entry, name, file, size)?;
         self.attr_of(ino, &node)
     }

@@ -37,7 +37,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::{FsError, FsResult};
 use crate::delta::stream::Stream;
@@ -81,6 +81,39 @@ struct Staged {
     stream: Option<Arc<Stream>>,
     /// The registry lists it as unfinished.
     marked: bool,
+    /// The copy of the stored bytes into the staged file (rewriting a stored file without
+    /// O_TRUNC): every other open waits for it, so its copy never lands on their writes.
+    fill: Arc<Fill>,
+}
+
+/// Where the copy-in of a staged file stands.
+#[derive(Default)]
+struct Fill {
+    /// None while the first opener copies; then Ok, or why the copy failed.
+    done: Mutex<Option<Result<(), String>>>,
+    ready: Condvar,
+}
+
+impl Fill {
+    fn finished() -> Arc<Fill> {
+        Arc::new(Fill { done: Mutex::new(Some(Ok(()))), ready: Condvar::new() })
+    }
+
+    fn set(&self, result: Result<(), String>) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        self.ready.notify_all();
+    }
+
+    /// Wait until the copy-in is over; its result.
+    fn wait(&self) -> Result<(), String> {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*done {
+                Some(result) => return result.clone(),
+                None => done = self.ready.wait(done).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
 }
 
 impl Staged {
@@ -335,6 +368,11 @@ impl Staging {
     /// `truncate`) it; a session is opened implicitly for a delta entry that already exists
     /// (writing more files). Returns the staged file and its number, and whether it was staged
     /// before this open. The file is listed as unfinished in the registry before this returns.
+    ///
+    /// `fill`: if this open stages the file anew (it was not staged), the caller copies the
+    /// stored bytes into it and then calls [`Staging::filled`]; an open of a file being filled
+    /// so waits for that copy to end before it returns (its writes would be overwritten by it),
+    /// and fails if the copy did.
     pub fn open(
         &self,
         store: &Store,
@@ -342,10 +380,11 @@ impl Staging {
         name: &str,
         file: &str,
         truncate: bool,
+        fill: bool,
     ) -> FsResult<(File, u64, bool)> {
         registry::validate_file_path(file)
             .map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
-        let (f, id, existed, marked) = {
+        let (f, id, existed, marked, filling) = {
             let mut sessions = self.lock();
             let session = Self::session(&mut sessions, store, base, name)?;
             let existed = session.names.get(file).copied();
@@ -369,6 +408,7 @@ impl Staging {
                 failed: None,
                 stream: None,
                 marked: false,
+                fill: if fill && !truncate { Arc::new(Fill::default()) } else { Fill::finished() },
             });
             session.names.insert(file.to_owned(), id);
             s.writers += 1;
@@ -376,21 +416,57 @@ impl Staging {
                 s.version += 1;
                 s.failed = None;
             }
-            let marked = s.marked;
+            let (marked, filling) = (s.marked, s.fill.clone());
             if truncate || existed.is_none() {
                 // Empty now (or about to be filled by a copy of the stored file, which a stream
                 // never sees as written, so it then codes nothing and close codes the staged file).
                 session.restart_stream(store, base, id);
             }
-            (f, id, existed.is_some(), marked)
+            (f, id, existed.is_some(), marked, filling)
         };
+        if existed {
+            // Outside the sessions' mutex: the filler needs it to finish.
+            if let Err(e) = filling.wait() {
+                self.closed(base, name, id);
+                return Err(FsError::eio(format!("{name}/{file}: copying the stored file failed: {e}")));
+            }
+            if truncate {
+                // A copy-in that was running when this open truncated wrote after it.
+                if let Err(e) = f.set_len(0) {
+                    self.closed(base, name, id);
+                    return Err(io_fs("staging", e));
+                }
+            }
+        }
         if !marked {
             if let Err(e) = self.mark(store, base, name, id) {
+                if !existed {
+                    // Nobody will fill it: opens that joined meanwhile fail too.
+                    filling.set(Err(e.message.clone().unwrap_or_else(|| "the open failed".into())));
+                }
                 self.closed(base, name, id);
                 return Err(e);
             }
         }
         Ok((f, id, existed))
+    }
+
+    /// The copy of the stored bytes into staged file `id` (see [`Staging::open`]'s `fill`) is
+    /// over: the opens waiting for it go on (or fail with it). A failed copy also keeps the
+    /// staged bytes from ever being stored.
+    pub fn filled(&self, base: &str, name: &str, id: u64, result: Result<(), String>) {
+        let fill = {
+            let mut sessions = self.lock();
+            let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
+                return;
+            };
+            if let Err(e) = &result {
+                s.failed = Some(format!("copying the stored file failed: {e}"));
+                s.stream = None;
+            }
+            s.fill.clone()
+        };
+        fill.set(result);
     }
 
     /// List staged file `id` as unfinished in the registry (creating the entry, empty, if it is
@@ -531,7 +607,14 @@ impl Staging {
             Some(done) => done,
             None => {
                 let registry = store.load().map_err(registry_fs)?;
-                let view = delta::make::base_view(&registry, base).map_err(registry_fs)?;
+                let view = delta::make::base_view(&registry, base).map_err(|e| FsError {
+                    errno: libc::EIO,
+                    message: Some(format!(
+                        "{name}/{shown} not stored: its base {base} cannot be read as it was added \
+                         ({e}); a delta is coded against the base's bytes as added, so no file is \
+                         stored over a changed base: `llmfs check {base}` says what to do"
+                    )),
+                })?;
                 let base_tensors = delta::make::BaseTensors::of(&view);
                 // store_file codes by its source's name: give it one that says what the bytes
                 // are (a link to the staged file), whatever the file is called.
@@ -794,8 +877,40 @@ impl Staging {
 
 /// Write `data` at `offset` of a staged file.
 pub fn write_at(file: &File, offset: u64, data: &[u8]) -> FsResult<u32> {
+    // Only a hole is checked: a write that runs out of disk gets the disk's own ENOSPC.
+    fits(file, offset)?;
     file.write_all_at(data, offset).map_err(|e| io_fs("staging write", e))?;
     Ok(data.len() as u32)
+}
+
+/// EFBIG if staged file `file` grown to `size` bytes by a hole (a write past its end, a
+/// truncate that extends it) would be larger than the staging filesystem can hold: a write at a
+/// huge offset (or `truncate -s 1T`) makes a sparse file that costs nothing until it is stored,
+/// and storing reads (and codes) every byte of it, holes included. Its current size plus the
+/// free space is what a real file could reach.
+pub fn fits(file: &File, size: u64) -> FsResult<()> {
+    use std::os::fd::AsRawFd;
+    let now = file.metadata().map_err(|e| io_fs("staging", e))?.len();
+    if size <= now {
+        return Ok(());
+    }
+    // SAFETY: fstatvfs fills the struct we pass, for a descriptor we hold open.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Ok(()); // Unknown: the write itself says if the disk is full.
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    if size - now > free {
+        return Err(FsError {
+            errno: libc::EFBIG,
+            message: Some(format!(
+                "a file of {size} bytes does not fit: the staging filesystem has {free} bytes free \
+                 (a write at a huge offset or a truncate far past the end makes a sparse file, which \
+                 is stored whole)"
+            )),
+        });
+    }
+    Ok(())
 }
 
 /// Remove what a killed daemon left: staging directories of processes that no longer run, and
@@ -845,7 +960,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let staging = Staging::default();
         for bad in ["../x", "a/../b", "/abs", "a//b", "a/", ".", ""] {
-            let e = staging.open(&store, "base", "new", bad, true).err().map(|e| e.errno);
+            let e = staging.open(&store, "base", "new", bad, true, false).err().map(|e| e.errno);
             assert_eq!(e, Some(libc::EINVAL), "open of {bad:?}");
             let e = staging.mkdir_sub(&store, "base", "new", bad).err().map(|e| e.errno);
             assert_eq!(e, Some(libc::EINVAL), "mkdir of {bad:?}");
@@ -853,6 +968,52 @@ mod tests {
             assert_eq!(e, Some(libc::EINVAL), "rename to {bad:?}");
         }
         assert!(store.load().unwrap().entries.is_empty());
+    }
+
+    /// Two opens of one stored file without O_TRUNC: the second waits until the first's copy
+    /// of the stored bytes is in, so that copy cannot overwrite the second's writes.
+    #[test]
+    fn a_second_open_waits_for_the_copy_in_of_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        crate::demo::write_model(&model, &crate::demo::ModelSpec::tiny()).unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        crate::registry::add::add(&store, "base", &model, &Default::default()).unwrap();
+        let staging = Arc::new(Staging::default());
+        let (first, id, existed) = staging.open(&store, "base", "new", "a.txt", false, true).unwrap();
+        assert!(!existed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let second = {
+            let (staging, store) = (staging.clone(), store.clone());
+            std::thread::spawn(move || {
+                let (f, _, existed) = staging.open(&store, "base", "new", "a.txt", false, true).unwrap();
+                assert!(existed);
+                // Its early write, which the first open's copy must not overwrite.
+                f.write_all_at(b"B", 0).unwrap();
+                tx.send(()).unwrap();
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(rx.try_recv().is_err(), "the second open returned while the first was copying");
+        first.write_all_at(b"stored", 0).unwrap();
+        staging.filled("base", "new", id, Ok(()));
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the second open never returned");
+        second.join().unwrap();
+        let path = staging.staged_path("base", "new", "a.txt").unwrap();
+        assert_eq!(fs::read(path).unwrap(), b"Btored");
+
+        // A failed copy fails the opens that waited for it, and the file is never stored.
+        let (_f, id, _) = staging.open(&store, "base", "new", "b.txt", false, true).unwrap();
+        let waiter = {
+            let (staging, store) = (staging.clone(), store.clone());
+            std::thread::spawn(move || staging.open(&store, "base", "new", "b.txt", false, true).map(drop))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        staging.filled("base", "new", id, Err("a read failed".into()));
+        let e = waiter.join().unwrap().unwrap_err();
+        assert!(e.errno == libc::EIO && e.message.unwrap().contains("a read failed"));
+        let e = staging.commit(&store, "base", "new", id).unwrap_err();
+        assert!(e.message.unwrap().contains("not stored"));
     }
 
     #[test]

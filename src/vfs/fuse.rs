@@ -367,7 +367,7 @@ impl Filesystem for FuseFs {
         _atime: Option<TimeOrNow>,
         _mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -378,7 +378,7 @@ impl Filesystem for FuseFs {
             // Only a size change means anything (cp truncates); modes and times are fixed by the
             // registry, and accepting them silently keeps `cp -a` working.
             let result = match size {
-                Some(size) => self.fs.set_size(ino.0, size),
+                Some(size) => self.fs.set_size(ino.0, size, fh.is_some()),
                 None => self.fs.getattr(ino.0),
             };
             match result {

@@ -826,7 +826,10 @@ impl Fs {
 
     /// `truncate`/`ftruncate` of a file in deltas/ (cp may size it first). A stored file that is
     /// not open is staged, resized and stored again.
-    pub fn set_size(&self, ino: u64, size: u64) -> FsResult<Attr> {
+    /// `through_handle`: ftruncate(2) of an open descriptor (stored at its close, like its
+    /// writes) rather than truncate(2) of a path, which is stored now: the descriptor that staged
+    /// the file may be closed already, its RELEASE still on its way, and nothing would store it.
+    pub fn set_size(&self, ino: u64, size: u64, through_handle: bool) -> FsResult<Attr> {
         let node = self.node(ino)?;
         let Node::DeltaFile { entry, name, file, .. } = &node else {
             return Err(FsError::new(libc::EROFS));
@@ -835,7 +838,7 @@ impl Fs {
             let opened = self.open(ino, true, size == 0)?;
             let mut result = Ok(());
             if size != 0 {
-                result = self.set_size(ino, size).map(drop);
+                result = self.set_size(ino, size, true).map(drop);
             }
             let result = result.and_then(|()| self.flush(opened.fh));
             self.release(opened.fh);
@@ -847,6 +850,11 @@ impl Fs {
         write::fits(&f, size)?;
         f.set_len(size).map_err(|e| FsError::eio(e.to_string()))?;
         self.staging.resized(&self.store, entry, name, file, size)?;
+        if !through_handle {
+            if let Some(id) = self.staging.staged_id(entry, name, file) {
+                self.staging.commit(&self.store, entry, name, id)?;
+            }
+        }
         self.attr_of(ino, &node)
     }
 

@@ -358,6 +358,11 @@ impl Staging {
     }
 
     /// The staged file, for reads of a file still being written.
+    /// The number of staged file `file`, if it is staged.
+    pub fn staged_id(&self, base: &str, name: &str, file: &str) -> Option<u64> {
+        self.lock().get(&key(base, name))?.names.get(file).copied()
+    }
+
     pub fn staged_path(&self, base: &str, name: &str, file: &str) -> Option<PathBuf> {
         let sessions = self.lock();
         let s = sessions.get(&key(base, name))?;

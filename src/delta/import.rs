@@ -16,40 +16,17 @@ use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::compute::merge::LoraFactors;
 use crate::format::{self, Dtype, Header};
 use crate::registry::add::{copy_to_staging, Added};
+pub use crate::registry::recipe::ImportFormat;
 use crate::registry::walk::gone;
 use crate::registry::{
     self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Registry, Store,
 };
 use crate::variant::{self, Content, EntryView, LogicalTensor, SourceFile, TensorSource, ViewError};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ImportFormat {
-    Fastchat,
-    Lora,
-}
-
-impl ImportFormat {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "fastchat" => Some(Self::Fastchat),
-            "lora" => Some(Self::Lora),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fastchat => "fastchat",
-            Self::Lora => "lora",
-        }
-    }
-}
 
 const PEFT_PREFIX: &str = "base_model.model.";
 

@@ -28,32 +28,7 @@ pub mod source;
 pub mod stream;
 pub mod view;
 
-use serde::{Deserialize, Serialize};
-
-/// How tensors that have a base twin are coded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeltaCodec {
-    /// Exact: bit patterns combined with the base's, byte planes split, zstd in chunks.
-    Lossless,
-    /// target − base as group-wise int8 with an f32 scale per group.
-    Q8,
-    /// BitDelta: the sign of target − base and one scale per row.
-    Bitdelta,
-}
-
-impl DeltaCodec {
-    pub fn name(self) -> &'static str {
-        match self {
-            DeltaCodec::Lossless => "lossless",
-            DeltaCodec::Q8 => "q8",
-            DeltaCodec::Bitdelta => "bitdelta",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        [DeltaCodec::Lossless, DeltaCodec::Q8, DeltaCodec::Bitdelta].into_iter().find(|c| c.name() == s)
-    }
-}
+pub use crate::registry::recipe::DeltaCodec;
 
 /// Container metadata keys.
 pub(crate) mod keys {

@@ -17,6 +17,7 @@ pub mod export;
 pub mod format;
 pub mod quantize;
 pub mod registry;
+pub mod source;
 pub mod store;
 pub mod variant;
 pub mod vfs;

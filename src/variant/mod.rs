@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use source::{ReadError, SourceFile, TensorSource};
+pub use crate::source::{ReadError, SourceFile};
+pub use source::TensorSource;
 
 use crate::adapter;
 use crate::codec::quant_file::QuantSource;

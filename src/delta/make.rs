@@ -377,7 +377,8 @@ pub fn base_view(registry: &registry::Registry, base: &str) -> Result<EntryView,
     registry.chain(base)?;
     let view = variant::build_view(registry, base).map_err(|e| Error::Invalid(e.to_string()))?;
     for file in &view.files {
-        crate::vfs::check_sources(file).map_err(|e| Error::Invalid(format!("{base}: {}: {e}", file.name)))?;
+        crate::variant::check_sources(file)
+            .map_err(|e| Error::Invalid(format!("{base}: {}: {e}", file.name)))?;
     }
     Ok(view)
 }

@@ -11,11 +11,11 @@
 //! one tensor at a time). Files written into `deltas/` are coded the same way while they are
 //! being written (`delta::stream`), into the same container bytes.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
+pub use super::view::BaseTensors;
 use super::{keys, DeltaCodec};
 use crate::cache::with_scratch;
 use crate::codec::delta as codec;
@@ -23,21 +23,6 @@ use crate::format::{self, Dtype, HeaderBuilder};
 use crate::registry::add::Added;
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
 use crate::variant::{self, EntryView, LogicalTensor};
-
-/// The base's tensors by name, across all its shards.
-pub struct BaseTensors(HashMap<String, LogicalTensor>);
-
-impl BaseTensors {
-    pub fn of(view: &EntryView) -> Self {
-        BaseTensors(
-            view.weights.values().flat_map(|w| &w.tensors).map(|t| (t.name.clone(), t.clone())).collect(),
-        )
-    }
-    /// The base twin of a target tensor: same name, shape and dtype.
-    pub(crate) fn twin(&self, name: &str, shape: &[usize], dtype: Dtype) -> Option<&LogicalTensor> {
-        self.0.get(name).filter(|t| t.shape == shape && t.source.dtype() == dtype)
-    }
-}
 
 /// What a container of a target file holds before any of it is coded: its `__metadata__` and the
 /// names of its parts in order. Everything here follows from the target's header and the base, so

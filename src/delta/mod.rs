@@ -24,7 +24,6 @@
 
 pub mod import;
 pub mod make;
-pub mod source;
 pub mod stream;
 pub mod view;
 

@@ -69,7 +69,7 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
                 crate::delta::view::delta_view(registry, entry_name, files, &base)?
             }
             (EntryKind::Imported { format, files, .. }, Some(base)) => {
-                crate::delta::import::imported_view(registry, entry_name, files, *format, &base)?
+                crate::delta::view::imported_view(registry, entry_name, files, *format, &base)?
             }
             (_, None) => unreachable!("a chain ends in a base"),
         });

@@ -20,7 +20,8 @@
 //! ```
 //!
 //! `make` writes containers (for `llmfs delta make` and for files written into `deltas/`);
-//! `source` reads tensors back; `view` describes a delta entry's files for the mount.
+//! `view` describes a delta entry's files for the mount (and an imported entry's), with the sources
+//! that read tensors back (`variant::source`: they wrap the base's sources, so they live with them).
 
 pub mod import;
 pub mod make;

@@ -7,6 +7,9 @@
 //! [`TensorSource`] — stored bytes, or a recipe over another source (a cast, a dequantization …).
 //! Views compose: a variant's view is its base's view with each weight tensor's source wrapped.
 //!
+//! `view` holds the vocabulary, `source` the tensor sources; this module's [`build_view`] walks an
+//! entry's chain and applies each recipe (a delta's or an import's through `delta::view`).
+//!
 //! Nothing here knows about FUSE or the cache: `vfs` maps byte ranges onto these descriptions and
 //! caches what [`TensorSource::read`] produces.
 

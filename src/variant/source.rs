@@ -1,4 +1,6 @@
-//! Where tensor bytes come from: stored bytes in a file, or a recipe over another source.
+//! Where tensor bytes come from: stored bytes in a file, or a recipe over another source (a cast,
+//! a dequantization, a delta applied to its base, a LoRA merge). The recipes' sources wrap their
+//! base's [`TensorSource`] and it names them, so they are defined together here.
 
 use std::ops::Range;
 use std::sync::Arc;

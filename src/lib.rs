@@ -6,7 +6,7 @@
 //! (model families, conversation templates). `source` is a file read back under its fingerprint.
 //! `codec` decodes stored tensors, with `compute`'s kernels. The recipes (cast, quantize, delta,
 //! import) describe a variant's tensors as sources over its base's (`variant::source`) and build
-//! views (`variant::view`, `delta::view`); `variant::build_view` picks the recipe for each entry of a
+//! views (`variant::view`, `variant::delta`); `variant::build_view` picks the recipe for each entry of a
 //! chain. The delta makers (`delta::make`, `delta::stream`, `delta::import`) read their base through
 //! its view. `vfs` (FUSE ops, byte ranges) serves views through `cache` (decoded chunks); nothing
 //! below `vfs` imports it. `check`, `export`, `quantize` and `demo` are the commands that are more

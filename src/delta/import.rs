@@ -14,11 +14,11 @@
 use std::fs;
 use std::path::Path;
 
-use super::view::import_view;
 use crate::registry::add::{copy_to_staging, Added};
 pub use crate::registry::recipe::ImportFormat;
 use crate::registry::walk::gone;
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
+use crate::variant::delta::import_view;
 
 /// Import `from` as entry `name` over `base`: validate it against the base, copy it in, register.
 pub fn import(

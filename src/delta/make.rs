@@ -15,13 +15,14 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-pub use super::view::BaseTensors;
-use super::{keys, DeltaCodec};
+use super::DeltaCodec;
 use crate::cache::with_scratch;
 use crate::codec::delta as codec;
 use crate::format::{self, Dtype, HeaderBuilder};
 use crate::registry::add::Added;
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
+use crate::variant::delta::keys;
+pub use crate::variant::delta::BaseTensors;
 use crate::variant::{self, EntryView, LogicalTensor};
 
 /// What a container of a target file holds before any of it is coded: its `__metadata__` and the

@@ -20,25 +20,12 @@
 //! ```
 //!
 //! `make` writes containers (for `llmfs delta make` and for files written into `deltas/`);
-//! `view` describes a delta entry's files for the mount (and an imported entry's), with the sources
-//! that read tensors back (`variant::source`: they wrap the base's sources, so they live with them).
+//! Reading deltas back is the views' side, below this module: `variant::delta` describes a delta
+//! entry's files (and an imported entry's) and holds the container keys; `variant::source` the
+//! sources that read tensors back (they wrap the base's sources, so they live with them).
 
 pub mod import;
 pub mod make;
 pub mod stream;
-pub mod view;
 
 pub use crate::registry::recipe::DeltaCodec;
-
-/// Container metadata keys.
-pub(crate) mod keys {
-    pub const KIND: &str = "llmfs.kind";
-    pub const CODEC: &str = "llmfs.codec";
-    pub const SIZE: &str = "llmfs.size";
-    pub const BASED: &str = "llmfs.based";
-    pub const KIND_SAFETENSORS: &str = "safetensors";
-    pub const KIND_VERBATIM: &str = "verbatim";
-    pub const HEADER: &str = "__header__";
-    /// The tensor name under which a verbatim file's bytes are coded.
-    pub const FILE: &str = "file";
-}

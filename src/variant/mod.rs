@@ -8,11 +8,12 @@
 //! Views compose: a variant's view is its base's view with each weight tensor's source wrapped.
 //!
 //! `view` holds the vocabulary, `source` the tensor sources; this module's [`build_view`] walks an
-//! entry's chain and applies each recipe (a delta's or an import's through `delta::view`).
+//! entry's chain and applies each recipe (a delta's or an import's through [`delta`]).
 //!
 //! Nothing here knows about FUSE or the cache: `vfs` maps byte ranges onto these descriptions and
 //! caches what [`TensorSource::read`] produces.
 
+pub mod delta;
 pub mod source;
 pub mod view;
 
@@ -69,10 +70,10 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
                 .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?
             }
             (EntryKind::Delta { files, .. }, Some(base)) => {
-                crate::delta::view::delta_view(registry, entry_name, files, &base)?
+                delta::delta_view(registry, entry_name, files, &base)?
             }
             (EntryKind::Imported { format, files, .. }, Some(base)) => {
-                crate::delta::view::imported_view(registry, entry_name, files, *format, &base)?
+                delta::imported_view(registry, entry_name, files, *format, &base)?
             }
             (_, None) => unreachable!("a chain ends in a base"),
         });

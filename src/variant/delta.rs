@@ -1,5 +1,5 @@
 //! A delta entry's files as the mount shows them: each target file rebuilt from its container;
-//! and an imported delta's (`fastchat`, `lora`: see `import`), its tensors applied to the base's.
+//! and an imported delta's (`fastchat`, `lora`: see `delta::import`), its tensors applied to the base's.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -8,15 +8,28 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::keys;
+use super::source::{LazyFactors, LosslessSource, LossySource, TensorSource};
+use super::view::{
+    self as variant, Content, EntryView, LogicalTensor, SynthFile, SynthTensor, VFile, ViewError, WeightFile,
+};
 use crate::format::{self, Dtype, Header};
 use crate::registry::recipe::ImportFormat;
 use crate::registry::{self, FileRecord, FileRole, Registry};
 use crate::source::SourceFile;
-use crate::variant::source::{LazyFactors, LosslessSource, LossySource, TensorSource};
-use crate::variant::view::{
-    self as variant, Content, EntryView, LogicalTensor, SynthFile, SynthTensor, VFile, ViewError, WeightFile,
-};
+
+/// Container metadata keys (the container format: `delta`'s module doc). The makers in `delta`
+/// write them; they are defined here, on the lower side.
+pub(crate) mod keys {
+    pub const KIND: &str = "llmfs.kind";
+    pub const CODEC: &str = "llmfs.codec";
+    pub const SIZE: &str = "llmfs.size";
+    pub const BASED: &str = "llmfs.based";
+    pub const KIND_SAFETENSORS: &str = "safetensors";
+    pub const KIND_VERBATIM: &str = "verbatim";
+    pub const HEADER: &str = "__header__";
+    /// The tensor name under which a verbatim file's bytes are coded.
+    pub const FILE: &str = "file";
+}
 
 /// Describe delta entry `name` (containers `files`) over its base's view.
 pub fn delta_view(

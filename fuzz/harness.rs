@@ -25,13 +25,13 @@ use llmfs::codec::delta as dcodec;
 use llmfs::codec::quant::QuantConfig;
 use llmfs::codec::quant_file::QuantSource;
 use llmfs::delta::import::{self, ImportFormat};
-use llmfs::delta::source::{LosslessSource, LossySource};
 use llmfs::delta::DeltaCodec;
 use llmfs::demo::{self, ModelSpec};
 use llmfs::format::{self, Dtype, HeaderBuilder};
 use llmfs::registry::{
     self, Entry, EntryKind, FileRecord, FileRole, Fingerprint, ModelInfo, Registry, Store,
 };
+use llmfs::variant::source::{LosslessSource, LossySource};
 use llmfs::variant::{self, Content, SourceFile, TensorSource};
 
 /// Largest output a harness decodes in one read (keeps each run fast and bounded).

@@ -1,10 +1,16 @@
 //! llmfs: a FUSE filesystem for LLM weights.
 //!
-//! The read path flows one way: `vfs` (FUSE ops, byte ranges) → `cache` (decoded chunks) →
-//! `variant` (what bytes each virtual file holds) → `codec` (how a stored tensor is decoded) →
-//! `compute` (the kernels) → bytes. The store's catalogue is `registry`; `adapter` knows model
-//! families and their conversation templates; `format` is the strict safetensors parser and
-//! header writer. `check`, `export` and `demo` are the commands that are more than a few lines.
+//! Data flows one way; no module imports one above it. From the bottom: `registry` is the store's
+//! catalogue, plain data (entries and their recipes' parameters, `registry::recipe`), over `store`
+//! (where the bytes live), `format` (the strict safetensors parser and header writer) and `adapter`
+//! (model families, conversation templates). `source` is a file read back under its fingerprint.
+//! `codec` decodes stored tensors, with `compute`'s kernels. The recipes (cast, quantize, delta,
+//! import) describe a variant's tensors as sources over its base's (`variant::source`) and build
+//! views (`variant::view`, `variant::delta`); `variant::build_view` picks the recipe for each entry of a
+//! chain. The delta makers (`delta::make`, `delta::stream`, `delta::import`) read their base through
+//! its view. `vfs` (FUSE ops, byte ranges) serves views through `cache` (decoded chunks); nothing
+//! below `vfs` imports it. `check`, `export`, `quantize` and `demo` are the commands that are more
+//! than a few lines.
 
 pub mod adapter;
 pub mod cache;
@@ -17,6 +23,7 @@ pub mod export;
 pub mod format;
 pub mod quantize;
 pub mod registry;
+pub mod source;
 pub mod store;
 pub mod variant;
 pub mod vfs;

@@ -47,7 +47,8 @@ pub fn quantize(
     }
     let view = variant::build_view(&registry, base).map_err(|e| Error::Invalid(e.to_string()))?;
     for file in &view.files {
-        crate::vfs::check_sources(file).map_err(|e| Error::Invalid(format!("{base}: {}: {e}", file.name)))?;
+        crate::variant::check_sources(file)
+            .map_err(|e| Error::Invalid(format!("{base}: {}: {e}", file.name)))?;
     }
     // A row shorter than the group, or not a multiple of it, is padded with zeros to whole groups,
     // as FastChat's compress does (compression.py:248-257; codec::quant): nothing to refuse.

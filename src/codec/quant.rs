@@ -95,6 +95,8 @@ use half::{bf16, f16};
 use crate::compute::cast::{bf16_bits_from_f32, f16_bits_from_f32, f16_bits_to_f32, f32_to_f16_bits};
 use rayon::prelude::*;
 
+pub use crate::registry::recipe::QuantConfig;
+
 /// What torch (2.15.0, x86-64) gives for `NaN.to(torch.int8)` in FastChat's compress
 /// (compression.py:264): found with `scripts/fastchat_quant_check.py --probe`.
 pub const SYM_NAN_CODE: i8 = 0;
@@ -116,24 +118,6 @@ pub enum QuantError {
     /// A buffer's length does not match the shape and configuration.
     #[error("{what} has {got} elements, expected {expected}")]
     LengthMismatch { what: &'static str, expected: usize, got: usize },
-}
-
-/// FastChat's `CompressionConfig` (compression.py:23-31) for `group_dim=1`, `enabled=True`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct QuantConfig {
-    /// 8 or 4.
-    pub bits: u8,
-    /// Elements per group along dim 1; any value ≥ 1 (larger than the row: one padded group).
-    pub group_size: usize,
-    /// Symmetric (scale only) or asymmetric (scale and minimum).
-    pub symmetric: bool,
-}
-
-impl Default for QuantConfig {
-    /// FastChat's `default_compression_config` (compression.py:34-36).
-    fn default() -> Self {
-        QuantConfig { bits: 8, group_size: 256, symmetric: true }
-    }
 }
 
 impl QuantConfig {

@@ -22,7 +22,7 @@ use half::{bf16, f16};
 use super::quant::{QuantBytesView, QuantConfig, QuantFloat};
 use crate::cache::with_scratch;
 use crate::format::{Dtype, Header};
-use crate::variant::{ReadError, SourceFile};
+use crate::source::{ReadError, SourceFile};
 
 pub const CODEC_NAME: &str = "fastchat-groupwise";
 

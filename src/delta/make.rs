@@ -11,33 +11,19 @@
 //! one tensor at a time). Files written into `deltas/` are coded the same way while they are
 //! being written (`delta::stream`), into the same container bytes.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::{keys, DeltaCodec};
+use super::DeltaCodec;
 use crate::cache::with_scratch;
 use crate::codec::delta as codec;
 use crate::format::{self, Dtype, HeaderBuilder};
 use crate::registry::add::Added;
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
+use crate::variant::delta::keys;
+pub use crate::variant::delta::BaseTensors;
 use crate::variant::{self, EntryView, LogicalTensor};
-
-/// The base's tensors by name, across all its shards.
-pub struct BaseTensors(HashMap<String, LogicalTensor>);
-
-impl BaseTensors {
-    pub fn of(view: &EntryView) -> Self {
-        BaseTensors(
-            view.weights.values().flat_map(|w| &w.tensors).map(|t| (t.name.clone(), t.clone())).collect(),
-        )
-    }
-    /// The base twin of a target tensor: same name, shape and dtype.
-    pub(crate) fn twin(&self, name: &str, shape: &[usize], dtype: Dtype) -> Option<&LogicalTensor> {
-        self.0.get(name).filter(|t| t.shape == shape && t.source.dtype() == dtype)
-    }
-}
 
 /// What a container of a target file holds before any of it is coded: its `__metadata__` and the
 /// names of its parts in order. Everything here follows from the target's header and the base, so
@@ -377,7 +363,8 @@ pub fn base_view(registry: &registry::Registry, base: &str) -> Result<EntryView,
     registry.chain(base)?;
     let view = variant::build_view(registry, base).map_err(|e| Error::Invalid(e.to_string()))?;
     for file in &view.files {
-        crate::vfs::check_sources(file).map_err(|e| Error::Invalid(format!("{base}: {}: {e}", file.name)))?;
+        crate::variant::check_sources(file)
+            .map_err(|e| Error::Invalid(format!("{base}: {}: {e}", file.name)))?;
     }
     Ok(view)
 }

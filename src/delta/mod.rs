@@ -20,50 +20,12 @@
 //! ```
 //!
 //! `make` writes containers (for `llmfs delta make` and for files written into `deltas/`);
-//! `source` reads tensors back; `view` describes a delta entry's files for the mount.
+//! Reading deltas back is the views' side, below this module: `variant::delta` describes a delta
+//! entry's files (and an imported entry's) and holds the container keys; `variant::source` the
+//! sources that read tensors back (they wrap the base's sources, so they live with them).
 
 pub mod import;
 pub mod make;
-pub mod source;
 pub mod stream;
-pub mod view;
 
-use serde::{Deserialize, Serialize};
-
-/// How tensors that have a base twin are coded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeltaCodec {
-    /// Exact: bit patterns combined with the base's, byte planes split, zstd in chunks.
-    Lossless,
-    /// target − base as group-wise int8 with an f32 scale per group.
-    Q8,
-    /// BitDelta: the sign of target − base and one scale per row.
-    Bitdelta,
-}
-
-impl DeltaCodec {
-    pub fn name(self) -> &'static str {
-        match self {
-            DeltaCodec::Lossless => "lossless",
-            DeltaCodec::Q8 => "q8",
-            DeltaCodec::Bitdelta => "bitdelta",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        [DeltaCodec::Lossless, DeltaCodec::Q8, DeltaCodec::Bitdelta].into_iter().find(|c| c.name() == s)
-    }
-}
-
-/// Container metadata keys.
-pub(crate) mod keys {
-    pub const KIND: &str = "llmfs.kind";
-    pub const CODEC: &str = "llmfs.codec";
-    pub const SIZE: &str = "llmfs.size";
-    pub const BASED: &str = "llmfs.based";
-    pub const KIND_SAFETENSORS: &str = "safetensors";
-    pub const KIND_VERBATIM: &str = "verbatim";
-    pub const HEADER: &str = "__header__";
-    /// The tensor name under which a verbatim file's bytes are coded.
-    pub const FILE: &str = "file";
-}
+pub use crate::registry::recipe::DeltaCodec;

@@ -31,11 +31,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::make::{encode_chunk_at, BaseTensors, ContainerWriter, Layout};
-use super::{keys, DeltaCodec};
+use super::DeltaCodec;
 use crate::codec::delta as codec;
 use crate::format::{self, Dtype};
 use crate::registry::{io_err, Error, FileRecord, FileRole, Fingerprint};
-use crate::variant::LogicalTensor;
+use crate::variant::delta::keys;
+use crate::variant::view::LogicalTensor;
 
 /// One step of the container, in container order.
 enum Job {

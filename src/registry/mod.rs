@@ -22,6 +22,7 @@
 pub mod add;
 pub mod fingerprint;
 pub mod known_models;
+pub mod recipe;
 pub mod walk;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,11 +33,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::quant::QuantConfig;
-use crate::delta::import::ImportFormat;
-use crate::delta::DeltaCodec;
 use crate::format::{Dtype, FileHeaderError};
 pub use fingerprint::Fingerprint;
+use recipe::{DeltaCodec, ImportFormat, QuantConfig};
 
 /// FastChat's `ModelInfo` (model_registry.py): what a person sees when choosing a model.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

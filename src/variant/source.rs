@@ -1,141 +1,17 @@
-//! Where tensor bytes come from: stored bytes in a file, or a recipe over another source.
+//! Where tensor bytes come from: stored bytes in a file, or a recipe over another source (a cast,
+//! a dequantization, a delta applied to its base, a LoRA merge). The recipes' sources wrap their
+//! base's [`TensorSource`] and it names them, so they are defined together here.
 
-use std::fs::File;
-use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crate::cache::with_scratch;
+use crate::codec::delta as codec;
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
-use crate::delta::import::LazyFactors;
-use crate::delta::source::{LosslessSource, LossySource};
-use crate::format::Dtype;
-use crate::registry::Fingerprint;
-
-/// Why bytes could not be produced. Every variant maps to EIO in the mount, with this message
-/// (which names the file) in the log: nothing is ever served wrong silently.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("{path}: {reason}")]
-    Changed { path: String, reason: String },
-    #[error("{path}: {reason}")]
-    Io { path: String, reason: String },
-    #[error("{0}")]
-    Decode(String),
-}
-
-impl ReadError {
-    fn io(path: &std::path::Path, e: io::Error) -> Self {
-        ReadError::Io { path: path.display().to_string(), reason: e.to_string() }
-    }
-}
-
-/// A file llmfs reads from (a base file, a stored container, a decoded file in the disk cache),
-/// with the fingerprint it must still have. It is opened once and read with `pread`, never
-/// mapped: a file changed under a mapping would SIGBUS the daemon, while `pread` only returns
-/// short or different bytes, which the checks catch: the fingerprint at every open, and after
-/// every read the file's size, mtime and ctime against what they were when it was opened (an
-/// edit in place while a variant is open, anywhere in the file, changes the ctime, which cannot
-/// be set back).
-#[derive(Debug)]
-pub struct SourceFile {
-    pub path: PathBuf,
-    pub fingerprint: Fingerprint,
-    /// Opened and fully verified (sampled hash) on first use; the outcome is kept, with the
-    /// file's (size, mtime, ctime) then (None: a file of llmfs's own, not checked per read).
-    opened: OnceLock<Result<(File, Option<Stamp>), ReadError>>,
-}
-
-/// (size, mtime ns, ctime ns) of an open file.
-type Stamp = (u64, i64, i64);
-
-fn stamp(file: &File) -> io::Result<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = file.metadata()?;
-    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-    Ok((m.len(), ns(m.mtime(), m.mtime_nsec()), ns(m.ctime(), m.ctime_nsec())))
-}
-
-impl SourceFile {
-    pub fn new(path: PathBuf, fingerprint: Fingerprint) -> Self {
-        SourceFile { path, fingerprint, opened: OnceLock::new() }
-    }
-
-    /// A file llmfs wrote itself and holds open (a decoded file of the disk cache, checked by
-    /// the cache before it is handed out): trusted as it is. Not checked per read: the cache
-    /// renames it into place (a new ctime) while it is read.
-    pub fn already_open(path: PathBuf, file: File) -> io::Result<Self> {
-        let st = stamp(&file)?;
-        let fingerprint = Fingerprint { size: st.0, mtime_ns: st.1, hash: String::new() };
-        Ok(SourceFile { path, fingerprint, opened: OnceLock::from(Ok((file, None))) })
-    }
-
-    /// The cheap check (size and mtime), as a reason (without the path) if it fails.
-    pub fn stat_problem(&self) -> Option<String> {
-        match std::fs::metadata(&self.path) {
-            Err(e) => Some(format!("cannot be read: {e}")),
-            Ok(meta) if !self.fingerprint.matches_stat(&meta) => Some(format!(
-                "changed since it was added (size {} → {}, or its modification time)",
-                self.fingerprint.size,
-                meta.len()
-            )),
-            Ok(_) => None,
-        }
-    }
-
-    /// Checks the file is still the one that was added: called whenever a virtual file that reads
-    /// from it is opened. The first call also verifies the sampled hash; later ones also
-    /// compare the open file with what it was then (a write in place, even one that restores the
-    /// mtime, changes the ctime).
-    pub fn check(&self) -> Result<&File, ReadError> {
-        if let Some(reason) = self.stat_problem() {
-            return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
-        }
-        self.unchanged_since_opened()
-    }
-
-    /// The open file, if its size, mtime and ctime are what they were when it was opened.
-    fn unchanged_since_opened(&self) -> Result<&File, ReadError> {
-        let (file, opened) = self.opened()?;
-        match opened.map(|st| stamp(file).map(|now| now == st)) {
-            None | Some(Ok(true)) => Ok(file),
-            Some(Ok(false)) => Err(ReadError::Changed {
-                path: self.path.display().to_string(),
-                reason: "changed while mounted (size, modification or change time differs)".into(),
-            }),
-            Some(Err(e)) => Err(ReadError::io(&self.path, e)),
-        }
-    }
-
-    /// The open file (verified on first use).
-    pub fn file(&self) -> Result<&File, ReadError> {
-        self.opened().map(|(f, _)| f)
-    }
-
-    fn opened(&self) -> Result<&(File, Option<Stamp>), ReadError> {
-        self.opened
-            .get_or_init(|| {
-                if let Some(reason) = self.fingerprint.verify(&self.path) {
-                    return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
-                }
-                let file = File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))?;
-                let st = stamp(&file).map_err(|e| ReadError::io(&self.path, e))?;
-                Ok((file, Some(st)))
-            })
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
-    /// Read exactly `buf.len()` bytes at `offset`, then check that the file did not change
-    /// since it was opened (a write during the read changes it before it returns).
-    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-        self.file()?.read_exact_at(buf, offset).map_err(|e| ReadError::io(&self.path, e))?;
-        self.unchanged_since_opened().map(|_| ())
-    }
-}
+use crate::compute::merge::LoraFactors;
+use crate::format::{Dtype, Header};
+use crate::source::{ReadError, SourceFile};
 
 /// How the bytes of one tensor are produced.
 #[derive(Clone, Debug)]
@@ -235,5 +111,284 @@ impl TensorSource {
                 })
             }
         }
+    }
+}
+
+thread_local! {
+    /// Per thread, for lossy deltas: the base's bytes, the codes and the scales of a read.
+    static LOSSY_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// A losslessly coded tensor in a container, against a base tensor (or none: stored whole).
+#[derive(Debug)]
+pub struct LosslessSource {
+    pub file: Arc<SourceFile>,
+    pub frames_at: u64,
+    /// Chunk boundaries within the frames, checked to be increasing and inside the container.
+    pub offsets: Vec<u64>,
+    pub base: Option<TensorSource>,
+    pub dtype: Dtype,
+    pub numel: usize,
+}
+
+impl LosslessSource {
+    /// Locate `name`'s frames in a container and read its chunk table.
+    pub fn open(
+        file: &Arc<SourceFile>,
+        header: &Header,
+        name: &str,
+        dtype: Dtype,
+        numel: usize,
+        base: Option<TensorSource>,
+    ) -> Result<Self, String> {
+        let frames =
+            header.tensor(&format!("{name}.frames")).ok_or_else(|| format!("{name}.frames missing"))?;
+        let offsets_t =
+            header.tensor(&format!("{name}.offsets")).ok_or_else(|| format!("{name}.offsets missing"))?;
+        let chunks = codec::chunk_count(numel);
+        if offsets_t.len() != (chunks as u64 + 1) * 8 {
+            return Err(format!(
+                "{name}: chunk table has {} entries, {numel} elements need {}",
+                offsets_t.len() / 8,
+                chunks + 1
+            ));
+        }
+        let mut raw = vec![0u8; offsets_t.len() as usize];
+        file.read_exact_at(&mut raw, header.data_start + offsets_t.start).map_err(|e| e.to_string())?;
+        let offsets: Vec<u64> =
+            raw.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
+        // A frame is never larger than zstd's bound for a full chunk: a corrupt table cannot make
+        // a read allocate more than that.
+        let max_frame = zstd::zstd_safe::compress_bound(codec::DELTA_CHUNK_ELEMS * dtype.size()) as u64 + 64;
+        if offsets.first() != Some(&0)
+            || offsets.windows(2).any(|w| w[0] > w[1] || w[1] - w[0] > max_frame)
+            || offsets.last() != Some(&frames.len())
+        {
+            return Err(format!("{name}: chunk table is inconsistent with its frames"));
+        }
+        Ok(LosslessSource {
+            file: file.clone(),
+            frames_at: header.data_start + frames.start,
+            offsets,
+            base,
+            dtype,
+            numel,
+        })
+    }
+
+    pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
+        if elems.is_empty() {
+            return Ok(());
+        }
+        let mut chunk = elems.start / codec::DELTA_CHUNK_ELEMS;
+        while chunk < self.offsets.len() - 1 {
+            let range = codec::chunk_elems(chunk, self.numel);
+            if range.start >= elems.end {
+                break;
+            }
+            let frame_range = self.offsets[chunk]..self.offsets[chunk + 1];
+            let (lo, hi) = (range.start.max(elems.start), range.end.min(elems.end));
+            self.read_chunk(chunk, range.clone(), frame_range, (lo, hi), elems.start, out)?;
+            chunk += 1;
+        }
+        Ok(())
+    }
+}
+
+impl LosslessSource {
+    /// Decode chunk `chunk` (elements `range`, its frame at `frame_range`) and put its elements
+    /// `lo..hi` into `out`, which holds elements from `out_start` on.
+    #[allow(clippy::too_many_arguments)]
+    /// Decode chunk `chunk` (elements `range`) and put its elements `lo..hi` into `out`, which
+    /// starts at element `out_start`. The stored frame, the base's bytes and (for a chunk only
+    /// partly read) the decoded chunk live in per-thread scratch (`with_scratch`: nothing is
+    /// allocated per read, and a base that is itself a delta gets buffers of its own); a chunk
+    /// wholly inside the read decodes straight into `out`.
+    fn read_chunk(
+        &self,
+        chunk: usize,
+        range: Range<usize>,
+        frame_range: Range<u64>,
+        (lo, hi): (usize, usize),
+        out_start: usize,
+        out: &mut [u8],
+    ) -> Result<(), ReadError> {
+        let esize = self.dtype.size();
+        let blen = range.len() * esize;
+        let out = &mut out[(lo - out_start) * esize..(hi - out_start) * esize];
+        with_scratch((frame_range.end - frame_range.start) as usize, |frame| {
+            self.file.read_exact_at(frame, self.frames_at + frame_range.start)?;
+            with_scratch(if self.base.is_some() { blen } else { 0 }, |base| {
+                let base = match &self.base {
+                    Some(b) => {
+                        b.read(range.clone(), base)?;
+                        Some(&base[..])
+                    }
+                    None => None,
+                };
+                let decode = |dst: &mut [u8]| {
+                    codec::decode_lossless_chunk(frame, base, esize, dst).map_err(|e| {
+                        ReadError::Decode(format!("{}: chunk {chunk}: {e}", self.file.path.display()))
+                    })
+                };
+                if lo == range.start && hi == range.end {
+                    return decode(out);
+                }
+                with_scratch(blen, |decoded| {
+                    decode(decoded)?;
+                    out.copy_from_slice(&decoded[(lo - range.start) * esize..(hi - range.start) * esize]);
+                    Ok(())
+                })
+            })
+        })
+    }
+}
+
+/// How a lossy delta is coded (see codec::delta).
+#[derive(Clone, Copy, Debug)]
+pub enum LossyCodec {
+    /// One i8 code per element, one f32 scale per group of DELTA_Q8_GROUP elements.
+    Q8,
+    /// One sign bit per element, one f32 scale per row of `cols` elements.
+    Bitdelta { cols: usize },
+}
+
+/// A lossy delta (q8 or bitdelta) in a container, applied to its base tensor.
+#[derive(Debug)]
+pub struct LossySource {
+    pub file: Arc<SourceFile>,
+    pub codes_at: u64,
+    pub scales_at: u64,
+    pub base: TensorSource,
+    pub dtype: Dtype,
+    pub codec: LossyCodec,
+}
+
+impl LossySource {
+    /// Locate `name`'s codes and scales (whichever lossy codec stored it), checking their sizes
+    /// against the tensor's shape. `Ok(None)`: not lossy-coded.
+    pub fn open(
+        file: &Arc<SourceFile>,
+        header: &Header,
+        name: &str,
+        shape: &[usize],
+        dtype: Dtype,
+        base: TensorSource,
+    ) -> Result<Option<Self>, String> {
+        let numel: usize = shape.iter().product();
+        let scale = header.tensor(&format!("{name}.scale"));
+        let (codes, codec, want_codes, want_scales) = if let Some(q) = header.tensor(&format!("{name}.q")) {
+            (q, LossyCodec::Q8, numel as u64, codec::q8_groups(&(0..numel)).len() as u64)
+        } else if let Some(s) = header.tensor(&format!("{name}.signs")) {
+            let [rows, cols] = shape[..] else {
+                return Err(format!("{name}: bitdelta of a tensor that is not 2-D"));
+            };
+            (s, LossyCodec::Bitdelta { cols }, numel.div_ceil(8) as u64, rows as u64)
+        } else {
+            return Ok(None);
+        };
+        let scale = scale.ok_or_else(|| format!("{name}.scale missing"))?;
+        if codes.len() != want_codes || scale.len() != want_scales * 4 || scale.dtype != Dtype::F32 {
+            return Err(format!("{name}: stored codes or scales do not match shape {shape:?}"));
+        }
+        Ok(Some(LossySource {
+            file: file.clone(),
+            codes_at: header.data_start + codes.start,
+            scales_at: header.data_start + scale.start,
+            base,
+            dtype,
+            codec,
+        }))
+    }
+
+    pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
+        if elems.is_empty() {
+            return Ok(());
+        }
+        // Per-thread buffers, taken out while in use (a base that is itself a delta gets its own)
+        // and put back after. Not `with_scratch`, whose byte buffers carry no f32 alignment for
+        // the scales.
+        let mut bufs = LOSSY_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let result = self.read_with(elems, out, &mut bufs);
+        LOSSY_SCRATCH.with(|s| *s.borrow_mut() = bufs);
+        result
+    }
+
+    fn read_with(
+        &self,
+        elems: Range<usize>,
+        out: &mut [u8],
+        (base, code_bytes, scales): &mut (Vec<u8>, Vec<u8>, Vec<f32>),
+    ) -> Result<(), ReadError> {
+        base.resize(out.len(), 0);
+        self.base.read(elems.clone(), base)?;
+        let (codes, scale_range) = match self.codec {
+            LossyCodec::Q8 => (elems.clone(), codec::q8_groups(&elems)),
+            LossyCodec::Bitdelta { cols } => {
+                (codec::bitdelta_sign_bytes(&elems), codec::bitdelta_rows(cols, &elems))
+            }
+        };
+        code_bytes.resize(codes.len(), 0);
+        self.file.read_exact_at(code_bytes, self.codes_at + codes.start as u64)?;
+        scales.resize(scale_range.len(), 0.0);
+        let scale_bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut scales[..]);
+        self.file.read_exact_at(scale_bytes, self.scales_at + scale_range.start as u64 * 4)?;
+        for s in scales.iter_mut() {
+            *s = f32::from_bits(u32::from_le(s.to_bits()));
+        }
+        match self.codec {
+            LossyCodec::Q8 => codec::decode_q8_range(
+                bytemuck::cast_slice(&code_bytes[..]),
+                scales,
+                base,
+                self.dtype,
+                elems,
+                out,
+            ),
+            LossyCodec::Bitdelta { cols } => {
+                codec::decode_bitdelta_range(code_bytes, scales, base, self.dtype, cols, elems, out)
+            }
+        }
+        Ok(())
+    }
+}
+
+/// LoRA factors read (and widened to f32) on first use, then kept: every chunk of the merged
+/// weight needs all of A and its rows of B.
+#[derive(Debug)]
+pub struct LazyFactors {
+    pub(crate) a: TensorSource,
+    pub(crate) b: TensorSource,
+    /// Elements of A (r × in) and B (out × r).
+    pub(crate) a_len: usize,
+    pub(crate) b_len: usize,
+    pub(crate) rank: usize,
+    pub(crate) scale: f32,
+    pub(crate) transposed: bool,
+    pub(crate) loaded: std::sync::OnceLock<Result<Arc<LoraFactors>, String>>,
+}
+
+impl LazyFactors {
+    pub fn get(&self) -> Result<Arc<LoraFactors>, ReadError> {
+        self.loaded
+            .get_or_init(|| {
+                let widen = |s: &TensorSource, n: usize| -> Result<Vec<f32>, String> {
+                    if !s.dtype().is_float() {
+                        return Err(format!("a LoRA factor is {}, not a float tensor", s.dtype()));
+                    }
+                    let mut bytes = vec![0u8; n * s.dtype().size()];
+                    s.read(0..n, &mut bytes).map_err(|e| e.to_string())?;
+                    Ok((0..n).map(|i| compute::merge::load(s.dtype(), &bytes, i)).collect())
+                };
+                Ok(Arc::new(LoraFactors {
+                    a: widen(&self.a, self.a_len)?,
+                    b: widen(&self.b, self.b_len)?,
+                    rank: self.rank,
+                    scale: self.scale,
+                    transposed: self.transposed,
+                }))
+            })
+            .clone()
+            .map_err(ReadError::Decode)
     }
 }

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::registry::{Registry, Store};
+pub use crate::variant::check_sources;
 use crate::variant::{self, Content, EntryView, VFile};
 pub use read::{Cache, ChunkKey, CHUNK_SIZE};
 
@@ -1105,26 +1106,5 @@ impl Fs {
             ffree: st.f_ffree as u64,
             bsize: st.f_frsize as u32,
         })
-    }
-}
-
-/// Every source file a virtual file reads from must still match its fingerprint.
-pub fn check_sources(file: &VFile) -> Result<(), variant::ReadError> {
-    match &file.content {
-        Content::Passthrough(source) => source.check().map(|_| ()),
-        Content::Generated(_) => Ok(()),
-        Content::Broken(reason) => Err(variant::ReadError::Decode(reason.clone())),
-        Content::Synth(synth) => {
-            let mut sources = vec![];
-            for t in &synth.tensors {
-                t.source.files(&mut sources);
-            }
-            sources.sort_by_key(|s| Arc::as_ptr(s) as usize);
-            sources.dedup_by_key(|s| Arc::as_ptr(s) as usize);
-            // In parallel: a first open verifies each file's sampled hash (6 MiB read and hashed
-            // per file), which for a delta over a sharded base is several files.
-            use rayon::prelude::*;
-            sources.par_iter().try_for_each(|s| s.check().map(|_| ()))
-        }
     }
 }

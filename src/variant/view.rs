@@ -1,0 +1,237 @@
+//! The vocabulary of views: an entry's files ([`VFile`], [`EntryView`]), the tensors of its
+//! weight files ([`LogicalTensor`]) and how a variant's view is laid out from its base's
+//! ([`map_weights`]). The recipes build views with these; `variant`'s `build_view` picks the
+//! recipe for each entry of a chain.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::source::TensorSource;
+use crate::format::HeaderBuilder;
+use crate::registry::INDEX_FILE;
+use crate::source::{ReadError, SourceFile};
+
+/// One file of an entry as the mount shows it.
+#[derive(Clone, Debug)]
+pub struct VFile {
+    pub name: String,
+    pub size: u64,
+    pub content: Content,
+}
+
+#[derive(Clone, Debug)]
+pub enum Content {
+    /// A real file, served byte for byte (checked against its fingerprint on open).
+    Passthrough(Arc<SourceFile>),
+    /// Small bytes built when the view was made.
+    Generated(Arc<[u8]>),
+    /// A synthesized safetensors file.
+    Synth(Arc<SynthFile>),
+    /// A file that cannot be served (its base changed or is gone): every open gets EIO and this
+    /// reason in the log.
+    Broken(String),
+}
+
+/// A synthesized safetensors file: header bytes, then tensors in offset order with no gaps.
+#[derive(Debug)]
+pub struct SynthFile {
+    /// Unique for the life of the process: the cache keys decoded chunks by it, so two versions
+    /// of a file (a delta file rewritten through deltas/) never share a chunk.
+    pub id: u64,
+    pub header: Vec<u8>,
+    pub tensors: Vec<SynthTensor>,
+}
+
+impl SynthFile {
+    pub fn new(header: Vec<u8>, tensors: Vec<SynthTensor>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        SynthFile { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), header, tensors }
+    }
+}
+
+#[derive(Debug)]
+pub struct SynthTensor {
+    pub name: String,
+    /// Absolute byte range in the file.
+    pub start: u64,
+    pub end: u64,
+    pub source: TensorSource,
+}
+
+/// A tensor of an entry, before it is laid out in a file.
+#[derive(Clone, Debug)]
+pub struct LogicalTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub source: TensorSource,
+}
+
+/// A weight file before layout: its tensors in file order, and the header's `__metadata__`.
+#[derive(Clone, Debug)]
+pub struct WeightFile {
+    pub tensors: Vec<LogicalTensor>,
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+/// Every file of one entry.
+#[derive(Clone, Debug, Default)]
+pub struct EntryView {
+    pub files: Vec<VFile>,
+    /// The logical weight files (by file name), from which variants derive theirs.
+    pub weights: BTreeMap<String, WeightFile>,
+}
+
+impl EntryView {
+    pub fn file(&self, name: &str) -> Option<&VFile> {
+        self.files.iter().find(|f| f.name == name)
+    }
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    #[error("{entry}: {reason}")]
+    Invalid { entry: String, reason: String },
+}
+
+/// A variant's view: the base's files, with weights rebuilt tensor by tensor through `map`, and
+/// the shard index (if any) given the new sizes. `label` goes into each header's metadata.
+pub fn map_weights(
+    base: &EntryView,
+    label: &str,
+    mut map: impl FnMut(&LogicalTensor) -> Result<LogicalTensor, String>,
+) -> Result<EntryView, String> {
+    let mut view = EntryView::default();
+    for (file_name, weight_file) in &base.weights {
+        let tensors = weight_file.tensors.iter().map(&mut map).collect::<Result<Vec<_>, _>>()?;
+        view.weights
+            .insert(file_name.clone(), WeightFile { tensors, metadata: weight_file.metadata.clone() });
+    }
+    let mut total_tensor_bytes = 0u64;
+    for base_file in &base.files {
+        let file = match (view.weights.get(&base_file.name), &base_file.content) {
+            (_, Content::Broken(_)) => base_file.clone(),
+            (Some(weights), _) => {
+                let synth = layout(label, weights);
+                total_tensor_bytes += synth.tensors.last().map_or(0, |t| t.end) - synth.header.len() as u64;
+                let size = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
+                VFile { name: base_file.name.clone(), size, content: Content::Synth(Arc::new(synth)) }
+            }
+            (None, _) => base_file.clone(),
+        };
+        view.files.push(file);
+    }
+    if let Some(index) = view.files.iter_mut().find(|f| f.name == INDEX_FILE) {
+        // Whatever the base's index is (a file, generated, a delta's stored file), the variant's
+        // is the same JSON with its own total size.
+        match read_whole(index).and_then(|bytes| rewrite_index(&bytes, total_tensor_bytes)) {
+            Ok(bytes) => {
+                index.size = bytes.len() as u64;
+                index.content = Content::Generated(bytes.into());
+            }
+            Err(reason) => index.content = Content::Broken(format!("{INDEX_FILE}: {reason}")),
+        }
+    }
+    Ok(view)
+}
+
+/// All bytes of a small file of a view (a shard index: bounded to 64 MiB).
+fn read_whole(file: &VFile) -> Result<Vec<u8>, String> {
+    if file.size > 64 << 20 {
+        return Err(format!("{} bytes is too large for a shard index", file.size));
+    }
+    match &file.content {
+        Content::Passthrough(source) => std::fs::read(&source.path).map_err(|e| e.to_string()),
+        Content::Generated(bytes) => Ok(bytes.to_vec()),
+        Content::Broken(reason) => Err(reason.clone()),
+        Content::Synth(synth) => {
+            let mut out = vec![0u8; file.size as usize];
+            out[..synth.header.len()].copy_from_slice(&synth.header);
+            for t in &synth.tensors {
+                let esize = t.source.dtype().size() as u64;
+                let dst = &mut out[t.start as usize..t.end as usize];
+                t.source.read(0..((t.end - t.start) / esize) as usize, dst).map_err(|e| e.to_string())?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Lay a weight file out: tensors in the base's order, contiguous, after a spec-exact header
+/// that keeps the base's `__metadata__` (transformers checks `format: pt`) and says what made it.
+fn layout(label: &str, weights: &WeightFile) -> SynthFile {
+    let mut builder = HeaderBuilder::new();
+    for (k, v) in &weights.metadata {
+        builder = builder.metadata(k, v.as_str().unwrap_or_default());
+    }
+    builder = builder.metadata("llmfs", label);
+    for t in &weights.tensors {
+        builder.tensor(&t.name, t.source.dtype(), &t.shape);
+    }
+    let (header, infos) = builder.build();
+    let data_start = header.len() as u64;
+    let tensors = infos
+        .into_iter()
+        .zip(&weights.tensors)
+        .map(|(info, t)| SynthTensor {
+            name: info.name,
+            start: data_start + info.start,
+            end: data_start + info.end,
+            source: t.source.clone(),
+        })
+        .collect();
+    SynthFile::new(header, tensors)
+}
+
+/// The shard index with `metadata.total_size` set to the variant's; everything else kept.
+fn rewrite_index(bytes: &[u8], total_size: u64) -> Result<Vec<u8>, String> {
+    let mut index: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let obj = index.as_object_mut().ok_or("not a JSON object")?;
+    let metadata = obj.entry("metadata").or_insert_with(|| Value::Object(Default::default()));
+    if let Some(m) = metadata.as_object_mut() {
+        m.insert("total_size".into(), total_size.into());
+    }
+    let mut out = serde_json::to_vec_pretty(&index).expect("JSON serializes");
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// Summary numbers for `llmfs info`.
+pub fn tensor_stats(view: &EntryView) -> (usize, BTreeMap<String, usize>) {
+    let mut count = 0;
+    let mut dtypes = BTreeMap::new();
+    for w in view.weights.values() {
+        for t in &w.tensors {
+            count += 1;
+            *dtypes.entry(t.source.dtype().to_string()).or_insert(0) += 1;
+        }
+    }
+    (count, dtypes)
+}
+
+/// Every source file a virtual file reads from must still match its fingerprint.
+pub fn check_sources(file: &VFile) -> Result<(), ReadError> {
+    match &file.content {
+        Content::Passthrough(source) => source.check().map(|_| ()),
+        Content::Generated(_) => Ok(()),
+        Content::Broken(reason) => Err(ReadError::Decode(reason.clone())),
+        Content::Synth(synth) => {
+            let mut sources = vec![];
+            for t in &synth.tensors {
+                t.source.files(&mut sources);
+            }
+            sources.sort_by_key(|s| Arc::as_ptr(s) as usize);
+            sources.dedup_by_key(|s| Arc::as_ptr(s) as usize);
+            // In parallel: a first open verifies each file's sampled hash (6 MiB read and hashed
+            // per file), which for a delta over a sharded base is several files.
+            use rayon::prelude::*;
+            sources.par_iter().try_for_each(|s| s.check().map(|_| ()))
+        }
+    }
+}

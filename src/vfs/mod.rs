@@ -352,7 +352,11 @@ impl Fs {
                 // A view is stale when its entry or any entry down its chain changed (a delta
                 // written through deltas/ gains files without changing its generation).
                 let old = &catalog.registry;
-                let changed = |n: &str| old.entries.get(n) != registry.entries.get(n);
+                // Its unfinished files count too: they answer EIO (see `view`).
+                let changed = |n: &str| {
+                    old.entries.get(n) != registry.entries.get(n)
+                        || old.unfinished(n) != registry.unfinished(n)
+                };
                 let stale: Vec<String> = catalog
                     .views
                     .keys()
@@ -407,8 +411,15 @@ impl Fs {
         if catalog.registry.entries.get(name).map(|e| e.generation()) != Some(created) {
             return Err(FsError::new(libc::ENOENT));
         }
-        let view =
-            Arc::new(variant::build_view(&catalog.registry, name).map_err(|e| FsError::eio(e.to_string()))?);
+        let mut view =
+            variant::build_view(&catalog.registry, name).map_err(|e| FsError::eio(e.to_string()))?;
+        // A stored file whose later writing did not finish (a failed store, a writer that died)
+        // holds bytes nobody finished writing: it answers EIO, never those bytes.
+        let unfinished = catalog.registry.unfinished(name);
+        for file in view.files.iter_mut().filter(|f| unfinished.contains(&f.name.as_str())) {
+            file.content = Content::Broken("unfinished: write it again, or rm it".into());
+        }
+        let view = Arc::new(view);
         for file in &view.files {
             if let Content::Broken(reason) = &file.content {
                 tracing::error!(entry = name, file = file.name, "cannot be served: {reason}");

@@ -39,7 +39,7 @@ usage: scripts/bench_load.py [WORKDIR] [SIZE_MIB] [REPS] [LOADERS]
   build first: cargo build --release --bins --examples; LLMFS=path picks another binary.
   Run under `taskset -c 0,1` for the 2-core table (the daemon inherits the affinity).
 """
-import gc, glob, json, os, shutil, statistics, subprocess, sys, time
+import gc, glob, json, os, shutil, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLMFS = os.environ.get("LLMFS", os.path.join(ROOT, "target/release/llmfs"))
@@ -52,12 +52,9 @@ LOADERS = ["load_file", "safe_open", "hf"]
 # request (so import time is never counted).
 # --------------------------------------------------------------------------------------------
 
-def worker():
-    import torch
-    import safetensors.torch
-    from safetensors import safe_open
-    import transformers
-    transformers.logging.set_verbosity_error()
+def toucher(torch):
+    """Every tensor's bytes copied into one reused buffer, as a copy to a GPU would touch them:
+    returns the function that does it (and gives the byte count)."""
     buf = [None]
 
     def touch(t):
@@ -67,6 +64,16 @@ def worker():
             buf[0] = torch.empty(n, dtype=torch.uint8)
         buf[0][:n].copy_(b)
         return n
+    return touch
+
+
+def worker():
+    import torch
+    import safetensors.torch
+    from safetensors import safe_open
+    import transformers
+    transformers.logging.set_verbosity_error()
+    touch = toucher(torch)
 
     def shards(d):
         return sorted(glob.glob(os.path.join(d, "*.safetensors")))
@@ -128,15 +135,7 @@ def zworker():
     transformers.logging.set_verbosity_error()
     zipnn_hf()            # from_pretrained decompresses *.safetensors.znn (whole-file)
     zipnn_safetensors()   # safetensors.torch.load_file decompresses *.znn.safetensors (per tensor)
-    buf = [None]
-
-    def touch(t):
-        b = t.detach().reshape(-1).contiguous().view(torch.uint8)
-        n = b.numel()
-        if buf[0] is None or buf[0].numel() < n:
-            buf[0] = torch.empty(n, dtype=torch.uint8)
-        buf[0][:n].copy_(b)
-        return n
+    touch = toucher(torch)
 
     def per_tensor(d):
         return sorted(glob.glob(os.path.join(d, "*.znn.safetensors")))
@@ -321,7 +320,6 @@ def files(d, pattern="*"):
 
 def make_fastchat_delta(base, ft, out):
     """FastChat make_delta's output: the fine-tune's files, its tensors target - base in f16."""
-    import torch
     from safetensors.torch import load_file, save_file
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(ft):

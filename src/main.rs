@@ -250,7 +250,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Add { name, path, copy, link, description, chat_template } => {
             let opts = AddOptions { copy, link, description, chat_template };
-            let added = add::add(&store, &name, &path, &opts)?;
+            let added = match path.to_str().filter(|p| p.starts_with("s3://")) {
+                Some(url) => add::add_objects(&store, &name, url, &opts)?,
+                None => {
+                    if store.remote().is_some() {
+                        // Uploads take a while: show them.
+                        let total = registry::walk::walk(&path).map(|w| w.total_size()).unwrap_or(0);
+                        let bar = progress_bar(total);
+                        let shown = bar.clone();
+                        registry::set_upload_progress(Some(Box::new(move |n| shown.inc(n))));
+                        let added = add::add(&store, &name, &path, &opts);
+                        registry::set_upload_progress(None);
+                        bar.finish_and_clear();
+                        added?
+                    } else {
+                        add::add(&store, &name, &path, &opts)?
+                    }
+                }
+            };
             print_notes(&added.notes);
             let entry = added.entry;
             let EntryKind::Base { files, .. } = &entry.kind else { unreachable!("add makes bases") };

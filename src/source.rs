@@ -235,24 +235,34 @@ impl SourceFile {
     }
 
     fn opened(&self) -> Result<&(File, Option<Stamp>), ReadError> {
-        self.opened
-            .get_or_init(|| {
-                if let Some((objects, object)) = &self.remote {
-                    let etag = self.fingerprint.etag.as_deref().unwrap_or_default();
-                    let file = objects
-                        .local_copy(object, etag, self.fingerprint.size)
-                        .map_err(|reason| ReadError::Io { path: self.where_(), reason })?;
-                    return Ok((file, None));
-                }
-                if let Some(reason) = self.fingerprint.verify(&self.path) {
-                    return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
-                }
-                let file = File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))?;
-                let st = stamp(&file).map_err(|e| ReadError::io(&self.path, e))?;
-                Ok((file, Some(st)))
-            })
-            .as_ref()
-            .map_err(Clone::clone)
+        if let Some(known) = self.opened.get() {
+            return known.as_ref().map_err(Clone::clone);
+        }
+        match self.open_now() {
+            // A store that is down now may be back for the next read: fetch again then.
+            Err(e) if self.remote.is_some() => return Err(e),
+            // A racing thread may have set it first; both opened the same file.
+            now => {
+                let _ = self.opened.set(now);
+            }
+        }
+        self.opened.get().expect("set above").as_ref().map_err(Clone::clone)
+    }
+
+    fn open_now(&self) -> Result<(File, Option<Stamp>), ReadError> {
+        if let Some((objects, object)) = &self.remote {
+            let etag = self.fingerprint.etag.as_deref().unwrap_or_default();
+            let file = objects
+                .local_copy(object, etag, self.fingerprint.size)
+                .map_err(|reason| ReadError::Io { path: self.where_(), reason })?;
+            return Ok((file, None));
+        }
+        if let Some(reason) = self.fingerprint.verify(&self.path) {
+            return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
+        }
+        let file = File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))?;
+        let st = stamp(&file).map_err(|e| ReadError::io(&self.path, e))?;
+        Ok((file, Some(st)))
     }
 
     /// An object-store file: does the object still have the recorded etag (a HEAD)?

@@ -168,18 +168,93 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
     register(store, name, scanned, opts)
 }
 
-/// Everything after the scan: a file that vanishes from here on is an error, and nothing changes.
-fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions) -> Result<Added> {
-    if store.load()?.entries.contains_key(name) {
-        return Err(Error::Exists(name.to_owned()));
+/// Register the model at `url` (`s3://BUCKET/PATH`, a Hugging Face directory's files under
+/// PATH/) in place: its objects are recorded with their etags and read from there; `rm` leaves
+/// them alone. Validated as `add` validates a directory, on a local shadow of it (the small
+/// files, and sparse weight files holding only their headers), without downloading weights.
+pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> Result<Added> {
+    validate_name(name)?;
+    let Some(objects) = store.objects().filter(|_| store.remote().is_some()) else {
+        return Err(Error::Invalid(format!(
+            "{url}: a model in an object store is added in place to a store there (--store s3://BUCKET[/PREFIX])"
+        )));
+    };
+    let (bucket, prefix) = crate::store::S3Config::parse_url(url)?;
+    let bucket_store = crate::store::Store::open(&format!("s3://{bucket}"))?;
+    let listed = bucket_store.list(&prefix)?;
+    let shadow = store.staging_dir(&format!("add-{name}-shadow"))?;
+    let mut records = std::collections::BTreeMap::new();
+    for meta in &listed {
+        let rel = meta.key.strip_prefix(&prefix).unwrap_or(&meta.key).trim_start_matches('/').to_owned();
+        if super::validate_file_path(&rel).is_err() {
+            continue;
+        }
+        let object = format!("s3://{bucket}/{}", meta.key);
+        let record = FileRecord {
+            name: rel.clone(),
+            role: walk::role_of(&rel),
+            fingerprint: Fingerprint::of_object(meta.size, &meta.etag),
+            object: Some(object),
+        };
+        let path = shadow.path().join(&rel);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let file = fs::File::create(&path).map_err(io_err(&path))?;
+        file.set_len(meta.size).map_err(io_err(&path))?;
+        let source = crate::source::SourceFile::of_record(shadow.path(), &record, Some(objects));
+        let head = match record.role {
+            FileRole::Weights => {
+                let header = source.header()?;
+                let mut bytes = ((header.data_start - 8) as u64).to_le_bytes().to_vec();
+                bytes.extend(
+                    objects
+                        .read_range(record.object.as_deref().unwrap(), &meta.etag, 8..header.data_start)
+                        .map_err(Error::Invalid)?,
+                );
+                bytes
+            }
+            _ if meta.size <= 64 << 20 => source.read_all().map_err(|e| Error::Invalid(e.to_string()))?,
+            _ => vec![],
+        };
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&head, 0).map_err(io_err(&path))?;
+        records.insert(rel, record);
     }
-    let config = read_json(&scanned.dir.join("config.json"));
+    let scanned = scan_model_dir(shadow.path()).map_err(|e| match e {
+        Error::NotAModel { reason, .. } => Error::NotAModel { path: PathBuf::from(url), reason },
+        e => e,
+    })?;
+    let files = scanned.files.iter().filter_map(|(f, _)| records.remove(f)).collect();
+    let (family, chat_template, info) = describe(name, &scanned.dir, Path::new(&prefix), opts);
+    let entry = Entry {
+        kind: EntryKind::Base { dir: PathBuf::from(url), copied: false, files },
+        info,
+        family: family.name.to_owned(),
+        template: family.template.to_owned(),
+        chat_template,
+        created: super::now_secs(),
+        generation: super::new_generation(),
+    };
+    let entry = store.insert_uploading(name, &entry, None)?;
+    Ok(Added { entry, notes: scanned.notes })
+}
+
+/// The family, chat template and ModelInfo of a model whose files are in `dir`, named `name`
+/// and found at `path` (FastChat matches the model path too).
+fn describe(
+    name: &str,
+    dir: &Path,
+    path: &Path,
+    opts: &AddOptions,
+) -> (adapter::Family, Option<String>, ModelInfo) {
+    let config = read_json(&dir.join("config.json"));
     // FastChat matches the model path; the entry name is often more telling, so try it first.
     let mut family = adapter::detect(name, config.as_ref());
     if family == adapter::UNKNOWN {
-        family = adapter::detect(&model_path_name(&scanned.dir), config.as_ref());
+        family = adapter::detect(&model_path_name(path), config.as_ref());
     }
-    let has_template = read_json(&scanned.dir.join("tokenizer_config.json"))
+    let has_template = read_json(&dir.join("tokenizer_config.json"))
         .is_some_and(|t| t.get("chat_template").is_some_and(|v| !v.is_null()));
     let chat_template = match &opts.chat_template {
         ChatTemplateChoice::None => None,
@@ -198,6 +273,15 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
     if let Some(d) = &opts.description {
         info.description = d.clone();
     }
+    (family, chat_template, info)
+}
+
+/// Everything after the scan: a file that vanishes from here on is an error, and nothing changes.
+fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions) -> Result<Added> {
+    if store.load()?.entries.contains_key(name) {
+        return Err(Error::Exists(name.to_owned()));
+    }
+    let (family, chat_template, info) = describe(name, &scanned.dir, &scanned.dir, opts);
 
     // An object store gets the files uploaded from where they are (other nodes cannot read a
     // local path), so the entry is always a copy there.

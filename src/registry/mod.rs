@@ -687,7 +687,11 @@ impl Store {
     pub fn upload(&self, record: &mut FileRecord, key: &str, path: &Path) -> Result<()> {
         let remote = self.remote.as_ref().expect("uploads go to an object store");
         let size = fs::metadata(path).map_err(io_err(path))?.len();
-        let etag = remote.put_file(key, path, &mut |n| upload_progress(n))?;
+        let mut done = 0;
+        let etag = remote.put_file(key, path, &mut |n| {
+            upload_progress(n.saturating_sub(done));
+            done = n;
+        })?;
         record.object = Some(key.to_owned());
         record.fingerprint = Fingerprint::of_object(size, &etag);
         Ok(())
@@ -732,7 +736,7 @@ pub fn upload_prefix(name: &str) -> String {
     format!("models/{name}/{:016x}{:08x}", new_generation(), unique() as u32)
 }
 
-/// The progress callback of uploads in this process (bytes of the current file done).
+/// The progress callback of uploads in this process (bytes uploaded since the last call).
 type Progress = Box<dyn FnMut(u64) + Send>;
 static UPLOAD_PROGRESS: std::sync::Mutex<Option<Progress>> = std::sync::Mutex::new(None);
 

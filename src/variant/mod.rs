@@ -40,7 +40,7 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
     for entry_name in chain.iter().rev() {
         let entry = registry.get(entry_name)?;
         view = Some(match (&entry.kind, view) {
-            (EntryKind::Base { dir, files, .. }, _) => base_view(registry, entry, dir, files),
+            (EntryKind::Base { dir, files, .. }, _) => base_view(registry, entry_name, entry, dir, files)?,
             (EntryKind::Cast { dtype, .. }, Some(base)) => {
                 map_weights(&base, &format!("cast {entry_name}"), |t| {
                     let source = if t.source.dtype().is_float() && t.source.dtype() != *dtype {
@@ -103,13 +103,23 @@ fn open_containers(
         .collect()
 }
 
+/// A base's files. A local file that cannot be read is a broken file of the view (EIO when
+/// opened, the rest of the entry served); an object that cannot be read now fails the whole
+/// view, which is then built again on the next lookup (the store may be back).
 fn base_view(
     registry: &Registry,
+    name: &str,
     entry: &Entry,
     dir: &Path,
     records: &[crate::registry::FileRecord],
-) -> EntryView {
+) -> Result<EntryView, ViewError> {
     let mut view = EntryView::default();
+    let unreadable = |source: &SourceFile, reason: String| -> Result<(), ViewError> {
+        match source.is_remote() {
+            true => Err(ViewError::Invalid { entry: name.to_owned(), reason }),
+            false => Ok(()),
+        }
+    };
     for record in records {
         let source = Arc::new(registry.source(dir, record));
         let path = source.path.clone();
@@ -139,22 +149,35 @@ fn base_view(
                     view.weights
                         .insert(record.name.clone(), WeightFile { tensors, metadata: header.metadata });
                 }
-                Err(e) => file.content = Content::Broken(e.to_string()),
+                Err(e) => {
+                    unreadable(&source, e.to_string())?;
+                    file.content = Content::Broken(e.to_string());
+                }
             }
         } else if record.name == "tokenizer_config.json" {
-            if let Some(content) = with_chat_template(entry, &source) {
-                file.size = content.len() as u64;
-                file.content = Content::Generated(content);
+            match with_chat_template(entry, &source) {
+                Ok(Some(content)) => {
+                    file.size = content.len() as u64;
+                    file.content = Content::Generated(content);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    unreadable(&source, e.to_string())?;
+                    file.content = Content::Broken(e.to_string());
+                }
             }
         }
         view.files.push(file);
     }
-    view
+    Ok(view)
 }
 
-/// The tokenizer config with the entry's chat template added, when the entry asks for one.
-fn with_chat_template(entry: &Entry, source: &SourceFile) -> Option<Arc<[u8]>> {
-    let jinja = adapter::chat_template_jinja(entry.chat_template.as_deref()?)?;
-    let original = source.read_all().ok()?;
-    adapter::tokenizer_config_with_template(Some(&original), &jinja).ok().map(Arc::from)
+/// The tokenizer config with the entry's chat template added, when the entry asks for one
+/// (None: it does not, or the config cannot take one); an error if the file cannot be read.
+fn with_chat_template(entry: &Entry, source: &SourceFile) -> Result<Option<Arc<[u8]>>, ReadError> {
+    let Some(jinja) = entry.chat_template.as_deref().and_then(adapter::chat_template_jinja) else {
+        return Ok(None);
+    };
+    let original = source.read_all()?;
+    Ok(adapter::tokenizer_config_with_template(Some(&original), &jinja).ok().map(Arc::from))
 }

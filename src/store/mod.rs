@@ -32,9 +32,9 @@
 //! `commit.rs` (the probe and [`update_object`], the retrying read-modify-write),
 //! `reader.rs` (parallel ranged reads with sequential prefetch, as mountpoint-s3 does them).
 //!
-//! # Phase 2: switching llmfs onto it
+//! # How llmfs uses it
 //!
-//! The layers will flow one way, each importing only the ones before it:
+//! The layers flow one way, each importing only the ones before it:
 //!
 //! ```text
 //! store (bytes: keys, ranges, etags)  →  registry (plain data: entries, records, fingerprints)
@@ -43,26 +43,21 @@
 //!   →  vfs (FUSE)
 //! ```
 //!
-//! - **registry**: `registry.json` becomes the key `registry.json` of a [`Store`]; `Store::update`
-//!   (today: `flock` + read + closure + `write_atomic`) becomes [`update_object`] with the JSON
-//!   (de)serialisation inside the closure, so registry never sees etags and the local store keeps
-//!   its `flock`. The registry's config types (quant, delta codec, dtype) move down into registry
-//!   (plain serde data) so it no longer imports delta/codec. The daemon's reload-on-mtime becomes
-//!   a `head` of `registry.json` every few seconds, reloading when the etag changes.
-//! - **add**: `add --copy` and containers written by cast/quantize/delta go to a staging key
-//!   (`tmp/…`) or straight to their final, never-rewritten key `models/NAME/FILE` with
-//!   [`Store::put_file`] (multipart, progress bar from the callback), then one registry commit
-//!   names them; an upload killed midway leaves only unreferenced objects, which `gc` lists by
-//!   diffing [`Store::list`] against the registry. `add NAME s3://BUCKET/DIR` records the keys in
-//!   place, with etag + size as the fingerprint instead of mtime + sampled hash.
-//! - **read path**: `variant::SourceFile` (today a `File` read with `pread`, checked against a
-//!   fingerprint) holds a `(Store, key)` and an [`ObjectReader`] instead; its `read_at` keeps the
-//!   same signature. The fingerprint check becomes: the etag recorded in the registry must equal
-//!   the object's (checked by `head` on open, and by every GET through the etag it returns).
-//!   The disk cache sits between: a miss fetches whole parts with
-//!   [`Store::read_range_parallel`] into the cache, and decoders read from there.
-//! - **containers** (quantized, delta) keep their formats; they are read through the same
-//!   `SourceFile`, so nothing in codec or delta changes but the type of their file handle.
+//! - **registry** (`registry::Store`): on an object store, `registry.json` is the key
+//!   `registry.json`, changed with [`update_object`] (the closure parses, changes and serializes
+//!   the registry, so registry never sees etags); the deltas/ write path's load-change-save uses
+//!   put-if-match on the etag it loaded and redoes the change on a conflict. A daemon notices
+//!   other nodes' commits by a `head` of `registry.json` every few seconds. A local store keeps
+//!   its file and `flock`.
+//! - **files an entry owns** are uploaded with [`Store::put_file`] to keys no other upload uses
+//!   (`models/NAME/UPLOAD-ID/FILE`), then one registry commit names them (`FileRecord::object`,
+//!   with size and etag as the fingerprint): an upload killed midway leaves only unreferenced
+//!   objects, which `llmfs gc` finds by diffing [`Store::list`] against the registry.
+//! - **reads**: a `source::SourceFile` of an object reads its header with two ranged GETs and,
+//!   when its bytes are needed, the whole object with [`Store::fetch_into`] (parallel ranged
+//!   GETs pinned to the recorded etag) into a local file: the disk cache in the mount
+//!   (`cache::objects`), an unlinked temporary file for a command (`registry::objects`). Codecs,
+//!   recipes and views read that file as they read a local one.
 
 mod commit;
 mod local;

@@ -83,7 +83,7 @@ fn object_base_files(
     // The small files, for the adapter's checks (which read a directory).
     let tmp = registry.store_root.join("tmp").join(format!("check-{name}.{}", std::process::id()));
     for f in files {
-        let source = registry.source(dir, f);
+        let source = crate::source::SourceFile::of_record(dir, f, registry.objects.as_ref());
         if let Err(e) = source.object_unchanged() {
             problems.push(format!(
                 "{name}: {e}; an object of a base must keep the bytes it was added with: restore it, or `llmfs rm` the entries over it and add it again"

@@ -1,16 +1,16 @@
 //! A file llmfs reads from, checked against the fingerprint it was added with, and why bytes
 //! could not be read: the ground the recipes (`codec`, `delta`) and the views (`variant`) stand on.
 
-use std::fmt;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use crate::format::{self, Header};
 use crate::registry::{FileRecord, Fingerprint};
+use crate::store::Objects;
 
 /// Why bytes could not be produced. Every variant maps to EIO in the mount, with this message
 /// (which names the file) in the log: nothing is ever served wrong silently.
@@ -53,37 +53,6 @@ pub struct SourceFile {
     /// Opened and fully verified (sampled hash) on first use; the outcome is kept, with the
     /// file's (size, mtime, ctime) then (None: a file of llmfs's own, not checked per read).
     opened: OnceLock<Result<(File, Option<Stamp>), ReadError>>,
-}
-
-/// Access to the objects of a store: what a [`SourceFile`] of an object-store file reads
-/// through. Object names are keys of the registry's store, or `s3://BUCKET/KEY` addresses.
-pub trait ObjectFiles: Send + Sync {
-    /// Bytes `range` of the object as it was at `etag` (an error if it changed since).
-    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String>;
-    /// The object's etag now.
-    fn etag(&self, object: &str) -> Result<String, String>;
-    /// A local file holding exactly the `size` bytes of the object at `etag`, fetched on first
-    /// use (the caller reads it with `pread` only).
-    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String>;
-    /// The object's full address, for messages.
-    fn address(&self, object: &str) -> String;
-}
-
-/// A shared [`ObjectFiles`] (Debug shows nothing: it may hold a client with credentials).
-#[derive(Clone)]
-pub struct Objects(pub Arc<dyn ObjectFiles>);
-
-impl fmt::Debug for Objects {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Objects")
-    }
-}
-
-impl std::ops::Deref for Objects {
-    type Target = dyn ObjectFiles;
-    fn deref(&self) -> &Self::Target {
-        &*self.0
-    }
 }
 
 /// (size, mtime ns, ctime ns) of an open file.

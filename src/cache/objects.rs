@@ -9,8 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::disk::{DiskCache, KeyBuilder};
-use crate::registry::objects::Fetched;
-use crate::source::ObjectFiles;
+use crate::store::{Fetched, ObjectFiles};
 
 pub struct CachedObjects {
     fetched: Fetched,

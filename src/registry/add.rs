@@ -189,12 +189,11 @@ pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> R
         if super::validate_file_path(&rel).is_err() {
             continue;
         }
-        let object = format!("s3://{bucket}/{}", meta.key);
         let record = FileRecord {
             name: rel.clone(),
             role: walk::role_of(&rel),
             fingerprint: Fingerprint::of_object(meta.size, &meta.etag),
-            object: Some(object),
+            object: Some(format!("s3://{bucket}/{}", meta.key)),
         };
         let path = shadow.path().join(&rel);
         if let Some(parent) = path.parent() {
@@ -202,19 +201,20 @@ pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> R
         }
         let file = fs::File::create(&path).map_err(io_err(&path))?;
         file.set_len(meta.size).map_err(io_err(&path))?;
-        let source = crate::source::SourceFile::of_record(shadow.path(), &record, Some(objects));
+        let object = record.object.as_deref().expect("set above");
+        let get = |r: std::ops::Range<u64>| objects.read_range(object, &meta.etag, r).map_err(Error::Invalid);
         let head = match record.role {
-            FileRole::Weights => {
-                let header = source.header()?;
-                let mut bytes = ((header.data_start - 8) as u64).to_le_bytes().to_vec();
-                bytes.extend(
-                    objects
-                        .read_range(record.object.as_deref().unwrap(), &meta.etag, 8..header.data_start)
-                        .map_err(Error::Invalid)?,
-                );
+            // The 8-byte length and the JSON header (scan_model_dir checks them strictly).
+            FileRole::Weights if meta.size >= 8 => {
+                let mut bytes = get(0..8)?;
+                let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+                if len <= format::MAX_HEADER_SIZE && len + 8 <= meta.size {
+                    bytes.extend(get(8..8 + len)?);
+                }
                 bytes
             }
-            _ if meta.size <= 64 << 20 => source.read_all().map_err(|e| Error::Invalid(e.to_string()))?,
+            FileRole::Weights => vec![],
+            _ if meta.size <= 64 << 20 => get(0..meta.size)?,
             _ => vec![],
         };
         use std::os::unix::fs::FileExt;

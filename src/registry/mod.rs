@@ -23,7 +23,6 @@ pub mod add;
 pub mod fingerprint;
 pub mod gc;
 pub mod known_models;
-pub mod objects;
 pub mod recipe;
 pub mod walk;
 
@@ -36,7 +35,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::source::Objects;
+use crate::store::Objects;
 
 use crate::format::{Dtype, FileHeaderError};
 pub use fingerprint::Fingerprint;
@@ -195,7 +194,7 @@ pub struct Registry {
     pub store_root: PathBuf,
     /// …and, for an object store, how its files' bytes are read.
     #[serde(skip)]
-    pub objects: Option<crate::source::Objects>,
+    pub objects: Option<Objects>,
     /// The etag of `registry.json` this was loaded at, in an object store (None: there was
     /// none): what [`Store::save`] commits against.
     #[serde(skip)]
@@ -251,11 +250,6 @@ impl Registry {
     /// Where entry `name` keeps the files it owns (containers, copies).
     pub fn entry_dir(&self, name: &str) -> PathBuf {
         self.store_root.join("models").join(name)
-    }
-
-    /// File `record` of an entry whose local files are (or would be) in `dir`.
-    pub fn source(&self, dir: &Path, record: &FileRecord) -> crate::source::SourceFile {
-        crate::source::SourceFile::of_record(dir, record, self.objects.as_ref())
     }
 
     pub fn get(&self, name: &str) -> Result<&Entry, Error> {
@@ -413,7 +407,7 @@ impl Store {
             }
         };
         let mut store = Store::open(node)?;
-        store.objects = Some(Objects(Arc::new(objects::Fetched::new(remote.clone(), store.tmp_dir()))));
+        store.objects = Some(Objects(Arc::new(crate::store::Fetched::new(remote.clone(), store.tmp_dir()))));
         store.remote = Some(remote);
         Ok(store)
     }

@@ -60,6 +60,7 @@
 //!   recipes and views read that file as they read a local one.
 
 mod commit;
+mod fetched;
 mod local;
 mod reader;
 mod s3;
@@ -73,6 +74,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub use commit::{update_object, Committed, UpdateError, MAX_COMMIT_TIME};
+pub use fetched::{Fetched, ObjectFiles, Objects};
 pub use reader::{ObjectReader, ReadOptions};
 pub use s3::{Limits, S3Config};
 

@@ -43,7 +43,7 @@ pub fn delta_view(
     let dir = registry.entry_dir(name);
     let mut view = EntryView::default();
     for record in files {
-        let source = Arc::new(registry.source(&dir, record));
+        let source = Arc::new(SourceFile::of_record(&dir, record, registry.objects.as_ref()));
         if let Some(reason) = source.stat_problem() {
             view.files.push(VFile {
                 name: record.name.clone(),
@@ -174,7 +174,7 @@ pub fn imported_view(
 
 pub(crate) fn import_view(
     dir: &Path,
-    objects: Option<&crate::source::Objects>,
+    objects: Option<&crate::store::Objects>,
     files: &[FileRecord],
     format: ImportFormat,
     base: &EntryView,

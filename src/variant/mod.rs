@@ -92,7 +92,7 @@ fn open_containers(
     files
         .iter()
         .map(|record| {
-            let source = Arc::new(registry.source(&dir, record));
+            let source = Arc::new(SourceFile::of_record(&dir, record, registry.objects.as_ref()));
             let invalid = |reason: String| ViewError::Invalid { entry: name.to_owned(), reason };
             if let Some(reason) = source.stat_problem() {
                 return Err(invalid(format!("{}: {reason}", source.path.display())));
@@ -121,7 +121,7 @@ fn base_view(
         }
     };
     for record in records {
-        let source = Arc::new(registry.source(dir, record));
+        let source = Arc::new(SourceFile::of_record(dir, record, registry.objects.as_ref()));
         let path = source.path.clone();
         let mut file = VFile {
             name: record.name.clone(),

@@ -112,9 +112,9 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     // An object store's files are fetched into the disk cache (when there is one).
     let store = match (store.remote().cloned(), &disk) {
         (Some(remote), Some(disk)) => {
-            let fetched = crate::registry::objects::Fetched::new(remote, store.tmp_dir());
+            let fetched = crate::store::Fetched::new(remote, store.tmp_dir());
             let cached = crate::cache::objects::CachedObjects::new(fetched, disk.clone());
-            store.with_objects(crate::source::Objects(Arc::new(cached)))
+            store.with_objects(crate::store::Objects(Arc::new(cached)))
         }
         _ => store,
     };

@@ -1,21 +1,54 @@
-//! How a command reads the files of an object store: [`Fetched`], each object downloaded whole
+//! How llmfs reads the files of an object store ([`ObjectFiles`]), and [`Fetched`], what a
+//! command uses: each object downloaded whole
 //! (parallel ranged GETs, pinned to its etag) into an unlinked temporary file of this node's
 //! `tmp/` the first time it is read, and shared by every reader in the process. The mount uses
-//! its disk cache instead (`vfs::objects`), so fetched objects survive remounts.
+//! its disk cache instead (`cache::objects`), so fetched objects survive remounts.
 //!
 //! Objects are named by keys of the registry's store, or by `s3://BUCKET/KEY` for a base added
 //! in place from another place of the object store (its bucket is opened with the same
 //! credentials and endpoint).
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crate::source::ObjectFiles;
-use crate::store::{self, StoreError};
+use super::StoreError;
+use crate::store;
+
+/// Access to the objects of a store: what a `source::SourceFile` of an object-store file reads
+/// through. Object names are keys of the registry's store, or `s3://BUCKET/KEY` addresses.
+pub trait ObjectFiles: Send + Sync {
+    /// Bytes `range` of the object as it was at `etag` (an error if it changed since).
+    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String>;
+    /// The object's etag now.
+    fn etag(&self, object: &str) -> Result<String, String>;
+    /// A local file holding exactly the `size` bytes of the object at `etag`, fetched on first
+    /// use (the caller reads it with `pread` only).
+    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String>;
+    /// The object's full address, for messages.
+    fn address(&self, object: &str) -> String;
+}
+
+/// A shared [`ObjectFiles`] (Debug shows nothing: it may hold a client with credentials).
+#[derive(Clone)]
+pub struct Objects(pub Arc<dyn ObjectFiles>);
+
+impl fmt::Debug for Objects {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Objects")
+    }
+}
+
+impl std::ops::Deref for Objects {
+    type Target = dyn ObjectFiles;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
 
 pub struct Fetched {
     store: Arc<store::Store>,

@@ -364,12 +364,26 @@ pub struct Store {
     remote: Option<Arc<crate::store::Store>>,
     /// How this process reads the object store's files (the mount puts its disk cache here).
     objects: Option<Objects>,
-    /// The last [`Store::registry_stamp`] asked of the object store, and when.
-    polled: Arc<std::sync::Mutex<Option<Polled>>>,
+    /// What [`Store::registry_stamp`] answers for an object store.
+    polled: Arc<std::sync::Mutex<Polled>>,
 }
 
-/// When the registry's stamp was last asked of the object store, and what it was.
-type Polled = (std::time::Instant, Option<String>);
+/// The registry's etag in an object store as last seen (None: no registry yet), and whether a
+/// poller keeps it fresh.
+#[derive(Debug, Default)]
+struct Polled {
+    stamp: Option<String>,
+    polling: bool,
+}
+
+/// The registry's etag now (None: there is none).
+fn head_stamp(remote: &crate::store::Store) -> std::result::Result<Option<String>, crate::store::StoreError> {
+    match remote.head(REGISTRY_KEY) {
+        Ok(m) => Ok(Some(m.etag)),
+        Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 /// How often a daemon asks an object store whether the registry changed: entries added or
 /// removed by another node show within this (plus the kernel's 1 s entry timeout).
@@ -467,8 +481,9 @@ impl Store {
     /// Something that changes whenever the registry is committed, for a daemon to notice other
     /// processes' changes cheaply: locally its file's inode (every save renames a new file in,
     /// which catches two saves within one timestamp tick) and mtime; in an object store its
-    /// etag, asked for (a HEAD) at most every [`REMOTE_POLL`], and at once after this process
-    /// committed.
+    /// etag, as a poller thread last saw it (a HEAD every [`REMOTE_POLL`], so that no FUSE
+    /// request waits on the network, nor on a server that is down), or as this process's own
+    /// last commit left it.
     pub fn registry_stamp(&self) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
         let Some(remote) = &self.remote else {
@@ -476,24 +491,29 @@ impl Store {
             return Some(format!("{}.{}", meta.ino(), fingerprint::mtime_ns(&meta)));
         };
         let mut polled = self.polled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, stamp)) = &*polled {
-            if at.elapsed() < REMOTE_POLL {
-                return stamp.clone();
-            }
+        if !polled.polling {
+            polled.polling = true;
+            polled.stamp = head_stamp(remote).unwrap_or(None);
+            let (remote, weak) = (remote.clone(), Arc::downgrade(&self.polled));
+            std::thread::Builder::new()
+                .name("llmfs-registry-poll".into())
+                .spawn(move || loop {
+                    std::thread::sleep(REMOTE_POLL);
+                    let Some(polled) = weak.upgrade() else { return };
+                    // Unreachable: keep what was known (the next poll asks again).
+                    if let Ok(stamp) = head_stamp(&remote) {
+                        polled.lock().unwrap_or_else(|e| e.into_inner()).stamp = stamp;
+                    }
+                })
+                .map_err(|e| tracing::error!("no registry poller: {e}"))
+                .ok();
         }
-        let stamp = match remote.head(REGISTRY_KEY) {
-            Ok(m) => Some(m.etag),
-            Err(crate::store::StoreError::NotFound { .. }) => None,
-            // Unreachable: keep what was known (the next poll asks again).
-            Err(_) => polled.as_ref().and_then(|(_, s)| s.clone()),
-        };
-        *polled = Some((std::time::Instant::now(), stamp.clone()));
-        stamp
+        polled.stamp.clone()
     }
 
-    /// This process committed: the next [`Store::registry_stamp`] asks the store.
-    fn committed(&self) {
-        *self.polled.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// This process committed the registry at `etag`.
+    fn committed(&self, etag: &str) {
+        self.polled.lock().unwrap_or_else(|e| e.into_inner()).stamp = Some(etag.to_owned());
     }
 
     /// The catalogue as it is now (empty if the store is new).
@@ -587,9 +607,11 @@ impl Store {
             Some(etag) => remote.put_if_match(REGISTRY_KEY, bytes.into(), etag),
             None => remote.put_if_absent(REGISTRY_KEY, bytes.into()),
         };
-        self.committed();
         match put {
-            Ok(_) => Ok(()),
+            Ok(etag) => {
+                self.committed(&etag);
+                Ok(())
+            }
             Err(StoreError::Precondition { .. } | StoreError::AlreadyExists { .. }) => Err(Error::Conflict),
             Err(e) => Err(e.into()),
         }
@@ -612,9 +634,11 @@ impl Store {
             out = Some(f(&mut registry)?);
             Ok(serde_json::to_vec_pretty(&registry).expect("the registry always serializes"))
         });
-        self.committed();
         match committed {
-            Ok(_) => Ok(out.expect("the closure ran")),
+            Ok(c) => {
+                self.committed(&c.etag);
+                Ok(out.expect("the closure ran"))
+            }
             Err(crate::store::UpdateError::Rejected(e)) => Err(e),
             Err(crate::store::UpdateError::Store(e)) => Err(e.into()),
         }

@@ -2,7 +2,6 @@
 //! and an imported delta's (`fastchat`, `lora`: see `delta::import`), its tensors applied to the base's.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -236,13 +235,15 @@ pub(crate) fn import_view(
             })?
         }
         ImportFormat::Lora => {
-            let config_path = dir.join("adapter_config.json");
-            let config: Value = fs::metadata(&config_path)
-                .ok()
-                .filter(|m| m.len() <= 1 << 20)
-                .and_then(|_| fs::read(&config_path).ok())
+            // Through its record: in an object store the file is an object, not under `dir`.
+            let record = files.iter().find(|f| f.name == "adapter_config.json");
+            let source = record.map(|r| SourceFile::of_record(dir, r, objects));
+            let shown = source.as_ref().map_or(dir.join("adapter_config.json"), |s| s.path.clone());
+            let config: Value = source
+                .filter(|s| s.fingerprint.size <= 1 << 20)
+                .and_then(|s| s.read_all().ok())
                 .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| format!("{}: missing, over 1 MiB, or not JSON", config_path.display()))?;
+                .ok_or_else(|| format!("{}: missing, over 1 MiB, or not JSON", shown.display()))?;
             let r = config
                 .get("r")
                 .and_then(Value::as_u64)

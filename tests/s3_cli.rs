@@ -77,6 +77,14 @@ fn finetune(base: &Path, out: &Path, seed: u64) {
         .unwrap_or_else(|e| panic!("fine-tune into {}: {e}", out.display()));
 }
 
+/// `Weed::start`, saying how long the server took to come up.
+fn start_weed(test: &str) -> Option<Weed> {
+    let start = Instant::now();
+    let weed = Weed::start(test)?;
+    println!("SeaweedFS up in {:?}", start.elapsed());
+    Some(weed)
+}
+
 /// One node's view of an S3 store: `llmfs --store s3://BUCKET/PREFIX` with the server's endpoint
 /// and keys in the AWS environment and its own LLMFS_NODE_DIR (DIR/node). Two of these on one
 /// prefix are two machines sharing a bucket.
@@ -273,7 +281,7 @@ fn uploaded_files(store: &Store, name: &str) -> BTreeMap<String, u64> {
 
 #[test]
 fn every_command_on_an_s3_store_gives_the_local_stores_bytes() {
-    let Some(weed) = Weed::start("every_command_on_an_s3_store_gives_the_local_stores_bytes") else { return };
+    let Some(weed) = start_weed("every_command_on_an_s3_store_gives_the_local_stores_bytes") else { return };
     let prefix = "same-bytes";
     let local = TestStore::new();
     let s3 = s3_node(&weed.endpoint(), prefix);
@@ -453,7 +461,7 @@ fn every_command_on_an_s3_store_gives_the_local_stores_bytes() {
 
 #[test]
 fn a_mount_of_an_s3_store_reads_exports_bytes_and_stores_a_copied_finetune() {
-    let Some(weed) = Weed::start("a_mount_of_an_s3_store_reads_exports_bytes_and_stores_a_copied_finetune")
+    let Some(weed) = start_weed("a_mount_of_an_s3_store_reads_exports_bytes_and_stores_a_copied_finetune")
     else {
         return;
     };
@@ -507,7 +515,7 @@ fn a_mount_of_an_s3_store_reads_exports_bytes_and_stores_a_copied_finetune() {
 
 #[test]
 fn two_nodes_of_one_bucket_see_each_others_entries_come_and_go() {
-    let Some(weed) = Weed::start("two_nodes_of_one_bucket_see_each_others_entries_come_and_go") else {
+    let Some(weed) = start_weed("two_nodes_of_one_bucket_see_each_others_entries_come_and_go") else {
         return;
     };
     let prefix = "two-nodes";
@@ -575,7 +583,7 @@ fn two_nodes_of_one_bucket_see_each_others_entries_come_and_go() {
 
 #[test]
 fn parallel_registry_changes_from_9_processes_lose_nothing() {
-    let Some(weed) = Weed::start("parallel_registry_changes_from_9_processes_lose_nothing") else { return };
+    let Some(weed) = start_weed("parallel_registry_changes_from_9_processes_lose_nothing") else { return };
     let prefix = "parallel";
     let s3 = s3_node(&weed.endpoint(), prefix);
     let bucket = weed.store(prefix);
@@ -681,7 +689,7 @@ fn read_chunks(path: &Path, after_first: impl FnOnce() + Send + 'static) -> (Vec
 #[test]
 fn the_server_killed_mid_read_gives_eio_in_bounded_time_and_reads_work_after_restart() {
     let Some(mut weed) =
-        Weed::start("the_server_killed_mid_read_gives_eio_in_bounded_time_and_reads_work_after_restart")
+        start_weed("the_server_killed_mid_read_gives_eio_in_bounded_time_and_reads_work_after_restart")
     else {
         return;
     };
@@ -818,7 +826,7 @@ fn assert_gc_lines(f: &Finished, verb: &str, keys: &BTreeSet<String>, what: &str
 
 #[test]
 fn kill_9_mid_upload_leaves_no_entry_and_gc_removes_the_leftovers() {
-    let Some(weed) = Weed::start("kill_9_mid_upload_leaves_no_entry_and_gc_removes_the_leftovers") else {
+    let Some(weed) = start_weed("kill_9_mid_upload_leaves_no_entry_and_gc_removes_the_leftovers") else {
         return;
     };
     let prefix = "killed-upload";
@@ -854,8 +862,15 @@ fn kill_9_mid_upload_leaves_no_entry_and_gc_removes_the_leftovers() {
         first = keys(&bucket, "models/big");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The server is frozen for the kill (SIGSTOP: it answers nothing), so that the kill lands
+    // mid-upload however fast localhost uploads are (a few hundred MB/s here); thawed, it sees
+    // the dead client's connections reset. A part it had whole before the freeze may still
+    // complete: the listing below waits for that.
+    weed.freeze(true);
     child.kill().unwrap();
     let status = child.wait().unwrap();
+    weed.freeze(false);
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL),

@@ -139,13 +139,28 @@ fn names(ts: &TestStore) -> BTreeSet<String> {
     ls(ts).into_keys().collect()
 }
 
-/// `info NAME --json` without the base's source directory (a path that differs between stores).
-fn info(ts: &TestStore, name: &str) -> Value {
-    let mut v = ts.json(["info", name, "--json"]);
+/// `info NAME --json` as `info` does, or the command's error line.
+fn try_info(ts: &TestStore, name: &str) -> Result<Value, String> {
+    let f = ts.run_full(["info", name, "--json"]);
+    if !f.status.success() {
+        return Err(f.stderr.trim_end().to_owned());
+    }
+    let mut v: Value = serde_json::from_str(&f.stdout).map_err(|e| format!("not JSON: {e}"))?;
     if let Some(recipe) = v.get_mut("recipe").and_then(Value::as_object_mut) {
         recipe.remove("dir");
     }
-    v
+    Ok(v)
+}
+
+fn json_line<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
+fn show(r: &Result<Value, String>) -> String {
+    match r {
+        Ok(v) => json_line(v),
+        Err(e) => format!("error: {e}"),
+    }
 }
 
 /// Relative path → bytes of every regular file under `dir` (subdirectories too), skipping the
@@ -369,58 +384,73 @@ fn every_command_on_an_s3_store_gives_the_local_stores_bytes() {
         assert!(!uploaded_files(&bucket, name).is_empty(), "no objects under models/{name}/");
     }
 
-    // `add NAME s3://BUCKET/PATH`: a model already in the bucket, registered in place.
-    let inplace_prefix = "hf/model";
-    for rel in model_files.keys() {
-        bucket.put_file(&format!("{inplace_prefix}/{rel}"), &model.join(rel), &mut |_| {}).unwrap();
-    }
-    let in_bucket = keys(&bucket, inplace_prefix);
-    s3.ok(["add", "inplace", &format!("s3://{BUCKET}/{prefix}/{inplace_prefix}")]);
-    assert!(keys(&bucket, "models/inplace").is_empty(), "an in-place add copied objects");
-
-    // ls, info, check: the same on both stores.
+    // ls, info, check, export: the same on both stores. Every difference is collected first, so
+    // that one run names them all.
     let all = ["base", "f16", "q8", "q4", "lossless", "dq8", "fcbase", "vicuna", "lora"];
-    let (l, mut s) = (ls(&local), ls(&s3));
-    let inplace = s.remove("inplace").expect("inplace listed by ls");
-    assert_eq!(inplace["kind"], "base", "{inplace:#}");
-    assert_eq!(inplace["size"], s["base"]["size"], "the in-place entry's size");
+    let mut diffs: Vec<String> = Vec::new();
+    let (l, s) = (ls(&local), ls(&s3));
     assert_eq!(
         l.keys().map(String::as_str).collect::<BTreeSet<_>>(),
         all.iter().copied().collect(),
         "ls of the local store"
     );
     for name in all {
-        assert_eq!(s[name], l[name], "ls --json of {name}: S3 vs local");
-        assert_eq!(info(&s3, name), info(&local, name), "info --json {name}: S3 vs local");
-    }
-    let (cl, cs) = (local.run_full(["check"]), s3.run_full(["check"]));
-    assert!(
-        cl.status.success() && cs.status.success(),
-        "check:\nlocal: {}{}\ns3: {}{}",
-        cl.stdout,
-        cl.stderr,
-        cs.stdout,
-        cs.stderr
-    );
-    assert_eq!(cl.stdout, cs.stdout.replace("10 entries", "9 entries"), "check's output");
-    s3.ok(["check", "inplace"]);
-
-    // export: the same files, sha256 for sha256; the base is the model, the lossless delta the
-    // fine-tune, the in-place entry the model.
-    for name in all {
-        let (el, es) = (export(&local, name), export(&s3, name));
-        let (hl, hs) = (sha256_tree(&el), sha256_tree(&es));
-        assert_eq!(hs, hl, "sha256 of the files export wrote for {name}: S3 vs local");
-        match name {
-            "base" => assert_same_tree(&read_tree(&es, &[]), &model_files, "export of base from S3"),
-            "lossless" => assert_same_tree(&read_tree(&es, &[]), &read_tree(&ft, &[]), "export of lossless"),
-            _ => {}
+        if s.get(name) != l.get(name) {
+            diffs.push(format!(
+                "ls --json, {name}: S3 {} vs local {}",
+                json_line(&s.get(name)),
+                json_line(&l.get(name))
+            ));
+        }
+        let (is, il) = (try_info(&s3, name), try_info(&local, name));
+        if is != il {
+            diffs.push(format!("info --json {name}: S3 {} vs local {}", show(&is), show(&il)));
         }
     }
-    assert_same_tree(&read_tree(&export(&s3, "inplace"), &[]), &model_files, "export of the in-place entry");
+    let (cl, cs) = (local.run_full(["check"]), s3.run_full(["check"]));
+    if (cl.status.success(), &cl.stdout) != (cs.status.success(), &cs.stdout) {
+        diffs.push(format!(
+            "check: S3 ({}) {}{} vs local ({}) {}{}",
+            cs.status, cs.stdout, cs.stderr, cl.status, cl.stdout, cl.stderr
+        ));
+    }
 
-    // rm: refused while dependents exist; else the entry's objects leave the bucket (an in-place
-    // entry's stay: they are not its to delete).
+    // export: the same files, sha256 for sha256; the base is the model, the lossless delta the
+    // fine-tune.
+    for name in all {
+        let el = export(&local, name);
+        let es = s3.path("export").join(name);
+        let f = s3.run_full([os("export"), os(name), os(&es)]);
+        if !f.status.success() {
+            diffs.push(format!("export {name} on S3 failed ({}): {}", f.status, f.stderr.trim_end()));
+            continue;
+        }
+        let (hl, hs) = (sha256_tree(&el), sha256_tree(&es));
+        if hs != hl {
+            let differ: Vec<&String> = hl
+                .keys()
+                .chain(hs.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .filter(|k| hl.get(*k) != hs.get(*k))
+                .collect();
+            diffs.push(format!("export {name}: sha256 differs (S3 vs local) for {differ:?}"));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} difference(s) between the S3 and the local store:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+    assert_same_tree(&read_tree(&s3.path("export/base"), &[]), &model_files, "export of base from S3");
+    assert_same_tree(
+        &read_tree(&s3.path("export/lossless"), &[]),
+        &read_tree(&ft, &[]),
+        "export of lossless",
+    );
+
+    // rm: refused while dependents exist; else the entry's objects leave the bucket.
     for ts in [&local, &s3] {
         assert_failed_with_one_line(&ts.run_full(["rm", "base"]), "rm base with dependents");
     }
@@ -434,8 +464,6 @@ fn every_command_on_an_s3_store_gives_the_local_stores_bytes() {
         );
         assert!(!local.store.join("models").join(name).exists(), "STORE/models/{name} left after rm");
     }
-    s3.ok(["rm", "inplace"]);
-    assert_eq!(keys(&bucket, inplace_prefix), in_bucket, "rm of an in-place entry touched its objects");
     let (l, s) = (ls(&local), ls(&s3));
     assert_eq!(s, l, "ls --json after rm: S3 vs local");
     assert_eq!(
@@ -447,12 +475,45 @@ fn every_command_on_an_s3_store_gives_the_local_stores_bytes() {
         let owned = ["base", "fcbase", "lossless", "q8", "vicuna"]
             .iter()
             .any(|n| m.key.starts_with(&format!("models/{n}/")));
-        assert!(
-            owned || m.key == "registry.json" || m.key.starts_with(&format!("{inplace_prefix}/")),
-            "{} left in the bucket",
-            m.key
-        );
+        assert!(owned || m.key == "registry.json", "{} left in the bucket", m.key);
     }
+}
+
+#[test]
+fn add_of_a_model_already_in_the_bucket_registers_it_in_place() {
+    let Some(weed) = start_weed("add_of_a_model_already_in_the_bucket_registers_it_in_place") else { return };
+    let prefix = "in-place";
+    let s3 = s3_node(&weed.endpoint(), prefix);
+    let bucket = weed.store(prefix);
+    let model = s3.path("model");
+    write_model(&model, &spec());
+    let model_files = read_tree(&model, &[]);
+    // `add NAME s3://BUCKET/PATH`: a model uploaded by something else, registered where it is.
+    let dir = "hf/model";
+    for rel in model_files.keys() {
+        bucket.put_file(&format!("{dir}/{rel}"), &model.join(rel), &mut |_| {}).unwrap();
+    }
+    let in_bucket = keys(&bucket, dir);
+    s3.ok(["add", "inplace", &format!("s3://{BUCKET}/{prefix}/{dir}")]);
+    assert!(keys(&bucket, "models/inplace").is_empty(), "an in-place add copied objects");
+    let e = &ls(&s3)["inplace"];
+    assert_eq!(e["kind"], "base", "{e:#}");
+    s3.ok(["check", "inplace"]);
+    s3.ok(["cast", "f16", "--base", "inplace", "--dtype", "f16"]);
+    assert_same_tree(&read_tree(&export(&s3, "inplace"), &[]), &model_files, "export of the in-place entry");
+    let m = mount(&s3, &s3.path("cache"));
+    assert_same_tree(&read_tree(&m.path().join("inplace"), &["deltas"]), &model_files, "MOUNT/inplace");
+    assert_same_tree(
+        &read_tree(&m.path().join("f16"), &[]),
+        &read_tree(&export(&s3, "f16"), &[]),
+        "MOUNT/f16 (a cast of the in-place entry)",
+    );
+    drop(m);
+    // rm leaves its objects: they are not the entry's to delete.
+    s3.ok(["rm", "f16"]);
+    s3.ok(["rm", "inplace"]);
+    assert_eq!(keys(&bucket, dir), in_bucket, "rm of an in-place entry touched its objects");
+    assert!(names(&s3).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -252,6 +252,18 @@ fn stat_errno(path: &Path) -> Option<i32> {
     })
 }
 
+/// The names in a directory (under a deadline), or the errno of listing it.
+fn listing(dir: &Path) -> Result<BTreeSet<String>, i32> {
+    let d = dir.to_owned();
+    with_deadline(&format!("listing {}", dir.display()), OP, move || {
+        fs::read_dir(&d)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+            })
+            .map_err(|e| e.raw_os_error().unwrap_or(-1))
+    })
+}
+
 /// `cp -r SRC/. DEST/` under a timeout; must succeed.
 #[track_caller]
 fn cp_r(src: &Path, dest: &Path) {
@@ -534,6 +546,8 @@ fn a_mount_of_an_s3_store_reads_exports_bytes_and_stores_a_copied_finetune() {
     finetune(&model, &ft, 4);
     finetune(&model, &ft2, 5);
     s3.ok([os("add"), os("base"), os(&model)]);
+    // Uploaded: what follows reads the bucket, not this directory.
+    fs::remove_dir_all(&model).unwrap();
     s3.ok(["cast", "f32", "--base", "base", "--dtype", "f32"]);
     s3.ok(["quantize", "q4", "--base", "base", "--bits", "4"]);
     s3.ok([os("delta"), os("make"), os("d"), os("--base"), os("base"), os("--target"), os(&ft)]);
@@ -590,10 +604,12 @@ fn two_nodes_of_one_bucket_see_each_others_entries_come_and_go() {
     let ft = a.path("ft");
     finetune(&model, &ft, 6);
     a.ok([os("add"), os("base"), os(&model)]);
+    // Uploaded: what follows reads the bucket, not this directory.
+    let base_files = read_tree(&model, &[]);
+    fs::remove_dir_all(&model).unwrap();
 
     let ma = mount(&a, &a.path("cache"));
     let mb = mount(&b, &b.path("cache"));
-    let base_files = read_tree(&model, &[]);
     assert_same_tree(&read_tree(&mb.path().join("base"), &["deltas"]), &base_files, "node B: MOUNT/base");
     assert_eq!(stat_errno(&mb.path().join("new")), Some(libc::ENOENT));
 
@@ -603,19 +619,20 @@ fn two_nodes_of_one_bucket_see_each_others_entries_come_and_go() {
     cp_r(&ft, &new_a);
     let written = Instant::now();
     let want = read_tree(&ft, &[]);
-    let want_names: BTreeSet<String> =
-        want.keys().filter(|k| !k.contains('/')).map(|k| k.to_owned()).collect();
+    // The top-level names: files and the first component of those in subdirectories.
+    let want_names: BTreeSet<String> = want.keys().map(|k| k.split('/').next().unwrap().to_owned()).collect();
+    // (Every entry has a writable deltas/ folder of its own.)
     let seen = wait_until(VISIBLE, || {
-        fs::read_dir(mb.path().join("new")).is_ok_and(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect::<BTreeSet<_>>()
-                == want_names
-        })
+        listing(&mb.path().join("new")).is_ok_and(|mut names| names.remove("deltas") && names == want_names)
     });
     let took = written.elapsed();
     println!("node B saw node A's new entry after {took:?}");
-    assert!(seen, "node B: MOUNT/new not there (with all its files) {VISIBLE:?} after node A wrote it");
+    assert!(
+        seen,
+        "node B: MOUNT/new not there (with all its files) {VISIBLE:?} after node A wrote it: MOUNT/ {:?}, MOUNT/new/ {:?}",
+        listing(mb.path()),
+        listing(&mb.path().join("new"))
+    );
     assert_same_tree(&read_tree(&mb.path().join("new"), &[]), &want, "node B: MOUNT/new");
     assert_same_tree(&read_tree(&ma.path().join("new"), &[]), &want, "node A: MOUNT/new");
 
@@ -633,7 +650,20 @@ fn two_nodes_of_one_bucket_see_each_others_entries_come_and_go() {
         stat_errno(&ma.path().join("new")),
         stat_errno(&mb.path().join("new"))
     );
-    assert_eq!(stat_errno(&new_a), Some(libc::ENOENT), "node A: MOUNT/base/deltas/new after rm");
+    // The folder it was written into holds none of its files any more (directories node A made
+    // in it may stay: they are node A's staging, not the entry's).
+    let emptied =
+        wait_until(VISIBLE, || stat_errno(&new_a) == Some(libc::ENOENT) || read_tree(&new_a, &[]).is_empty());
+    assert!(
+        emptied,
+        "node A: files still in MOUNT/base/deltas/new {VISIBLE:?} after llmfs rm on another node: {:?}",
+        read_tree(&new_a, &[]).keys().collect::<Vec<_>>()
+    );
+    println!(
+        "node A's MOUNT/base/deltas/ after the rm: {:?}, deltas/new/: {:?}",
+        listing(&ma.path().join("base/deltas")),
+        listing(&new_a)
+    );
     assert!(keys(&weed.store(prefix), "models/new").is_empty(), "models/new/ left after rm");
     drop((ma, mb));
 }
@@ -651,6 +681,8 @@ fn parallel_registry_changes_from_9_processes_lose_nothing() {
     let model = s3.path("model");
     write_model(&model, &spec());
     s3.ok([os("add"), os("base"), os(&model)]);
+    // Uploaded: what follows reads the bucket, not this directory.
+    fs::remove_dir_all(&model).unwrap();
     s3.ok(["cast", "r1", "--base", "base", "--dtype", "f16"]);
     s3.ok(["quantize", "r2", "--base", "base", "--bits", "8"]);
     s3.ok(["cast", "r3", "--base", "base", "--dtype", "f32"]);
@@ -763,6 +795,8 @@ fn the_server_killed_mid_read_gives_eio_in_bounded_time_and_reads_work_after_res
     let model = s3.path("model");
     write_model(&model, &ModelSpec { hidden: 256, intermediate: 688, layers: 4, ..spec() });
     s3.ok([os("add"), os("base"), os(&model)]);
+    // Uploaded: what follows reads the bucket, not this directory.
+    fs::remove_dir_all(&model).unwrap();
     s3.ok(["cast", "f32", "--base", "base", "--dtype", "f32"]);
     let want: BTreeMap<&str, BTreeMap<String, Vec<u8>>> =
         ["base", "f32"].iter().map(|n| (*n, read_tree(&export(&s3, n), &[]))).collect();

@@ -230,6 +230,33 @@ fn keys(store: &Store, prefix: &str) -> BTreeSet<String> {
     objects(store, prefix).into_iter().map(|m| m.key).collect()
 }
 
+/// Credentials are never written into the store, a node's directory or a log: neither the
+/// secret key nor the key id in any object of the bucket (every prefix) or any file under
+/// `paths` (directories or files).
+#[track_caller]
+fn assert_no_credentials(weed: &Weed, paths: &[&Path]) {
+    let has = |bytes: &[u8], c: &str| bytes.windows(c.len()).any(|w| w == c.as_bytes());
+    let root = weed.store("");
+    for m in objects(&root, "") {
+        let bytes = root.get(&m.key).unwrap_or_else(|e| panic!("get {}: {e}", m.key)).bytes;
+        for c in [SECRET, KEY_ID] {
+            assert!(!has(&bytes, c), "{c:?} in the object {}", m.key);
+        }
+    }
+    for path in paths {
+        let files = match fs::metadata(path) {
+            Ok(m) if m.is_dir() => read_tree(path, &[]),
+            Ok(_) => BTreeMap::from([(String::new(), fs::read(path).unwrap())]),
+            Err(_) => continue,
+        };
+        for (rel, bytes) in files {
+            for c in [SECRET, KEY_ID] {
+                assert!(!has(&bytes, c), "{c:?} in {}/{rel}", path.display());
+            }
+        }
+    }
+}
+
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
@@ -488,6 +515,7 @@ fn every_command_on_an_s3_store_gives_the_local_stores_bytes() {
             .any(|n| m.key.starts_with(&format!("models/{n}/")));
         assert!(owned || m.key == "registry.json", "{} left in the bucket", m.key);
     }
+    assert_no_credentials(&weed, &[&s3.path("node")]);
 }
 
 #[test]
@@ -581,6 +609,8 @@ fn a_mount_of_an_s3_store_reads_exports_bytes_and_stores_a_copied_finetune() {
     assert_same_tree(&read_tree(&export(&s3, "new"), &[]), &want, "export of new");
     let f = s3.run_full(["check"]);
     assert!(f.status.success(), "check after the write: {}{}", f.stdout, f.stderr);
+    // The daemon's log is beside the mount point.
+    assert_no_credentials(&weed, &[&s3.path("node"), &m.log]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,7 +665,21 @@ fn two_nodes_of_one_bucket_see_each_others_entries_come_and_go() {
     assert_same_tree(&read_tree(&mb.path().join("new"), &[]), &want, "node B: MOUNT/new");
     assert_same_tree(&read_tree(&ma.path().join("new"), &[]), &want, "node A: MOUNT/new");
 
-    // A third node removes it: gone from both mounts.
+    // A third node adds a cast of it: both mounts show it without a remount.
+    c.ok(["cast", "new16", "--base", "new", "--dtype", "f16"]);
+    let added = Instant::now();
+    let both = wait_until(VISIBLE, || {
+        stat_errno(&ma.path().join("new16/config.json")).is_none()
+            && stat_errno(&mb.path().join("new16/config.json")).is_none()
+    });
+    println!("both mounts showed a third node's new16 after {:?}", added.elapsed());
+    assert!(both, "MOUNT/new16 not on both nodes {VISIBLE:?} after llmfs cast on a third node");
+    let want16 = read_tree(&export(&c, "new16"), &[]);
+    assert_same_tree(&read_tree(&mb.path().join("new16"), &[]), &want16, "node B: MOUNT/new16");
+    assert_same_tree(&read_tree(&ma.path().join("new16"), &[]), &want16, "node A: MOUNT/new16");
+    c.ok(["rm", "new16"]);
+
+    // A third node removes the written entry: gone from both mounts.
     c.ok(["rm", "new"]);
     let removed = Instant::now();
     let gone = wait_until(VISIBLE, || {
@@ -672,13 +716,18 @@ fn two_nodes_of_one_bucket_see_each_others_entries_come_and_go() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn parallel_registry_changes_from_9_processes_lose_nothing() {
-    let Some(weed) = start_weed("parallel_registry_changes_from_9_processes_lose_nothing") else { return };
+fn parallel_registry_changes_from_10_processes_and_a_mount_lose_nothing() {
+    let Some(weed) = start_weed("parallel_registry_changes_from_10_processes_and_a_mount_lose_nothing")
+    else {
+        return;
+    };
     let prefix = "parallel";
     let s3 = s3_node(&weed.endpoint(), prefix);
     let bucket = weed.store(prefix);
     let model = s3.path("model");
     write_model(&model, &spec());
+    let ft = s3.path("ft");
+    finetune(&model, &ft, 8);
     s3.ok([os("add"), os("base"), os(&model)]);
     // Uploaded: what follows reads the bucket, not this directory.
     fs::remove_dir_all(&model).unwrap();
@@ -701,10 +750,23 @@ fn parallel_registry_changes_from_9_processes_lose_nothing() {
     ]
     .iter()
     .map(|j| j.split(' ').map(String::from).collect())
+    .chain([["delta", "make", "c7", "--base", "base", "--target"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([ft.to_str().unwrap().to_owned()])
+        .collect()])
     .collect();
+    // And a mount on yet another node, whose deltas/ is written into at the same time.
+    let writer = s3_node(&weed.endpoint(), prefix);
+    let m = mount(&writer, &writer.path("cache"));
+    let w = m.path().join("base/deltas/w");
     let nodes: Vec<TestStore> = jobs.iter().map(|_| s3_node(&weed.endpoint(), prefix)).collect();
     let start = Instant::now();
     let results: Vec<(String, Finished)> = std::thread::scope(|scope| {
+        let copy = scope.spawn(|| {
+            fs::create_dir(&w).unwrap();
+            cp_r(&ft, &w);
+        });
         let handles: Vec<_> = jobs
             .iter()
             .zip(&nodes)
@@ -713,15 +775,19 @@ fn parallel_registry_changes_from_9_processes_lose_nothing() {
                 scope.spawn(move || (job.join(" "), run_command(cmd, CMD)))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("a runner thread")).collect()
+        let done = handles.into_iter().map(|h| h.join().expect("a runner thread")).collect();
+        if let Err(panic) = copy.join() {
+            std::panic::resume_unwind(panic);
+        }
+        done
     });
-    println!("9 registry changes in parallel: {:?}", start.elapsed());
+    println!("{} commands and a cp -r into deltas/, in parallel: {:?}", jobs.len(), start.elapsed());
     for (job, f) in &results {
         assert!(f.status.success(), "llmfs {job} failed ({}):\n{}{}", f.status, f.stdout, f.stderr);
     }
 
     let want: BTreeSet<String> =
-        ["base", "c1", "c2", "c3", "c4", "c5", "c6"].iter().map(|s| s.to_string()).collect();
+        ["base", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "w"].iter().map(|s| s.to_string()).collect();
     assert_eq!(names(&s3), want, "entries after the parallel changes");
     let registry = bucket.get("registry.json").expect("registry.json");
     let parsed: Result<Value, _> = serde_json::from_slice(&registry.bytes);
@@ -739,6 +805,10 @@ fn parallel_registry_changes_from_9_processes_lose_nothing() {
     for n in ["c1", "c4", "c6"] {
         export(&s3, n);
     }
+    let ft_files = read_tree(&ft, &[]);
+    assert_same_tree(&read_tree(&export(&s3, "c7"), &[]), &ft_files, "export of c7");
+    assert_same_tree(&read_tree(&export(&s3, "w"), &[]), &ft_files, "export of w");
+    assert_same_tree(&read_tree(&m.path().join("w"), &[]), &ft_files, "MOUNT/w");
     let gc = s3.run_full(["gc", "--dry-run", "--min-age", "0"]);
     println!("gc --dry-run after the parallel changes:\n{}{}", gc.stdout, gc.stderr);
 }

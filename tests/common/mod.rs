@@ -121,7 +121,11 @@ where
 /// it) and whatever model directories a test generates next to it. Removed on drop.
 pub struct TestStore {
     pub tmp: tempfile::TempDir,
+    /// What `--store` is given: a directory, or an `s3://BUCKET/PREFIX` URL (then `env` holds the
+    /// endpoint and credentials, and the directory-only helpers below do not apply).
     pub store: PathBuf,
+    /// Extra environment of every command (and mount daemon) run on this store.
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 impl Default for TestStore {
@@ -134,7 +138,7 @@ impl TestStore {
     pub fn new() -> Self {
         let tmp = tempfile::Builder::new().prefix("llmfs-test-").tempdir().expect("a temp dir");
         let store = tmp.path().join("store");
-        TestStore { tmp, store }
+        TestStore { tmp, store, env: Vec::new() }
     }
 
     /// A path inside the temporary directory (outside the store).
@@ -153,7 +157,7 @@ impl TestStore {
         S: AsRef<OsStr>,
     {
         let mut cmd = llmfs_command([OsStr::new("--store"), self.store.as_os_str()]);
-        cmd.args(args);
+        cmd.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

@@ -288,6 +288,8 @@ def run(work, size_mib, reps, loaders, entries, s3_get, weed_bin, cores, mnt, st
                    "raw": raw, "objects": len(objs), "object_bytes": raw and raw["bytes"],
                    "daemon_read_cold": statistics.median(fetched) if fetched else None}
             results["rows"].append(row)
+            with open(f"{work}/results-s3-{cores}cores.json", "w") as f:  # each row as it comes
+                json.dump(results, f, indent=1)
             print(f"# {label}, {l}: " + ", ".join(f"{k} {nbytes / v / 1e9:.2f} GB/s" for k, v in med.items() if v)
                   + (f"; cold/raw {raw['median_secs'] / med['s3_cold']:.2f}, warm/local "
                      f"{med['local_again'] / med['s3_warm']:.2f}" if use_s3 else ""), file=sys.stderr, flush=True)

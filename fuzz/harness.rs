@@ -312,8 +312,12 @@ pub fn delta_container(data: &[u8]) {
     let file = source_file(&dir.join(name), container);
     let mut reg = fx.store.load().expect("fixture registry");
     let codec = [DeltaCodec::Lossless, DeltaCodec::Q8, DeltaCodec::Bitdelta][(flags >> 1) as usize % 3];
-    let record =
-        FileRecord { name: name.into(), role: FileRole::Weights, fingerprint: file.fingerprint.clone() };
+    let record = FileRecord {
+        name: name.into(),
+        role: FileRole::Weights,
+        fingerprint: file.fingerprint.clone(),
+        object: None,
+    };
     reg.entries
         .insert("d".into(), entry(EntryKind::Delta { base: "base".into(), codec, files: vec![record] }));
     if let Ok(view) = variant::build_view(&reg, "d") {

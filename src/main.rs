@@ -87,6 +87,16 @@ enum Command {
     Export { name: String, out_dir: PathBuf },
     /// Remove an entry (refused while another entry depends on it).
     Rm { name: String },
+    /// Remove what no entry references (left by a crash or a killed upload).
+    Gc {
+        /// List it, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only what is at least this many seconds old (an upload in progress on another node
+        /// is not garbage yet).
+        #[arg(long, default_value_t = 3600)]
+        min_age: u64,
+    },
     /// Mount the store.
     Mount {
         mountpoint: PathBuf,
@@ -222,7 +232,7 @@ fn main() -> ExitCode {
 
 fn open_store(dir: Option<&Path>) -> Result<Store> {
     let root = dir.map(Path::to_path_buf).unwrap_or_else(Store::default_root);
-    Ok(Store::open(root)?)
+    Ok(Store::open_location(&root)?)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -332,6 +342,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bar.finish_and_clear();
             println!("exported {name}: {} files, {bytes} bytes to {}", view.files.len(), out_dir.display());
         }
+        Command::Gc { dry_run, min_age } => {
+            let garbage = registry::gc::find(&store, std::time::Duration::from_secs(min_age))?;
+            for g in &garbage {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                if !dry_run {
+                    registry::gc::remove(&store, std::slice::from_ref(g))?;
+                }
+                println!("{verb} {} ({})", g.what, human(g.size));
+            }
+            let total: u64 = garbage.iter().map(|g| g.size).sum();
+            println!(
+                "{} objects, {}{}",
+                garbage.len(),
+                human(total),
+                if dry_run { " (dry run)" } else { "" }
+            );
+        }
         Command::Rm { name } => {
             let entry = store.update(|r| {
                 r.get(&name)?;
@@ -344,12 +371,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 Ok(r.entries.remove(&name).expect("checked above"))
             })?;
-            // The catalogue no longer names it: its files can go (a crash here leaves an orphan
-            // directory, never a half entry).
-            let owned = store.entry_dir(&name);
-            if owned.exists() && !matches!(entry.kind, EntryKind::Base { copied: false, .. }) {
-                std::fs::remove_dir_all(&owned).with_context(|| format!("removing {}", owned.display()))?;
-            }
+            // The catalogue no longer names it: its files can go (a crash here leaves orphans
+            // for `llmfs gc`, never a half entry).
+            store.remove_owned(&name, &entry);
             println!("removed {name}");
         }
         Command::Mount {
@@ -395,8 +419,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tracing::info!("{line}");
                 mount::run_foreground(store, &mountpoint, &opts)?;
             } else {
-                let mut args =
-                    vec!["--store".to_string(), store.root().display().to_string(), "mount".into()];
+                let mut args = vec!["--store".to_string(), store.location(), "mount".into()];
                 args.push(mountpoint.canonicalize().unwrap_or(mountpoint.clone()).display().to_string());
                 args.extend([
                     "--foreground".into(),
@@ -418,7 +441,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 mount::spawn_daemon(&store, &mountpoint, &args)?;
                 println!(
                     "mounted {} at {} (log: {})",
-                    store.root().display(),
+                    store.location(),
                     mountpoint.display(),
                     store.log_path().display()
                 );
@@ -460,7 +483,7 @@ fn add_variant(store: &Store, name: &str, base: &str, kind: EntryKind) -> Result
         }
         let b = r.get(base)?.clone();
         let entry = Entry {
-            kind,
+            kind: kind.clone(),
             info: registry::ModelInfo {
                 simple_name: name.to_owned(),
                 link: b.info.link.clone(),
@@ -503,6 +526,14 @@ fn stored_bytes(registry: &Registry, name: &str) -> u64 {
                 Err(_) => 0,
             })
             .sum()
+    }
+    let Some(entry) = registry.entries.get(name) else { return 0 };
+    if registry.objects.is_some() {
+        // An object store: the objects the entry owns (a base added in place owns none).
+        if matches!(entry.kind, EntryKind::Base { copied: false, .. }) {
+            return 0;
+        }
+        return entry.kind.files().iter().filter(|f| f.object.is_some()).map(|f| f.fingerprint.size).sum();
     }
     walk(&registry.entry_dir(name))
 }

@@ -66,7 +66,12 @@ pub fn quantize(
         let path = staging.path().join(file_name);
         write_container(&path, weights, config, &mut errors, &progress)?;
         let fingerprint = Fingerprint::of(&path).map_err(io_err(&path))?;
-        records.push(FileRecord { name: file_name.clone(), role: FileRole::Weights, fingerprint });
+        records.push(FileRecord {
+            name: file_name.clone(),
+            role: FileRole::Weights,
+            fingerprint,
+            object: None,
+        });
     }
     let entry = Entry {
         kind: EntryKind::Quantized { base: base.to_owned(), config, files: records, errors },
@@ -84,7 +89,7 @@ pub fn quantize(
         created: registry::now_secs(),
         generation: registry::new_generation(),
     };
-    store.insert_entry(name, &entry, Some(staging))?;
+    let entry = store.insert_entry(name, &entry, Some(staging))?;
     Ok(entry)
 }
 

@@ -1,13 +1,16 @@
 //! A file llmfs reads from, checked against the fingerprint it was added with, and why bytes
 //! could not be read: the ground the recipes (`codec`, `delta`) and the views (`variant`) stand on.
 
+use std::fmt;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
-use crate::registry::Fingerprint;
+use crate::format::{self, Header};
+use crate::registry::{FileRecord, Fingerprint};
 
 /// Why bytes could not be produced. Every variant maps to EIO in the mount, with this message
 /// (which names the file) in the log: nothing is ever served wrong silently.
@@ -34,13 +37,53 @@ impl ReadError {
 /// every read the file's size, mtime and ctime against what they were when it was opened (an
 /// edit in place while a variant is open, anywhere in the file, changes the ctime, which cannot
 /// be set back).
+///
+/// A file in an object store (a [`FileRecord`] with an `object`) is fetched whole into a local
+/// file the first time its bytes are needed (by [`ObjectFiles`]: a temporary file for a
+/// command, the disk cache in the mount), and read from there; its header alone is read with
+/// ranged GETs, so building a view fetches nothing else. Its check is a HEAD: the etag must
+/// still be the one recorded (every GET is pinned to that etag too).
 #[derive(Debug)]
 pub struct SourceFile {
+    /// The local path, or the object's address (for messages).
     pub path: PathBuf,
     pub fingerprint: Fingerprint,
+    /// Where an object-store file's bytes come from, and its key there.
+    remote: Option<(Objects, String)>,
     /// Opened and fully verified (sampled hash) on first use; the outcome is kept, with the
     /// file's (size, mtime, ctime) then (None: a file of llmfs's own, not checked per read).
     opened: OnceLock<Result<(File, Option<Stamp>), ReadError>>,
+}
+
+/// Access to the objects of a store: what a [`SourceFile`] of an object-store file reads
+/// through. Object names are keys of the registry's store, or `s3://BUCKET/KEY` addresses.
+pub trait ObjectFiles: Send + Sync {
+    /// Bytes `range` of the object as it was at `etag` (an error if it changed since).
+    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String>;
+    /// The object's etag now.
+    fn etag(&self, object: &str) -> Result<String, String>;
+    /// A local file holding exactly the `size` bytes of the object at `etag`, fetched on first
+    /// use (the caller reads it with `pread` only).
+    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String>;
+    /// The object's full address, for messages.
+    fn address(&self, object: &str) -> String;
+}
+
+/// A shared [`ObjectFiles`] (Debug shows nothing: it may hold a client with credentials).
+#[derive(Clone)]
+pub struct Objects(pub Arc<dyn ObjectFiles>);
+
+impl fmt::Debug for Objects {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Objects")
+    }
+}
+
+impl std::ops::Deref for Objects {
+    type Target = dyn ObjectFiles;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
 }
 
 /// (size, mtime ns, ctime ns) of an open file.
@@ -55,7 +98,82 @@ fn stamp(file: &File) -> io::Result<Stamp> {
 
 impl SourceFile {
     pub fn new(path: PathBuf, fingerprint: Fingerprint) -> Self {
-        SourceFile { path, fingerprint, opened: OnceLock::new() }
+        SourceFile { path, fingerprint, remote: None, opened: OnceLock::new() }
+    }
+
+    /// File `record` of an entry whose local files are in `dir`; an object-store file is read
+    /// through `objects` (None: no store can read it, every read fails with a clear error).
+    pub fn of_record(dir: &Path, record: &FileRecord, objects: Option<&Objects>) -> Self {
+        let Some(object) = &record.object else {
+            return SourceFile::new(dir.join(&record.name), record.fingerprint.clone());
+        };
+        let opened = OnceLock::new();
+        let path = match objects {
+            Some(o) => PathBuf::from(o.address(object)),
+            None => {
+                let _ = opened.set(Err(ReadError::Io {
+                    path: object.clone(),
+                    reason: "lives in an object store, and this registry was not opened on one".into(),
+                }));
+                PathBuf::from(object)
+            }
+        };
+        SourceFile {
+            path,
+            fingerprint: record.fingerprint.clone(),
+            remote: objects.map(|o| (o.clone(), object.clone())),
+            opened,
+        }
+    }
+
+    /// Whether the bytes live in an object store.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The safetensors header (of an object-store file: two ranged reads, no whole fetch).
+    pub fn header(&self) -> Result<Header, format::FileHeaderError> {
+        let wrap = |source| format::FileHeaderError { path: self.path.clone(), source };
+        let Some((objects, object)) = self.remote_unopened() else {
+            return match &self.remote {
+                // Fetched already: read it from the local copy.
+                Some(_) => format::read_header(
+                    self.file().map_err(|e| wrap(io::Error::other(e.to_string()).into()))?,
+                )
+                .map_err(wrap),
+                None => format::read_header_path(&self.path),
+            };
+        };
+        let size = self.fingerprint.size;
+        let etag = self.fingerprint.etag.as_deref().unwrap_or_default();
+        let get =
+            |r: Range<u64>| objects.read_range(object, etag, r).map_err(|e| wrap(io::Error::other(e).into()));
+        if size < 8 {
+            return Err(wrap(format::HeaderError::TooShort(size)));
+        }
+        let prefix = get(0..8)?;
+        let len = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+        if len > format::MAX_HEADER_SIZE || len.saturating_add(8) > size {
+            return format::parse_header_prefix(&prefix, size).map_err(wrap);
+        }
+        let mut bytes = prefix;
+        bytes.extend(get(8..8 + len)?);
+        format::parse_header_prefix(&bytes, size).map_err(wrap)
+    }
+
+    /// The whole file (small files: configs, tokenizers).
+    pub fn read_all(&self) -> Result<Vec<u8>, ReadError> {
+        let mut buf = vec![0u8; self.fingerprint.size as usize];
+        self.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// An object-store file that is not fetched yet.
+    fn remote_unopened(&self) -> Option<(&Objects, &str)> {
+        match &self.remote {
+            Some((o, key)) if self.opened.get().is_none() => Some((o, key.as_str())),
+            _ => None,
+        }
     }
 
     /// A file llmfs wrote itself and holds open (a decoded file of the disk cache, checked by
@@ -63,12 +181,15 @@ impl SourceFile {
     /// renames it into place (a new ctime) while it is read.
     pub fn already_open(path: PathBuf, file: File) -> io::Result<Self> {
         let st = stamp(&file)?;
-        let fingerprint = Fingerprint { size: st.0, mtime_ns: st.1, hash: String::new() };
-        Ok(SourceFile { path, fingerprint, opened: OnceLock::from(Ok((file, None))) })
+        let fingerprint = Fingerprint { size: st.0, mtime_ns: st.1, hash: String::new(), etag: None };
+        Ok(SourceFile { path, fingerprint, remote: None, opened: OnceLock::from(Ok((file, None))) })
     }
 
     /// The cheap check (size and mtime), as a reason (without the path) if it fails.
     pub fn stat_problem(&self) -> Option<String> {
+        if self.remote.is_some() {
+            return None;
+        }
         match std::fs::metadata(&self.path) {
             Err(e) => Some(format!("cannot be read: {e}")),
             Ok(meta) if !self.fingerprint.matches_stat(&meta) => Some(format!(
@@ -85,6 +206,10 @@ impl SourceFile {
     /// compare the open file with what it was then (a write in place, even one that restores the
     /// mtime, changes the ctime).
     pub fn check(&self) -> Result<&File, ReadError> {
+        if self.remote.is_some() {
+            self.object_unchanged()?;
+            return self.file();
+        }
         if let Some(reason) = self.stat_problem() {
             return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
         }
@@ -112,6 +237,13 @@ impl SourceFile {
     fn opened(&self) -> Result<&(File, Option<Stamp>), ReadError> {
         self.opened
             .get_or_init(|| {
+                if let Some((objects, object)) = &self.remote {
+                    let etag = self.fingerprint.etag.as_deref().unwrap_or_default();
+                    let file = objects
+                        .local_copy(object, etag, self.fingerprint.size)
+                        .map_err(|reason| ReadError::Io { path: self.where_(), reason })?;
+                    return Ok((file, None));
+                }
                 if let Some(reason) = self.fingerprint.verify(&self.path) {
                     return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
                 }
@@ -121,6 +253,24 @@ impl SourceFile {
             })
             .as_ref()
             .map_err(Clone::clone)
+    }
+
+    /// An object-store file: does the object still have the recorded etag (a HEAD)?
+    pub fn object_unchanged(&self) -> Result<(), ReadError> {
+        let Some((objects, object)) = &self.remote else { return Ok(()) };
+        let want = self.fingerprint.etag.as_deref().unwrap_or_default();
+        let now = objects.etag(object).map_err(|reason| ReadError::Io { path: self.where_(), reason })?;
+        if now != want {
+            return Err(ReadError::Changed {
+                path: self.where_(),
+                reason: format!("changed in the store since it was added (etag {want} → {now})"),
+            });
+        }
+        Ok(())
+    }
+
+    fn where_(&self) -> String {
+        self.path.display().to_string()
     }
 
     /// Read exactly `buf.len()` bytes at `offset`, then check that the file did not change

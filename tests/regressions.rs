@@ -109,8 +109,9 @@ fn lora_pair_matching_two_base_tensors_is_counted_once_not_an_underflow() {
         ),
     )
     .unwrap();
-    let result =
-        std::panic::catch_unwind(|| import::import(&store, "lora", "base", &adapter, ImportFormat::Lora));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        import::import(&store, "lora", "base", &adapter, ImportFormat::Lora)
+    }));
     // `l` has no `.weight` suffix, so only `l.weight` takes the pair: one stem, used once, and the
     // import succeeds (the count no longer underflows into a refusal).
     let added = result.expect("import panicked").expect("the pair fits l.weight");

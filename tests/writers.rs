@@ -431,6 +431,7 @@ fn subdirectories_show_for_a_base_and_its_variants() {
                         name: rel.into(),
                         role: llmfs::registry::FileRole::Other,
                         fingerprint: llmfs::registry::Fingerprint::of(&src.join(rel)).unwrap(),
+                        object: None,
                     });
                 }
             }

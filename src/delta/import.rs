@@ -49,10 +49,11 @@ pub fn import(
                 name: n.clone(),
                 role: *role,
                 fingerprint: Fingerprint::of(&p).map_err(gone(&p))?,
+                object: None,
             })
         })
         .collect::<Result<_, Error>>()?;
-    import_view(from, &probe, format, &base_view)
+    import_view(from, None, &probe, format, &base_view)
         .map_err(|e| Error::Invalid(format!("{}: {e}", from.display())))?;
 
     let staging = copy_to_staging(store, &format!("import-{name}"), from, &files)?;
@@ -64,6 +65,7 @@ pub fn import(
                 name: file.clone(),
                 role: *role,
                 fingerprint: Fingerprint::of(&dst).map_err(io_err(&dst))?,
+                object: None,
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -80,7 +82,7 @@ pub fn import(
         created: registry::now_secs(),
         generation: registry::new_generation(),
     };
-    store.insert_entry(name, &entry, Some(staging))?;
+    let entry = store.insert_entry(name, &entry, Some(staging))?;
     Ok(Added { entry, notes })
 }
 

@@ -322,7 +322,7 @@ pub fn store_file_named(
         }
         out.finish()?;
         let fingerprint = Fingerprint::of(dest).map_err(io_err(dest))?;
-        Ok(FileRecord { name, role: layout.role, fingerprint })
+        Ok(FileRecord { name, role: layout.role, fingerprint, object: None })
     })();
     if result.is_err() {
         let _ = fs::remove_file(dest);
@@ -374,7 +374,7 @@ pub fn check_architecture(base: &EntryView, target_dir: &Path) -> Result<(), Err
     let read =
         |bytes: Option<Vec<u8>>| bytes.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
     let base_config = base.file("config.json").and_then(|f| match &f.content {
-        variant::Content::Passthrough(s) => read(fs::read(&s.path).ok()),
+        variant::Content::Passthrough(s) => read(s.read_all().ok()),
         variant::Content::Generated(b) => read(Some(b.to_vec())),
         _ => None,
     });
@@ -430,7 +430,7 @@ pub fn make_delta(
         progress(*size);
     }
     let entry = new_entry(name, base, &base_entry, codec, files);
-    store.insert_entry(name, &entry, Some(staging))?;
+    let entry = store.insert_entry(name, &entry, Some(staging))?;
     Ok(Added { entry, notes: walked.notes })
 }
 

@@ -331,7 +331,7 @@ impl Stream {
         let path = &inner.container;
         let done = writer.finish().and_then(|()| {
             let fingerprint = Fingerprint::of(path).map_err(io_err(path))?;
-            Ok((path.clone(), FileRecord { name: inner.name.clone(), role, fingerprint }))
+            Ok((path.clone(), FileRecord { name: inner.name.clone(), role, fingerprint, object: None }))
         });
         Some(done.inspect_err(|_| {
             let _ = std::fs::remove_file(path);

@@ -199,8 +199,11 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
         info.description = d.clone();
     }
 
+    // An object store gets the files uploaded from where they are (other nodes cannot read a
+    // local path), so the entry is always a copy there.
+    let remote = store.remote().is_some();
     // Copy into staging first: the entry's directory appears whole or not at all.
-    let staging = if opts.copy {
+    let staging = if opts.copy && !remote {
         Some(copy_to_staging(store, &format!("add-{name}"), &scanned.dir, &scanned.files)?)
     } else {
         None
@@ -215,12 +218,13 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
                 name: file.clone(),
                 role: *role,
                 fingerprint: Fingerprint::of(&p).map_err(gone(&p))?,
+                object: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let dir = if opts.copy { store.entry_dir(name) } else { scanned.dir.clone() };
+    let dir = if opts.copy && !remote { store.entry_dir(name) } else { scanned.dir.clone() };
     let entry = Entry {
-        kind: EntryKind::Base { dir: dir.clone(), copied: opts.copy, files },
+        kind: EntryKind::Base { dir: dir.clone(), copied: opts.copy || remote, files },
         info,
         family: family.name.to_owned(),
         template: family.template.to_owned(),
@@ -228,7 +232,10 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
         created: super::now_secs(),
         generation: super::new_generation(),
     };
-    store.insert_entry(name, &entry, staging)?;
+    let entry = match remote {
+        true => store.insert_uploading(name, &entry, Some(&scanned.dir))?,
+        false => store.insert_entry(name, &entry, staging)?,
+    };
     Ok(Added { entry, notes: scanned.notes })
 }
 

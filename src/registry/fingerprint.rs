@@ -25,13 +25,27 @@ pub struct Fingerprint {
     pub mtime_ns: i64,
     /// BLAKE3 (hex) of the first 4 MiB (all of a small file) and of sampled blocks after it.
     pub hash: String,
+    /// The object's etag, for a file that lives in an object store (then `mtime_ns` and `hash`
+    /// are unused: the store changes the etag whenever the object is rewritten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 impl Fingerprint {
     pub fn of(path: &Path) -> io::Result<Fingerprint> {
         let file = File::open(path)?;
         let meta = file.metadata()?;
-        Ok(Fingerprint { size: meta.len(), mtime_ns: mtime_ns(&meta), hash: sample_hash(&file, meta.len())? })
+        Ok(Fingerprint {
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+            hash: sample_hash(&file, meta.len())?,
+            etag: None,
+        })
+    }
+
+    /// The fingerprint of an object in a store: its size and etag.
+    pub fn of_object(size: u64, etag: &str) -> Fingerprint {
+        Fingerprint { size, mtime_ns: 0, hash: String::new(), etag: Some(etag.to_owned()) }
     }
 
     /// The cheap check: does the file still have the size and mtime it was added with?

@@ -21,7 +21,9 @@
 
 pub mod add;
 pub mod fingerprint;
+pub mod gc;
 pub mod known_models;
+pub mod objects;
 pub mod recipe;
 pub mod walk;
 
@@ -30,8 +32,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::source::Objects;
 
 use crate::format::{Dtype, FileHeaderError};
 pub use fingerprint::Fingerprint;
@@ -118,6 +123,25 @@ impl EntryKind {
             EntryKind::Imported { format: ImportFormat::Lora, .. } => "lora",
         }
     }
+    pub fn files_mut(&mut self) -> &mut [FileRecord] {
+        match self {
+            EntryKind::Base { files, .. }
+            | EntryKind::Quantized { files, .. }
+            | EntryKind::Delta { files, .. }
+            | EntryKind::Imported { files, .. } => files,
+            EntryKind::Cast { .. } => &mut [],
+        }
+    }
+    /// The files the entry records (none for a cast).
+    pub fn files(&self) -> &[FileRecord] {
+        match self {
+            EntryKind::Base { files, .. }
+            | EntryKind::Quantized { files, .. }
+            | EntryKind::Delta { files, .. }
+            | EntryKind::Imported { files, .. } => files,
+            EntryKind::Cast { .. } => &[],
+        }
+    }
     /// The entry this one is derived from.
     pub fn base(&self) -> Option<&str> {
         match self {
@@ -136,6 +160,11 @@ pub struct FileRecord {
     pub name: String,
     pub role: FileRole,
     pub fingerprint: Fingerprint,
+    /// Where the bytes are in an object store: a key of the registry's store (a file the entry
+    /// owns, never rewritten: a new version gets a new key), or `s3://BUCKET/KEY` (a base added
+    /// in place). None: a local file, under the entry's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,9 +190,16 @@ pub struct Registry {
     /// incomplete until each is written and closed, or removed. See [`Registry::unfinished`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unfinished: BTreeMap<String, Unfinished>,
-    /// The store this catalogue was loaded from (not serialized).
+    /// The store this catalogue was loaded from (not serialized): its local directory…
     #[serde(skip)]
     pub store_root: PathBuf,
+    /// …and, for an object store, how its files' bytes are read.
+    #[serde(skip)]
+    pub objects: Option<crate::source::Objects>,
+    /// The etag of `registry.json` this was loaded at, in an object store (None: there was
+    /// none): what [`Store::save`] commits against.
+    #[serde(skip)]
+    pub loaded_etag: Option<String>,
 }
 
 /// The unfinished files of one registration of an entry (`generation`: a list left by an entry
@@ -215,6 +251,11 @@ impl Registry {
     /// Where entry `name` keeps the files it owns (containers, copies).
     pub fn entry_dir(&self, name: &str) -> PathBuf {
         self.store_root.join("models").join(name)
+    }
+
+    /// File `record` of an entry whose local files are (or would be) in `dir`.
+    pub fn source(&self, dir: &Path, record: &FileRecord) -> crate::source::SourceFile {
+        crate::source::SourceFile::of_record(dir, record, self.objects.as_ref())
     }
 
     pub fn get(&self, name: &str) -> Result<&Entry, Error> {
@@ -274,6 +315,12 @@ pub enum Error {
     Io { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Another process committed the registry between this one's load and save (object stores:
+    /// [`Store::update`] retries that by itself; [`Store::save`] leaves it to the caller).
+    #[error("the registry changed meanwhile (another node wrote it); try again")]
+    Conflict,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -313,11 +360,29 @@ pub fn validate_file_path(path: &str) -> Result<()> {
     }
 }
 
-/// A store directory.
+/// A store: a local directory (the embedded default), or an object store with a local
+/// directory of this node's own (staging, the daemon's log, its disk cache).
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// The store's directory, or this node's directory of an object store.
     root: PathBuf,
+    /// The object store holding the registry and the entries' files.
+    remote: Option<Arc<crate::store::Store>>,
+    /// How this process reads the object store's files (the mount puts its disk cache here).
+    objects: Option<Objects>,
+    /// The last [`Store::registry_stamp`] asked of the object store, and when.
+    polled: Arc<std::sync::Mutex<Option<Polled>>>,
 }
+
+/// When the registry's stamp was last asked of the object store, and what it was.
+type Polled = (std::time::Instant, Option<String>);
+
+/// How often a daemon asks an object store whether the registry changed: entries added or
+/// removed by another node show within this (plus the kernel's 1 s entry timeout).
+pub const REMOTE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The registry's key in an object store.
+pub const REGISTRY_KEY: &str = "registry.json";
 
 /// Held while a command changes the catalogue; released on drop (flock goes with the fd).
 pub struct StoreLock {
@@ -330,8 +395,27 @@ impl Store {
         if let Some(dir) = std::env::var_os("LLMFS_STORE") {
             return dir.into();
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into());
-        home.join(".local/share/llmfs")
+        home().join(".local/share/llmfs")
+    }
+
+    /// `s3://BUCKET[/PREFIX]` (credentials and endpoint from the AWS environment; this node's
+    /// directory `$LLMFS_NODE_DIR`, else `~/.cache/llmfs/s3/BUCKET[/PREFIX]`) or a directory.
+    pub fn open_location(location: &Path) -> Result<Store> {
+        let Some(url) = location.to_str().filter(|l| l.starts_with("s3://")) else {
+            return Store::open(location);
+        };
+        let remote = Arc::new(crate::store::Store::open(url)?);
+        let node = match std::env::var_os("LLMFS_NODE_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let (bucket, prefix) = crate::store::S3Config::parse_url(url)?;
+                home().join(".cache/llmfs/s3").join(bucket).join(prefix)
+            }
+        };
+        let mut store = Store::open(node)?;
+        store.objects = Some(Objects(Arc::new(objects::Fetched::new(remote.clone(), store.tmp_dir()))));
+        store.remote = Some(remote);
+        Ok(store)
     }
 
     /// Opens (creating if needed, mode 0700) the store at `root`.
@@ -342,9 +426,33 @@ impl Store {
         }
         let root = root.canonicalize().map_err(io_err(&root))?;
         remove_dead_tmp_files(&root);
-        Ok(Store { root })
+        Ok(Store { root, remote: None, objects: None, polled: Arc::default() })
     }
 
+    /// What `--store` names: the directory or `s3://BUCKET[/PREFIX]`.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(r) => r.location(),
+            None => self.root.display().to_string(),
+        }
+    }
+
+    /// The object store, if the store is one.
+    pub fn remote(&self) -> Option<&Arc<crate::store::Store>> {
+        self.remote.as_ref()
+    }
+
+    /// Reads this process's object-store files through `objects` (the mount's disk cache).
+    pub fn with_objects(mut self, objects: Objects) -> Store {
+        self.objects = Some(objects);
+        self
+    }
+
+    pub fn objects(&self) -> Option<&Objects> {
+        self.objects.as_ref()
+    }
+
+    /// The store's directory (of an object store: this node's directory).
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -354,7 +462,7 @@ impl Store {
     pub fn log_path(&self) -> PathBuf {
         self.root.join("llmfs.log")
     }
-    /// Where entry `name` keeps the files it owns.
+    /// Where entry `name` keeps the files it owns (local stores).
     pub fn entry_dir(&self, name: &str) -> PathBuf {
         self.root.join("models").join(name)
     }
@@ -362,30 +470,81 @@ impl Store {
         self.root.join("tmp")
     }
 
-    /// The catalogue as it is on disk (empty if the store is new).
+    /// Something that changes whenever the registry is committed, for a daemon to notice other
+    /// processes' changes cheaply: locally its file's inode (every save renames a new file in,
+    /// which catches two saves within one timestamp tick) and mtime; in an object store its
+    /// etag, asked for (a HEAD) at most every [`REMOTE_POLL`], and at once after this process
+    /// committed.
+    pub fn registry_stamp(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(remote) = &self.remote else {
+            let meta = fs::metadata(self.registry_path()).ok()?;
+            return Some(format!("{}.{}", meta.ino(), fingerprint::mtime_ns(&meta)));
+        };
+        let mut polled = self.polled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, stamp)) = &*polled {
+            if at.elapsed() < REMOTE_POLL {
+                return stamp.clone();
+            }
+        }
+        let stamp = match remote.head(REGISTRY_KEY) {
+            Ok(m) => Some(m.etag),
+            Err(crate::store::StoreError::NotFound { .. }) => None,
+            // Unreachable: keep what was known (the next poll asks again).
+            Err(_) => polled.as_ref().and_then(|(_, s)| s.clone()),
+        };
+        *polled = Some((std::time::Instant::now(), stamp.clone()));
+        stamp
+    }
+
+    /// This process committed: the next [`Store::registry_stamp`] asks the store.
+    fn committed(&self) {
+        *self.polled.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The catalogue as it is now (empty if the store is new).
     pub fn load(&self) -> Result<Registry> {
         let path = self.registry_path();
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Registry { version: 1, store_root: self.root.clone(), ..Default::default() })
-            }
-            Err(e) => return Err(Error::Io { path, source: e }),
+        let (bytes, etag) = match &self.remote {
+            Some(r) => match r.get(REGISTRY_KEY) {
+                Ok(o) => (Some(o.bytes.to_vec()), Some(o.etag)),
+                Err(crate::store::StoreError::NotFound { .. }) => (None, None),
+                Err(e) => return Err(e.into()),
+            },
+            None => match fs::read(&path) {
+                Ok(b) => (Some(b), None),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => (None, None),
+                Err(e) => return Err(Error::Io { path, source: e }),
+            },
         };
-        let mut registry: Registry = serde_json::from_slice(&bytes)
+        let mut registry = self.parse(bytes.as_deref())?;
+        registry.loaded_etag = etag;
+        Ok(registry)
+    }
+
+    /// The registry in `bytes` (None: a new, empty one), checked.
+    fn parse(&self, bytes: Option<&[u8]>) -> Result<Registry> {
+        let path = match &self.remote {
+            Some(r) => PathBuf::from(format!("{}/{REGISTRY_KEY}", r.location())),
+            None => self.registry_path(),
+        };
+        let Some(bytes) = bytes else {
+            return Ok(Registry {
+                version: 1,
+                store_root: self.root.clone(),
+                objects: self.objects.clone(),
+                ..Default::default()
+            });
+        };
+        let mut registry: Registry = serde_json::from_slice(bytes)
             .map_err(|e| Error::Corrupt { path: path.clone(), reason: e.to_string() })?;
         registry.store_root = self.root.clone();
+        registry.objects = self.objects.clone();
         let corrupt = |reason: String| Error::Corrupt { path: path.clone(), reason };
         for (name, entry) in &registry.entries {
             validate_name(name).map_err(|_| corrupt(format!("bad entry name {name:?}")))?;
             // File names become paths under the entry's directory: none may leave it.
-            let files = match &entry.kind {
-                EntryKind::Base { files, .. }
-                | EntryKind::Quantized { files, .. }
-                | EntryKind::Delta { files, .. }
-                | EntryKind::Imported { files, .. } => &files[..],
-                EntryKind::Cast { .. } => &[],
-            };
+            let files = entry.kind.files();
             if let Some(f) = files.iter().find(|f| validate_file_path(&f.name).is_err()) {
                 return Err(corrupt(format!("entry {name:?} names file {:?}", f.name)));
             }
@@ -404,6 +563,8 @@ impl Store {
         Ok(registry)
     }
 
+    /// Serializes this node's changes to the catalogue (an object store's other nodes are kept
+    /// apart by the conditional write in [`Store::save`]).
     pub fn lock(&self) -> Result<StoreLock> {
         let path = self.root.join("lock");
         let file = OpenOptions::new()
@@ -421,38 +582,140 @@ impl Store {
         Ok(StoreLock { _file: file })
     }
 
-    /// Replaces the catalogue atomically. Callers hold the lock.
+    /// Replaces the catalogue atomically. Callers hold the lock. In an object store the write
+    /// is conditional on the registry being as `registry` was loaded: [`Error::Conflict`] if
+    /// another node committed since (load again and redo the change).
     pub fn save(&self, registry: &Registry, _lock: &StoreLock) -> Result<()> {
-        let path = self.registry_path();
         let bytes = serde_json::to_vec_pretty(registry).expect("the registry always serializes");
-        write_atomic(&path, &bytes)
+        let Some(remote) = &self.remote else { return write_atomic(&self.registry_path(), &bytes) };
+        use crate::store::StoreError;
+        let put = match &registry.loaded_etag {
+            Some(etag) => remote.put_if_match(REGISTRY_KEY, bytes.into(), etag),
+            None => remote.put_if_absent(REGISTRY_KEY, bytes.into()),
+        };
+        self.committed();
+        match put {
+            Ok(_) => Ok(()),
+            Err(StoreError::Precondition { .. } | StoreError::AlreadyExists { .. }) => Err(Error::Conflict),
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Lock, load, change, save: the one way commands modify the catalogue.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Registry) -> Result<T>) -> Result<T> {
+    /// Load, change, save, atomically: the one way commands modify the catalogue. `f` may run
+    /// more than once (in an object store, again on the newer catalogue whenever another node
+    /// committed first), so it must only change `registry`.
+    pub fn update<T>(&self, mut f: impl FnMut(&mut Registry) -> Result<T>) -> Result<T> {
         let lock = self.lock()?;
-        let mut registry = self.load()?;
-        let out = f(&mut registry)?;
-        self.save(&registry, &lock)?;
-        Ok(out)
+        let Some(remote) = &self.remote else {
+            let mut registry = self.load()?;
+            let out = f(&mut registry)?;
+            self.save(&registry, &lock)?;
+            return Ok(out);
+        };
+        let mut out = None;
+        let committed = crate::store::update_object(remote, REGISTRY_KEY, |old| {
+            let mut registry = self.parse(old)?;
+            out = Some(f(&mut registry)?);
+            Ok(serde_json::to_vec_pretty(&registry).expect("the registry always serializes"))
+        });
+        self.committed();
+        match committed {
+            Ok(_) => Ok(out.expect("the closure ran")),
+            Err(crate::store::UpdateError::Rejected(e)) => Err(e),
+            Err(crate::store::UpdateError::Store(e)) => Err(e.into()),
+        }
     }
 
     /// Register a new entry, moving `staging` (its files) to `models/NAME/` first: one atomic
     /// registry update, refused if the name was taken meanwhile. A directory already there is an
-    /// orphan of a crash between a rename and a save, and is replaced.
-    pub fn insert_entry(&self, name: &str, entry: &Entry, staging: Option<StagingDir>) -> Result<()> {
+    /// orphan of a crash between a rename and a save, and is replaced. In an object store the
+    /// staged files are uploaded first, each to a key of its own ([`Store::upload`]), and the
+    /// entry's records name them. Returns the entry as registered.
+    pub fn insert_entry(&self, name: &str, entry: &Entry, staging: Option<StagingDir>) -> Result<Entry> {
+        if self.remote.is_some() {
+            return self.insert_uploading(name, entry, staging.as_ref().map(|s| s.path()));
+        }
         let dir = self.entry_dir(name);
+        let mut staging = staging;
         self.update(|registry| {
             if registry.entries.contains_key(name) {
                 return Err(Error::Exists(name.to_owned()));
             }
-            if let Some(staging) = staging {
+            if let Some(staging) = staging.take() {
                 let _ = fs::remove_dir_all(&dir);
                 staging.keep(&dir)?;
             }
             registry.entries.insert(name.to_owned(), entry.clone());
             Ok(())
-        })
+        })?;
+        Ok(entry.clone())
+    }
+
+    /// Register a new entry in an object store, uploading first each of its files that is in
+    /// `dir` (each to a key of its own under a fresh [`upload_prefix`]); its records then name
+    /// them. Refused if the name was taken meanwhile (the uploads are deleted again).
+    pub fn insert_uploading(&self, name: &str, entry: &Entry, dir: Option<&Path>) -> Result<Entry> {
+        let mut entry = entry.clone();
+        let mut uploaded = vec![];
+        let result = (|| {
+            if let Some(dir) = dir {
+                let prefix = upload_prefix(name);
+                for record in entry.kind.files_mut() {
+                    let path = dir.join(&record.name);
+                    if path.is_file() {
+                        self.upload(record, &format!("{prefix}/{}", record.name), &path)?;
+                        uploaded.push(record.object.clone().expect("just uploaded"));
+                    }
+                }
+            }
+            self.update(|registry| {
+                if registry.entries.contains_key(name) {
+                    return Err(Error::Exists(name.to_owned()));
+                }
+                registry.entries.insert(name.to_owned(), entry.clone());
+                Ok(())
+            })
+        })();
+        if result.is_err() {
+            self.delete_objects(uploaded.iter().map(String::as_str));
+        }
+        result.map(|()| entry)
+    }
+
+    /// Uploads local file `path` to the object store as `key` (multipart, with the progress
+    /// callback of [`Store::set_upload_progress`]), and makes `record` name it.
+    pub fn upload(&self, record: &mut FileRecord, key: &str, path: &Path) -> Result<()> {
+        let remote = self.remote.as_ref().expect("uploads go to an object store");
+        let size = fs::metadata(path).map_err(io_err(path))?.len();
+        let etag = remote.put_file(key, path, &mut |n| upload_progress(n))?;
+        record.object = Some(key.to_owned());
+        record.fingerprint = Fingerprint::of_object(size, &etag);
+        Ok(())
+    }
+
+    /// Deletes objects of the store (best effort: what fails is left for `llmfs gc`).
+    pub fn delete_objects<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let Some(remote) = &self.remote else { return };
+        for key in keys {
+            if !key.starts_with("s3://") {
+                if let Err(e) = remote.delete(key) {
+                    eprintln!("llmfs: {e} (left for `llmfs gc`)");
+                }
+            }
+        }
+    }
+
+    /// Removes what entry `entry` (just removed from the registry) owned: its directory, or in
+    /// an object store the objects its records name (not a base added in place: those are the
+    /// user's).
+    pub fn remove_owned(&self, name: &str, entry: &Entry) {
+        if self.remote.is_some() {
+            if !matches!(entry.kind, EntryKind::Base { copied: false, .. }) {
+                self.delete_objects(entry.kind.files().iter().filter_map(|f| f.object.as_deref()));
+            }
+        } else if !matches!(entry.kind, EntryKind::Base { copied: false, .. }) {
+            let _ = fs::remove_dir_all(self.entry_dir(name));
+        }
     }
 
     /// A fresh private staging directory under `tmp/`, removed on drop unless kept.
@@ -460,6 +723,27 @@ impl Store {
         let path = self.tmp_dir().join(format!("{label}.{}.{}", std::process::id(), unique()));
         fs::DirBuilder::new().mode(0o700).create(&path).map_err(io_err(&path))?;
         Ok(StagingDir { path: Some(path) })
+    }
+}
+
+/// Where the files of one upload for entry `name` go in an object store: a prefix no other
+/// upload uses, so objects are never rewritten (a crash leaves only unreferenced ones, for gc).
+pub fn upload_prefix(name: &str) -> String {
+    format!("models/{name}/{:016x}{:08x}", new_generation(), unique() as u32)
+}
+
+/// The progress callback of uploads in this process (bytes of the current file done).
+type Progress = Box<dyn FnMut(u64) + Send>;
+static UPLOAD_PROGRESS: std::sync::Mutex<Option<Progress>> = std::sync::Mutex::new(None);
+
+/// Shows upload progress (`llmfs add` on an object store draws a bar with it).
+pub fn set_upload_progress(f: Option<Progress>) {
+    *UPLOAD_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = f;
+}
+
+fn upload_progress(n: u64) {
+    if let Some(f) = UPLOAD_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        f(n)
     }
 }
 
@@ -562,6 +846,10 @@ fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into())
 }
 
 pub fn now_secs() -> u64 {

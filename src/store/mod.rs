@@ -322,11 +322,57 @@ impl Store {
         opts: &ReadOptions,
         sink: &mut dyn FnMut(u64, Bytes) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.read_range_parallel_at(key, range, None, opts, sink)
+    }
+
+    /// [`Store::read_range_parallel`] of the object only as it was at `etag` (every part's GET
+    /// carries If-Match): an object rewritten midway fails with [`StoreError::Precondition`]
+    /// instead of mixing two versions.
+    pub fn read_range_parallel_at(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        opts: &ReadOptions,
+        sink: &mut dyn FnMut(u64, Bytes) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         check_key(key)?;
         match &self.backend {
-            Backend::Local(l) => reader::read_parts_serial(range, opts, sink, |r| l.get_range(key, r, None)),
-            Backend::S3(s) => s.read_range_parallel(key, range, opts, sink),
+            Backend::Local(l) => reader::read_parts_serial(range, opts, sink, |r| l.get_range(key, r, etag)),
+            Backend::S3(s) => s.read_range_parallel(key, range, etag, opts, sink),
         }
+    }
+
+    /// Downloads the `size` bytes of object `key` at `etag` into `file` (from offset 0), with
+    /// parallel ranged GETs.
+    pub fn fetch_into(
+        &self,
+        key: &str,
+        etag: &str,
+        size: u64,
+        file: &std::fs::File,
+    ) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let io = |e: std::io::Error| StoreError::Io { key: key.into(), reason: format!("local copy: {e}") };
+        let mut written = 0;
+        self.read_range_parallel_at(
+            key,
+            0..size,
+            Some(etag),
+            &ReadOptions::default(),
+            &mut |offset, bytes| {
+                file.write_all_at(&bytes, offset).map_err(io)?;
+                written += bytes.len() as u64;
+                Ok(())
+            },
+        )?;
+        if written != size {
+            return Err(StoreError::Io {
+                key: key.into(),
+                reason: format!("{written} of {size} bytes read"),
+            });
+        }
+        Ok(())
     }
 
     /// The start-up probe: does the server honour conditional writes? Run once per `Store`

@@ -70,6 +70,22 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The defaults, with `LLMFS_S3_CONNECT_SECS`, `LLMFS_S3_REQUEST_SECS` and
+    /// `LLMFS_S3_RETRY_SECS` (whole seconds) in place of `connect`, `request` and `retry_total`
+    /// where set: how long a reader waits on a dead server before EIO.
+    pub fn from_env() -> Limits {
+        let secs = |name: &str, default: Duration| {
+            std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).map_or(default, Duration::from_secs)
+        };
+        let d = Limits::default();
+        Limits {
+            connect: secs("LLMFS_S3_CONNECT_SECS", d.connect),
+            request: secs("LLMFS_S3_REQUEST_SECS", d.request),
+            retry_total: secs("LLMFS_S3_RETRY_SECS", d.retry_total),
+            ..d
+        }
+    }
+
     /// The hard deadline of one operation: the last retry starts at most `retry_total +
     /// max_backoff` after the first attempt and takes at most `request`; 5 s more of margin.
     /// 70 s with the defaults. Past it the operation fails with [`StoreError::Timeout`].
@@ -151,7 +167,7 @@ impl S3Config {
             secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
             session_token: var("AWS_SESSION_TOKEN"),
             inherit_env: true,
-            limits: Limits::default(),
+            limits: Limits::from_env(),
         })
     }
 }
@@ -523,11 +539,12 @@ impl S3Store {
         &self,
         key: &str,
         range: Range<u64>,
+        etag: Option<&str>,
         opts: &ReadOptions,
         sink: &mut dyn FnMut(u64, Bytes) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let parts = split_parts(range, opts.part_size);
-        let spawn = |r: Range<u64>| (r.start, self.spawn_range(key, r, None));
+        let spawn = |r: Range<u64>| (r.start, self.spawn_range(key, r, etag));
         // `buffered` keeps `max_in_flight` spawned GETs running and yields them in order; the
         // sink runs here, on the calling thread, while the next parts download.
         self.rt.block_on(async {

@@ -43,7 +43,7 @@ pub fn delta_view(
     let dir = registry.entry_dir(name);
     let mut view = EntryView::default();
     for record in files {
-        let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
+        let source = Arc::new(registry.source(&dir, record));
         if let Some(reason) = source.stat_problem() {
             view.files.push(VFile {
                 name: record.name.clone(),
@@ -52,7 +52,7 @@ pub fn delta_view(
             });
             continue;
         }
-        let container = format::read_header_path(&source.path).map_err(|e| invalid(e.to_string()))?;
+        let container = source.header().map_err(|e| invalid(e.to_string()))?;
         let meta =
             |k: &str| container.metadata.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
         let size: u64 = meta(keys::SIZE)
@@ -168,12 +168,13 @@ pub fn imported_view(
     format: ImportFormat,
     base: &EntryView,
 ) -> Result<EntryView, ViewError> {
-    import_view(&registry.entry_dir(name), files, format, base)
+    import_view(&registry.entry_dir(name), registry.objects.as_ref(), files, format, base)
         .map_err(|reason| ViewError::Invalid { entry: name.to_owned(), reason })
 }
 
 pub(crate) fn import_view(
     dir: &Path,
+    objects: Option<&crate::source::Objects>,
     files: &[FileRecord],
     format: ImportFormat,
     base: &EntryView,
@@ -182,11 +183,11 @@ pub(crate) fn import_view(
     let mut tensors: HashMap<String, (Arc<SourceFile>, Arc<Header>)> = HashMap::new();
     let mut sources = vec![];
     for record in files.iter().filter(|f| f.role == FileRole::Weights) {
-        let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
+        let source = Arc::new(SourceFile::of_record(dir, record, objects));
         if let Some(reason) = source.stat_problem() {
             return Err(format!("{}: {reason}", source.path.display()));
         }
-        let header = format::read_header_path(&source.path).map_err(|e| e.to_string())?;
+        let header = source.header().map_err(|e| e.to_string())?;
         sources.push((source, Arc::new(header)));
     }
     for (i, (_, header)) in sources.iter().enumerate() {
@@ -325,7 +326,7 @@ pub(crate) fn import_view(
     };
     // FastChat: the delta's non-weight files (tokenizer, config) take the place of the base's.
     for record in files.iter().filter(|f| f.role == FileRole::Other) {
-        let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
+        let source = Arc::new(SourceFile::of_record(dir, record, objects));
         let file = variant::VFile {
             name: record.name.clone(),
             size: record.fingerprint.size,

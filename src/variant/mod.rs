@@ -40,7 +40,7 @@ pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewErro
     for entry_name in chain.iter().rev() {
         let entry = registry.get(entry_name)?;
         view = Some(match (&entry.kind, view) {
-            (EntryKind::Base { dir, files, .. }, _) => base_view(entry, dir, files),
+            (EntryKind::Base { dir, files, .. }, _) => base_view(registry, entry, dir, files),
             (EntryKind::Cast { dtype, .. }, Some(base)) => {
                 map_weights(&base, &format!("cast {entry_name}"), |t| {
                     let source = if t.source.dtype().is_float() && t.source.dtype() != *dtype {
@@ -92,22 +92,27 @@ fn open_containers(
     files
         .iter()
         .map(|record| {
-            let source = Arc::new(SourceFile::new(dir.join(&record.name), record.fingerprint.clone()));
+            let source = Arc::new(registry.source(&dir, record));
             let invalid = |reason: String| ViewError::Invalid { entry: name.to_owned(), reason };
             if let Some(reason) = source.stat_problem() {
                 return Err(invalid(format!("{}: {reason}", source.path.display())));
             }
-            let header = format::read_header_path(&source.path).map_err(|e| invalid(e.to_string()))?;
+            let header = source.header().map_err(|e| invalid(e.to_string()))?;
             Ok((source, header))
         })
         .collect()
 }
 
-fn base_view(entry: &Entry, dir: &Path, records: &[crate::registry::FileRecord]) -> EntryView {
+fn base_view(
+    registry: &Registry,
+    entry: &Entry,
+    dir: &Path,
+    records: &[crate::registry::FileRecord],
+) -> EntryView {
     let mut view = EntryView::default();
     for record in records {
-        let path = dir.join(&record.name);
-        let source = Arc::new(SourceFile::new(path.clone(), record.fingerprint.clone()));
+        let source = Arc::new(registry.source(dir, record));
+        let path = source.path.clone();
         let mut file = VFile {
             name: record.name.clone(),
             size: record.fingerprint.size,
@@ -116,7 +121,7 @@ fn base_view(entry: &Entry, dir: &Path, records: &[crate::registry::FileRecord])
         if let Some(reason) = source.stat_problem() {
             file.content = Content::Broken(format!("{}: {reason}", path.display()));
         } else if record.role == FileRole::Weights {
-            match format::read_header_path(&path) {
+            match source.header() {
                 Ok(header) => {
                     let tensors = header
                         .tensors
@@ -150,6 +155,6 @@ fn base_view(entry: &Entry, dir: &Path, records: &[crate::registry::FileRecord])
 /// The tokenizer config with the entry's chat template added, when the entry asks for one.
 fn with_chat_template(entry: &Entry, source: &SourceFile) -> Option<Arc<[u8]>> {
     let jinja = adapter::chat_template_jinja(entry.chat_template.as_deref()?)?;
-    let original = std::fs::read(&source.path).ok()?;
+    let original = source.read_all().ok()?;
     adapter::tokenizer_config_with_template(Some(&original), &jinja).ok().map(Arc::from)
 }

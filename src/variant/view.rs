@@ -147,7 +147,7 @@ fn read_whole(file: &VFile) -> Result<Vec<u8>, String> {
         return Err(format!("{} bytes is too large for a shard index", file.size));
     }
     match &file.content {
-        Content::Passthrough(source) => std::fs::read(&source.path).map_err(|e| e.to_string()),
+        Content::Passthrough(source) => source.read_all().map_err(|e| e.to_string()),
         Content::Generated(bytes) => Ok(bytes.to_vec()),
         Content::Broken(reason) => Err(reason.clone()),
         Content::Synth(synth) => {

@@ -247,14 +247,11 @@ struct DeltaTree {
     dirs: Vec<String>,
 }
 
-/// What says registry.json changed: its inode (every save renames a new file in) and mtime.
-/// The inode alone catches two saves within one timestamp tick, which mtime alone would miss.
-type RegistryStamp = (u64, SystemTime);
+/// What says the registry changed (see `Store::registry_stamp`).
+type RegistryStamp = String;
 
 fn registry_stamp(store: &Store) -> Option<RegistryStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(store.registry_path()).ok()?;
-    Some((meta.ino(), meta.modified().ok()?))
+    store.registry_stamp()
 }
 
 struct Catalog {

@@ -108,8 +108,17 @@ fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
 pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(mountpoint)?;
     keep_freed_chunks_in_heap();
-    let fs = Arc::new(Fs::new(store, opts.cache_size)?);
     let disk = opts.disk_cache.as_ref().and_then(open_disk_cache);
+    // An object store's files are fetched into the disk cache (when there is one).
+    let store = match (store.remote().cloned(), &disk) {
+        (Some(remote), Some(disk)) => {
+            let fetched = crate::registry::objects::Fetched::new(remote, store.tmp_dir());
+            let cached = crate::cache::objects::CachedObjects::new(fetched, disk.clone());
+            store.with_objects(crate::source::Objects(Arc::new(cached)))
+        }
+        _ => store,
+    };
+    let fs = Arc::new(Fs::new(store, opts.cache_size)?);
     if let Some(disk) = &disk {
         fs.set_disk_cache(disk.clone());
     }

@@ -224,7 +224,27 @@ fn registry_fs(e: registry::Error) -> FsError {
         registry::Error::Io { source, .. } => {
             FsError { errno: errno_of(source), message: Some(e.to_string()) }
         }
+        registry::Error::Conflict => FsError { errno: libc::EAGAIN, message: Some(e.to_string()) },
         _ => FsError::eio(e.to_string()),
+    }
+}
+
+/// Runs `f` (a load, change and save of the registry) again while another node's commit got in
+/// between ([`registry::Error::Conflict`], as EAGAIN: object stores only; a local store's lock
+/// keeps others out), for up to [`crate::store::MAX_COMMIT_TIME`].
+fn retry_conflicts<T>(mut f: impl FnMut() -> FsResult<T>) -> FsResult<T> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match f() {
+            Err(e) if e.errno == libc::EAGAIN && start.elapsed() < crate::store::MAX_COMMIT_TIME => {
+                std::thread::sleep(
+                    pause + std::time::Duration::from_nanos(u64::from(next_id() as u32 % 5_000_000)),
+                );
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -496,16 +516,18 @@ impl Staging {
         base: &str,
         name: &str,
         id: u64,
-        f: impl FnOnce(&registry::StoreLock, &mut Registry, &mut Staged, String) -> FsResult<()>,
+        mut f: impl FnMut(&registry::StoreLock, &mut Registry, &mut Staged, String) -> FsResult<()>,
     ) -> FsResult<()> {
-        let lock = store.lock().map_err(registry_fs)?;
-        let mut r = store.load().map_err(registry_fs)?;
-        let mut sessions = self.lock();
-        let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
-            return Ok(());
-        };
-        let Some(file) = s.name.clone() else { return Ok(()) };
-        f(&lock, &mut r, s, file)
+        retry_conflicts(|| {
+            let lock = store.lock().map_err(registry_fs)?;
+            let mut r = store.load().map_err(registry_fs)?;
+            let mut sessions = self.lock();
+            let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
+                return Ok(());
+            };
+            let Some(file) = s.name.clone() else { return Ok(()) };
+            f(&lock, &mut r, s, file)
+        })
     }
 
     /// Note a change of staged file `id`'s bytes; returns its stream, and whether it must be
@@ -642,10 +664,24 @@ impl Staging {
                 (tmp, result.map_err(registry_fs)?)
             }
         };
+        // In an object store the container goes to a key of its own first; the registry update
+        // below names it (or, if the file went meanwhile, the object is deleted again).
+        let mut uploaded = None;
+        if store.remote().is_some() {
+            let key = format!("{}/{}", registry::upload_prefix(name), shown);
+            store.upload(&mut record, &key, &tmp).map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                FsError::eio(format!("{name}/{shown} not stored: {e}"))
+            })?;
+            uploaded = Some(key);
+        }
+        let mut replaced = None;
+        let mut used = false;
         // Under the name it has now (a rename may have moved it while it was coded).
         let result = self.update_staged(store, base, name, id, |lock, r, s, file| {
             record.name = file.clone();
             let files = delta_entry(r, base, name)?;
+            replaced = files.iter().find(|f| f.name == file).and_then(|f| f.object.clone());
             files.retain(|f| f.name != file);
             files.push(record.clone());
             files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -654,11 +690,14 @@ impl Staging {
             if finished {
                 r.clear_unfinished(name, &file);
             }
-            // Into place while holding the store lock, so the registry and the file agree.
-            let dest = store.entry_dir(name).join(&file);
-            make_parents(&dest).map_err(|e| io_fs("store", e))?;
-            fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
+            if uploaded.is_none() {
+                // Into place while holding the store lock, so the registry and the file agree.
+                let dest = store.entry_dir(name).join(&file);
+                make_parents(&dest).map_err(|e| io_fs("store", e))?;
+                fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
+            }
             store.save(r, lock).map_err(registry_fs)?;
+            used = true;
             // Stored as of `version`: clean unless written meanwhile. The staged file stays while
             // a writer has it open ([`Staging::closed`] removes it).
             s.stored = Some(version);
@@ -668,6 +707,9 @@ impl Staging {
             Ok(())
         });
         let _ = fs::remove_file(&tmp);
+        // The object no record names any more: the replaced version, or this one if unused.
+        let unused = if used { replaced } else { uploaded };
+        store.delete_objects(unused.as_deref());
         result
     }
 
@@ -715,29 +757,40 @@ impl Staging {
                 _ => false,
             }
         };
-        let removed = (|| -> registry::Result<()> {
-            let lock = store.lock()?;
-            let mut r = store.load()?;
-            let unfinished = r.clear_unfinished(name, file);
-            let files =
-                delta_files(&mut r, base, name).ok_or_else(|| registry::Error::NotFound(name.into()))?;
-            let before = files.len();
-            files.retain(|f| f.name != file);
-            if files.len() == before && !unfinished {
-                return Err(registry::Error::NotFound(file.to_owned()));
-            }
-            store.save(&r, &lock)?;
-            // Still under the lock: a file of this name stored by another descriptor's close
-            // right after this update must not lose its container to this removal.
-            let _ = fs::remove_file(store.entry_dir(name).join(file));
-            Ok(())
-        })();
+        let removed = retry_conflicts(|| {
+            (|| -> registry::Result<()> {
+                let lock = store.lock()?;
+                let mut r = store.load()?;
+                let unfinished = r.clear_unfinished(name, file);
+                let files =
+                    delta_files(&mut r, base, name).ok_or_else(|| registry::Error::NotFound(name.into()))?;
+                let before = files.len();
+                let object = files.iter().find(|f| f.name == file).and_then(|f| f.object.clone());
+                files.retain(|f| f.name != file);
+                if files.len() == before && !unfinished {
+                    return Err(registry::Error::NotFound(file.to_owned()));
+                }
+                store.save(&r, &lock)?;
+                // Still under the lock: a file of this name stored by another descriptor's close
+                // right after this update must not lose its container to this removal.
+                match object {
+                    Some(key) => store.delete_objects([key.as_str()]),
+                    None => {
+                        let _ = fs::remove_file(store.entry_dir(name).join(file));
+                    }
+                }
+                Ok(())
+            })()
+            .map_err(|e| match e {
+                registry::Error::NotFound(_) => FsError::new(libc::ENOENT),
+                e => registry_fs(e),
+            })
+        });
         match removed {
             Ok(()) => Ok(()),
             // Only staged (never stored): dropping it was the whole of rm.
-            Err(registry::Error::NotFound(_)) if was_staged => Ok(()),
-            Err(registry::Error::NotFound(_)) => Err(FsError::new(libc::ENOENT)),
-            Err(e) => Err(registry_fs(e)),
+            Err(e) if e.errno == libc::ENOENT && was_staged => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -752,21 +805,30 @@ impl Staging {
             // Into itself (POSIX: EINVAL), or onto itself (nothing to do).
             return if to == from { Ok(()) } else { Err(FsError::new(libc::EINVAL)) };
         }
+        retry_conflicts(|| self.rename_once(store, base, name, from, to))
+    }
+
+    fn rename_once(&self, store: &Store, base: &str, name: &str, from: &str, to: &str) -> FsResult<()> {
         let lock = store.lock().map_err(registry_fs)?;
         let mut r = store.load().map_err(registry_fs)?;
         let mut sessions = self.lock();
         let dir = store.entry_dir(name);
         // Stored files: records and containers.
         let mut moves: Vec<(PathBuf, PathBuf)> = vec![];
+        let mut moving_records: Vec<String> = vec![];
         if let Some(files) = delta_files(&mut r, base, name) {
             let moving: Vec<String> =
                 files.iter().filter(|f| within(&f.name, from)).map(|f| f.name.clone()).collect();
             if !moving.is_empty() {
                 files.retain(|f| f.name != to);
             }
+            moving_records = moving;
             for f in files.iter_mut().filter(|f| within(&f.name, from)) {
                 let new = moved(&f.name, from, to);
-                moves.push((dir.join(&f.name), dir.join(&new)));
+                // An object keeps its key: its record alone is renamed.
+                if f.object.is_none() {
+                    moves.push((dir.join(&f.name), dir.join(&new)));
+                }
                 f.name = new;
             }
             files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -794,7 +856,7 @@ impl Staging {
                 }
             }
         }
-        if result.is_ok() && (!moves.is_empty() || !unfinished.is_empty()) {
+        if result.is_ok() && (!moving_records.is_empty() || !unfinished.is_empty()) {
             result = store.save(&r, &lock).map_err(registry_fs);
         }
         if let Err(e) = result {
@@ -813,7 +875,7 @@ impl Staging {
         // Staged files and made directories.
         if let Some(s) = sessions.get_mut(&key(base, name)) {
             let moving: Vec<String> = s.names.keys().filter(|n| within(n, from)).cloned().collect();
-            if !moving.is_empty() || !moves.is_empty() {
+            if !moving.is_empty() || !moving_records.is_empty() {
                 // A file renamed over one still open for writing replaces it, as on any
                 // filesystem: that writer now writes a file no name leads to (nothing stored).
                 s.orphan(to);

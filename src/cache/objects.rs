@@ -1,0 +1,51 @@
+//! The mount's near tier for object-store files: each object is fetched whole (parallel ranged
+//! GETs pinned to its etag) into the disk cache, keyed by the store's location, the key and the
+//! etag, so it survives remounts and daemon restarts, is checked like every cached file, and
+//! counts against the disk cache's size. Decoders and passthrough then read the local copy at
+//! disk speed. An object the cache cannot hold is fetched into an unlinked temporary file.
+
+use std::fs::File;
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::disk::{DiskCache, KeyBuilder};
+use crate::registry::objects::Fetched;
+use crate::source::ObjectFiles;
+
+pub struct CachedObjects {
+    fetched: Fetched,
+    disk: Arc<DiskCache>,
+}
+
+impl CachedObjects {
+    pub fn new(fetched: Fetched, disk: Arc<DiskCache>) -> Self {
+        CachedObjects { fetched, disk }
+    }
+}
+
+impl ObjectFiles for CachedObjects {
+    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String> {
+        self.fetched.read_range(object, etag, range)
+    }
+
+    fn etag(&self, object: &str) -> Result<String, String> {
+        self.fetched.etag(object)
+    }
+
+    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String> {
+        let address = self.fetched.address(object);
+        let key = KeyBuilder::new("object").part(address.as_bytes()).part(etag.as_bytes()).finish();
+        let (store, store_key) = self.fetched.resolve(object)?;
+        let cached = self.disk.get_or_fill(&key, size, &address, |f| {
+            store.fetch_into(&store_key, etag, size, f).map_err(|e| e.to_string())
+        })?;
+        match cached {
+            Some(c) => c.file.try_clone().map_err(|e| e.to_string()),
+            None => self.fetched.download(object, etag, size),
+        }
+    }
+
+    fn address(&self, object: &str) -> String {
+        self.fetched.address(object)
+    }
+}

@@ -1,0 +1,111 @@
+//! How a command reads the files of an object store: [`Fetched`], each object downloaded whole
+//! (parallel ranged GETs, pinned to its etag) into an unlinked temporary file of this node's
+//! `tmp/` the first time it is read, and shared by every reader in the process. The mount uses
+//! its disk cache instead (`vfs::objects`), so fetched objects survive remounts.
+//!
+//! Objects are named by keys of the registry's store, or by `s3://BUCKET/KEY` for a base added
+//! in place from another place of the object store (its bucket is opened with the same
+//! credentials and endpoint).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::source::ObjectFiles;
+use crate::store::{self, StoreError};
+
+pub struct Fetched {
+    store: Arc<store::Store>,
+    tmp: PathBuf,
+    /// Stores of other buckets, opened on first use.
+    others: Mutex<HashMap<String, Arc<store::Store>>>,
+    /// Local copies by (object, etag).
+    copies: Mutex<HashMap<(String, String), Arc<File>>>,
+}
+
+impl Fetched {
+    pub fn new(store: Arc<store::Store>, tmp: PathBuf) -> Self {
+        Fetched { store, tmp, others: Mutex::default(), copies: Mutex::default() }
+    }
+
+    /// The store and key that object `object` names.
+    pub fn resolve(&self, object: &str) -> Result<(Arc<store::Store>, String), String> {
+        resolve(&self.store, &self.others, object)
+    }
+
+    /// Downloads `object` at `etag` into a new unlinked file under `dir`.
+    pub fn download(&self, object: &str, etag: &str, size: u64) -> Result<File, String> {
+        let (store, key) = self.resolve(object)?;
+        let path = self.tmp.join(format!(".fetch.{}.{}", std::process::id(), unique()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let _ = std::fs::remove_file(&path);
+        store.fetch_into(&key, etag, size, &file).map_err(|e| e.to_string())?;
+        Ok(file)
+    }
+}
+
+/// `s3://BUCKET/KEY` → that bucket's store (cached in `others`) and KEY; anything else is a key
+/// of `store`.
+pub fn resolve(
+    store: &Arc<store::Store>,
+    others: &Mutex<HashMap<String, Arc<store::Store>>>,
+    object: &str,
+) -> Result<(Arc<store::Store>, String), String> {
+    let Some(rest) = object.strip_prefix("s3://") else { return Ok((store.clone(), object.to_owned())) };
+    let (bucket, key) = rest.split_once('/').ok_or_else(|| format!("{object}: no key in the address"))?;
+    let mut others = others.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = others.get(bucket) {
+        return Ok((s.clone(), key.to_owned()));
+    }
+    let s = Arc::new(store::Store::open(&format!("s3://{bucket}")).map_err(|e| e.to_string())?);
+    others.insert(bucket.to_owned(), s.clone());
+    Ok((s, key.to_owned()))
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn msg(e: StoreError) -> String {
+    e.to_string()
+}
+
+impl ObjectFiles for Fetched {
+    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String> {
+        let (store, key) = self.resolve(object)?;
+        store.get_range_at(&key, range, Some(etag)).map(|b| b.to_vec()).map_err(msg)
+    }
+
+    fn etag(&self, object: &str) -> Result<String, String> {
+        let (store, key) = self.resolve(object)?;
+        store.head(&key).map(|m| m.etag).map_err(msg)
+    }
+
+    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String> {
+        let id = (object.to_owned(), etag.to_owned());
+        if let Some(f) = self.copies.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return f.try_clone().map_err(|e| e.to_string());
+        }
+        let file = Arc::new(self.download(object, etag, size)?);
+        self.copies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, file.clone());
+        file.try_clone().map_err(|e| e.to_string())
+    }
+
+    fn address(&self, object: &str) -> String {
+        match object.starts_with("s3://") {
+            true => object.to_owned(),
+            false => format!("{}/{object}", self.store.location()),
+        }
+    }
+}

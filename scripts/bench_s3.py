@@ -143,8 +143,8 @@ def setup_s3(weed, entries, model, ft, node):
 
 def objects(s3_get, store, env, entry):
     """The objects an entry is read from: its own (models/ENTRY/) and, for a variant, its
-    base's (every entry here is built on `base`). For q8 this is more than a load needs (its
-    container holds the quantized linear weights; only the base's other tensors are read)."""
+    base's (every entry here is built on `base`). The mount fetches an object whole on first use,
+    so a cold q8 load fetches the base's files too (for the tensors it keeps unquantized)."""
     prefixes = [f"models/{entry}"] + ([] if entry == "base" else ["models/base"])
     out = subprocess.run([s3_get, store, *prefixes, "--list"], capture_output=True, text=True, env=env)
     if out.returncode != 0:

@@ -6,12 +6,15 @@
 //! would) and dropped.
 //!
 //! ```text
-//! cargo run --release --example s3_get -- STORE PREFIX [PREFIX…] [--part-mib 8] [--in-flight 8] [--reps 1] [--list]
+//! cargo run --release --example s3_get -- STORE PREFIX [PREFIX…] [--part-mib 8] [--in-flight 8] [--reps 1] [--list] [--into DIR]
 //! ```
 //!
 //! STORE is `s3://BUCKET[/PREFIX]` (endpoint and keys from the AWS environment, as llmfs's
 //! `--store`) or a local directory. Prints one line per repetition and, last, one JSON line
 //! `{"objects":N,"bytes":B,"secs":[...],"median_secs":S,"gbps":G}` (G from the median).
+//! `--into DIR`: each object is written into a new file in DIR instead (Store::fetch_into, the
+//! mount's own fetch of an object into its disk cache, minus the cache's bookkeeping); the file
+//! is removed after each repetition.
 //! `--list` only lists: one JSON line `[{"key":K,"size":N},…]` (empty prefixes allowed), exit 0
 //! once the server answers (the benchmark polls it until a fresh server is up).
 
@@ -26,6 +29,7 @@ fn main() -> Result<()> {
     let mut opts = ReadOptions { part_size: 8 << 20, max_in_flight: 8 };
     let mut reps = 1usize;
     let mut list_only = false;
+    let mut into: Option<std::path::PathBuf> = None;
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> Result<usize> {
             args.next()
@@ -38,9 +42,10 @@ fn main() -> Result<()> {
             "--in-flight" => opts.max_in_flight = value("--in-flight")?.max(1),
             "--reps" => reps = value("--reps")?.max(1),
             "--list" => list_only = true,
+            "--into" => into = Some(args.next().context("--into needs a directory")?.into()),
             "-h" | "--help" => {
                 println!(
-                    "usage: s3_get STORE PREFIX [PREFIX…] [--part-mib 8] [--in-flight 8] [--reps 1] [--list]"
+                    "usage: s3_get STORE PREFIX [PREFIX…] [--part-mib 8] [--in-flight 8] [--reps 1] [--list] [--into DIR]"
                 );
                 return Ok(());
             }
@@ -49,7 +54,7 @@ fn main() -> Result<()> {
         }
     }
     if positional.len() < 2 {
-        bail!("usage: s3_get STORE PREFIX [PREFIX…] [--part-mib 8] [--in-flight 8] [--reps 1] [--list]");
+        bail!("usage: s3_get STORE PREFIX [PREFIX…] [--part-mib 8] [--in-flight 8] [--reps 1] [--list] [--into DIR]");
     }
     let store = Store::open(&positional[0]).with_context(|| positional[0].clone())?;
     let mut objects = Vec::new();
@@ -72,6 +77,15 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let mut n = 0u64;
         for o in &objects {
+            if let Some(dir) = &into {
+                let path = dir.join(format!(".s3_get-{}", std::process::id()));
+                let file = std::fs::File::create(&path).with_context(|| path.display().to_string())?;
+                let r = store.fetch_into(&o.key, &o.etag, o.size, &file);
+                std::fs::remove_file(&path)?;
+                r?;
+                n += o.size;
+                continue;
+            }
             store.read_range_parallel(&o.key, 0..o.size, &opts, &mut |_, b| {
                 // Touched: copied out, as a loader copies every tensor (a part is at most part_size).
                 let len = b.len().min(buf.len());

@@ -16,7 +16,9 @@ transformers from_pretrained; every tensor's bytes copied into a reused buffer),
   S3 warm       S3 store, remounted on the same dirs (the disk cache from "cold")
 and the raw GET rate of the objects the entry is read from (its own objects and its base's):
 examples/s3_get, every object read whole with llmfs's Store::read_range_parallel (8 MiB parts,
-8 in flight), one after another as a loader reads shard after shard. Medians over REPS.
+8 in flight), one after another as a loader reads shard after shard; and the same written into a
+file on the disk cache's file system (s3_get --into: Store::fetch_into, the mount's own fetch).
+Medians over REPS.
 
 Every file of both stores and of weed's data dir is warm in the page cache (the server's disk is
 not what is measured: the network path and the daemon are).
@@ -32,6 +34,8 @@ usage: scripts/bench_s3.py WORK [SIZE_MIB] [REPS] [LOADERS]
   BENCH_KINDS=base,d-lossless a subset of the entries; BENCH_KEEP=1 keeps WORK's data (models,
   stores, weed's data) for a rerun, else it is deleted at the end (the results stay:
   WORK/results-s3-Ncores.json). Run under `taskset -c 0,1` for the 2-core table.
+  scripts/bench_s3.py _table R1.json [R2.json …] prints the table again, several runs pooled
+  (every cell's repetitions together, medians over all).
 """
 import json, os, shutil, signal, socket, statistics, subprocess, sys, time
 
@@ -154,8 +158,10 @@ def objects(s3_get, store, env, entry):
     return prefixes, json.loads(out.stdout.splitlines()[-1])
 
 
-def raw_get(s3_get, store, env, prefixes, reps):
-    out = subprocess.run([s3_get, store, *prefixes, "--reps", str(reps)], capture_output=True, text=True, env=env)
+def raw_get(s3_get, store, env, prefixes, reps, into=None):
+    extra = ["--into", into] if into else []
+    out = subprocess.run([s3_get, store, *prefixes, "--reps", str(reps), *extra], capture_output=True, text=True,
+                         env=env)
     if out.returncode != 0:
         raise SystemExit(f"s3_get {store} {prefixes} failed:\n{out.stderr[:2000]}")
     return json.loads(out.stdout.splitlines()[-1])
@@ -254,8 +260,10 @@ def run(work, size_mib, reps, loaders, entries, s3_get, weed_bin, cores, mnt, st
         if use_s3:
             prefixes, objs = objects(s3_get, S3_STORE, s3env, entry)
             raw = raw_get(s3_get, S3_STORE, s3env, prefixes, reps)
-            print(f"# {label}: raw GET of {len(objs)} objects ({raw['bytes'] / 1e6:.0f} MB): {raw['gbps']:.2f} GB/s",
-                  file=sys.stderr, flush=True)
+            os.makedirs(cache_s, exist_ok=True)  # into a file on the disk cache's file system
+            raw["into_file"] = raw_get(s3_get, S3_STORE, s3env, prefixes, reps, into=cache_s)
+            print(f"# {label}: raw GET of {len(objs)} objects ({raw['bytes'] / 1e6:.0f} MB): {raw['gbps']:.2f} GB/s, "
+                  f"into a file {raw['into_file']['gbps']:.2f} GB/s", file=sys.stderr, flush=True)
         for l in loaders:
             t = {"local_first": [], "local_again": [], "s3_cold": [], "s3_warm": []}
             nbytes, fetched = None, []
@@ -308,9 +316,9 @@ def print_table(results):
           "of the objects / cold load time (target >= 0.5); warm/local = local-store remount time / S3 warm "
           "time (target >= 0.9); cold/(raw+local first) = (raw-GET time + local first load time) / cold time: "
           "1.0 is a mount that fetches everything, then decodes, with no overlap\n")
-    print("| entry | loader | objects, MB | raw GET | local first | local again | S3 cold | S3 warm "
-          "| cold/raw | warm/local | cold/(raw+local first) |")
-    print("|" + "---|" * 11)
+    print("| entry | loader | objects, MB | raw GET | GET into a file | local first | local again | S3 cold "
+          "| S3 warm | cold/raw | warm/local | cold/(raw+local first) |")
+    print("|" + "---|" * 12)
     def f(v):
         return "n/a" if v is None else f"{v:.2f}"
     for r in results["rows"]:
@@ -321,13 +329,34 @@ def print_table(results):
         # Against fetching the objects first, then loading as from the local store (no overlap).
         serial = (r["raw"]["median_secs"] + med["local_first"]) / med["s3_cold"] if cold_raw else None
         mb = f"{r['object_bytes'] / 1e6:.0f}" if r["object_bytes"] else "n/a"
+        into = r["raw"] and r["raw"].get("into_file")
         print(f"| {r['label']} | {NAMES[r['loader']]} | {mb} | {f(r['raw'] and r['raw']['gbps'])} "
+              f"| {f(into and into['gbps'])} "
               f"| {f(g['local_first'])} | {f(g['local_again'])} | {f(g['s3_cold'])} | {f(g['s3_warm'])} "
               f"| {f(cold_raw)} | {f(warm_local)} | {f(serial)} |")
 
 
+def pool(runs):
+    """Several runs' results as one: each cell's repetitions together, medians over all."""
+    out = dict(runs[0], rows=[], reps=sum(r["reps"] for r in runs))
+    for row in runs[0]["rows"]:
+        same = [x for r in runs for x in r["rows"] if (x["entry"], x["loader"]) == (row["entry"], row["loader"])]
+        secs = {k: [s for x in same for s in x["secs"][k]] for k in row["secs"]}
+        raw = dict(row["raw"], secs=[s for x in same for s in x["raw"]["secs"]]) if row["raw"] else None
+        into = [x["raw"]["into_file"] for x in same if x["raw"] and "into_file" in x["raw"]]
+        if into:  # runs before s3_get --into existed have none
+            raw["into_file"] = dict(into[0], secs=[s for i in into for s in i["secs"]])
+        for r in [raw, raw and raw.get("into_file")]:
+            if r:
+                r["median_secs"] = statistics.median(r["secs"])
+                r["gbps"] = r["bytes"] / r["median_secs"] / 1e9
+        out["rows"].append(dict(row, secs=secs, raw=raw,
+                                median={k: statistics.median(v) if v else None for k, v in secs.items()}))
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "_table":
-        print_table(json.load(open(sys.argv[2])))
+    if len(sys.argv) > 2 and sys.argv[1] == "_table":  # _table RESULTS.json [MORE.json …]: pooled
+        print_table(pool([json.load(open(p)) for p in sys.argv[2:]]))
     else:
         main()

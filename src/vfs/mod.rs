@@ -296,6 +296,8 @@ pub struct Fs {
     forget_name: std::sync::OnceLock<ForgetName>,
     /// Decoded files on local disk (decoded.rs), when the mount has one.
     disk: std::sync::OnceLock<Arc<crate::cache::disk::DiskCache>>,
+    /// The view of each entry whose objects were prefetched (see `prefetch_objects`).
+    prefetched: Mutex<HashMap<String, std::sync::Weak<EntryView>>>,
 }
 
 impl Fs {
@@ -314,6 +316,7 @@ impl Fs {
             staging: write::Staging::default(),
             forget_name: std::sync::OnceLock::new(),
             disk: std::sync::OnceLock::new(),
+            prefetched: Mutex::default(),
         })
     }
 
@@ -711,6 +714,7 @@ impl Fs {
                     return Err(FsError::new(libc::EROFS));
                 }
                 let view = self.view(&entry, created)?;
+                self.prefetch_objects(&entry, &view, &file);
                 (
                     Target::Read(view.file(&file).ok_or(FsError::new(libc::ENOENT))?.clone()),
                     format!("{entry}/{file}"),
@@ -759,6 +763,49 @@ impl Fs {
         }
         let target = self.served_decoded(&node, target)?;
         Ok(self.insert_handle(ino, target))
+    }
+
+    /// At the first open of a file of `view` (entry `entry`), fetch in the background, one
+    /// after another, the object-store files that its other files read from: a loader opens
+    /// the next shard while this one is decoded or read, and finds its objects (the shard, the
+    /// delta's container, the base's) fetched or on their way. The opened file's own are fetched
+    /// by its open (`check_sources`, in parallel).
+    fn prefetch_objects(&self, entry: &str, view: &Arc<EntryView>, opened: &str) {
+        {
+            let mut done = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+            if done.get(entry).and_then(std::sync::Weak::upgrade).is_some_and(|v| Arc::ptr_eq(&v, view)) {
+                return;
+            }
+            done.insert(entry.to_owned(), Arc::downgrade(view));
+        }
+        let mut mine = vec![];
+        let mut others = vec![];
+        for f in &view.files {
+            let out = if f.name == opened { &mut mine } else { &mut others };
+            match &f.content {
+                Content::Passthrough(source) => out.push(source.clone()),
+                Content::Synth(synth) => synth.tensors.iter().for_each(|t| t.source.files(out)),
+                Content::Generated(_) | Content::Broken(_) => {}
+            }
+        }
+        let mut seen: std::collections::HashSet<usize> =
+            mine.iter().map(|s| Arc::as_ptr(s) as usize).collect();
+        others.retain(|s| s.is_remote() && seen.insert(Arc::as_ptr(s) as usize));
+        if others.is_empty() {
+            return;
+        }
+        let entry = entry.to_owned();
+        let spawned = std::thread::Builder::new().name("llmfs-prefetch".into()).spawn(move || {
+            for source in others {
+                if let Err(e) = source.check() {
+                    tracing::info!("{entry}: prefetch of {} stopped: {e}", source.path.display());
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("no prefetch thread: {e}");
+        }
     }
 
     fn insert_handle(&self, ino: u64, target: Target) -> Opened {

@@ -170,21 +170,23 @@ fn decode_into_cache(
 }
 
 /// Write all of `synth` into `out` (of its length): the header, then every tensor in pieces of
-/// [`PIECE`] bytes decoded in parallel, each hashed (a [`Leaf`] of the cache's content hash,
-/// while it is hot in the cache, so the commit need not read the file back: that read and hash
-/// took 15-25% of a 2-core first load's CPU) and written straight into its place in a shared mapping of the
-/// file (or, where the file cannot be mapped, decoded into scratch memory and written with
-/// `pwrite`). The file's blocks are reserved first (fallocate), so a full disk fails the fill at
-/// once rather than midway, and a write into the mapping cannot meet a full disk (which would be
-/// a SIGBUS); a filesystem that cannot reserve is written by `pwrite`.
+/// [`PIECE`] bytes decoded in parallel, each written at its offset as soon as it is done. The
+/// file's blocks are reserved first (fallocate), so a full disk fails the fill at once rather
+/// than midway.
 ///
-/// Why a mapping: buffered writes to one file serialize on its inode lock, so with `pwrite` the
-/// fill ran at the speed of one memcpy stream into the page cache whatever the core count
-/// (2.8-4.3 GB/s on 16 cores), and each piece was copied twice (decoded into scratch, copied
-/// into the page cache). Page faults on one mapping run in parallel and the decoder writes each
-/// byte once. (Mapping each piece on its own was measured 3x slower than `pwrite`: every mmap and
-/// munmap waits for all page faults in flight; one mapping for the whole file avoids that.)
-/// Which way is faster depends on the cores: see [`fill_by_mapping`].
+/// With cores to spare ([`HASH_IN_FILL_MIN_THREADS`]) each piece is also hashed here, while it
+/// is hot in the cache, as a [`Leaf`] of the cache's content hash, so the commit need not read
+/// the file back. With few cores the commit does it instead, after the fill, at the lowest
+/// priority: the fill is on the loader's critical path and the cores are all busy during it,
+/// while the commit runs in the idle tail of the load (the loader reading the last file alone).
+///
+/// Measured and not kept (issue 13): writing through one shared mapping of the file instead of
+/// `pwrite`. Buffered writes to one file serialize on its inode lock (`scripts/fill_bench.c` on
+/// the lent 16-core host: 4.7 GB/s with 16 writers of a generated pattern, against 13 GB/s
+/// through a mapping), but a real fill ran at the same 3.2-4.8 GB/s either way there (the limit
+/// is elsewhere), and on 2 cores the mapping's page faults, which zero each page before it is
+/// written, made fills about 2x slower. (Mapping each piece on its own was 3x slower still:
+/// every mmap and munmap waits for all page faults in flight.)
 pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>, ReadError> {
     use std::os::fd::AsRawFd;
     let len = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
@@ -195,128 +197,22 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(cache_io(e));
         }
-        return write_by_pwrite(synth, out);
     }
-    if !fill_by_mapping() || len == 0 {
-        return write_by_pwrite(synth, out);
-    }
-    match Mapping::new(out, len as usize) {
-        Ok(map) => write_by_mapping(synth, &map),
-        Err(e) => {
-            tracing::debug!("disk cache: cannot map the file being filled ({e}); writing it by pwrite");
-            write_by_pwrite(synth, out)
-        }
-    }
+    write_by_pwrite(synth, out, hash_in_fill())
 }
 
-/// Pool threads from which a fill goes through a mapping. Page faults cost more CPU than
-/// `pwrite` (every new page is zeroed before it is written), which is a loss when the cores are
-/// the limit; it pays when there are more cores than one inode's writes can keep busy.
-const MAPPING_MIN_THREADS: usize = 8;
+/// Pool threads from which a fill hashes its own pieces (see [`write_decoded`]).
+const HASH_IN_FILL_MIN_THREADS: usize = 8;
 
-/// Whether fills write through a mapping: `LLMFS_DISK_FILL=mmap` or `pwrite`, else by the size
-/// of the pool ([`MAPPING_MIN_THREADS`]).
-fn fill_by_mapping() -> bool {
-    static BY_MAPPING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *BY_MAPPING.get_or_init(|| match std::env::var("LLMFS_DISK_FILL").as_deref() {
-        Ok("mmap") => true,
-        Ok("pwrite") => false,
-        _ => rayon::current_num_threads() >= MAPPING_MIN_THREADS,
+/// Whether fills hash their pieces: by the pool's size, or `LLMFS_HASH_IN_FILL=1`/`0` (so the
+/// tests can run both ways on any machine).
+fn hash_in_fill() -> bool {
+    static HASH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| match std::env::var("LLMFS_HASH_IN_FILL").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => rayon::current_num_threads() >= HASH_IN_FILL_MIN_THREADS,
     })
-}
-
-/// A shared, writable mapping of a whole file, unmapped on drop.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory; the pieces written through it from several threads are
-// disjoint (see `write_by_mapping`).
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(file: &std::fs::File, len: usize) -> std::io::Result<Mapping> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a new mapping of a file we own, of its length; nothing else maps it.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Mapping { ptr: ptr as *mut u8, len })
-    }
-
-    /// Bytes `at..at + n` of the file, to write.
-    ///
-    /// # Safety
-    /// No other live slice may overlap this one.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, at: usize, n: usize) -> &mut [u8] {
-        assert!(at + n <= self.len);
-        // SAFETY: within the mapping; disjointness is the caller's promise.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), n) }
-    }
-
-    /// Make the pages of `at..at + n` present and writable in one call (one fault-in walk instead
-    /// of a fault per page), or drop them from this process's page tables: the page cache keeps
-    /// them (dirty), the daemon's resident set does not. Advice only: an error changes nothing
-    /// (MADV_POPULATE_WRITE needs Linux 5.14; without it the writes fault the pages in).
-    fn advise(&self, at: usize, n: usize, advice: libc::c_int) {
-        // SAFETY: within the mapping; both kinds of advice keep the file's contents.
-        unsafe { libc::madvise(self.ptr.add(at) as *mut libc::c_void, n, advice) };
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, no slice of it outlives the fill.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
-
-const PAGE: usize = 4096;
-/// Linux's MADV_POPULATE_WRITE (5.14+; not in every libc crate version).
-const MADV_POPULATE_WRITE: libc::c_int = 23;
-
-fn write_by_mapping(synth: &SynthFile, map: &Mapping) -> Result<Vec<Leaf>, ReadError> {
-    // SAFETY: the header's bytes are no tensor's.
-    unsafe { map.slice(0, synth.header.len()) }.copy_from_slice(&synth.header);
-    let header = Leaf::of(0, &synth.header);
-    let mut leaves: Vec<Leaf> = pieces(synth)
-        .into_par_iter()
-        .map(|(i, from, to)| {
-            let t = &synth.tensors[i];
-            let esize = t.source.dtype().size() as u64;
-            let (at, n) = ((t.start + from * esize) as usize, ((to - from) * esize) as usize);
-            // Whole pages only: a page at either end may hold a neighbour's bytes too, and stays
-            // mapped until the end (dropping it while the neighbour writes could lose that write's
-            // dirty bit).
-            let (first, end) = (at.next_multiple_of(PAGE), (at + n) / PAGE * PAGE);
-            if first < end {
-                map.advise(first, end - first, MADV_POPULATE_WRITE);
-            }
-            // SAFETY: pieces are disjoint byte ranges of the file, each written by one task.
-            let piece = unsafe { map.slice(at, n) };
-            super::read::decode_elements(t, from as usize..to as usize, piece)?;
-            let leaf = Leaf::of(at as u64, piece);
-            if first < end {
-                map.advise(first, end - first, libc::MADV_DONTNEED);
-            }
-            Ok(leaf)
-        })
-        .collect::<Result<_, ReadError>>()?;
-    leaves.push(header);
-    Ok(leaves)
 }
 
 /// (tensor index, first element, end element) of every piece of `synth`'s tensors.
@@ -339,9 +235,9 @@ fn cache_io(e: std::io::Error) -> ReadError {
     ReadError::Io { path: "the disk cache".into(), reason: e.to_string() }
 }
 
-fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>, ReadError> {
+fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File, hash: bool) -> Result<Vec<Leaf>, ReadError> {
     out.write_all_at(&synth.header, 0).map_err(cache_io)?;
-    let mut leaves: Vec<Leaf> = pieces(synth)
+    let leaves: Vec<Option<Leaf>> = pieces(synth)
         .into_par_iter()
         .map(|(i, from, to)| {
             let t = &synth.tensors[i];
@@ -350,10 +246,13 @@ fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>, 
                 super::read::decode_elements(t, from as usize..to as usize, buf)?;
                 let at = t.start + from * esize;
                 out.write_all_at(buf, at).map_err(cache_io)?;
-                Ok(Leaf::of(at, buf))
+                Ok(hash.then(|| Leaf::of(at, buf)))
             })
         })
         .collect::<Result<_, ReadError>>()?;
-    leaves.push(Leaf::of(0, &synth.header));
+    let mut leaves: Vec<Leaf> = leaves.into_iter().flatten().collect();
+    if hash {
+        leaves.push(Leaf::of(0, &synth.header));
+    }
     Ok(leaves)
 }

@@ -124,7 +124,11 @@ impl Fs {
         let disk = disk.clone();
         std::thread::spawn(move || {
             for (key, vfile, synth, label) in todo {
-                let done = ahead_pool().install(|| decode_into_cache(&disk, &key, &vfile, &synth, &label));
+                let decode = || decode_into_cache(&disk, &key, &vfile, &synth, &label);
+                let done = match ahead_pool() {
+                    Some(pool) => pool.install(decode),
+                    None => decode(),
+                };
                 if let Err(e) = done {
                     tracing::warn!("disk cache: decoding {label} ahead: {e}");
                 }
@@ -138,9 +142,10 @@ impl Fs {
 /// pool from outside waits until the workers' own queues are empty, so an open behind a sibling's
 /// decode waited for all of it (measured: `load_file`'s open of the shard just decoded took as
 /// long as the next shard's whole decode, 0.17 s of a 0.43 s first load on 2 cores). The cores
-/// are shared with the global pool by the kernel's scheduler instead.
-fn ahead_pool() -> &'static rayon::ThreadPool {
-    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+/// are shared with the global pool by the kernel's scheduler instead. None (logged) when its
+/// threads cannot be started: the global pool then decodes ahead, as before.
+fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
@@ -149,8 +154,10 @@ fn ahead_pool() -> &'static rayon::ThreadPool {
                 tracing::error!("a task decoding ahead: {}", super::panic_message(&*panic))
             })
             .build()
-            .expect("a thread pool for decoding ahead")
+            .map_err(|e| tracing::warn!("no threads of their own for decoding ahead ({e}): the pool's"))
+            .ok()
     })
+    .as_ref()
 }
 
 /// The cached copy of `vfile`, decoding it if needed; and whether this call decoded it.

@@ -967,10 +967,14 @@ pub fn decode_lossless_all(
 // ---------------------------------------------------------------------------------------------
 
 /// A float dtype the lossy codecs read and write.
-trait Float {
+trait Float: Send + Sync {
     const N: usize;
     fn get(b: &[u8]) -> f32;
     fn put(v: f32, b: &mut [u8]);
+    /// Exactly [`Float::get`] for every value but NaN (branch-free, so loops vectorize).
+    fn widen(b: &[u8]) -> f32;
+    /// `put` of each of `v` (no NaN among them) into `out`, vectorized.
+    fn narrow_block(v: &[f32; BITDELTA_BLOCK], out: &mut [u8]);
 }
 
 struct F16;
@@ -987,6 +991,19 @@ impl Float for F16 {
     fn put(v: f32, b: &mut [u8]) {
         b[..2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
     }
+    #[inline(always)]
+    fn widen(b: &[u8]) -> f32 {
+        crate::compute::cast::f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]))
+    }
+    #[inline(always)]
+    fn narrow_block(v: &[f32; BITDELTA_BLOCK], out: &mut [u8]) {
+        // F16C where the CPU has it: round to nearest even, as `half` does (with F16C too).
+        let mut h = [0u16; BITDELTA_BLOCK];
+        crate::compute::cast::f32_to_f16_bits(v, &mut h);
+        for (o, h) in out.chunks_exact_mut(2).zip(h) {
+            o.copy_from_slice(&h.to_le_bytes());
+        }
+    }
 }
 
 impl Float for BF16 {
@@ -999,6 +1016,17 @@ impl Float for BF16 {
     fn put(v: f32, b: &mut [u8]) {
         b[..2].copy_from_slice(&bf16::from_f32(v).to_le_bytes())
     }
+    #[inline(always)]
+    fn widen(b: &[u8]) -> f32 {
+        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+    }
+    #[inline(always)]
+    fn narrow_block(v: &[f32; BITDELTA_BLOCK], out: &mut [u8]) {
+        // Round to nearest even: `half`'s rounding for every value but NaN.
+        for (o, &x) in out.chunks_exact_mut(2).zip(v) {
+            o.copy_from_slice(&crate::compute::cast::bf16_bits_from_f32(x).to_le_bytes());
+        }
+    }
 }
 
 impl Float for F32 {
@@ -1010,6 +1038,16 @@ impl Float for F32 {
     #[inline(always)]
     fn put(v: f32, b: &mut [u8]) {
         b[..4].copy_from_slice(&v.to_le_bytes())
+    }
+    #[inline(always)]
+    fn widen(b: &[u8]) -> f32 {
+        Self::get(b)
+    }
+    #[inline(always)]
+    fn narrow_block(v: &[f32; BITDELTA_BLOCK], out: &mut [u8]) {
+        for (o, &x) in out.chunks_exact_mut(4).zip(v) {
+            o.copy_from_slice(&x.to_le_bytes());
+        }
     }
 }
 
@@ -1200,6 +1238,47 @@ pub fn encode_bitdelta(
     with_float!(dtype, T => encode_bitdelta_t::<T>(target, base, rows, cols))
 }
 
+/// One element the obvious way (`half`'s conversions): the reference the blocks below are
+/// tested against, and what they fall back to for the few elements outside whole blocks and
+/// for blocks with a NaN.
+#[inline(always)]
+fn bitdelta_one<T: Float>(neg: bool, s: f32, base: &[u8], out: &mut [u8]) {
+    T::put(T::get(base) + if neg { -s } else { s }, out);
+}
+
+/// Elements per block of the fast path: 8 sign bytes.
+const BITDELTA_BLOCK: usize = 64;
+
+/// Decodes at least this many elements per task when a range is split across the pool.
+const BITDELTA_PAR_MIN: usize = 1 << 18;
+
+/// The same bits as [`bitdelta_one`] for each of 64 elements starting at a byte boundary of the
+/// signs, written so that the compiler vectorizes it: the sign is XORed into the scale's sign
+/// bit (`-s` is exactly that), the sum is rounded by the branch-free conversions, and a block
+/// holding a NaN (never, in real weights; NaN payloads are where those conversions and `half`'s
+/// may differ) is redone one element at a time.
+#[inline(always)]
+fn bitdelta_block<T: Float>(signs: &[u8], s: f32, base: &[u8], out: &mut [u8]) {
+    let (signs, base, out) = (&signs[..8], &base[..BITDELTA_BLOCK * T::N], &mut out[..BITDELTA_BLOCK * T::N]);
+    let sbits = s.to_bits();
+    let mut v = [0f32; BITDELTA_BLOCK];
+    for (g, &byte) in signs.iter().enumerate() {
+        for k in 0..8 {
+            let neg = ((byte as u32 & (1 << k)) != 0) as u32;
+            let i = g * 8 + k;
+            v[i] = T::widen(&base[i * T::N..(i + 1) * T::N]) + f32::from_bits(sbits ^ (neg << 31));
+        }
+    }
+    if v.iter().fold(false, |any, x| any | x.is_nan()) {
+        for i in 0..BITDELTA_BLOCK {
+            let neg = signs[i / 8] >> (i % 8) & 1 == 1;
+            bitdelta_one::<T>(neg, s, &base[i * T::N..], &mut out[i * T::N..]);
+        }
+        return;
+    }
+    T::narrow_block(&v, out);
+}
+
 fn decode_bitdelta_t<T: Float>(
     signs: &[u8],
     scales: &[f32],
@@ -1210,19 +1289,138 @@ fn decode_bitdelta_t<T: Float>(
 ) {
     let r0 = elems.start / cols;
     let byte0 = elems.start / 8;
+    let one = |i: usize, s: f32, out: &mut [u8]| {
+        let j = i - elems.start;
+        let neg = (signs[i / 8 - byte0] >> (i % 8)) & 1 == 1;
+        bitdelta_one::<T>(neg, s, &base[j * T::N..], &mut out[j * T::N..]);
+    };
     let mut i = elems.start;
     while i < elems.end {
         let r = i / cols;
         let seg_end = ((r + 1) * cols).min(elems.end);
         let s = scales[r - r0];
-        for i in i..seg_end {
-            let j = i - elems.start;
-            let neg = (signs[i / 8 - byte0] >> (i % 8)) & 1 == 1;
-            let v = T::get(&base[j * T::N..]) + if neg { -s } else { s };
-            T::put(v, &mut out[j * T::N..]);
+        // Up to a byte boundary, then whole blocks, then the rest of the row.
+        let head_end = i.next_multiple_of(8).min(seg_end);
+        (i..head_end).for_each(|i| one(i, s, out));
+        i = head_end;
+        while i + BITDELTA_BLOCK <= seg_end {
+            let j = (i - elems.start) * T::N;
+            let b = i / 8 - byte0;
+            bitdelta_block::<T>(&signs[b..b + 8], s, &base[j..], &mut out[j..]);
+            i += BITDELTA_BLOCK;
         }
+        (i..seg_end).for_each(|i| one(i, s, out));
         i = seg_end;
     }
+}
+
+/// [`decode_bitdelta_t`] compiled for AVX2 (8 lanes instead of SSE2's 4), picked at run time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_bitdelta_avx2<T: Float>(
+    signs: &[u8],
+    scales: &[f32],
+    base: &[u8],
+    cols: usize,
+    elems: Range<usize>,
+    out: &mut [u8],
+) {
+    decode_bitdelta_t::<T>(signs, scales, base, cols, elems, out)
+}
+
+/// Decode `elems` on this thread, with AVX2 where the CPU has it.
+fn decode_bitdelta_serial<T: Float>(
+    signs: &[u8],
+    scales: &[f32],
+    base: &[u8],
+    cols: usize,
+    elems: Range<usize>,
+    out: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the function only requires AVX2, just checked.
+        return unsafe { decode_bitdelta_avx2::<T>(signs, scales, base, cols, elems, out) };
+    }
+    decode_bitdelta_t::<T>(signs, scales, base, cols, elems, out)
+}
+
+/// Decode `elems`, split into pieces of whole sign bytes across the rayon pool when it is large
+/// (a read of one 2 MiB chunk on the FUSE path is then decoded on every core).
+fn decode_bitdelta_par<T: Float>(
+    signs: &[u8],
+    scales: &[f32],
+    base: &[u8],
+    cols: usize,
+    elems: Range<usize>,
+    out: &mut [u8],
+) {
+    if elems.len() < 2 * BITDELTA_PAR_MIN {
+        return decode_bitdelta_serial::<T>(signs, scales, base, cols, elems, out);
+    }
+    let (r0, byte0) = (elems.start / cols, elems.start / 8);
+    // Piece boundaries at multiples of 8 elements: no sign byte is shared by two pieces' ends
+    // except through the first (unaligned) piece, and pieces only read the signs.
+    let first_end = (elems.start + BITDELTA_PAR_MIN).next_multiple_of(8);
+    let mut cuts = vec![elems.start];
+    let mut at = first_end;
+    while at < elems.end {
+        cuts.push(at);
+        at += BITDELTA_PAR_MIN;
+    }
+    cuts.push(elems.end);
+    let mut outs = Vec::with_capacity(cuts.len() - 1);
+    let mut rest = out;
+    for w in cuts.windows(2) {
+        let (piece, tail) = rest.split_at_mut((w[1] - w[0]) * T::N);
+        outs.push((w[0]..w[1], piece));
+        rest = tail;
+    }
+    outs.into_par_iter().for_each(|(sub, out)| {
+        let rows = bitdelta_rows(cols, &sub);
+        let bytes = bitdelta_sign_bytes(&sub);
+        let b = (sub.start - elems.start) * T::N..(sub.end - elems.start) * T::N;
+        decode_bitdelta_serial::<T>(
+            &signs[bytes.start - byte0..bytes.end - byte0],
+            &scales[rows.start - r0..rows.end - r0],
+            &base[b],
+            cols,
+            sub,
+            out,
+        );
+    });
+}
+
+/// The pre-block decoder, kept for the tests that hold the fast one to it element by element.
+#[cfg(test)]
+fn decode_bitdelta_reference(
+    signs: &[u8],
+    scales: &[f32],
+    base: &[u8],
+    dtype: Dtype,
+    cols: usize,
+    elems: Range<usize>,
+    out: &mut [u8],
+) {
+    fn each<T: Float>(
+        signs: &[u8],
+        scales: &[f32],
+        base: &[u8],
+        cols: usize,
+        elems: Range<usize>,
+        out: &mut [u8],
+    ) {
+        let (r0, byte0) = (elems.start / cols, elems.start / 8);
+        for i in elems.clone() {
+            let j = i - elems.start;
+            let neg = (signs[i / 8 - byte0] >> (i % 8)) & 1 == 1;
+            bitdelta_one::<T>(neg, scales[i / cols - r0], &base[j * T::N..], &mut out[j * T::N..]);
+        }
+    }
+    if elems.is_empty() {
+        return;
+    }
+    with_float!(dtype, T => each::<T>(signs, scales, base, cols, elems, out))
 }
 
 /// Decode elements `elems` (row-major element indices) of a BitDelta delta of a tensor with
@@ -1258,7 +1456,7 @@ pub fn decode_bitdelta_range(
     if elems.is_empty() {
         return;
     }
-    with_float!(dtype, T => decode_bitdelta_t::<T>(signs, scales, base, cols, elems, out))
+    with_float!(dtype, T => decode_bitdelta_par::<T>(signs, scales, base, cols, elems, out))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::{Fs, FsError, FsResult, Node, Target};
-use crate::cache::disk::{Cached, DiskCache, Key, KeyBuilder};
+use crate::cache::disk::{Cached, DiskCache, Key, KeyBuilder, Leaf};
 use crate::cache::with_scratch;
 use crate::variant::{Content, ReadError, SourceFile, SynthFile, VFile};
 
@@ -124,12 +124,40 @@ impl Fs {
         let disk = disk.clone();
         std::thread::spawn(move || {
             for (key, vfile, synth, label) in todo {
-                if let Err(e) = decode_into_cache(&disk, &key, &vfile, &synth, &label) {
+                let decode = || decode_into_cache(&disk, &key, &vfile, &synth, &label);
+                let done = match ahead_pool() {
+                    Some(pool) => pool.install(decode),
+                    None => decode(),
+                };
+                if let Err(e) = done {
                     tracing::warn!("disk cache: decoding {label} ahead: {e}");
                 }
             }
         });
     }
+}
+
+/// The threads that decode files ahead of the reader. Not the global pool: every open runs a
+/// short parallel job there (the sampled check of its sources), and a job sent to a busy rayon
+/// pool from outside waits until the workers' own queues are empty, so an open behind a sibling's
+/// decode waited for all of it (measured: `load_file`'s open of the shard just decoded took as
+/// long as the next shard's whole decode, 0.17 s of a 0.43 s first load on 2 cores). The cores
+/// are shared with the global pool by the kernel's scheduler instead. None (logged) when its
+/// threads cannot be started: the global pool then decodes ahead, as before.
+fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("llmfs-ahead-{i}"))
+            .panic_handler(|panic| {
+                tracing::error!("a task decoding ahead: {}", super::panic_message(&*panic))
+            })
+            .build()
+            .map_err(|e| tracing::warn!("no threads of their own for decoding ahead ({e}): the pool's"))
+            .ok()
+    })
+    .as_ref()
 }
 
 /// The cached copy of `vfile`, decoding it if needed; and whether this call decoded it.
@@ -151,9 +179,22 @@ fn decode_into_cache(
 /// Write all of `synth` into `out` (of its length): the header, then every tensor in pieces of
 /// [`PIECE`] bytes decoded in parallel, each written at its offset as soon as it is done. The
 /// file's blocks are reserved first (fallocate), so a full disk fails the fill at once rather
-/// than midway. (Writing through a shared mapping instead, piece by piece, measured 3x slower
-/// on 16 cores: every mmap and munmap waits for all page faults in flight.)
-pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
+/// than midway.
+///
+/// With cores to spare ([`HASH_IN_FILL_MIN_THREADS`]) each piece is also hashed here, while it
+/// is hot in the cache, as a [`Leaf`] of the cache's content hash, so the commit need not read
+/// the file back. With few cores the commit does it instead, after the fill, at the lowest
+/// priority: the fill is on the loader's critical path and the cores are all busy during it,
+/// while the commit runs in the idle tail of the load (the loader reading the last file alone).
+///
+/// Measured and not kept (issue 13): writing through one shared mapping of the file instead of
+/// `pwrite`. Buffered writes to one file serialize on its inode lock (`scripts/fill_bench.c` on
+/// the lent 16-core host: 4.7 GB/s with 16 writers of a generated pattern, against 13 GB/s
+/// through a mapping), but a real fill ran at the same 3.2-4.8 GB/s either way there (the limit
+/// is elsewhere), and on 2 cores the mapping's page faults, which zero each page before it is
+/// written, made fills about 2x slower. (Mapping each piece on its own was 3x slower still:
+/// every mmap and munmap waits for all page faults in flight.)
+pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>, ReadError> {
     use std::os::fd::AsRawFd;
     let len = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
     // SAFETY: fallocate on a descriptor we own.
@@ -164,7 +205,21 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadE
             return Err(cache_io(e));
         }
     }
-    write_by_pwrite(synth, out)
+    write_by_pwrite(synth, out, hash_in_fill())
+}
+
+/// Pool threads from which a fill hashes its own pieces (see [`write_decoded`]).
+const HASH_IN_FILL_MIN_THREADS: usize = 8;
+
+/// Whether fills hash their pieces: by the pool's size, or `LLMFS_HASH_IN_FILL=1`/`0` (so the
+/// tests can run both ways on any machine).
+fn hash_in_fill() -> bool {
+    static HASH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| match std::env::var("LLMFS_HASH_IN_FILL").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => rayon::current_num_threads() >= HASH_IN_FILL_MIN_THREADS,
+    })
 }
 
 /// (tensor index, first element, end element) of every piece of `synth`'s tensors.
@@ -187,14 +242,24 @@ fn cache_io(e: std::io::Error) -> ReadError {
     ReadError::Io { path: "the disk cache".into(), reason: e.to_string() }
 }
 
-fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
+fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File, hash: bool) -> Result<Vec<Leaf>, ReadError> {
     out.write_all_at(&synth.header, 0).map_err(cache_io)?;
-    pieces(synth).into_par_iter().try_for_each(|(i, from, to)| {
-        let t = &synth.tensors[i];
-        let esize = t.source.dtype().size() as u64;
-        with_scratch(((to - from) * esize) as usize, |buf| {
-            super::read::decode_elements(t, from as usize..to as usize, buf)?;
-            out.write_all_at(buf, t.start + from * esize).map_err(cache_io)
+    let leaves: Vec<Option<Leaf>> = pieces(synth)
+        .into_par_iter()
+        .map(|(i, from, to)| {
+            let t = &synth.tensors[i];
+            let esize = t.source.dtype().size() as u64;
+            with_scratch(((to - from) * esize) as usize, |buf| {
+                super::read::decode_elements(t, from as usize..to as usize, buf)?;
+                let at = t.start + from * esize;
+                out.write_all_at(buf, at).map_err(cache_io)?;
+                Ok(hash.then(|| Leaf::of(at, buf)))
+            })
         })
-    })
+        .collect::<Result<_, ReadError>>()?;
+    let mut leaves: Vec<Leaf> = leaves.into_iter().flatten().collect();
+    if hash {
+        leaves.push(Leaf::of(0, &synth.header));
+    }
+    Ok(leaves)
 }

@@ -538,3 +538,81 @@ fn lossy_pair(seed: u64, n: usize, dtype: Dtype, k: f32) -> (Vec<u8>, Vec<u8>) {
     }
     (base, target)
 }
+
+/// The vectorized bitdelta decoder against the element-by-element one it replaced, on random
+/// bytes (any bit pattern: NaNs, infinities, subnormals in the base; NaN, infinite, subnormal,
+/// negative and zero scales), row lengths around the 64-element block, and random sub-ranges
+/// (unaligned starts and ends, ranges large enough to be split across the pool): every output
+/// element must have the same bits, but for NaNs, which must be NaN in both (a NaN's sign and
+/// payload are not defined here: the compiler may turn `b + -s` into `b - s`, which gives the
+/// NaN another sign, and did so in one of two inlined copies of the same scalar code).
+#[test]
+fn bitdelta_fast_decode_is_bit_exact_with_the_scalar_one() {
+    let mut rng = crate::demo::SplitMix64(0xB17D);
+    let shapes = [(3, 1), (5, 63), (4, 64), (3, 65), (7, 129), (2, 1000), (600, 1024), (1, (1 << 19) + 77)];
+    for dtype in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+        let e = dtype.size();
+        for (case, &(rows, cols)) in shapes.iter().enumerate() {
+            let n = rows * cols;
+            let mut base = vec![0u8; n * e];
+            base.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
+            // Mostly ordinary values, a few special ones, so that most blocks take the fast path.
+            let special = |r: u64| match r % 8 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -0.0,
+                3 => 1e-40,
+                4 => 0.0,
+                _ => -1e3,
+            };
+            if case % 2 == 0 {
+                for i in 0..n {
+                    let r = rng.next_u64();
+                    let v = if r % 97 == 0 { special(r >> 8) } else { rng.normal() };
+                    put(dtype, v, &mut base[i * e..]);
+                }
+            }
+            let mut signs = vec![0u8; n.div_ceil(8)];
+            signs.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
+            let scales: Vec<f32> = (0..rows)
+                .map(|_| {
+                    let r = rng.next_u64();
+                    if r % 5 == 0 {
+                        special(r >> 8)
+                    } else {
+                        f32::from_bits(r as u32 & 0x3FFF_FFFF) * 1e-3
+                    }
+                })
+                .collect();
+            let mut ranges = Vec::with_capacity(7);
+            ranges.push(0..n);
+            for _ in 0..6 {
+                let (a, b) = (rng.next_u64() as usize % (n + 1), rng.next_u64() as usize % (n + 1));
+                ranges.push(a.min(b)..a.max(b));
+            }
+            for er in ranges {
+                let args = (
+                    &signs[bitdelta_sign_bytes(&er)],
+                    &scales[bitdelta_rows(cols, &er)],
+                    &base[er.start * e..er.end * e],
+                );
+                let mut fast = vec![0xAAu8; er.len() * e];
+                let mut slow = vec![0x55u8; er.len() * e];
+                decode_bitdelta_range(args.0, args.1, args.2, dtype, cols, er.clone(), &mut fast);
+                decode_bitdelta_reference(args.0, args.1, args.2, dtype, cols, er.clone(), &mut slow);
+                let differs = |i: usize| {
+                    let (f, s) = (&fast[i * e..(i + 1) * e], &slow[i * e..(i + 1) * e]);
+                    f != s && !(get(dtype, f).is_nan() && get(dtype, s).is_nan())
+                };
+                if let Some(i) = (0..er.len()).find(|&i| differs(i)) {
+                    panic!(
+                        "{dtype} {rows}x{cols} elems {er:?}: element {} is {:02x?}, the scalar decoder gives {:02x?}",
+                        er.start + i,
+                        &fast[i * e..(i + 1) * e],
+                        &slow[i * e..(i + 1) * e]
+                    );
+                }
+            }
+        }
+    }
+}

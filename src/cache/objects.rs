@@ -36,7 +36,7 @@ impl ObjectFiles for CachedObjects {
         let key = KeyBuilder::new("object").part(address.as_bytes()).part(etag.as_bytes()).finish();
         let (store, store_key) = self.fetched.resolve(object)?;
         let cached = self.disk.get_or_fill(&key, size, &address, |f| {
-            store.fetch_into(&store_key, etag, size, f).map_err(|e| e.to_string())
+            store.fetch_into(&store_key, etag, size, f).map(|()| vec![]).map_err(|e| e.to_string())
         })?;
         match cached {
             Some(c) => c.file.try_clone().map_err(|e| e.to_string()),

@@ -115,8 +115,9 @@ impl SourceFile {
         };
         let size = self.fingerprint.size;
         let etag = self.fingerprint.etag.as_deref().unwrap_or_default();
-        let get =
-            |r: Range<u64>| objects.read_range(object, etag, r).map_err(|e| wrap(io::Error::other(e).into()));
+        let get = |r: Range<u64>| {
+            objects.read_range(object, etag, size, r).map_err(|e| wrap(io::Error::other(e).into()))
+        };
         if size < 8 {
             return Err(wrap(format::HeaderError::TooShort(size)));
         }

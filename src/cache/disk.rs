@@ -376,6 +376,15 @@ impl DiskCache {
         }
     }
 
+    /// The committed entry for `key` (of `len` bytes) if there is one and it passes its check;
+    /// nothing is filled.
+    pub fn get(&self, key: &Key, len: u64) -> Option<Arc<Cached>> {
+        let meta = self.lock().entries.get(key).cloned()?;
+        let cached = self.check(key, &meta, len).ok()?;
+        self.touch(key);
+        Some(Arc::new(cached))
+    }
+
     /// A hit, or a fill with the file and temporary path to commit.
     #[allow(clippy::type_complexity)]
     fn resolve_inner(

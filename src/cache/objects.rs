@@ -8,7 +8,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::disk::{DiskCache, KeyBuilder};
+use super::disk::{DiskCache, Key, KeyBuilder};
 use crate::store::{Fetched, ObjectFiles};
 
 pub struct CachedObjects {
@@ -22,9 +22,25 @@ impl CachedObjects {
     }
 }
 
+impl CachedObjects {
+    /// The disk cache's key of an object's bytes at `etag`.
+    fn key(&self, object: &str, etag: &str) -> Key {
+        KeyBuilder::new("object").part(self.fetched.address(object).as_bytes()).part(etag.as_bytes()).finish()
+    }
+}
+
 impl ObjectFiles for CachedObjects {
-    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String> {
-        self.fetched.read_range(object, etag, range)
+    /// From the cached copy when there is one (a remount builds its views from local headers,
+    /// not a GET or two per file), else from the store.
+    fn read_range(&self, object: &str, etag: &str, size: u64, range: Range<u64>) -> Result<Vec<u8>, String> {
+        if let Some(cached) = self.disk.get(&self.key(object, etag), size) {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; range.end.saturating_sub(range.start) as usize];
+            if range.end <= size && cached.file.read_exact_at(&mut buf, range.start).is_ok() {
+                return Ok(buf);
+            }
+        }
+        self.fetched.read_range(object, etag, size, range)
     }
 
     fn etag(&self, object: &str) -> Result<String, String> {
@@ -33,7 +49,7 @@ impl ObjectFiles for CachedObjects {
 
     fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String> {
         let address = self.fetched.address(object);
-        let key = KeyBuilder::new("object").part(address.as_bytes()).part(etag.as_bytes()).finish();
+        let key = self.key(object, etag);
         let (store, store_key) = self.fetched.resolve(object)?;
         let cached = self.disk.get_or_fill(&key, size, &address, |f| {
             store.fetch_into(&store_key, etag, size, f).map(|()| vec![]).map_err(|e| e.to_string())

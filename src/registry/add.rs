@@ -202,7 +202,9 @@ pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> R
         let file = fs::File::create(&path).map_err(io_err(&path))?;
         file.set_len(meta.size).map_err(io_err(&path))?;
         let object = record.object.as_deref().expect("set above");
-        let get = |r: std::ops::Range<u64>| objects.read_range(object, &meta.etag, r).map_err(Error::Invalid);
+        let get = |r: std::ops::Range<u64>| {
+            objects.read_range(object, &meta.etag, meta.size, r).map_err(Error::Invalid)
+        };
         let head = match record.role {
             // The 8-byte length and the JSON header (scan_model_dir checks them strictly).
             FileRole::Weights if meta.size >= 8 => {

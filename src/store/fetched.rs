@@ -22,8 +22,9 @@ use crate::store;
 /// Access to the objects of a store: what a `source::SourceFile` of an object-store file reads
 /// through. Object names are keys of the registry's store, or `s3://BUCKET/KEY` addresses.
 pub trait ObjectFiles: Send + Sync {
-    /// Bytes `range` of the object as it was at `etag` (an error if it changed since).
-    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String>;
+    /// Bytes `range` of the object (of `size` bytes) as it was at `etag` (an error if it
+    /// changed since).
+    fn read_range(&self, object: &str, etag: &str, size: u64, range: Range<u64>) -> Result<Vec<u8>, String>;
     /// The object's etag now.
     fn etag(&self, object: &str) -> Result<String, String>;
     /// A local file holding exactly the `size` bytes of the object at `etag`, fetched on first
@@ -115,7 +116,7 @@ fn msg(e: StoreError) -> String {
 }
 
 impl ObjectFiles for Fetched {
-    fn read_range(&self, object: &str, etag: &str, range: Range<u64>) -> Result<Vec<u8>, String> {
+    fn read_range(&self, object: &str, etag: &str, _size: u64, range: Range<u64>) -> Result<Vec<u8>, String> {
         let (store, key) = self.resolve(object)?;
         store.get_range_at(&key, range, Some(etag)).map(|b| b.to_vec()).map_err(msg)
     }

@@ -180,6 +180,7 @@ impl Fx {
     fn check_ok(&self) {
         let f = self.check();
         assert!(f.status.success(), "llmfs check failed:\n{}\n{}", f.stdout, f.stderr);
+        self.ts.assert_no_garbage("after a passing check");
     }
 
     /// `name`, written through `MOUNT/<base>/deltas/`, reads back as `want` from both places in

@@ -392,6 +392,15 @@ impl TestStore {
         }
     }
 
+    /// `llmfs gc --dry-run --min-age 0` finds nothing: no object (S3), directory or file
+    /// (locally) that no entry references, i.e. no write, rename or removal leaked storage.
+    #[track_caller]
+    pub fn assert_no_garbage(&self, context: &str) {
+        let out = self.ok(["gc", "--dry-run", "--min-age", "0"]);
+        let garbage: Vec<&str> = out.lines().filter(|l| l.starts_with("would remove")).collect();
+        assert!(garbage.is_empty(), "{context}: unreferenced storage left:\n{out}");
+    }
+
     /// The stored size of file `file` of entry `name` (None: not stored).
     pub fn stored_size(&self, name: &str, file: &str) -> Option<u64> {
         self.stored_files(name).get(file).copied()

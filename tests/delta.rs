@@ -59,6 +59,9 @@ struct Fx {
     ts: TestStore,
     base: PathBuf,
     mounts: std::cell::Cell<usize>,
+    /// `--disk-cache DIR` for every mount (S3 full-disk tests: the objects a mount reads go
+    /// there, off the full disk that holds the node's staging).
+    disk_cache: Option<PathBuf>,
 }
 
 impl Fx {
@@ -70,7 +73,7 @@ impl Fx {
         let ts = TestStore::new();
         let base = ts.path("base-model");
         common::write_model(&base, spec);
-        let fx = Fx { ts, base, mounts: Default::default() };
+        let fx = Fx { ts, base, mounts: Default::default(), disk_cache: None };
         fx.ok(&[os("add"), os("base"), os(&fx.base)]);
         fx
     }
@@ -122,7 +125,9 @@ impl Fx {
     fn mount(&self) -> MountGuard {
         let n = self.mounts.get();
         self.mounts.set(n + 1);
-        MountGuard::new(&self.ts, &self.root().join(format!("mnt{n}")), &[])
+        let cache = self.disk_cache.as_ref().map(|d| d.to_str().expect("a UTF-8 path"));
+        let extra: Vec<&str> = cache.into_iter().flat_map(|d| ["--disk-cache", d]).collect();
+        MountGuard::new(&self.ts, &self.root().join(format!("mnt{n}")), &extra)
     }
 
     fn info(&self, name: &str) -> Value {
@@ -133,9 +138,11 @@ impl Fx {
         self.ts.json(["ls", "--json"]).as_array().expect("ls --json is a list").clone()
     }
 
+    #[track_caller]
     fn check_ok(&self) {
         let f = self.ts.run_full(["check"]);
         assert!(f.status.success(), "llmfs check failed:\n{}\n{}", f.stdout, f.stderr);
+        self.ts.assert_no_garbage("after a passing check");
     }
 
     fn tmp_listing(&self) -> BTreeSet<String> {
@@ -487,7 +494,9 @@ fn structural_target(fx: &Fx, ft: &Path, rel: &str) -> PathBuf {
 
 /// The `llmfs.based` list of a container in STORE/models/NAME/.
 fn based_of(fx: &Fx, name: &str, file: &str) -> BTreeSet<String> {
-    let h = format::read_header_path(&fx.ts.store.join("models").join(name).join(file)).unwrap();
+    let copy = fx.ts.path(format!("based-{name}-{file}"));
+    fs::write(&copy, fx.ts.stored_file(name, file)).unwrap();
+    let h = format::read_header_path(&copy).unwrap();
     let based = h
         .metadata
         .get("llmfs.based")
@@ -836,7 +845,7 @@ fn cp_r_into_deltas_stores_a_delta_then_rm_removes_it() {
         !files.contains(&"generation_config.json".to_string()) && files.len() == want.len() - 1,
         "{files:?}"
     );
-    assert!(!fx.ts.store.join("models/new/generation_config.json").exists());
+    assert!(fx.ts.stored_size("new", "generation_config.json").is_none(), "{:?}", fx.ts.stored_files("new"));
     let left = read_files(&m.path().join("new"));
     let mut want_left = want.clone();
     want_left.remove("generation_config.json");
@@ -852,7 +861,11 @@ fn cp_r_into_deltas_stores_a_delta_then_rm_removes_it() {
     let rm = run_command(cmd, OP);
     assert!(rm.status.success(), "rm -r: {}", rm.stderr);
     assert!(fx.ls().iter().all(|e| e["name"] != "new"), "new still listed after rm -r");
-    assert!(!fx.ts.store.join("models/new").exists(), "STORE/models/new left behind");
+    assert!(
+        fx.ts.stored_files("new").is_empty(),
+        "STORE/models/new left behind: {:?}",
+        fx.ts.stored_files("new")
+    );
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp: {:?}", fx.tmp_listing());
     assert!(
         wait_until(Duration::from_secs(5), || exists_errno(&m.path().join("new")) == Some(libc::ENOENT)),
@@ -1233,6 +1246,10 @@ fn check_after_enospc(fx: &Fx, m: &MountGuard, want: &Wanted) {
 /// A store on a 12 MiB tmpfs with `base` (~11 MB in two shards, added in place, so outside the
 /// tmpfs), an f32 cast of it, and a ~22 MB fine-tune. Returns the tmpfs guard first: keep it
 /// declared before the fixture so it is unmounted after the mount, before the temp dirs go.
+///
+/// S3: the node directory (the staging of `deltas/` writes) is what is on the tmpfs, from the
+/// first mount on (add, cast and the export of `want` fetch and upload through a node directory
+/// on the ordinary disk), and the mounts' disk cache (where the objects read go) is off it.
 fn full_disk_fixture() -> (tempfile::TempDir, TmpfsGuard, Fx, PathBuf, Wanted) {
     let disk_dir = tempfile::Builder::new().prefix("llmfs-tmpfs-").tempdir().unwrap();
     let tmpfs = TmpfsGuard::new(disk_dir.path(), "12m");
@@ -1242,11 +1259,19 @@ fn full_disk_fixture() -> (tempfile::TempDir, TmpfsGuard, Fx, PathBuf, Wanted) {
     let ft = ts.path("ft");
     demo::write_finetune(&base, &ft, 0.01, 14).unwrap();
     assert!(dir_size(&ft) > 20 << 20, "target of {} bytes", dir_size(&ft));
-    ts.store = disk_dir.path().join("store");
-    let fx = Fx { ts, base, mounts: Default::default() };
+    let full = disk_dir.path().join("store");
+    if !ts.is_s3() {
+        ts.store = full.clone();
+    }
+    let mut fx = Fx { ts, base, mounts: Default::default(), disk_cache: None };
     fx.ok(&[os("add"), os("base"), os(&fx.base)]);
     fx.ok(&[os("cast"), os("f32"), os("--base"), os("base"), os("--dtype"), os("f32")]);
     let want = Wanted { base: files_of(&fx.base), f32: files_of(&fx.export("f32")), ft: files_of(&ft) };
+    if fx.ts.is_s3() {
+        fx.disk_cache = Some(fx.ts.path("disk-cache"));
+        fx.ts.command_node = Some(fx.ts.store.clone());
+        fx.ts.store = full;
+    }
     (disk_dir, tmpfs, fx, ft, want)
 }
 
@@ -1293,13 +1318,7 @@ fn full_disk_fails_the_copy_and_leaves_no_half_entry() {
     // A daemon restart sweeps the staging the old one left.
     let m = fx.mount();
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp after a daemon restart: {:?}", fx.tmp_listing());
-    for dir in names_in(&fx.ts.store.join("models")) {
-        let left: Vec<_> = names_in(&fx.ts.store.join("models").join(&dir))
-            .into_iter()
-            .filter(|n| n.starts_with('.'))
-            .collect();
-        assert!(left.is_empty(), "STORE/models/{dir}: {left:?}");
-    }
+    assert_no_dot_files_in_models(&fx);
     check_after_enospc(&fx, &m, &want);
     // What could not be stored is listed unfinished: check refuses the entry until it is
     // written again or removed.
@@ -1310,7 +1329,11 @@ fn full_disk_fails_the_copy_and_leaves_no_half_entry() {
     assert!(rm.status.success(), "rm -r: {}", rm.stderr);
     fx.check_ok();
     assert!(fx.ls().iter().all(|e| e["name"] != "new"), "new still listed after rm -r");
-    assert!(!fx.ts.store.join("models/new").exists(), "STORE/models/new after rm -r");
+    assert!(
+        fx.ts.stored_files("new").is_empty(),
+        "STORE/models/new after rm -r: {:?}",
+        fx.ts.stored_files("new")
+    );
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp: {:?}", fx.tmp_listing());
     let small = fx.ts.path("small");
     fs::create_dir_all(&small).unwrap();
@@ -1402,9 +1425,9 @@ fn rm_r_after_a_full_disk_cleans_the_staging() {
     assert!(fx.ls().iter().all(|e| e["name"] != "new"), "new still listed after rm -r");
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp after rm -r: {:?}", fx.tmp_listing());
     assert!(
-        !fx.ts.store.join("models/new").exists(),
+        fx.ts.stored_files("new").is_empty(),
         "STORE/models/new after rm -r: {:?}",
-        names_in(&fx.ts.store.join("models/new"))
+        fx.ts.stored_files("new")
     );
     check_after_enospc(&fx, &m, &want);
 }
@@ -1430,10 +1453,8 @@ fn kill_9_mid_write_leaves_no_staging_and_no_half_entry() {
     let mut cp = ChildGuard(Some(cmd.spawn().unwrap()));
     // Kill when a file is stored and another is being written (the registry lists it as
     // unfinished), or at the latest when cp ends.
-    let registry = fx.ts.registry_path();
     let mid_copy = || {
-        let r: Value =
-            fs::read(&registry).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let r = fx.ts.registry_json();
         r["entries"]["new"]["files"].as_array().is_some_and(|f| !f.is_empty())
             && r["unfinished"]["new"]["files"].as_array().is_some_and(|f| !f.is_empty())
     };
@@ -1462,13 +1483,7 @@ fn kill_9_mid_write_leaves_no_staging_and_no_half_entry() {
     drop(m);
     let m = MountGuard::new(&fx.ts, &mp, &[]);
     assert!(fx.tmp_listing().is_empty(), "STORE/tmp after a restart: {:?}", fx.tmp_listing());
-    for dir in names_in(&fx.ts.store.join("models")) {
-        let left: Vec<_> = names_in(&fx.ts.store.join("models").join(&dir))
-            .into_iter()
-            .filter(|n| n.starts_with('.'))
-            .collect();
-        assert!(left.is_empty(), "STORE/models/{dir}: {left:?}");
-    }
+    assert_no_dot_files_in_models(&fx);
     let listed: Vec<String> = fx.info("new")["files"]
         .as_array()
         .unwrap()
@@ -1558,7 +1573,23 @@ fn deltas_over_a_cast_and_over_a_delta() {
 
 /// The containers of entry `name` in the store, by file.
 fn containers_of(fx: &Fx, name: &str) -> BTreeMap<String, Vec<u8>> {
-    files_of(&fx.ts.store.join("models").join(name))
+    fx.ts.stored_contents(name)
+}
+
+/// No half-written files (dot files) left in the entries' directories of a local store. An
+/// object store has no such files: what is written is staged in the node's tmp/ (checked by the
+/// callers) and uploaded whole.
+fn assert_no_dot_files_in_models(fx: &Fx) {
+    if fx.ts.is_s3() {
+        return;
+    }
+    for dir in names_in(&fx.ts.store.join("models")) {
+        let left: Vec<_> = names_in(&fx.ts.store.join("models").join(&dir))
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "STORE/models/{dir}: {left:?}");
+    }
 }
 
 /// Files written into `deltas/` are coded while they are written (`delta::stream`) when their
@@ -1653,5 +1684,41 @@ fn streamed_writes_store_what_delta_make_stores() {
     }
     assert_same_files(&files_of(&fx.export("rew")), &mixed, "export of rew");
     assert!(fx.tmp_listing().is_empty(), "staging left behind: {:?}", fx.tmp_listing());
+    fx.check_ok();
+}
+
+/// truncate(2) of a stored file right after a close() of it (whose RELEASE the kernel sends
+/// asynchronously, so the file may still be staged for that closing descriptor): the new size
+/// is what stat answers at once and what is stored. It used to be lost now and then (the staged
+/// copy it was set on went with the release: stat said 0, then the old bytes came back), and
+/// stat answered the old size for the attribute timeout.
+#[test]
+fn truncate_right_after_a_close_keeps_the_new_size() {
+    let fx = Fx::new();
+    let m = fx.mount();
+    let d = m.path().join("base/deltas/new");
+    fs::create_dir(&d).unwrap();
+    let d2 = d.clone();
+    let got = with_deadline("truncate after close", OP, move || {
+        (0..10)
+            .map(|i| {
+                let p = d2.join(format!("notes{i}.txt"));
+                fs::write(&p, b"second!").unwrap();
+                // An open for writing that changes nothing but the time (its close stores).
+                File::options().write(true).open(&p).unwrap().set_modified(std::time::UNIX_EPOCH).unwrap();
+                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: truncate(2) reads a NUL-terminated path.
+                assert_eq!(unsafe { libc::truncate(c.as_ptr(), 2) }, 0);
+                (fs::metadata(&p).unwrap().len(), fs::read(&p).unwrap())
+            })
+            .collect::<Vec<_>>()
+    });
+    for (i, (size, bytes)) in got.iter().enumerate() {
+        assert_eq!((*size, bytes.as_slice()), (2, &b"se"[..]), "notes{i}.txt right after truncate");
+    }
+    let exported = files_of(&fx.export("new"));
+    for i in 0..10 {
+        assert_eq!(exported[&format!("notes{i}.txt")], b"se", "exported notes{i}.txt");
+    }
     fx.check_ok();
 }

@@ -890,7 +890,11 @@ impl Fs {
         let Node::DeltaFile { entry, name, file, .. } = &node else {
             return Err(FsError::new(libc::EROFS));
         };
-        let Some(path) = self.staging.staged_path(entry, name, file) else {
+        // truncate(2) without a handle opens the file as a writer would, also when it is staged:
+        // a staged file whose last writer is being released (RELEASE is asynchronous to close)
+        // goes, and a size set on it alone was lost.
+        let staged = if through_handle { self.staging.staged_path(entry, name, file) } else { None };
+        let Some(path) = staged else {
             let opened = self.open(ino, true, size == 0)?;
             let mut result = Ok(());
             if size != 0 {
@@ -899,6 +903,8 @@ impl Fs {
             let result = result.and_then(|()| self.flush(opened.fh));
             self.release(opened.fh);
             result?;
+            // The size as stored now, not as the catalog had it before this store.
+            self.refresh();
             return self.attr_of(ino, &node);
         };
         let f =

@@ -816,10 +816,13 @@ impl Staging {
         // Stored files: records and containers.
         let mut moves: Vec<(PathBuf, PathBuf)> = vec![];
         let mut moving_records: Vec<String> = vec![];
+        // The objects of a stored file the rename replaces: no record names them after it.
+        let mut replaced: Vec<String> = vec![];
         if let Some(files) = delta_files(&mut r, base, name) {
             let moving: Vec<String> =
                 files.iter().filter(|f| within(&f.name, from)).map(|f| f.name.clone()).collect();
             if !moving.is_empty() {
+                replaced.extend(files.iter().filter(|f| f.name == to).filter_map(|f| f.object.clone()));
                 files.retain(|f| f.name != to);
             }
             moving_records = moving;
@@ -865,6 +868,8 @@ impl Staging {
             }
             return Err(e);
         }
+        // Still under the lock, as in unlink.
+        store.delete_objects(replaced.iter().map(String::as_str));
         for (old, _) in &moves {
             // Leave no empty directories behind in the store.
             let mut p = old.parent();

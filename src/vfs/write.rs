@@ -735,6 +735,22 @@ impl Staging {
         Self::drop_if_idle(&mut sessions, base, name);
     }
 
+    /// Entry `name` was removed (by another process or node): its sessions with nothing staged
+    /// go, with the directories made in them, which would otherwise outlive the entry.
+    pub fn forget_entry(&self, name: &str) {
+        let mut sessions = self.lock();
+        let idle: Vec<_> = sessions
+            .iter()
+            .filter(|(k, s)| k.1 == name && s.staged.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in idle {
+            if let Some(s) = sessions.remove(&k) {
+                let _ = fs::remove_dir_all(s.dir);
+            }
+        }
+    }
+
     /// End a session with nothing staged and no directory of its own.
     fn drop_if_idle(sessions: &mut Sessions, base: &str, name: &str) {
         if sessions.get(&key(base, name)).is_some_and(|s| s.staged.is_empty() && s.dirs.is_empty()) {

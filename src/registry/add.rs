@@ -228,28 +228,37 @@ pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> R
         e => e,
     })?;
     let files = scanned.files.iter().filter_map(|(f, _)| records.remove(f)).collect();
-    let (family, chat_template, info) = describe(name, &scanned.dir, Path::new(&prefix), opts);
-    let entry = Entry {
-        kind: EntryKind::Base { dir: PathBuf::from(url), copied: false, files },
-        info,
-        family: family.name.to_owned(),
-        template: family.template.to_owned(),
-        chat_template,
-        created: super::now_secs(),
-        generation: super::new_generation(),
-    };
+    let described = describe(name, &scanned.dir, Path::new(&prefix), opts);
+    let entry = described.entry(EntryKind::Base { dir: PathBuf::from(url), copied: false, files });
     let entry = store.insert_uploading(name, &entry, None)?;
     Ok(Added { entry, notes: scanned.notes })
 }
 
+/// What a new base entry says of its model besides its files.
+struct Described {
+    family: adapter::Family,
+    chat_template: Option<String>,
+    info: ModelInfo,
+}
+
+impl Described {
+    /// The new entry, of `kind`.
+    fn entry(self, kind: EntryKind) -> Entry {
+        Entry {
+            kind,
+            info: self.info,
+            family: self.family.name.to_owned(),
+            template: self.family.template.to_owned(),
+            chat_template: self.chat_template,
+            created: super::now_secs(),
+            generation: super::new_generation(),
+        }
+    }
+}
+
 /// The family, chat template and ModelInfo of a model whose files are in `dir`, named `name`
 /// and found at `path` (FastChat matches the model path too).
-fn describe(
-    name: &str,
-    dir: &Path,
-    path: &Path,
-    opts: &AddOptions,
-) -> (adapter::Family, Option<String>, ModelInfo) {
+fn describe(name: &str, dir: &Path, path: &Path, opts: &AddOptions) -> Described {
     let config = read_json(&dir.join("config.json"));
     // FastChat matches the model path; the entry name is often more telling, so try it first.
     let mut family = adapter::detect(name, config.as_ref());
@@ -275,7 +284,7 @@ fn describe(
     if let Some(d) = &opts.description {
         info.description = d.clone();
     }
-    (family, chat_template, info)
+    Described { family, chat_template, info }
 }
 
 /// Everything after the scan: a file that vanishes from here on is an error, and nothing changes.
@@ -283,7 +292,7 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
     if store.load()?.entries.contains_key(name) {
         return Err(Error::Exists(name.to_owned()));
     }
-    let (family, chat_template, info) = describe(name, &scanned.dir, &scanned.dir, opts);
+    let described = describe(name, &scanned.dir, &scanned.dir, opts);
 
     // An object store gets the files uploaded from where they are (other nodes cannot read a
     // local path), so the entry is always a copy there.
@@ -309,15 +318,7 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
         })
         .collect::<Result<Vec<_>>>()?;
     let dir = if opts.copy && !remote { store.entry_dir(name) } else { scanned.dir.clone() };
-    let entry = Entry {
-        kind: EntryKind::Base { dir: dir.clone(), copied: opts.copy || remote, files },
-        info,
-        family: family.name.to_owned(),
-        template: family.template.to_owned(),
-        chat_template,
-        created: super::now_secs(),
-        generation: super::new_generation(),
-    };
+    let entry = described.entry(EntryKind::Base { dir: dir.clone(), copied: opts.copy || remote, files });
     let entry = match remote {
         true => store.insert_uploading(name, &entry, Some(&scanned.dir))?,
         false => store.insert_entry(name, &entry, staging)?,

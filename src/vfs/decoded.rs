@@ -47,7 +47,7 @@ impl Fs {
         }
         let Some(key) = self.decoded_key(entry, vfile, synth) else { return Ok(target) };
         let label = format!("{entry}/{file}");
-        match decode_into_cache(disk, &key, vfile, synth, &label) {
+        match decode_into_cache(disk, &key, vfile, synth, &label, None) {
             Ok(Some((cached, filled))) => {
                 if filled {
                     self.decode_siblings(disk, entry, &vfile.name);
@@ -124,11 +124,7 @@ impl Fs {
         let disk = disk.clone();
         std::thread::spawn(move || {
             for (key, vfile, synth, label) in todo {
-                let decode = || decode_into_cache(&disk, &key, &vfile, &synth, &label);
-                let done = match ahead_pool() {
-                    Some(pool) => pool.install(decode),
-                    None => decode(),
-                };
+                let done = decode_into_cache(&disk, &key, &vfile, &synth, &label, ahead_pool());
                 if let Err(e) = done {
                     tracing::warn!("disk cache: decoding {label} ahead: {e}");
                 }
@@ -161,17 +157,30 @@ fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
 }
 
 /// The cached copy of `vfile`, decoding it if needed; and whether this call decoded it.
+///
+/// The caller must not be a thread of a rayon pool, and the decode runs on `pool` (None: the
+/// global one). A fill holds its key's slot while its pieces run; a pool thread that led a fill
+/// would, while it waits for its pieces, steal other jobs of the pool, one of which may be the
+/// same file's fill (two opens each decoding their siblings ahead): a second entry into the
+/// slot from the thread that holds it, which waits for itself forever (seen in CI: a reader
+/// hung on a file being decoded ahead).
 fn decode_into_cache(
     disk: &Arc<DiskCache>,
     key: &Key,
     vfile: &VFile,
     synth: &SynthFile,
     label: &str,
+    pool: Option<&rayon::ThreadPool>,
 ) -> Result<Option<(Arc<Cached>, bool)>, String> {
+    debug_assert!(rayon::current_thread_index().is_none(), "a fill led from a pool thread");
     let mut filled = false;
     let cached = disk.get_or_fill(key, vfile.size, label, |f| {
         filled = true;
-        write_decoded(synth, f).map_err(|e| e.to_string())
+        let write = || write_decoded(synth, f).map_err(|e| e.to_string());
+        match pool {
+            Some(pool) => pool.install(write),
+            None => write(),
+        }
     })?;
     Ok(cached.map(|c| (c, filled)))
 }

@@ -337,6 +337,8 @@ impl DiskCache {
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
     ) -> Result<Option<Arc<Cached>>, String> {
         let slot = self.lock().slots.entry(*key).or_default().clone();
+        // Filled further up this thread's stack (see `Filling`): served without the cache.
+        let Some(_filling) = super::Filling::enter(&slot) else { return Ok(None) };
         let mut leader_committing = None;
         let result = slot
             .get_or_init(|| {

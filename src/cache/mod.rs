@@ -163,6 +163,43 @@ pub struct CacheStats {
     pub chunks: usize,
 }
 
+thread_local! {
+    /// The slots (by address) this thread is in the middle of filling or waiting on.
+    static FILLING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's mark on a single-flight slot while it fills it or waits for it. A rayon worker
+/// that fills a slot and waits for its own pieces runs other jobs of its pool meanwhile, and one
+/// of them can ask for that very slot: waiting on it then waits for itself forever (a reader hung
+/// in CI this way). [`Filling::enter`] says so instead, and the caller does without the slot.
+pub(crate) struct Filling(usize);
+
+impl Filling {
+    /// None when this thread is already filling `slot` further up its stack.
+    pub(crate) fn enter<T>(slot: &Arc<T>) -> Option<Filling> {
+        let id = Arc::as_ptr(slot) as *const () as usize;
+        FILLING.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.contains(&id) {
+                return None;
+            }
+            f.push(id);
+            Some(Filling(id))
+        })
+    }
+}
+
+impl Drop for Filling {
+    fn drop(&mut self) {
+        FILLING.with(|f| {
+            let mut f = f.borrow_mut();
+            if let Some(i) = f.iter().rposition(|x| *x == self.0) {
+                f.swap_remove(i);
+            }
+        })
+    }
+}
+
 impl<K: Hash + Eq + Clone, E: Clone> ChunkCache<K, E> {
     pub fn new(capacity_bytes: u64) -> Self {
         ChunkCache {
@@ -181,6 +218,11 @@ impl<K: Hash + Eq + Clone, E: Clone> ChunkCache<K, E> {
         decode: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<Arc<ChunkBuf>, E> {
         let slot = self.slot(&key, size);
+        let Some(_filling) = Filling::enter(&slot) else {
+            // This thread is decoding this very chunk further up its stack: a copy of its own.
+            let mut buf = ChunkBuf::for_decode(size as usize);
+            return decode(&mut buf).map(|()| Arc::new(buf));
+        };
         let result = slot
             .get_or_init(|| {
                 let mut buf = ChunkBuf::for_decode(size as usize);
@@ -263,6 +305,26 @@ pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_thread_asking_for_the_chunk_it_is_decoding_gets_a_copy_not_a_deadlock() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let cache: ChunkCache<u32, String> = ChunkCache::new(1 << 20);
+            let got = cache.get_or_decode(7, 4, |outer| {
+                // As a rayon worker would when it steals another reader's job for this chunk.
+                let inner = cache.get_or_decode(7, 4, |b| {
+                    b.copy_from_slice(b"abcd");
+                    Ok(())
+                })?;
+                outer.copy_from_slice(&inner[..]);
+                Ok(())
+            });
+            let _ = tx.send(got.map(|b| b.to_vec()));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("deadlocked on its own slot");
+        assert_eq!(got.unwrap(), b"abcd");
+    }
 
     #[test]
     fn stays_within_budget_and_evicts_least_recent() {

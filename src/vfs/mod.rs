@@ -258,6 +258,8 @@ struct Catalog {
     registry: Registry,
     /// Identity of registry.json when loaded (None: not there).
     loaded_mtime: Option<RegistryStamp>,
+    /// When `registry` was loaded.
+    loaded_at: std::time::Instant,
     views: HashMap<String, (u64, Arc<EntryView>)>,
 }
 
@@ -307,7 +309,12 @@ impl Fs {
         let loaded_mtime = registry_stamp(&store);
         Ok(Fs {
             store,
-            catalog: RwLock::new(Catalog { registry, loaded_mtime, views: HashMap::new() }),
+            catalog: RwLock::new(Catalog {
+                registry,
+                loaded_mtime,
+                loaded_at: std::time::Instant::now(),
+                views: HashMap::new(),
+            }),
             inodes: RwLock::new(Inodes::default()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -346,6 +353,8 @@ impl Fs {
         if catalog.loaded_mtime == mtime {
             return;
         }
+        // Sessions begun from here on saw the registry being loaded (see `forget_entry`).
+        let loading = std::time::Instant::now();
         match self.store.load() {
             Ok(registry) => {
                 tracing::info!(entries = registry.entries.len(), "registry reloaded");
@@ -377,7 +386,7 @@ impl Fs {
                     catalog.views.remove(name);
                 }
                 for name in gone.iter().filter(|n| !registry.entries.contains_key(*n)) {
-                    self.staging.forget_entry(name);
+                    self.staging.forget_entry(name, catalog.loaded_at);
                 }
                 if let Some(forget) = self.forget_name.get() {
                     // Gone entries, and changed ones (a delta stored again through deltas/ keeps
@@ -388,6 +397,7 @@ impl Fs {
                 }
                 catalog.registry = registry;
                 catalog.loaded_mtime = mtime;
+                catalog.loaded_at = loading;
             }
             Err(e) => tracing::error!("keeping the last good registry: {e}"),
         }

@@ -61,6 +61,8 @@ struct Session {
     /// The base's tensors, found once for the session's streams (None: not yet, or the base
     /// cannot be read now: files are then coded at close, which reports why).
     base: Option<Arc<delta::make::BaseTensors>>,
+    /// When it began (see [`Staging::forget_entry`]).
+    started: std::time::Instant,
 }
 
 /// A file being written: its staged bytes and how far they are stored.
@@ -159,7 +161,14 @@ impl Session {
             next_id()
         ));
         fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| io_fs("staging", e))?;
-        Ok(Session { dir, names: HashMap::new(), staged: HashMap::new(), dirs: BTreeSet::new(), base: None })
+        Ok(Session {
+            dir,
+            names: HashMap::new(),
+            staged: HashMap::new(),
+            dirs: BTreeSet::new(),
+            base: None,
+            started: std::time::Instant::now(),
+        })
     }
 
     /// Start coding staged file `id` as it is written (dropping any stream it had). Every file
@@ -735,13 +744,15 @@ impl Staging {
         Self::drop_if_idle(&mut sessions, base, name);
     }
 
-    /// Entry `name` was removed (by another process or node): its sessions with nothing staged
-    /// go, with the directories made in them, which would otherwise outlive the entry.
-    pub fn forget_entry(&self, name: &str) {
+    /// Entry `name`, which a registry loaded at `seen` still had, was removed (by another process
+    /// or node): its sessions with nothing staged go, with the directories made in them, which
+    /// would otherwise outlive the entry. Only sessions begun before `seen` were the removed
+    /// entry's: a `mkdir deltas/NAME` after the removal starts a new one, which stays.
+    pub fn forget_entry(&self, name: &str, seen: std::time::Instant) {
         let mut sessions = self.lock();
         let idle: Vec<_> = sessions
             .iter()
-            .filter(|(k, s)| k.1 == name && s.staged.is_empty())
+            .filter(|(k, s)| k.1 == name && s.staged.is_empty() && s.started < seen)
             .map(|(k, _)| k.clone())
             .collect();
         for k in idle {

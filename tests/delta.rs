@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_bytes, llmfs_mounted, run_command, with_deadline, Finished, MountGuard, TestStore};
+use common::{
+    assert_same_bytes, llmfs_mounted, run_command, wait_until, with_deadline, Finished, MountGuard, TestStore,
+};
 use half::{bf16, f16};
 use llmfs::codec::delta as codec;
 use llmfs::demo::{self, ModelSpec, SplitMix64};
@@ -232,19 +234,6 @@ fn cp_r_ok(src: &Path, dest: &Path) {
         f.status,
         f.stderr
     );
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A stat under the mount (with a deadline); Ok(()) if it exists.

@@ -22,8 +22,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_same_bytes, daemon_pids, llmfs_mounted, run_command, with_deadline, DaemonGuard, MountGuard,
-    TestStore,
+    assert_same_bytes, daemon_pids, llmfs_mounted, run_command, wait_until, with_deadline, DaemonGuard,
+    MountGuard, TestStore,
 };
 use half::{bf16, f16};
 use llmfs::demo::{ModelSpec, SplitMix64};
@@ -798,17 +798,6 @@ fn chat_template_and_empty_deltas_dirs() {
 // ---------------------------------------------------------------------------------------------
 // 10. Daemon mode, stale mounts
 // ---------------------------------------------------------------------------------------------
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
 
 /// Whether process `pid` has exited (reaped, or a zombie).
 fn pid_dead(pid: libc::pid_t) -> bool {

@@ -24,7 +24,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_one_line_error, assert_same_bytes, run_command, with_deadline, Finished, MountGuard, TestStore,
+    assert_one_line_error, assert_same_bytes, run_command, wait_until, with_deadline, Finished, MountGuard,
+    TestStore,
 };
 use llmfs::demo::{self, ModelSpec};
 use llmfs::format::Dtype;
@@ -254,19 +255,6 @@ fn assert_no_credentials(weed: &Weed, paths: &[&Path]) {
                 assert!(!has(&bytes, c), "{c:?} in {}/{rel}", path.display());
             }
         }
-    }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -619,6 +619,20 @@ pub const MOUNT_WATCHDOG: Duration = Duration::from_secs(300);
 /// How long `llmfs mount --foreground` may take to show up in /proc/self/mountinfo.
 pub const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
+/// Polls `f` until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `f` on its own thread and returns its result; fails the test if it takes longer than
 /// `timeout` (the thread is left behind, blocked; the mount guards' drop unblocks it). A panic
 /// in `f` is re-raised here.

@@ -30,7 +30,7 @@ pub fn check(registry: &Registry, names: &[String]) -> Vec<String> {
             }
         };
         problems.extend(unfinished(registry, name));
-        if let Err(e) = registry.chain(name) {
+        if let Err(e) = registry.ancestors(name) {
             problems.push(format!("{name}: {e}"));
             continue;
         }
@@ -140,7 +140,7 @@ fn servable(name: &str, view: &EntryView) -> Vec<String> {
     for f in &view.files {
         if let Content::Broken(reason) = &f.content {
             problems.push(format!("{name}: {}: {reason}", f.name));
-        } else if let Err(e) = crate::vfs::check_sources(f) {
+        } else if let Err(e) = crate::variant::check_sources(f) {
             problems.push(format!("{name}: {}: {e}", f.name));
         }
     }
@@ -156,15 +156,15 @@ const MAX_INDEX_SIZE: u64 = 64 << 20;
 /// An unservable index or shard is left to the checks above, which already report it.
 fn shard_index(name: &str, view: &EntryView) -> Vec<String> {
     let Some(file) = view.file(INDEX_FILE) else { return vec![] };
-    if matches!(file.content, Content::Broken(_)) || crate::vfs::check_sources(file).is_err() {
+    if matches!(file.content, Content::Broken(_)) || crate::variant::check_sources(file).is_err() {
         return vec![];
     }
     let line = |reason: String| vec![format!("{name}: {INDEX_FILE}: {reason}")];
     if file.size > MAX_INDEX_SIZE {
         return line(format!("{} bytes is too large for a shard index", file.size));
     }
-    let cache = crate::vfs::Cache::new(MAX_INDEX_SIZE);
-    let bytes = match crate::vfs::read::read_range(file, 0, file.size, &cache) {
+    let cache = crate::variant::read::Cache::new(MAX_INDEX_SIZE);
+    let bytes = match crate::variant::read::read_range(file, 0, file.size, &cache) {
         Ok(b) => b,
         Err(e) => return line(format!("cannot be read: {e}")),
     };

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::cache::with_scratch;
 use crate::codec::delta::DELTA_CHUNK_ELEMS;
 use crate::variant::{Content, EntryView, SynthFile, VFile};
-use crate::vfs::{self, read, Cache};
+use crate::variant::read::{self, Cache};
 
 /// Bytes per parallel piece of a file read through the read path: several chunks, so each rayon
 /// task decodes a few.
@@ -47,7 +47,7 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
     let cache = Cache::new(64 << 20);
     let mut total = 0;
     for file in &view.files {
-        vfs::check_sources(file).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
+        crate::variant::check_sources(file).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
         // File names are relative paths (subdirectories, dotfiles); none may leave `out_dir`.
         crate::registry::validate_file_path(&file.name)
             .map_err(|e| ExportError::Io { path: out_dir.to_owned(), source: std::io::Error::other(e) })?;
@@ -83,6 +83,9 @@ fn export_synth(
     progress: &(impl Fn(u64) + Sync),
 ) -> Result<(), ExportError> {
     let io = |source| ExportError::Io { path: path.to_owned(), source };
+    // Padding between tensors and at the end (a GGUF's alignment) reads as the zeros of a
+    // file of the full length.
+    out.set_len(synth.size).map_err(io)?;
     out.write_all_at(&synth.header, 0).map_err(io)?;
     progress(synth.header.len() as u64);
     let pieces: Vec<(usize, usize)> = synth
@@ -90,13 +93,13 @@ fn export_synth(
         .iter()
         .enumerate()
         .flat_map(|(i, t)| {
-            let numel = ((t.end - t.start) / t.source.dtype().size() as u64) as usize;
+            let numel = ((t.end - t.start) / t.source.stored_type().block_bytes() as u64) as usize;
             (0..numel.div_ceil(PIECE_ELEMS)).map(move |p| (i, p))
         })
         .collect();
     pieces.into_par_iter().try_for_each(|(i, p)| {
         let t = &synth.tensors[i];
-        let esize = t.source.dtype().size();
+        let esize = t.source.stored_type().block_bytes();
         let numel = ((t.end - t.start) / esize as u64) as usize;
         let elems = p * PIECE_ELEMS..((p + 1) * PIECE_ELEMS).min(numel);
         let len = elems.len() * esize;

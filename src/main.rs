@@ -432,7 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             if foreground {
                 init_logging();
-                let line = llmfs::compute::backend::select(&backend).map_err(|e| anyhow::anyhow!(e))?;
+                let line = llmfs::compute::backend::select(&backend, llmfs::codec::quant::dequantize_range_bytes::<half::f16>).map_err(|e| anyhow::anyhow!(e))?;
                 tracing::info!("{line}");
                 mount::run_foreground(store, &mountpoint, &opts)?;
             } else {

@@ -38,7 +38,7 @@ pub fn quantize(
     }
     let base_entry = registry.get(base)?.clone();
     // Re-quantizing dequantized values only adds error; quantize the original instead.
-    for link in registry.chain(base)? {
+    for link in registry.ancestors(base)? {
         if let EntryKind::Quantized { .. } = registry.get(link)?.kind {
             return Err(Error::Invalid(format!(
                 "{base} is already quantized (through {link}); quantize its base instead"

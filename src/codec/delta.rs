@@ -138,6 +138,7 @@
 //!   bit `i % 8` of byte `i / 8`, and a set bit means negative; `ceil(rows·cols / 8)` bytes, the
 //!   unused high bits of the last byte are 0.
 
+pub use crate::compute::delta_ops::{bitdelta_rows, bitdelta_sign_bytes, Transform};
 use std::cell::RefCell;
 use std::ops::Range;
 
@@ -174,34 +175,6 @@ pub const DEFAULT_LEVEL: i32 = 1;
 /// Elements per block of the fused transform + plane (un)split: large enough for full vectors
 /// of every width, small enough that the block's integers stay in registers / L1.
 pub const BLOCK: usize = 64;
-
-/// How the target's bit pattern is combined with the base's, per element, as an `esize`-byte
-/// little-endian unsigned integer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transform {
-    /// `t ^ b`; inverse `d ^ b`.
-    Xor,
-    /// `t - b` (wrapping); inverse `d + b` (wrapping).
-    Sub,
-    /// Distance in representable values, zigzagged: `zigzag(ord(t) - ord(b))` where `ord` maps a
-    /// sign-magnitude pattern to an order-preserving two's-complement integer (negative: flip
-    /// the magnitude bits) and `zigzag(d) = (d << 1) ^ (d >> (bits - 1))` (arithmetic shift).
-    /// A change of ±m ulps, across exponents and across zero, gives `2m` or `2m - 1`, so the
-    /// high bytes are 0. Any bit pattern maps back exactly (both maps are bijections), so it is
-    /// lossless for any data of 1, 2, 4 or 8-byte elements, merely pointless for integers.
-    Ulp,
-}
-
-impl Transform {
-    /// Whether the transform is defined for `esize`-byte elements (`Ulp`: 1, 2, 4, 8 only).
-    pub fn supports(self, esize: usize) -> bool {
-        match self {
-            Transform::Xor | Transform::Sub => esize > 0,
-            Transform::Ulp => matches!(esize, 1 | 2 | 4 | 8),
-        }
-    }
-}
 
 /// The knobs of the lossless codec. Only [`LosslessOptions::DEFAULT`] is what llmfs writes;
 /// the others exist so `examples/delta_ratio.rs` can measure the alternatives.
@@ -1167,23 +1140,6 @@ pub fn decode_q8_range(
     assert_eq!(base.len(), elems.len() * e, "base must hold exactly `elems`");
     assert_eq!(out.len(), elems.len() * e, "out must hold exactly `elems`");
     with_float!(dtype, T => decode_q8_t::<T>(q, scales, base, elems, out))
-}
-
-/// The `bitdelta` rows that hold elements `elems` of a tensor with rows of `cols` elements:
-/// the `scales` a [`decode_bitdelta_range`] of `elems` needs are `scales[bitdelta_rows(..)]`.
-pub fn bitdelta_rows(cols: usize, elems: &Range<usize>) -> Range<usize> {
-    if elems.is_empty() || cols == 0 {
-        return 0..0;
-    }
-    elems.start / cols..(elems.end - 1) / cols + 1
-}
-
-/// The sign bytes that hold elements `elems`: `signs_all[bitdelta_sign_bytes(&elems)]`.
-pub fn bitdelta_sign_bytes(elems: &Range<usize>) -> Range<usize> {
-    if elems.is_empty() {
-        return 0..0;
-    }
-    elems.start / 8..elems.end.div_ceil(8)
 }
 
 fn encode_bitdelta_t<T: Float>(target: &[u8], base: &[u8], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {

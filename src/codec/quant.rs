@@ -90,260 +90,16 @@
 
 use std::ops::Range;
 
-use half::{bf16, f16};
-
-use crate::compute::cast::{bf16_bits_from_f32, f16_bits_from_f32, f16_bits_to_f32, f32_to_f16_bits};
 use rayon::prelude::*;
 
-pub use crate::registry::recipe::QuantConfig;
+pub use crate::compute::float::{QuantBytesView, QuantFloat};
+pub use crate::registry::recipe::{QuantConfig, QuantError};
 
 /// What torch (2.15.0, x86-64) gives for `NaN.to(torch.int8)` in FastChat's compress
 /// (compression.py:264): found with `scripts/fastchat_quant_check.py --probe`.
 pub const SYM_NAN_CODE: i8 = 0;
 /// What torch (2.15.0, x86-64) gives for `NaN.to(torch.uint8)` (compression.py:275).
 pub const ASYM_NAN_CODE: u8 = 0;
-
-/// Errors of the quantization codec: bad configurations and buffers that do not fit a shape.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum QuantError {
-    /// Only FastChat's useful widths are supported (its `num_bits <= 8`, packed as 8 or 4).
-    #[error("unsupported bit width {0}: only 4 and 8 bits are supported")]
-    UnsupportedBits(u8),
-    /// A group of zero elements has no scale.
-    #[error("group size must be at least 1")]
-    ZeroGroupSize,
-    /// `rows × padded_cols` does not fit in `usize`.
-    #[error("tensor shape {rows}x{cols} with group size {group_size} overflows")]
-    ShapeOverflow { rows: usize, cols: usize, group_size: usize },
-    /// A buffer's length does not match the shape and configuration.
-    #[error("{what} has {got} elements, expected {expected}")]
-    LengthMismatch { what: &'static str, expected: usize, got: usize },
-}
-
-impl QuantConfig {
-    /// Checks the configuration for rows of `cols` elements. Any group size ≥ 1 is valid; one
-    /// larger than `cols` means one zero-padded group per row, as in FastChat. `cols == 0` is
-    /// an empty tensor with no groups.
-    pub fn validate(&self, cols: usize) -> Result<(), QuantError> {
-        if self.bits != 8 && self.bits != 4 {
-            return Err(QuantError::UnsupportedBits(self.bits));
-        }
-        if self.group_size == 0 {
-            return Err(QuantError::ZeroGroupSize);
-        }
-        cols.checked_add(self.group_size).map(|_| ()).ok_or(QuantError::ShapeOverflow {
-            rows: 1,
-            cols,
-            group_size: self.group_size,
-        })
-    }
-
-    /// `ceil(cols / group_size)` (compression.py:240).
-    pub fn groups_per_row(&self, cols: usize) -> usize {
-        cols.div_ceil(self.group_size)
-    }
-
-    /// Row length after zero padding (compression.py:248).
-    pub fn padded_cols(&self, cols: usize) -> usize {
-        self.groups_per_row(cols) * self.group_size
-    }
-
-    /// Number of groups (= scales, = minimums when asymmetric) of a `rows × cols` tensor.
-    pub fn n_groups(&self, rows: usize, cols: usize) -> usize {
-        rows * self.groups_per_row(cols)
-    }
-
-    /// Number of codes (padding included) of a `rows × cols` tensor.
-    pub fn n_codes(&self, rows: usize, cols: usize) -> usize {
-        rows * self.padded_cols(cols)
-    }
-
-    /// Bytes of `q` for a `rows × cols` tensor.
-    pub fn q_len(&self, rows: usize, cols: usize) -> usize {
-        let n = self.n_codes(rows, cols);
-        if self.bits == 4 {
-            n.div_ceil(2)
-        } else {
-            n
-        }
-    }
-
-    /// Validates and checks that every size of a `rows × cols` tensor fits in `usize`.
-    pub fn check_shape(&self, rows: usize, cols: usize) -> Result<(), QuantError> {
-        self.validate(cols)?;
-        let overflow = QuantError::ShapeOverflow { rows, cols, group_size: self.group_size };
-        self.groups_per_row(cols)
-            .checked_mul(self.group_size)
-            .and_then(|p| p.checked_mul(rows))
-            .and_then(|n| n.checked_mul(4)) // room for f32 outputs of every code
-            .map(|_| ())
-            .ok_or(overflow)
-    }
-
-    /// FastChat's `B` (compression.py:261, 267).
-    fn bound(&self) -> f32 {
-        if self.symmetric {
-            ((1u32 << (self.bits - 1)) - 1) as f32
-        } else {
-            ((1u32 << self.bits) - 1) as f32
-        }
-    }
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
-}
-
-/// An element type torch quantizes: f32, f16 or bf16. All arithmetic is done in f32 and
-/// rounded to `Self` after each op ([`QuantFloat::round`]), which is what torch's CPU kernels
-/// do for reduced-precision types (`opmath_t` = float, one rounding per op).
-pub trait QuantFloat:
-    Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + bytemuck::Pod + 'static + sealed::Sealed
-{
-    /// The safetensors dtype name.
-    const DTYPE: &'static str;
-    /// Bytes per element.
-    const SIZE: usize;
-    /// Exact widening.
-    fn to_f32(self) -> f32;
-    /// Round to nearest even, as torch's casts from float.
-    fn from_f32(x: f32) -> Self;
-    /// The bit pattern, zero-extended (for bit-exact comparisons).
-    fn to_bits_u32(self) -> u32;
-    /// Reads one little-endian element from the first `SIZE` bytes of `b`.
-    fn read_le(b: &[u8]) -> Self;
-    /// Writes one little-endian element into the first `SIZE` bytes of `out`.
-    fn write_le(self, out: &mut [u8]);
-    /// The value an f32 result has once torch stores it in this dtype.
-    #[inline]
-    fn round(x: f32) -> f32 {
-        Self::from_f32(x).to_f32()
-    }
-    /// `round` over a slice, in place; vectorized where the type allows.
-    fn round_slice(buf: &mut [f32]);
-    /// `dst[i] = from_f32(src[i])`; vectorized where the type allows.
-    fn from_f32_slice(src: &[f32], dst: &mut [Self]);
-}
-
-impl QuantFloat for f32 {
-    const DTYPE: &'static str = "F32";
-    const SIZE: usize = 4;
-    #[inline]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline]
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    #[inline]
-    fn to_bits_u32(self) -> u32 {
-        self.to_bits()
-    }
-    #[inline]
-    fn read_le(b: &[u8]) -> Self {
-        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
-    #[inline]
-    fn write_le(self, out: &mut [u8]) {
-        out[..4].copy_from_slice(&self.to_le_bytes());
-    }
-    #[inline]
-    fn round(x: f32) -> f32 {
-        x
-    }
-    #[inline]
-    fn round_slice(_buf: &mut [f32]) {}
-    #[inline]
-    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
-        dst.copy_from_slice(src);
-    }
-}
-
-impl QuantFloat for f16 {
-    const DTYPE: &'static str = "F16";
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        // Branch-free, so loops over it vectorize (half's checks the CPU at every call).
-        f16_bits_to_f32(self.to_bits())
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        f16::from_bits(f16_bits_from_f32(x))
-    }
-    #[inline]
-    fn to_bits_u32(self) -> u32 {
-        self.to_bits() as u32
-    }
-    #[inline]
-    fn read_le(b: &[u8]) -> Self {
-        f16::from_le_bytes([b[0], b[1]])
-    }
-    #[inline]
-    fn write_le(self, out: &mut [u8]) {
-        out[..2].copy_from_slice(&self.to_le_bytes());
-    }
-    #[inline]
-    fn round(x: f32) -> f32 {
-        f16_bits_to_f32(f16_bits_from_f32(x))
-    }
-    #[inline(always)]
-    fn round_slice(buf: &mut [f32]) {
-        // Branch-free, so it vectorizes in place (no round trip through a buffer of f16).
-        for v in buf.iter_mut() {
-            *v = f16_bits_to_f32(f16_bits_from_f32(*v));
-        }
-    }
-    #[inline(always)]
-    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
-        f32_to_f16_bits(src, bytemuck::cast_slice_mut(dst));
-    }
-}
-
-impl QuantFloat for bf16 {
-    const DTYPE: &'static str = "BF16";
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    #[inline]
-    fn from_f32(x: f32) -> Self {
-        bf16::from_bits(bf16_bits_from_f32(x))
-    }
-    #[inline]
-    fn to_bits_u32(self) -> u32 {
-        self.to_bits() as u32
-    }
-    #[inline]
-    fn read_le(b: &[u8]) -> Self {
-        bf16::from_le_bytes([b[0], b[1]])
-    }
-    #[inline]
-    fn write_le(self, out: &mut [u8]) {
-        out[..2].copy_from_slice(&self.to_le_bytes());
-    }
-    #[inline]
-    fn round(x: f32) -> f32 {
-        f32::from_bits((bf16_bits_from_f32(x) as u32) << 16)
-    }
-    #[inline(always)]
-    fn round_slice(buf: &mut [f32]) {
-        for v in buf.iter_mut() {
-            *v = f32::from_bits((bf16_bits_from_f32(*v) as u32) << 16);
-        }
-    }
-    #[inline(always)]
-    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = bf16::from_bits(bf16_bits_from_f32(s));
-        }
-    }
-}
 
 /// A quantized 2-D tensor, owning its buffers. Layout: see the module doc.
 #[derive(Debug, Clone, PartialEq)]
@@ -406,18 +162,6 @@ impl<'a, T: QuantFloat> QuantView<'a, T> {
         check_lengths(rows, cols, config, q.len(), scale.len(), min.len())?;
         Ok(QuantView { rows, cols, config, q, scale, min })
     }
-}
-
-/// Like [`QuantView`], with `scale` and `min` as little-endian bytes of `T` (no alignment
-/// needed: a safetensors payload is not aligned for `T`).
-#[derive(Debug, Clone, Copy)]
-pub struct QuantBytesView<'a> {
-    pub rows: usize,
-    pub cols: usize,
-    pub config: QuantConfig,
-    pub q: &'a [u8],
-    pub scale: &'a [u8],
-    pub min: &'a [u8],
 }
 
 impl<'a> QuantBytesView<'a> {
@@ -1148,6 +892,8 @@ pub fn dequantize_reference<T: QuantFloat>(qt: QuantView<'_, T>, elems: Range<us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute::cast::{bf16_bits_from_f32, f16_bits_from_f32, f16_bits_to_f32};
+    use half::{bf16, f16};
     use proptest::prelude::*;
 
     /// `divide::<true>` compiled as dequantization runs it.

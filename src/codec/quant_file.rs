@@ -160,6 +160,8 @@ fn decode<T: QuantFloat>(
 ) -> Result<(), ReadError> {
     let view = QuantBytesView::new::<T>(rows, cols, cfg, q, scale, min)
         .map_err(|e| ReadError::Decode(e.to_string()))?;
-    crate::compute::backend::dequantize_range_bytes::<T>(view, elems, out);
+    if !crate::compute::backend::dequantize_on_gpu::<T>(view, elems.clone(), out) {
+        super::quant::dequantize_range_bytes::<T>(view, elems, out);
+    }
     Ok(())
 }

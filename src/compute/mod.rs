@@ -8,6 +8,8 @@
 
 pub mod backend;
 pub mod cast;
+pub mod delta_ops;
+pub mod float;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod merge;

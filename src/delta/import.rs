@@ -18,7 +18,7 @@ use crate::registry::add::{copy_to_staging, Added};
 pub use crate::registry::recipe::ImportFormat;
 use crate::registry::walk::gone;
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
-use crate::variant::delta::import_view;
+use crate::variant::recipe::delta::import_view;
 
 /// Import `from` as entry `name` over `base`: validate it against the base, copy it in, register.
 pub fn import(

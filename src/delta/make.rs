@@ -21,8 +21,8 @@ use crate::codec::delta as codec;
 use crate::format::{self, Dtype, HeaderBuilder};
 use crate::registry::add::Added;
 use crate::registry::{self, io_err, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, Store};
-use crate::variant::delta::keys;
-pub use crate::variant::delta::BaseTensors;
+use crate::variant::recipe::delta::keys;
+pub use crate::variant::recipe::delta::BaseTensors;
 use crate::variant::{self, EntryView, LogicalTensor};
 
 /// What a container of a target file holds before any of it is coded: its `__metadata__` and the
@@ -360,7 +360,7 @@ fn encode_tensor(
 
 /// The base view a delta is made against, checked to be servable.
 pub fn base_view(registry: &registry::Registry, base: &str) -> Result<EntryView, Error> {
-    registry.chain(base)?;
+    registry.ancestors(base)?;
     let view = variant::build_view(registry, base).map_err(|e| Error::Invalid(e.to_string()))?;
     for file in &view.files {
         crate::variant::check_sources(file)

@@ -35,7 +35,7 @@ use super::DeltaCodec;
 use crate::codec::delta as codec;
 use crate::format::{self, Dtype};
 use crate::registry::{io_err, Error, FileRecord, FileRole, Fingerprint};
-use crate::variant::delta::keys;
+use crate::variant::recipe::delta::keys;
 use crate::variant::view::LogicalTensor;
 
 /// One step of the container, in container order.

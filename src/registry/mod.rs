@@ -22,6 +22,7 @@
 pub mod add;
 pub mod fingerprint;
 pub mod gc;
+pub mod graph;
 pub mod known_models;
 pub mod recipe;
 pub mod walk;
@@ -254,11 +255,6 @@ impl Registry {
 
     pub fn get(&self, name: &str) -> Result<&Entry, Error> {
         self.entries.get(name).ok_or_else(|| Error::NotFound(name.to_owned()))
-    }
-
-    /// Entries whose recipe names `name` as their base.
-    pub fn dependents(&self, name: &str) -> Vec<&str> {
-        self.entries.iter().filter(|(_, e)| e.kind.base() == Some(name)).map(|(n, _)| n.as_str()).collect()
     }
 
     /// The chain from `name` down to its base directory: `[name, its base, …, the base entry]`.

@@ -70,3 +70,90 @@ impl ImportFormat {
         }
     }
 }
+
+/// Errors of a quantization's configuration, and of buffers that do not fit a shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantError {
+    /// Only FastChat's useful widths are supported (its `num_bits <= 8`, packed as 8 or 4).
+    #[error("unsupported bit width {0}: only 4 and 8 bits are supported")]
+    UnsupportedBits(u8),
+    /// A group of zero elements has no scale.
+    #[error("group size must be at least 1")]
+    ZeroGroupSize,
+    /// `rows × padded_cols` does not fit in `usize`.
+    #[error("tensor shape {rows}x{cols} with group size {group_size} overflows")]
+    ShapeOverflow { rows: usize, cols: usize, group_size: usize },
+    /// A buffer's length does not match the shape and configuration.
+    #[error("{what} has {got} elements, expected {expected}")]
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
+}
+
+impl QuantConfig {
+    /// Checks the configuration for rows of `cols` elements. Any group size ≥ 1 is valid; one
+    /// larger than `cols` means one zero-padded group per row, as in FastChat. `cols == 0` is
+    /// an empty tensor with no groups.
+    pub fn validate(&self, cols: usize) -> Result<(), QuantError> {
+        if self.bits != 8 && self.bits != 4 {
+            return Err(QuantError::UnsupportedBits(self.bits));
+        }
+        if self.group_size == 0 {
+            return Err(QuantError::ZeroGroupSize);
+        }
+        cols.checked_add(self.group_size).map(|_| ()).ok_or(QuantError::ShapeOverflow {
+            rows: 1,
+            cols,
+            group_size: self.group_size,
+        })
+    }
+
+    /// `ceil(cols / group_size)` (compression.py:240).
+    pub fn groups_per_row(&self, cols: usize) -> usize {
+        cols.div_ceil(self.group_size)
+    }
+
+    /// Row length after zero padding (compression.py:248).
+    pub fn padded_cols(&self, cols: usize) -> usize {
+        self.groups_per_row(cols) * self.group_size
+    }
+
+    /// Number of groups (= scales, = minimums when asymmetric) of a `rows × cols` tensor.
+    pub fn n_groups(&self, rows: usize, cols: usize) -> usize {
+        rows * self.groups_per_row(cols)
+    }
+
+    /// Number of codes (padding included) of a `rows × cols` tensor.
+    pub fn n_codes(&self, rows: usize, cols: usize) -> usize {
+        rows * self.padded_cols(cols)
+    }
+
+    /// Bytes of `q` for a `rows × cols` tensor.
+    pub fn q_len(&self, rows: usize, cols: usize) -> usize {
+        let n = self.n_codes(rows, cols);
+        if self.bits == 4 {
+            n.div_ceil(2)
+        } else {
+            n
+        }
+    }
+
+    /// Validates and checks that every size of a `rows × cols` tensor fits in `usize`.
+    pub fn check_shape(&self, rows: usize, cols: usize) -> Result<(), QuantError> {
+        self.validate(cols)?;
+        let overflow = QuantError::ShapeOverflow { rows, cols, group_size: self.group_size };
+        self.groups_per_row(cols)
+            .checked_mul(self.group_size)
+            .and_then(|p| p.checked_mul(rows))
+            .and_then(|n| n.checked_mul(4)) // room for f32 outputs of every code
+            .map(|_| ())
+            .ok_or(overflow)
+    }
+
+    /// FastChat's `B` (compression.py:261, 267).
+    pub fn bound(&self) -> f32 {
+        if self.symmetric {
+            ((1u32 << (self.bits - 1)) - 1) as f32
+        } else {
+            ((1u32 << self.bits) - 1) as f32
+        }
+    }
+}

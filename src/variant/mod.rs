@@ -13,11 +13,12 @@
 //! Nothing here knows about FUSE or the cache: `vfs` maps byte ranges onto these descriptions and
 //! caches what [`TensorSource::read`] produces.
 
-pub mod delta;
+pub mod read;
+pub mod recipe;
 pub mod source;
 pub mod view;
 
-use std::path::Path;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use crate::source::{ReadError, SourceFile};
@@ -27,157 +28,33 @@ pub use view::{
     VFile, ViewError, WeightFile,
 };
 
-use crate::adapter;
-use crate::codec::quant_file::QuantSource;
-use crate::format;
-use crate::registry::{Entry, EntryKind, FileRole, Registry};
+use crate::registry::Registry;
 
 /// Describe the files of entry `name`.
 pub fn build_view(registry: &Registry, name: &str) -> Result<EntryView, ViewError> {
-    // Walk the chain first so a cycle or a missing base is an error, not a stack overflow.
-    let chain = registry.chain(name)?;
-    let mut view = None;
-    for entry_name in chain.iter().rev() {
+    let view = build_view_with(registry, name, &mut HashMap::new())?;
+    Ok(Arc::unwrap_or_clone(view))
+}
+
+/// Describe the files of entry `name`, walking its ancestors parents first (a DAG: a merge has
+/// several parents) and handing each recipe its parents' views. Views already in `built` are
+/// used as they are, and every view built is left there: ancestors shared by several parents
+/// (or by several entries built with one `built`) are built once and share their open files.
+pub fn build_view_with(
+    registry: &Registry,
+    name: &str,
+    built: &mut HashMap<String, Arc<EntryView>>,
+) -> Result<Arc<EntryView>, ViewError> {
+    // The walk first, so a cycle or a missing parent is an error, not a stack overflow.
+    for entry_name in registry.ancestors(name)? {
+        if built.contains_key(entry_name) {
+            continue;
+        }
         let entry = registry.get(entry_name)?;
-        view = Some(match (&entry.kind, view) {
-            (EntryKind::Base { dir, files, .. }, _) => base_view(registry, entry_name, entry, dir, files)?,
-            (EntryKind::Cast { dtype, .. }, Some(base)) => {
-                map_weights(&base, &format!("cast {entry_name}"), |t| {
-                    let source = if t.source.dtype().is_float() && t.source.dtype() != *dtype {
-                        TensorSource::Cast { inner: Arc::new(t.source.clone()), to: *dtype }
-                    } else {
-                        t.source.clone()
-                    };
-                    Ok(LogicalTensor { source, ..t.clone() })
-                })
-                .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?
-            }
-            (EntryKind::Quantized { config, files, .. }, Some(base)) => {
-                let containers = open_containers(registry, entry_name, files)?;
-                map_weights(&base, &format!("quantized {entry_name}"), |t| {
-                    let found = containers
-                        .iter()
-                        .find_map(|(file, header)| {
-                            QuantSource::find(file, header, &t.name, &t.shape, t.source.dtype(), *config)
-                                .transpose()
-                        })
-                        .transpose()?;
-                    Ok(match found {
-                        Some(q) => LogicalTensor { source: TensorSource::Dequant(Arc::new(q)), ..t.clone() },
-                        None => t.clone(),
-                    })
-                })
-                .map_err(|reason| ViewError::Invalid { entry: entry_name.to_string(), reason })?
-            }
-            (EntryKind::Delta { files, .. }, Some(base)) => {
-                delta::delta_view(registry, entry_name, files, &base)?
-            }
-            (EntryKind::Imported { format, files, .. }, Some(base)) => {
-                delta::imported_view(registry, entry_name, files, *format, &base)?
-            }
-            (_, None) => unreachable!("a chain ends in a base"),
-        });
+        let parents: Vec<Arc<EntryView>> =
+            entry.kind.parents().iter().map(|p| built[*p].clone()).collect();
+        let view = recipe::view(registry, entry_name, entry, &parents)?;
+        built.insert(entry_name.to_owned(), Arc::new(view));
     }
-    Ok(view.expect("a chain is never empty"))
-}
-
-/// The containers an entry owns in `STORE/models/NAME/`, with their parsed headers. A container
-/// that changed since it was written is an error for the whole entry: its tensors are unknown.
-fn open_containers(
-    registry: &Registry,
-    name: &str,
-    files: &[crate::registry::FileRecord],
-) -> Result<Vec<(Arc<SourceFile>, format::Header)>, ViewError> {
-    let dir = registry.entry_dir(name);
-    files
-        .iter()
-        .map(|record| {
-            let source = Arc::new(SourceFile::of_record(&dir, record, registry.objects.as_ref()));
-            let invalid = |reason: String| ViewError::Invalid { entry: name.to_owned(), reason };
-            if let Some(reason) = source.stat_problem() {
-                return Err(invalid(format!("{}: {reason}", source.path.display())));
-            }
-            let header = source.header().map_err(|e| invalid(e.to_string()))?;
-            Ok((source, header))
-        })
-        .collect()
-}
-
-/// A base's files. A local file that cannot be read is a broken file of the view (EIO when
-/// opened, the rest of the entry served); an object that cannot be read now fails the whole
-/// view, which is then built again on the next lookup (the store may be back).
-fn base_view(
-    registry: &Registry,
-    name: &str,
-    entry: &Entry,
-    dir: &Path,
-    records: &[crate::registry::FileRecord],
-) -> Result<EntryView, ViewError> {
-    let mut view = EntryView::default();
-    let unreadable = |source: &SourceFile, reason: String| -> Result<(), ViewError> {
-        match source.is_remote() {
-            true => Err(ViewError::Invalid { entry: name.to_owned(), reason }),
-            false => Ok(()),
-        }
-    };
-    for record in records {
-        let source = Arc::new(SourceFile::of_record(dir, record, registry.objects.as_ref()));
-        let path = source.path.clone();
-        let mut file = VFile {
-            name: record.name.clone(),
-            size: record.fingerprint.size,
-            content: Content::Passthrough(source.clone()),
-        };
-        if let Some(reason) = source.stat_problem() {
-            file.content = Content::Broken(format!("{}: {reason}", path.display()));
-        } else if record.role == FileRole::Weights {
-            match source.header() {
-                Ok(header) => {
-                    let tensors = header
-                        .tensors
-                        .iter()
-                        .map(|t| LogicalTensor {
-                            name: t.name.clone(),
-                            shape: t.shape.clone(),
-                            source: TensorSource::Stored {
-                                file: source.clone(),
-                                offset: header.data_start + t.start,
-                                dtype: t.dtype,
-                            },
-                        })
-                        .collect();
-                    view.weights
-                        .insert(record.name.clone(), WeightFile { tensors, metadata: header.metadata });
-                }
-                Err(e) => {
-                    unreadable(&source, e.to_string())?;
-                    file.content = Content::Broken(e.to_string());
-                }
-            }
-        } else if record.name == "tokenizer_config.json" {
-            match with_chat_template(entry, &source) {
-                Ok(Some(content)) => {
-                    file.size = content.len() as u64;
-                    file.content = Content::Generated(content);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    unreadable(&source, e.to_string())?;
-                    file.content = Content::Broken(e.to_string());
-                }
-            }
-        }
-        view.files.push(file);
-    }
-    Ok(view)
-}
-
-/// The tokenizer config with the entry's chat template added, when the entry asks for one
-/// (None: it does not, or the config cannot take one); an error if the file cannot be read.
-fn with_chat_template(entry: &Entry, source: &SourceFile) -> Result<Option<Arc<[u8]>>, ReadError> {
-    let Some(jinja) = entry.chat_template.as_deref().and_then(adapter::chat_template_jinja) else {
-        return Ok(None);
-    };
-    let original = source.read_all()?;
-    Ok(adapter::tokenizer_config_with_template(Some(&original), &jinja).ok().map(Arc::from))
+    Ok(built[name].clone())
 }

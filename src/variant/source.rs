@@ -10,7 +10,7 @@ use crate::codec::delta as codec;
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
 use crate::compute::merge::LoraFactors;
-use crate::format::{Dtype, Header};
+use crate::format::{Dtype, Header, StoredType};
 use crate::source::{ReadError, SourceFile};
 
 /// How the bytes of one tensor are produced.
@@ -45,6 +45,12 @@ impl TensorSource {
         }
     }
 
+    /// How its bytes are stored: its element type (every source so far produces elements; a
+    /// source of ggml blocks produces whole blocks). A read's range counts these blocks.
+    pub fn stored_type(&self) -> StoredType {
+        StoredType::Element(self.dtype())
+    }
+
     /// Bytes stored verbatim can be read straight into the reply, without decoding or caching.
     pub fn as_stored(&self) -> Option<(&SourceFile, u64)> {
         match self {
@@ -77,8 +83,8 @@ impl TensorSource {
         }
     }
 
-    /// Produce elements `elems` (row-major element indices) into `out`
-    /// (`out.len() == elems.len() * dtype().size()`).
+    /// Produce blocks `elems` (row-major indices of elements, or of blocks for a block type)
+    /// into `out` (`out.len() == elems.len() * stored_type().block_bytes()`).
     pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
         match self {
             TensorSource::Stored { file, offset, dtype } => {
@@ -277,6 +283,16 @@ impl LossySource {
     ) -> Result<Option<Self>, String> {
         let numel: usize = shape.iter().product();
         let scale = header.tensor(&format!("{name}.scale"));
+        let lossy = header.tensor(&format!("{name}.q")).is_some() || header.tensor(&format!("{name}.signs")).is_some();
+        // Validated here, not met by the decoder: it computes in F16, BF16 or F32, over a base
+        // of the same type.
+        if lossy && (!dtype.is_float() || base.dtype() != dtype) {
+            return Err(format!(
+                "{name}: a lossy delta of a {dtype} tensor over a {} base; lossy codecs take F16, BF16 \
+                 or F32 over a base of the same type",
+                base.dtype()
+            ));
+        }
         let (codes, codec, want_codes, want_scales) = if let Some(q) = header.tensor(&format!("{name}.q")) {
             (q, LossyCodec::Q8, numel as u64, codec::q8_groups(&(0..numel)).len() as u64)
         } else if let Some(s) = header.tensor(&format!("{name}.signs")) {
@@ -365,13 +381,18 @@ pub struct LazyFactors {
     pub(crate) rank: usize,
     pub(crate) scale: f32,
     pub(crate) transposed: bool,
-    pub(crate) loaded: std::sync::OnceLock<Result<Arc<LoraFactors>, String>>,
+    /// Loaded at the first read that needs them; a failed load is not kept (the next read
+    /// tries again: the store may be back).
+    pub(crate) loaded: std::sync::Mutex<Option<Arc<LoraFactors>>>,
 }
 
 impl LazyFactors {
     pub fn get(&self) -> Result<Arc<LoraFactors>, ReadError> {
-        self.loaded
-            .get_or_init(|| {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(factors) = &*loaded {
+            return Ok(factors.clone());
+        }
+        let load = || {
                 let widen = |s: &TensorSource, n: usize| -> Result<Vec<f32>, String> {
                     if !s.dtype().is_float() {
                         return Err(format!("a LoRA factor is {}, not a float tensor", s.dtype()));
@@ -387,8 +408,9 @@ impl LazyFactors {
                     scale: self.scale,
                     transposed: self.transposed,
                 }))
-            })
-            .clone()
-            .map_err(ReadError::Decode)
+        };
+        let factors = load().map_err(ReadError::Decode)?;
+        *loaded = Some(factors.clone());
+        Ok(factors)
     }
 }

@@ -34,20 +34,61 @@ pub enum Content {
     Broken(String),
 }
 
-/// A synthesized safetensors file: header bytes, then tensors in offset order with no gaps.
+/// A synthesized file: its segments, in file order, are the header bytes, then each tensor's
+/// bytes (from its source), with zero padding wherever neither covers the file (a safetensors
+/// file has none; a GGUF aligns each tensor's start). See [`SynthFile::segments`].
 #[derive(Debug)]
 pub struct SynthFile {
     /// Unique for the life of the process: the cache keys decoded chunks by it, so two versions
     /// of a file (a delta file rewritten through deltas/) never share a chunk.
     pub id: u64,
     pub header: Vec<u8>,
+    /// In offset order, not overlapping each other or the header.
     pub tensors: Vec<SynthTensor>,
+    /// The file's length: the end of the last tensor, or more (trailing padding).
+    pub size: u64,
+}
+
+/// A byte range of a synthesized file and what fills it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Header(u64, u64),
+    /// Tensor `index` of [`SynthFile::tensors`].
+    Tensor(usize),
+    Padding(u64, u64),
 }
 
 impl SynthFile {
+    /// Header, then tensors with no gaps (a safetensors file).
     pub fn new(header: Vec<u8>, tensors: Vec<SynthTensor>) -> Self {
+        let size = tensors.last().map_or(header.len() as u64, |t| t.end);
+        Self::with_size(header, tensors, size)
+    }
+
+    /// Header, then tensors at their offsets, zeros between them and up to `size`.
+    pub fn with_size(header: Vec<u8>, tensors: Vec<SynthTensor>, size: u64) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        SynthFile { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), header, tensors }
+        debug_assert!(tensors.windows(2).all(|w| w[0].end <= w[1].start));
+        debug_assert!(tensors.first().is_none_or(|t| t.start >= header.len() as u64));
+        debug_assert!(tensors.last().is_none_or(|t| t.end <= size));
+        SynthFile { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), header, tensors, size }
+    }
+
+    /// The file's bytes in order: header, tensors, and the padding between them.
+    pub fn segments(&self) -> Vec<Segment> {
+        let mut out = vec![Segment::Header(0, self.header.len() as u64)];
+        let mut pos = self.header.len() as u64;
+        for (i, t) in self.tensors.iter().enumerate() {
+            if t.start > pos {
+                out.push(Segment::Padding(pos, t.start));
+            }
+            out.push(Segment::Tensor(i));
+            pos = t.end;
+        }
+        if self.size > pos {
+            out.push(Segment::Padding(pos, self.size));
+        }
+        out
     }
 }
 
@@ -119,8 +160,8 @@ pub fn map_weights(
             (_, Content::Broken(_)) => base_file.clone(),
             (Some(weights), _) => {
                 let synth = layout(label, weights);
-                total_tensor_bytes += synth.tensors.last().map_or(0, |t| t.end) - synth.header.len() as u64;
-                let size = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
+                total_tensor_bytes += synth.size - synth.header.len() as u64;
+                let size = synth.size;
                 VFile { name: base_file.name.clone(), size, content: Content::Synth(Arc::new(synth)) }
             }
             (None, _) => base_file.clone(),
@@ -142,7 +183,7 @@ pub fn map_weights(
 }
 
 /// All bytes of a small file of a view (a shard index: bounded to 64 MiB).
-fn read_whole(file: &VFile) -> Result<Vec<u8>, String> {
+pub(crate) fn read_whole(file: &VFile) -> Result<Vec<u8>, String> {
     if file.size > 64 << 20 {
         return Err(format!("{} bytes is too large for a shard index", file.size));
     }
@@ -154,7 +195,7 @@ fn read_whole(file: &VFile) -> Result<Vec<u8>, String> {
             let mut out = vec![0u8; file.size as usize];
             out[..synth.header.len()].copy_from_slice(&synth.header);
             for t in &synth.tensors {
-                let esize = t.source.dtype().size() as u64;
+                let esize = t.source.stored_type().block_bytes() as u64;
                 let dst = &mut out[t.start as usize..t.end as usize];
                 t.source.read(0..((t.end - t.start) / esize) as usize, dst).map_err(|e| e.to_string())?;
             }

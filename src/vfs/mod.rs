@@ -11,10 +11,10 @@
 //! Inode numbers are assigned on first sight and never reused within a mount; an entry removed
 //! and added again under the same name is a new generation with new inodes.
 
+mod catalog;
 mod decoded;
 pub mod fuse;
 pub mod mount;
-pub mod read;
 pub mod write;
 
 use std::collections::HashMap;
@@ -22,10 +22,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use crate::registry::{Registry, Store};
+use crate::registry::Store;
+use catalog::Catalog;
 pub use crate::variant::check_sources;
 use crate::variant::{self, Content, EntryView, VFile};
-pub use read::{Cache, ChunkKey, CHUNK_SIZE};
+pub use crate::variant::read::{self, panic_message, Cache, ChunkKey, CHUNK_SIZE};
 
 pub const ROOT_INO: u64 = 1;
 pub const DELTAS_DIR: &str = "deltas";
@@ -247,22 +248,6 @@ struct DeltaTree {
     dirs: Vec<String>,
 }
 
-/// What says the registry changed (see `Store::registry_stamp`).
-type RegistryStamp = String;
-
-fn registry_stamp(store: &Store) -> Option<RegistryStamp> {
-    store.registry_stamp()
-}
-
-struct Catalog {
-    registry: Registry,
-    /// Identity of registry.json when loaded (None: not there).
-    loaded_mtime: Option<RegistryStamp>,
-    /// When `registry` was loaded.
-    loaded_at: std::time::Instant,
-    views: HashMap<String, (u64, Arc<EntryView>)>,
-}
-
 /// An open file: what it reads and how its reader has been moving (for prefetch).
 struct Handle {
     target: Target,
@@ -288,6 +273,8 @@ type ForgetName = Box<dyn Fn(&str) + Send + Sync>;
 pub struct Fs {
     store: Store,
     catalog: RwLock<Catalog>,
+    /// Reloads of the registry and builds of views, done outside `catalog`'s lock (catalog.rs).
+    loading: catalog::Loading,
     inodes: RwLock<Inodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
@@ -306,15 +293,16 @@ impl Fs {
     pub fn new(store: Store, cache_size: u64) -> Result<Fs, crate::registry::Error> {
         write::sweep(&store);
         let registry = store.load()?;
-        let loaded_mtime = registry_stamp(&store);
+        let loaded_mtime = catalog::registry_stamp(&store);
         Ok(Fs {
             store,
             catalog: RwLock::new(Catalog {
-                registry,
+                registry: Arc::new(registry),
                 loaded_mtime,
                 loaded_at: std::time::Instant::now(),
                 views: HashMap::new(),
             }),
+            loading: catalog::Loading::default(),
             inodes: RwLock::new(Inodes::default()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -344,103 +332,6 @@ impl Fs {
     }
 
     /// Reload the registry if it changed on disk. A corrupt registry keeps the last good one.
-    fn refresh(&self) {
-        let mtime = registry_stamp(&self.store);
-        if self.catalog.read().unwrap_or_else(|e| e.into_inner()).loaded_mtime == mtime {
-            return;
-        }
-        let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
-        if catalog.loaded_mtime == mtime {
-            return;
-        }
-        // Sessions begun from here on saw the registry being loaded (see `forget_entry`).
-        let loading = std::time::Instant::now();
-        match self.store.load() {
-            Ok(registry) => {
-                tracing::info!(entries = registry.entries.len(), "registry reloaded");
-                // A view is stale when its entry or any entry down its chain changed (a delta
-                // written through deltas/ gains files without changing its generation).
-                let old = &catalog.registry;
-                // Its unfinished files count too: they answer EIO (see `view`).
-                let changed = |n: &str| {
-                    old.entries.get(n) != registry.entries.get(n)
-                        || old.unfinished(n) != registry.unfinished(n)
-                };
-                let stale: Vec<String> = catalog
-                    .views
-                    .keys()
-                    .filter(|name| {
-                        registry.chain(name).map_or(true, |chain| chain.iter().any(|n| changed(n)))
-                    })
-                    .cloned()
-                    .collect();
-                let gone: Vec<String> = old
-                    .entries
-                    .iter()
-                    .filter(|(n, e)| {
-                        registry.entries.get(*n).is_none_or(|new| new.generation() != e.generation())
-                    })
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in &stale {
-                    catalog.views.remove(name);
-                }
-                for name in gone.iter().filter(|n| !registry.entries.contains_key(*n)) {
-                    self.staging.forget_entry(name, catalog.loaded_at);
-                }
-                if let Some(forget) = self.forget_name.get() {
-                    // Gone entries, and changed ones (a delta stored again through deltas/ keeps
-                    // its inodes): the kernel forgets their names, and with them cached sizes.
-                    for name in gone.iter().chain(&stale) {
-                        forget(name);
-                    }
-                }
-                catalog.registry = registry;
-                catalog.loaded_mtime = mtime;
-                catalog.loaded_at = loading;
-            }
-            Err(e) => tracing::error!("keeping the last good registry: {e}"),
-        }
-    }
-
-    fn entry_created(&self, name: &str) -> Option<u64> {
-        self.catalog
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .registry
-            .entries
-            .get(name)
-            .map(|e| e.generation())
-    }
-
-    /// The view of entry `name` at generation `created`, built on first use.
-    fn view(&self, name: &str, created: u64) -> FsResult<Arc<EntryView>> {
-        if let Some((c, v)) = self.catalog.read().unwrap_or_else(|e| e.into_inner()).views.get(name) {
-            if *c == created {
-                return Ok(v.clone());
-            }
-        }
-        let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
-        if catalog.registry.entries.get(name).map(|e| e.generation()) != Some(created) {
-            return Err(FsError::new(libc::ENOENT));
-        }
-        let mut view =
-            variant::build_view(&catalog.registry, name).map_err(|e| FsError::eio(e.to_string()))?;
-        // A stored file whose later writing did not finish (a failed store, a writer that died)
-        // holds bytes nobody finished writing: it answers EIO, never those bytes.
-        let unfinished = catalog.registry.unfinished(name);
-        for file in view.files.iter_mut().filter(|f| unfinished.contains(&f.name.as_str())) {
-            file.content = Content::Broken("unfinished: write it again, or rm it".into());
-        }
-        let view = Arc::new(view);
-        for file in &view.files {
-            if let Content::Broken(reason) = &file.content {
-                tracing::error!(entry = name, file = file.name, "cannot be served: {reason}");
-            }
-        }
-        catalog.views.insert(name.to_owned(), (created, view.clone()));
-        Ok(view)
-    }
 
     fn node(&self, ino: u64) -> FsResult<Node> {
         self.inodes
@@ -1142,15 +1033,6 @@ fn read_staged(file: &std::fs::File, offset: u64, size: u32) -> std::io::Result<
     let mut buf = vec![0u8; n];
     file.read_exact_at(&mut buf, offset)?;
     Ok(buf)
-}
-
-/// The message of a caught panic.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned());
-    format!("panic: {}", text.unwrap_or_else(|| "(no message)".into()))
 }
 
 /// Sizes of the store's filesystem, for statfs of the mount.

@@ -29,7 +29,9 @@
 //! lock; a staged file (still open) just changes name, and is stored under its new one.
 //!
 //! Lock order: the store's lock (a registry update), then the sessions' mutex; never a registry
-//! update while holding the sessions' mutex.
+//! update, a save, a hash of the base or any other I/O that can stall while holding the sessions'
+//! mutex, which every request about `deltas/` takes (an object store that stops answering must
+//! not freeze `ls deltas/`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -58,9 +60,10 @@ struct Session {
     staged: HashMap<u64, Staged>,
     /// Directories made with mkdir inside the entry (those holding no file exist only here).
     dirs: BTreeSet<String>,
-    /// The base's tensors, found once for the session's streams (None: not yet, or the base
-    /// cannot be read now: files are then coded at close, which reports why).
-    base: Option<Arc<delta::make::BaseTensors>>,
+    /// The base's tensors for the session's streams, found once, outside the sessions' mutex
+    /// (None: not yet, or the base cannot be read now: files are then coded at close, which
+    /// reports why, and the next open tries again). See [`Staging::base_tensors`].
+    base: Arc<Mutex<Option<Arc<delta::make::BaseTensors>>>>,
     /// When it began (see [`Staging::forget_entry`]).
     started: std::time::Instant,
 }
@@ -83,6 +86,9 @@ struct Staged {
     stream: Option<Arc<Stream>>,
     /// The registry lists it as unfinished.
     marked: bool,
+    /// A store of it is between its registry change and its save: a write meanwhile lists it
+    /// as unfinished again (after that store, which holds the store's lock).
+    committing: bool,
     /// The copy of the stored bytes into the staged file (rewriting a stored file without
     /// O_TRUNC): every other open waits for it, so its copy never lands on their writes.
     fill: Arc<Fill>,
@@ -166,26 +172,19 @@ impl Session {
             names: HashMap::new(),
             staged: HashMap::new(),
             dirs: BTreeSet::new(),
-            base: None,
+            base: Arc::default(),
             started: std::time::Instant::now(),
         })
     }
 
-    /// Start coding staged file `id` as it is written (dropping any stream it had). Every file
-    /// gets one: a stream gives up at once on bytes that are not a safetensors file.
-    fn restart_stream(&mut self, store: &Store, base: &str, id: u64) {
-        if self.base.is_none() {
-            let tensors = store
-                .load()
-                .ok()
-                .and_then(|r| delta::make::base_view(&r, base).ok())
-                .map(|v| delta::make::BaseTensors::of(&v));
-            self.base = tensors.map(Arc::new);
-        }
+    /// Start coding staged file `id` as it is written (dropping any stream it had), against
+    /// the base's tensors `base` (found by [`Staging::base_tensors`]). Every file gets one: a
+    /// stream gives up at once on bytes that are not a safetensors file.
+    fn restart_stream(&mut self, id: u64, base: Option<&Arc<delta::make::BaseTensors>>) {
         let container = self.dir.join(format!(".stream-{}.container", next_id()));
         let Some(s) = self.staged.get_mut(&id) else { return };
         s.stream = None;
-        if let Some(tensors) = &self.base {
+        if let Some(tensors) = base {
             // The stream's name decides only that it tries (it codes `*.safetensors`) and the
             // record's name, which the store replaces with the file's path.
             s.stream = Stream::new(&s.path, "stream.safetensors", container, tensors.clone()).map(Arc::new);
@@ -365,6 +364,23 @@ impl Staging {
         Ok(())
     }
 
+    /// The base's tensors for session (`base`, `name`)'s streams: found at the session's first
+    /// need, outside the sessions' mutex (a sampled hash of every base file, a download on an
+    /// object store), so no other request waits on it; a base that cannot be read now is tried
+    /// again at the next need.
+    fn base_tensors(&self, store: &Store, base: &str, name: &str) -> Option<Arc<delta::make::BaseTensors>> {
+        let slot = self.lock().get(&key(base, name))?.base.clone();
+        let mut found = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if found.is_none() {
+            *found = store
+                .load()
+                .ok()
+                .and_then(|r| delta::make::base_view(&r, base).ok())
+                .map(|v| Arc::new(delta::make::BaseTensors::of(&v)));
+        }
+        found.clone()
+    }
+
     pub fn has_session(&self, base: &str, name: &str) -> bool {
         self.lock().contains_key(&key(base, name))
     }
@@ -418,6 +434,8 @@ impl Staging {
     ) -> FsResult<(File, u64, bool)> {
         registry::validate_file_path(file)
             .map_err(|e| FsError { errno: libc::EINVAL, message: Some(e.to_string()) })?;
+        Self::session(&mut self.lock(), store, base, name)?;
+        let tensors = self.base_tensors(store, base, name);
         let (f, id, existed, marked, filling) = {
             let mut sessions = self.lock();
             let session = Self::session(&mut sessions, store, base, name)?;
@@ -442,6 +460,7 @@ impl Staging {
                 failed: None,
                 stream: None,
                 marked: false,
+                committing: false,
                 fill: if fill && !truncate { Arc::new(Fill::default()) } else { Fill::finished() },
             });
             session.names.insert(file.to_owned(), id);
@@ -454,7 +473,7 @@ impl Staging {
             if truncate || existed.is_none() {
                 // Empty now (or about to be filled by a copy of the stored file, which a stream
                 // never sees as written, so it then codes nothing and close codes the staged file).
-                session.restart_stream(store, base, id);
+                session.restart_stream(id, tensors.as_ref());
             }
             (f, id, existed.is_some(), marked, filling)
         };
@@ -506,36 +525,57 @@ impl Staging {
     /// List staged file `id` as unfinished in the registry (creating the entry, empty, if it is
     /// the first file of a new delta).
     fn mark(&self, store: &Store, base: &str, name: &str, id: u64) -> FsResult<()> {
-        self.update_staged(store, base, name, id, |lock, r, s, file| {
-            delta_entry(r, base, name)?;
-            r.mark_unfinished(name, &file);
-            store.save(r, lock).map_err(registry_fs)?;
-            s.marked = true;
-            Ok(())
-        })
+        self.update_staged(
+            store,
+            base,
+            name,
+            id,
+            |r, _, file| {
+                delta_entry(r, base, name)?;
+                r.mark_unfinished(name, file);
+                Ok(())
+            },
+            |lock, r, ()| store.save(r, lock).map_err(registry_fs),
+            |s, ()| s.marked = true,
+        )
     }
 
-    /// Run `f` on the registry as it is now and staged file `id` with its name now (a rename
-    /// may have moved it), under the store's lock then the sessions' mutex (the lock order);
-    /// `f` saves what it changed. Nothing runs if the file is gone or was removed or replaced
-    /// (nothing of it is to be recorded).
-    fn update_staged(
+    /// A registry update about staged file `id`, under the store's lock (so no other update
+    /// comes between its steps): `change` the registry as it is now, given the file and its name
+    /// now (a rename may have moved it), under the sessions' mutex; `save` it (and move what goes
+    /// with it) without that mutex, so no request waits on the store's I/O; then note what was
+    /// saved in the file (`done`), under the mutex again. Nothing runs if the file is gone or was
+    /// removed or replaced (nothing of it is to be recorded).
+    fn update_staged<P>(
         &self,
         store: &Store,
         base: &str,
         name: &str,
         id: u64,
-        mut f: impl FnMut(&registry::StoreLock, &mut Registry, &mut Staged, String) -> FsResult<()>,
+        mut change: impl FnMut(&mut Registry, &mut Staged, &str) -> FsResult<P>,
+        mut save: impl FnMut(&registry::StoreLock, &Registry, &mut P) -> FsResult<()>,
+        mut done: impl FnMut(&mut Staged, P),
     ) -> FsResult<()> {
         retry_conflicts(|| {
             let lock = store.lock().map_err(registry_fs)?;
             let mut r = store.load().map_err(registry_fs)?;
-            let mut sessions = self.lock();
-            let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
-                return Ok(());
+            let mut planned = {
+                let mut sessions = self.lock();
+                let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) else {
+                    return Ok(());
+                };
+                let Some(file) = s.name.clone() else { return Ok(()) };
+                change(&mut r, s, &file)?
             };
-            let Some(file) = s.name.clone() else { return Ok(()) };
-            f(&lock, &mut r, s, file)
+            let saved = save(&lock, &r, &mut planned);
+            let mut sessions = self.lock();
+            if let Some(s) = sessions.get_mut(&key(base, name)).and_then(|s| s.staged.get_mut(&id)) {
+                s.committing = false;
+                if saved.is_ok() {
+                    done(s, planned);
+                }
+            }
+            saved
         })
     }
 
@@ -547,7 +587,7 @@ impl Staging {
             return (None, false);
         };
         s.version += 1;
-        (s.stream.clone(), !s.marked && s.name.is_some())
+        (s.stream.clone(), (!s.marked || s.committing) && s.name.is_some())
     }
 
     /// `len` bytes were written at `offset` of staged file `id`: code what is now complete.
@@ -589,10 +629,11 @@ impl Staging {
         }
         if size == 0 {
             // `open(O_TRUNC)` where the kernel sends the truncation separately: start afresh.
+            let tensors = self.base_tensors(store, base, name);
             let mut sessions = self.lock();
             if let Some(s) = sessions.get_mut(&key(base, name)) {
                 if s.staged.get(&id).is_some_and(|f| f.stream.is_some()) {
-                    s.restart_stream(store, base, id);
+                    s.restart_stream(id, tensors.as_ref());
                 }
             }
         } else if let Some(s) = stream {
@@ -687,34 +728,46 @@ impl Staging {
         let mut replaced = None;
         let mut used = false;
         // Under the name it has now (a rename may have moved it while it was coded).
-        let result = self.update_staged(store, base, name, id, |lock, r, s, file| {
-            record.name = file.clone();
-            let files = delta_entry(r, base, name)?;
-            replaced = files.iter().find(|f| f.name == file).and_then(|f| f.object.clone());
-            files.retain(|f| f.name != file);
-            files.push(record.clone());
-            files.sort_by(|a, b| a.name.cmp(&b.name));
-            // Written since this version was taken: still unfinished.
-            let finished = s.version == version;
-            if finished {
-                r.clear_unfinished(name, &file);
-            }
-            if uploaded.is_none() {
-                // Into place while holding the store lock, so the registry and the file agree.
-                let dest = store.entry_dir(name).join(&file);
-                make_parents(&dest).map_err(|e| io_fs("store", e))?;
-                fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
-            }
-            store.save(r, lock).map_err(registry_fs)?;
-            used = true;
-            // Stored as of `version`: clean unless written meanwhile. The staged file stays while
-            // a writer has it open ([`Staging::closed`] removes it).
-            s.stored = Some(version);
-            if finished {
-                s.marked = false;
-            }
-            Ok(())
-        });
+        let result = self.update_staged(
+            store,
+            base,
+            name,
+            id,
+            |r, s, file| {
+                record.name = file.to_owned();
+                let files = delta_entry(r, base, name)?;
+                replaced = files.iter().find(|f| f.name == file).and_then(|f| f.object.clone());
+                files.retain(|f| f.name != file);
+                files.push(record.clone());
+                files.sort_by(|a, b| a.name.cmp(&b.name));
+                // Written since this version was taken: still unfinished.
+                let finished = s.version == version;
+                if finished {
+                    r.clear_unfinished(name, file);
+                }
+                s.committing = true;
+                Ok((file.to_owned(), finished))
+            },
+            |lock, r, (file, _)| {
+                if uploaded.is_none() {
+                    // Into place while holding the store lock, so the registry and the file agree.
+                    let dest = store.entry_dir(name).join(&*file);
+                    make_parents(&dest).map_err(|e| io_fs("store", e))?;
+                    fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
+                }
+                store.save(r, lock).map_err(registry_fs)?;
+                used = true;
+                Ok(())
+            },
+            |s, (_, finished)| {
+                // Stored as of `version`: clean unless written meanwhile. The staged file stays
+                // while a writer has it open ([`Staging::closed`] removes it).
+                s.stored = Some(version);
+                if finished {
+                    s.marked = false;
+                }
+            },
+        );
         let _ = fs::remove_file(&tmp);
         // The object no record names any more: the replaced version, or this one if unused.
         let unused = if used { replaced } else { uploaded };
@@ -836,9 +889,10 @@ impl Staging {
     }
 
     fn rename_once(&self, store: &Store, base: &str, name: &str, from: &str, to: &str) -> FsResult<()> {
+        // The store's lock for the whole rename (no other registry update comes between its
+        // steps); the sessions' mutex only for the staged files, after the store's I/O.
         let lock = store.lock().map_err(registry_fs)?;
         let mut r = store.load().map_err(registry_fs)?;
-        let mut sessions = self.lock();
         let dir = store.entry_dir(name);
         // Stored files: records and containers.
         let mut moves: Vec<(PathBuf, PathBuf)> = vec![];
@@ -905,6 +959,7 @@ impl Staging {
             }
         }
         // Staged files and made directories.
+        let mut sessions = self.lock();
         if let Some(s) = sessions.get_mut(&key(base, name)) {
             let moving: Vec<String> = s.names.keys().filter(|n| within(n, from)).cloned().collect();
             if !moving.is_empty() || !moving_records.is_empty() {

@@ -5,8 +5,8 @@
 use std::ops::Range;
 
 use super::{pad4, pieces, Chunk, GpuContext, GpuError, Groups, Kernel, Upload, WG};
-use crate::codec::delta::{bitdelta_rows, bitdelta_sign_bytes, Transform};
-use crate::codec::quant::{QuantBytesView, QuantFloat};
+use crate::compute::delta_ops::{bitdelta_rows, bitdelta_sign_bytes, Transform};
+use crate::compute::float::{QuantBytesView, QuantFloat};
 use crate::compute::merge::LoraFactors;
 use crate::format::Dtype;
 
@@ -34,7 +34,7 @@ fn linear(words: u64) -> Groups {
 }
 
 impl GpuContext {
-    /// [`crate::codec::quant::dequantize_range_bytes`] on the GPU: elements `elems` of the
+    /// `codec::quant::dequantize_range_bytes` on the GPU: elements `elems` of the
     /// quantized tensor as little-endian bytes of `T`, bit-identical.
     pub fn dequantize_range_bytes<T: QuantFloat>(
         &self,
@@ -175,7 +175,7 @@ impl GpuContext {
         self.run(Kernel::AddF16, chunks, out)
     }
 
-    /// [`crate::codec::delta::decode_bitdelta_range`] on the GPU, bit-identical; the same
+    /// `codec::delta::decode_bitdelta_range` on the GPU, bit-identical; the same
     /// slicing contract for `signs`, `scales`, `base` and `out`.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_bitdelta_range(
@@ -225,7 +225,7 @@ impl GpuContext {
         self.run(Kernel::Bitdelta, chunks, out)
     }
 
-    /// [`crate::codec::delta::inverse_from_planes`] on the GPU (the lossless delta's inverse
+    /// `codec::delta::inverse_from_planes` on the GPU (the lossless delta's inverse
     /// transform, after the CPU has decompressed a chunk's planes), bit-identical. Element
     /// sizes 1, 2, 4 and 8 only (every float and integer dtype); others are
     /// [`GpuError::Unsupported`].
@@ -240,7 +240,7 @@ impl GpuContext {
         self.delta_apply(tr, esize, planes, base, out, true)
     }
 
-    /// [`crate::codec::delta::delta_inverse`] on the GPU (no planes), bit-identical.
+    /// `codec::delta::delta_inverse` on the GPU (no planes), bit-identical.
     pub fn delta_inverse(
         &self,
         tr: Transform,

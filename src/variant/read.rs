@@ -3,14 +3,14 @@
 //! A synthesized file is its header followed by tensors. A tensor stored verbatim is read straight
 //! into the reply (no decode, no cache). Any other tensor is split into fixed chunks of
 //! [`CHUNK_SIZE`] output bytes, counted from the tensor's start, and each chunk is decoded once
-//! into the [`ChunkCache`]. The same function serves FUSE reads and `llmfs export`, so the two
-//! give the same bytes by construction.
+//! into the [`ChunkCache`]. The same function serves FUSE reads (`vfs`), `llmfs export` and
+//! `llmfs check`, so they give the same bytes by construction.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use crate::cache::{ChunkBuf, ChunkCache};
-use crate::variant::{Content, ReadError, SynthFile, SynthTensor, VFile};
+use super::{Content, ReadError, SynthFile, SynthTensor, VFile};
 
 /// Output bytes per decoded chunk: large enough that per-chunk overhead (a cache lookup, a task)
 /// is noise next to decoding 2 MiB, small enough that a 1 MiB FUSE read rarely waits for more
@@ -61,8 +61,15 @@ fn read_synth(synth: &SynthFile, offset: u64, out: &mut [u8], cache: &Cache) -> 
     }
     let mut index = synth.tensors.partition_point(|t| t.end <= pos);
     while pos < end {
-        let tensor =
-            synth.tensors.get(index).ok_or_else(|| ReadError::Decode("read past the last tensor".into()))?;
+        // Padding (a GGUF aligns each tensor) up to the next tensor, or to the end: zeros.
+        let next = synth.tensors.get(index).map_or(synth.size, |t| t.start);
+        if pos < next {
+            let stop = end.min(next);
+            out[(pos - offset) as usize..(stop - offset) as usize].fill(0);
+            pos = stop;
+            continue;
+        }
+        let Some(tensor) = synth.tensors.get(index) else { break };
         let stop = end.min(tensor.end);
         if let Some((file, stored_at)) = tensor.source.as_stored() {
             let dst = &mut out[(pos - offset) as usize..(stop - offset) as usize];
@@ -109,11 +116,12 @@ pub fn within_one_chunk(
 }
 
 /// Chunk `k` of a tensor covers the file bytes from `boundary(k)` to `boundary(k + 1)`, where
-/// `boundary(k)` is `k * CHUNK_SIZE` moved up to the tensor's next element boundary and clamped
-/// to the tensor. Aligning to file offsets rather than to the tensor's start means an aligned
-/// read falls in one chunk; rounding to elements keeps every chunk whole elements.
+/// `boundary(k)` is `k * CHUNK_SIZE` moved up to the tensor's next block boundary (an element,
+/// or a ggml block) and clamped to the tensor. Aligning to file offsets rather than to the
+/// tensor's start means an aligned read falls in one chunk; rounding to blocks keeps every
+/// chunk whole blocks, whatever their size (34 bytes for Q8_0).
 fn boundary(tensor: &SynthTensor, k: u64) -> u64 {
-    let esize = tensor.source.dtype().size() as u64;
+    let esize = tensor.source.stored_type().block_bytes() as u64;
     let b = (k * CHUNK_SIZE).clamp(tensor.start, tensor.end);
     (tensor.start + (b - tensor.start).div_ceil(esize) * esize).min(tensor.end)
 }
@@ -150,7 +158,7 @@ fn chunk_bytes(
 /// for the request that wanted it and every reader waiting on it, never the end of the daemon
 /// (a prefetch task on the rayon pool would otherwise abort the process).
 fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Result<(), ReadError> {
-    let esize = tensor.source.dtype().size() as u64;
+    let esize = tensor.source.stored_type().block_bytes() as u64;
     let first = ((range.start - tensor.start) / esize) as usize;
     decode_elements(tensor, first..first + out.len() / esize as usize, out)
 }
@@ -158,7 +166,7 @@ fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Resu
 /// Decode elements `elems` of `tensor` into `out`, a panic in the decoder being an error: every
 /// decode of the daemon (a FUSE read's chunk, a prefetch task, a whole-file decode into the
 /// disk cache) goes through here.
-pub(super) fn decode_elements(
+pub fn decode_elements(
     tensor: &SynthTensor,
     elems: Range<usize>,
     out: &mut [u8],
@@ -168,7 +176,7 @@ pub(super) fn decode_elements(
         tensor.source.read(elems, out)
     }))
     .unwrap_or_else(|panic| {
-        let reason = format!("decoding {}: {}", tensor.name, super::panic_message(&*panic));
+        let reason = format!("decoding {}: {}", tensor.name, panic_message(&*panic));
         tracing::error!("{reason}");
         Err(ReadError::Decode(reason))
     })
@@ -178,7 +186,7 @@ pub(super) fn decode_elements(
 /// environment, decoding tensor NAME panics (and so does a lookup of a file named NAME, a panic
 /// in a FUSE handler itself), so a test can show a panic under a request is EIO and a log line.
 /// Not a user setting; unset, it costs one cached lookup.
-pub(super) fn test_panic(tensor: &str) {
+pub fn test_panic(tensor: &str) {
     static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     if NAME.get_or_init(|| std::env::var("LLMFS_TEST_PANIC_TENSOR").ok()).as_deref() == Some(tensor) {
         panic!("LLMFS_TEST_PANIC_TENSOR={tensor} (a test's deliberate panic)");
@@ -219,7 +227,7 @@ pub fn prefetch(file: &VFile, offset: u64, len: u64, cache: &Arc<Cache>) {
                 chunk_bytes(&synth.tensors[index], synth.id, index as u32, chunk, &cache)
             }));
             if let Err(panic) = done {
-                tracing::error!("prefetch: {}", super::panic_message(&*panic));
+                tracing::error!("prefetch: {}", panic_message(&*panic));
             }
         });
     }
@@ -238,4 +246,13 @@ pub fn drop_behind(file: &VFile, from: u64, to: u64, cache: &Cache) {
             cache.discard(&(synth.id, index as u32, chunk));
         }
     }
+}
+
+/// The text of a caught panic, for the log line that replaces it.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned());
+    format!("panic: {}", text.unwrap_or_else(|| "(no message)".into()))
 }

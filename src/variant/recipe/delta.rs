@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::source::{LazyFactors, LosslessSource, LossySource, TensorSource};
-use super::view::{
+use crate::variant::source::{LazyFactors, LosslessSource, LossySource, TensorSource};
+use crate::variant::view::{
     self as variant, Content, EntryView, LogicalTensor, SynthFile, SynthTensor, VFile, ViewError, WeightFile,
 };
 use crate::format::{self, Dtype, Header};
@@ -211,7 +211,7 @@ pub(crate) fn import_view(
                     TensorSource::Cast { inner: Arc::new(s), to: Dtype::F16 }
                 }
             };
-            variant::map_weights(base, "fastchat delta", |t| {
+            let mut view = variant::map_weights(base, "fastchat delta", |t| {
                 if !t.source.dtype().is_float() {
                     return Ok(t.clone());
                 }
@@ -232,7 +232,12 @@ pub(crate) fn import_view(
                     delta: Arc::new(to_f16(delta)),
                 };
                 Ok(LogicalTensor { source, ..t.clone() })
-            })?
+            })?;
+            // apply_delta writes f16 tensors, and a config that says so.
+            if view.weights.values().flat_map(|w| &w.tensors).all(|t| t.source.dtype() == Dtype::F16) {
+                super::config_with_dtype(&mut view, Dtype::F16);
+            }
+            view
         }
         ImportFormat::Lora => {
             // Through its record: in an object store the file is an object, not under `dir`.

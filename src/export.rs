@@ -15,8 +15,8 @@ use rayon::prelude::*;
 
 use crate::cache::with_scratch;
 use crate::codec::delta::DELTA_CHUNK_ELEMS;
-use crate::variant::{Content, EntryView, SynthFile, VFile};
 use crate::variant::read::{self, Cache};
+use crate::variant::{Content, EntryView, SynthFile, VFile};
 
 /// Bytes per parallel piece of a file read through the read path: several chunks, so each rayon
 /// task decodes a few.
@@ -47,7 +47,8 @@ pub fn export(view: &EntryView, out_dir: &Path, progress: impl Fn(u64) + Sync) -
     let cache = Cache::new(64 << 20);
     let mut total = 0;
     for file in &view.files {
-        crate::variant::check_sources(file).map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
+        crate::variant::check_sources(file)
+            .map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
         // File names are relative paths (subdirectories, dotfiles); none may leave `out_dir`.
         crate::registry::validate_file_path(&file.name)
             .map_err(|e| ExportError::Io { path: out_dir.to_owned(), source: std::io::Error::other(e) })?;

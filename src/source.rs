@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use crate::format::{self, Header};
 use crate::registry::{FileRecord, Fingerprint};
-use crate::store::Objects;
+use crate::store::{ObjectError, Objects};
 
 /// Why bytes could not be produced. Every variant maps to EIO in the mount, with this message
 /// (which names the file) in the log: nothing is ever served wrong silently.
@@ -116,7 +116,9 @@ impl SourceFile {
         let size = self.fingerprint.size;
         let etag = self.fingerprint.etag.as_deref().unwrap_or_default();
         let get = |r: Range<u64>| {
-            objects.read_range(object, etag, size, r).map_err(|e| wrap(io::Error::other(e).into()))
+            objects
+                .read_range(object, etag, size, r)
+                .map_err(|e| wrap(io::Error::other(e.to_string()).into()))
         };
         if size < 8 {
             return Err(wrap(format::HeaderError::TooShort(size)));
@@ -227,9 +229,13 @@ impl SourceFile {
     fn open_now(&self) -> Result<(File, Option<Stamp>), ReadError> {
         if let Some((objects, object)) = &self.remote {
             let etag = self.fingerprint.etag.as_deref().unwrap_or_default();
-            let file = objects
-                .local_copy(object, etag, self.fingerprint.size)
-                .map_err(|reason| ReadError::Io { path: self.where_(), reason })?;
+            let file = objects.local_copy(object, etag, self.fingerprint.size).map_err(|e| match e {
+                // As a changed local base file: EIO, and the same line in the log.
+                ObjectError::Changed { .. } => {
+                    ReadError::Changed { path: self.where_(), reason: e.to_string() }
+                }
+                ObjectError::Unavailable(reason) => ReadError::Io { path: self.where_(), reason },
+            })?;
             return Ok((file, None));
         }
         if let Some(reason) = self.fingerprint.verify(&self.path) {
@@ -244,7 +250,8 @@ impl SourceFile {
     pub fn object_unchanged(&self) -> Result<(), ReadError> {
         let Some((objects, object)) = &self.remote else { return Ok(()) };
         let want = self.fingerprint.etag.as_deref().unwrap_or_default();
-        let now = objects.etag(object).map_err(|reason| ReadError::Io { path: self.where_(), reason })?;
+        let now =
+            objects.etag(object).map_err(|e| ReadError::Io { path: self.where_(), reason: e.to_string() })?;
         if now != want {
             return Err(ReadError::Changed {
                 path: self.where_(),

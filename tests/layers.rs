@@ -22,7 +22,10 @@ fn layers() -> BTreeMap<String, usize> {
     let lines = block.lines().filter(|l| !l.split('#').next().unwrap_or_default().trim().is_empty());
     for (layer, line) in lines.enumerate() {
         for module in line.split('#').next().unwrap_or_default().split_whitespace() {
-            assert!(out.insert(module.to_owned(), layer).is_none(), "{module} is listed twice in README's layers");
+            assert!(
+                out.insert(module.to_owned(), layer).is_none(),
+                "{module} is listed twice in README's layers"
+            );
         }
     }
     out
@@ -122,8 +125,10 @@ fn imports_follow_the_readme_layer_order() {
     for path in files {
         let rel = path.strip_prefix(&src).unwrap();
         // The file's module path: src/codec/ggml/mod.rs is codec::ggml, src/check.rs is check.
-        let mut module: Vec<String> =
-            rel.components().map(|c| c.as_os_str().to_string_lossy().trim_end_matches(".rs").to_owned()).collect();
+        let mut module: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().trim_end_matches(".rs").to_owned())
+            .collect();
         if module.last().is_some_and(|m| m == "mod") {
             module.pop();
         }

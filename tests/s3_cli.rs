@@ -1206,7 +1206,10 @@ fn gc_on_a_local_store_removes_directories_no_entry_owns() {
 
 /// The fastest of three tries of `op` through the mount, each under a deadline: a request that
 /// waits on the frozen server takes the whole stall every time, a scheduling hiccup only once.
-fn fastest_of_3<T: Send + 'static>(what: &str, op: impl Fn() -> T + Send + Sync + Clone + 'static) -> (Duration, T) {
+fn fastest_of_3<T: Send + 'static>(
+    what: &str,
+    op: impl Fn() -> T + Send + Sync + Clone + 'static,
+) -> (Duration, T) {
     let mut best: Option<(Duration, T)> = None;
     for _ in 0..3 {
         let op = op.clone();
@@ -1229,7 +1232,9 @@ fn a_frozen_server_stalls_only_the_open_that_needs_it() {
     };
     let mut s3 = s3_node(&weed.endpoint(), "frozen");
     // A request outlasts the freeze: the open that needs the server finishes once it is back.
-    for (k, v) in [("LLMFS_S3_CONNECT_SECS", "5"), ("LLMFS_S3_REQUEST_SECS", "60"), ("LLMFS_S3_RETRY_SECS", "5")] {
+    for (k, v) in
+        [("LLMFS_S3_CONNECT_SECS", "5"), ("LLMFS_S3_REQUEST_SECS", "60"), ("LLMFS_S3_RETRY_SECS", "5")]
+    {
         set_env(&mut s3, k, v);
     }
     let small = ModelSpec { shards: 1, ..spec() };
@@ -1261,7 +1266,10 @@ fn a_frozen_server_stalls_only_the_open_that_needs_it() {
     let mut times = vec![];
     {
         let p = mp.join("a/config.json");
-        times.push(("stat MOUNT/a/config.json", fastest_of_3("stat", move || fs::metadata(&p).map(|m| m.len()).ok()).0));
+        times.push((
+            "stat MOUNT/a/config.json",
+            fastest_of_3("stat", move || fs::metadata(&p).map(|m| m.len()).ok()).0,
+        ));
     }
     {
         let p = mp.clone();
@@ -1303,7 +1311,11 @@ fn a_frozen_server_stalls_only_the_open_that_needs_it() {
     weed.freeze(false);
     let (got, took) = with_deadline("b's open after the server is back", OP, move || opener.join().unwrap());
     println!("b's weights read in {took:?} (the server frozen for part of it)");
-    assert_same_bytes(&got.expect("reading MOUNT/b/model.safetensors once the server is back"), &want_b, "MOUNT/b/model.safetensors");
+    assert_same_bytes(
+        &got.expect("reading MOUNT/b/model.safetensors once the server is back"),
+        &want_b,
+        "MOUNT/b/model.safetensors",
+    );
 }
 
 /// The names in `dir`, read once (an error reads as nothing).

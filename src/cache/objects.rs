@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::disk::{DiskCache, Key, KeyBuilder};
-use crate::store::{Fetched, ObjectFiles};
+use crate::store::{Fetched, ObjectError, ObjectFiles};
 
 pub struct CachedObjects {
     fetched: Fetched,
@@ -32,7 +32,13 @@ impl CachedObjects {
 impl ObjectFiles for CachedObjects {
     /// From the cached copy when there is one (a remount builds its views from local headers,
     /// not a GET or two per file), else from the store.
-    fn read_range(&self, object: &str, etag: &str, size: u64, range: Range<u64>) -> Result<Vec<u8>, String> {
+    fn read_range(
+        &self,
+        object: &str,
+        etag: &str,
+        size: u64,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, ObjectError> {
         if let Some(cached) = self.disk.get(&self.key(object, etag), size) {
             use std::os::unix::fs::FileExt;
             let mut buf = vec![0u8; range.end.saturating_sub(range.start) as usize];
@@ -43,19 +49,35 @@ impl ObjectFiles for CachedObjects {
         self.fetched.read_range(object, etag, size, range)
     }
 
-    fn etag(&self, object: &str) -> Result<String, String> {
+    fn etag(&self, object: &str) -> Result<String, ObjectError> {
         self.fetched.etag(object)
     }
 
-    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String> {
+    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, ObjectError> {
         let address = self.fetched.address(object);
         let key = self.key(object, etag);
-        let (store, store_key) = self.fetched.resolve(object)?;
-        let cached = self.disk.get_or_fill(&key, size, &address, |f| {
-            store.fetch_into(&store_key, etag, size, f).map(|()| vec![]).map_err(|e| e.to_string())
-        })?;
+        let (store, store_key) = self.fetched.resolve(object).map_err(ObjectError::Unavailable)?;
+        // The fill reports its error as text; the object's own failure is kept typed beside it,
+        // so an object changed in the store is told apart from a store that did not answer.
+        let failed = std::sync::Mutex::new(None);
+        let cached = self
+            .disk
+            .get_or_fill(&key, size, &address, |f| {
+                store.fetch_into(&store_key, etag, size, f).map(|()| vec![]).map_err(|e| {
+                    let text = e.to_string();
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(ObjectError::of(e, etag));
+                    text
+                })
+            })
+            .map_err(|text| {
+                failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .unwrap_or(ObjectError::Unavailable(text))
+            })?;
         match cached {
-            Some(c) => c.file.try_clone().map_err(|e| e.to_string()),
+            Some(c) => c.file.try_clone().map_err(|e| ObjectError::Unavailable(e.to_string())),
             None => self.fetched.download(object, etag, size),
         }
     }

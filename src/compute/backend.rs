@@ -12,10 +12,10 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use super::merge::{self, LoraFactors};
 use super::float::{QuantBytesView, QuantFloat};
-use crate::registry::recipe::QuantConfig;
+use super::merge::{self, LoraFactors};
 use crate::format::Dtype;
+use crate::registry::recipe::QuantConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -132,14 +132,13 @@ fn calibrate(ctx: &super::gpu::GpuContext, cpu_dequant: CpuDequant) -> Choice {
     let n = rows * cols;
     let codes: Vec<u8> = (0..n).map(|i| (i * 31) as u8).collect();
     let groups = rows * cols.div_ceil(config.group_size);
-    let scale: Vec<u8> = (0..groups).flat_map(|g| half::f16::from_f32(1.0 + g as f32 * 1e-3).to_le_bytes()).collect();
+    let scale: Vec<u8> =
+        (0..groups).flat_map(|g| half::f16::from_f32(1.0 + g as f32 * 1e-3).to_le_bytes()).collect();
     let view = QuantBytesView { rows, cols, config, q: &codes, scale: &scale, min: &[] };
     let out = std::cell::RefCell::new(vec![0u8; n * 2]);
-    let dequant = faster(
-        "dequant",
-        &|| cpu_dequant(view, 0..n, &mut out.borrow_mut()),
-        &|| ctx.dequantize_range_bytes::<half::f16>(view, 0..n, &mut out.borrow_mut()).is_ok(),
-    );
+    let dequant = faster("dequant", &|| cpu_dequant(view, 0..n, &mut out.borrow_mut()), &|| {
+        ctx.dequantize_range_bytes::<half::f16>(view, 0..n, &mut out.borrow_mut()).is_ok()
+    });
     let src: Vec<u8> = bytemuck::cast_slice(&data).to_vec();
     let wide = std::cell::RefCell::new(vec![0u8; n * 4]);
     let cast = faster(

@@ -203,7 +203,7 @@ pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> R
         file.set_len(meta.size).map_err(io_err(&path))?;
         let object = record.object.as_deref().expect("set above");
         let get = |r: std::ops::Range<u64>| {
-            objects.read_range(object, &meta.etag, meta.size, r).map_err(Error::Invalid)
+            objects.read_range(object, &meta.etag, meta.size, r).map_err(|e| Error::Invalid(e.to_string()))
         };
         let head = match record.role {
             // The 8-byte length and the JSON header (scan_model_dir checks them strictly).

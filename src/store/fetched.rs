@@ -19,17 +19,47 @@ use std::sync::{Arc, Mutex};
 use super::StoreError;
 use crate::store;
 
+/// Why an object's bytes could not be had.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    /// The object is not (or no longer) the version the entry recorded: a GET pinned to its
+    /// etag failed its precondition, or it is gone. Served as a changed base file is.
+    #[error("changed in the store since it was added (etag {etag} is gone)")]
+    Changed { etag: String },
+    /// The store did not answer, or a local copy could not be made: a later read tries again.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ObjectError {
+    /// A store error met while reading the object at `etag`.
+    pub fn of(e: StoreError, etag: &str) -> Self {
+        match e {
+            StoreError::Precondition { .. } | StoreError::NotFound { .. } => {
+                ObjectError::Changed { etag: etag.to_owned() }
+            }
+            e => ObjectError::Unavailable(e.to_string()),
+        }
+    }
+}
+
 /// Access to the objects of a store: what a `source::SourceFile` of an object-store file reads
 /// through. Object names are keys of the registry's store, or `s3://BUCKET/KEY` addresses.
 pub trait ObjectFiles: Send + Sync {
     /// Bytes `range` of the object (of `size` bytes) as it was at `etag` (an error if it
     /// changed since).
-    fn read_range(&self, object: &str, etag: &str, size: u64, range: Range<u64>) -> Result<Vec<u8>, String>;
+    fn read_range(
+        &self,
+        object: &str,
+        etag: &str,
+        size: u64,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, ObjectError>;
     /// The object's etag now.
-    fn etag(&self, object: &str) -> Result<String, String>;
+    fn etag(&self, object: &str) -> Result<String, ObjectError>;
     /// A local file holding exactly the `size` bytes of the object at `etag`, fetched on first
     /// use (the caller reads it with `pread` only).
-    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String>;
+    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, ObjectError>;
     /// The object's full address, for messages.
     fn address(&self, object: &str) -> String;
 }
@@ -71,8 +101,8 @@ impl Fetched {
     }
 
     /// Downloads `object` at `etag` into a new unlinked file under `dir`.
-    pub fn download(&self, object: &str, etag: &str, size: u64) -> Result<File, String> {
-        let (store, key) = self.resolve(object)?;
+    pub fn download(&self, object: &str, etag: &str, size: u64) -> Result<File, ObjectError> {
+        let (store, key) = self.resolve(object).map_err(ObjectError::Unavailable)?;
         let path = self.tmp.join(format!(".fetch.{}.{}", std::process::id(), unique()));
         let file = OpenOptions::new()
             .read(true)
@@ -80,9 +110,9 @@ impl Fetched {
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| ObjectError::Unavailable(format!("{}: {e}", path.display())))?;
         let _ = std::fs::remove_file(&path);
-        store.fetch_into(&key, etag, size, &file).map_err(|e| e.to_string())?;
+        store.fetch_into(&key, etag, size, &file).map_err(|e| ObjectError::of(e, etag))?;
         Ok(file)
     }
 }
@@ -111,29 +141,32 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn msg(e: StoreError) -> String {
-    e.to_string()
-}
-
 impl ObjectFiles for Fetched {
-    fn read_range(&self, object: &str, etag: &str, _size: u64, range: Range<u64>) -> Result<Vec<u8>, String> {
-        let (store, key) = self.resolve(object)?;
-        store.get_range_at(&key, range, Some(etag)).map(|b| b.to_vec()).map_err(msg)
+    fn read_range(
+        &self,
+        object: &str,
+        etag: &str,
+        _size: u64,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, ObjectError> {
+        let (store, key) = self.resolve(object).map_err(ObjectError::Unavailable)?;
+        store.get_range_at(&key, range, Some(etag)).map(|b| b.to_vec()).map_err(|e| ObjectError::of(e, etag))
     }
 
-    fn etag(&self, object: &str) -> Result<String, String> {
-        let (store, key) = self.resolve(object)?;
-        store.head(&key).map(|m| m.etag).map_err(msg)
+    fn etag(&self, object: &str) -> Result<String, ObjectError> {
+        let (store, key) = self.resolve(object).map_err(ObjectError::Unavailable)?;
+        store.head(&key).map(|m| m.etag).map_err(|e| ObjectError::Unavailable(e.to_string()))
     }
 
-    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, String> {
+    fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, ObjectError> {
         let id = (object.to_owned(), etag.to_owned());
+        let unavailable = |e: std::io::Error| ObjectError::Unavailable(e.to_string());
         if let Some(f) = self.copies.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-            return f.try_clone().map_err(|e| e.to_string());
+            return f.try_clone().map_err(unavailable);
         }
         let file = Arc::new(self.download(object, etag, size)?);
         self.copies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, file.clone());
-        file.try_clone().map_err(|e| e.to_string())
+        file.try_clone().map_err(unavailable)
     }
 
     fn address(&self, object: &str) -> String {

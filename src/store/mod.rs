@@ -74,7 +74,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub use commit::{update_object, Committed, UpdateError, MAX_COMMIT_TIME};
-pub use fetched::{Fetched, ObjectFiles, Objects};
+pub use fetched::{Fetched, ObjectError, ObjectFiles, Objects};
 pub use reader::{ObjectReader, ReadOptions};
 pub use s3::{Limits, S3Config};
 

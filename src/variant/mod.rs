@@ -51,8 +51,7 @@ pub fn build_view_with(
             continue;
         }
         let entry = registry.get(entry_name)?;
-        let parents: Vec<Arc<EntryView>> =
-            entry.kind.parents().iter().map(|p| built[*p].clone()).collect();
+        let parents: Vec<Arc<EntryView>> = entry.kind.parents().iter().map(|p| built[*p].clone()).collect();
         let view = recipe::view(registry, entry_name, entry, &parents)?;
         built.insert(entry_name.to_owned(), Arc::new(view));
     }

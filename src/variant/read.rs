@@ -9,8 +9,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::cache::{ChunkBuf, ChunkCache};
 use super::{Content, ReadError, SynthFile, SynthTensor, VFile};
+use crate::cache::{ChunkBuf, ChunkCache};
 
 /// Output bytes per decoded chunk: large enough that per-chunk overhead (a cache lookup, a task)
 /// is noise next to decoding 2 MiB, small enough that a 1 MiB FUSE read rarely waits for more
@@ -166,11 +166,7 @@ fn decode_chunk(tensor: &SynthTensor, range: Range<u64>, out: &mut [u8]) -> Resu
 /// Decode elements `elems` of `tensor` into `out`, a panic in the decoder being an error: every
 /// decode of the daemon (a FUSE read's chunk, a prefetch task, a whole-file decode into the
 /// disk cache) goes through here.
-pub fn decode_elements(
-    tensor: &SynthTensor,
-    elems: Range<usize>,
-    out: &mut [u8],
-) -> Result<(), ReadError> {
+pub fn decode_elements(tensor: &SynthTensor, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         test_panic(&tensor.name);
         tensor.source.read(elems, out)

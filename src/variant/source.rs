@@ -283,7 +283,8 @@ impl LossySource {
     ) -> Result<Option<Self>, String> {
         let numel: usize = shape.iter().product();
         let scale = header.tensor(&format!("{name}.scale"));
-        let lossy = header.tensor(&format!("{name}.q")).is_some() || header.tensor(&format!("{name}.signs")).is_some();
+        let lossy = header.tensor(&format!("{name}.q")).is_some()
+            || header.tensor(&format!("{name}.signs")).is_some();
         // Validated here, not met by the decoder: it computes in F16, BF16 or F32, over a base
         // of the same type.
         if lossy && (!dtype.is_float() || base.dtype() != dtype) {
@@ -393,21 +394,21 @@ impl LazyFactors {
             return Ok(factors.clone());
         }
         let load = || {
-                let widen = |s: &TensorSource, n: usize| -> Result<Vec<f32>, String> {
-                    if !s.dtype().is_float() {
-                        return Err(format!("a LoRA factor is {}, not a float tensor", s.dtype()));
-                    }
-                    let mut bytes = vec![0u8; n * s.dtype().size()];
-                    s.read(0..n, &mut bytes).map_err(|e| e.to_string())?;
-                    Ok((0..n).map(|i| compute::merge::load(s.dtype(), &bytes, i)).collect())
-                };
-                Ok(Arc::new(LoraFactors {
-                    a: widen(&self.a, self.a_len)?,
-                    b: widen(&self.b, self.b_len)?,
-                    rank: self.rank,
-                    scale: self.scale,
-                    transposed: self.transposed,
-                }))
+            let widen = |s: &TensorSource, n: usize| -> Result<Vec<f32>, String> {
+                if !s.dtype().is_float() {
+                    return Err(format!("a LoRA factor is {}, not a float tensor", s.dtype()));
+                }
+                let mut bytes = vec![0u8; n * s.dtype().size()];
+                s.read(0..n, &mut bytes).map_err(|e| e.to_string())?;
+                Ok((0..n).map(|i| compute::merge::load(s.dtype(), &bytes, i)).collect())
+            };
+            Ok(Arc::new(LoraFactors {
+                a: widen(&self.a, self.a_len)?,
+                b: widen(&self.b, self.b_len)?,
+                rank: self.rank,
+                scale: self.scale,
+                transposed: self.transposed,
+            }))
         };
         let factors = load().map_err(ReadError::Decode)?;
         *loaded = Some(factors.clone());

@@ -101,8 +101,9 @@ impl Fs {
         let old = catalog.registry.clone();
         // A delta written through deltas/ gains files without changing its generation; its
         // unfinished files count too: they answer EIO (see `view`).
-        let changed =
-            |n: &str| old.entries.get(n) != registry.entries.get(n) || old.unfinished(n) != registry.unfinished(n);
+        let changed = |n: &str| {
+            old.entries.get(n) != registry.entries.get(n) || old.unfinished(n) != registry.unfinished(n)
+        };
         let stale: Vec<String> = catalog
             .views
             .keys()

@@ -13,6 +13,7 @@
 
 mod catalog;
 mod decoded;
+mod error;
 pub mod fuse;
 pub mod mount;
 pub mod write;
@@ -23,40 +24,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::registry::Store;
-use catalog::Catalog;
 pub use crate::variant::check_sources;
-use crate::variant::{self, Content, EntryView, VFile};
 pub use crate::variant::read::{self, panic_message, Cache, ChunkKey, CHUNK_SIZE};
+use crate::variant::{self, Content, EntryView, VFile};
+use catalog::Catalog;
+pub use error::{FsError, FsResult};
 
 pub const ROOT_INO: u64 = 1;
 pub const DELTAS_DIR: &str = "deltas";
 
 /// The largest read-ahead window a sequential reader grows to, in bytes.
 const MAX_PREFETCH: u64 = 8 * CHUNK_SIZE;
-
-/// An errno with the reason, which the FUSE layer logs.
-#[derive(Debug)]
-pub struct FsError {
-    pub errno: i32,
-    pub message: Option<String>,
-}
-
-impl FsError {
-    pub fn new(errno: i32) -> Self {
-        FsError { errno, message: None }
-    }
-    pub fn eio(message: impl Into<String>) -> Self {
-        FsError { errno: libc::EIO, message: Some(message.into()) }
-    }
-}
-
-impl From<variant::ReadError> for FsError {
-    fn from(e: variant::ReadError) -> Self {
-        FsError::eio(e.to_string())
-    }
-}
-
-pub type FsResult<T> = Result<T, FsError>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

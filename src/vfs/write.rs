@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use super::error::{io_fs, registry_fs};
 use super::{FsError, FsResult};
 use crate::delta::stream::Stream;
 use crate::delta::{self, DeltaCodec};
@@ -213,28 +214,6 @@ type Sessions = HashMap<(String, String), Session>;
 
 fn key(base: &str, name: &str) -> (String, String) {
     (base.to_owned(), name.to_owned())
-}
-
-fn errno_of(e: &io::Error) -> i32 {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
-        _ => libc::EIO,
-    }
-}
-
-fn io_fs(what: &str, e: io::Error) -> FsError {
-    FsError { errno: errno_of(&e), message: Some(format!("{what}: {e}")) }
-}
-
-/// A registry error as an errno: a full disk stays ENOSPC, anything else is EIO.
-fn registry_fs(e: registry::Error) -> FsError {
-    match &e {
-        registry::Error::Io { source, .. } => {
-            FsError { errno: errno_of(source), message: Some(e.to_string()) }
-        }
-        registry::Error::Conflict => FsError { errno: libc::EAGAIN, message: Some(e.to_string()) },
-        _ => FsError::eio(e.to_string()),
-    }
 }
 
 /// Runs `f` (a load, change and save of the registry) again while another node's commit got in

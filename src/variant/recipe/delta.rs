@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::variant::source::{LazyFactors, LosslessSource, LossySource, TensorSource};
-use crate::variant::view::{
-    self as variant, Content, EntryView, LogicalTensor, SynthFile, SynthTensor, VFile, ViewError, WeightFile,
-};
 use crate::format::{self, Dtype, Header};
 use crate::registry::recipe::ImportFormat;
 use crate::registry::{self, FileRecord, FileRole, Registry};
 use crate::source::SourceFile;
+use crate::variant::source::{LazyFactors, LosslessSource, LossySource, TensorSource};
+use crate::variant::view::{
+    self as variant, Content, EntryView, LogicalTensor, SynthFile, SynthTensor, VFile, ViewError, WeightFile,
+};
 
 /// Container metadata keys (the container format: `delta`'s module doc). The makers in `delta`
 /// write them; they are defined here, on the lower side.

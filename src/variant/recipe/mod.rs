@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::view::{read_whole, Content, EntryView, VFile, ViewError};
 use crate::format::Dtype;
-use crate::registry::{Entry, EntryKind, Registry};
+use crate::registry::{self, Entry, EntryKind, Registry, Store};
 use crate::source::SourceFile;
 
 /// Entry `name`'s view from its parents' (`parents`, in the order `EntryKind::parents` gives).
@@ -84,7 +84,9 @@ fn config_with_dtype(view: &mut EntryView, dtype: Dtype) {
     let Some(file) = view.files.iter_mut().find(|f| f.name == "config.json") else { return };
     let Ok(bytes) = read_whole(file) else { return };
     let Ok(Value::Object(mut config)) = serde_json::from_slice::<Value>(&bytes) else { return };
-    let says = |key: &str, config: &serde_json::Map<String, Value>| config.get(key).and_then(Value::as_str) == Some(name);
+    let says = |key: &str, config: &serde_json::Map<String, Value>| {
+        config.get(key).and_then(Value::as_str) == Some(name)
+    };
     let has_torch_dtype = config.contains_key("torch_dtype");
     if says("dtype", &config) && (!has_torch_dtype || says("torch_dtype", &config)) {
         return;
@@ -96,5 +98,36 @@ fn config_with_dtype(view: &mut EntryView, dtype: Dtype) {
     // As transformers writes it: two-space indent, a newline at the end.
     let Ok(mut out) = serde_json::to_vec_pretty(&Value::Object(config)) else { return };
     out.push(b'\n');
-    *file = VFile { name: file.name.clone(), size: out.len() as u64, content: Content::Generated(out.into()) };
+    *file =
+        VFile { name: file.name.clone(), size: out.len() as u64, content: Content::Generated(out.into()) };
+}
+
+/// Register entry `name` made by recipe `kind` from `base` (its first parent): it inherits the
+/// base's family, templates and ModelInfo link, and is refused if its view cannot be built.
+pub fn register(store: &Store, name: &str, base: &str, kind: EntryKind) -> Result<Entry, registry::Error> {
+    registry::validate_name(name)?;
+    let entry = store.update(|r| {
+        if r.entries.contains_key(name) {
+            return Err(registry::Error::Exists(name.to_owned()));
+        }
+        let b = r.get(base)?.clone();
+        let entry = Entry {
+            kind: kind.clone(),
+            info: registry::ModelInfo {
+                simple_name: name.to_owned(),
+                link: b.info.link.clone(),
+                description: format!("{} of {base}", "variant"),
+            },
+            family: b.family,
+            template: b.template,
+            chat_template: b.chat_template,
+            created: registry::now_secs(),
+            generation: registry::new_generation(),
+        };
+        r.entries.insert(name.to_owned(), entry.clone());
+        // Refuse what cannot be served before anyone mounts it.
+        super::build_view(r, name).map_err(|e| registry::Error::Invalid(e.to_string()))?;
+        Ok(entry)
+    })?;
+    Ok(entry)
 }

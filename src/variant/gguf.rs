@@ -1,0 +1,179 @@
+//! An entry's GGUF files (`gguf/<entry>-F16.gguf` …): the layout llama.cpp's converter writes
+//! (`format::gguf::plan`), laid over the entry's own tensor sources, so a GGUF view of a delta,
+//! a quantized copy or a merge is computed from what the mount serves for it.
+//!
+//! Each planned tensor is a [`GgmlSource`] over the entry's tensor of that name: a read of a
+//! range of its ggml blocks converts the whole ggml rows holding them (the Q/K permute applied
+//! to rows, each row cast, or quantized by ggml's reference quantizers in `codec::ggml`) and
+//! keeps the blocks asked for. The header, the sizes and the offsets come from the plan, before
+//! anything is converted, so `ls -l` shows every file's exact size for free.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::codec::ggml::{self, GgmlType};
+use crate::format::gguf::{self, GgufTarget, HfTensor, ModelFiles, PlannedTensor, RowMap};
+use crate::format::{Dtype, StoredType};
+use crate::source::ReadError;
+use crate::variant::source::TensorSource;
+use crate::variant::view::{read_whole, Content, EntryView, SynthFile, SynthTensor, VFile};
+
+/// The folder the GGUF files are in, inside an entry.
+pub const GGUF_DIR: &str = "gguf";
+
+/// One tensor of a GGUF file: its plan and the entry's source of the tensor it comes from
+/// (None for values the plan computed, such as Llama 3's `rope_freqs`).
+#[derive(Debug)]
+pub struct GgmlSource {
+    pub planned: PlannedTensor,
+    pub inner: Option<TensorSource>,
+}
+
+impl GgmlSource {
+    pub fn ggml_type(&self) -> GgmlType {
+        self.planned.ggml_type
+    }
+
+    pub fn stored_type(&self) -> StoredType {
+        StoredType::Block(self.planned.ggml_type)
+    }
+
+    /// Blocks `blocks` (row-major over the tensor) into `out`.
+    pub fn read(&self, blocks: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let t = &self.planned;
+        let ty = t.ggml_type;
+        let row_blocks = (t.row_elems() as usize / ty.block_elems()).max(1);
+        let (first, last) = (blocks.start / row_blocks, blocks.end.div_ceil(row_blocks));
+        let bad = |reason: String| ReadError::Decode(format!("{}: {reason}", t.name));
+        // The rows in output order, as the source's raw bytes, so the converter's own row cast
+        // (or quantizer) runs on exactly what it would read.
+        let (sub, gathered) = match (&t.source, &self.inner) {
+            (gguf::TensorSource::Hf { dtype, shape, rows, through_f16, .. }, Some(inner)) => {
+                let n: usize = shape.iter().product();
+                let hf_rows = shape.first().copied().unwrap_or(1).max(1);
+                let unit = n / hf_rows;
+                let row_elems = t.row_elems() as usize;
+                let (a, b) = (first * row_elems, last * row_elems);
+                let esize = dtype.size();
+                let mut bytes = vec![0u8; (b - a) * esize];
+                let mut e = a;
+                while e < b {
+                    let (hf_row, within) = (e / unit, e % unit);
+                    let take = (unit - within).min(b - e);
+                    let at = rows.src_row(hf_row, hf_rows) * unit + within;
+                    inner.read(at..at + take, &mut bytes[(e - a) * esize..(e - a + take) * esize])?;
+                    e += take;
+                }
+                let mut sub = t.clone();
+                sub.dims = std::iter::once(t.dims[0]).chain(std::iter::once((last - first) as u64)).collect();
+                let sub_shape = vec![last - first, row_elems];
+                sub.source = gguf::TensorSource::Hf {
+                    name: t.name.clone(),
+                    dtype: *dtype,
+                    shape: sub_shape,
+                    rows: RowMap::Identity,
+                    through_f16: *through_f16,
+                };
+                (sub, bytes)
+            }
+            (gguf::TensorSource::Computed(_), _) => (t.clone(), vec![]),
+            (gguf::TensorSource::Hf { .. }, None) => return Err(bad("no source tensor".into())),
+        };
+        let (lo, hi) = match &t.source {
+            gguf::TensorSource::Computed(_) => (first as u64, last as u64),
+            _ => (0, (last - first) as u64),
+        };
+        let mut converted = Vec::with_capacity((last - first) * t.row_bytes() as usize);
+        let mut quantize = |ty: GgmlType, values: &[f32], out: &mut Vec<u8>| -> Result<(), String> {
+            let n_per_row = sub.row_elems() as usize;
+            let at = out.len();
+            out.resize(at + values.len() / ty.block_elems() * ty.block_bytes(), 0);
+            ggml::quantize_rows(ty, values, n_per_row, &mut out[at..]).map_err(|e| e.to_string())
+        };
+        gguf::convert::convert_rows(&sub, &gathered, lo, hi, &mut converted, &mut quantize)
+            .map_err(|e| bad(e.to_string()))?;
+        let bb = ty.block_bytes();
+        let from = (blocks.start - first * row_blocks) * bb;
+        out.copy_from_slice(converted.get(from..from + out.len()).ok_or_else(|| bad("short conversion".into()))?);
+        Ok(())
+    }
+}
+
+/// The repository files the converter reads, from the view (small files only).
+fn model_files(view: &EntryView) -> Option<HashMap<&'static str, Vec<u8>>> {
+    let names = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+    ];
+    let mut out = HashMap::new();
+    for name in names {
+        if let Some(f) = view.file(name) {
+            out.insert(name, read_whole(f).ok()?);
+        }
+    }
+    out.contains_key("config.json").then_some(out)
+}
+
+/// The GGUF files of entry `name` (view `view`), or why it has none (an architecture llama.cpp's
+/// converter does not map the same way, a tokenizer that cannot be translated …).
+pub fn files(name: &str, view: &EntryView) -> Result<Vec<VFile>, String> {
+    let files = model_files(view).ok_or("no config.json")?;
+    let model = ModelFiles {
+        config: &files["config.json"],
+        tokenizer_json: files.get("tokenizer.json").map(Vec::as_slice),
+        tokenizer_model: files.get("tokenizer.model").map(Vec::as_slice),
+        tokenizer_config: files.get("tokenizer_config.json").map(Vec::as_slice),
+        generation_config: files.get("generation_config.json").map(Vec::as_slice),
+        added_tokens: files.get("added_tokens.json").map(Vec::as_slice),
+        chat_template_jinja: files.get("chat_template.jinja").map(Vec::as_slice),
+    };
+    // The shards in file-name order, as the converter reads them.
+    let mut sources: HashMap<&str, &TensorSource> = HashMap::new();
+    let mut tensors = vec![];
+    for (part, (_, w)) in view.weights.iter().enumerate() {
+        for t in &w.tensors {
+            sources.insert(&t.name, &t.source);
+            let dtype = t.source.dtype();
+            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(format!("tensor {} is {dtype}: GGUF views take float tensors", t.name));
+            }
+            tensors.push(HfTensor { part, name: t.name.clone(), shape: t.shape.clone(), dtype });
+        }
+    }
+    let mut out = vec![];
+    for target in GgufTarget::ALL {
+        let plan = gguf::plan(&model, &tensors, target, name).map_err(|e| e.to_string())?;
+        let mut synth = vec![];
+        for planned in plan.tensors {
+            let inner = match &planned.source {
+                gguf::TensorSource::Hf { name: hf, .. } => {
+                    Some((*sources.get(hf.as_str()).ok_or_else(|| format!("no tensor {hf}"))?).clone())
+                }
+                gguf::TensorSource::Computed(_) => None,
+            };
+            let (start, end) = (planned.offset, planned.offset + planned.len);
+            synth.push(SynthTensor {
+                name: planned.name.clone(),
+                start,
+                end,
+                source: TensorSource::Ggml(Arc::new(GgmlSource { planned, inner })),
+            });
+        }
+        let file = SynthFile::with_size(plan.header, synth, plan.size);
+        out.push(VFile {
+            name: format!("{GGUF_DIR}/{name}-{}.gguf", target.name()),
+            size: plan.size,
+            content: Content::Synth(Arc::new(file)),
+        });
+    }
+    Ok(out)
+}

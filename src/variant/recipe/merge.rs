@@ -1,0 +1,137 @@
+//! A merge: several parents' tensors combined by one of mergekit's methods, computed on read.
+//!
+//! The entry keeps only its configuration (mergekit's schema, models named by entry) and seed.
+//! Its view is planned from its parents' views as mergekit's planner does (`merge::plan`: which
+//! input tensors make each output tensor, renumbered layers for a passthrough stack, the
+//! numbers of each tensor's merge); each output tensor is a [`MergedSource`] over its inputs'
+//! sources, whatever recipe made them (a base, a cast, a quantized copy, a delta, an import,
+//! another merge). Files: the base's (mergekit's `config_source`) file names and shard layout
+//! when the merged tensors are the base's; one `model.safetensors` when a layer stack renames
+//! them. config.json gets the new layer count and dtype; the tokenizer comes from
+//! `tokenizer_source`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::format::Dtype;
+use crate::merge::config::TokenizerSource;
+use crate::merge::{self, MergeConfig, ModelTensors};
+use crate::variant::source::{MergedSource, TensorSource};
+use crate::variant::view::{read_whole, with_weights, EntryView, LogicalTensor, ViewError, WeightFile};
+
+/// The files a tokenizer is made of (`tokenizer_source` takes them from one parent).
+const TOKENIZER_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
+/// `num_hidden_layers` of a view's config.json (0 when it has none).
+fn num_layers(view: &EntryView) -> usize {
+    view.file("config.json")
+        .and_then(|f| read_whole(f).ok())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|c| c.get("num_hidden_layers").and_then(Value::as_u64))
+        .unwrap_or(0) as usize
+}
+
+/// Entry `name`'s view: `config` (a serialized [`MergeConfig`]) over `parents` (the views of
+/// `parent_names`, in the registry's order).
+pub(super) fn view(
+    name: &str,
+    config: &Value,
+    seed: u64,
+    parent_names: &[String],
+    parents: &[Arc<EntryView>],
+) -> Result<EntryView, ViewError> {
+    let invalid = |reason: String| ViewError::Invalid { entry: name.to_owned(), reason };
+    let cfg: MergeConfig =
+        serde_json::from_value(config.clone()).map_err(|e| invalid(format!("stored merge config: {e}")))?;
+    let views: BTreeMap<&str, &Arc<EntryView>> =
+        parent_names.iter().map(String::as_str).zip(parents).collect();
+    // Every parent's tensors by name, and what the planner needs of each.
+    let mut tensors: HashMap<&str, HashMap<&str, &LogicalTensor>> = HashMap::new();
+    let mut models: BTreeMap<String, ModelTensors> = BTreeMap::new();
+    for (&parent, view) in &views {
+        let by_name: HashMap<&str, &LogicalTensor> =
+            view.weights.values().flat_map(|w| &w.tensors).map(|t| (t.name.as_str(), t)).collect();
+        let info = ModelTensors {
+            tensors: by_name.iter().map(|(n, t)| (n.to_string(), (t.source.dtype(), t.shape.clone()))).collect(),
+            num_layers: num_layers(view),
+        };
+        tensors.insert(parent, by_name);
+        models.insert(parent.to_owned(), info);
+    }
+    let plan = merge::plan(&cfg, &models, seed).map_err(|e| invalid(e.to_string()))?;
+    let template =
+        views.get(plan.config_source.as_str()).ok_or_else(|| invalid(format!("no parent {}", plan.config_source)))?;
+
+    // Each merged tensor over its inputs' sources.
+    let mut merged: BTreeMap<&str, LogicalTensor> = BTreeMap::new();
+    for recipe in &plan.tensors {
+        let mut inputs = vec![];
+        for input in &recipe.inputs {
+            let t = tensors.get(input.model.as_str()).and_then(|m| m.get(input.tensor.as_str())).ok_or_else(|| {
+                invalid(format!("{}: parent {} has no tensor {}", recipe.name, input.model, input.tensor))
+            })?;
+            if !t.source.dtype().is_float() {
+                return Err(invalid(format!("{}: {} is {}, not a float tensor", recipe.name, input.tensor, t.source.dtype())));
+            }
+            inputs.push(t.source.clone());
+        }
+        let source = MergedSource::new(inputs, recipe.merge.clone(), recipe.out_dtype);
+        merged.insert(
+            &recipe.name,
+            LogicalTensor {
+                name: recipe.name.clone(),
+                shape: recipe.merge.shape.clone(),
+                source: TensorSource::Merged(Arc::new(source)),
+            },
+        );
+    }
+
+    // The template's files when the merge has exactly its tensors; one file otherwise.
+    let template_names: Vec<&str> =
+        template.weights.values().flat_map(|w| &w.tensors).map(|t| t.name.as_str()).collect();
+    let same_tensors =
+        template_names.len() == merged.len() && template_names.iter().all(|n| merged.contains_key(n));
+    let mut weights: BTreeMap<String, WeightFile> = BTreeMap::new();
+    if same_tensors {
+        for (file, w) in &template.weights {
+            let tensors = w.tensors.iter().map(|t| merged[t.name.as_str()].clone()).collect();
+            weights.insert(file.clone(), WeightFile { tensors, metadata: w.metadata.clone() });
+        }
+    } else {
+        let metadata = template.weights.values().next().map(|w| w.metadata.clone()).unwrap_or_default();
+        weights.insert(
+            "model.safetensors".into(),
+            WeightFile { tensors: plan.tensors.iter().map(|r| merged[r.name.as_str()].clone()).collect(), metadata },
+        );
+    }
+    let mut view = with_weights(template, &format!("merge {name} ({})", cfg.method.name()), weights);
+
+    // The tokenizer of `tokenizer_source` (mergekit's default: the base's, i.e. the template's).
+    if let Some(TokenizerSource::Model(m)) = &cfg.tokenizer_source {
+        let from = views.get(m.as_str()).ok_or_else(|| invalid(format!("tokenizer_source {m} is not a parent")))?;
+        view.files.retain(|f| !TOKENIZER_FILES.contains(&f.name.as_str()));
+        view.files.extend(from.files.iter().filter(|f| TOKENIZER_FILES.contains(&f.name.as_str())).cloned());
+    }
+    let layers = plan.num_hidden_layers;
+    let dtype: Option<Dtype> = plan.torch_dtype;
+    super::edit_config(&mut view, |config| {
+        if layers > 0 && config.get("num_hidden_layers").and_then(Value::as_u64) != Some(layers as u64) {
+            config.insert("num_hidden_layers".into(), layers.into());
+        }
+        if let Some(d) = dtype {
+            super::set_dtype(config, d);
+        }
+    });
+    Ok(view)
+}

@@ -17,7 +17,8 @@ DIR is the sdist's vendor/llama.cpp (`pip download --no-binary :all: --no-deps
 llama-cpp-python==0.3.36`, unpacked), or $LLMFS_LLAMA_CPP. Needs torch, transformers, tokenizers,
 sentencepiece and gguf (0.19) importable. Q8_0 files are compared by header only (llmfs writes
 zero blocks until the ggml quantizers land); Q4_0 / Q4_K_M need llama-quantize and are not
-compared here.
+compared unless --llama-quantize (or $LLMFS_LLAMA_QUANTIZE) names a llama-quantize built from
+the same source (then by header, like Q8_0).
 
 The converter is run with three stand-ins, each a property of this harness, not of llmfs:
 `gguf.LazyChunkedTensor` (referenced by the converter, missing from its gguf-py's exports);
@@ -37,6 +38,7 @@ from pathlib import Path
 
 TYPES_FULL = ["F16", "BF16"]  # compared byte for byte
 TYPES_HEADER = ["Q8_0"]  # compared by header (KVs, tensor infos)
+TYPES_QUANTIZE = ["Q4_0", "Q4_K_M"]  # llama-quantize on the converter's F16 file, compared by header
 MODELS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 
 LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -179,7 +181,12 @@ def convert_child(llama_cpp: str, model: str, out: str, outtype: str, pre: str, 
     runpy.run_path(str(Path(llama_cpp) / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
-def make(work: Path, llama_cpp: str):
+def types(work: Path):
+    quantized = all((work / f"{m}.converter-{t}.gguf").is_file() for m in MODELS for t in TYPES_QUANTIZE)
+    return TYPES_FULL + TYPES_HEADER + (TYPES_QUANTIZE if quantized else [])
+
+
+def make(work: Path, llama_cpp: str, quantize: str | None):
     work.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         d = work / name
@@ -197,11 +204,17 @@ def make(work: Path, llama_cpp: str):
             if r.returncode != 0:
                 sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
                 raise SystemExit(f"converter failed on {name} {t}")
+        for t in TYPES_QUANTIZE if quantize else []:
+            src, out = work / f"{name}.converter-F16.gguf", work / f"{name}.converter-{t}.gguf"
+            r = subprocess.run([quantize, str(src), str(out), t], capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
+                raise SystemExit(f"llama-quantize failed on {name} {t}")
 
 
 def write_ours(work: Path, writer: str):
     for name in MODELS:
-        for t in TYPES_FULL + TYPES_HEADER:
+        for t in types(work):
             cmd = shlex.split(writer) + [str(work / name), str(work / f"{name}.llmfs-{t}.gguf"), t, name]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -268,7 +281,7 @@ def compare(work: Path) -> int:
     bad = 0
     print(f"{'model':<14} {'type':<5} {'KVs equal':>10} {'tensor infos':>13} {'data equal':>12} {'whole file':>11}  result")
     for name in MODELS:
-        for t in TYPES_FULL + TYPES_HEADER:
+        for t in types(work):
             ref, ours = work / f"{name}.converter-{t}.gguf", work / f"{name}.llmfs-{t}.gguf"
             row, problems = compare_one(ref, ours, t in TYPES_FULL)
             result = "ok" if not problems else "DIFF"
@@ -288,13 +301,15 @@ def main():
     ap.add_argument("cmd", choices=["all", "make", "compare"])
     ap.add_argument("work", type=Path)
     ap.add_argument("--llama-cpp", default=os.environ.get("LLMFS_LLAMA_CPP"))
+    ap.add_argument("--llama-quantize", default=os.environ.get("LLMFS_LLAMA_QUANTIZE"),
+                    help="llama-quantize built from the same llama.cpp: adds Q4_0 and Q4_K_M (headers)")
     ap.add_argument("--writer", default="target/release/examples/gguf_write")
     a = ap.parse_args()
     if a.cmd in ("all", "make"):
         if not a.llama_cpp or not (Path(a.llama_cpp) / "convert_hf_to_gguf.py").is_file():
             print("SKIPPED: no llama.cpp source (--llama-cpp DIR or $LLMFS_LLAMA_CPP: llama-cpp-python 0.3.36's vendor/llama.cpp)")
             return 0
-        make(a.work, a.llama_cpp)
+        make(a.work, a.llama_cpp, a.llama_quantize)
     if a.cmd == "all":
         write_ours(a.work, a.writer)
     if a.cmd in ("all", "compare"):

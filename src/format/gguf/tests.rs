@@ -381,3 +381,18 @@ fn reader_refuses_every_truncation_and_corruption_without_panicking() {
     huge.extend_from_slice(&u64::MAX.to_le_bytes());
     assert!(matches!(parse(&huge), Err(ReadError::CountTooLarge { .. })));
 }
+
+#[test]
+fn fuzz_seeds_parse_and_round_trip() {
+    // The seeds of fuzz/corpus/{gguf,gguf_spm}: written by gguf-py's GGUFWriter and by hand.
+    let seed = include_bytes!("../../../fuzz/corpus/gguf/tiny.gguf");
+    let f = parse(seed).unwrap();
+    assert_eq!(f.tensors.len(), 3);
+    assert_eq!(f.get("general.name"), Some(&Value::str("seed")));
+    assert_eq!(f.tensor("blk.0.attn_q.weight").unwrap().ggml_type, GgmlType::Q8_0);
+    let header = value::encode_header(&f.kvs, &f.tensors, f.alignment);
+    assert_eq!(&seed[..header.len()], &header[..], "gguf-py and llmfs encode headers alike");
+    let pieces = spm::parse_model(include_bytes!("../../../fuzz/corpus/gguf_spm/small.model")).unwrap();
+    assert_eq!(pieces.len(), 7);
+    assert_eq!(pieces[5].kind, spm::PieceType::UserDefined);
+}

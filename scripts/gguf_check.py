@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare llmfs's GGUF files with what llama.cpp's convert_hf_to_gguf.py writes.
 
-Makes tiny llama-, mistral-, qwen2- and qwen3-style models (transformers, random weights, two
+Makes tiny llama-, mistral- (two tokenizer layouts), qwen2- and qwen3-style models (transformers, random weights, two
 layers) with real-format tokenizers (a byte-level BPE trained with `tokenizers`, Llama-3 and
 Qwen2 pre-tokenizer regexes; a SentencePiece model trained with `sentencepiece`), runs the
 converter vendored in llama-cpp-python 0.3.36's sdist, runs llmfs's writer on the same
@@ -39,7 +39,7 @@ from pathlib import Path
 TYPES_FULL = ["F16", "BF16"]  # compared byte for byte
 TYPES_HEADER = ["Q8_0"]  # compared by header (KVs, tensor infos)
 TYPES_QUANTIZE = ["Q4_0", "Q4_K_M"]  # llama-quantize on the converter's F16 file, compared by header
-MODELS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+MODELS = ["tiny-llama", "tiny-mistral", "tiny-mistral-hf", "tiny-qwen2", "tiny-qwen3"]
 
 LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -163,6 +163,21 @@ def make_mistral(d: Path):
     return "default"
 
 
+def make_mistral_hf(d: Path, src: Path):
+    """tiny-mistral's weights and tokenizer.model with the tokenizer files transformers writes
+    (tokenizer.json, tokenizer_config.json without added_tokens_decoder, chat_template.jinja)."""
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copy(src / f, d / f)
+    t = LlamaTokenizer(vocab_file=str(src / "tokenizer.model"), legacy=False)
+    t.chat_template = "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
+    t.save_pretrained(str(d))
+    return "default"
+
+
 def convert_child(llama_cpp: str, model: str, out: str, outtype: str, pre: str, name: str):
     """Runs inside a child process: the vendored converter with the harness's stand-ins."""
     import runpy
@@ -195,6 +210,8 @@ def make(work: Path, llama_cpp: str, quantize: str | None):
             pre = make_llama(d)
         elif name == "tiny-mistral":
             pre = make_mistral(d)
+        elif name == "tiny-mistral-hf":
+            pre = make_mistral_hf(d, work / "tiny-mistral")
         else:
             pre = make_qwen(d, qwen3=name == "tiny-qwen3")
         for t in TYPES_FULL + TYPES_HEADER:

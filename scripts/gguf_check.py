@@ -296,14 +296,14 @@ def compare_one(ref_path: Path, our_path: Path, full: bool):
 
 def compare(work: Path) -> int:
     bad = 0
-    print(f"{'model':<14} {'type':<5} {'KVs equal':>10} {'tensor infos':>13} {'data equal':>12} {'whole file':>11}  result")
+    print(f"{'model':<16} {'type':<6} {'KVs equal':>10} {'tensor infos':>13} {'data equal':>12} {'whole file':>11}  result")
     for name in MODELS:
         for t in types(work):
             ref, ours = work / f"{name}.converter-{t}.gguf", work / f"{name}.llmfs-{t}.gguf"
             row, problems = compare_one(ref, ours, t in TYPES_FULL)
             result = "ok" if not problems else "DIFF"
             bad += bool(problems)
-            print(f"{name:<14} {t:<5} {row['kv']:>10} {row['tensors']:>13} {row['data']:>12} {row['file']:>11}  {result}")
+            print(f"{name:<16} {t:<6} {row['kv']:>10} {row['tensors']:>13} {row['data']:>12} {row['file']:>11}  {result}")
             for p in problems[:12]:
                 print(f"    {p}")
     print("all equal" if not bad else f"{bad} file(s) differ")

@@ -12,6 +12,10 @@ use super::{PlannedTensor, TensorSource};
 use crate::codec::ggml::GgmlType;
 use crate::format::Dtype;
 
+/// Encodes whole rows of f32 values as blocks of a quantized ggml type, appending to the output
+/// (the ggml reference quantizers; `dir::zero_blocks` stands in until they land).
+pub type Quantizer<'a> = dyn FnMut(GgmlType, &[f32], &mut Vec<u8>) -> Result<(), String> + 'a;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     #[error("tensor {name}: source has {got} bytes, expected {want}")]
@@ -57,7 +61,7 @@ pub fn convert_rows(
     first: u64,
     last: u64,
     out: &mut Vec<u8>,
-    quantize: &mut dyn FnMut(GgmlType, &[f32], &mut Vec<u8>) -> Result<(), String>,
+    quantize: &mut Quantizer,
 ) -> Result<(), ConvertError> {
     let name = || t.name.clone();
     if first > last || last > t.n_rows() {

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::convert::{convert_rows, ConvertError};
+use super::convert::{convert_rows, ConvertError, Quantizer};
 use super::{plan, GgufError, GgufPlan, GgufTarget, HfTensor, ModelFiles, TensorSource};
 use crate::codec::ggml::GgmlType;
 use crate::format::safetensors::{read_header_path, FileHeaderError};
@@ -115,7 +115,7 @@ pub fn write_from_dir(
     target: GgufTarget,
     name: &str,
     out: &mut dyn Write,
-    quantize: &mut dyn FnMut(GgmlType, &[f32], &mut Vec<u8>) -> Result<(), String>,
+    quantize: &mut Quantizer,
 ) -> Result<GgufPlan, DirError> {
     let files = DirFiles::read(dir)?;
     let (tensors, locations) = read_tensors(dir)?;

@@ -177,7 +177,8 @@ fn gpt2_vocab(
     if n > 16 << 20 {
         return Err(unsupported(format!("vocab_size {vocab_size} is implausible")));
     }
-    let mut by_id: Vec<Option<(String, Option<(bool, bool)>)>> = vec![None; n];
+    // Each id's text and, for an added token, whether it is special.
+    let mut by_id: Vec<Option<(String, Option<bool>)>> = vec![None; n];
     let out_of_range = |id: u64| unsupported(format!("token id {id} is not below vocab_size {vocab_size}"));
     for (tok, id) in vocab {
         let id = id.as_u64().ok_or_else(|| unsupported(format!("tokenizer.json vocab id of {tok:?}")))?;
@@ -186,7 +187,7 @@ fn gpt2_vocab(
     let added = added_tokens(tj)?;
     for a in &added {
         *by_id.get_mut(a.id as usize).ok_or_else(|| out_of_range(a.id))? =
-            Some((a.content.clone(), Some((a.special, a.normalized))));
+            Some((a.content.clone(), Some(a.special)));
     }
     let added_contents: std::collections::HashSet<&str> = added.iter().map(|a| a.content.as_str()).collect();
     let mut tokens = Vec::with_capacity(n);
@@ -199,7 +200,7 @@ fn gpt2_vocab(
             }
             Some((tok, flags)) => {
                 if added_contents.contains(tok.as_str()) {
-                    let special = flags.map(|f| f.0).unwrap_or(false);
+                    let special = flags.unwrap_or(false);
                     if special || looks_special(&tok) {
                         types.push(Value::I32(CONTROL));
                         tokens.push(Value::Str(tok));
@@ -309,7 +310,6 @@ struct Added {
     id: u64,
     content: String,
     special: bool,
-    normalized: bool,
 }
 
 fn added_tokens(tj: &Map<String, Json>) -> Result<Vec<Added>, GgufError> {
@@ -323,7 +323,6 @@ fn added_tokens(tj: &Map<String, Json>) -> Result<Vec<Added>, GgufError> {
                     id,
                     content: c.to_owned(),
                     special: a.get("special").and_then(Json::as_bool).unwrap_or(false),
-                    normalized: a.get("normalized").and_then(Json::as_bool).unwrap_or(true),
                 }),
                 _ => Err(unsupported(format!("tokenizer.json added token {a}"))),
             }

@@ -396,3 +396,41 @@ fn fuzz_seeds_parse_and_round_trip() {
     assert_eq!(pieces.len(), 7);
     assert_eq!(pieces[5].kind, spm::PieceType::UserDefined);
 }
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn valid_header() -> (Vec<u8>, u64) {
+        let p = llama_plan(GgufTarget::Q4_K_M);
+        (p.header, p.size)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// The fuzz target's property on mutated real headers: an error or a header that
+        /// re-encodes to itself, never a panic.
+        #[test]
+        fn mutated_headers_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+                                       cut in any::<prop::sample::Index>()) {
+            let (mut h, size) = valid_header();
+            for (i, b) in edits {
+                let i = i.index(h.len());
+                h[i] = b;
+            }
+            let keep = cut.index(h.len() + 1);
+            if let Ok(f) = parse_header(&h[..keep], size) {
+                let again = value::encode_header(&f.kvs, &f.tensors, f.alignment);
+                let re = parse_header(&again, size + again.len() as u64).unwrap();
+                prop_assert_eq!((re.kvs, re.tensors), (f.kvs, f.tensors));
+            }
+        }
+
+        #[test]
+        fn random_protobuf_never_panics(data in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = spm::parse_model(&data);
+        }
+    }
+}

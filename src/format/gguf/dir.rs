@@ -120,26 +120,55 @@ pub fn write_from_dir(
     let files = DirFiles::read(dir)?;
     let (tensors, locations) = read_tensors(dir)?;
     let plan = plan(&files.model_files(), &tensors, target, name)?;
-    out.write_all(&plan.header).map_err(DirError::Write)?;
+    let mut read = |hf_name: &str| -> Result<Vec<u8>, DirError> {
+        let (path, offset, len) = &locations[hf_name];
+        let file = File::open(path).map_err(|source| DirError::Io { path: path.clone(), source })?;
+        let mut src = vec![0u8; *len as usize];
+        file.read_exact_at(&mut src, *offset)
+            .map_err(|source| DirError::Io { path: path.clone(), source })?;
+        Ok(src)
+    };
+    write_plan(&plan, &mut read, quantize, out)?;
+    Ok(plan)
+}
+
+/// Write a planned file to `out`: the header, then each tensor's rows converted from the bytes
+/// `read(hf_name)` returns for its HF source (the whole tensor, raw little-endian), then its
+/// padding. What a server of the plan does for the whole file; a byte range maps the same way
+/// through [`GgufPlan::segments`] and [`super::PlannedTensor::rows_of`].
+pub fn write_plan<E>(
+    plan: &GgufPlan,
+    read: &mut dyn FnMut(&str) -> Result<Vec<u8>, E>,
+    quantize: &mut Quantizer,
+    out: &mut dyn Write,
+) -> Result<(), E>
+where
+    E: From<ConvertError> + From<WriteFailed>,
+{
+    out.write_all(&plan.header).map_err(|e| E::from(WriteFailed(e)))?;
     let mut buf = Vec::new();
     for t in &plan.tensors {
         let src = match &t.source {
-            TensorSource::Hf { name, .. } => {
-                let (path, offset, len) = &locations[name];
-                let file = File::open(path).map_err(|source| DirError::Io { path: path.clone(), source })?;
-                let mut src = vec![0u8; *len as usize];
-                file.read_exact_at(&mut src, *offset)
-                    .map_err(|source| DirError::Io { path: path.clone(), source })?;
-                src
-            }
+            TensorSource::Hf { name, .. } => read(name)?,
             TensorSource::Computed(_) => Vec::new(),
         };
         buf.clear();
         convert_rows(t, &src, 0, t.n_rows(), &mut buf, quantize)?;
-        out.write_all(&buf).map_err(DirError::Write)?;
-        out.write_all(&vec![0u8; t.padding as usize]).map_err(DirError::Write)?;
+        out.write_all(&buf).map_err(|e| E::from(WriteFailed(e)))?;
+        out.write_all(&vec![0u8; t.padding as usize]).map_err(|e| E::from(WriteFailed(e)))?;
     }
-    Ok(plan)
+    Ok(())
+}
+
+/// Writing the output failed.
+#[derive(Debug, thiserror::Error)]
+#[error("writing the output: {0}")]
+pub struct WriteFailed(pub io::Error);
+
+impl From<WriteFailed> for DirError {
+    fn from(e: WriteFailed) -> DirError {
+        DirError::Write(e.0)
+    }
 }
 
 /// A stand-in quantizer until the ggml kernels land: zero blocks of the right size (headers and

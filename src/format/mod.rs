@@ -5,6 +5,7 @@
 //! fed by the same tensor sources (`variant`): a format only decides where each tensor's bytes go
 //! and which header bytes come before them.
 
+pub mod gguf;
 pub mod safetensors;
 
 pub use safetensors::*;

@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Compare llmfs's GGUF files with what llama.cpp's convert_hf_to_gguf.py writes.
+
+Makes tiny llama-, mistral- (two tokenizer layouts), qwen2- and qwen3-style models (transformers, random weights, two
+layers) with real-format tokenizers (a byte-level BPE trained with `tokenizers`, Llama-3 and
+Qwen2 pre-tokenizer regexes; a SentencePiece model trained with `sentencepiece`), runs the
+converter vendored in llama-cpp-python 0.3.36's sdist, runs llmfs's writer on the same
+directories, and compares with gguf-py's GGUFReader: every key-value (type and value), every
+tensor info (name, shape, type, offset), the data of every F16/BF16 file byte for byte (and the
+whole file). Prints a table; exits non-zero on any difference.
+
+    python3 scripts/gguf_check.py all WORK --llama-cpp DIR --writer 'target/release/examples/gguf_write'
+    python3 scripts/gguf_check.py make WORK --llama-cpp DIR     # models + converter outputs only
+    python3 scripts/gguf_check.py compare WORK                   # after writing WORK/*/llmfs-TYPE.gguf
+
+DIR is the sdist's vendor/llama.cpp (`pip download --no-binary :all: --no-deps
+llama-cpp-python==0.3.36`, unpacked), or $LLMFS_LLAMA_CPP. Needs torch, transformers, tokenizers,
+sentencepiece and gguf (0.19) importable. Q8_0 files are compared by header only (llmfs writes
+zero blocks until the ggml quantizers land); Q4_0 / Q4_K_M need llama-quantize and are not
+compared unless --llama-quantize (or $LLMFS_LLAMA_QUANTIZE) names a llama-quantize built from
+the same source (then by header, like Q8_0).
+
+The converter is run with three stand-ins, each a property of this harness, not of llmfs:
+`gguf.LazyChunkedTensor` (referenced by the converter, missing from its gguf-py's exports);
+`get_vocab_base_pre` returns the pre-tokenizer name the model was built with (the converter knows
+pre-tokenizers by the hash of a test string's ids, which a freshly trained vocabulary cannot
+match); `Metadata.apply_metadata_heuristic` is a no-op (the name-from-directory heuristics
+llmfs does not reproduce: llmfs writes general.name as given, here the model's directory name).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+TYPES_FULL = ["F16", "BF16"]  # compared byte for byte
+TYPES_HEADER = ["Q8_0"]  # compared by header (KVs, tensor infos)
+TYPES_QUANTIZE = ["Q4_0", "Q4_K_M"]  # llama-quantize on the converter's F16 file, compared by header
+MODELS = ["tiny-llama", "tiny-mistral", "tiny-mistral-hf", "tiny-qwen2", "tiny-qwen3"]
+
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def corpus():
+    words = ("the quick brown fox jumps over a lazy dog while llamas and qwens read weights "
+             "from files 0123456789 héllo wörld ça va 你好 世界 — tabs\tand\nnewlines, punctuation!?").split(" ")
+    lines = []
+    for i in range(400):
+        lines.append(" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12)))
+    return lines
+
+
+def bpe_tokenizer(regex, specials, bos):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=True, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    if bos:
+        bos_id = tok.token_to_id(bos)
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bos_id)]),
+        ])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_tokens(["<custom_word>"])  # a user-defined (non-special) added token
+    return tok
+
+
+def save_model(model_cls, config, out, dtype):
+    import torch
+
+    torch.manual_seed(0)
+    model = model_cls(config).to(dtype)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def make_llama(d: Path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = bpe_tokenizer(LLAMA3_REGEX, ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"], "<|begin_of_text|>")
+    n = tok.get_vocab_size()
+    cfg = LlamaConfig(vocab_size=n + 6, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+                      rope_theta=500000.0)
+    save_model(LlamaForCausalLM, cfg, d, torch.bfloat16)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256,
+        "chat_template": "{% for m in messages %}<|begin_of_text|>{{ m['role'] }}: {{ m['content'] }}<|eot_id|>{% endfor %}",
+    }))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 2],
+                                                          "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    return "llama-bpe"
+
+
+def make_qwen(d: Path, qwen3: bool):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tok = bpe_tokenizer(QWEN2_REGEX, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None)
+    n = tok.get_vocab_size()
+    common = dict(vocab_size=n + 3, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1000000.0)
+    if qwen3:
+        save_model(Qwen3ForCausalLM, Qwen3Config(head_dim=32, **common), d, torch.float32)
+    else:
+        save_model(Qwen2ForCausalLM, Qwen2Config(**common), d, torch.float16)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "add_prefix_space": False, "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+    }))
+    return "qwen2"
+
+
+def make_mistral(d: Path):
+    import sentencepiece as spm
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    text = d / "corpus.txt"
+    text.write_text("\n".join(corpus()))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(d / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, user_defined_symbols=["<custom_word>"],
+                                   control_symbols=["[INST]", "[/INST]"], bos_id=1, eos_id=2, unk_id=0,
+                                   character_coverage=1.0, minloglevel=2)
+    text.unlink()
+    (d / "tokenizer.vocab").unlink()
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    cfg = MistralConfig(vocab_size=sp.vocab_size() + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
+                        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, sliding_window=None)
+    save_model(MistralForCausalLM, cfg, d, torch.float32)
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "LlamaTokenizer",
+        "added_tokens_decoder": {
+            "0": {"content": "<unk>", "special": True}, "1": {"content": "<s>", "special": True},
+            "2": {"content": "</s>", "special": True}, "3": {"content": "[INST]", "special": True},
+        },
+        "chat_template": "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+    }))
+    return "default"
+
+
+def make_mistral_hf(d: Path, src: Path):
+    """tiny-mistral's weights and tokenizer.model with the tokenizer files transformers writes
+    (tokenizer.json, tokenizer_config.json without added_tokens_decoder, chat_template.jinja)."""
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copy(src / f, d / f)
+    t = LlamaTokenizer(vocab_file=str(src / "tokenizer.model"), legacy=False)
+    t.chat_template = "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
+    t.save_pretrained(str(d))
+    return "default"
+
+
+def convert_child(llama_cpp: str, model: str, out: str, outtype: str, pre: str, name: str):
+    """Runs inside a child process: the vendored converter with the harness's stand-ins."""
+    import runpy
+
+    sys.path.insert(0, llama_cpp)
+    sys.path.insert(1, str(Path(llama_cpp) / "gguf-py"))
+    import gguf
+
+    if not hasattr(gguf, "LazyChunkedTensor"):
+        gguf.LazyChunkedTensor = getattr(gguf.lazy, "LazyChunkedTensor", type("LazyChunkedTensor", (), {}))
+    gguf.Metadata.apply_metadata_heuristic = staticmethod(lambda metadata, *a, **k: metadata)
+    import conversion.base
+
+    conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+    sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype, "--model-name", name]
+    runpy.run_path(str(Path(llama_cpp) / "convert_hf_to_gguf.py"), run_name="__main__")
+
+
+def types(work: Path):
+    quantized = all((work / f"{m}.converter-{t}.gguf").is_file() for m in MODELS for t in TYPES_QUANTIZE)
+    return TYPES_FULL + TYPES_HEADER + (TYPES_QUANTIZE if quantized else [])
+
+
+def make(work: Path, llama_cpp: str, quantize: str | None):
+    work.mkdir(parents=True, exist_ok=True)
+    for name in MODELS:
+        d = work / name
+        d.mkdir(exist_ok=True)
+        if name == "tiny-llama":
+            pre = make_llama(d)
+        elif name == "tiny-mistral":
+            pre = make_mistral(d)
+        elif name == "tiny-mistral-hf":
+            pre = make_mistral_hf(d, work / "tiny-mistral")
+        else:
+            pre = make_qwen(d, qwen3=name == "tiny-qwen3")
+        for t in TYPES_FULL + TYPES_HEADER:
+            out = work / f"{name}.converter-{t}.gguf"
+            cmd = [sys.executable, __file__, "_convert", llama_cpp, str(d), str(out), t.lower(), pre, name]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
+                raise SystemExit(f"converter failed on {name} {t}")
+        for t in TYPES_QUANTIZE if quantize else []:
+            src, out = work / f"{name}.converter-F16.gguf", work / f"{name}.converter-{t}.gguf"
+            r = subprocess.run([quantize, str(src), str(out), t], capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
+                raise SystemExit(f"llama-quantize failed on {name} {t}")
+
+
+def write_ours(work: Path, writer: str):
+    for name in MODELS:
+        for t in types(work):
+            cmd = shlex.split(writer) + [str(work / name), str(work / f"{name}.llmfs-{t}.gguf"), t, name]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.stderr.write(r.stdout + r.stderr)
+                raise SystemExit(f"llmfs writer failed on {name} {t}")
+
+
+def field_value(f):
+    import numpy as np
+
+    v = f.contents()
+    if isinstance(v, np.generic):
+        v = v.item()
+    return ([int(t) for t in f.types], v)
+
+
+def compare_one(ref_path: Path, our_path: Path, full: bool):
+    from gguf import GGUFReader
+
+    problems = []
+    ref, ours = GGUFReader(str(ref_path)), GGUFReader(str(our_path))
+    rk = {k: field_value(f) for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    ok = {k: field_value(f) for k, f in ours.fields.items() if not k.startswith("GGUF.")}
+    if list(rk) != list(ok):
+        problems.append(f"key order/set differs: only converter {sorted(set(rk) - set(ok))}, only llmfs {sorted(set(ok) - set(rk))}")
+    kv_equal = sum(1 for k in rk if k in ok and rk[k] == ok[k])
+    for k in rk:
+        if k in ok and rk[k] != ok[k]:
+            a, b = repr(rk[k])[:120], repr(ok[k])[:120]
+            problems.append(f"{k}: converter {a} llmfs {b}")
+    ti_equal = 0
+    data_equal = 0
+    data_compared = 0
+    rt = {t.name: t for t in ref.tensors}
+    for t in ours.tensors:
+        r = rt.get(t.name)
+        if r is None:
+            problems.append(f"tensor {t.name} only in llmfs")
+            continue
+        a = (list(map(int, r.shape)), int(r.tensor_type), int(r.data_offset))
+        b = (list(map(int, t.shape)), int(t.tensor_type), int(t.data_offset))
+        if a == b:
+            ti_equal += 1
+        else:
+            problems.append(f"tensor {t.name}: converter {a} llmfs {b}")
+        if full or int(t.tensor_type) == 0:
+            data_compared += 1
+            if r.data.tobytes() == t.data.tobytes():
+                data_equal += 1
+            else:
+                problems.append(f"tensor {t.name}: data differs")
+    if [t.name for t in ref.tensors] != [t.name for t in ours.tensors]:
+        problems.append("tensor order differs")
+    same_file = ref_path.read_bytes() == our_path.read_bytes() if full else None
+    if full and not same_file:
+        problems.append("files differ")
+    row = dict(kv=f"{kv_equal}/{len(rk)}", tensors=f"{ti_equal}/{len(rt)}",
+               data=f"{data_equal}/{data_compared}" + ("" if full else " F32"),
+               file="identical" if same_file else ("-" if not full else "DIFFERENT"))
+    return row, problems
+
+
+def compare(work: Path) -> int:
+    bad = 0
+    print(f"{'model':<16} {'type':<6} {'KVs equal':>10} {'tensor infos':>13} {'data equal':>12} {'whole file':>11}  result")
+    for name in MODELS:
+        for t in types(work):
+            ref, ours = work / f"{name}.converter-{t}.gguf", work / f"{name}.llmfs-{t}.gguf"
+            row, problems = compare_one(ref, ours, t in TYPES_FULL)
+            result = "ok" if not problems else "DIFF"
+            bad += bool(problems)
+            print(f"{name:<16} {t:<6} {row['kv']:>10} {row['tensors']:>13} {row['data']:>12} {row['file']:>11}  {result}")
+            for p in problems[:12]:
+                print(f"    {p}")
+    print("all equal" if not bad else f"{bad} file(s) differ")
+    return 1 if bad else 0
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_convert":
+        convert_child(*sys.argv[2:8])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", choices=["all", "make", "compare"])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--llama-cpp", default=os.environ.get("LLMFS_LLAMA_CPP"))
+    ap.add_argument("--llama-quantize", default=os.environ.get("LLMFS_LLAMA_QUANTIZE"),
+                    help="llama-quantize built from the same llama.cpp: adds Q4_0 and Q4_K_M (headers)")
+    ap.add_argument("--writer", default="target/release/examples/gguf_write")
+    a = ap.parse_args()
+    if a.cmd in ("all", "make"):
+        if not a.llama_cpp or not (Path(a.llama_cpp) / "convert_hf_to_gguf.py").is_file():
+            print("SKIPPED: no llama.cpp source (--llama-cpp DIR or $LLMFS_LLAMA_CPP: llama-cpp-python 0.3.36's vendor/llama.cpp)")
+            return 0
+        make(a.work, a.llama_cpp, a.llama_quantize)
+    if a.cmd == "all":
+        write_ours(a.work, a.writer)
+    if a.cmd in ("all", "compare"):
+        return compare(a.work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

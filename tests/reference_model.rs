@@ -468,13 +468,34 @@ impl World {
                 let ok = !self.reference.entries.contains_key(&name);
                 self.cli(&["cast", &name, "--base", &base, "--dtype", arg], ok);
                 if ok {
-                    let e = derive(
+                    let mut e = derive(
                         Kind::Cast,
                         &base,
                         &self.reference.entries[&base],
                         &format!("cast {name}"),
                         |t| cast_tensor(t, dtype),
                     );
+                    // A cast's config.json names its dtype (`dtype`, and `torch_dtype` where the
+                    // base's has it), pretty-printed as transformers writes it; unchanged if it
+                    // already says so.
+                    if let Some(config) = e.files.get("config.json").cloned() {
+                        let torch = if f32 { "float32" } else { "float16" };
+                        let mut json: serde_json::Map<String, Value> = serde_json::from_slice(&config).unwrap();
+                        let before = json.clone();
+                        if json.get("dtype").and_then(Value::as_str) != Some(torch)
+                            || json.get("torch_dtype").is_some_and(|v| v.as_str() != Some(torch))
+                        {
+                            json.insert("dtype".into(), torch.into());
+                            if json.contains_key("torch_dtype") {
+                                json.insert("torch_dtype".into(), torch.into());
+                            }
+                        }
+                        if json != before {
+                            let mut bytes = serde_json::to_vec_pretty(&Value::Object(json)).unwrap();
+                            bytes.push(b'\n');
+                            e.files.insert("config.json".into(), Arc::new(bytes));
+                        }
+                    }
                     self.reference.entries.insert(name, e);
                 }
             }

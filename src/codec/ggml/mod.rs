@@ -21,6 +21,8 @@ pub mod block;
 pub mod float;
 pub mod kquants;
 pub mod legacy;
+#[cfg(test)]
+mod quant_tests;
 mod rows;
 
 pub use rows::{dequantize_rows, quantize_rows};

@@ -28,8 +28,8 @@ pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 /// `make_qkx2_quants` for n = 32 with `use_mad` false (the only way the Q4_K/Q5_K refs call it):
 /// codes `l` in 0..=nmax and (scale, -min) minimizing the weighted squared error
 /// of `scale*l + min` over `nstep+1` candidate scales. Returns (scale, the_min).
-#[inline(always)]
-fn make_qkx2_quants(
+#[cfg(test)]
+pub(crate) fn make_qkx2_quants(
     nmax: i32,
     x: &[f32; 32],
     weights: &[f32; 32],
@@ -113,10 +113,145 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
+/// Sub-blocks per super-block in Q4_K/Q5_K: the lanes of `make_qkx2_quants_x8`.
+const SUB: usize = QK_K / 32;
+
+/// `make_qkx2_quants` (n = 32, `use_mad` false) on the 8 sub-blocks of a super-block at once:
+/// lane j is sub-block j, and every lane does exactly the scalar function's f32 operations in
+/// its order (each running sum stays sequential within its lane), so the results are
+/// `make_qkx2_quants`'s bit for bit (a test compares them); the lanes only give the CPU
+/// independent dependency chains (the scalar search is latency-bound on its sums) and let LLVM
+/// use SIMD. `xt[i][j]` is element i of sub-block j; returns (scales, the_mins) and fills `lt`
+/// likewise.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // the lanes read as the C's indices
+fn make_qkx2_quants_x8(
+    nmax: i32,
+    xt: &[[f32; SUB]; 32],
+    wt: &[[f32; SUB]; 32],
+    lt: &mut [[u8; SUB]; 32],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> ([f32; SUB], [f32; SUB]) {
+    let mut min = xt[0];
+    let mut max = xt[0];
+    let mut sum_w = wt[0];
+    let mut sum_x = [0.0f32; SUB];
+    for j in 0..SUB {
+        sum_x[j] = sum_w[j] * xt[0][j];
+    }
+    for i in 1..32 {
+        for j in 0..SUB {
+            let x = xt[i][j];
+            if x < min[j] {
+                min[j] = x;
+            }
+            if x > max[j] {
+                max[j] = x;
+            }
+            let w = wt[i][j];
+            sum_w[j] += w;
+            sum_x[j] += w * x;
+        }
+    }
+    let nmaxf = nmax as f32;
+    let mut scale = [0.0f32; SUB];
+    let mut iscale = [0.0f32; SUB];
+    let mut flat = [false; SUB];
+    for j in 0..SUB {
+        if min[j] > 0.0 {
+            min[j] = 0.0;
+        }
+        // ggml returns early for such a lane (codes 0, scale 0); this one runs along on
+        // infinities and NaNs, and its results are replaced at the end.
+        flat[j] = max[j] == min[j];
+        iscale[j] = nmaxf / (max[j] - min[j]);
+        scale[j] = 1.0 / iscale[j];
+    }
+    let mut best_error = [0.0f32; SUB];
+    for i in 0..32 {
+        for j in 0..SUB {
+            let l = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax);
+            lt[i][j] = l as u8;
+            let diff = scale[j] * l as f32 + min[j] - xt[i][j];
+            best_error[j] += wt[i][j] * (diff * diff);
+        }
+    }
+    let flat_min = min;
+    let mut laux = [[0u8; SUB]; 32];
+    for is in 0..=nstep {
+        let num = rmin + rdelta * is as f32 + nmaxf;
+        for j in 0..SUB {
+            // (max - min) with the min of the best candidate so far, as in ggml.
+            iscale[j] = num / (max[j] - min[j]);
+        }
+        let mut sum_l = [0.0f32; SUB];
+        let mut sum_l2 = [0.0f32; SUB];
+        let mut sum_xl = [0.0f32; SUB];
+        for i in 0..32 {
+            for j in 0..SUB {
+                let l = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax);
+                laux[i][j] = l as u8;
+                let w = wt[i][j];
+                let lf = l as f32;
+                sum_l[j] += w * lf;
+                sum_l2[j] += w * lf * lf;
+                sum_xl[j] += w * lf * xt[i][j];
+            }
+        }
+        let mut this_scale = [0.0f32; SUB];
+        let mut this_min = [0.0f32; SUB];
+        let mut ok = [false; SUB];
+        for j in 0..SUB {
+            let d = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
+            ok[j] = d > 0.0;
+            this_scale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / d;
+            this_min[j] = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / d;
+            if this_min[j] > 0.0 {
+                this_min[j] = 0.0;
+                this_scale[j] = sum_xl[j] / sum_l2[j];
+            }
+        }
+        // ggml computes the error only where D > 0; computing it everywhere and using it only
+        // there is the same (it has no side effects).
+        let mut cur_error = [0.0f32; SUB];
+        for i in 0..32 {
+            for j in 0..SUB {
+                let diff = this_scale[j] * laux[i][j] as f32 + this_min[j] - xt[i][j];
+                cur_error[j] += wt[i][j] * (diff * diff);
+            }
+        }
+        for j in 0..SUB {
+            if ok[j] && cur_error[j] < best_error[j] {
+                for i in 0..32 {
+                    lt[i][j] = laux[i][j];
+                }
+                best_error[j] = cur_error[j];
+                scale[j] = this_scale[j];
+                min[j] = this_min[j];
+            }
+        }
+    }
+    let mut the_min = [0.0f32; SUB];
+    for j in 0..SUB {
+        if flat[j] {
+            for row in lt.iter_mut() {
+                row[j] = 0;
+            }
+            scale[j] = 0.0;
+            min[j] = flat_min[j];
+        }
+        the_min[j] = -min[j];
+    }
+    (scale, the_min)
+}
+
 /// The part Q4_K and Q5_K share: per sub-block of 32, `make_qkx2_quants` with weights
 /// `av_x + |x|`; then the 6-bit scales and mins, d and dmin; then the codes again from the
 /// quantized scales. Fills `y`'s d, dmin, scales and returns the 256 codes.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)]
 fn qkx_superblock(
     x: &[f32; QK_K],
     nmax: i32,
@@ -126,31 +261,45 @@ fn qkx_superblock(
     dmin_out: &mut F16Bits,
     scales_out: &mut [u8; 12],
 ) -> [u8; QK_K] {
+    // Transposed: lane j of row i is element i of sub-block j (see make_qkx2_quants_x8).
+    let mut xt = [[0.0f32; SUB]; 32];
+    for (j, xs) in x.chunks_exact(32).enumerate() {
+        for (i, v) in xs.iter().enumerate() {
+            xt[i][j] = *v;
+        }
+    }
+    let mut sum_x2 = [0.0f32; SUB];
+    for row in &xt {
+        for j in 0..SUB {
+            sum_x2[j] += row[j] * row[j];
+        }
+    }
+    let mut av_x = [0.0f32; SUB];
+    for j in 0..SUB {
+        av_x[j] = (sum_x2[j] / 32.0).sqrt();
+    }
+    let mut wt = [[0.0f32; SUB]; 32];
+    for (w, row) in wt.iter_mut().zip(&xt) {
+        for j in 0..SUB {
+            w[j] = av_x[j] + row[j].abs();
+        }
+    }
+    let mut lt = [[0u8; SUB]; 32];
+    let (scales, mins) = make_qkx2_quants_x8(nmax, &xt, &wt, &mut lt, rmin, 0.1, nstep);
     let mut l_all = [0u8; QK_K];
-    let mut mins = [0.0f32; QK_K / 32];
-    let mut scales = [0.0f32; QK_K / 32];
-    let mut weights = [0.0f32; 32];
+    for (i, row) in lt.iter().enumerate() {
+        for j in 0..SUB {
+            l_all[32 * j + i] = row[j];
+        }
+    }
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
-    for j in 0..QK_K / 32 {
-        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32 elements");
-        let mut sum_x2 = 0.0f32;
-        for &v in xs {
-            sum_x2 += v * v;
+    for j in 0..SUB {
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for l in 0..32 {
-            weights[l] = av_x + xs[l].abs();
-        }
-        let ls: &mut [u8; 32] = (&mut l_all[32 * j..32 * j + 32]).try_into().expect("32 codes");
-        let (scale, min) = make_qkx2_quants(nmax, xs, &weights, ls, rmin, 0.1, nstep);
-        scales[j] = scale;
-        mins[j] = min;
-        if scale > max_scale {
-            max_scale = scale;
-        }
-        if min > max_min {
-            max_min = min;
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
 
@@ -264,8 +413,8 @@ pub fn dequantize_q5_k(x: &BlockQ5K, y: &mut [f32; QK_K]) {
 
 /// `make_qx_quants(16, 32, x, L, rmse_type = 1, qw = NULL)`: signed codes stored as l + 32 and
 /// the scale among 19 candidates that maximizes sumlx²/suml2 with weights x².
-#[inline(always)]
-fn make_qx_quants_q6(x: &[f32; 16], l_out: &mut [i8; 16]) -> f32 {
+#[cfg(test)]
+pub(crate) fn make_qx_quants_q6(x: &[f32; 16], l_out: &mut [i8; 16]) -> f32 {
     const NMAX: i32 = 32;
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
@@ -319,17 +468,113 @@ fn make_qx_quants_q6(x: &[f32; 16], l_out: &mut [i8; 16]) -> f32 {
     scale
 }
 
+/// Sub-blocks per super-block in Q6_K: the lanes of `make_qx_quants_q6_x16`.
+const SUB6: usize = QK_K / 16;
+
+/// `make_qx_quants_q6` on the 16 sub-blocks of a Q6_K super-block at once, lane j being
+/// sub-block j, each lane doing the scalar function's operations in its order (bit for bit the
+/// same; a test compares them). `xt[i][j]` is element i of sub-block j.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // the lanes read as the C's indices
+fn make_qx_quants_q6_x16(xt: &[[f32; SUB6]; 16], lt: &mut [[i8; SUB6]; 16]) -> [f32; SUB6] {
+    const NMAX: i32 = 32;
+    let mut max = [0.0f32; SUB6];
+    let mut amax = [0.0f32; SUB6];
+    for row in xt {
+        for j in 0..SUB6 {
+            let ax = row[j].abs();
+            if ax > amax[j] {
+                amax[j] = ax;
+                max[j] = row[j];
+            }
+        }
+    }
+    let mut iscale = [0.0f32; SUB6];
+    for j in 0..SUB6 {
+        iscale[j] = -(NMAX as f32) / max[j];
+    }
+    let mut sumlx = [0.0f32; SUB6];
+    let mut suml2 = [0.0f32; SUB6];
+    for i in 0..16 {
+        for j in 0..SUB6 {
+            let x = xt[i][j];
+            let l = nearest_int(iscale[j] * x).clamp(-NMAX, NMAX - 1);
+            lt[i][j] = (l + NMAX) as i8;
+            let w = x * x;
+            let lf = l as f32;
+            sumlx[j] += w * x * lf;
+            suml2[j] += w * lf * lf;
+        }
+    }
+    let mut scale = [0.0f32; SUB6];
+    let mut best = [0.0f32; SUB6];
+    for j in 0..SUB6 {
+        scale[j] = if suml2[j] != 0.0 { sumlx[j] / suml2[j] } else { 0.0 };
+        best[j] = scale[j] * sumlx[j];
+    }
+    let mut ls = [[0i8; SUB6]; 16];
+    for is in -9i32..=9 {
+        if is == 0 {
+            continue;
+        }
+        let num = -(NMAX as f32 + 0.1 * is as f32);
+        for j in 0..SUB6 {
+            iscale[j] = num / max[j];
+        }
+        let mut sumlx = [0.0f32; SUB6];
+        let mut suml2 = [0.0f32; SUB6];
+        for i in 0..16 {
+            for j in 0..SUB6 {
+                let x = xt[i][j];
+                let l = nearest_int(iscale[j] * x).clamp(-NMAX, NMAX - 1);
+                ls[i][j] = (l + NMAX) as i8;
+                let w = x * x;
+                let lf = l as f32;
+                sumlx[j] += w * x * lf;
+                suml2[j] += w * lf * lf;
+            }
+        }
+        for j in 0..SUB6 {
+            if suml2[j] > 0.0 && sumlx[j] * sumlx[j] > best[j] * suml2[j] {
+                for i in 0..16 {
+                    lt[i][j] = ls[i][j];
+                }
+                scale[j] = sumlx[j] / suml2[j];
+                best[j] = scale[j] * sumlx[j];
+            }
+        }
+    }
+    for j in 0..SUB6 {
+        // ggml's early return for an all-zero sub-block: codes 0, scale 0.
+        if amax[j] < GROUP_MAX_EPS {
+            for row in lt.iter_mut() {
+                row[j] = 0;
+            }
+            scale[j] = 0.0;
+        }
+    }
+    scale
+}
+
 /// `quantize_row_q6_K_ref`, one super-block.
 pub fn quantize_q6_k(x: &[f32; QK_K], y: &mut BlockQ6K) {
+    let mut xt = [[0.0f32; SUB6]; 16];
+    for (j, xs) in x.chunks_exact(16).enumerate() {
+        for (i, v) in xs.iter().enumerate() {
+            xt[i][j] = *v;
+        }
+    }
+    let mut lt = [[0i8; SUB6]; 16];
+    let scales = make_qx_quants_q6_x16(&xt, &mut lt);
     let mut l_all = [0i8; QK_K];
-    let mut scales = [0.0f32; QK_K / 16];
+    for (i, row) in lt.iter().enumerate() {
+        for (j, l) in row.iter().enumerate() {
+            l_all[16 * j + i] = *l;
+        }
+    }
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
-    for ib in 0..QK_K / 16 {
-        let xs: &[f32; 16] = x[16 * ib..16 * ib + 16].try_into().expect("16 elements");
-        let ls: &mut [i8; 16] = (&mut l_all[16 * ib..16 * ib + 16]).try_into().expect("16 codes");
-        let scale = make_qx_quants_q6(xs, ls);
-        scales[ib] = scale;
+    for &scale in &scales {
         let abs_scale = scale.abs();
         if abs_scale > max_abs_scale {
             max_abs_scale = abs_scale;
@@ -400,6 +645,88 @@ pub fn dequantize_q6_k(x: &BlockQ6K, y: &mut [f32; QK_K]) {
             out[l + 32] = d * sc[is + 2] as f32 * q2 as f32;
             out[l + 64] = d * sc[is + 4] as f32 * q3 as f32;
             out[l + 96] = d * sc[is + 6] as f32 * q4 as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sub-blocks that take every branch: random, flat, zero, all positive, all negative,
+    /// one outlier, tiny, huge, NaN.
+    fn sub_blocks(n: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut s = seed | 1;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut out = Vec::new();
+        for k in 0..64 {
+            let mut v: Vec<f32> = (0..n).map(|_| r()).collect();
+            match k % 9 {
+                1 => v.iter_mut().for_each(|x| *x = 0.25),
+                2 => v.iter_mut().for_each(|x| *x = 0.0),
+                3 => v.iter_mut().for_each(|x| *x = x.abs() + 0.1),
+                4 => v.iter_mut().for_each(|x| *x = -x.abs() - 0.1),
+                5 => v[k % n] *= 100.0,
+                6 => v.iter_mut().for_each(|x| *x *= 1e-30),
+                7 => v.iter_mut().for_each(|x| *x *= 1e30),
+                8 => v[k % n] = f32::NAN,
+                _ => {}
+            }
+            out.push(v);
+        }
+        out
+    }
+
+    #[test]
+    fn qkx2_lanes_are_the_scalar_function_bit_for_bit() {
+        for (nmax, rmin, nstep) in [(15, -1.0, 20), (31, -0.5, 15)] {
+            for group in sub_blocks(32, 7).chunks_exact(SUB) {
+                let mut xt = [[0.0f32; SUB]; 32];
+                let mut wt = [[0.0f32; SUB]; 32];
+                for (j, v) in group.iter().enumerate() {
+                    for i in 0..32 {
+                        xt[i][j] = v[i];
+                        wt[i][j] = 0.01 + v[i].abs();
+                    }
+                }
+                let mut lt = [[0u8; SUB]; 32];
+                let (scales, mins) = make_qkx2_quants_x8(nmax, &xt, &wt, &mut lt, rmin, 0.1, nstep);
+                for (j, v) in group.iter().enumerate() {
+                    let x: [f32; 32] = v.as_slice().try_into().unwrap();
+                    let w: [f32; 32] = std::array::from_fn(|i| wt[i][j]);
+                    let mut l = [0u8; 32];
+                    let (scale, min) = make_qkx2_quants(nmax, &x, &w, &mut l, rmin, 0.1, nstep);
+                    assert_eq!(scale.to_bits(), scales[j].to_bits(), "lane {j}");
+                    assert_eq!(min.to_bits(), mins[j].to_bits(), "lane {j}");
+                    assert_eq!(l, std::array::from_fn::<u8, 32, _>(|i| lt[i][j]), "lane {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn qx_lanes_are_the_scalar_function_bit_for_bit() {
+        for group in sub_blocks(16, 11).chunks_exact(SUB6) {
+            let mut xt = [[0.0f32; SUB6]; 16];
+            for (j, v) in group.iter().enumerate() {
+                for i in 0..16 {
+                    xt[i][j] = v[i];
+                }
+            }
+            let mut lt = [[0i8; SUB6]; 16];
+            let scales = make_qx_quants_q6_x16(&xt, &mut lt);
+            for (j, v) in group.iter().enumerate() {
+                let x: [f32; 16] = v.as_slice().try_into().unwrap();
+                let mut l = [0i8; 16];
+                let scale = make_qx_quants_q6(&x, &mut l);
+                assert_eq!(scale.to_bits(), scales[j].to_bits(), "lane {j}");
+                assert_eq!(l, std::array::from_fn::<i8, 16, _>(|i| lt[i][j]), "lane {j}");
+            }
         }
     }
 }

@@ -8,6 +8,9 @@
 //! x86-64 libggml has no FMA instruction and rounds every product: as Rust does. (A libggml
 //! built for a target with FMA in its baseline, such as aarch64, may contract and differ.)
 
+// The ports keep the C's index loops, so each line can be read against ggml-quants.c.
+#![allow(clippy::needless_range_loop)]
+
 use super::block::{BlockQ4K, BlockQ5K, BlockQ6K, F16Bits};
 use super::float::{fp16_to_fp32, fp32_to_fp16, nearest_int};
 use super::QK_K;
@@ -124,7 +127,6 @@ const SUB: usize = QK_K / 32;
 /// use SIMD. `xt[i][j]` is element i of sub-block j; returns (scales, the_mins) and fills `lt`
 /// likewise.
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // the lanes read as the C's indices
 fn make_qkx2_quants_x8(
     nmax: i32,
     xt: &[[f32; SUB]; 32],
@@ -251,7 +253,6 @@ fn make_qkx2_quants_x8(
 /// `av_x + |x|`; then the 6-bit scales and mins, d and dmin; then the codes again from the
 /// quantized scales. Fills `y`'s d, dmin, scales and returns the 256 codes.
 #[inline(always)]
-#[allow(clippy::needless_range_loop)]
 fn qkx_superblock(
     x: &[f32; QK_K],
     nmax: i32,
@@ -475,7 +476,6 @@ const SUB6: usize = QK_K / 16;
 /// sub-block j, each lane doing the scalar function's operations in its order (bit for bit the
 /// same; a test compares them). `xt[i][j]` is element i of sub-block j.
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // the lanes read as the C's indices
 fn make_qx_quants_q6_x16(xt: &[[f32; SUB6]; 16], lt: &mut [[i8; SUB6]; 16]) -> [f32; SUB6] {
     const NMAX: i32 = 32;
     let mut max = [0.0f32; SUB6];

@@ -4,6 +4,9 @@
 //! C's float-to-small-integer casts (`(int8_t)(x0 + 8.5f)`) go through `c_f32_to_i32` so that
 //! even non-finite inputs give the bytes an x86-64 build of ggml gives.
 
+// The ports keep the C's index loops, so each line can be read against ggml-quants.c.
+#![allow(clippy::needless_range_loop)]
+
 use super::block::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, F16Bits};
 use super::float::{c_f32_to_i32, fp16_to_fp32, fp32_to_fp16};
 

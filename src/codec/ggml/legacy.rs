@@ -8,7 +8,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::block::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, F16Bits};
-use super::float::{c_f32_to_i32, fp16_to_fp32, fp32_to_fp16};
+use super::float::{c_f32_to_i32, c_roundf_to_i32, fp16_to_fp32, fp32_to_fp16};
 
 /// ggml's `MIN(a, b)`: `((a) < (b) ? (a) : (b))`.
 #[inline(always)]
@@ -186,8 +186,8 @@ pub fn quantize_q8_0(x: &[f32; 32], y: &mut BlockQ8_0) {
     y.d = F16Bits::from_bits(fp32_to_fp16(d));
     for j in 0..32 {
         let x0 = x[j] * id;
-        // roundf: half away from zero, as f32::round.
-        y.qs[j] = c_f32_to_i32(x0.round()) as i8;
+        // `y[i].qs[j] = roundf(x0)`: half away from zero, then C's cast to int8_t.
+        y.qs[j] = c_roundf_to_i32(x0) as i8;
     }
 }
 

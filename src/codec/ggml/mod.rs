@@ -5,6 +5,41 @@
 //! and 32 int8 codes, 34 bytes), so a tensor's size is known from its shape alone: what lets a
 //! GGUF file's length be served by `stat` before anything is converted. The numbers are ggml's
 //! `ggml_type` enum and `type_traits` table (ggml/src/ggml.c).
+//!
+//! The quantizers are ports of llama.cpp's ggml-quants.c as vendored by llama-cpp-python 0.3.36
+//! (the `*_ref` functions `ggml_quantize_chunk` runs when no importance matrix is given), line
+//! by line and in the same f32 operation order, so that their bytes are ggml's:
+//! scripts/ggml_quant_check.py compares them with a libggml built by scripts/build_libggml.sh.
+//! - `block`: the `#[repr(C)]` block structs, sizes asserted at compile time;
+//! - `float`: ggml's fp16/bf16 conversions, `nearest_int`, C's float-to-int casts;
+//! - `legacy`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-element blocks);
+//! - `kquants`: Q4_K, Q5_K, Q6_K (256-element super-blocks), with `make_qkx2_quants` and
+//!   `make_qx_quants`;
+//! - `rows`: `quantize_rows` / `dequantize_rows`, whole tensors on all threads.
+
+pub mod block;
+pub mod float;
+pub mod kquants;
+pub mod legacy;
+#[cfg(test)]
+mod quant_tests;
+mod rows;
+
+pub use rows::{dequantize_rows, quantize_rows};
+
+/// Why a tensor cannot be converted: every case is a shape the caller got wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GgmlError {
+    /// llama.cpp needs whole blocks per row (it falls back to another type otherwise).
+    #[error("a row of {n_per_row} elements is not a whole number of {ty} blocks of {block}")]
+    RowNotWholeBlocks { ty: GgmlType, n_per_row: usize, block: usize },
+    #[error("{elems} elements are not a whole number of rows of {n_per_row}")]
+    PartialRow { elems: usize, n_per_row: usize },
+    #[error("the output buffer holds {got} bytes, {ty} needs {want}")]
+    DstSize { ty: GgmlType, want: usize, got: usize },
+    #[error("the input holds {got} bytes, {ty} needs {want}")]
+    SrcSize { ty: GgmlType, want: usize, got: usize },
+}
 
 /// A ggml tensor type llmfs writes. The discriminant is ggml's `ggml_type` number, which GGUF
 /// stores in each tensor's info.

@@ -120,6 +120,7 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
     let entry = registry.get(name)?;
     let view = variant::build_view(registry, name)?;
     let (tensors, dtypes) = variant::tensor_stats(&view);
+    let gguf = variant::gguf::files(name, &view);
     let files: Vec<_> = view.files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect();
     let recipe = match &entry.kind {
         EntryKind::Base { dir, copied, .. } => json!({"dir": dir, "copied": copied}),
@@ -163,6 +164,10 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
         "dtypes": dtypes,
         "size": view.total_size(),
         "unfinished": registry.unfinished(name),
+        "gguf": match &gguf {
+            Ok(files) => json!(files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect::<Vec<_>>()),
+            Err(why) => json!({"none": why}),
+        },
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -204,6 +209,14 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
         ),
     }
     println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
+    match &gguf {
+        Ok(files) => {
+            for f in files {
+                println!("gguf:          {} ({})", f.name, human(f.size));
+            }
+        }
+        Err(why) => println!("gguf:          none: {why}"),
+    }
     let unfinished = registry.unfinished(name);
     if !unfinished.is_empty() {
         println!(

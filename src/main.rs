@@ -83,7 +83,13 @@ enum Command {
     /// Pre-load validation of one entry or all: exits non-zero with one line per problem.
     Check { name: Option<String> },
     /// Materialize an entry's files without FUSE (the same bytes as `cp -r` from the mount).
-    Export { name: String, out_dir: PathBuf },
+    Export {
+        name: String,
+        out_dir: PathBuf,
+        /// Write only the entry's GGUF file of this type (F16, BF16, Q8_0, Q4_0, Q4_K_M).
+        #[arg(long)]
+        gguf: Option<String>,
+    },
     /// Remove an entry (refused while another entry depends on it).
     Rm { name: String },
     /// Remove what no entry references (left by a crash or a killed upload).
@@ -355,9 +361,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{} entr{} ok", names.len(), if names.len() == 1 { "y" } else { "ies" });
         }
-        Command::Export { name, out_dir } => {
+        Command::Export { name, out_dir, gguf } => {
             let registry = store.load()?;
-            let view = variant::build_view(&registry, &name)?;
+            let mut view = variant::build_view(&registry, &name)?;
+            if let Some(kind) = gguf {
+                let target = llmfs::format::gguf::GgufTarget::parse(&kind)
+                    .with_context(|| format!("--gguf {kind}: use F16, BF16, Q8_0, Q4_0 or Q4_K_M"))?;
+                let files = variant::gguf::files(&name, &view).map_err(|why| anyhow::anyhow!("{name} has no GGUF files: {why}"))?;
+                let suffix = format!("-{}.gguf", target.name());
+                let mut file = files.into_iter().find(|f| f.name.ends_with(&suffix)).context("no such GGUF file")?;
+                file.name = file.name.rsplit('/').next().unwrap_or(&file.name).to_owned();
+                view = variant::EntryView { files: vec![file], weights: Default::default() };
+            }
             let bar = progress_bar(view.total_size());
             let bytes = export::export(&view, &out_dir, |n| bar.inc(n))?;
             bar.finish_and_clear();

@@ -13,6 +13,7 @@
 //! Nothing here knows about FUSE or the cache: `vfs` maps byte ranges onto these descriptions and
 //! caches what [`TensorSource::read`] produces.
 
+pub mod gguf;
 pub mod read;
 pub mod recipe;
 pub mod source;

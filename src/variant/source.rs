@@ -30,6 +30,8 @@ pub enum TensorSource {
     AddF16 { base: Arc<TensorSource>, delta: Arc<TensorSource> },
     /// A LoRA merge `W + s·B·A` of a 2-D weight with `cols` columns.
     Lora { base: Arc<TensorSource>, factors: Arc<LazyFactors>, cols: usize },
+    /// A tensor of a GGUF view: ggml blocks of another source's rows.
+    Ggml(Arc<super::gguf::GgmlSource>),
 }
 
 impl TensorSource {
@@ -42,13 +44,23 @@ impl TensorSource {
             TensorSource::LossyDelta(d) => d.dtype,
             TensorSource::AddF16 { .. } => Dtype::F16,
             TensorSource::Lora { base, .. } => base.dtype(),
+            // Blocks of bytes (see `stored_type`), except the plain float types.
+            TensorSource::Ggml(g) => match g.ggml_type() {
+                crate::codec::ggml::GgmlType::F32 => Dtype::F32,
+                crate::codec::ggml::GgmlType::F16 => Dtype::F16,
+                crate::codec::ggml::GgmlType::BF16 => Dtype::BF16,
+                _ => Dtype::U8,
+            },
         }
     }
 
     /// How its bytes are stored: its element type (every source so far produces elements; a
     /// source of ggml blocks produces whole blocks). A read's range counts these blocks.
     pub fn stored_type(&self) -> StoredType {
-        StoredType::Element(self.dtype())
+        match self {
+            TensorSource::Ggml(g) => g.stored_type(),
+            _ => StoredType::Element(self.dtype()),
+        }
     }
 
     /// Bytes stored verbatim can be read straight into the reply, without decoding or caching.
@@ -80,6 +92,7 @@ impl TensorSource {
                 delta.files(out);
             }
             TensorSource::Lora { base, .. } => base.files(out),
+            TensorSource::Ggml(g) => g.inner.iter().for_each(|s| s.files(out)),
         }
     }
 
@@ -108,6 +121,7 @@ impl TensorSource {
                 compute::backend::add_f16(b, &d, out);
                 Ok(())
             }),
+            TensorSource::Ggml(g) => g.read(elems, out),
             TensorSource::Lora { base, factors, cols } => {
                 let f = factors.get()?;
                 with_scratch(out.len(), |w| {

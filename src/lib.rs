@@ -27,3 +27,4 @@ pub mod source;
 pub mod store;
 pub mod variant;
 pub mod vfs;
+pub mod warm;

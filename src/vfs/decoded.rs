@@ -176,7 +176,14 @@ impl Fs {
             let spawned = std::thread::Builder::new().name("llmfs-fill".into()).spawn(move || {
                 // Its sources as an open checks them (sampled hashes, once per mount): a changed
                 // base is left to the open, which answers EIO.
-                if super::check_sources(&vfile).is_err() {
+                // On the ahead pool: sent to the global one, busy with the opened file's fill,
+                // this check waited for that whole fill before this file's could start.
+                let check = || super::check_sources(&vfile);
+                let checked = match ahead_pool() {
+                    Some(pool) => pool.install(check),
+                    None => check(),
+                };
+                if checked.is_err() {
                     return;
                 }
                 if let Err(e) = decode_into_cache(&tiers, &key, &vfile, &synth, &label, ahead_pool()) {

@@ -13,8 +13,9 @@
 #   timeline.txt   fill_timeline.py: one first load per kind, when each file was decoded
 #   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
 # SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
-# from_pretrained), W override. Checked here end to end with SIZE=300 KINDS=f16 (79 s). The bench's own wall time is printed per step: a 6 GB
-# model takes about 2 minutes to generate and register; BENCH_KINDS keeps it inside the call.
+# from_pretrained), W override. Checked here end to end with SIZE=300 KINDS=f16 (79 s). Each
+# step's wall time is printed: a 6 GB model takes minutes to generate and register, and KINDS
+# keeps the run inside the call.
 set -u
 case "${1:-}" in
 pack)

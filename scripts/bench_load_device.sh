@@ -1,34 +1,78 @@
 #!/bin/bash
-# The lent machine's run for issue 13, in one call: scripts/fill_bench.c and scripts/mem_touch.c
-# (how fast one file can be filled, how fast fresh memory comes), bench_load.py on all cores and
-# under `taskset -c 0,1`, the fill by pwrite against the other way (LLMFS_DISK_FILL, in builds
-# that had it), and bench_load_first.py. BIN holds stripped copies of llmfs, gen_model,
-# gen_finetune, and fill_bench and mem_touch built from scripts/; the scripts are read from
-# beside this one. Output under $OUT.
-#   usage: BIN=dir OUT=dir [SIZE=1100] [R16=2] [W=/tmp/lb] bash scripts/bench_load_device.sh
-S=$(cd "$(dirname "$0")" && pwd)
-export LLMFS=$BIN/llmfs EXAMPLES=$BIN MEM_TOUCH=$BIN/mem_touch PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-SIZE=${SIZE:-1100}; R16=${R16:-2}; W=${W:-/tmp/lb}
-KINDS=base,f16,q8,d-lossless,d-bitdelta
-t0=$(date +%s)
-{
-for dir in /tmp /dev/shm; do
-  for t in 1 4 16; do for m in pwrite popul; do $BIN/fill_bench $dir 1024 $t $m; done; done
-  $BIN/fill_bench $dir 1024 16 pwrite 2
-done
-taskset -c 0,1 $BIN/fill_bench /tmp 1024 2 pwrite; taskset -c 0,1 $BIN/fill_bench /tmp 1024 2 popul
-mkdir -p /tmp/hshm && mount -t tmpfs -o huge=always,size=4g tmpfs /tmp/hshm \
-  && for m in pwrite popul; do $BIN/fill_bench /tmp/hshm 1024 16 $m; done; umount /tmp/hshm
-echo "== fresh memory, 16 threads, 4 GiB, 5 s apart"; $BIN/mem_touch 4096 16 3 5
-echo "== back to back"; $BIN/mem_touch 4096 16 3 0
-} 2>&1 | tee $OUT/fill.txt
-BENCH_KINDS=$KINDS python3 $S/bench_load.py $W $SIZE $R16 > $OUT/b16.txt 2> $OUT/b16.log
-tail -12 $OUT/b16.txt; echo "16 cores done: $(( $(date +%s) - t0 )) s"
-taskset -c 0,1 env BENCH_KINDS=$KINDS python3 $S/bench_load.py $W $SIZE 1 > $OUT/b2.txt 2> $OUT/b2.log
-tail -12 $OUT/b2.txt; echo "2 cores done: $(( $(date +%s) - t0 )) s"
-LLMFS_DISK_FILL=pwrite BENCH_KINDS=f16,d-lossless python3 $S/bench_load.py $W $SIZE 1 > $OUT/b16-pwrite.txt 2> $OUT/b16-pwrite.log
-tail -6 $OUT/b16-pwrite.txt
-python3 $S/bench_load_first.py $W $SIZE f16,d-lossless 2> $OUT/first.log | tee $OUT/first.txt
-grep -h "disk cache: decoded" $W/store/llmfs.log | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'decoded [^ ]*\|secs="[^"]*"' | paste - - > $OUT/fills.txt
-echo "done: $(( $(date +%s) - t0 )) s"
+# The lent machine's load benchmark for issue 23 in one device call, building nothing there.
+#
+#   here:   cargo build --release --features gpu --bin llmfs --example gen_model --example gen_finetune
+#           scripts/bench_load_device.sh pack .devbench     # an ignored dir of the checkout
+#   device: run(carry=[".devbench"], command="OUT=$OUT bash .devbench/bench_load_device.sh run", timeout_s=600)
+#
+# pack: llmfs and the two model generators stripped and xz-compressed, fill_bench and mem_touch
+# compiled here (cc -O2), bench_load.py, fill_timeline.py and this file: about 10 MB, under the
+# 64 MiB a call carries. run: unpacks them (Python's lzma) and runs, under $OUT:
+#   fill.txt       fill_bench: one 1 GiB file by pwrite and through a mapping, ext4 and tmpfs, 1/16 threads
+#   b16.txt        bench_load.py WORK $SIZE (6000 MiB) $R16 on all cores: the >= 6 GB table
+#   timeline.txt   fill_timeline.py: one first load per kind, when each file was decoded
+#   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
+# SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
+# from_pretrained), W override. Checked here end to end with SIZE=300 KINDS=f16 (79 s). Each
+# step's wall time is printed: a 6 GB model takes minutes to generate and register, and KINDS
+# keeps the run inside the call.
+set -u
+case "${1:-}" in
+pack)
+    K=${2:?pack DIR}
+    ROOT=$(cd "$(dirname "$0")/.." && pwd)
+    T=${CARGO_TARGET_DIR:-$ROOT/target}
+    mkdir -p "$K/scripts"
+    for b in "$T/release/llmfs" "$T"/release/examples/{gen_model,gen_finetune}; do
+        strip -o "$K/tmp.bin" "$b" && xz -6 -T2 -c "$K/tmp.bin" >"$K/$(basename "$b").xz" && rm "$K/tmp.bin"
+    done
+    cc -O2 -pthread -o "$K/fill_bench" "$ROOT/scripts/fill_bench.c"
+    cc -O2 -pthread -o "$K/mem_touch" "$ROOT/scripts/mem_touch.c"
+    cp "$ROOT/scripts/bench_load.py" "$ROOT/scripts/fill_timeline.py" "$K/scripts/"
+    cp "$0" "$K/bench_load_device.sh"
+    git -C "$ROOT" rev-parse --short HEAD >"$K/commit"
+    du -sh "$K"
+    ;;
+run)
+    D=$(cd "$(dirname "$0")" && pwd)
+    B=/var/tmp/lb-bin W=${W:-/var/tmp/lb}
+    OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" $B
+    python3 - "$D" "$B" <<'P'
+import lzma, os, shutil, sys
+d, b = sys.argv[1:]
+for n in ("llmfs", "gen_model", "gen_finetune"):
+    with lzma.open(f"{d}/{n}.xz") as src, open(f"{b}/{n}", "wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    os.chmod(f"{b}/{n}", 0o755)
+P
+    cp "$D/fill_bench" "$D/mem_touch" $B/
+    echo "commit $(cat "$D/commit"); $(nproc) cores; $(uname -r); $(free -g | awk '/Mem/{print $2}') GiB"
+    cat /sys/kernel/mm/transparent_hugepage/shmem_enabled
+    python3 -c "import torch, transformers, safetensors; print(torch.__version__, transformers.__version__, safetensors.__version__)"
+    export LLMFS=$B/llmfs EXAMPLES=$B PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+    SIZE=${SIZE:-6000} R16=${R16:-2} KINDS=${KINDS:-base,f16,q8,d-lossless,d-bitdelta}
+    LOADERS=${LOADERS:-load_file,safe_open}
+    t0=$(date +%s)
+    {
+        for dir in /var/tmp /dev/shm; do
+            for t in 1 16; do for m in pwrite mmap; do $B/fill_bench $dir 1024 $t $m; done; done
+            $B/fill_bench $dir 1024 16 pwrite 4
+        done
+    } >"$OUT/fill.txt" 2>&1
+    tail -10 "$OUT/fill.txt"; echo "fill_bench done: $(($(date +%s) - t0)) s"
+    BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W $SIZE $R16 $LOADERS >"$OUT/b16.txt" 2>"$OUT/b16.log"
+    echo "rc=$?"; tail -14 "$OUT/b16.txt"; echo "16 cores done: $(($(date +%s) - t0)) s"
+    python3 "$D/scripts/fill_timeline.py" $W $SIZE ${TIMELINE_KINDS:-f16,d-lossless} >"$OUT/timeline.txt" 2>"$OUT/timeline.log"
+    cat "$OUT/timeline.txt"; echo "timeline done: $(($(date +%s) - t0)) s"
+    if [ "${B2:-0}" = 1 ]; then
+        taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 1 $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
+        tail -12 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
+    fi
+    cp $W/results-*.json "$OUT/" 2>/dev/null
+    grep -h "cache: decoded" $W/store/llmfs.log | sed 's/\x1b\[[0-9;]*m//g' | tail -200 >"$OUT/fills.txt"
+    ;;
+*)
+    echo "usage: $0 pack DIR | run" >&2
+    exit 2
+    ;;
+esac

@@ -28,3 +28,4 @@ pub mod source;
 pub mod store;
 pub mod variant;
 pub mod vfs;
+pub mod warm;

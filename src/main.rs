@@ -126,9 +126,28 @@ enum Command {
         /// which any write changes) or full (also its content hash, once per mount: reads it all).
         #[arg(long, default_value = "stat", value_parser = ["full", "stat"])]
         disk_cache_verify: String,
+        /// Bytes of decoded files kept in memory, in front of the disk cache (default: with 8+
+        /// cores a quarter of the RAM, at most 16GiB; below 8 cores 0, none).
+        #[arg(long, env = "LLMFS_MEMORY_CACHE", value_parser = parse_size)]
+        memory_cache_size: Option<u64>,
+        /// Decode these entries into the disk cache once mounted (with a progress bar).
+        #[arg(long, num_args = 1.., value_name = "NAME")]
+        warm: Vec<String>,
     },
-    /// Unmount (also a stale mount whose daemon died).
+    /// Decode entries into the disk cache ahead of the loaders (with a progress bar).
+    Warm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The disk cache (default STORE/cache), as `mount --disk-cache`.
+        #[arg(long, env = "LLMFS_DISK_CACHE")]
+        disk_cache: Option<PathBuf>,
+        #[arg(long, value_parser = parse_size)]
+        disk_cache_size: Option<u64>,
+    },
+    /// Unmount (also a stale mount whose daemon died); returns once its daemon has ended.
     Umount { mountpoint: PathBuf },
+    /// The live mounts: mount point, daemon, store, disk cache (or why there is none).
+    Status,
     /// Build a demo store (a generated model and variants) in DIR and mount it at DIR/mnt.
     Demo {
         #[arg(default_value = "llmfs-demo")]
@@ -245,8 +264,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Demo { dir } => return run_demo(&dir),
         Command::Umount { mountpoint } => {
-            mount::unmount(&mountpoint)?;
+            let done = mount::unmount(&mountpoint)?;
             println!("unmounted {}", mountpoint.display());
+            if let Some(pid) = done.daemon_still_running {
+                eprintln!("llmfs: warning: its daemon (pid {pid}) still runs (files open on it?): its disk cache is not free yet");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Status => {
+            for m in mount::status::all() {
+                println!("{}", m.line());
+            }
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -421,6 +449,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             disk_cache,
             disk_cache_size,
             disk_cache_verify,
+            memory_cache_size,
+            warm,
         } => {
             if backend == "gpu" && !cfg!(feature = "gpu") {
                 bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
@@ -448,6 +478,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .clone()
                     .filter(|_| disk_cache_size != Some(0))
                     .map(|dir| DiskCacheOptions { dir, size: disk_cache_size, verify }),
+                memory_cache_size,
+                warm: if foreground { warm.clone() } else { vec![] },
             };
             if foreground {
                 init_logging();
@@ -475,10 +507,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(size) = disk_cache_size {
                     args.extend(["--disk-cache-size".into(), size.to_string()]);
                 }
+                if let Some(size) = memory_cache_size {
+                    args.extend(["--memory-cache-size".into(), size.to_string()]);
+                }
                 if allow_other {
                     args.push("--allow-other".into());
                 }
-                mount::spawn_daemon(&store, &mountpoint, &args)?;
+                let status = mount::spawn_daemon(&store, &mountpoint, &args)?;
+                if let Some(line) = status.and_then(|s| s.warning()) {
+                    eprintln!("llmfs: {line}");
+                }
+                if !warm.is_empty() {
+                    llmfs::warm::through_mount(&mountpoint.canonicalize()?, &warm)?;
+                }
                 println!(
                     "mounted {} at {} (log: {})",
                     store.location(),
@@ -487,7 +528,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
-        Command::Demo { .. } | Command::Umount { .. } => unreachable!("handled above"),
+        Command::Warm { names, disk_cache, disk_cache_size } => {
+            let dir = match disk_cache {
+                Some(d) if d.as_os_str() == "0" => bail!("--disk-cache 0: nothing to warm"),
+                Some(d) => std::path::absolute(&d).unwrap_or(d),
+                None => store.root().join("cache"),
+            };
+            let opts = DiskCacheOptions { dir, size: disk_cache_size, verify: Verify::Stat };
+            llmfs::warm::warm(store, &names, &opts)?;
+        }
+        Command::Demo { .. } | Command::Umount { .. } | Command::Status => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }

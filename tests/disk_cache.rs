@@ -136,11 +136,17 @@ fn try_read(path: &Path) -> std::io::Result<Vec<u8>> {
     with_deadline(&format!("reading {}", path.display()), OP, move || fs::read(&p))
 }
 
-/// How many times the daemon logged decoding `label` into the disk cache.
+/// How many times the daemon logged decoding `label` (into memory or the disk cache).
 fn decodes(m: &MountGuard, label: &str) -> usize {
-    m.log_text()
-        .lines()
-        .filter(|l| l.contains("disk cache: decoded") && l.contains(&format!(" {label} ")))
+    decodes_in(&m.log_text(), label)
+}
+
+fn decodes_in(log: &str, label: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            (l.contains("disk cache: decoded") || l.contains("memory cache: decoded"))
+                && l.contains(&format!(" {label} "))
+        })
         .count()
 }
 
@@ -192,7 +198,8 @@ fn the_cache_stays_within_its_size_evicting_least_recently_used() {
     let size = 24 * MIB; // two f32 shards (9.4 MB each) fit, three do not
     let files: Vec<String> =
         ["f32", "f16", "ft"].iter().flat_map(|n| [SHARD1, SHARD2].map(|s| format!("{n}/{s}"))).collect();
-    let m = fx.mount(&["--disk-cache-size", "24MiB"]);
+    // The disk tier alone (the memory tier would serve the second round from memory).
+    let m = fx.mount(&["--disk-cache-size", "24MiB", "--memory-cache-size", "0"]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Watch the directory the whole time: never over the size, fills in progress included.
     let watcher = {
@@ -418,4 +425,153 @@ fn kill_9_during_a_fill_leaves_nothing_served_wrong() {
         fx.cached_files(&label)
     );
     drop(guard);
+}
+
+/// What the daemons of `fx`'s store logged (STORE/llmfs.log) from byte `from` on.
+fn daemon_log_since(fx: &Fixture, from: u64) -> String {
+    let log = fs::read(fx.ts.store.join("llmfs.log")).unwrap_or_default();
+    String::from_utf8_lossy(&log[(from as usize).min(log.len())..]).into_owned()
+}
+
+fn daemon_log_len(fx: &Fixture) -> u64 {
+    fs::metadata(fx.ts.store.join("llmfs.log")).map_or(0, |m| m.len())
+}
+
+/// A user's `llmfs umount` then `llmfs mount` at once (daemonized, as users run them): the new
+/// daemon has the disk cache the old one was committing to when the mount went away, and serves
+/// every file from it without decoding any again. (It used to find the cache locked by the old
+/// daemon and run the whole mount without one, saying so only in the log.)
+#[test]
+fn a_mount_right_after_umount_keeps_the_disk_cache() {
+    // f32 shards of ~50 MB: commits that take a while after the mount is gone.
+    let big = ModelSpec { hidden: 512, intermediate: 1376, layers: 6, vocab: 16000, ..spec() };
+    let fx = Fixture::new(&big);
+    let want: Vec<(String, Vec<u8>)> = ["f32", "ft"]
+        .iter()
+        .flat_map(|n| [SHARD1, SHARD2].map(|s| (format!("{n}/{s}"), fs::read(fx.export(n).join(s)).unwrap())))
+        .collect();
+    let guard = DaemonGuard::new(&fx.root().join("umnt"));
+    let mps = guard.path.to_str().unwrap().to_owned();
+    let cache = fx.cache.to_str().unwrap().to_owned();
+    for round in 0..3 {
+        let from = daemon_log_len(&fx);
+        let mounted = fx.ts.run_full(["mount", &mps, "--disk-cache", &cache]);
+        assert!(mounted.status.success(), "round {round}: mount failed: {}", mounted.stderr);
+        assert!(!mounted.stderr.contains("warning"), "round {round}: {}", mounted.stderr);
+        for (label, bytes) in &want {
+            assert_same_bytes(&read(&guard.path.join(label)), bytes, &format!("{label}, round {round}"));
+        }
+        let log = daemon_log_since(&fx, from);
+        assert!(!log.contains("disk cache off") && !log.contains("waiting for"), "round {round}:\n{log}");
+        for (label, _) in &want {
+            let n = decodes_in(&log, label);
+            assert_eq!(n, usize::from(round == 0), "round {round}: {label} decoded {n} times:\n{log}");
+        }
+        // Returns once the daemon has ended: it committed its fills and let go of the cache.
+        fx.ok(&["umount", &mps]);
+        assert!(
+            daemon_pids(&guard.path).is_empty(),
+            "round {round}: umount returned before its daemon ended"
+        );
+    }
+}
+
+/// A mount whose disk cache another mount holds runs without one and says so: on the terminal
+/// of `llmfs mount` (daemonized) and of a foreground mount, and in `llmfs status`.
+#[test]
+fn a_mount_without_its_disk_cache_says_so() {
+    let fx = Fixture::new(&spec());
+    let first = fx.mount(&[]);
+    let guard = DaemonGuard::new(&fx.root().join("second"));
+    let mps = guard.path.to_str().unwrap().to_owned();
+    let mounted = fx.ts.run_full(["mount", &mps, "--disk-cache", fx.cache.to_str().unwrap()]);
+    assert!(mounted.status.success(), "{}", mounted.stderr);
+    let pid = first.pid().unwrap();
+    for needle in ["warning", "running without its disk cache", &format!("in use by llmfs pid {pid}")] {
+        assert!(mounted.stderr.contains(needle), "no {needle:?} in mount's stderr: {}", mounted.stderr);
+    }
+    let status = fx.ok(&["status"]);
+    let line_of = |mp: &Path| {
+        status.lines().find(|l| l.starts_with(&format!("{}  ", mp.display()))).unwrap_or_default().to_owned()
+    };
+    assert!(line_of(&guard.path).contains("NO DISK CACHE"), "{status}");
+    assert!(line_of(first.path()).contains(&format!("disk cache {}", fx.cache.display())), "{status}");
+    // Its files still read right, decoded on the read path.
+    let label = format!("f16/{SHARD1}");
+    assert_same_bytes(
+        &read(&guard.path.join(&label)),
+        &fs::read(fx.export("f16").join(SHARD1)).unwrap(),
+        &label,
+    );
+    // A foreground mount writes the warning to its terminal (here its log).
+    let third = fx.mount(&[]);
+    assert!(third.log_text().contains("llmfs: warning:"), "{}", third.log_text());
+    drop(guard);
+}
+
+/// `llmfs warm` decodes entries into the disk cache before any mount, and a mount then decodes
+/// nothing; with a mount holding the cache, `warm` goes through the mount.
+#[test]
+fn warm_decodes_ahead_and_through_a_mount() {
+    let fx = Fixture::new(&spec());
+    let cache = fx.cache.to_str().unwrap().to_owned();
+    let labels = |n: &str| [SHARD1, SHARD2].map(|s| format!("{n}/{s}"));
+    fx.ok(&["warm", "f16", "ft", "--disk-cache", &cache]);
+    for label in labels("f16").iter().chain(&labels("ft")) {
+        assert_eq!(fx.cached_files(label).len(), 1, "{label} not in the cache after warm");
+    }
+    let refused = fx.ts.run_full(["warm", "nope", "--disk-cache", &cache]);
+    assert!(!refused.status.success() && refused.stderr.contains("nope"), "{}", refused.stderr);
+    let m = fx.mount(&[]);
+    for n in ["f16", "ft"] {
+        for (label, s) in labels(n).iter().zip([SHARD1, SHARD2]) {
+            assert_same_bytes(&read(&m.path().join(label)), &fs::read(fx.export(n).join(s)).unwrap(), label);
+            assert_eq!(decodes(&m, label), 0, "{label} decoded again after warm:\n{}", m.log_text());
+        }
+    }
+    // The mount holds the cache: warm opens f32's files through it.
+    let through = fx.ts.run_full(["warm", "f32", "--disk-cache", &cache]);
+    assert!(through.status.success(), "{}", through.stderr);
+    assert!(through.stderr.contains("warming through it"), "{}", through.stderr);
+    for label in labels("f32") {
+        wait_committed(&fx, &label);
+        assert_eq!(decodes(&m, &label), 1, "{label}:\n{}", m.log_text());
+    }
+}
+
+/// The memory tier (`--memory-cache-size`): files decode into memory, are served from there and
+/// written to the disk cache behind the reader; a tier too small for the next file evicts what
+/// is on disk already or sends the fill to the disk cache, and every byte reads right.
+#[test]
+fn the_memory_tier_serves_fills_and_persists_them() {
+    let fx = Fixture::new(&spec());
+    let want: Vec<(String, Vec<u8>)> = ["f16", "f32", "ft"]
+        .iter()
+        .flat_map(|n| [SHARD1, SHARD2].map(|s| (format!("{n}/{s}"), fs::read(fx.export(n).join(s)).unwrap())))
+        .collect();
+    {
+        // One f32 shard (9.4 MB: 10 MiB of 2 MiB units) fits, not two.
+        let m = fx.mount(&["--memory-cache-size", "12MiB"]);
+        for (label, bytes) in &want {
+            assert_same_bytes(&read(&m.path().join(label)), bytes, &format!("{label}, memory tier"));
+        }
+        let log = m.log_text();
+        assert!(log.contains("memory cache: decoded"), "nothing decoded into memory:\n{log}");
+        // 12 MiB cannot hold the six files: some went to the disk tier or made room.
+        assert!(
+            log.contains("memory cache: no room") || log.contains("memory cache: evicting"),
+            "the memory tier never ran full:\n{log}"
+        );
+        for (label, _) in &want {
+            wait_committed(&fx, label);
+            assert_eq!(decodes_in(&log, label), 1, "{label} decoded other than once:\n{log}");
+        }
+    }
+    // Everything reached the disk cache: a new mount decodes nothing.
+    let m = fx.mount(&["--memory-cache-size", "0"]);
+    for (label, bytes) in &want {
+        assert_same_bytes(&read(&m.path().join(label)), bytes, &format!("{label}, after a remount"));
+        assert_eq!(decodes(&m, label), 0, "{label} decoded again:\n{}", m.log_text());
+    }
+    assert!(!m.log_text().contains("memory cache:"), "--memory-cache-size 0 used memory:\n{}", m.log_text());
 }

@@ -109,8 +109,10 @@ pub enum Verify {
 pub enum DiskCacheError {
     #[error("{}: {reason}", path.display())]
     Io { path: PathBuf, reason: String },
-    #[error("{}: in use by another llmfs process", .0.display())]
-    Locked(PathBuf),
+    /// Another process holds the directory; `holder` is what it wrote into `DIR/lock` (see
+    /// [`DiskCache::set_holder`]), empty if nothing.
+    #[error("{}: in use by {}", dir.display(), if holder.is_empty() { "another llmfs process" } else { holder.as_str() })]
+    Locked { dir: PathBuf, holder: String },
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> DiskCacheError {
@@ -199,7 +201,7 @@ pub struct DiskCache {
     /// threads, which let go of the cache before they signal: once [`DiskCache::flush`]
     /// returns, dropping the cache releases its directory).
     pending: Arc<(Mutex<usize>, Condvar)>,
-    _lock: File,
+    lock_file: File,
 }
 
 fn blocks(len: u64) -> u64 {
@@ -231,8 +233,11 @@ impl DiskCache {
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0
         {
-            return Err(DiskCacheError::Locked(dir.to_owned()));
+            let holder = std::fs::read_to_string(&lock_path).unwrap_or_default().trim().to_owned();
+            return Err(DiskCacheError::Locked { dir: dir.to_owned(), holder });
         }
+        // Whoever held it before is gone: its note goes with it.
+        let _ = lock.set_len(0);
         // Nothing under tmp/ is committed: a fill or commit that a crash cut short.
         for e in std::fs::read_dir(dir.join("tmp")).map_err(|e| io_err(dir, e))?.flatten() {
             let _ = std::fs::remove_file(e.path());
@@ -290,7 +295,7 @@ impl DiskCache {
                 stats: DiskStats::default(),
             }),
             pending: Arc::new((Mutex::new(0), Condvar::new())),
-            _lock: lock,
+            lock_file: lock,
         };
         {
             let mut st = cache.lock();
@@ -309,6 +314,13 @@ impl DiskCache {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Say who holds the directory, for a process that finds it locked
+    /// ([`DiskCacheError::Locked`]): one line in `DIR/lock`, the file the lock is on.
+    pub fn set_holder(&self, holder: &str) {
+        let _ = self.lock_file.set_len(0);
+        let _ = self.lock_file.write_all_at(holder.as_bytes(), 0);
     }
 
     pub fn capacity(&self) -> u64 {
@@ -336,13 +348,26 @@ impl DiskCache {
         label: &str,
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
     ) -> Result<Option<Arc<Cached>>, String> {
+        self.get_or_fill_as(key, len, label, "decoded", fill)
+    }
+
+    /// [`DiskCache::get_or_fill`], saying `verb` of the fill in the log ("decoded", or "stored
+    /// from memory" for a file the memory tier decoded).
+    pub fn get_or_fill_as(
+        self: &Arc<Self>,
+        key: &Key,
+        len: u64,
+        label: &str,
+        verb: &str,
+        fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
+    ) -> Result<Option<Arc<Cached>>, String> {
         let slot = self.lock().slots.entry(*key).or_default().clone();
         // Filled further up this thread's stack (see `Filling`): served without the cache.
         let Some(_filling) = super::Filling::enter(&slot) else { return Ok(None) };
         let mut leader_committing = None;
         let result = slot
             .get_or_init(|| {
-                let (r, commit) = self.resolve(key, len, label, fill, &slot);
+                let (r, commit) = self.resolve(key, len, label, verb, fill, &slot);
                 leader_committing = Some(commit);
                 r
             })
@@ -364,10 +389,11 @@ impl DiskCache {
         key: &Key,
         len: u64,
         label: &str,
+        verb: &str,
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
         slot: &Slot,
     ) -> (Result<Option<Arc<Cached>>, String>, bool) {
-        match self.resolve_inner(key, len, label, fill) {
+        match self.resolve_inner(key, len, label, verb, fill) {
             Ok(Some((cached, Some(filled)))) => {
                 self.commit_in_background(*key, len, label.to_owned(), filled, slot.clone());
                 (Ok(Some(cached)), true)
@@ -376,6 +402,11 @@ impl DiskCache {
             Ok(None) => (Ok(None), false),
             Err(e) => (Err(e), false),
         }
+    }
+
+    /// Whether `key` is being resolved now (checked, filled or committed).
+    pub fn in_flight(&self, key: &Key) -> bool {
+        self.lock().slots.contains_key(key)
     }
 
     /// The committed entry for `key` (of `len` bytes) if there is one and it passes its check;
@@ -394,6 +425,7 @@ impl DiskCache {
         key: &Key,
         len: u64,
         label: &str,
+        verb: &str,
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
     ) -> Result<Option<(Arc<Cached>, Option<Filled>)>, String> {
         let committed = self.lock().entries.get(key).cloned();
@@ -473,7 +505,7 @@ impl DiskCache {
         tracing::info!(
             bytes = len,
             secs = format!("{:.3}", start.elapsed().as_secs_f64()),
-            "disk cache: decoded {label} ({})",
+            "disk cache: {verb} {label} ({})",
             key.hex()
         );
         let reader = match File::open(&tmp) {
@@ -894,7 +926,20 @@ mod tests {
         assert_eq!(cache.stats().entries, 0);
         assert!(!dir.path().join(key(2).hex()).exists());
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        assert!(matches!(DiskCache::open(dir.path(), 1 << 20, Verify::Full), Err(DiskCacheError::Locked(_))));
+        match DiskCache::open(dir.path(), 1 << 20, Verify::Full) {
+            Err(DiskCacheError::Locked { holder, .. }) => assert_eq!(holder, ""),
+            _ => panic!("a second open of a held directory"),
+        }
+        cache.set_holder("the test");
+        match DiskCache::open(dir.path(), 1 << 20, Verify::Full) {
+            Err(e @ DiskCacheError::Locked { .. }) => {
+                assert!(e.to_string().ends_with("in use by the test"), "{e}")
+            }
+            _ => panic!("a second open of a held directory"),
+        }
+        drop(cache);
+        let cache = DiskCache::open(dir.path(), 1 << 20, Verify::Full).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("lock")).unwrap(), b"", "{:?}", cache.dir());
     }
 
     /// A fill that hashes its own pieces (some of them, out of order, with gaps between them)

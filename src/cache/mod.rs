@@ -10,6 +10,7 @@
 //! in-flight reads times the chunk size. A failed decode is not cached: the next read retries.
 
 pub mod disk;
+pub mod memory;
 pub mod objects;
 
 use std::hash::Hash;

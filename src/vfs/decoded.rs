@@ -21,8 +21,9 @@ use rayon::prelude::*;
 
 use super::{Fs, FsError, FsResult, Node, Target};
 use crate::cache::disk::{Cached, DiskCache, Key, KeyBuilder, Leaf};
+use crate::cache::memory::{MemFile, MemoryCache};
 use crate::cache::with_scratch;
-use crate::variant::{Content, ReadError, SourceFile, SynthFile, VFile};
+use crate::variant::{Content, EntryView, ReadError, SourceFile, SynthFile, VFile};
 
 /// Output bytes decoded per task: a multiple of every codec's chunk (the lossless delta's
 /// 2^18 elements, quantization groups) for every element size, so no chunk is decoded twice,
@@ -35,28 +36,27 @@ const MIN_CACHED: u64 = 1 << 20;
 
 impl Fs {
     /// The open hook: a synthesized file of an entry is read from its decoded copy in the disk
-    /// cache (made now if missing). Anything else, or no disk cache, is left as it is.
+    /// cache (made now if missing). Anything else, or no disk cache, is left as it is. The first
+    /// open of any file of an entry (a loader opens its config.json or shard index first) starts
+    /// the fills of all the entry's other synthesized files, at once (see [`EntryFills`]).
     pub(super) fn served_decoded(&self, node: &Node, target: Target) -> FsResult<Target> {
-        let Some(disk) = self.disk.get() else { return Ok(target) };
-        let (Node::File { entry, file, .. }, Target::Read(vfile)) = (node, &target) else {
+        let tiers = self.tiers();
+        if tiers.disk.is_none() && tiers.memory.is_none() {
             return Ok(target);
-        };
+        }
+        let Node::File { entry, file, .. } = node else { return Ok(target) };
+        self.fill_entry(&tiers, entry, file);
+        let Target::Read(vfile) = &target else { return Ok(target) };
         let Content::Synth(synth) = &vfile.content else { return Ok(target) };
         if vfile.size < MIN_CACHED {
             return Ok(target);
         }
         let Some(key) = self.decoded_key(entry, vfile, synth) else { return Ok(target) };
         let label = format!("{entry}/{file}");
-        match decode_into_cache(disk, &key, vfile, synth, &label, None) {
-            Ok(Some((cached, filled))) => {
-                if filled {
-                    self.decode_siblings(disk, entry, &vfile.name);
-                }
-                let source = cached
-                    .file
-                    .try_clone()
-                    .and_then(|f| SourceFile::already_open(cached.path.clone(), f))
-                    .map_err(|e| FsError::eio(format!("{label}: the disk cache's copy: {e}")))?;
+        match decode_into_cache(&tiers, &key, vfile, synth, &label, None) {
+            Ok(Some(served)) => {
+                let source = SourceFile::already_open(served.path, served.file)
+                    .map_err(|e| FsError::eio(format!("{label}: the decoded copy: {e}")))?;
                 Ok(Target::Read(VFile {
                     name: vfile.name.clone(),
                     size: vfile.size,
@@ -68,10 +68,64 @@ impl Fs {
             // file to the read path, where only the bytes that cannot be decoded answer EIO and
             // the rest of the file still reads, as it does with no disk cache.
             Err(e) => {
-                tracing::warn!("{label}: not decoded into the disk cache, read through the daemon: {e}");
+                tracing::warn!("{label}: not decoded into the cache, read through the daemon: {e}");
                 Ok(target)
             }
         }
+    }
+
+    /// `llmfs warm`: decode every synthesized file of `entry` into the disk cache now, all at
+    /// once (as a first open does), and fetch what its files read from an object store; `done`
+    /// is told each file (its name and size) as it is ready. The files that could not be
+    /// decoded, with why.
+    pub fn warm(&self, entry: &str, done: &(dyn Fn(&str, u64) + Sync)) -> FsResult<Vec<String>> {
+        let created = self.entry_created(entry).ok_or(FsError::new(libc::ENOENT))?;
+        let view = self.view(entry, created)?;
+        // Straight into the disk tier: what warm is for.
+        let tiers = Tiers { disk: self.disk.get().cloned(), memory: None };
+        let failed = std::sync::Mutex::new(vec![]);
+        std::thread::scope(|scope| {
+            for f in &view.files {
+                let (tiers, failed) = (&tiers, &failed);
+                scope.spawn(move || {
+                    let label = format!("{entry}/{}", f.name);
+                    let result = super::check_sources(f).map_err(|e| e.to_string()).and_then(|()| {
+                        let Content::Synth(synth) = &f.content else { return Ok(()) };
+                        if f.size < MIN_CACHED || tiers.disk.is_none() {
+                            return Ok(());
+                        }
+                        let key = self.decoded_key(entry, f, synth).ok_or("the registry changed")?;
+                        match decode_into_cache(tiers, &key, f, synth, &label, ahead_pool())? {
+                            Some(_) => Ok(()),
+                            None => Err("the disk cache cannot hold it".to_owned()),
+                        }
+                    });
+                    match result {
+                        Ok(()) => done(&f.name, f.size),
+                        Err(e) => {
+                            failed.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{label}: {e}"))
+                        }
+                    }
+                });
+            }
+        });
+        Ok(failed.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The sizes of `entry`'s files (what [`Fs::warm`] goes through), for a progress bar.
+    pub fn file_sizes(&self, entry: &str) -> FsResult<Vec<(String, u64)>> {
+        let created = self.entry_created(entry).ok_or(FsError::new(libc::ENOENT))?;
+        Ok(self.view(entry, created)?.files.iter().map(|f| (f.name.clone(), f.size)).collect())
+    }
+
+    /// Serve decoded files from memory first (see [`crate::cache::memory`]), bounded by
+    /// `--memory-cache-size`.
+    pub fn set_memory_cache(&self, memory: Arc<MemoryCache>) {
+        let _ = self.memory.set(memory);
+    }
+
+    fn tiers(&self) -> Tiers {
+        Tiers { disk: self.disk.get().cloned(), memory: self.memory.get().cloned() }
     }
 
     /// What `vfile`'s bytes depend on, or None when the view it came from is no longer the
@@ -98,38 +152,65 @@ impl Fs {
         Some(key.finish())
     }
 
-    /// After a fill, decode the entry's other synthesized files in the background, one after
-    /// another: a loader reading shard 1 (at page-cache speed) opens shard 2 next.
-    fn decode_siblings(&self, disk: &Arc<DiskCache>, entry: &str, opened: &str) {
+    /// At the first open of a file of `entry` in this mount (per version of its view), start
+    /// filling every other synthesized file of it into the disk cache, all at once, each led
+    /// from a thread of its own with its pieces on the ahead pool: the cores are spread over the
+    /// files, and no file waits for another. (Filled one after another, a first load was the
+    /// fills in series, each bound on many cores by its one file's inode lock: issue 23.) The
+    /// opened file's own fill, if any, is its open's, on the global pool. Files already decoded
+    /// are found in the cache at once.
+    fn fill_entry(&self, tiers: &Tiers, entry: &str, opened: &str) {
         let Some(view) =
             self.catalog.read().unwrap_or_else(|e| e.into_inner()).views.get(entry).map(|(_, v)| v.clone())
         else {
             return;
         };
-        let todo: Vec<(Key, VFile, Arc<SynthFile>, String)> = view
-            .files
-            .iter()
-            .filter(|f| f.name != opened)
-            .filter_map(|f| match &f.content {
-                Content::Synth(s) if f.size >= MIN_CACHED && super::check_sources(f).is_ok() => {
-                    let key = self.decoded_key(entry, f, s)?;
-                    Some((key, f.clone(), s.clone(), format!("{entry}/{}", f.name)))
-                }
-                _ => None,
-            })
-            .collect();
-        if todo.is_empty() {
+        if !self.entry_fills.first_open(entry, &view) {
             return;
         }
-        let disk = disk.clone();
-        std::thread::spawn(move || {
-            for (key, vfile, synth, label) in todo {
-                let done = decode_into_cache(&disk, &key, &vfile, &synth, &label, ahead_pool());
-                if let Err(e) = done {
+        for f in view.files.iter().filter(|f| f.name != opened && f.size >= MIN_CACHED) {
+            let Content::Synth(synth) = &f.content else { continue };
+            let Some(key) = self.decoded_key(entry, f, synth) else { continue };
+            let (tiers, vfile, synth, label) =
+                (tiers.clone(), f.clone(), synth.clone(), format!("{entry}/{}", f.name));
+            let spawned = std::thread::Builder::new().name("llmfs-fill".into()).spawn(move || {
+                // Its sources as an open checks them (sampled hashes, once per mount): a changed
+                // base is left to the open, which answers EIO.
+                // On the ahead pool: sent to the global one, busy with the opened file's fill,
+                // this check waited for that whole fill before this file's could start.
+                let check = || super::check_sources(&vfile);
+                let checked = match ahead_pool() {
+                    Some(pool) => pool.install(check),
+                    None => check(),
+                };
+                if checked.is_err() {
+                    return;
+                }
+                if let Err(e) = decode_into_cache(&tiers, &key, &vfile, &synth, &label, ahead_pool()) {
                     tracing::warn!("disk cache: decoding {label} ahead: {e}");
                 }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("disk cache: no thread to decode {entry}/{} ahead: {e}", f.name);
             }
-        });
+        }
+    }
+}
+
+/// The entries whose fills this mount started, by the view they were started for: a registry
+/// change (a rewritten delta) makes a new view, whose first open starts them again.
+#[derive(Default)]
+pub(super) struct EntryFills(std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<EntryView>>>);
+
+impl EntryFills {
+    /// True the first time it is asked for `entry`'s `view`.
+    fn first_open(&self, entry: &str, view: &Arc<EntryView>) -> bool {
+        let mut done = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if done.get(entry).and_then(std::sync::Weak::upgrade).is_some_and(|v| Arc::ptr_eq(&v, view)) {
+            return false;
+        }
+        done.insert(entry.to_owned(), Arc::downgrade(view));
+        true
     }
 }
 
@@ -156,7 +237,24 @@ fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// The cached copy of `vfile`, decoding it if needed; and whether this call decoded it.
+/// Where decoded files are kept: memory first, then disk; either may be off.
+#[derive(Clone)]
+pub(crate) struct Tiers {
+    pub disk: Option<Arc<DiskCache>>,
+    pub memory: Option<Arc<MemoryCache>>,
+}
+
+/// A decoded file to serve: the open file and the path that names its content (the disk tier's
+/// path of its key for both tiers, so that the kernel's one backing file per inode is the same
+/// content whichever tier an open got it from).
+pub(crate) struct Served {
+    pub file: std::fs::File,
+    pub path: std::path::PathBuf,
+}
+
+/// The decoded copy of `vfile` (cached under `key`), decoding it if no tier has it: into
+/// memory where the memory tier has room (then written to the disk tier in the background),
+/// else into the disk tier. None: neither tier can hold it.
 ///
 /// The caller must not be a thread of a rayon pool, and the decode runs on `pool` (None: the
 /// global one). A fill holds its key's slot while its pieces run; a pool thread that led a fill
@@ -164,25 +262,153 @@ fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
 /// same file's fill (two opens each decoding their siblings ahead): a second entry into the
 /// slot from the thread that holds it, which waits for itself forever (seen in CI: a reader
 /// hung on a file being decoded ahead).
-fn decode_into_cache(
-    disk: &Arc<DiskCache>,
+pub(crate) fn decode_into_cache(
+    tiers: &Tiers,
     key: &Key,
     vfile: &VFile,
-    synth: &SynthFile,
+    synth: &Arc<SynthFile>,
     label: &str,
     pool: Option<&rayon::ThreadPool>,
-) -> Result<Option<(Arc<Cached>, bool)>, String> {
+) -> Result<Option<Served>, String> {
     debug_assert!(rayon::current_thread_index().is_none(), "a fill led from a pool thread");
-    let mut filled = false;
+    let path = match &tiers.disk {
+        Some(disk) => disk.dir().join(key.hex()),
+        None => std::path::PathBuf::from(format!("/memfd:llmfs/{}", key.hex())),
+    };
+    let from_disk = |c: Arc<Cached>| -> Result<Option<Served>, String> {
+        let file = c.file.try_clone().map_err(|e| e.to_string())?;
+        Ok(Some(Served { file, path: c.path.clone() }))
+    };
+    if let Some(memory) = &tiers.memory {
+        if let Some(m) = memory.get(key) {
+            return Ok(Some(Served { file: m.file.try_clone().map_err(|e| e.to_string())?, path }));
+        }
+        // Decoded before (a committed disk entry), or being decoded into the disk tier now
+        // (the memory tier was full): that copy, not a second decode.
+        let disk_has = tiers.disk.as_ref().is_some_and(|d| d.in_flight(key));
+        if let Some(c) = tiers.disk.as_ref().and_then(|d| d.get(key, vfile.size)) {
+            return from_disk(c);
+        }
+        if !disk_has {
+            let fill = |bytes: &mut [u8]| {
+                match pool {
+                    Some(pool) => pool.install(|| write_decoded_into(synth, bytes)),
+                    None => write_decoded_into(synth, bytes),
+                }
+                .map_err(|e| e.to_string())
+            };
+            if let Some((m, filled)) = memory.get_or_fill(key, vfile.size, label, fill)? {
+                let file = m.file.try_clone().map_err(|e| e.to_string())?;
+                if filled {
+                    persist(tiers, *key, m, label.to_owned());
+                }
+                return Ok(Some(Served { file, path }));
+            }
+        }
+    }
+    let Some(disk) = &tiers.disk else { return Ok(None) };
     let cached = disk.get_or_fill(key, vfile.size, label, |f| {
-        filled = true;
         let write = || write_decoded(synth, f).map_err(|e| e.to_string());
         match pool {
             Some(pool) => pool.install(write),
             None => write(),
         }
     })?;
-    Ok(cached.map(|c| (c, filled)))
+    match cached {
+        Some(c) => from_disk(c),
+        None => Ok(None),
+    }
+}
+
+/// Write a file just decoded into memory to the disk tier, on a thread of its own at the
+/// lowest priority (behind the reader, who is served from memory meanwhile), then let the
+/// memory tier evict it. The disk tier commits it as it commits any fill (crash safe, hashed:
+/// the leaves are hashed here, while the bytes are hot).
+fn persist(tiers: &Tiers, key: Key, m: Arc<MemFile>, label: String) {
+    let Some(memory) = tiers.memory.clone() else { return };
+    let disk = tiers.disk.clone();
+    let run = move || {
+        // SAFETY: setpriority on this thread (a Linux thread id is a process id for it).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        if let Some(disk) = disk {
+            let copied = disk.get_or_fill_as(&key, m.len, &label, "stored from memory", |out| {
+                copy_out(&m.file, out, m.len)
+            });
+            if let Err(e) = copied {
+                tracing::warn!("disk cache: writing {label} from memory: {e}");
+            }
+        }
+        memory.persisted(&key);
+    };
+    let (memory, key2) = (tiers.memory.clone(), key);
+    if let Err(e) = std::thread::Builder::new().name("llmfs-persist".into()).spawn(run) {
+        tracing::warn!("no thread to write {key2:?} to the disk cache: {e}");
+        if let Some(memory) = memory {
+            memory.persisted(&key2);
+        }
+    }
+}
+
+/// Copy `len` bytes of `from` into `out` (a disk-tier fill), hashing them as leaves on the way.
+fn copy_out(from: &std::fs::File, out: &std::fs::File, len: u64) -> Result<Vec<Leaf>, String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor we own.
+    if len > 0 && unsafe { libc::fallocate(out.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e.to_string());
+        }
+    }
+    let mut leaves = vec![];
+    let mut at = 0;
+    while at < len {
+        let n = PIECE.min(len - at);
+        let leaf = with_scratch(n as usize, |buf| {
+            from.read_exact_at(buf, at)?;
+            out.write_all_at(buf, at)?;
+            Ok::<_, std::io::Error>(Leaf::of(at, buf))
+        })
+        .map_err(|e| e.to_string())?;
+        leaves.push(leaf);
+        at += n;
+    }
+    Ok(leaves)
+}
+
+/// Write all of `synth` into `out` (its bytes, in memory): the header, then every tensor in
+/// pieces of [`PIECE`] bytes decoded in parallel, each straight into its place (no copy).
+pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadError> {
+    let len = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
+    if out.len() as u64 != len {
+        return Err(ReadError::Decode(format!("{} bytes to fill, {len} to write", out.len())));
+    }
+    out[..synth.header.len()].copy_from_slice(&synth.header);
+    /// The output's address, shared by the pieces, which write disjoint ranges of it.
+    #[derive(Clone, Copy)]
+    struct Out(*mut u8);
+    // SAFETY: only used to write disjoint ranges of one buffer that outlives the parallel loop.
+    unsafe impl Send for Out {}
+    // SAFETY: as above.
+    unsafe impl Sync for Out {}
+    impl Out {
+        /// The address `at` bytes in (a method, so a closure captures the whole `Out`, which is
+        /// Send, rather than its raw pointer, which is not).
+        fn at(self, at: usize) -> *mut u8 {
+            // SAFETY: callers stay within the buffer (see below).
+            unsafe { self.0.add(at) }
+        }
+    }
+    let base = Out(out.as_mut_ptr());
+    pieces(synth).into_par_iter().try_for_each(|(i, from, to)| {
+        let t = &synth.tensors[i];
+        let esize = t.source.dtype().size() as u64;
+        let at = (t.start + from * esize) as usize;
+        let n = ((to - from) * esize) as usize;
+        // SAFETY: pieces tile the tensors' ranges without overlap, all within `out` (a tensor
+        // ends at or before `len`, checked above), so each task writes its own bytes only.
+        let dst = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
+        super::read::decode_elements(t, from as usize..to as usize, dst)
+    })
 }
 
 /// Write all of `synth` into `out` (of its length): the header, then every tensor in pieces of

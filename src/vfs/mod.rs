@@ -263,8 +263,12 @@ pub struct Fs {
     forget_name: std::sync::OnceLock<ForgetName>,
     /// Decoded files on local disk (decoded.rs), when the mount has one.
     disk: std::sync::OnceLock<Arc<crate::cache::disk::DiskCache>>,
+    /// Decoded files in memory, in front of the disk cache (decoded.rs).
+    memory: std::sync::OnceLock<Arc<crate::cache::memory::MemoryCache>>,
     /// The view of each entry whose objects were prefetched (see `prefetch_objects`).
     prefetched: Mutex<HashMap<String, std::sync::Weak<EntryView>>>,
+    /// The entries whose files are being decoded into the disk cache (decoded.rs).
+    entry_fills: decoded::EntryFills,
 }
 
 impl Fs {
@@ -289,7 +293,9 @@ impl Fs {
             staging: write::Staging::default(),
             forget_name: std::sync::OnceLock::new(),
             disk: std::sync::OnceLock::new(),
+            memory: std::sync::OnceLock::new(),
             prefetched: Mutex::default(),
+            entry_fills: Default::default(),
         })
     }
 

@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 
 use super::fuse::{self, MountConfig};
 use super::Fs;
-use crate::cache::disk::{DiskCache, Verify};
+use crate::cache::disk::{DiskCache, DiskCacheError, Verify};
 use crate::registry::Store;
+
+pub mod status;
+pub use status::{DiskCacheState, MountStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -39,7 +42,33 @@ pub struct MountOptions {
     pub threads: usize,
     /// Where decoded files are kept (None: no disk cache).
     pub disk_cache: Option<DiskCacheOptions>,
+    /// Bytes of decoded files kept in memory, in front of the disk cache (None: the default,
+    /// [`default_memory_cache_size`]; 0: none).
+    pub memory_cache_size: Option<u64>,
+    /// Entries to decode once mounted (foreground: from the daemon, through the mount).
+    pub warm: Vec<String>,
 }
+
+/// The memory tier's size when none is given: with [`MEMORY_TIER_MIN_CORES`] cores or more, a
+/// quarter of the machine's memory, at most 16 GiB (a first load of a model that size decodes
+/// at memory speed; larger ones spill into the disk cache file by file); with fewer, none.
+pub fn default_memory_cache_size() -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < MEMORY_TIER_MIN_CORES {
+        return 0;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let ram = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+    (ram / 4).min(16 << 30)
+}
+
+/// Below this many cores the memory tier is off by default. Its gain is many threads filling
+/// one file at once (the inode lock that `pwrite` takes is the bound from 8 or so); on a few
+/// cores a fill is bound by the CPU, and writing each file again to disk after decoding it into
+/// memory costs CPU the loader needs (2 development cores: an f16 first load 0.26x of plain with
+/// the tier, 0.37x without; both runs on a machine loaded 6x over, scripts/bench_load_results.md).
+pub const MEMORY_TIER_MIN_CORES: usize = 8;
 
 /// `--disk-cache DIR --disk-cache-size SIZE --disk-cache-verify full|stat`.
 #[derive(Clone, Debug)]
@@ -54,22 +83,71 @@ pub struct DiskCacheOptions {
 /// The disk cache's size when none is given: room for a few fine-tunes of an 8B model.
 pub const DEFAULT_DISK_CACHE_SIZE: u64 = 32 << 30;
 
-/// Open the disk cache of `opts`. A cache that cannot be opened (another daemon holds it, an
-/// unwritable directory) is logged and the mount goes on without one.
-fn open_disk_cache(opts: &DiskCacheOptions) -> Option<Arc<DiskCache>> {
+/// How long a new daemon waits for a disk cache held by a daemon that is going away (its mount
+/// already gone: committing what it decoded) or by `llmfs warm`.
+const WAIT_FOR_CACHE: Duration = Duration::from_secs(30);
+
+/// What a daemon writes into its disk cache's lock file: `llmfs pid PID, the mount at PATH`.
+fn holder_note(mountpoint: &Path) -> String {
+    format!("llmfs pid {}, the mount at {}", std::process::id(), mountpoint.display())
+}
+
+/// The mount point a lock holder's note names, if it is a mount still serving.
+pub fn serving_holder(holder: &str) -> Option<PathBuf> {
+    holder_is_serving(holder)
+        .then(|| PathBuf::from(holder.split_once(", the mount at ").map(|(_, mp)| mp).unwrap_or_default()))
+}
+
+/// Whether the holder a locked cache names ([`holder_note`]) is a mount still serving: then
+/// waiting is pointless. A holder that is not (unmounted and committing, `llmfs warm`, or a note
+/// we cannot read) is waited for.
+fn holder_is_serving(holder: &str) -> bool {
+    let Some((pid, mp)) = holder.strip_prefix("llmfs pid ").and_then(|r| r.split_once(", the mount at "))
+    else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = pid.parse::<libc::pid_t>().is_ok_and(|p| unsafe { libc::kill(p, 0) } == 0);
+    alive && is_mounted(Path::new(mp))
+}
+
+/// Open the disk cache of `opts`, noting `note` as its holder (see [`DiskCache::set_holder`]). A cache held by a daemon that
+/// is going away is waited for (at most [`WAIT_FOR_CACHE`]); one that cannot be had (another
+/// mount serves from it, an unwritable directory) leaves the mount without one, which the
+/// returned state says (for the terminal and the mount's status).
+pub fn open_disk_cache(opts: &DiskCacheOptions, note: &str) -> (Option<Arc<DiskCache>>, DiskCacheState) {
     let size = opts.size.unwrap_or_else(|| {
         let free = free_bytes(&opts.dir).unwrap_or(0) + dir_bytes(&opts.dir);
         DEFAULT_DISK_CACHE_SIZE.min(free / 2)
     });
     if size == 0 {
         tracing::info!("disk cache off");
-        return None;
+        return (None, DiskCacheState::Off);
     }
-    match DiskCache::open(&opts.dir, size, opts.verify) {
-        Ok(c) => Some(Arc::new(c)),
-        Err(e) => {
-            tracing::error!("disk cache off: {e}");
-            None
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match DiskCache::open(&opts.dir, size, opts.verify) {
+            Ok(c) => {
+                c.set_holder(note);
+                if said {
+                    tracing::info!("disk cache free after {:.1} s", start.elapsed().as_secs_f64());
+                }
+                return (Some(Arc::new(c)), DiskCacheState::On { dir: opts.dir.clone(), capacity: size });
+            }
+            Err(DiskCacheError::Locked { holder, .. })
+                if !holder_is_serving(&holder) && start.elapsed() < WAIT_FOR_CACHE =>
+            {
+                if !said {
+                    tracing::info!("disk cache {}: waiting for {holder} to let go of it", opts.dir.display());
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::error!("disk cache off: {e}");
+                return (None, DiskCacheState::Unusable { dir: opts.dir.clone(), reason: e.to_string() });
+            }
         }
     }
 }
@@ -108,7 +186,22 @@ fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
 pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(mountpoint)?;
     keep_freed_chunks_in_heap();
-    let disk = opts.disk_cache.as_ref().and_then(open_disk_cache);
+    let (disk, cache_state) = match &opts.disk_cache {
+        Some(o) => open_disk_cache(o, &holder_note(&mountpoint)),
+        None => (None, DiskCacheState::Off),
+    };
+    let status = MountStatus {
+        pid: std::process::id(),
+        mountpoint: mountpoint.clone(),
+        store: store.location(),
+        disk_cache: cache_state,
+    };
+    if let Some(line) = status.warning() {
+        // The terminal of a foreground mount (a daemon's stderr is its log; `mount` repeats it).
+        eprintln!("llmfs: {line}");
+    }
+    // Published before the mount shows up: `mount` reads it as soon as it does.
+    let published = status::publish(&status);
     // An object store's files are fetched into the disk cache (when there is one).
     let store = match (store.remote().cloned(), &disk) {
         (Some(remote), Some(disk)) => {
@@ -121,6 +214,16 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     let fs = Arc::new(Fs::new(store, opts.cache_size)?);
     if let Some(disk) = &disk {
         fs.set_disk_cache(disk.clone());
+    }
+    // In front of the disk cache only: a file decoded into memory is written there behind the
+    // reader, and evicted from memory once it is. Without one (`--disk-cache 0`), variant files
+    // decode on the read path, as they always did.
+    let memory_size = opts.memory_cache_size.unwrap_or_else(default_memory_cache_size);
+    let memory = (memory_size > 0 && disk.is_some())
+        .then(|| Arc::new(crate::cache::memory::MemoryCache::new(memory_size)));
+    if let Some(memory) = &memory {
+        tracing::info!(capacity = memory_size, "memory cache of decoded files");
+        fs.set_memory_cache(memory.clone());
     }
     // Block the signals in this thread before any other starts, so every thread inherits the
     // mask and only the waiter below receives them.
@@ -140,6 +243,20 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
         &MountConfig { allow_other: opts.allow_other, threads: opts.threads },
     )?;
     raise_readahead(&mountpoint);
+    if !opts.warm.is_empty() {
+        let (mp, names) = (mountpoint.clone(), opts.warm.clone());
+        std::thread::spawn(move || {
+            let failed = match weight_files(&mp, &names) {
+                Ok(files) => open_weights(&files, &|_| {}),
+                Err(name) => vec![format!("{name}: no such entry")],
+            };
+            if failed.is_empty() {
+                tracing::info!("warmed {}", names.join(", "));
+            } else {
+                tracing::error!("warming {}: {}", names.join(", "), failed.join("; "));
+            }
+        });
+    }
     // Invalidations go out from their own thread: sent from inside a request on the root (a
     // lookup that reloaded the registry) they could wait on the very lock that request holds.
     let notifier = session.notifier();
@@ -165,13 +282,63 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
         }
     });
     tracing::info!(mountpoint = %mountpoint.display(), cache_size = opts.cache_size, threads = opts.threads, "serving");
-    session.run()?;
+    let served = session.run();
+    if let Some(memory) = memory {
+        // Every file decoded into memory is written to the disk cache first.
+        memory.flush();
+    }
     if let Some(disk) = &disk {
         // What was decoded is committed before the daemon goes, so the next mount finds it.
         disk.flush();
     }
+    // Let go of the disk cache (its flock), then of the status file, whose release `umount`
+    // waits for. Where something still holds the cache, both go at exit, the cache's lock
+    // first (it was opened first, and exit closes descriptors in order).
+    drop(fs);
+    let released = disk.is_none_or(|d| Arc::try_unwrap(d).is_ok());
+    if released {
+        drop(published);
+    } else {
+        std::mem::forget(published);
+    }
+    served?;
     tracing::info!("unmounted");
     Ok(())
+}
+
+/// The weight files (`*.safetensors`) of entries `names` under a mount, with their sizes; the
+/// name of an entry the mount does not have.
+pub fn weight_files(mountpoint: &Path, names: &[String]) -> Result<Vec<(PathBuf, u64)>, String> {
+    let mut files = vec![];
+    for name in names {
+        let rd = std::fs::read_dir(mountpoint.join(name)).map_err(|_| name.clone())?;
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                files.push((p, e.metadata().map(|m| m.len()).unwrap_or(0)));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Open (and close) `files` of a mount, all at once: each open returns once its file is decoded
+/// into the cache (`mount --warm`, `warm` through a mount). `done` is told each file's size as
+/// its open returns; the files that failed, with why.
+pub fn open_weights(files: &[(PathBuf, u64)], done: &(dyn Fn(u64) + Sync)) -> Vec<String> {
+    let failed = std::sync::Mutex::new(vec![]);
+    std::thread::scope(|scope| {
+        for (path, len) in files {
+            let failed = &failed;
+            scope.spawn(move || match std::fs::File::open(path) {
+                Ok(_) => done(*len),
+                Err(e) => {
+                    failed.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}: {e}", path.display()))
+                }
+            });
+        }
+    });
+    failed.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The kernel sizes a FUSE mount's buffered reads by its backing device's read-ahead (128 KiB by
@@ -221,8 +388,13 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Start the daemon (this binary with `--foreground`) and wait until the mount is live.
-pub fn spawn_daemon(store: &Store, mountpoint: &Path, args: &[String]) -> Result<(), MountError> {
+/// Start the daemon (this binary with `--foreground`) and wait until the mount is live; its
+/// status (None where it could publish none), whose [`MountStatus::warning`] the caller shows.
+pub fn spawn_daemon(
+    store: &Store,
+    mountpoint: &Path,
+    args: &[String],
+) -> Result<Option<MountStatus>, MountError> {
     let mountpoint = check_mountpoint(mountpoint)?;
     let log_path = store.log_path();
     let log = OpenOptions::new().create(true).append(true).mode(0o600).open(&log_path)?;
@@ -240,7 +412,7 @@ pub fn spawn_daemon(store: &Store, mountpoint: &Path, args: &[String]) -> Result
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if is_mounted(&mountpoint) {
-            return Ok(());
+            return Ok(status::read(&mountpoint).map(|(s, _)| s));
         }
         if let Some(status) = child.try_wait()? {
             return Err(MountError::Daemon(format!(
@@ -304,8 +476,20 @@ pub fn is_mounted(mountpoint: &Path) -> bool {
     llmfs_mounts().iter().any(|m| m == mountpoint)
 }
 
-/// Unmount an llmfs mount, also a stale one whose daemon died.
-pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
+/// How long `umount` waits for the daemon to end after the mount is gone: it commits what it
+/// decoded (an fsync of each file decoded in its last seconds) and lets go of the disk cache.
+const WAIT_FOR_DAEMON: Duration = Duration::from_secs(120);
+
+/// What [`unmount`] saw.
+pub struct Unmounted {
+    /// The daemon is still running after [`WAIT_FOR_DAEMON`] (files still open on a lazily
+    /// unmounted mount): its disk cache is not free yet.
+    pub daemon_still_running: Option<u32>,
+}
+
+/// Unmount an llmfs mount, also a stale one whose daemon died, and wait (bounded) until its
+/// daemon has ended, so that its disk cache is free for the next mount.
+pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
     // A dead daemon's mount point cannot be stat'ed (ENOTCONN), so canonicalize its parent.
     let canonical = match mountpoint.canonicalize() {
         Ok(p) => p,
@@ -320,6 +504,8 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
             reason: "no llmfs mount there".into(),
         });
     }
+    // Its status file, held open: its lock is released when the daemon ends.
+    let daemon = status::read(&canonical);
     let c_path = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes()).map_err(|_| {
         MountError::Mountpoint { path: canonical.clone(), reason: "path contains NUL".into() }
     })?;
@@ -343,7 +529,11 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
     while is_mounted(&canonical) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
+    let daemon_still_running = match daemon {
+        Some((st, file)) if !status::wait_for_exit(&file, WAIT_FOR_DAEMON) => Some(st.pid),
+        _ => None,
+    };
+    Ok(Unmounted { daemon_still_running })
 }
 
 #[cfg(test)]

@@ -1,0 +1,401 @@
+//! The memory tier of whole decoded files, bounded in bytes, in front of the disk tier
+//! ([`super::disk`]).
+//!
+//! Why: a fill written into one file by `pwrite` goes at one writer's pace however many threads
+//! write, because the filesystem takes the file's inode lock for every buffered write (issue 13:
+//! 16 threads filled one ext4 or tmpfs file at 4.7-6.6 GB/s by `pwrite`, and `fill_bench`
+//! filled a tmpfs file at 23-41 GB/s through a shared mapping, whose page faults take no such
+//! lock). So a file is decoded straight into a shared mapping of a memfd (shmem: no disk, no
+//! writeback, huge pages where the kernel gives shmem any), every pool thread writing its own
+//! pieces in place, with no copy through scratch memory. Once complete the memfd is sealed
+//! against any change (`F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK`) and handed out: FUSE
+//! passthrough takes it as a backing file like any other regular file. The caller then writes
+//! it to the disk tier behind the reader (a plain commit there: crash safe, hashed, checked
+//! when served later) and marks it [`MemoryCache::persisted`]: only then may it be evicted.
+//!
+//! Bounded: entries and fills in progress count their length (rounded up to 2 MiB, the huge
+//! page) against the capacity; before a fill the least recently used persisted entries are
+//! dropped until it fits, and when it cannot fit (the tier is full of fills in progress or of
+//! entries not yet written to disk) the caller fills the disk tier directly. A dropped entry
+//! still open (a passthrough backing file, a handle) keeps its pages until closed, as an
+//! unlinked file keeps its blocks: what the tier holds stays within the capacity.
+//!
+//! Single flight: concurrent callers for one key wait on the first one's fill. A fill's error
+//! is returned to each waiting caller and not kept. Nothing here is verified against anything:
+//! the bytes were decoded by this process and sealed; a crash loses the tier, whose entries the
+//! disk tier either committed whole or never did.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use lru::LruCache;
+
+use super::disk::Key;
+
+const UNIT: u64 = 2 << 20;
+
+fn footprint(len: u64) -> u64 {
+    len.div_ceil(UNIT).max(1) * UNIT
+}
+
+/// A decoded file in memory: a sealed memfd of `len` bytes.
+#[derive(Debug)]
+pub struct MemFile {
+    pub file: File,
+    pub len: u64,
+    persisted: AtomicBool,
+}
+
+/// Counters for logs, tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub entries: usize,
+    pub used_bytes: u64,
+    pub fills: u64,
+    pub hits: u64,
+    pub evictions: u64,
+    /// Fills that found no room and went to the disk tier.
+    pub full: u64,
+}
+
+type Slot = Arc<OnceLock<Result<Option<Arc<MemFile>>, String>>>;
+
+struct State {
+    entries: LruCache<Key, Arc<MemFile>>,
+    /// Footprints of entries and of fills in progress.
+    used: u64,
+    slots: HashMap<Key, Slot>,
+    stats: MemoryStats,
+}
+
+pub struct MemoryCache {
+    capacity: u64,
+    state: Mutex<State>,
+    /// Entries not yet persisted, and a signal when one is (for [`MemoryCache::flush`]).
+    pending: (Mutex<usize>, Condvar),
+}
+
+impl MemoryCache {
+    pub fn new(capacity: u64) -> MemoryCache {
+        MemoryCache {
+            capacity,
+            state: Mutex::new(State {
+                entries: LruCache::unbounded(),
+                used: 0,
+                slots: HashMap::new(),
+                stats: MemoryStats::default(),
+            }),
+            pending: (Mutex::new(0), Condvar::new()),
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> MemoryStats {
+        let st = self.lock();
+        MemoryStats { entries: st.entries.len(), used_bytes: st.used, ..st.stats }
+    }
+
+    /// The entry for `key`, if the tier holds it (a use, for the LRU order).
+    pub fn get(&self, key: &Key) -> Option<Arc<MemFile>> {
+        let mut st = self.lock();
+        let hit = st.entries.get(key).cloned();
+        if hit.is_some() {
+            st.stats.hits += 1;
+        }
+        hit
+    }
+
+    /// The entry for `key` (`len` bytes), filled now with `fill` if the tier lacks it; and
+    /// whether this call filled it (the caller then persists it, and calls
+    /// [`MemoryCache::persisted`]). `fill` gets the file's bytes (a shared mapping of fresh,
+    /// zeroed memory) and must write every byte. `Ok(None)`: no room (or no memfd), the caller
+    /// uses the disk tier.
+    pub fn get_or_fill(
+        &self,
+        key: &Key,
+        len: u64,
+        label: &str,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    ) -> Result<Option<(Arc<MemFile>, bool)>, String> {
+        if let Some(hit) = self.get(key) {
+            return Ok(Some((hit, false)));
+        }
+        let slot = self.lock().slots.entry(*key).or_default().clone();
+        // Filled further up this thread's stack (see `Filling`): the disk tier serves it.
+        let Some(_filling) = super::Filling::enter(&slot) else { return Ok(None) };
+        let mut filled = false;
+        let result = slot
+            .get_or_init(|| {
+                let r = self.fill(key, len, label, fill);
+                filled = matches!(r, Ok(Some(_)));
+                r
+            })
+            .clone();
+        let mut st = self.lock();
+        if st.slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            st.slots.remove(key);
+        }
+        Ok(result?.map(|m| (m, filled)))
+    }
+
+    fn fill(
+        &self,
+        key: &Key,
+        len: u64,
+        label: &str,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    ) -> Result<Option<Arc<MemFile>>, String> {
+        let need = footprint(len);
+        {
+            let mut st = self.lock();
+            self.evict_until(&mut st, need);
+            if st.used + need > self.capacity {
+                st.stats.full += 1;
+                tracing::info!("memory cache: no room for {label}; decoding it into the disk cache");
+                return Ok(None);
+            }
+            st.used += need;
+        }
+        let unreserve = || self.lock().used -= need;
+        let start = std::time::Instant::now();
+        let made = match filled_memfd(label, len, fill) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                unreserve();
+                return Ok(None);
+            }
+            Err(e) => {
+                unreserve();
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            bytes = len,
+            secs = format!("{:.3}", start.elapsed().as_secs_f64()),
+            "memory cache: decoded {label} ({})",
+            key.hex()
+        );
+        let entry = Arc::new(MemFile { file: made, len, persisted: AtomicBool::new(false) });
+        *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let mut st = self.lock();
+        st.entries.put(*key, entry.clone());
+        st.stats.fills += 1;
+        Ok(Some(entry))
+    }
+
+    /// `key`'s entry has been written to the disk tier (or could not be, or there is none):
+    /// it may now be evicted.
+    pub fn persisted(&self, key: &Key) {
+        let entry = self.lock().entries.peek(key).cloned();
+        if let Some(e) = entry {
+            if !e.persisted.swap(true, Ordering::SeqCst) {
+                *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+                self.pending.1.notify_all();
+            }
+        }
+    }
+
+    /// Wait until every entry filled has been persisted (before unmounting).
+    pub fn flush(&self) {
+        let mut pending = self.pending.0.lock().unwrap_or_else(|e| e.into_inner());
+        while *pending > 0 {
+            pending = self.pending.1.wait(pending).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Drop least recently used persisted entries until `need` more bytes fit.
+    fn evict_until(&self, st: &mut State, need: u64) {
+        while st.used + need > self.capacity {
+            let victim =
+                st.entries.iter().rev().find(|(_, e)| e.persisted.load(Ordering::SeqCst)).map(|(k, _)| *k);
+            let Some(victim) = victim else { break };
+            if let Some(e) = st.entries.pop(&victim) {
+                st.used -= footprint(e.len);
+                st.stats.evictions += 1;
+                tracing::info!("memory cache: evicting {} (in the disk cache)", victim.hex());
+            }
+        }
+    }
+}
+
+/// A sealed memfd of `len` bytes written by `fill` through one shared mapping; None (logged)
+/// where the kernel gives no memfd or mapping.
+fn filled_memfd(
+    label: &str,
+    len: u64,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+) -> Result<Option<File>, String> {
+    let name = std::ffi::CString::new(format!("llmfs:{label}").replace('\0', "")).expect("no NUL");
+    // SAFETY: memfd_create reads a NUL-terminated name; the descriptor is ours.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        tracing::warn!("memory cache: memfd_create: {}", std::io::Error::last_os_error());
+        return Ok(None);
+    }
+    // SAFETY: a descriptor just returned to us, owned by the File from here on.
+    let file = unsafe { File::from_raw_fd(fd) };
+    if let Err(e) = file.set_len(len) {
+        tracing::warn!("memory cache: sizing a memfd of {len} bytes: {e}");
+        return Ok(None);
+    }
+    if len > 0 {
+        let Some(mut map) = SharedMap::new(&file, len as usize) else { return Ok(None) };
+        fill(map.bytes())?;
+    }
+    // Sealed: no write, no resize, ever (the mapping is gone, which F_SEAL_WRITE requires).
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(format!("sealing the memfd: {}", std::io::Error::last_os_error()));
+    }
+    Ok(Some(file))
+}
+
+/// A shared, writable mapping of a whole file, unmapped on drop.
+struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SharedMap {
+    fn new(file: &File, len: usize) -> Option<SharedMap> {
+        // SAFETY: a fresh shared mapping of a file we own, `len` bytes long (its size); the
+        // memfd is ours alone until it is sealed after this mapping is gone.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            tracing::warn!("memory cache: mmap of {len} bytes: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        // Huge pages where the kernel gives shmem any (shmem_enabled advise or always): one fault
+        // per 2 MiB instead of 512. Best effort.
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        Some(SharedMap { ptr: ptr as *mut u8, len })
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn key(n: u8) -> Key {
+        super::super::disk::KeyBuilder::new("test").part(&[n]).finish()
+    }
+
+    fn read_all(m: &MemFile) -> Vec<u8> {
+        let mut v = vec![0; m.len as usize];
+        m.file.read_exact_at(&mut v, 0).unwrap();
+        v
+    }
+
+    #[test]
+    fn fills_once_seals_and_stays_within_capacity() {
+        let cache = MemoryCache::new(3 * UNIT);
+        let (m, filled) = cache
+            .get_or_fill(&key(1), 5000, "one", |b| {
+                b.fill(7);
+                Ok(())
+            })
+            .unwrap()
+            .unwrap();
+        assert!(filled);
+        assert_eq!(read_all(&m), vec![7; 5000]);
+        assert!(m.file.write_all_at(b"x", 0).is_err(), "a sealed memfd was written");
+        let (again, filled) =
+            cache.get_or_fill(&key(1), 5000, "one", |_| panic!("filled twice")).unwrap().unwrap();
+        assert!(!filled && Arc::ptr_eq(&m, &again));
+        // Two more fit; a fourth needs an eviction, which only a persisted entry allows.
+        for n in 2..=3 {
+            cache
+                .get_or_fill(&key(n), UNIT, "x", |b| {
+                    b.fill(n);
+                    Ok(())
+                })
+                .unwrap()
+                .unwrap();
+        }
+        assert!(cache.get_or_fill(&key(4), 10, "x", |_| Ok(())).unwrap().is_none(), "over the capacity");
+        cache.persisted(&key(2));
+        let (m4, _) = cache
+            .get_or_fill(&key(4), 10, "x", |b| {
+                b.fill(4);
+                Ok(())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(read_all(&m4), vec![4; 10]);
+        assert!(cache.get(&key(2)).is_none() && cache.get(&key(1)).is_some());
+        assert!(cache.stats().used_bytes <= cache.capacity());
+        for n in [1, 3, 4] {
+            cache.persisted(&key(n));
+        }
+        cache.flush();
+    }
+
+    #[test]
+    fn concurrent_callers_share_one_fill_and_failures_are_not_kept() {
+        let cache = Arc::new(MemoryCache::new(64 * UNIT));
+        let fills = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, fills) = (cache.clone(), fills.clone());
+                std::thread::spawn(move || {
+                    let (m, _) = cache
+                        .get_or_fill(&key(9), 3 * UNIT, "x", |b| {
+                            fills.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            b.fill(9);
+                            Ok(())
+                        })
+                        .unwrap()
+                        .unwrap();
+                    read_all(&m) == vec![9; 3 * UNIT as usize]
+                })
+            })
+            .collect();
+        assert!(threads.into_iter().all(|t| t.join().unwrap()));
+        assert_eq!(fills.load(Ordering::SeqCst), 1);
+        assert!(cache.get_or_fill(&key(10), 100, "bad", |_| Err("boom".into())).is_err());
+        assert_eq!(cache.stats().used_bytes, footprint(3 * UNIT), "a failed fill keeps its room");
+        let (m, _) = cache
+            .get_or_fill(&key(10), 100, "bad", |b| {
+                b.fill(1);
+                Ok(())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(read_all(&m), vec![1; 100]);
+    }
+}

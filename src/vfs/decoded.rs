@@ -378,7 +378,7 @@ fn copy_out(from: &std::fs::File, out: &std::fs::File, len: u64) -> Result<Vec<L
 /// Write all of `synth` into `out` (its bytes, in memory): the header, then every tensor in
 /// pieces of [`PIECE`] bytes decoded in parallel, each straight into its place (no copy).
 pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadError> {
-    let len = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
+    let len = synth.size;
     if out.len() as u64 != len {
         return Err(ReadError::Decode(format!("{} bytes to fill, {len} to write", out.len())));
     }
@@ -401,7 +401,7 @@ pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadE
     let base = Out(out.as_mut_ptr());
     pieces(synth).into_par_iter().try_for_each(|(i, from, to)| {
         let t = &synth.tensors[i];
-        let esize = t.source.dtype().size() as u64;
+        let esize = t.source.stored_type().block_bytes() as u64;
         let at = (t.start + from * esize) as usize;
         let n = ((to - from) * esize) as usize;
         // SAFETY: pieces tile the tensors' ranges without overlap, all within `out` (a tensor
@@ -431,7 +431,7 @@ pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadE
 /// every mmap and munmap waits for all page faults in flight.)
 pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>, ReadError> {
     use std::os::fd::AsRawFd;
-    let len = synth.tensors.last().map_or(synth.header.len() as u64, |t| t.end);
+    let len = synth.size;
     // SAFETY: fallocate on a descriptor we own.
     if len > 0 && unsafe { libc::fallocate(out.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -440,7 +440,12 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>
             return Err(cache_io(e));
         }
     }
-    write_by_pwrite(synth, out, hash_in_fill())
+    // Padding (a GGUF's alignment) is the zeros of a file of the full length.
+    out.set_len(len).map_err(cache_io)?;
+    // Leaves cover the header and the tensors; a file with padding between them is hashed by the
+    // commit instead, over all its bytes.
+    let padded = synth.segments().iter().any(|s| matches!(s, crate::variant::Segment::Padding(..)));
+    write_by_pwrite(synth, out, hash_in_fill() && !padded)
 }
 
 /// Pool threads from which a fill hashes its own pieces (see [`write_decoded`]).
@@ -461,7 +466,7 @@ fn hash_in_fill() -> bool {
 fn pieces(synth: &SynthFile) -> Vec<(usize, u64, u64)> {
     let mut pieces = vec![];
     for (i, t) in synth.tensors.iter().enumerate() {
-        let esize = t.source.dtype().size() as u64;
+        let esize = t.source.stored_type().block_bytes() as u64;
         let elems = (t.end - t.start) / esize;
         let per = (PIECE / esize).max(1);
         let mut at = 0;
@@ -483,7 +488,7 @@ fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File, hash: bool) -> Result
         .into_par_iter()
         .map(|(i, from, to)| {
             let t = &synth.tensors[i];
-            let esize = t.source.dtype().size() as u64;
+            let esize = t.source.stored_type().block_bytes() as u64;
             with_scratch(((to - from) * esize) as usize, |buf| {
                 super::read::decode_elements(t, from as usize..to as usize, buf)?;
                 let at = t.start + from * esize;

@@ -9,24 +9,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The `ggml_quant` example next to this test binary (target/release/examples/), built with
-/// cargo if `cargo test` did not build the examples (as with `--test ggml_quant`).
+/// The `ggml_quant` example next to this test binary (target/<profile>/examples/): `cargo test`
+/// builds the examples before running tests; `cargo test --test ggml_quant` alone does not
+/// (build it first with `cargo build --release --example ggml_quant`). No nested cargo here:
+/// the outer one may hold the target directory's lock.
 fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
     let bin = profile_dir.join("examples").join("ggml_quant");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--example", "ggml_quant"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build --example ggml_quant");
-        assert!(status.success(), "cargo build --example ggml_quant failed");
-    }
-    assert!(bin.exists(), "{} is missing", bin.display());
+    assert!(bin.exists(), "{} is missing: cargo build --release --example ggml_quant", bin.display());
     bin
 }
 

@@ -36,8 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-TYPES_FULL = ["F16", "BF16"]  # compared byte for byte
-TYPES_HEADER = ["Q8_0"]  # compared by header (KVs, tensor infos)
+TYPES_FULL = ["F16", "BF16", "Q8_0"]  # compared byte for byte (the converter quantizes Q8_0 itself)
+TYPES_HEADER = []  # compared by header (KVs, tensor infos)
 TYPES_QUANTIZE = ["Q4_0", "Q4_K_M"]  # llama-quantize on the converter's F16 file, compared by header
 MODELS = ["tiny-llama", "tiny-mistral", "tiny-mistral-hf", "tiny-qwen2", "tiny-qwen3"]
 
@@ -216,6 +216,8 @@ def make(work: Path, llama_cpp: str, quantize: str | None):
             pre = make_qwen(d, qwen3=name == "tiny-qwen3")
         for t in TYPES_FULL + TYPES_HEADER:
             out = work / f"{name}.converter-{t}.gguf"
+            if out.is_file():
+                continue
             cmd = [sys.executable, __file__, "_convert", llama_cpp, str(d), str(out), t.lower(), pre, name]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -310,12 +312,97 @@ def compare(work: Path) -> int:
     return 1 if bad else 0
 
 
+def quantized(work: Path) -> int:
+    """llmfs's Q4_0 and Q4_K_M files (no llama-quantize to compare with here): they parse with
+    gguf-py, hold the F16 file's key-values but the file type, and each tensor dequantizes
+    (gguf-py's own dequantizers) to the F16 file's values within 4-bit error; Q4_0 tensors are
+    the bytes gguf-py's numpy quantizer makes of the same values (it matches ggml on finite data).
+    """
+    import numpy as np
+    from gguf import GGUFReader, GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    bad = 0
+    print(f"{'model':<16} {'type':<7} {'tensors':>8} {'max rel err':>12} {'types':<30} result")
+    for name in MODELS:
+        f16 = GGUFReader(str(work / f"{name}.llmfs-F16.gguf"))
+        ref = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32) for t in f16.tensors}
+        fk = {k: field_value(f) for k, f in f16.fields.items() if not k.startswith("GGUF.")}
+        for t in ["Q4_0", "Q4_K_M"]:
+            path = work / f"{name}.llmfs-{t}.gguf"
+            r = GGUFReader(str(path))
+            problems = []
+            qk = {k: field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+            for k in fk:
+                if k in ("general.file_type",):
+                    continue
+                if k not in qk or qk[k] != fk[k]:
+                    problems.append(f"{k} differs from the F16 file")
+            worst, kinds = 0.0, set()
+            for q in r.tensors:
+                kinds.add(q.tensor_type.name)
+                want = ref[q.name].reshape(-1)
+                got = dequantize(q.data, q.tensor_type).astype(np.float32).reshape(-1)
+                if got.shape != want.shape:
+                    problems.append(f"{q.name}: shape {got.shape} vs {want.shape}")
+                    continue
+                err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+                worst = max(worst, err)
+                if err > 0.25:
+                    problems.append(f"{q.name}: relative error {err:.3f}")
+                if q.tensor_type == Q.Q4_0:
+                    rows = want.reshape(-1, int(q.shape[0]))
+                    if quantize(rows, Q.Q4_0).tobytes() != q.data.tobytes():
+                        problems.append(f"{q.name}: Q4_0 bytes differ from gguf-py's quantization")
+            bad += bool(problems)
+            print(f"{name:<16} {t:<7} {len(r.tensors):>8} {worst:>12.4f} {','.join(sorted(kinds)):<30} {'ok' if not problems else 'BAD'}")
+            for p in problems[:8]:
+                print(f"    {p}")
+    return 1 if bad else 0
+
+
+def llamacpp(work: Path) -> int:
+    """llama.cpp itself (llama-cpp-python) opens llmfs's files by mmap, tokenizes as the model's
+    HF tokenizer does, and gives transformers' logits (F16 within f16 rounding, Q8_0 and Q4_K_M
+    within quantization error)."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "the quick brown fox jumps over a lazy dog"
+    bounds = {"F16": 0.02, "Q8_0": 0.05, "Q4_K_M": 0.35}
+    bad = 0
+    print(f"{'model':<16} {'type':<7} {'tokens':>7} {'logits rel err':>15} result")
+    for name in ["tiny-llama", "tiny-qwen2"]:
+        hf = AutoModelForCausalLM.from_pretrained(str(work / name), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(work / name))
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0, -1].numpy()
+        for t, bound in bounds.items():
+            llm = Llama(model_path=str(work / f"{name}.llmfs-{t}.gguf"), n_ctx=64, logits_all=True,
+                        verbose=False, use_mmap=True, n_threads=2)
+            got_ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+            llm.eval(got_ids)
+            got = np.array(llm.scores[len(got_ids) - 1], dtype=np.float32)
+            err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+            same = got_ids == ids
+            ok = same and err <= bound
+            bad += not ok
+            print(f"{name:<16} {t:<7} {'same' if same else 'DIFF':>7} {err:>15.5f} {'ok' if ok else 'BAD'}")
+            if not same:
+                print(f"    llama.cpp {got_ids} transformers {ids}")
+            del llm
+    return 1 if bad else 0
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_convert":
         convert_child(*sys.argv[2:8])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["all", "make", "compare"])
+    ap.add_argument("cmd", choices=["all", "make", "compare", "quantized", "llamacpp"])
     ap.add_argument("work", type=Path)
     ap.add_argument("--llama-cpp", default=os.environ.get("LLMFS_LLAMA_CPP"))
     ap.add_argument("--llama-quantize", default=os.environ.get("LLMFS_LLAMA_QUANTIZE"),
@@ -331,6 +418,10 @@ def main():
         write_ours(a.work, a.writer)
     if a.cmd in ("all", "compare"):
         return compare(a.work)
+    if a.cmd == "quantized":
+        return quantized(a.work)
+    if a.cmd == "llamacpp":
+        return llamacpp(a.work)
     return 0
 
 

@@ -395,9 +395,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(kind) = gguf {
                 let target = llmfs::format::gguf::GgufTarget::parse(&kind)
                     .with_context(|| format!("--gguf {kind}: use F16, BF16, Q8_0, Q4_0 or Q4_K_M"))?;
-                let files = variant::gguf::files(&name, &view).map_err(|why| anyhow::anyhow!("{name} has no GGUF files: {why}"))?;
+                let files = variant::gguf::files(&name, &view)
+                    .map_err(|why| anyhow::anyhow!("{name} has no GGUF files: {why}"))?;
                 let suffix = format!("-{}.gguf", target.name());
-                let mut file = files.into_iter().find(|f| f.name.ends_with(&suffix)).context("no such GGUF file")?;
+                let mut file =
+                    files.into_iter().find(|f| f.name.ends_with(&suffix)).context("no such GGUF file")?;
                 file.name = file.name.rsplit('/').next().unwrap_or(&file.name).to_owned();
                 view = variant::EntryView { files: vec![file], weights: Default::default() };
             }

@@ -480,7 +480,8 @@ impl World {
                     // already says so.
                     if let Some(config) = e.files.get("config.json").cloned() {
                         let torch = if f32 { "float32" } else { "float16" };
-                        let mut json: serde_json::Map<String, Value> = serde_json::from_slice(&config).unwrap();
+                        let mut json: serde_json::Map<String, Value> =
+                            serde_json::from_slice(&config).unwrap();
                         let before = json.clone();
                         if json.get("dtype").and_then(Value::as_str) != Some(torch)
                             || json.get("torch_dtype").is_some_and(|v| v.as_str() != Some(torch))

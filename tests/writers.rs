@@ -773,8 +773,10 @@ fn a_panic_under_a_request_is_eio_and_the_daemon_goes_on() {
     });
     assert!(tail.unwrap().iter().all(|&b| b == 0));
     // The cast's config.json: the base's, naming the cast's dtype.
-    let config: serde_json::Value = serde_json::from_slice(&fs::read(mnt.join("half/config.json")).unwrap()).unwrap();
-    let mut want: serde_json::Value = serde_json::from_slice(&fs::read(base.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(mnt.join("half/config.json")).unwrap()).unwrap();
+    let mut want: serde_json::Value =
+        serde_json::from_slice(&fs::read(base.join("config.json")).unwrap()).unwrap();
     want["dtype"] = "float16".into();
     assert_eq!(config, want, "half/config.json");
     assert_eq!(

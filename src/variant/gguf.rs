@@ -98,7 +98,9 @@ impl GgmlSource {
             .map_err(|e| bad(e.to_string()))?;
         let bb = ty.block_bytes();
         let from = (blocks.start - first * row_blocks) * bb;
-        out.copy_from_slice(converted.get(from..from + out.len()).ok_or_else(|| bad("short conversion".into()))?);
+        out.copy_from_slice(
+            converted.get(from..from + out.len()).ok_or_else(|| bad("short conversion".into()))?,
+        );
         Ok(())
     }
 }

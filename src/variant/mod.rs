@@ -25,8 +25,8 @@ use std::sync::Arc;
 pub use crate::source::{ReadError, SourceFile};
 pub use source::TensorSource;
 pub use view::{
-    check_sources, map_weights, tensor_stats, Content, EntryView, LogicalTensor, Segment, SynthFile, SynthTensor,
-    VFile, ViewError, WeightFile,
+    check_sources, map_weights, tensor_stats, Content, EntryView, LogicalTensor, Segment, SynthFile,
+    SynthTensor, VFile, ViewError, WeightFile,
 };
 
 use crate::registry::Registry;

@@ -21,6 +21,7 @@ pub mod delta;
 pub mod demo;
 pub mod export;
 pub mod format;
+pub mod merge;
 pub mod quantize;
 pub mod registry;
 pub mod source;

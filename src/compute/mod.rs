@@ -11,6 +11,7 @@ pub mod cast;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod merge;
+pub mod mergekit;
 
 /// View `bytes` as `T`s when aligned; callers fall back to a copy when not.
 pub(crate) fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Option<&[T]> {

@@ -156,15 +156,17 @@ pub struct ParentStats {
 pub enum Keep {
     All,
     Nothing,
-    /// Keep `(m, i)` with `m > mag`, or `m == mag` and `i <= index` (descending, stable).
+    /// Keep magnitudes `m > mag`, and of those `== mag` the indices listed in `ties` (sorted):
+    /// the ones torch's unstable argsort put before the cut.
     Top {
         mag: f32,
-        index: u64,
+        ties: Vec<u32>,
     },
-    /// Keep `(m, i)` with `lo <= (m, i) <= hi` in ascending (magnitude, index) order.
+    /// Keep magnitudes `lo < m < hi`, and of those equal to `lo` or `hi` the indices in `ties`.
     Band {
-        lo: (f32, u64),
-        hi: (f32, u64),
+        lo: f32,
+        hi: f32,
+        ties: Vec<u32>,
     },
     /// Bernoulli with probability `p` (already in the work dtype).
     Random {
@@ -220,15 +222,255 @@ fn work_dtype(d: Dtype) -> Dtype {
     }
 }
 
-/// Sum in f64 and round as torch's reduction to `dtype` would (through f32).
-fn reduce(dtype: Dtype, s: f64) -> f32 {
-    round(dtype, s as f32)
+/// torch's CPU `sort`/`argsort` of one f32 row, unstable (ATen `SortingKernel.cpp` calls
+/// `std::sort` on (value, index) pairs compared by value; torch's wheels use libstdc++): its
+/// introsort replayed step by step, so equal magnitudes come out in the same order as torch's.
+pub fn torch_sort(v: &mut [(f32, u32)], descending: bool) {
+    let comp = |a: &(f32, u32), b: &(f32, u32)| -> bool {
+        if descending {
+            (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0
+        } else {
+            (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0
+        }
+    };
+    let n = v.len();
+    if n < 2 {
+        return;
+    }
+    let lg = (usize::BITS - 1 - n.leading_zeros()) as usize;
+    introsort_loop(v, 0, n, 2 * lg, &comp);
+    // __final_insertion_sort
+    if n > 16 {
+        insertion_sort(v, 0, 16, &comp);
+        for i in 16..n {
+            unguarded_linear_insert(v, i, &comp);
+        }
+    } else {
+        insertion_sort(v, 0, n, &comp);
+    }
 }
 
-/// `torch.norm`/`vector_norm` of a tensor of `dtype` values (f32 accumulation in torch).
-fn norm(dtype: Dtype, xs: impl Iterator<Item = f32>) -> f32 {
-    let s: f64 = xs.map(|x| (x as f64) * (x as f64)).sum();
-    reduce(dtype, s.sqrt())
+type Cmp<'a> = &'a dyn Fn(&(f32, u32), &(f32, u32)) -> bool;
+
+fn introsort_loop(v: &mut [(f32, u32)], first: usize, mut last: usize, mut depth: usize, comp: Cmp) {
+    while last - first > 16 {
+        if depth == 0 {
+            heap_sort(&mut v[first..last], comp);
+            return;
+        }
+        depth -= 1;
+        // __unguarded_partition_pivot: median of (first + 1, mid, last - 1) moved to first.
+        let mid = first + (last - first) / 2;
+        let (a, b, c) = (first + 1, mid, last - 1);
+        let m = if comp(&v[a], &v[b]) {
+            if comp(&v[b], &v[c]) {
+                b
+            } else if comp(&v[a], &v[c]) {
+                c
+            } else {
+                a
+            }
+        } else if comp(&v[a], &v[c]) {
+            a
+        } else if comp(&v[b], &v[c]) {
+            c
+        } else {
+            b
+        };
+        v.swap(first, m);
+        // __unguarded_partition(first + 1, last, pivot = first)
+        let (mut lo, mut hi) = (first + 1, last);
+        let cut = loop {
+            while comp(&v[lo], &v[first]) {
+                lo += 1;
+            }
+            hi -= 1;
+            while comp(&v[first], &v[hi]) {
+                hi -= 1;
+            }
+            if lo >= hi {
+                break lo;
+            }
+            v.swap(lo, hi);
+            lo += 1;
+        };
+        introsort_loop(v, cut, last, depth, comp);
+        last = cut;
+    }
+}
+
+fn insertion_sort(v: &mut [(f32, u32)], first: usize, last: usize, comp: Cmp) {
+    for i in first + 1..last {
+        if comp(&v[i], &v[first]) {
+            let val = v[i];
+            v.copy_within(first..i, first + 1);
+            v[first] = val;
+        } else {
+            unguarded_linear_insert(v, i, comp);
+        }
+    }
+}
+
+fn unguarded_linear_insert(v: &mut [(f32, u32)], mut last: usize, comp: Cmp) {
+    let val = v[last];
+    while comp(&val, &v[last - 1]) {
+        v[last] = v[last - 1];
+        last -= 1;
+    }
+    v[last] = val;
+}
+
+/// `__partial_sort(first, last, last)`: libstdc++'s make_heap then sort_heap.
+fn heap_sort(v: &mut [(f32, u32)], comp: Cmp) {
+    let len = v.len();
+    if len < 2 {
+        return;
+    }
+    let mut parent = (len - 2) / 2;
+    loop {
+        let val = v[parent];
+        adjust_heap(v, parent, len, val, comp);
+        if parent == 0 {
+            break;
+        }
+        parent -= 1;
+    }
+    let mut last = len;
+    while last > 1 {
+        last -= 1;
+        let val = v[last];
+        v[last] = v[0];
+        adjust_heap(v, 0, last, val, comp);
+    }
+}
+
+fn adjust_heap(v: &mut [(f32, u32)], mut hole: usize, len: usize, val: (f32, u32), comp: Cmp) {
+    let top = hole;
+    let mut second = hole;
+    while len > 2 && second < (len - 1) / 2 {
+        second = 2 * (second + 1);
+        if comp(&v[second], &v[second - 1]) {
+            second -= 1;
+        }
+        v[hole] = v[second];
+        hole = second;
+    }
+    if len & 1 == 0 && second == (len - 2) / 2 {
+        second = 2 * (second + 1);
+        v[hole] = v[second - 1];
+        hole = second - 1;
+    }
+    // __push_heap
+    let mut parent = hole.saturating_sub(1) / 2;
+    while hole > top && comp(&v[parent], &val) {
+        v[hole] = v[parent];
+        hole = parent;
+        parent = hole.saturating_sub(1) / 2;
+    }
+    v[hole] = val;
+}
+
+/// torch's CPU sum of a contiguous f32 row (ATen `SumKernel.cpp`: `vectorized_inner_sum`,
+/// `row_sum`, `multi_row_sum`): 8-lane vectors, 4 vector accumulators, a 4-level cascade, the
+/// scalar tail summed first, then the lanes in order. Matches torch 2.x's AVX2/AVX512 builds on
+/// rows it reduces on one thread; bf16/f16 rows are summed as f32 (their accumulation type).
+pub fn torch_sum(x: &[f32]) -> f32 {
+    const V: usize = 8;
+    const ILP: usize = 4;
+    let vec_size = x.len() / V;
+    let size_ilp = vec_size / ILP;
+    let mut ps = multi_row_sum(&x[..size_ilp * ILP * V], size_ilp);
+    for i in size_ilp * ILP..vec_size {
+        for l in 0..V {
+            ps[l] += x[i * V + l];
+        }
+    }
+    for k in 1..ILP {
+        for l in 0..V {
+            ps[l] += ps[k * V + l];
+        }
+    }
+    let mut acc = 0f32;
+    for &v in &x[vec_size * V..] {
+        acc += v;
+    }
+    for &p in &ps[..V] {
+        acc += p;
+    }
+    acc
+}
+
+fn ceil_log2(x: usize) -> usize {
+    if x <= 2 {
+        1
+    } else {
+        (usize::BITS - (x - 1).leading_zeros()) as usize
+    }
+}
+
+/// `multi_row_sum` over `size` rows of 32 lanes (4 accumulators × 8 lanes).
+fn multi_row_sum(x: &[f32], size: usize) -> [f32; 32] {
+    const LEVELS: usize = 4;
+    let level_power = 4.max(ceil_log2(size) / LEVELS);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[0f32; 32]; LEVELS];
+    let mut i = 0;
+    while i + level_step <= size {
+        for _ in 0..level_step {
+            for k in 0..32 {
+                acc[0][k] += x[i * 32 + k];
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..32 {
+                acc[j][k] += acc[j - 1][k];
+                acc[j - 1][k] = 0.0;
+            }
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    while i < size {
+        for k in 0..32 {
+            acc[0][k] += x[i * 32 + k];
+        }
+        i += 1;
+    }
+    for j in 1..LEVELS {
+        for k in 0..32 {
+            acc[0][k] += acc[j][k];
+        }
+    }
+    acc[0]
+}
+
+/// torch's CPU `vector_norm` (p = 2) of a contiguous row: squares accumulated in 8 f32 lanes,
+/// the lanes then the tail added in order, `sqrt`. Rounded to `dtype` for bf16/f16 tensors.
+fn norm(dtype: Dtype, x: &[f32]) -> f32 {
+    const V: usize = 8;
+    let n = x.len() / V * V;
+    let mut lanes = [0f32; V];
+    for c in x[..n].chunks_exact(V) {
+        for l in 0..V {
+            lanes[l] += c[l] * c[l];
+        }
+    }
+    let mut s = 0f32;
+    for &v in &lanes {
+        s += v;
+    }
+    for &v in &x[n..] {
+        s += v * v;
+    }
+    round(dtype, s.sqrt())
+}
+
+/// A sum over a tensor of `dtype` values, as torch rounds it.
+fn sum(dtype: Dtype, x: &[f32]) -> f32 {
+    round(dtype, torch_sum(x))
 }
 
 impl TensorMerge {
@@ -320,9 +562,11 @@ impl TensorMerge {
                     let kk = ((p.density * n as f64) as usize).max(1);
                     let mut v: Vec<(f32, u32)> =
                         delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
-                    let cmp = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-                    let (_, nth, _) = v.select_nth_unstable_by(kk - 1, cmp);
-                    Keep::Top { mag: nth.0, index: nth.1 as u64 }
+                    torch_sort(&mut v, true);
+                    let mag = v[kk - 1].0;
+                    let mut ties: Vec<u32> = v[..kk].iter().filter(|e| e.0 == mag).map(|e| e.1).collect();
+                    ties.sort_unstable();
+                    Keep::Top { mag, ties }
                 }
             }
             Sparsify::MagnitudeOutliers => {
@@ -337,10 +581,12 @@ impl TensorMerge {
                 } else {
                     let mut v: Vec<(f32, u32)> =
                         delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
-                    let cmp = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
-                    let lo = *v.select_nth_unstable_by(n_bot, cmp).1;
-                    let hi = *v.select_nth_unstable_by(hi_rank - 1, cmp).1;
-                    Keep::Band { lo: (lo.0, lo.1 as u64), hi: (hi.0, hi.1 as u64) }
+                    torch_sort(&mut v, false);
+                    let (lo, hi) = (v[n_bot].0, v[hi_rank - 1].0);
+                    let mut ties: Vec<u32> =
+                        v[n_bot..hi_rank].iter().filter(|e| e.0 == lo || e.0 == hi).map(|e| e.1).collect();
+                    ties.sort_unstable();
+                    Keep::Band { lo, hi, ties }
                 }
             }
             Sparsify::Random => {
@@ -371,8 +617,10 @@ impl TensorMerge {
             let row = self.row_len();
             let mut masked = vec![0f32; n];
             self.mask_range(&keep, stream, 0, row, delta, work, &mut masked);
-            let before = reduce(work, delta.iter().map(|&x| round(work, x).abs() as f64).sum());
-            let after = reduce(work, masked.iter().map(|&x| x.abs() as f64).sum());
+            let abs: Vec<f32> = delta.iter().map(|&x| round(work, x).abs()).collect();
+            let before = sum(work, &abs);
+            let abs: Vec<f32> = masked.iter().map(|x| x.abs()).collect();
+            let after = sum(work, &abs);
             let eps = round(work, 1e-7);
             if before < eps || after < eps {
                 None
@@ -404,19 +652,19 @@ impl TensorMerge {
                     *o = x * 0.0;
                 }
             }
-            Keep::Top { mag, index } => {
+            Keep::Top { mag, ties } => {
                 for (i, (o, &x)) in out.iter_mut().zip(delta).enumerate() {
                     let m = x.abs();
-                    let keep = m > *mag || (m == *mag && (start + i) as u64 <= *index);
+                    let keep = m > *mag || (m == *mag && ties.binary_search(&((start + i) as u32)).is_ok());
                     *o = if keep { x } else { x * 0.0 };
                 }
             }
-            Keep::Band { lo, hi } => {
+            Keep::Band { lo, hi, ties } => {
                 for (i, (o, &x)) in out.iter_mut().zip(delta).enumerate() {
-                    let key = (x.abs(), (start + i) as u64);
-                    let ge = key.0 > lo.0 || (key.0 == lo.0 && key.1 >= lo.1);
-                    let le = key.0 < hi.0 || (key.0 == hi.0 && key.1 <= hi.1);
-                    *o = if ge && le { x } else { x * 0.0 };
+                    let m = x.abs();
+                    let keep = (m > *lo && m < *hi)
+                        || ((m == *lo || m == *hi) && ties.binary_search(&((start + i) as u32)).is_ok());
+                    *o = if keep { x } else { x * 0.0 };
                 }
             }
             Keep::Random { p } => {
@@ -466,18 +714,24 @@ impl TensorMerge {
         if n == 0 {
             return Stats::Slerp { coef_a: 1.0 - t32, coef_b: t32 };
         }
-        let chunk_norms = |x: &[f32]| -> Vec<f32> {
-            x.chunks(CHUNK).map(|c| norm(Dtype::F32, c.iter().copied())).collect()
+        // Norms of chunk norms: a norm over the stacked chunks axis (an outer reduction, in order).
+        let chunk_norms = |x: &[f32]| -> f32 {
+            let mut s = 0f32;
+            for c in x.chunks(CHUNK) {
+                let q = norm(Dtype::F32, c);
+                s += q * q;
+            }
+            s.sqrt()
         };
-        let na = norm(Dtype::F32, chunk_norms(a).into_iter());
-        let nb = norm(Dtype::F32, chunk_norms(v).into_iter());
+        let na = chunk_norms(a);
+        let nb = chunk_norms(v);
         let eps = 1e-8f32;
         let na = if na > eps { na } else { 1.0 };
         let nb = if nb > eps { nb } else { 1.0 };
         let mut dot = 0f32;
         for (ca, cb) in a.chunks(CHUNK).zip(v.chunks(CHUNK)) {
-            let s: f64 = ca.iter().zip(cb).map(|(&x, &y)| ((x / na) * (y / nb)) as f64).sum();
-            dot += s as f32;
+            let prod: Vec<f32> = ca.iter().zip(cb).map(|(&x, &y)| (x / na) * (y / nb)).collect();
+            dot += torch_sum(&prod);
         }
         let dot = dot.clamp(-1.0, 1.0);
         let linear = dot.abs() > 0.9995f32;
@@ -495,11 +749,11 @@ impl TensorMerge {
         let nb = self.non_base(parents.len());
         let (v0, v1) = self.nuslerp_inputs(parents, &nb);
         let clamp_min = round(d, 1e-7);
-        let n0 = norm(d, v0.iter().copied()).max(clamp_min);
-        let n1 = norm(d, v1.iter().copied()).max(clamp_min);
-        let dot: f64 =
-            v0.iter().zip(&v1).map(|(&x, &y)| round(d, round(d, x / n0) * round(d, y / n1)) as f64).sum();
-        let cos = reduce(d, dot).clamp(-1.0, 1.0);
+        let n0 = norm(d, &v0).max(clamp_min);
+        let n1 = norm(d, &v1).max(clamp_min);
+        let prod: Vec<f32> =
+            v0.iter().zip(&v1).map(|(&x, &y)| round(d, round(d, x / n0) * round(d, y / n1))).collect();
+        let cos = sum(d, &prod).clamp(-1.0, 1.0);
         let eps2 = round(d, 1e-16);
         let colinear = round(d, 1.0 - round(d, cos * cos)) <= eps2;
         let theta = round(d, (if colinear { 0.0 } else { cos }).acos());
@@ -530,16 +784,15 @@ impl TensorMerge {
             .iter()
             .map(|&j| parents[j].iter().zip(parents[b]).map(|(&x, &y)| round(d, x - y)).collect())
             .collect();
-        let norms: Vec<f32> = offsets.iter().map(|o| norm(d, o.iter().copied())).collect();
+        let norms: Vec<f32> = offsets.iter().map(|o| norm(d, o)).collect();
         let mut cos = Vec::new();
         let min = round(d, 1e-6);
         for a in 0..offsets.len() {
             for c in a + 1..offsets.len() {
                 let np = round(d, norms[a] * norms[c]);
-                let dot = reduce(
-                    d,
-                    offsets[a].iter().zip(&offsets[c]).map(|(&x, &y)| round(d, x * y) as f64).sum(),
-                );
+                let prod: Vec<f32> =
+                    offsets[a].iter().zip(&offsets[c]).map(|(&x, &y)| round(d, x * y)).collect();
+                let dot = sum(d, &prod);
                 cos.push(round(d, dot / np.max(min)).clamp(-1.0, 1.0));
             }
         }
@@ -595,7 +848,7 @@ impl TensorMerge {
                 out.fill(0.0);
                 for (p, &wj) in parents.iter().zip(&w) {
                     for (o, &x) in out.iter_mut().zip(p.iter()) {
-                        *o += x * wj;
+                        *o = x.mul_add(wj, *o);
                     }
                 }
                 for o in out.iter_mut() {
@@ -939,7 +1192,10 @@ mod tests {
             if dens < 1.0 {
                 let kk = ((dens * n as f64) as usize).max(1);
                 let mut idx: Vec<usize> = (0..n).collect();
-                idx.sort_by(|&a, &b| delta[b].abs().total_cmp(&delta[a].abs()));
+                let mut pairs: Vec<(f32, u32)> =
+                    delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
+                torch_sort(&mut pairs, true);
+                idx = pairs.iter().map(|p| p.1 as usize).collect();
                 mask = vec![0f32; n];
                 for &i in &idx[..kk] {
                     mask[i] = 1.0;

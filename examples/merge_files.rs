@@ -1,14 +1,16 @@
 //! Merge safetensors model directories with llmfs's mergekit code, no store and no mount:
 //!
 //! ```sh
-//! cargo run --release --example merge_files -- CONFIG.yml OUT_DIR [--seed S] [--chunk N]
+//! cargo run --release --example merge_files -- CONFIG.yml OUT_DIR [--seed S] [--chunk N] [--torch-threads T]
 //! ```
 //!
 //! `model:`/`base_model:` in the YAML are directories holding `config.json` and `*.safetensors`.
 //! Writes `OUT_DIR/model.safetensors` (one file) and `OUT_DIR/config.json` (the base's, or the
 //! first model's, with the merged `num_hidden_layers` and `torch_dtype`). `--chunk N` computes
 //! every tensor in ranges of about N elements (the read path's shape) instead of whole;
-//! scripts/mergekit_check.py compares the result with `mergekit-yaml`'s.
+//! scripts/mergekit_check.py compares the result with `mergekit-yaml`'s. `--torch-threads T`:
+//! the intra-op thread count of the torch that ran mergekit (its sums over more than 32768
+//! elements depend on it; `TensorMerge::threads`), 1 by default.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use llmfs::compute::mergekit::{encode, load_as, Stats};
 use llmfs::format::Dtype;
-use llmfs::merge::{plan, MergeConfig, ModelTensors};
+use llmfs::merge::{plan_with_threads, MergeConfig, ModelTensors};
 
 struct Model {
     /// tensor name → (dtype, shape, file bytes index, data range)
@@ -63,12 +65,13 @@ fn load_model(dir: &Path) -> Result<(Model, usize, serde_json::Value)> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut pos = Vec::new();
-    let (mut seed, mut chunk) = (0u64, 0usize);
+    let (mut seed, mut chunk, mut threads) = (0u64, 0usize, 1usize);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--seed" => seed = it.next().context("--seed S")?.parse()?,
             "--chunk" => chunk = it.next().context("--chunk N")?.parse()?,
+            "--torch-threads" => threads = it.next().context("--torch-threads T")?.parse()?,
             _ => pos.push(a.clone()),
         }
     }
@@ -86,7 +89,7 @@ fn main() -> Result<()> {
         models.insert(m.clone(), model);
         configs.insert(m, c);
     }
-    let plan = plan(&cfg, &infos, seed)?;
+    let plan = plan_with_threads(&cfg, &infos, seed, threads)?;
     let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for r in &plan.tensors {
         let m = &r.merge;

@@ -220,7 +220,11 @@ def main():
             print(f"mergekit failed on {label}:\n{r.stderr[-3000:]}", file=sys.stderr)
             failed = True
             continue
-        r = subprocess.run([args.bin, cpath, our_out, "--seed", "0", "--chunk", args.chunk], capture_output=True, text=True)
+        r = subprocess.run(
+            [args.bin, cpath, our_out, "--seed", "0", "--chunk", args.chunk, "--torch-threads", str(torch.get_num_threads())],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             print(f"merge_files failed on {label}:\n{r.stderr[-3000:]}", file=sys.stderr)
             failed = True

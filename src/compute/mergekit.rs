@@ -120,6 +120,11 @@ pub struct TensorMerge {
     /// Random masks: the merge's seed and a key of the tensor's name ([`name_key`]).
     pub seed: u64,
     pub name_key: u64,
+    /// torch's intra-op thread count in the mergekit run being matched: torch splits a sum over
+    /// more than 32768 elements into that many partial sums, each rounded to the output dtype
+    /// (`two_pass_reduction`), so mergekit's own bits depend on it. 1: one serial sum.
+    #[serde(default = "one")]
+    pub threads: usize,
 }
 
 /// Whole-tensor quantities of one merged tensor, computed once by [`TensorMerge::stats`].
@@ -468,9 +473,28 @@ fn norm(dtype: Dtype, x: &[f32]) -> f32 {
     round(dtype, s.sqrt())
 }
 
-/// A sum over a tensor of `dtype` values, as torch rounds it.
-fn sum(dtype: Dtype, x: &[f32]) -> f32 {
-    round(dtype, torch_sum(x))
+fn one() -> usize {
+    1
+}
+
+/// torch's `GRAIN_SIZE`: reductions over fewer elements run on one thread.
+const GRAIN: usize = 32768;
+
+/// A sum over a tensor of `dtype` values as torch computes it with `threads` intra-op threads
+/// (`TensorIteratorBase::parallel_reduce`: below `GRAIN` or on one thread, one cascade sum;
+/// else `two_pass_reduction`: `at::parallel_for`'s chunks of `max(GRAIN, ceil(n / threads))`
+/// elements, each summed into a buffer of the output dtype, the buffers then added in order).
+fn sum(dtype: Dtype, x: &[f32], threads: usize) -> f32 {
+    let n = x.len();
+    if n < GRAIN || threads <= 1 {
+        return round(dtype, torch_sum(x));
+    }
+    let chunk = GRAIN.max(n.div_ceil(threads));
+    let mut dst = 0f32;
+    for c in x.chunks(chunk) {
+        dst = round(dtype, dst + round(dtype, torch_sum(c)));
+    }
+    dst
 }
 
 impl TensorMerge {
@@ -618,9 +642,9 @@ impl TensorMerge {
             let mut masked = vec![0f32; n];
             self.mask_range(&keep, stream, 0, row, delta, work, &mut masked);
             let abs: Vec<f32> = delta.iter().map(|&x| round(work, x).abs()).collect();
-            let before = sum(work, &abs);
+            let before = sum(work, &abs, self.threads);
             let abs: Vec<f32> = masked.iter().map(|x| x.abs()).collect();
-            let after = sum(work, &abs);
+            let after = sum(work, &abs, self.threads);
             let eps = round(work, 1e-7);
             if before < eps || after < eps {
                 None
@@ -731,7 +755,7 @@ impl TensorMerge {
         let mut dot = 0f32;
         for (ca, cb) in a.chunks(CHUNK).zip(v.chunks(CHUNK)) {
             let prod: Vec<f32> = ca.iter().zip(cb).map(|(&x, &y)| (x / na) * (y / nb)).collect();
-            dot += torch_sum(&prod);
+            dot += sum(Dtype::F32, &prod, self.threads);
         }
         let dot = dot.clamp(-1.0, 1.0);
         let linear = dot.abs() > 0.9995f32;
@@ -753,7 +777,7 @@ impl TensorMerge {
         let n1 = norm(d, &v1).max(clamp_min);
         let prod: Vec<f32> =
             v0.iter().zip(&v1).map(|(&x, &y)| round(d, round(d, x / n0) * round(d, y / n1))).collect();
-        let cos = sum(d, &prod).clamp(-1.0, 1.0);
+        let cos = sum(d, &prod, self.threads).clamp(-1.0, 1.0);
         let eps2 = round(d, 1e-16);
         let colinear = round(d, 1.0 - round(d, cos * cos)) <= eps2;
         let theta = round(d, (if colinear { 0.0 } else { cos }).acos());
@@ -792,7 +816,7 @@ impl TensorMerge {
                 let np = round(d, norms[a] * norms[c]);
                 let prod: Vec<f32> =
                     offsets[a].iter().zip(&offsets[c]).map(|(&x, &y)| round(d, x * y)).collect();
-                let dot = sum(d, &prod);
+                let dot = sum(d, &prod, self.threads);
                 cos.push(round(d, dot / np.max(min)).clamp(-1.0, 1.0));
             }
         }
@@ -1113,7 +1137,15 @@ mod tests {
     }
 
     fn merge(kernel: &Kernel, base: Option<usize>, d: Dtype, shape: Vec<usize>) -> TensorMerge {
-        TensorMerge { kernel: kernel.clone(), dtype: d, base, shape, seed: 5, name_key: name_key("w") }
+        TensorMerge {
+            kernel: kernel.clone(),
+            dtype: d,
+            base,
+            shape,
+            seed: 5,
+            name_key: name_key("w"),
+            threads: 2,
+        }
     }
 
     proptest! {

@@ -13,7 +13,7 @@ pub mod plan;
 
 pub use crate::compute::mergekit::{Kernel, Stats, TensorMerge};
 pub use config::{MergeConfig, Method};
-pub use plan::{plan, MergePlan, ModelTensors, TensorInput, TensorRecipe};
+pub use plan::{plan, plan_with_threads, MergePlan, ModelTensors, TensorInput, TensorRecipe};
 
 /// A merge that cannot be planned: one line naming what is wrong.
 #[derive(Debug, thiserror::Error)]

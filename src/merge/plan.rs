@@ -82,6 +82,7 @@ struct Planner<'a> {
     cfg: &'a MergeConfig,
     models: &'a BTreeMap<String, ModelTensors>,
     seed: u64,
+    threads: usize,
     out: Vec<TensorRecipe>,
 }
 
@@ -90,6 +91,17 @@ pub fn plan(
     cfg: &MergeConfig,
     models: &BTreeMap<String, ModelTensors>,
     seed: u64,
+) -> Result<MergePlan, MergeError> {
+    plan_with_threads(cfg, models, seed, 1)
+}
+
+/// [`plan`], matching a mergekit run whose torch used `threads` intra-op threads (see
+/// `TensorMerge::threads`: whole-tensor sums over more than 32768 elements depend on it).
+pub fn plan_with_threads(
+    cfg: &MergeConfig,
+    models: &BTreeMap<String, ModelTensors>,
+    seed: u64,
+    threads: usize,
 ) -> Result<MergePlan, MergeError> {
     for m in cfg.referenced_models() {
         if !models.contains_key(&m) {
@@ -137,7 +149,7 @@ pub fn plan(
             }
         }
     }
-    let mut p = Planner { cfg, models, seed, out: Vec::new() };
+    let mut p = Planner { cfg, models, seed, threads: threads.max(1), out: Vec::new() };
     let first = &slices[0];
     let last = &slices[slices.len() - 1];
     let reference = &models[&first.sources[0].model];
@@ -375,6 +387,7 @@ impl Planner<'_> {
                 shape: shape.cloned().unwrap_or_default(),
                 seed: self.seed,
                 name_key: name_key(name),
+                threads: self.threads,
             },
             out_dtype: cfg.out_dtype.unwrap_or(compute),
         });

@@ -21,12 +21,19 @@
 //! - slerp (`slerp.py`): f32 coefficients from chunked norms, `coef_a * x + coef_b * y` in f32.
 //! - nuslerp (`nuslerp.py`, flattened), model stock (`model_stock.py`): all in `dtype`.
 //!
-//! What cannot be bit-identical: whole-tensor reductions (norms, dot products, L1 sums) whose
-//! torch summation order is vectorized and cascaded; here they accumulate in f64 and round to
-//! the type torch rounds to, which agrees except where the exact value sits at a rounding
-//! boundary. Magnitude ties at a sparsification cut-off are broken by element index (a stable
-//! sort); torch's argsort is not stable. Random masks (DARE, DELLA) come from a counter-based
-//! hash of (seed, tensor, parent, element), not torch's generator.
+//! Whole-tensor reductions replay torch's CPU order: `torch_sum` is ATen's cascade sum (8 f32
+//! lanes, 4 accumulators, 4 levels) and, over more than 32768 elements, its two-pass parallel
+//! reduction with partials rounded to the output dtype (`TensorMerge::threads`: mergekit's own
+//! bits depend on its torch thread count); `norm` is `vector_norm`'s 8-lane accumulation;
+//! linear's `addcmul_` is a fused multiply-add; TIES/breadcrumbs cut-offs replay libstdc++'s
+//! introsort (`torch_sort`), so ties at the cut fall where torch's unstable argsort puts them.
+//! Checked against mergekit 0.1.5 / torch 2.15 (AVX512 build, 2 threads) by
+//! scripts/mergekit_check.py: bit-identical except (1) slerp's coefficients, which torch computes
+//! with SLEEF's vectorized `sin`/`acos` and llmfs with glibc's `sinf`/`acosf` (they differ in the
+//! last bit for some arguments: bf16/f16 outputs ≥ 99.99 % identical, the rest 1 ulp; f32 outputs
+//! of an affected tensor differ by a few ulp throughout), (2) one f16 model-stock factor (f16
+//! norm/dot accumulation). Random masks (DARE, DELLA) come from a counter-based hash of (seed,
+//! tensor, parent, element), not torch's generator: same kept share and L1 rescale, other draws.
 
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
@@ -379,6 +386,7 @@ fn adjust_heap(v: &mut [(f32, u32)], mut hole: usize, len: usize, val: (f32, u32
 /// `row_sum`, `multi_row_sum`): 8-lane vectors, 4 vector accumulators, a 4-level cascade, the
 /// scalar tail summed first, then the lanes in order. Matches torch 2.x's AVX2/AVX512 builds on
 /// rows it reduces on one thread; bf16/f16 rows are summed as f32 (their accumulation type).
+#[allow(clippy::needless_range_loop)] // the loops mirror ATen's, index for index
 pub fn torch_sum(x: &[f32]) -> f32 {
     const V: usize = 8;
     const ILP: usize = 4;
@@ -414,6 +422,7 @@ fn ceil_log2(x: usize) -> usize {
 }
 
 /// `multi_row_sum` over `size` rows of 32 lanes (4 accumulators × 8 lanes).
+#[allow(clippy::needless_range_loop)] // the loops mirror ATen's, index for index
 fn multi_row_sum(x: &[f32], size: usize) -> [f32; 32] {
     const LEVELS: usize = 4;
     let level_power = 4.max(ceil_log2(size) / LEVELS);
@@ -454,6 +463,7 @@ fn multi_row_sum(x: &[f32], size: usize) -> [f32; 32] {
 
 /// torch's CPU `vector_norm` (p = 2) of a contiguous row: squares accumulated in 8 f32 lanes,
 /// the lanes then the tail added in order, `sqrt`. Rounded to `dtype` for bf16/f16 tensors.
+#[allow(clippy::needless_range_loop)]
 fn norm(dtype: Dtype, x: &[f32]) -> f32 {
     const V: usize = 8;
     let n = x.len() / V * V;
@@ -1223,11 +1233,10 @@ mod tests {
             let mut mask = vec![1f32; n];
             if dens < 1.0 {
                 let kk = ((dens * n as f64) as usize).max(1);
-                let mut idx: Vec<usize> = (0..n).collect();
                 let mut pairs: Vec<(f32, u32)> =
                     delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
                 torch_sort(&mut pairs, true);
-                idx = pairs.iter().map(|p| p.1 as usize).collect();
+                let idx: Vec<usize> = pairs.iter().map(|p| p.1 as usize).collect();
                 mask = vec![0f32; n];
                 for &i in &idx[..kk] {
                     mask[i] = 1.0;

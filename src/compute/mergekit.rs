@@ -1313,6 +1313,36 @@ mod tests {
         assert!((l1 - l1m).abs() / l1 < 1e-4, "{l1} vs {l1m}");
     }
 
+    proptest! {
+        /// The introsort replay is a sort: a permutation, ordered by value (ties in any order).
+        #[test]
+        fn torch_sort_sorts(vals in proptest::collection::vec(0u8..12, 0..3000), desc in any::<bool>()) {
+            let mut v: Vec<(f32, u32)> = vals.iter().enumerate().map(|(i, &x)| (x as f32 / 4.0, i as u32)).collect();
+            torch_sort(&mut v, desc);
+            let mut ids: Vec<u32> = v.iter().map(|e| e.1).collect();
+            ids.sort_unstable();
+            prop_assert!(ids.iter().enumerate().all(|(i, &x)| i as u32 == x));
+            let ordered = v.windows(2).all(|w| if desc { w[0].0 >= w[1].0 } else { w[0].0 <= w[1].0 });
+            prop_assert!(ordered);
+            prop_assert!(v.iter().all(|e| e.0 == vals[e.1 as usize] as f32 / 4.0));
+        }
+    }
+
+    #[test]
+    fn sums_split_like_torch_above_its_grain() {
+        // Below 32768 elements, one cascade sum; above, per-thread partials rounded to the dtype.
+        let x: Vec<f32> = (0..70_000).map(|i| round(Dtype::BF16, 1.0 + (i % 7) as f32 / 64.0)).collect();
+        let one = sum(Dtype::BF16, &x, 1);
+        let two = sum(Dtype::BF16, &x, 2);
+        let (a, b) = x.split_at(35_000);
+        assert_eq!(
+            two,
+            round(Dtype::BF16, round(Dtype::BF16, torch_sum(a)) + round(Dtype::BF16, torch_sum(b)))
+        );
+        assert_eq!(one, round(Dtype::BF16, torch_sum(&x)));
+        assert_eq!(sum(Dtype::F32, &x[..1000], 8), torch_sum(&x[..1000]));
+    }
+
     #[test]
     fn masks_depend_on_seed_tensor_and_parent_only() {
         let a = stream_key(1, name_key("x"), 0);

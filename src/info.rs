@@ -132,6 +132,9 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
             let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             json!({"base": base, "codec": codec.name(), "stored_bytes": stored, "ratio": view.total_size() as f64 / stored.max(1) as f64})
         }
+        EntryKind::Merge { parents, config, source, seed } => {
+            json!({"parents": parents, "method": config.get("method"), "seed": seed, "config": source})
+        }
         EntryKind::Quantized { base, config, files, errors } => {
             let on_disk: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             let base_weights = weights_size(&variant::build_view(registry, base)?);
@@ -175,6 +178,17 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
     }
     println!("name:          {name}");
     match (&entry.kind, entry.kind.base()) {
+        (EntryKind::Merge { parents, source, seed, .. }, _) => {
+            println!(
+                "kind:          merge ({}) of {}, seed {seed}",
+                value["recipe"]["method"],
+                parents.join(", ")
+            );
+            println!("config:");
+            for line in source.lines() {
+                println!("  {line}");
+            }
+        }
         (_, Some(base)) => println!("kind:          {} of {base}", entry.kind.name()),
         (EntryKind::Base { dir, copied: false, .. }, None) => {
             println!("kind:          base, served in place from {}", dir.display())

@@ -52,6 +52,29 @@ enum Command {
         #[arg(long, value_parser = parse_float_dtype)]
         dtype: Dtype,
     },
+    /// Merge entries with one of mergekit's methods (a mergekit YAML whose models are entry names,
+    /// or the short form), computed on read: nothing is materialized.
+    Merge {
+        name: String,
+        /// A mergekit YAML configuration (`merge_method`, `models` or `slices`, `base_model` ...).
+        #[arg(long, conflicts_with_all = ["method", "models"])]
+        config: Option<PathBuf>,
+        /// The short form: linear, ties, slerp, ... (mergekit's method names).
+        #[arg(long, requires = "models")]
+        method: Option<String>,
+        /// The short form's base model.
+        #[arg(long, requires = "method")]
+        base: Option<String>,
+        /// The short form's models: A:WEIGHT[:DENSITY],C:WEIGHT …
+        #[arg(long, requires = "method")]
+        models: Option<String>,
+        /// The short form's interpolation factor (slerp, nuslerp).
+        #[arg(long, requires = "method")]
+        t: Option<f64>,
+        /// Seed of DARE's and DELLA's random masks (counter-based: the same bits everywhere).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Store the linear weights of BASE group-wise quantized (FastChat's compression); dequantized on read.
     Quantize {
         name: String,
@@ -319,6 +342,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 entry.family,
                 entry.template
             );
+        }
+        Command::Merge { name, config, method, base, models, t, seed } => {
+            let (cfg, source) = match (&config, &method, &models) {
+                (Some(path), _, _) => {
+                    let text =
+                        std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                    (llmfs::merge::MergeConfig::from_yaml(&text)?, text)
+                }
+                (None, Some(m), Some(list)) => {
+                    let cfg = llmfs::merge::MergeConfig::from_short(m, base.as_deref(), list, t)?;
+                    let mut shown = format!("--method {m}");
+                    if let Some(b) = &base {
+                        shown += &format!(" --base {b}");
+                    }
+                    shown += &format!(" --models {list}");
+                    if let Some(t) = t {
+                        shown += &format!(" --t {t}");
+                    }
+                    (cfg, shown)
+                }
+                _ => bail!("merge: give --config FILE.yml, or --method M --models A:W,..."),
+            };
+            let parents = cfg.referenced_models();
+            let first = parents.first().cloned().context("merge: the config names no model")?;
+            let kind = EntryKind::Merge { parents, config: serde_json::to_value(&cfg)?, source, seed };
+            llmfs::variant::recipe::register(&store, &name, &first, kind)?;
+            println!("added {name}: a {} merge of {}", cfg.method.name(), cfg.referenced_models().join(", "));
         }
         Command::Cast { name, base, dtype } => {
             llmfs::variant::recipe::register(

@@ -13,6 +13,7 @@ pub mod float;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod merge;
+pub mod mergekit;
 
 /// View `bytes` as `T`s when aligned; callers fall back to a copy when not.
 pub(crate) fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Option<&[T]> {

@@ -17,6 +17,7 @@ impl EntryKind {
             | EntryKind::Quantized { base, .. }
             | EntryKind::Delta { base, .. }
             | EntryKind::Imported { base, .. } => vec![base.as_str()],
+            EntryKind::Merge { parents, .. } => parents.iter().map(String::as_str).collect(),
         }
     }
 }

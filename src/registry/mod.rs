@@ -110,6 +110,11 @@ pub enum EntryKind {
     /// A delta made by another tool (FastChat's make_delta, a PEFT LoRA adapter), copied into
     /// `STORE/models/NAME/` and applied on read.
     Imported { base: String, format: ImportFormat, files: Vec<FileRecord> },
+    /// Several entries merged by one of mergekit's methods (`llmfs merge`), computed on read.
+    /// `config` is the parsed mergekit configuration (as `merge::MergeConfig` serializes it; the
+    /// registry keeps it as plain JSON), `source` what the user gave (the YAML, or the short
+    /// form's arguments), `parents` every entry it names, base first.
+    Merge { parents: Vec<String>, config: serde_json::Value, source: String, seed: u64 },
 }
 
 impl EntryKind {
@@ -121,6 +126,7 @@ impl EntryKind {
             EntryKind::Delta { .. } => "delta",
             EntryKind::Imported { format: ImportFormat::Fastchat, .. } => "fastchat-delta",
             EntryKind::Imported { format: ImportFormat::Lora, .. } => "lora",
+            EntryKind::Merge { .. } => "merge",
         }
     }
     pub fn files_mut(&mut self) -> &mut [FileRecord] {
@@ -129,7 +135,7 @@ impl EntryKind {
             | EntryKind::Quantized { files, .. }
             | EntryKind::Delta { files, .. }
             | EntryKind::Imported { files, .. } => files,
-            EntryKind::Cast { .. } => &mut [],
+            EntryKind::Cast { .. } | EntryKind::Merge { .. } => &mut [],
         }
     }
     /// The files the entry records (none for a cast).
@@ -139,13 +145,14 @@ impl EntryKind {
             | EntryKind::Quantized { files, .. }
             | EntryKind::Delta { files, .. }
             | EntryKind::Imported { files, .. } => files,
-            EntryKind::Cast { .. } => &[],
+            EntryKind::Cast { .. } | EntryKind::Merge { .. } => &[],
         }
     }
-    /// The entry this one is derived from.
+    /// The entry this one is derived from (a merge: its first parent, the base if it has one).
     pub fn base(&self) -> Option<&str> {
         match self {
             EntryKind::Base { .. } => None,
+            EntryKind::Merge { parents, .. } => parents.first().map(String::as_str),
             EntryKind::Cast { base, .. }
             | EntryKind::Quantized { base, .. }
             | EntryKind::Delta { base, .. }

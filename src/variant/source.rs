@@ -30,6 +30,8 @@ pub enum TensorSource {
     AddF16 { base: Arc<TensorSource>, delta: Arc<TensorSource> },
     /// A LoRA merge `W + s·B·A` of a 2-D weight with `cols` columns.
     Lora { base: Arc<TensorSource>, factors: Arc<LazyFactors>, cols: usize },
+    /// Several tensors merged by one of mergekit's methods.
+    Merged(Arc<MergedSource>),
     /// A tensor of a GGUF view: ggml blocks of another source's rows.
     Ggml(Arc<super::gguf::GgmlSource>),
 }
@@ -44,6 +46,7 @@ impl TensorSource {
             TensorSource::LossyDelta(d) => d.dtype,
             TensorSource::AddF16 { .. } => Dtype::F16,
             TensorSource::Lora { base, .. } => base.dtype(),
+            TensorSource::Merged(m) => m.out_dtype,
             // Blocks of bytes (see `stored_type`), except the plain float types.
             TensorSource::Ggml(g) => match g.ggml_type() {
                 crate::codec::ggml::GgmlType::F32 => Dtype::F32,
@@ -92,6 +95,7 @@ impl TensorSource {
                 delta.files(out);
             }
             TensorSource::Lora { base, .. } => base.files(out),
+            TensorSource::Merged(m) => m.inputs.iter().for_each(|s| s.files(out)),
             TensorSource::Ggml(g) => g.inner.iter().for_each(|s| s.files(out)),
         }
     }
@@ -122,6 +126,7 @@ impl TensorSource {
                 Ok(())
             }),
             TensorSource::Ggml(g) => g.read(elems, out),
+            TensorSource::Merged(m) => m.read(elems, out),
             TensorSource::Lora { base, factors, cols } => {
                 let f = factors.get()?;
                 with_scratch(out.len(), |w| {
@@ -427,5 +432,71 @@ impl LazyFactors {
         let factors = load().map_err(ReadError::Decode)?;
         *loaded = Some(factors.clone());
         Ok(factors)
+    }
+}
+
+/// A merged tensor: its inputs (in mergekit's order), the numbers of its merge, and its
+/// whole-tensor statistics (TIES's magnitude cut-offs, SLERP's angle …), computed at the first
+/// read that needs them and kept (a failed computation is not: the next read tries again).
+#[derive(Debug)]
+pub struct MergedSource {
+    pub inputs: Vec<TensorSource>,
+    pub merge: crate::merge::TensorMerge,
+    pub out_dtype: Dtype,
+    stats: std::sync::Mutex<Option<Arc<crate::merge::Stats>>>,
+}
+
+impl MergedSource {
+    pub fn new(inputs: Vec<TensorSource>, merge: crate::merge::TensorMerge, out_dtype: Dtype) -> Self {
+        MergedSource { inputs, merge, out_dtype, stats: Default::default() }
+    }
+
+    /// Elements `range` of every input, as values of the merge's dtype (mergekit casts each
+    /// input to it on load).
+    fn inputs_at(&self, range: Range<usize>) -> Result<Vec<Vec<f32>>, ReadError> {
+        self.inputs
+            .iter()
+            .map(|s| {
+                let mut bytes = vec![0u8; range.len() * s.dtype().size()];
+                s.read(range.clone(), &mut bytes)?;
+                Ok(compute::mergekit::load_as(s.dtype(), self.merge.dtype, &bytes))
+            })
+            .collect()
+    }
+
+    fn stats(&self) -> Result<Arc<crate::merge::Stats>, ReadError> {
+        if !self.merge.needs_stats() {
+            return Ok(Arc::new(crate::merge::Stats::None));
+        }
+        let mut known = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = &*known {
+            return Ok(s.clone());
+        }
+        let whole = self.inputs_at(0..self.merge.numel())?;
+        let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
+        let stats = Arc::new(self.merge.stats(&refs).map_err(|e| ReadError::Decode(format!("merge: {e}")))?);
+        *known = Some(stats.clone());
+        Ok(stats)
+    }
+
+    pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
+        if elems.is_empty() {
+            return Ok(());
+        }
+        let stats = self.stats()?;
+        // Whole units of the method (a row for DELLA's ranks).
+        let g = self.merge.granularity().max(1);
+        let start = elems.start / g * g;
+        let end = elems.end.div_ceil(g).saturating_mul(g).min(self.merge.numel());
+        let inputs = self.inputs_at(start..end)?;
+        let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        let mut merged = vec![0f32; end - start];
+        self.merge
+            .apply(&stats, &refs, start, &mut merged)
+            .map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
+        let bytes =
+            compute::mergekit::encode(self.out_dtype, &merged[elems.start - start..elems.end - start]);
+        out.copy_from_slice(&bytes);
+        Ok(())
     }
 }

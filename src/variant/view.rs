@@ -148,25 +148,41 @@ pub fn map_weights(
     label: &str,
     mut map: impl FnMut(&LogicalTensor) -> Result<LogicalTensor, String>,
 ) -> Result<EntryView, String> {
-    let mut view = EntryView::default();
+    let mut weights = BTreeMap::new();
     for (file_name, weight_file) in &base.weights {
         let tensors = weight_file.tensors.iter().map(&mut map).collect::<Result<Vec<_>, _>>()?;
-        view.weights
-            .insert(file_name.clone(), WeightFile { tensors, metadata: weight_file.metadata.clone() });
+        weights.insert(file_name.clone(), WeightFile { tensors, metadata: weight_file.metadata.clone() });
     }
+    Ok(with_weights(base, label, weights))
+}
+
+/// A variant's view: `base`'s files with its weight files laid out anew from `weights` (same
+/// names: in the base's places; a base weight file `weights` lacks is dropped, a new one comes
+/// last). The shard index gets the new total size, or goes when the files are not the base's.
+pub fn with_weights(base: &EntryView, label: &str, weights: BTreeMap<String, WeightFile>) -> EntryView {
+    let mut view = EntryView { files: vec![], weights };
+    let same_files = base.weights.keys().eq(view.weights.keys());
     let mut total_tensor_bytes = 0u64;
+    let mut laid_out = |name: &str, weights: &WeightFile| {
+        let synth = layout(label, weights);
+        total_tensor_bytes += synth.size - synth.header.len() as u64;
+        VFile { name: name.to_owned(), size: synth.size, content: Content::Synth(Arc::new(synth)) }
+    };
     for base_file in &base.files {
         let file = match (view.weights.get(&base_file.name), &base_file.content) {
             (_, Content::Broken(_)) => base_file.clone(),
-            (Some(weights), _) => {
-                let synth = layout(label, weights);
-                total_tensor_bytes += synth.size - synth.header.len() as u64;
-                let size = synth.size;
-                VFile { name: base_file.name.clone(), size, content: Content::Synth(Arc::new(synth)) }
-            }
+            (Some(weights), _) => laid_out(&base_file.name, weights),
+            (None, _) if base.weights.contains_key(&base_file.name) => continue,
+            (None, _) if base_file.name == INDEX_FILE && !same_files => continue,
             (None, _) => base_file.clone(),
         };
         view.files.push(file);
+    }
+    for (name, weights) in &view.weights {
+        if base.file(name).is_none() {
+            let file = laid_out(name, weights);
+            view.files.push(file);
+        }
     }
     if let Some(index) = view.files.iter_mut().find(|f| f.name == INDEX_FILE) {
         // Whatever the base's index is (a file, generated, a delta's stored file), the variant's
@@ -179,7 +195,7 @@ pub fn map_weights(
             Err(reason) => index.content = Content::Broken(format!("{INDEX_FILE}: {reason}")),
         }
     }
-    Ok(view)
+    view
 }
 
 /// All bytes of a small file of a view (a shard index: bounded to 64 MiB).

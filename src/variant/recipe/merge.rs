@@ -63,26 +63,35 @@ pub(super) fn view(
         let by_name: HashMap<&str, &LogicalTensor> =
             view.weights.values().flat_map(|w| &w.tensors).map(|t| (t.name.as_str(), t)).collect();
         let info = ModelTensors {
-            tensors: by_name.iter().map(|(n, t)| (n.to_string(), (t.source.dtype(), t.shape.clone()))).collect(),
+            tensors: by_name
+                .iter()
+                .map(|(n, t)| (n.to_string(), (t.source.dtype(), t.shape.clone())))
+                .collect(),
             num_layers: num_layers(view),
         };
         tensors.insert(parent, by_name);
         models.insert(parent.to_owned(), info);
     }
     let plan = merge::plan(&cfg, &models, seed).map_err(|e| invalid(e.to_string()))?;
-    let template =
-        views.get(plan.config_source.as_str()).ok_or_else(|| invalid(format!("no parent {}", plan.config_source)))?;
+    let template = views
+        .get(plan.config_source.as_str())
+        .ok_or_else(|| invalid(format!("no parent {}", plan.config_source)))?;
 
     // Each merged tensor over its inputs' sources.
     let mut merged: BTreeMap<&str, LogicalTensor> = BTreeMap::new();
     for recipe in &plan.tensors {
         let mut inputs = vec![];
         for input in &recipe.inputs {
-            let t = tensors.get(input.model.as_str()).and_then(|m| m.get(input.tensor.as_str())).ok_or_else(|| {
-                invalid(format!("{}: parent {} has no tensor {}", recipe.name, input.model, input.tensor))
-            })?;
+            let t = tensors.get(input.model.as_str()).and_then(|m| m.get(input.tensor.as_str())).ok_or_else(
+                || invalid(format!("{}: parent {} has no tensor {}", recipe.name, input.model, input.tensor)),
+            )?;
             if !t.source.dtype().is_float() {
-                return Err(invalid(format!("{}: {} is {}, not a float tensor", recipe.name, input.tensor, t.source.dtype())));
+                return Err(invalid(format!(
+                    "{}: {} is {}, not a float tensor",
+                    recipe.name,
+                    input.tensor,
+                    t.source.dtype()
+                )));
             }
             inputs.push(t.source.clone());
         }
@@ -112,14 +121,18 @@ pub(super) fn view(
         let metadata = template.weights.values().next().map(|w| w.metadata.clone()).unwrap_or_default();
         weights.insert(
             "model.safetensors".into(),
-            WeightFile { tensors: plan.tensors.iter().map(|r| merged[r.name.as_str()].clone()).collect(), metadata },
+            WeightFile {
+                tensors: plan.tensors.iter().map(|r| merged[r.name.as_str()].clone()).collect(),
+                metadata,
+            },
         );
     }
     let mut view = with_weights(template, &format!("merge {name} ({})", cfg.method.name()), weights);
 
     // The tokenizer of `tokenizer_source` (mergekit's default: the base's, i.e. the template's).
     if let Some(TokenizerSource::Model(m)) = &cfg.tokenizer_source {
-        let from = views.get(m.as_str()).ok_or_else(|| invalid(format!("tokenizer_source {m} is not a parent")))?;
+        let from =
+            views.get(m.as_str()).ok_or_else(|| invalid(format!("tokenizer_source {m} is not a parent")))?;
         view.files.retain(|f| !TOKENIZER_FILES.contains(&f.name.as_str()));
         view.files.extend(from.files.iter().filter(|f| TOKENIZER_FILES.contains(&f.name.as_str())).cloned());
     }

@@ -7,6 +7,7 @@
 pub mod base;
 pub mod cast;
 pub mod delta;
+pub mod merge;
 pub mod quantized;
 
 use std::sync::Arc;
@@ -34,6 +35,9 @@ pub(super) fn view(
         (EntryKind::Delta { files, .. }, [base]) => delta::delta_view(registry, name, files, base),
         (EntryKind::Imported { format, files, .. }, [base]) => {
             delta::imported_view(registry, name, files, *format, base)
+        }
+        (EntryKind::Merge { parents: names, config, seed, .. }, parents) if parents.len() == names.len() => {
+            merge::view(name, config, *seed, names, parents)
         }
         (kind, _) => Err(ViewError::Invalid {
             entry: name.to_owned(),
@@ -80,20 +84,35 @@ fn torch_dtype(dtype: Dtype) -> Option<&'static str> {
 /// where the base's config has it (older transformers read only that). A config.json that is
 /// not a JSON object, or says nothing different, is left as it is.
 fn config_with_dtype(view: &mut EntryView, dtype: Dtype) {
+    edit_config(view, |config| set_dtype(config, dtype));
+}
+
+/// Set `dtype` (and `torch_dtype` where the config has it) to `dtype`'s torch name.
+fn set_dtype(config: &mut serde_json::Map<String, Value>, dtype: Dtype) {
     let Some(name) = torch_dtype(dtype) else { return };
-    let Some(file) = view.files.iter_mut().find(|f| f.name == "config.json") else { return };
-    let Ok(bytes) = read_whole(file) else { return };
-    let Ok(Value::Object(mut config)) = serde_json::from_slice::<Value>(&bytes) else { return };
     let says = |key: &str, config: &serde_json::Map<String, Value>| {
         config.get(key).and_then(Value::as_str) == Some(name)
     };
     let has_torch_dtype = config.contains_key("torch_dtype");
-    if says("dtype", &config) && (!has_torch_dtype || says("torch_dtype", &config)) {
+    if says("dtype", config) && (!has_torch_dtype || says("torch_dtype", config)) {
         return;
     }
     config.insert("dtype".into(), Value::String(name.into()));
     if has_torch_dtype {
         config.insert("torch_dtype".into(), Value::String(name.into()));
+    }
+}
+
+/// Change the view's config.json with `change`; the file is rewritten only if that changed
+/// something (a config.json that is not a JSON object is left as it is).
+fn edit_config(view: &mut EntryView, change: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let Some(file) = view.files.iter_mut().find(|f| f.name == "config.json") else { return };
+    let Ok(bytes) = read_whole(file) else { return };
+    let Ok(Value::Object(mut config)) = serde_json::from_slice::<Value>(&bytes) else { return };
+    let before = config.clone();
+    change(&mut config);
+    if config == before {
+        return;
     }
     // As transformers writes it: two-space indent, a newline at the end.
     let Ok(mut out) = serde_json::to_vec_pretty(&Value::Object(config)) else { return };

@@ -2,7 +2,7 @@
 //! mistral, qwen2 and qwen3 models and converts them with the vendored convert_hf_to_gguf.py;
 //! this test writes llmfs's files for the same directories through the library
 //! (`format::gguf::dir`) and has the script compare them (every KV, every tensor info, F16/BF16
-//! byte for byte, Q8_0 — and Q4_0/Q4_K_M with llama-quantize — by header).
+//! byte for byte, Q8_0 too (ggml's quantizer, codec::ggml) — and Q4_0/Q4_K_M with llama-quantize by header).
 //!
 //! Needs $LLMFS_LLAMA_CPP (llama-cpp-python 0.3.36's vendor/llama.cpp) and a Python
 //! ($LLMFS_PYTHON, else python3) with torch, transformers, tokenizers, sentencepiece and gguf;
@@ -56,7 +56,14 @@ fn gguf_files_match_convert_hf_to_gguf() {
             }
             let out = work.path().join(format!("{name}.llmfs-{}.gguf", target.name()));
             let mut file = std::io::BufWriter::new(std::fs::File::create(&out).unwrap());
-            dir::write_from_dir(model, target, name, &mut file, &mut dir::zero_blocks)
+            let mut quantize = |ty: llmfs::codec::ggml::GgmlType, values: &[f32], out: &mut Vec<u8>| {
+                let at = out.len();
+                out.resize(at + values.len() / ty.block_elems() * ty.block_bytes(), 0);
+                // Whole rows of the tensor: one quantize_rows call per row group is the same bytes.
+                llmfs::codec::ggml::quantize_rows(ty, values, values.len(), &mut out[at..])
+                    .map_err(|e| e.to_string())
+            };
+            dir::write_from_dir(model, target, name, &mut file, &mut quantize)
                 .unwrap_or_else(|e| panic!("{name} {target:?}: {e}"));
             std::io::Write::flush(&mut file).unwrap();
         }

@@ -315,8 +315,6 @@ impl Fs {
         let _ = self.disk.set(disk);
     }
 
-    /// Reload the registry if it changed on disk. A corrupt registry keeps the last good one.
-
     fn node(&self, ino: u64) -> FsResult<Node> {
         self.inodes
             .read()

@@ -506,9 +506,7 @@ impl Staging {
     fn mark(&self, store: &Store, base: &str, name: &str, id: u64) -> FsResult<()> {
         self.update_staged(
             store,
-            base,
-            name,
-            id,
+            (base, name, id),
             |r, _, file| {
                 delta_entry(r, base, name)?;
                 r.mark_unfinished(name, file);
@@ -528,9 +526,7 @@ impl Staging {
     fn update_staged<P>(
         &self,
         store: &Store,
-        base: &str,
-        name: &str,
-        id: u64,
+        (base, name, id): (&str, &str, u64),
         mut change: impl FnMut(&mut Registry, &mut Staged, &str) -> FsResult<P>,
         mut save: impl FnMut(&registry::StoreLock, &Registry, &mut P) -> FsResult<()>,
         mut done: impl FnMut(&mut Staged, P),
@@ -709,9 +705,7 @@ impl Staging {
         // Under the name it has now (a rename may have moved it while it was coded).
         let result = self.update_staged(
             store,
-            base,
-            name,
-            id,
+            (base, name, id),
             |r, s, file| {
                 record.name = file.to_owned();
                 let files = delta_entry(r, base, name)?;

@@ -149,8 +149,8 @@ enum Command {
         /// which any write changes) or full (also its content hash, once per mount: reads it all).
         #[arg(long, default_value = "stat", value_parser = ["full", "stat"])]
         disk_cache_verify: String,
-        /// Bytes of decoded files kept in memory, in front of the disk cache (default: with 8+
-        /// cores a quarter of the RAM, at most 16GiB; below 8 cores 0, none).
+        /// Bytes of decoded files kept in memory, in front of the disk cache (default 0, none: it
+        /// measured slower than the disk cache alone, see the README).
         #[arg(long, env = "LLMFS_MEMORY_CACHE", value_parser = parse_size)]
         memory_cache_size: Option<u64>,
         /// Decode these entries into the disk cache once mounted (with a progress bar).

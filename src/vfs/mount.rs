@@ -49,26 +49,18 @@ pub struct MountOptions {
     pub warm: Vec<String>,
 }
 
-/// The memory tier's size when none is given: with [`MEMORY_TIER_MIN_CORES`] cores or more, a
-/// quarter of the machine's memory, at most 16 GiB (a first load of a model that size decodes
-/// at memory speed; larger ones spill into the disk cache file by file); with fewer, none.
+/// The memory tier's size when none is given: none. Measured on the lent 16-core host
+/// (scripts/bench_load_results.md, 6000 MiB model, load_file first loads in one session): with
+/// the tier (16 GiB) an f16 cast's first load ran at 2.3 GB/s and a lossless delta's at 2.4,
+/// without it (every file of the entry filled at once by pwrite into the disk cache) at 6.0 and
+/// 5.0: the memory fills themselves ran at 3.0-3.7 GB/s a file, and the second write of every
+/// file to disk behind the reader took the cores and memory bandwidth the loader needed. On 2
+/// cores it was slower too. So it stays an option (`--memory-cache-size`) until it measures
+/// faster; `_cores` is kept for when it does.
 pub fn default_memory_cache_size() -> u64 {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores < MEMORY_TIER_MIN_CORES {
-        return 0;
-    }
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    let ram = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
-    (ram / 4).min(16 << 30)
+    let _cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    0
 }
-
-/// Below this many cores the memory tier is off by default. Its gain is many threads filling
-/// one file at once (the inode lock that `pwrite` takes is the bound from 8 or so); on a few
-/// cores a fill is bound by the CPU, and writing each file again to disk after decoding it into
-/// memory costs CPU the loader needs (2 development cores: an f16 first load 0.26x of plain with
-/// the tier, 0.37x without; both runs on a machine loaded 6x over, scripts/bench_load_results.md).
-pub const MEMORY_TIER_MIN_CORES: usize = 8;
 
 /// `--disk-cache DIR --disk-cache-size SIZE --disk-cache-verify full|stat`.
 #[derive(Clone, Debug)]

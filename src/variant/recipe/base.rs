@@ -22,6 +22,10 @@ pub(super) fn view(
     records: &[FileRecord],
 ) -> Result<EntryView, ViewError> {
     let mut view = EntryView::default();
+    // A model that ships its chat template beside the tokenizer config (transformers 5 saves it
+    // as chat_template.jinja) has one: llmfs adds none.
+    let own_template =
+        records.iter().any(|r| r.name == "chat_template.jinja" || r.name == "chat_template.json");
     let unreadable = |source: &SourceFile, reason: String| -> Result<(), ViewError> {
         match source.is_remote() {
             true => Err(ViewError::Invalid { entry: name.to_owned(), reason }),
@@ -62,7 +66,7 @@ pub(super) fn view(
                     file.content = Content::Broken(e.to_string());
                 }
             }
-        } else if record.name == "tokenizer_config.json" {
+        } else if record.name == "tokenizer_config.json" && !own_template {
             match with_chat_template(entry, &source) {
                 Ok(Some(content)) => {
                     file.size = content.len() as u64;

@@ -13,7 +13,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::codec::ggml::{self, GgmlType};
-use crate::format::gguf::{self, GgufTarget, HfTensor, ModelFiles, PlannedTensor, RowMap};
+use crate::format::gguf::dir::DirFiles;
+use crate::format::gguf::{self, GgufTarget, HfTensor, PlannedTensor, RowMap};
 use crate::format::{Dtype, StoredType};
 use crate::source::ReadError;
 use crate::variant::source::TensorSource;
@@ -105,39 +106,28 @@ impl GgmlSource {
     }
 }
 
-/// The repository files the converter reads, from the view (small files only).
-fn model_files(view: &EntryView) -> Option<HashMap<&'static str, Vec<u8>>> {
-    let names = [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "generation_config.json",
-        "added_tokens.json",
-        "chat_template.jinja",
-    ];
-    let mut out = HashMap::new();
-    for name in names {
-        if let Some(f) = view.file(name) {
-            out.insert(name, read_whole(f).ok()?);
-        }
-    }
-    out.contains_key("config.json").then_some(out)
+/// The repository files the converter reads, from the view (as `DirFiles::read` takes them from
+/// a directory).
+fn model_files(view: &EntryView) -> Result<DirFiles, String> {
+    let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
+        view.file(name).map(|f| read_whole(f).map_err(|e| format!("{name}: {e}"))).transpose()
+    };
+    Ok(DirFiles {
+        config: read("config.json")?.ok_or("no config.json")?,
+        tokenizer_json: read("tokenizer.json")?,
+        tokenizer_model: read("tokenizer.model")?,
+        tokenizer_config: read("tokenizer_config.json")?,
+        generation_config: read("generation_config.json")?,
+        added_tokens: read("added_tokens.json")?,
+        chat_template_jinja: read("chat_template.jinja")?,
+    })
 }
 
 /// The GGUF files of entry `name` (view `view`), or why it has none (an architecture llama.cpp's
 /// converter does not map the same way, a tokenizer that cannot be translated …).
 pub fn files(name: &str, view: &EntryView) -> Result<Vec<VFile>, String> {
-    let files = model_files(view).ok_or("no config.json")?;
-    let model = ModelFiles {
-        config: &files["config.json"],
-        tokenizer_json: files.get("tokenizer.json").map(Vec::as_slice),
-        tokenizer_model: files.get("tokenizer.model").map(Vec::as_slice),
-        tokenizer_config: files.get("tokenizer_config.json").map(Vec::as_slice),
-        generation_config: files.get("generation_config.json").map(Vec::as_slice),
-        added_tokens: files.get("added_tokens.json").map(Vec::as_slice),
-        chat_template_jinja: files.get("chat_template.jinja").map(Vec::as_slice),
-    };
+    let files = model_files(view)?;
+    let model = files.model_files();
     // The shards in file-name order, as the converter reads them.
     let mut sources: HashMap<&str, &TensorSource> = HashMap::new();
     let mut tensors = vec![];

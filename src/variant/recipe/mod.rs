@@ -87,18 +87,12 @@ fn config_with_dtype(view: &mut EntryView, dtype: Dtype) {
     edit_config(view, |config| set_dtype(config, dtype));
 }
 
-/// Set `dtype` (and `torch_dtype` where the config has it) to `dtype`'s torch name.
+/// Set `dtype` (and `torch_dtype` where the config has it) to `dtype`'s torch name (a config
+/// that already says so is not rewritten: see [`edit_config`]).
 fn set_dtype(config: &mut serde_json::Map<String, Value>, dtype: Dtype) {
     let Some(name) = torch_dtype(dtype) else { return };
-    let says = |key: &str, config: &serde_json::Map<String, Value>| {
-        config.get(key).and_then(Value::as_str) == Some(name)
-    };
-    let has_torch_dtype = config.contains_key("torch_dtype");
-    if says("dtype", config) && (!has_torch_dtype || says("torch_dtype", config)) {
-        return;
-    }
     config.insert("dtype".into(), Value::String(name.into()));
-    if has_torch_dtype {
+    if config.contains_key("torch_dtype") {
         config.insert("torch_dtype".into(), Value::String(name.into()));
     }
 }

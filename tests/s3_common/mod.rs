@@ -19,6 +19,35 @@ pub const KEY_ID: &str = "llmfs-test-key";
 /// Tests check that this never shows up in Debug output or error messages.
 pub const SECRET: &str = "llmfs-test-secret-NEVER-PRINT";
 
+/// How many times a start chooses new ports when weed finds one taken.
+const PORT_TRIES: usize = 8;
+
+/// Ten distinct free ports of 127.0.0.1 (master, volume, filer, s3, admin; each with its gRPC
+/// port), chosen below the kernel's ephemeral range (32768–60999 by default). Ports from
+/// `bind(:0)` come from that range, so any outgoing connection of a busy machine — another
+/// test's S3 client, say — could take one between our check and weed's own bind (CI saw it).
+fn free_ports() -> Vec<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut ports = Vec::new();
+    let mut listeners = Vec::new(); // held until all ten are chosen, so that they differ
+    while ports.len() < 10 {
+        // A random port in 20000..32000: RandomState is seeded per process and per call.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(ports.len());
+        let port = 20000 + (h.finish() % 12000) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            ports.push(port);
+            listeners.push(l);
+        }
+    }
+    ports
+}
+
+/// Whether weed's log says it could not bind one of its ports.
+fn port_taken(log: &str) -> bool {
+    log.contains("Port allocation failed") || log.contains("address already in use")
+}
+
 /// How long SeaweedFS may take to come up (it starts master, volume, filer and S3 in turn).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -84,15 +113,17 @@ impl Weed {
     /// Starts a server with bucket `BUCKET`, or `None` to skip (see `weed_or_skip`).
     pub fn start(test: &str) -> Option<Weed> {
         let binary = weed_or_skip(test)?;
-        // Ten free ports (master, volume, filer, s3, admin; each with its gRPC port), held
-        // together while chosen so that they differ.
-        let listeners: Vec<TcpListener> =
-            (0..10).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-        let ports = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
-        drop(listeners);
-        let mut weed = Weed { binary, child: None, dir: tempfile::tempdir().unwrap(), ports };
-        weed.spawn();
-        Some(weed)
+        let mut weed = Weed { binary, child: None, dir: tempfile::tempdir().unwrap(), ports: free_ports() };
+        // Another test's server (or any program) can still take a chosen port between our check
+        // and weed's bind: then choose again rather than fail the test.
+        for _ in 0..PORT_TRIES {
+            match weed.spawn() {
+                Ok(()) => return Some(weed),
+                Err(log) if port_taken(&log) => weed.ports = free_ports(),
+                Err(log) => panic!("weed exited while starting:\n{log}"),
+            }
+        }
+        panic!("weed found one of its ports taken {PORT_TRIES} times in a row:\n{}", weed.log_tail());
     }
 
     pub fn endpoint(&self) -> String {
@@ -111,7 +142,8 @@ impl Weed {
         self.dir.path().join("weed.log")
     }
 
-    fn spawn(&mut self) {
+    /// Starts weed and waits until it serves; `Err(log tail)` when it exits while starting.
+    fn spawn(&mut self) -> Result<(), String> {
         let data = self.dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
@@ -145,11 +177,11 @@ impl Weed {
             // Its own process group, so that Drop kills whatever it forked too.
             .process_group(0);
         self.child = Some(cmd.spawn().expect("start weed"));
-        self.wait_ready();
+        self.wait_ready()
     }
 
     /// Until a put and get of a probe object through the S3 port succeed.
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let quick = Limits {
             connect: Duration::from_secs(1),
             request: Duration::from_secs(3),
@@ -162,14 +194,16 @@ impl Weed {
         let mut last: Option<StoreError> = None;
         while start.elapsed() < START_TIMEOUT {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("weed exited ({status}) while starting:\n{}", self.log_tail());
+                let log = format!("({status})\n{}", self.log_tail());
+                self.kill();
+                return Err(log);
             }
             let ok = store
                 .put(".fixture-ready", bytes::Bytes::from_static(b"ok"))
                 .and_then(|_| store.get(".fixture-ready"))
                 .map(|o| o.bytes == b"ok"[..]);
             match ok {
-                Ok(true) => return,
+                Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => last = Some(e),
             }
@@ -212,10 +246,19 @@ impl Weed {
         unsafe { libc::killpg(child.id() as libc::pid_t, signal) };
     }
 
-    /// Starts it again on the same directory and ports.
+    /// Starts it again on the same directory and ports (clients keep their endpoint). A port
+    /// taken meanwhile is waited for a few times: our ports are outside the kernel's ephemeral
+    /// range, so only another fixture's choice can hold one, and it chooses again at once.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        for _ in 0..PORT_TRIES {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(log) if port_taken(&log) => std::thread::sleep(Duration::from_millis(500)),
+                Err(log) => panic!("weed exited while restarting:\n{log}"),
+            }
+        }
+        panic!("weed's ports stayed taken for {PORT_TRIES} restarts:\n{}", self.log_tail());
     }
 }
 

@@ -168,7 +168,11 @@ impl Fs {
         if !self.entry_fills.first_open(entry, &view) {
             return;
         }
-        for f in view.files.iter().filter(|f| f.name != opened && f.size >= MIN_CACHED) {
+        for f in view
+            .files
+            .iter()
+            .filter(|f| f.name != opened && read_together(opened, &f.name) && f.size >= MIN_CACHED)
+        {
             let Content::Synth(synth) = &f.content else { continue };
             let Some(key) = self.decoded_key(entry, f, synth) else { continue };
             let (tiers, vfile, synth, label) =
@@ -195,6 +199,18 @@ impl Fs {
             }
         }
     }
+}
+
+/// Whether a loader that opened `opened` reads `other` too: the entry's safetensors files (and
+/// config.json, index, tokenizer) go together, while each GGUF view is a whole model on its own
+/// (llama.cpp maps one). So opening a GGUF file fills no other file, and opening the safetensors
+/// side fills no GGUF view: the five GGUF types cost several times the safetensors' decode,
+/// and a first open that started them all made the one asked for wait behind the others.
+fn read_together(opened: &str, other: &str) -> bool {
+    let in_gguf = |name: &str| {
+        name.strip_prefix(crate::variant::gguf::GGUF_DIR).is_some_and(|rest| rest.starts_with('/'))
+    };
+    !in_gguf(opened) && !in_gguf(other)
 }
 
 /// The entries whose fills this mount started, by the view they were started for: a registry

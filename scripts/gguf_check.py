@@ -45,6 +45,9 @@ TYPES_QUANTIZE = ["Q4_0", "Q4_K_M"]  # llama-quantize on the converter's F16 fil
 MODELS = ["tiny-llama", "tiny-mistral", "tiny-mistral-hf", "tiny-qwen2", "tiny-qwen3", "tiny-llama-256"]
 # tiny-llama-256: rows of 256 and 512 (F16, four layers), so llama-quantize's Q4_K_M uses real
 # K-quants (Q4_K, Q6_K) rather than the fallbacks the 64-wide models get.
+# LLMFS_GGUF_MODELS=A,B: only these (tests/gguf_mount.rs's run on an object store).
+if os.environ.get("LLMFS_GGUF_MODELS"):
+    MODELS = [m for m in MODELS if m in os.environ["LLMFS_GGUF_MODELS"].split(",")]
 
 LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -380,7 +383,7 @@ def llamacpp(work: Path) -> int:
     bounds = {"F16": 0.02, "Q8_0": 0.05, "Q4_K_M": 0.35}
     bad = 0
     print(f"{'model':<16} {'type':<7} {'tokens':>7} {'logits rel err':>15} result")
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-llama-256"]:
+    for name in [m for m in ["tiny-llama", "tiny-qwen2", "tiny-llama-256"] if m in MODELS]:
         hf = AutoModelForCausalLM.from_pretrained(str(work / name), dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(work / name))
         ids = tok(text, add_special_tokens=True)["input_ids"]

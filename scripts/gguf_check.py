@@ -2,7 +2,7 @@
 """Compare llmfs's GGUF files with what llama.cpp's convert_hf_to_gguf.py writes.
 
 Makes tiny llama-, mistral- (two tokenizer layouts), qwen2- and qwen3-style models (transformers, random weights, two
-layers) with real-format tokenizers (a byte-level BPE trained with `tokenizers`, Llama-3 and
+layers; and a four-layer llama 256 wide, for real K-quants) with real-format tokenizers (a byte-level BPE trained with `tokenizers`, Llama-3 and
 Qwen2 pre-tokenizer regexes; a SentencePiece model trained with `sentencepiece`), runs the
 converter vendored in llama-cpp-python 0.3.36's sdist, runs llmfs's writer on the same
 directories, and compares with gguf-py's GGUFReader: every key-value (type and value), every
@@ -18,10 +18,13 @@ whole file). Prints a table; exits non-zero on any difference.
 
 DIR is the sdist's vendor/llama.cpp (`pip download --no-binary :all: --no-deps
 llama-cpp-python==0.3.36`, unpacked), or $LLMFS_LLAMA_CPP. Needs torch, transformers, tokenizers,
-sentencepiece and gguf (0.19) importable. Q8_0 files are compared by header only (llmfs writes
-zero blocks until the ggml quantizers land); Q4_0 / Q4_K_M need llama-quantize and are not
-compared unless --llama-quantize (or $LLMFS_LLAMA_QUANTIZE) names a llama-quantize built from
-the same source (then by header, like Q8_0).
+sentencepiece and gguf (0.19) importable. F16, BF16 and Q8_0 files are compared with the
+converter's byte for byte. Q4_0 / Q4_K_M: `quantized` checks them with gguf-py, and
+`llamaquant` (llama-cpp-python importable) against llama.cpp's own quantizer,
+llama_model_quantize, run on llmfs's F16 file: every tensor's type and bytes, and the whole
+file. `transformers` loads the F16, Q8_0 and Q4_K_M files with transformers' gguf_file and
+compares logits; `llamacpp` does the same with llama.cpp; `entries` checks every GGUF file of
+mounted entries (a delta, a merge) against their mounted model.safetensors.
 
 The converter is run with three stand-ins, each a property of this harness, not of llmfs:
 `gguf.LazyChunkedTensor` (referenced by the converter, missing from its gguf-py's exports);

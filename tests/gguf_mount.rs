@@ -214,3 +214,50 @@ fn entries_without_gguf_files_say_why() {
         }
     }
 }
+
+/// Each GGUF view is a model of its own: opening one decodes that file only (not the other four
+/// types), and a load of the entry's safetensors decodes no GGUF view.
+#[test]
+fn opening_one_gguf_view_decodes_no_other() {
+    let ts = TestStore::new();
+    let dir = ts.path("m");
+    // Rows of 256 and 768, so every GGUF file is over the disk cache's 1 MiB minimum.
+    let spec = llmfs::demo::ModelSpec { hidden: 256, intermediate: 768, layers: 4, ..common::small_spec() };
+    common::write_model(&dir, &spec);
+    std::fs::write(dir.join("tokenizer.json"), bpe_tokenizer_json("BPE")).unwrap();
+    ts.ok([OsStr::new("add"), OsStr::new("m"), dir.as_os_str()]);
+    ts.ok(["cast", "f16", "--base", "m", "--dtype", "f16"]);
+    let m = MountGuard::new(&ts, &ts.path("mnt"), &[]);
+    let decoded = |entry: &str| -> Vec<String> {
+        let log = m.log_text();
+        let mut files: Vec<String> = log
+            .lines()
+            .filter_map(|l| l.split("decoded ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .filter(|label| label.starts_with(&format!("{entry}/")))
+            .map(str::to_owned)
+            .collect();
+        files.sort();
+        files
+    };
+    // A GGUF view of the base, read whole.
+    let q8 = m.path().join("m/gguf/m-Q8_0.gguf");
+    assert_eq!(&std::fs::read(&q8).unwrap()[..4], b"GGUF");
+    // The f16 cast's safetensors, read whole (its decode is a fill of the disk cache).
+    let shard = m.path().join("f16/model.safetensors");
+    assert!(std::fs::read(&shard).unwrap().len() > 1 << 20);
+    // Fills run on threads of their own: give any stray one time to show in the log.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        decoded("m"),
+        ["m/gguf/m-Q8_0.gguf"],
+        "opening one GGUF view decoded others:\n{}",
+        m.log_text()
+    );
+    assert_eq!(
+        decoded("f16"),
+        ["f16/model.safetensors"],
+        "a safetensors load decoded GGUF views:\n{}",
+        m.log_text()
+    );
+}

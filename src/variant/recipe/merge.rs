@@ -42,6 +42,13 @@ fn num_layers(view: &EntryView) -> usize {
         .unwrap_or(0) as usize
 }
 
+/// The first of `architectures` in a view's config.json (None when it says none).
+fn architecture(view: &EntryView) -> Option<String> {
+    let config = view.file("config.json").and_then(|f| read_whole(f).ok())?;
+    let config = serde_json::from_slice::<Value>(&config).ok()?;
+    config.get("architectures")?.get(0)?.as_str().map(str::to_owned)
+}
+
 /// Entry `name`'s view: `config` (a serialized [`MergeConfig`]) over `parents` (the views of
 /// `parent_names`, in the registry's order).
 pub(super) fn view(
@@ -68,6 +75,7 @@ pub(super) fn view(
                 .map(|(n, t)| (n.to_string(), (t.source.dtype(), t.shape.clone())))
                 .collect(),
             num_layers: num_layers(view),
+            architecture: architecture(view),
         };
         tensors.insert(parent, by_name);
         models.insert(parent.to_owned(), info);

@@ -436,3 +436,53 @@ fn a_parent_changed_after_merging_answers_eio_with_a_log_line() {
     let f = ts.run_full(["check", "m"]);
     assert!(!f.status.success() && (f.stdout + &f.stderr).contains("bc"), "llmfs check m passed");
 }
+
+#[test]
+fn tokenizer_source_over_differing_vocabularies_is_refused() {
+    let ts = TestStore::new();
+    let base = data("fastchat_delta/base");
+    // `swapped`: a fine-tune whose tokenizer.json has two tokens' ids exchanged (same size).
+    let dir = ts.path("swapped");
+    demo::write_finetune(&base, &dir, 1.0, 5).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (x, y): (String, String) = {
+        let mut by_id: Vec<(&String, u64)> = vocab.iter().map(|(k, v)| (k, v.as_u64().unwrap())).collect();
+        by_id.sort_by_key(|e| e.1);
+        (by_id[10].0.clone(), by_id[11].0.clone())
+    };
+    let (ix, iy) = (vocab[&x].clone(), vocab[&y].clone());
+    vocab.insert(x, iy);
+    vocab.insert(y, ix);
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tok).unwrap()).unwrap();
+    let ft = ts.path("ft");
+    demo::write_finetune(&base, &ft, 1.0, 6).unwrap();
+    ts.ok(["add", "base", s(&base)]);
+    ts.ok(["add", "swapped", s(&dir)]);
+    ts.ok(["add", "ft", s(&ft)]);
+    let yaml = |models: &str, source: &str| {
+        format!(
+            "merge_method: task_arithmetic\nbase_model: base\nmodels:\n{}tokenizer_source: {source}\n",
+            models
+                .split(',')
+                .map(|m| format!("  - model: {m}\n    parameters: {{weight: 0.5}}\n"))
+                .collect::<String>()
+        )
+    };
+    refused_yaml(&ts, &yaml("swapped", "swapped"), &["tokenizer_source swapped", "token id 10", "base"]);
+    refused_yaml(&ts, &yaml("ft,swapped", "base"), &["tokenizer_source base", "token id 10", "swapped"]);
+    refused_yaml(&ts, &yaml("ft", "nope"), &["tokenizer_source", "nope"]);
+    // The same vocabulary everywhere: the source's tokenizer is served, as mergekit's would be.
+    let path = ts.path("ok.yml");
+    std::fs::write(&path, yaml("ft", "ft")).unwrap();
+    ts.ok(["merge", "m", "--config", s(&path)]);
+    let out = export(&ts, "m");
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(ft.join("tokenizer.json")).unwrap()
+    );
+    // Without tokenizer_source mergekit takes the base's tokenizer and permutes nothing: served.
+    std::fs::write(&path, yaml("swapped", "base").replace("tokenizer_source: base\n", "")).unwrap();
+    ts.ok(["merge", "m2", "--config", s(&path)]);
+}

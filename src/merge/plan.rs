@@ -537,4 +537,36 @@ mod tests {
         assert_eq!((g.parents[0].density, g.parents[1].density), (0.3, 0.8));
         assert!(g.consensus && g.normalize && !g.rescale);
     }
+
+    #[test]
+    fn parents_must_share_architecture_layers_and_tensor_names() {
+        let cfg = MergeConfig::from_short("linear", None, "a:1,b:1", None).unwrap();
+        let run = |b: ModelTensors| {
+            let models: BTreeMap<String, ModelTensors> =
+                [("a".to_string(), model(2)), ("b".to_string(), b)].into();
+            plan(&cfg, &models, 0).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(run(model(2)), Ok(()));
+        // b's extra layer would be dropped without a word.
+        let e = run(model(3)).unwrap_err();
+        assert!(e.contains("tensor model.layers.2.mlp.up_proj.weight is missing in model a"), "{e}");
+        assert!(e.contains("a has 2 layers, b 3"), "{e}");
+        let mut extra = model(2);
+        extra.tensors.insert("model.rotary.inv_freq".into(), (Dtype::F32, vec![2]));
+        let e = run(extra).unwrap_err();
+        assert!(e.contains("tensor model.rotary.inv_freq is missing in model a"), "{e}");
+        let mut fewer = model(2);
+        fewer.tensors.remove("model.layers.1.self_attn.q_proj.weight");
+        let e = run(fewer).unwrap_err();
+        assert!(e.contains("model.layers.1.self_attn.q_proj.weight is missing in model b"), "{e}");
+        // A tied head is not a missing tensor.
+        let mut tied = model(2);
+        tied.tensors.remove("lm_head.weight");
+        assert_eq!(run(tied), Ok(()));
+        let arch = |a: &str| ModelTensors { architecture: Some(a.into()), ..model(2) };
+        let models: BTreeMap<String, ModelTensors> =
+            [("a".to_string(), arch("LlamaForCausalLM")), ("b".to_string(), arch("Qwen2ForCausalLM"))].into();
+        let e = plan(&cfg, &models, 0).unwrap_err().to_string();
+        assert!(e.contains("different architectures: a is LlamaForCausalLM, b is Qwen2ForCausalLM"), "{e}");
+    }
 }

@@ -3,8 +3,10 @@
 //! - A TIES merge whose parents are a lossless delta, a q8 quantized entry (`llmfs quantize`) and
 //!   a PEFT LoRA import, and a slerp over that merge (a merge of a merge): every file read through
 //!   a mount is byte-identical to the same merge over plain `add`ed copies of the parents'
-//!   exports (what a parent serves is what a merge of it reads). The kernels themselves are held
-//!   to mergekit by tests/mergekit.rs. With `LLMFS_TEST_S3=1` (.ci/run) the store is SeaweedFS.
+//!   exports (what a parent serves is what a merge of it reads), and the TIES merge's tensors
+//!   equal what `mergekit-yaml` makes of those exports ($LLMFS_MERGEKIT_PYTHON, as
+//!   tests/mergekit.rs, which holds every method to mergekit). With `LLMFS_TEST_S3=1` (.ci/run)
+//!   the store is SeaweedFS.
 //! - Bad input through the CLI: each one line on stderr and nothing registered; a parent changed
 //!   in the store under a mounted merge answers EIO with a log line.
 
@@ -192,8 +194,62 @@ fn merges_of_deltas_quantized_loras_and_merges_read_as_merges_of_their_exports()
 
     let mount = MountGuard::new(&ts, &ts.path("mnt"), &[]);
     assert_mount_equals(mount.path(), &[("ties", &ref_ties), ("slerp", &ref_slerp)]);
+    // And mergekit 0.1.5 itself on the exported parents (TIES in bf16 is bit-exact: README).
+    if let Some(python) = mergekit_python() {
+        let dirs: Vec<(&str, String)> = ["base", "delta", "quant", "lora"]
+            .iter()
+            .map(|p| (*p, s(&ts.path(format!("export-{p}"))).to_owned()))
+            .collect();
+        let names: Vec<(&str, &str)> = dirs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let cfg = config(&ts, "mergekit-ties.yml", TIES, &names);
+        let out = ts.path("mergekit-ties");
+        let mk = python.with_file_name("mergekit-yaml");
+        let mut c = std::process::Command::new(mk);
+        c.arg(&cfg).arg(&out).args(["--no-copy-tokenizer", "--quiet", "--random-seed", "0"]);
+        // llmfs reproduces a one-thread torch (README).
+        c.env("OMP_NUM_THREADS", "1");
+        let f = common::run_command(c, Duration::from_secs(600));
+        assert!(f.status.success(), "mergekit-yaml failed:\n{}{}", f.stdout, f.stderr);
+        let got = read_mounted(&mount.path().join("ties/model.safetensors")).unwrap();
+        let got = safetensors::SafeTensors::deserialize(&got).unwrap();
+        let mut compared = 0;
+        for file in files(&out).iter().filter(|f| f.ends_with(".safetensors")) {
+            let bytes = std::fs::read(out.join(file)).unwrap();
+            for (name, want) in safetensors::SafeTensors::deserialize(&bytes).unwrap().tensors() {
+                let g = got.tensor(&name).unwrap_or_else(|e| panic!("{name}: not in the mount's ties ({e})"));
+                assert_eq!((g.dtype(), g.shape()), (want.dtype(), want.shape()), "{name}");
+                assert!(g.data() == want.data(), "{name}: the mount's ties differs from mergekit's");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, got.len(), "mergekit wrote {compared} tensors, the mount serves {}", got.len());
+        eprintln!(
+            "ties over a delta, a q8 entry and a LoRA: {compared} tensors bit-identical to mergekit-yaml's"
+        );
+    }
     ts.ok(["check", "ties"]);
     ts.ok(["check", "slerp"]);
+}
+
+/// $LLMFS_MERGEKIT_PYTHON when it is a Python with mergekit (a virtualenv's, with mergekit-yaml
+/// beside it); None (SKIPPED) otherwise, a failure with LLMFS_REQUIRE_MERGEKIT=1.
+fn mergekit_python() -> Option<PathBuf> {
+    let python = std::env::var_os("LLMFS_MERGEKIT_PYTHON").map(PathBuf::from);
+    let ok = python.as_ref().is_some_and(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "import mergekit"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        assert!(
+            std::env::var("LLMFS_REQUIRE_MERGEKIT").as_deref() != Ok("1"),
+            "LLMFS_REQUIRE_MERGEKIT=1 and no mergekit at $LLMFS_MERGEKIT_PYTHON ({python:?})"
+        );
+        eprintln!("SKIPPED the mergekit comparison: $LLMFS_MERGEKIT_PYTHON is not a Python with mergekit");
+        return None;
+    }
+    python
 }
 
 // --- bad input ---

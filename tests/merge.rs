@@ -424,16 +424,20 @@ fn configs_that_are_not_mergekits_schema_are_refused_naming_what() {
 #[test]
 fn unknown_names_cycles_and_removing_a_parent_are_refused() {
     let ts = two_models();
-    refused(&ts, &["merge", "m", "--method", "linear", "--models", "a:1,nope:1"], &["nope"]);
+    refused(
+        &ts,
+        &["merge", "m", "--method", "linear", "--models", "a:1,nope:1"],
+        &["parent \"nope\"", "does not exist"],
+    );
     refused(&ts, &["merge", "m", "--method", "linear", "--models", "nope:1,a:1"], &["nope"]);
     refused(&ts, &["merge", "m", "--method", "ties", "--base", "nope", "--models", "a:1:0.5"], &["nope"]);
     // A merge naming itself is a cycle (it does not exist yet either).
-    refused(&ts, &["merge", "m", "--method", "linear", "--models", "a:1,m:1"], &["m"]);
+    refused(&ts, &["merge", "m", "--method", "linear", "--models", "a:1,m:1"], &["\"m\"", "cycle"]);
     refused(&ts, &["merge", "m", "--method", "linear", "--models", "m:1,a:1"], &["m"]);
     refused(&ts, &["merge", "a", "--method", "linear", "--models", "a:1,b:1"], &["a", "exists"]);
     ts.ok(["merge", "m", "--method", "linear", "--models", "a:1,b:1"]);
     ts.ok(["merge", "mm", "--method", "linear", "--models", "m:1,b:2"]);
-    refused(&ts, &["rm", "a"], &["a", "m"]);
+    refused(&ts, &["rm", "a"], &["\"a\" is a parent of m"]);
     refused(&ts, &["rm", "b"], &["b"]);
     refused(&ts, &["rm", "m"], &["m", "mm"]);
     ts.ok(["rm", "mm"]);

@@ -418,6 +418,28 @@ fn mmap_reads_the_same_bytes() {
     }
 }
 
+/// Python's `open` asks every file it opens whether it is a terminal (TCGETS): the mount answers
+/// ENOTTY as any regular file does, rather than ENOSYS with a warning in the log per open.
+#[test]
+fn a_terminal_ioctl_is_enotty_without_a_log_line() {
+    let fx = Fixture::new();
+    let m = fx.mount(&[]);
+    for name in ["f32", "base"] {
+        let f = File::open(m.path().join(name).join(SHARD1)).unwrap();
+        let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: TCGETS writes at most one termios into the buffer given.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, termios.as_mut_ptr()) };
+        assert_eq!(r, -1, "TCGETS on {name}/{SHARD1} succeeded");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTTY),
+            "TCGETS on {name}/{SHARD1}"
+        );
+    }
+    let log = m.log_text();
+    assert!(!log.contains("Not Implemented"), "the daemon logged an unimplemented request:\n{log}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Standard tools: cp -r, diff, ls -l, du -b, sha256sum
 // ---------------------------------------------------------------------------------------------

@@ -261,16 +261,19 @@ fn filled_memfd(
     Ok(Some(file))
 }
 
-/// A shared, writable mapping of a whole file, unmapped on drop.
-struct SharedMap {
+/// A shared, writable mapping of a whole file, unmapped on drop: how a fill writes a memfd here,
+/// and a disk-cache file where many threads fill it (`vfs::decoded`).
+pub struct SharedMap {
     ptr: *mut u8,
     len: usize,
 }
 
 impl SharedMap {
-    fn new(file: &File, len: usize) -> Option<SharedMap> {
-        // SAFETY: a fresh shared mapping of a file we own, `len` bytes long (its size); the
-        // memfd is ours alone until it is sealed after this mapping is gone.
+    /// `file` (opened for reading and writing, `len` bytes long, and ours alone while mapped)
+    /// mapped whole; None (logged) where the kernel maps none.
+    pub fn new(file: &File, len: usize) -> Option<SharedMap> {
+        // SAFETY: a fresh shared mapping of a file the caller owns, `len` bytes long (its size);
+        // nothing else writes or resizes the file while it is mapped (callers' contract).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -282,7 +285,7 @@ impl SharedMap {
             )
         };
         if ptr == libc::MAP_FAILED {
-            tracing::warn!("memory cache: mmap of {len} bytes: {}", std::io::Error::last_os_error());
+            tracing::warn!("mmap of a {len}-byte cache file: {}", std::io::Error::last_os_error());
             return None;
         }
         // Huge pages where the kernel gives shmem any (shmem_enabled advise or always): one fault
@@ -292,7 +295,7 @@ impl SharedMap {
         Some(SharedMap { ptr: ptr as *mut u8, len })
     }
 
-    fn bytes(&mut self) -> &mut [u8] {
+    pub fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }

@@ -141,9 +141,11 @@ pub fn files(name: &str, view: &EntryView) -> Result<Vec<VFile>, String> {
             tensors.push(HfTensor { part, name: t.name.clone(), shape: t.shape.clone(), dtype });
         }
     }
+    // What the five files share (the tokenizer's translation above all) is planned once.
+    let prepared = gguf::prepare(&model, &tensors, name).map_err(|e| e.to_string())?;
     let mut out = vec![];
     for target in GgufTarget::ALL {
-        let plan = gguf::plan(&model, &tensors, target, name).map_err(|e| e.to_string())?;
+        let plan = prepared.plan(target).map_err(|e| e.to_string())?;
         let mut synth = vec![];
         for planned in plan.tensors {
             let inner = match &planned.source {

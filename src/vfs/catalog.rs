@@ -174,7 +174,7 @@ impl Fs {
         // The entry as GGUF files too, where llama.cpp's converter maps its architecture.
         match variant::gguf::files(name, &view) {
             Ok(files) => view.files.extend(files),
-            Err(why) => tracing::debug!(entry = name, "no GGUF files: {why}"),
+            Err(why) => tracing::info!(entry = name, "no GGUF files: {why}"),
         }
         // A stored file whose later writing did not finish (a failed store, a writer that died)
         // holds bytes nobody finished writing: it answers EIO, never those bytes.

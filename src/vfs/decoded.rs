@@ -168,7 +168,11 @@ impl Fs {
         if !self.entry_fills.first_open(entry, &view) {
             return;
         }
-        for f in view.files.iter().filter(|f| f.name != opened && f.size >= MIN_CACHED) {
+        for f in view
+            .files
+            .iter()
+            .filter(|f| f.name != opened && read_together(opened, &f.name) && f.size >= MIN_CACHED)
+        {
             let Content::Synth(synth) = &f.content else { continue };
             let Some(key) = self.decoded_key(entry, f, synth) else { continue };
             let (tiers, vfile, synth, label) =
@@ -195,6 +199,18 @@ impl Fs {
             }
         }
     }
+}
+
+/// Whether a loader that opened `opened` reads `other` too: the entry's safetensors files (and
+/// config.json, index, tokenizer) go together, while each GGUF view is a whole model on its own
+/// (llama.cpp maps one). So opening a GGUF file fills no other file, and opening the safetensors
+/// side fills no GGUF view: the five GGUF types cost several times the safetensors' decode,
+/// and a first open that started them all made the one asked for wait behind the others.
+fn read_together(opened: &str, other: &str) -> bool {
+    let in_gguf = |name: &str| {
+        name.strip_prefix(crate::variant::gguf::GGUF_DIR).is_some_and(|rest| rest.starts_with('/'))
+    };
+    !in_gguf(opened) && !in_gguf(other)
 }
 
 /// The entries whose fills this mount started, by the view they were started for: a registry
@@ -378,6 +394,11 @@ fn copy_out(from: &std::fs::File, out: &std::fs::File, len: u64) -> Result<Vec<L
 /// Write all of `synth` into `out` (its bytes, in memory): the header, then every tensor in
 /// pieces of [`PIECE`] bytes decoded in parallel, each straight into its place (no copy).
 pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadError> {
+    decode_into(synth, out, false).map(drop)
+}
+
+/// [`write_decoded_into`], also hashing each piece (and the header) as a [`Leaf`] when `hash`.
+fn decode_into(synth: &SynthFile, out: &mut [u8], hash: bool) -> Result<Vec<Leaf>, ReadError> {
     let len = synth.size;
     if out.len() as u64 != len {
         return Err(ReadError::Decode(format!("{} bytes to fill, {len} to write", out.len())));
@@ -399,16 +420,25 @@ pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadE
         }
     }
     let base = Out(out.as_mut_ptr());
-    pieces(synth).into_par_iter().try_for_each(|(i, from, to)| {
-        let t = &synth.tensors[i];
-        let esize = t.source.stored_type().block_bytes() as u64;
-        let at = (t.start + from * esize) as usize;
-        let n = ((to - from) * esize) as usize;
-        // SAFETY: pieces tile the tensors' ranges without overlap, all within `out` (a tensor
-        // ends at or before `len`, checked above), so each task writes its own bytes only.
-        let dst = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
-        super::read::decode_elements(t, from as usize..to as usize, dst)
-    })
+    let leaves: Vec<Option<Leaf>> = pieces(synth)
+        .into_par_iter()
+        .map(|(i, from, to)| {
+            let t = &synth.tensors[i];
+            let esize = t.source.stored_type().block_bytes() as u64;
+            let at = (t.start + from * esize) as usize;
+            let n = ((to - from) * esize) as usize;
+            // SAFETY: pieces tile the tensors' ranges without overlap, all within `out` (a tensor
+            // ends at or before `len`, checked above), so each task writes its own bytes only.
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
+            super::read::decode_elements(t, from as usize..to as usize, dst)?;
+            Ok(hash.then(|| Leaf::of(at as u64, dst)))
+        })
+        .collect::<Result<_, ReadError>>()?;
+    let mut leaves: Vec<Leaf> = leaves.into_iter().flatten().collect();
+    if hash {
+        leaves.push(Leaf::of(0, &synth.header));
+    }
+    Ok(leaves)
 }
 
 /// Write all of `synth` into `out` (of its length): the header, then every tensor in pieces of
@@ -422,18 +452,20 @@ pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadE
 /// priority: the fill is on the loader's critical path and the cores are all busy during it,
 /// while the commit runs in the idle tail of the load (the loader reading the last file alone).
 ///
-/// Measured and not kept (issue 13): writing through one shared mapping of the file instead of
-/// `pwrite`. Buffered writes to one file serialize on its inode lock (`scripts/fill_bench.c` on
-/// the lent 16-core host: 4.7 GB/s with 16 writers of a generated pattern, against 13 GB/s
-/// through a mapping), but a real fill ran at the same 3.2-4.8 GB/s either way there (the limit
-/// is elsewhere), and on 2 cores the mapping's page faults, which zero each page before it is
-/// written, made fills about 2x slower. (Mapping each piece on its own was 3x slower still:
+/// With many pool threads ([`FILL_BY_MAPPING_MIN_THREADS`]) the pieces are decoded straight
+/// into one shared mapping of the file, not written by `pwrite`: buffered writes to one file
+/// serialize on its inode lock (`scripts/fill_bench.c` on the lent 16-core host: 4.7 GB/s with
+/// 16 writers of a generated pattern, against 13 GB/s through a mapping), and a real fill of a
+/// cast took as long with 4 threads as with 16 there (`scripts/fill_probe_device.sh`). On 2
+/// cores the mapping's page faults, which zero each page before it is written, made fills about
+/// 2x slower, so few threads keep `pwrite`. (Mapping each piece on its own was 3x slower still:
 /// every mmap and munmap waits for all page faults in flight.)
 pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>, ReadError> {
     use std::os::fd::AsRawFd;
     let len = synth.size;
     // SAFETY: fallocate on a descriptor we own.
-    if len > 0 && unsafe { libc::fallocate(out.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
+    let reserved = len > 0 && unsafe { libc::fallocate(out.as_raw_fd(), 0, 0, len as libc::off_t) } == 0;
+    if len > 0 && !reserved {
         let e = std::io::Error::last_os_error();
         // Filesystems without fallocate (EOPNOTSUPP) are written without the reservation.
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
@@ -445,7 +477,31 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>
     // Leaves cover the header and the tensors; a file with padding between them is hashed by the
     // commit instead, over all its bytes.
     let padded = synth.segments().iter().any(|s| matches!(s, crate::variant::Segment::Padding(..)));
-    write_by_pwrite(synth, out, hash_in_fill() && !padded)
+    let hash = hash_in_fill() && !padded;
+    // Only into reserved blocks: a page fault that finds the disk full kills the process
+    // (SIGBUS), where a pwrite returns ENOSPC.
+    if reserved && fill_by_mapping() {
+        if let Some(mut map) = crate::cache::memory::SharedMap::new(out, len as usize) {
+            return decode_into(synth, map.bytes(), hash);
+        }
+    }
+    write_by_pwrite(synth, out, hash)
+}
+
+/// Pool threads from which a fill writes through a shared mapping (see [`write_decoded`]).
+const FILL_BY_MAPPING_MIN_THREADS: usize = 8;
+
+/// Whether fills write the cache file through one shared mapping rather than by `pwrite`: by
+/// the pool's size, or `LLMFS_FILL_BY_MAPPING=1`/`0` (so the tests run both ways on any
+/// machine). Buffered writes to one file serialize on its inode lock, page faults do not: on
+/// the lent 16-core host a cast's fill took as long with 4 threads as with 16 by `pwrite`.
+fn fill_by_mapping() -> bool {
+    static MAPPING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MAPPING.get_or_init(|| match std::env::var("LLMFS_FILL_BY_MAPPING").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => rayon::current_num_threads() >= FILL_BY_MAPPING_MIN_THREADS,
+    })
 }
 
 /// Pool threads from which a fill hashes its own pieces (see [`write_decoded`]).

@@ -288,12 +288,44 @@ fn json_object(bytes: &[u8], file: &'static str) -> Result<Map<String, Json>, Gg
 }
 
 /// Plan the GGUF file `target` of a model named `name`. Pure: reads only its arguments.
+/// (Planning several targets of one model: [`prepare`] once, then [`Prepared::plan`] each.)
 pub fn plan(
     files: &ModelFiles,
     tensors: &[HfTensor],
     target: GgufTarget,
     name: &str,
 ) -> Result<GgufPlan, GgufError> {
+    prepare(files, tensors, name)?.plan(target)
+}
+
+/// A tensor of the converter's F16 file: its GGUF name, ggml dims, the HF shape (what the
+/// per-target type choice looks at) and where its bytes come from.
+#[derive(Clone, Debug)]
+struct Prepped {
+    name: String,
+    dims: Vec<u64>,
+    hf_shape: Vec<usize>,
+    source: TensorSource,
+}
+
+/// What every target's plan of one model shares, worked out once: config.json parsed, the
+/// tensors named, ordered and checked, and the key-values with the tokenizer translated (the
+/// costly part: a 128k-token vocabulary and its merges). Each [`Prepared::plan`] only chooses
+/// the tensor types, orders, lays out and encodes its header.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    arch: Arch,
+    n_head: usize,
+    n_kv: usize,
+    n_layer: u64,
+    tensors: Vec<Prepped>,
+    /// The key-values of the F16 file (its `general.file_type` is replaced per target, in place).
+    kvs: Kvs,
+    warnings: Vec<String>,
+}
+
+/// Everything of [`plan`] that does not depend on the target. Pure: reads only its arguments.
+pub fn prepare(files: &ModelFiles, tensors: &[HfTensor], name: &str) -> Result<Prepared, GgufError> {
     let config = json_object(files.config, "config.json")?;
     let hf_arch = config
         .get("architectures")
@@ -316,23 +348,22 @@ pub fn plan(
     let hp = arch::Hparams::new(&config, arch);
     let mut warnings = Vec::new();
 
-    // Tensors in the converter's order, with their GGUF names, types and sources.
-    let f16_types_target = if target.via_quantize() { GgufTarget::F16 } else { target };
+    // Tensors in the converter's order, with their GGUF names and sources.
     let n_head = hp.u64("num_attention_heads")? as usize;
     let n_kv = hp.u64("num_key_value_heads")? as usize;
     let n_layer = hp.u64("num_hidden_layers")?;
-    let mut planned: Vec<(String, Vec<u64>, GgmlType, TensorSource)> = Vec::new();
+    let mut planned: Vec<Prepped> = Vec::new();
     let rp = hp.rope_parameters();
     if arch == Arch::Llama
         && rp.get("rope_type").and_then(Json::as_str).is_some_and(|t| t.eq_ignore_ascii_case("llama3"))
     {
         let freqs = arch::llama3_rope_freqs(&hp, &rp)?;
-        planned.push((
-            "rope_freqs.weight".into(),
-            vec![freqs.len() as u64],
-            GgmlType::F32,
-            TensorSource::Computed(freqs),
-        ));
+        planned.push(Prepped {
+            name: "rope_freqs.weight".into(),
+            dims: vec![freqs.len() as u64],
+            hf_shape: vec![freqs.len()],
+            source: TensorSource::Computed(freqs),
+        });
     }
     let mut sorted: Vec<&HfTensor> = tensors.iter().collect();
     sorted.sort_by(|a, b| (a.part, &a.name).cmp(&(b.part, &b.name)));
@@ -386,13 +417,6 @@ pub fn plan(
                 rows = RowMap::QkPermute { heads };
             }
         }
-        let ty = types::converter_type(f16_types_target, &gguf_name, &t.shape);
-        if target == GgufTarget::Q8_0 && ty == GgmlType::F16 {
-            warnings.push(format!(
-                "{gguf_name}: rows of {} are not a multiple of 32: F16 (as the converter falls back)",
-                t.shape[t.shape.len() - 1]
-            ));
-        }
         if let Some(bid) = gguf_name
             .strip_prefix("blk.")
             .and_then(|r| r.split('.').next())
@@ -413,17 +437,17 @@ pub fn plan(
             rows,
             through_f16: false,
         };
-        if planned.iter().any(|p| p.0 == gguf_name) {
+        if planned.iter().any(|p| p.name == gguf_name) {
             return Err(GgufError::DuplicateTensor(gguf_name));
         }
-        planned.push((gguf_name, dims, ty, source));
+        planned.push(Prepped { name: gguf_name, dims, hf_shape: t.shape.clone(), source });
     }
     if planned.is_empty() {
         return Err(GgufError::Unsupported("no tensors".into()));
     }
 
     // Key-values in the converter's order.
-    let total_params: u64 = planned.iter().map(|p| p.1.iter().product::<u64>()).sum();
+    let total_params: u64 = planned.iter().map(|p| p.dims.iter().product::<u64>()).sum();
     let mut kvs = Kvs::default();
     kvs.set("general.architecture", Value::str(arch.name()));
     kvs.set("general.type", Value::str("model"));
@@ -439,8 +463,7 @@ pub fn plan(
     if total_params > 0 {
         kvs.set("general.size_label", Value::Str(size_label(total_params)));
     }
-    let f16_file_type = if target.via_quantize() { GgufTarget::F16.file_type() } else { target.file_type() };
-    arch::hparam_kvs(arch, &hp, f16_file_type, &mut kvs)?;
+    arch::hparam_kvs(arch, &hp, GgufTarget::F16.file_type(), &mut kvs)?;
     kvs.set("general.quantization_version", Value::U32(2));
     let tok = vocab::TokenizerFiles {
         config: &config,
@@ -458,7 +481,53 @@ pub fn plan(
         Arch::Llama => vocab::llama_vocab(&tok, vocab_size, &mut kvs, &mut warnings)?,
         Arch::Qwen2 | Arch::Qwen3 => vocab::qwen_vocab(&tok, vocab_size, &mut kvs, &mut warnings)?,
     }
+    Ok(Prepared { arch, n_head, n_kv, n_layer, tensors: planned, kvs, warnings })
+}
 
+impl Prepared {
+    /// The plan of the GGUF file `target`.
+    pub fn plan(&self, target: GgufTarget) -> Result<GgufPlan, GgufError> {
+        let (arch, n_head, n_kv, n_layer) = (self.arch, self.n_head, self.n_kv, self.n_layer);
+        let mut warnings = self.warnings.clone();
+        let mut kvs = self.kvs.clone();
+        // The converter's types: the F16 file's for llama-quantize's targets.
+        let f16_types_target = if target.via_quantize() { GgufTarget::F16 } else { target };
+        let mut planned: Vec<(String, Vec<u64>, GgmlType, TensorSource)> =
+            Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            let ty = match &t.source {
+                TensorSource::Computed(_) => GgmlType::F32,
+                TensorSource::Hf { .. } => types::converter_type(f16_types_target, &t.name, &t.hf_shape),
+            };
+            if target == GgufTarget::Q8_0 && ty == GgmlType::F16 {
+                warnings.push(format!(
+                    "{}: rows of {} are not a multiple of 32: F16 (as the converter falls back)",
+                    t.name,
+                    t.hf_shape[t.hf_shape.len() - 1]
+                ));
+            }
+            planned.push((t.name.clone(), t.dims.clone(), ty, t.source.clone()));
+        }
+        if !target.via_quantize() {
+            kvs.set("general.file_type", Value::U32(target.file_type()));
+        }
+        plan_layout(target, arch, n_head, n_kv, n_layer, planned, kvs, warnings)
+    }
+}
+
+/// The part of a plan after the converter's types: llama-quantize's re-typing (Q4_0, Q4_K_M),
+/// the layout and the header.
+#[allow(clippy::too_many_arguments)]
+fn plan_layout(
+    target: GgufTarget,
+    arch: Arch,
+    n_head: usize,
+    n_kv: usize,
+    n_layer: u64,
+    mut planned: Vec<(String, Vec<u64>, GgmlType, TensorSource)>,
+    mut kvs: Kvs,
+    mut warnings: Vec<String>,
+) -> Result<GgufPlan, GgufError> {
     // llama-quantize: the F16 file's KVs with quantization_version and file_type moved to the end,
     // tensors in the loader's order, re-typed.
     if target.via_quantize() {

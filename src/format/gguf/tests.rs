@@ -173,6 +173,37 @@ fn keys_in_the_converter_s_order() {
 }
 
 #[test]
+fn one_preparation_plans_all_five_files() {
+    let config = llama_config(json!({}));
+    let (tok, tc) = (bpe_tokenizer(), tokenizer_config());
+    let files = ModelFiles {
+        config: &config,
+        tokenizer_json: Some(&tok),
+        tokenizer_config: Some(&tc),
+        ..Default::default()
+    };
+    let tensors = llama_tensors(Dtype::BF16);
+    let prepared = prepare(&files, &tensors, "tiny").unwrap();
+    let f16 = prepared.plan(GgufTarget::F16).unwrap();
+    let key_order = |p: &GgufPlan| p.kvs.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+    for target in GgufTarget::ALL {
+        let shared = prepared.plan(target).unwrap();
+        // The same file as planning it alone (the preparation is not changed by a plan).
+        let alone = plan(&files, &tensors, target, "tiny").unwrap();
+        assert_eq!(
+            (&shared.header, shared.size, &shared.tensors),
+            (&alone.header, alone.size, &alone.tensors)
+        );
+        assert_eq!(shared.get("general.file_type"), Some(&Value::U32(target.file_type())));
+        if !target.via_quantize() {
+            // The converter writes file_type where the F16 file has it, not appended.
+            assert_eq!(key_order(&shared), key_order(&f16), "{target:?}");
+        }
+    }
+    assert!(prepared.plan(GgufTarget::BF16).unwrap().tensors.iter().any(|t| t.ggml_type == GgmlType::BF16));
+}
+
+#[test]
 fn tensor_names_types_and_order() {
     let p = llama_plan(GgufTarget::F16);
     // The converter's order: each shard's tensors sorted by HF name.

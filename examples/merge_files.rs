@@ -85,7 +85,8 @@ fn main() -> Result<()> {
     for m in cfg.referenced_models() {
         let (model, layers, c) = load_model(Path::new(&m))?;
         let tensors = model.tensors.iter().map(|(k, (d, s, _, _))| (k.clone(), (*d, s.clone()))).collect();
-        infos.insert(m.clone(), ModelTensors { tensors, num_layers: layers });
+        let architecture = c["architectures"][0].as_str().map(str::to_owned);
+        infos.insert(m.clone(), ModelTensors { tensors, num_layers: layers, architecture });
         models.insert(m.clone(), model);
         configs.insert(m, c);
     }

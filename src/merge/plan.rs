@@ -25,6 +25,9 @@ pub struct ModelTensors {
     pub tensors: BTreeMap<String, (Dtype, Vec<usize>)>,
     /// `num_hidden_layers` of its config.json.
     pub num_layers: usize,
+    /// The first of its config.json's `architectures` (None: not said). Parents that say
+    /// different ones are refused, as mergekit refuses them without `--allow-crimes`.
+    pub architecture: Option<String>,
 }
 
 /// One input of a merged tensor: which model's tensor.
@@ -108,6 +111,7 @@ pub fn plan_with_threads(
             return err(format!("model {m:?} is not known"));
         }
     }
+    check_same_layout(cfg, models)?;
     let slices: Vec<OutputSlice> = match &cfg.inputs {
         Inputs::Slices(s) => s.clone(),
         Inputs::Models(ms) => {
@@ -213,6 +217,64 @@ pub fn plan_with_threads(
         config_source,
         torch_dtype: cfg.out_dtype.or(cfg.dtype),
     })
+}
+
+/// The parents are one architecture: the same `architectures`, and (when `models:` merges
+/// whole models) the same layer count and tensor names, so that no parent's tensor is silently
+/// left out. The error names the first tensor one parent has and another lacks.
+fn check_same_layout(cfg: &MergeConfig, models: &BTreeMap<String, ModelTensors>) -> Result<(), MergeError> {
+    let names = cfg.referenced_models();
+    let Some((first, rest)) = names.split_first() else { return Ok(()) };
+    let reference = &models[first];
+    for m in rest {
+        if let (Some(a), Some(b)) = (&reference.architecture, &models[m].architecture) {
+            if a != b {
+                return err(format!("parents of different architectures: {first} is {a}, {m} is {b}"));
+            }
+        }
+    }
+    // `lm_head.weight` may be missing where the embeddings are tied (mergekit's `tied_names`).
+    let names_of = |mt: &ModelTensors, layers: bool| -> Vec<String> {
+        mt.tensors
+            .keys()
+            .filter(|n| split_layer(n).is_some() == layers && n.as_str() != "lm_head.weight")
+            .cloned()
+            .collect()
+    };
+    let whole_models = matches!(cfg.inputs, Inputs::Models(_));
+    for m in rest {
+        let other = &models[m];
+        // Non-layer tensors always (embeddings and the head come from one parent); layer tensors
+        // when whole models are merged (slices name their own layers).
+        let mut kinds = vec![false];
+        if whole_models {
+            kinds.push(true);
+        }
+        for layers in kinds {
+            let (a, b) = (names_of(reference, layers), names_of(other, layers));
+            let missing = a
+                .iter()
+                .filter(|n| !other.tensors.contains_key(*n))
+                .map(|n| (n, m.as_str()))
+                .chain(b.iter().filter(|n| !reference.tensors.contains_key(*n)).map(|n| (n, first.as_str())))
+                .min_by(|x, y| tensor_order(x.0).cmp(&tensor_order(y.0)));
+            if let Some((tensor, lacking)) = missing {
+                let (la, lb) = (reference.num_layers, other.num_layers);
+                let layers =
+                    if la != lb { format!(" ({first} has {la} layers, {m} {lb})") } else { String::new() };
+                return err(format!("tensor {tensor} is missing in model {lacking}{layers}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tensors in the order the planner visits them: layer tensors by layer number, then name.
+fn tensor_order(name: &str) -> (usize, &str) {
+    match split_layer(name) {
+        Some((_, n, _)) => (n, name),
+        None => (0, name),
+    }
 }
 
 impl Planner<'_> {
@@ -408,7 +470,7 @@ mod tests {
             t.insert(format!("model.layers.{l}.mlp.up_proj.weight"), (Dtype::BF16, vec![4, 4]));
             t.insert(format!("model.layers.{l}.self_attn.q_proj.weight"), (Dtype::BF16, vec![4, 4]));
         }
-        ModelTensors { tensors: t, num_layers: layers }
+        ModelTensors { tensors: t, num_layers: layers, architecture: None }
     }
 
     #[test]
@@ -474,5 +536,37 @@ mod tests {
         let Kernel::Gta(g) = &r.merge.kernel else { panic!() };
         assert_eq!((g.parents[0].density, g.parents[1].density), (0.3, 0.8));
         assert!(g.consensus && g.normalize && !g.rescale);
+    }
+
+    #[test]
+    fn parents_must_share_architecture_layers_and_tensor_names() {
+        let cfg = MergeConfig::from_short("linear", None, "a:1,b:1", None).unwrap();
+        let run = |b: ModelTensors| {
+            let models: BTreeMap<String, ModelTensors> =
+                [("a".to_string(), model(2)), ("b".to_string(), b)].into();
+            plan(&cfg, &models, 0).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(run(model(2)), Ok(()));
+        // b's extra layer would be dropped without a word.
+        let e = run(model(3)).unwrap_err();
+        assert!(e.contains("tensor model.layers.2.mlp.up_proj.weight is missing in model a"), "{e}");
+        assert!(e.contains("a has 2 layers, b 3"), "{e}");
+        let mut extra = model(2);
+        extra.tensors.insert("model.rotary.inv_freq".into(), (Dtype::F32, vec![2]));
+        let e = run(extra).unwrap_err();
+        assert!(e.contains("tensor model.rotary.inv_freq is missing in model a"), "{e}");
+        let mut fewer = model(2);
+        fewer.tensors.remove("model.layers.1.self_attn.q_proj.weight");
+        let e = run(fewer).unwrap_err();
+        assert!(e.contains("model.layers.1.self_attn.q_proj.weight is missing in model b"), "{e}");
+        // A tied head is not a missing tensor.
+        let mut tied = model(2);
+        tied.tensors.remove("lm_head.weight");
+        assert_eq!(run(tied), Ok(()));
+        let arch = |a: &str| ModelTensors { architecture: Some(a.into()), ..model(2) };
+        let models: BTreeMap<String, ModelTensors> =
+            [("a".to_string(), arch("LlamaForCausalLM")), ("b".to_string(), arch("Qwen2ForCausalLM"))].into();
+        let e = plan(&cfg, &models, 0).unwrap_err().to_string();
+        assert!(e.contains("different architectures: a is LlamaForCausalLM, b is Qwen2ForCausalLM"), "{e}");
     }
 }

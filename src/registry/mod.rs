@@ -296,11 +296,11 @@ pub enum Error {
     NotFound(String),
     #[error("an entry named {0:?} already exists")]
     Exists(String),
-    #[error("{name:?} is the base of {dependents}; remove those first")]
+    #[error("{name:?} is a parent of {dependents}; remove those first")]
     HasDependents { name: String, dependents: String },
-    #[error("entry {entry:?} names base {base:?}, which does not exist")]
+    #[error("entry {entry:?} names parent {base:?}, which does not exist")]
     MissingBase { entry: String, base: String },
-    #[error("entry {0:?} is part of a cycle of bases")]
+    #[error("entry {0:?} is part of a cycle of parents")]
     Cycle(String),
     #[error("{}: the registry is corrupt: {reason} (restore it or move it away)", path.display())]
     Corrupt { path: PathBuf, reason: String },

@@ -479,6 +479,9 @@ impl MergedSource {
         Ok(stats)
     }
 
+    /// Elements `elems` of the merged tensor into `out` (`out_dtype`). The inputs' bytes, their
+    /// values and the merged values live in this thread's scratch (`with_scratch`): a chunk
+    /// costs no allocation but the list of input slices.
     pub fn read(&self, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
         if elems.is_empty() {
             return Ok(());
@@ -488,15 +491,30 @@ impl MergedSource {
         let g = self.merge.granularity().max(1);
         let start = elems.start / g * g;
         let end = elems.end.div_ceil(g).saturating_mul(g).min(self.merge.numel());
-        let inputs = self.inputs_at(start..end)?;
-        let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-        let mut merged = vec![0f32; end - start];
-        self.merge
-            .apply(&stats, &refs, start, &mut merged)
-            .map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
-        let bytes =
-            compute::mergekit::encode(self.out_dtype, &merged[elems.start - start..elems.end - start]);
-        out.copy_from_slice(&bytes);
-        Ok(())
+        let n = end - start;
+        let k = self.inputs.len();
+        // f32s for the k inputs and the merge, plus slack to align them (scratch is bytes).
+        let floats = (k + 1) * n;
+        with_scratch(floats * 4 + 3, |scratch| {
+            let (_, values, _) = bytemuck::pod_align_to_mut::<u8, f32>(scratch);
+            let (inputs, merged) = values[..floats].split_at_mut(k * n);
+            for (s, dst) in self.inputs.iter().zip(inputs.chunks_exact_mut(n.max(1))) {
+                with_scratch(n * s.dtype().size(), |raw| {
+                    s.read(start..end, raw)?;
+                    compute::mergekit::load_into(s.dtype(), self.merge.dtype, raw, dst);
+                    Ok::<(), ReadError>(())
+                })?;
+            }
+            let refs: Vec<&[f32]> = inputs.chunks_exact(n.max(1)).collect();
+            self.merge
+                .apply(&stats, &refs, start, merged)
+                .map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
+            compute::mergekit::encode_into(
+                self.out_dtype,
+                &merged[elems.start - start..elems.end - start],
+                out,
+            );
+            Ok(())
+        })
     }
 }

@@ -42,6 +42,71 @@ fn num_layers(view: &EntryView) -> usize {
         .unwrap_or(0) as usize
 }
 
+/// The first of `architectures` in a view's config.json (None when it says none).
+fn architecture(view: &EntryView) -> Option<String> {
+    let config = view.file("config.json").and_then(|f| read_whole(f).ok())?;
+    let config = serde_json::from_slice::<Value>(&config).ok()?;
+    config.get("architectures")?.get(0)?.as_str().map(str::to_owned)
+}
+
+/// A view's vocabulary, token → id: tokenizer.json's `model.vocab` (a map, or unigram's list of
+/// `[token, score]`) and `added_tokens`, else vocab.json. None when it has neither.
+fn vocabulary(view: &EntryView) -> Option<BTreeMap<u64, String>> {
+    let json =
+        |name: &str| -> Option<Value> { serde_json::from_slice(&read_whole(view.file(name)?).ok()?).ok() };
+    let mut out = BTreeMap::new();
+    if let Some(tok) = json("tokenizer.json") {
+        match tok.pointer("/model/vocab") {
+            Some(Value::Object(m)) => {
+                out.extend(m.iter().filter_map(|(k, v)| Some((v.as_u64()?, k.clone()))))
+            }
+            Some(Value::Array(list)) => out.extend(
+                list.iter().enumerate().filter_map(|(i, e)| Some((i as u64, e.get(0)?.as_str()?.to_owned()))),
+            ),
+            _ => {}
+        }
+        for a in tok.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
+            if let (Some(id), Some(c)) =
+                (a.get("id").and_then(Value::as_u64), a.get("content").and_then(Value::as_str))
+            {
+                out.insert(id, c.to_owned());
+            }
+        }
+        return Some(out);
+    }
+    let Value::Object(m) = json("vocab.json")? else { return None };
+    Some(m.iter().filter_map(|(k, v)| Some((v.as_u64()?, k.clone()))).collect())
+}
+
+/// mergekit's `tokenizer_source` builds a tokenizer over the parents' vocabularies and permutes
+/// each parent's embedding rows to it; llmfs takes one parent's tokenizer files as they are, which
+/// is the same only when every parent has that vocabulary. Otherwise the merged embeddings would
+/// not match the served tokenizer: refused, naming the first token id that differs.
+fn check_vocabularies(source: &str, views: &BTreeMap<&str, &Arc<EntryView>>) -> Result<(), String> {
+    let vocab_of = |m: &str| {
+        vocabulary(views[m]).ok_or_else(|| {
+            format!("tokenizer_source: {m} has no tokenizer.json or vocab.json to compare vocabularies with")
+        })
+    };
+    let want = vocab_of(source)?;
+    for &m in views.keys().filter(|&&m| m != source) {
+        let got = vocab_of(m)?;
+        if got == want {
+            continue;
+        }
+        let ids = want.keys().chain(got.keys());
+        let id = ids.filter(|id| want.get(id) != got.get(id)).min().copied().unwrap_or(0);
+        let show = |v: &BTreeMap<u64, String>| v.get(&id).map_or("none".to_owned(), |t| format!("{t:?}"));
+        return Err(format!(
+            "tokenizer_source {source}: the vocabulary of {m} differs (token id {id}: {} in {m}, {} in {source}); \
+             llmfs does not permute embeddings to a merged vocabulary",
+            show(&got),
+            show(&want)
+        ));
+    }
+    Ok(())
+}
+
 /// Entry `name`'s view: `config` (a serialized [`MergeConfig`]) over `parents` (the views of
 /// `parent_names`, in the registry's order).
 pub(super) fn view(
@@ -68,6 +133,7 @@ pub(super) fn view(
                 .map(|(n, t)| (n.to_string(), (t.source.dtype(), t.shape.clone())))
                 .collect(),
             num_layers: num_layers(view),
+            architecture: architecture(view),
         };
         tensors.insert(parent, by_name);
         models.insert(parent.to_owned(), info);
@@ -130,6 +196,13 @@ pub(super) fn view(
     let mut view = with_weights(template, &format!("merge {name} ({})", cfg.method.name()), weights);
 
     // The tokenizer of `tokenizer_source` (mergekit's default: the base's, i.e. the template's).
+    if let Some(ts) = &cfg.tokenizer_source {
+        let source = match ts {
+            TokenizerSource::Model(m) => m.as_str(),
+            TokenizerSource::Base => plan.config_source.as_str(),
+        };
+        check_vocabularies(source, &views).map_err(invalid)?;
+    }
     if let Some(TokenizerSource::Model(m)) = &cfg.tokenizer_source {
         let from =
             views.get(m.as_str()).ok_or_else(|| invalid(format!("tokenizer_source {m} is not a parent")))?;

@@ -41,12 +41,45 @@ use serde::{Deserialize, Serialize};
 use crate::format::Dtype;
 
 /// Round an f32 to the nearest value of `dtype` (ties to even), as torch's `.to(dtype)`.
-#[inline]
+#[inline(always)]
 pub fn round(dtype: Dtype, x: f32) -> f32 {
     match dtype {
-        Dtype::BF16 => bf16::from_f32(x).to_f32(),
+        Dtype::BF16 => round_bf16(x),
         Dtype::F16 => f16::from_f32(x).to_f32(),
         _ => x,
+    }
+}
+
+/// `bf16::from_f32(x).to_f32()` (half's rounding: to nearest even, a NaN made quiet) in plain
+/// integer arithmetic the compiler inlines and vectorizes: the merge kernels round after every
+/// operation, and a call per rounding was most of a linear merge's time.
+#[inline(always)]
+fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        return f32::from_bits((b | 0x0040_0000) & 0xffff_0000);
+    }
+    let up = (b & 0x8000 != 0) && (b & 0x1_7fff != 0);
+    f32::from_bits(((b >> 16) + up as u32) << 16)
+}
+
+/// `out[i] = p[i] * w + out[i]` with one rounding (fused), as torch's `addcmul_` on f32: by the
+/// CPU's FMA instruction where it has one (the portable `mul_add` is a library call without
+/// the target feature, several times slower), else `mul_add`. The same bits either way.
+fn fma_accumulate(out: &mut [f32], p: &[f32], w: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "fma")]
+        fn fused(out: &mut [f32], p: &[f32], w: f32) {
+            for (o, &x) in out.iter_mut().zip(p) {
+                *o = x.mul_add(w, *o);
+            }
+        }
+        // SAFETY: the CPU has FMA (checked just above).
+        return unsafe { fused(out, p, w) };
+    }
+    for (o, &x) in out.iter_mut().zip(p) {
+        *o = x.mul_add(w, *o);
     }
 }
 
@@ -238,42 +271,91 @@ fn work_dtype(d: Dtype) -> Dtype {
 /// `std::sort` on (value, index) pairs compared by value; torch's wheels use libstdc++): its
 /// introsort replayed step by step, so equal magnitudes come out in the same order as torch's.
 pub fn torch_sort(v: &mut [(f32, u32)], descending: bool) {
-    let comp = |a: &(f32, u32), b: &(f32, u32)| -> bool {
-        if descending {
-            (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0
-        } else {
-            (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0
-        }
-    };
+    // Two comparators, each its own instance of the sort (a `dyn` comparator was an indirect
+    // call per comparison: most of a TIES merge's time).
+    if descending {
+        sort_by(v, &|a: &(f32, u32), b: &(f32, u32)| (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0)
+    } else {
+        sort_by(v, &|a: &(f32, u32), b: &(f32, u32)| (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0)
+    }
+}
+
+/// What [`torch_sort`] puts at positions `need` (each of them exact), with every element in the
+/// same stretch between needed positions as torch's sort puts there, in some order: the sort's
+/// replay, skipping every side of a partition that holds no needed position and every leaf
+/// (16 or fewer elements) that holds none. Its sides are never crossed by the later steps (after
+/// a partition, no element of the right side compares below one of the left), so which elements
+/// land left of a position does not depend on how the skipped sides would have been sorted. A
+/// top-k set then costs a few passes over the data instead of a whole sort (`log2 n` of them).
+pub fn torch_select(v: &mut [(f32, u32)], descending: bool, need: &[usize]) {
+    if descending {
+        select_by(v, &|a: &(f32, u32), b: &(f32, u32)| (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0, need)
+    } else {
+        select_by(v, &|a: &(f32, u32), b: &(f32, u32)| (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0, need)
+    }
+}
+
+fn select_by<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(v: &mut [(f32, u32)], comp: &C, need: &[usize]) {
     let n = v.len();
     if n < 2 {
         return;
     }
     let lg = (usize::BITS - 1 - n.leading_zeros()) as usize;
-    introsort_loop(v, 0, n, 2 * lg, &comp);
+    introsort_steps(v, 0, Some(need), 2 * lg, comp);
+}
+
+/// libstdc++'s `std::sort` with `comp` (strict weak order), step by step.
+fn sort_by<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(v: &mut [(f32, u32)], comp: &C) {
+    let n = v.len();
+    if n < 2 {
+        return;
+    }
+    let lg = (usize::BITS - 1 - n.leading_zeros()) as usize;
+    introsort_steps(v, 0, None, 2 * lg, comp);
     // __final_insertion_sort
     if n > 16 {
-        insertion_sort(v, 0, 16, &comp);
+        insertion_sort(v, 0, 16, comp);
         for i in 16..n {
-            unguarded_linear_insert(v, i, &comp);
+            unguarded_linear_insert(v, i, comp);
         }
     } else {
-        insertion_sort(v, 0, n, &comp);
+        insertion_sort(v, 0, n, comp);
     }
 }
 
-type Cmp<'a> = &'a dyn Fn(&(f32, u32), &(f32, u32)) -> bool;
+/// Subarrays at least this long are sorted on two threads (rayon's join): after a partition
+/// the two sides are independent, so the replay's steps, and so its result, are the same.
+const PARALLEL_SORT_MIN: usize = 1 << 16;
 
-fn introsort_loop(v: &mut [(f32, u32)], first: usize, mut last: usize, mut depth: usize, comp: Cmp) {
-    while last - first > 16 {
+/// libstdc++'s `__introsort_loop` on all of `v` (`need`: None; the caller's final insertion
+/// sort orders the leaves), or only its steps that decide positions `need` of it (`v` starting
+/// at position `offset` of the whole; the leaves holding one are insertion-sorted here):
+/// partition around a median of three, sort the right side, loop on the left, heap sort past
+/// the depth limit; sides of 16 or fewer are leaves.
+fn introsort_steps<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(
+    v: &mut [(f32, u32)],
+    offset: usize,
+    need: Option<&[usize]>,
+    mut depth: usize,
+    comp: &C,
+) {
+    let mut v = v;
+    let wanted = |offset: usize, len: usize| {
+        need.is_none_or(|need| need.iter().any(|&p| p >= offset && p < offset + len))
+    };
+    while v.len() > 16 {
+        if !wanted(offset, v.len()) {
+            return;
+        }
         if depth == 0 {
-            heap_sort(&mut v[first..last], comp);
+            heap_sort(v, comp);
             return;
         }
         depth -= 1;
+        let last = v.len();
         // __unguarded_partition_pivot: median of (first + 1, mid, last - 1) moved to first.
-        let mid = first + (last - first) / 2;
-        let (a, b, c) = (first + 1, mid, last - 1);
+        let mid = last / 2;
+        let (a, b, c) = (1, mid, last - 1);
         let m = if comp(&v[a], &v[b]) {
             if comp(&v[b], &v[c]) {
                 b
@@ -289,15 +371,15 @@ fn introsort_loop(v: &mut [(f32, u32)], first: usize, mut last: usize, mut depth
         } else {
             b
         };
-        v.swap(first, m);
+        v.swap(0, m);
         // __unguarded_partition(first + 1, last, pivot = first)
-        let (mut lo, mut hi) = (first + 1, last);
+        let (mut lo, mut hi) = (1, last);
         let cut = loop {
-            while comp(&v[lo], &v[first]) {
+            while comp(&v[lo], &v[0]) {
                 lo += 1;
             }
             hi -= 1;
-            while comp(&v[first], &v[hi]) {
+            while comp(&v[0], &v[hi]) {
                 hi -= 1;
             }
             if lo >= hi {
@@ -306,12 +388,29 @@ fn introsort_loop(v: &mut [(f32, u32)], first: usize, mut last: usize, mut depth
             v.swap(lo, hi);
             lo += 1;
         };
-        introsort_loop(v, cut, last, depth, comp);
-        last = cut;
+        let (left, right) = std::mem::take(&mut v).split_at_mut(cut);
+        if last >= PARALLEL_SORT_MIN {
+            rayon::join(
+                || introsort_steps(right, offset + cut, need, depth, comp),
+                || introsort_steps(left, offset, need, depth, comp),
+            );
+            return;
+        }
+        introsort_steps(right, offset + cut, need, depth, comp);
+        v = left;
+    }
+    if need.is_some() && wanted(offset, v.len()) {
+        let len = v.len();
+        insertion_sort(v, 0, len, comp);
     }
 }
 
-fn insertion_sort(v: &mut [(f32, u32)], first: usize, last: usize, comp: Cmp) {
+fn insertion_sort<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    first: usize,
+    last: usize,
+    comp: &C,
+) {
     for i in first + 1..last {
         if comp(&v[i], &v[first]) {
             let val = v[i];
@@ -323,7 +422,11 @@ fn insertion_sort(v: &mut [(f32, u32)], first: usize, last: usize, comp: Cmp) {
     }
 }
 
-fn unguarded_linear_insert(v: &mut [(f32, u32)], mut last: usize, comp: Cmp) {
+fn unguarded_linear_insert<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    mut last: usize,
+    comp: &C,
+) {
     let val = v[last];
     while comp(&val, &v[last - 1]) {
         v[last] = v[last - 1];
@@ -333,7 +436,7 @@ fn unguarded_linear_insert(v: &mut [(f32, u32)], mut last: usize, comp: Cmp) {
 }
 
 /// `__partial_sort(first, last, last)`: libstdc++'s make_heap then sort_heap.
-fn heap_sort(v: &mut [(f32, u32)], comp: Cmp) {
+fn heap_sort<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(v: &mut [(f32, u32)], comp: &C) {
     let len = v.len();
     if len < 2 {
         return;
@@ -356,7 +459,13 @@ fn heap_sort(v: &mut [(f32, u32)], comp: Cmp) {
     }
 }
 
-fn adjust_heap(v: &mut [(f32, u32)], mut hole: usize, len: usize, val: (f32, u32), comp: Cmp) {
+fn adjust_heap<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    mut hole: usize,
+    len: usize,
+    val: (f32, u32),
+    comp: &C,
+) {
     let top = hole;
     let mut second = hole;
     while len > 2 && second < (len - 1) / 2 {
@@ -596,7 +705,7 @@ impl TensorMerge {
                     let kk = ((p.density * n as f64) as usize).max(1);
                     let mut v: Vec<(f32, u32)> =
                         delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
-                    torch_sort(&mut v, true);
+                    torch_select(&mut v, true, &[kk - 1]);
                     let mag = v[kk - 1].0;
                     let mut ties: Vec<u32> = v[..kk].iter().filter(|e| e.0 == mag).map(|e| e.1).collect();
                     ties.sort_unstable();
@@ -615,7 +724,7 @@ impl TensorMerge {
                 } else {
                     let mut v: Vec<(f32, u32)> =
                         delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
-                    torch_sort(&mut v, false);
+                    torch_select(&mut v, false, &[n_bot, hi_rank - 1]);
                     let (lo, hi) = (v[n_bot].0, v[hi_rank - 1].0);
                     let mut ties: Vec<u32> =
                         v[n_bot..hi_rank].iter().filter(|e| e.0 == lo || e.0 == hi).map(|e| e.1).collect();
@@ -881,9 +990,7 @@ impl TensorMerge {
                 }
                 out.fill(0.0);
                 for (p, &wj) in parents.iter().zip(&w) {
-                    for (o, &x) in out.iter_mut().zip(p.iter()) {
-                        *o = x.mul_add(wj, *o);
-                    }
+                    fma_accumulate(out, p, wj);
                 }
                 for o in out.iter_mut() {
                     let r = if *normalize { *o / den } else { *o };
@@ -1125,6 +1232,33 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn round_bf16_is_halfs_rounding_on_every_pattern_class() {
+        // Every 4099th bit pattern (all exponents, both signs, NaN payloads, subnormals), and
+        // every pattern around the rounding bits of a few values (ties, just below and above).
+        let strided = (0..=u32::MAX / 4099).map(|i| i * 4099);
+        let near = [0x3f80_0000u32, 0x0001_0000, 0x7f7f_0000, 0xff80_0000, 0x7f80_0001]
+            .into_iter()
+            .flat_map(|b| (0..0x2_0000u32).map(move |k| b.wrapping_add(k).wrapping_sub(0x1_0000)));
+        for b in strided.chain(near) {
+            let x = f32::from_bits(b);
+            let want = bf16::from_f32(x).to_f32().to_bits();
+            assert_eq!(round_bf16(x).to_bits(), want, "bits {b:#010x}");
+        }
+    }
+
+    #[test]
+    fn fma_accumulate_is_mul_add() {
+        let p: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        let mut got: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: Vec<f32> = got.iter().zip(&p).map(|(&o, &x)| x.mul_add(0.3, o)).collect();
+        fma_accumulate(&mut got, &p, 0.3);
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
     fn gta(consensus: bool, sparsify: Option<Sparsify>, density: f64, rescale: bool) -> Kernel {
         Kernel::Gta(Gta {
             consensus,
@@ -1360,6 +1494,63 @@ mod tests {
             let ordered = v.windows(2).all(|w| if desc { w[0].0 >= w[1].0 } else { w[0].0 <= w[1].0 });
             prop_assert!(ordered);
             prop_assert!(v.iter().all(|e| e.0 == vals[e.1 as usize] as f32 / 4.0));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn torch_select_agrees_with_torch_sort(
+            vals in proptest::collection::vec(0u8..12, 1..5000),
+            desc in any::<bool>(),
+            a in any::<proptest::sample::Index>(),
+            b in any::<proptest::sample::Index>(),
+        ) {
+            let v: Vec<(f32, u32)> = vals.iter().enumerate().map(|(i, &x)| (x as f32, i as u32)).collect();
+            let (p, q) = { let (p, q) = (a.index(v.len()), b.index(v.len())); (p.min(q), p.max(q)) };
+            let mut sorted = v.clone();
+            torch_sort(&mut sorted, desc);
+            let mut selected = v.clone();
+            torch_select(&mut selected, desc, &[p, q]);
+            prop_assert_eq!(selected[p], sorted[p]);
+            prop_assert_eq!(selected[q], sorted[q]);
+            // The same elements before p, and between p and q.
+            let set = |s: &[(f32, u32)]| { let mut ids: Vec<u32> = s.iter().map(|e| e.1).collect(); ids.sort(); ids };
+            prop_assert_eq!(set(&selected[..p]), set(&sorted[..p]));
+            prop_assert_eq!(set(&selected[p..=q]), set(&sorted[p..=q]));
+        }
+    }
+
+    /// Large enough for the parallel partitions: the result is the sequential replay's, on any
+    /// number of threads (ties, which the replay exists for, everywhere).
+    #[test]
+    fn torch_sort_is_the_same_on_one_thread_and_many() {
+        let n = 3 * PARALLEL_SORT_MIN + 1234;
+        let vals: Vec<(f32, u32)> =
+            (0..n).map(|i| (((i as u64 * 2654435761) % 97) as f32 - 48.0, i as u32)).collect();
+        for desc in [true, false] {
+            let sorted = |threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut v = vals.clone();
+                pool.install(|| torch_sort(&mut v, desc));
+                v.iter().map(|p| p.1).collect::<Vec<u32>>()
+            };
+            let one = sorted(1);
+            assert_eq!(one, sorted(4), "descending {desc}");
+            // The select replay's parallel sides too: the needed positions and the sets between.
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+            let mut sel = vals.clone();
+            let need = [n / 3, n / 2];
+            pool.install(|| torch_select(&mut sel, desc, &need));
+            for p in need {
+                assert_eq!(sel[p].1, one[p], "position {p}, descending {desc}");
+            }
+            let mut got: Vec<u32> = sel[..n / 3].iter().map(|e| e.1).collect();
+            let mut want = one[..n / 3].to_vec();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "the first {} elements, descending {desc}", n / 3);
+            let keys: Vec<f32> = one.iter().map(|&i| vals[i as usize].0).collect();
+            assert!(keys.windows(2).all(|w| if desc { w[0] >= w[1] } else { w[0] <= w[1] }));
         }
     }
 

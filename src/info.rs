@@ -120,7 +120,7 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
     let entry = registry.get(name)?;
     let view = variant::build_view(registry, name)?;
     let (tensors, dtypes) = variant::tensor_stats(&view);
-    let gguf = variant::gguf::files(name, &view);
+    let gguf = variant::gguf::files_with_notes(name, &view);
     let files: Vec<_> = view.files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect();
     let recipe = match &entry.kind {
         EntryKind::Base { dir, copied, .. } => json!({"dir": dir, "copied": copied}),
@@ -168,9 +168,10 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
         "size": view.total_size(),
         "unfinished": registry.unfinished(name),
         "gguf": match &gguf {
-            Ok(files) => json!(files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect::<Vec<_>>()),
+            Ok((files, _)) => json!(files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect::<Vec<_>>()),
             Err(why) => json!({"none": why}),
         },
+        "gguf_notes": gguf.as_ref().map(|(_, notes)| notes.clone()).unwrap_or_default(),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -224,9 +225,12 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
     }
     println!("size:          {} ({} bytes)", human(view.total_size()), view.total_size());
     match &gguf {
-        Ok(files) => {
+        Ok((files, notes)) => {
             for f in files {
                 println!("gguf:          {} ({})", f.name, human(f.size));
+            }
+            for note in notes {
+                println!("gguf note:     {note}");
             }
         }
         Err(why) => println!("gguf:          none: {why}"),

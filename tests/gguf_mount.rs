@@ -261,3 +261,32 @@ fn opening_one_gguf_view_decodes_no_other() {
         m.log_text()
     );
 }
+
+/// A pre-tokenizer llmfs does not recognise gets llama.cpp's default, and says so: a note in
+/// `info` (text and JSON) and a line in the mount's log, never silently.
+#[test]
+fn an_unknown_pre_tokenizer_is_a_note_in_info_and_the_log() {
+    let ts = TestStore::new();
+    let dir = ts.path("m");
+    common::write_small_model(&dir);
+    let mut tok: serde_json::Value = serde_json::from_str(&bpe_tokenizer_json("BPE")).unwrap();
+    tok["pre_tokenizer"] = serde_json::json!({
+        "type": "Split", "pattern": {"Regex": "[0-9]+|[a-z]+"}, "behavior": "Isolated", "invert": false
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    ts.ok([OsStr::new("add"), OsStr::new("m"), dir.as_os_str()]);
+    let info = ts.ok(["info", "m"]);
+    assert!(info.contains("gguf:          gguf/m-Q8_0.gguf"), "{info}");
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("gguf note:") && l.contains("pre-tokenizer is not one llmfs recognises")),
+        "info notes the default pre-tokenizer:\n{info}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ts.ok(["info", "m", "--json"])).unwrap();
+    assert!(json["gguf_notes"].to_string().contains("pre-tokenizer"), "{json}");
+    let m = MountGuard::new(&ts, &ts.path("mnt"), &[]);
+    assert!(m.path().join("m/gguf/m-F16.gguf").exists());
+    let line =
+        m.wait_log_line(&["GGUF:", "pre-tokenizer is not one llmfs recognises"], Duration::from_secs(10));
+    assert!(line.is_some(), "the log notes it:\n{}", m.log_text());
+}

@@ -126,6 +126,13 @@ fn model_files(view: &EntryView) -> Result<DirFiles, String> {
 /// The GGUF files of entry `name` (view `view`), or why it has none (an architecture llama.cpp's
 /// converter does not map the same way, a tokenizer that cannot be translated …).
 pub fn files(name: &str, view: &EntryView) -> Result<Vec<VFile>, String> {
+    files_with_notes(name, view).map(|(files, _)| files)
+}
+
+/// [`files`], and what their plans note, each once: the shared part's (an unknown pre-tokenizer,
+/// served with the default) as they are, a file's own (a tensor kept in a fallback type) after
+/// its type. `info` prints them and the mount logs them, so no such choice is made silently.
+pub fn files_with_notes(name: &str, view: &EntryView) -> Result<(Vec<VFile>, Vec<String>), String> {
     let files = model_files(view)?;
     let model = files.model_files();
     // The shards in file-name order, as the converter reads them.
@@ -144,8 +151,15 @@ pub fn files(name: &str, view: &EntryView) -> Result<Vec<VFile>, String> {
     // What the five files share (the tokenizer's translation above all) is planned once.
     let prepared = gguf::prepare(&model, &tensors, name).map_err(|e| e.to_string())?;
     let mut out = vec![];
+    let mut notes = prepared.warnings.clone();
     for target in GgufTarget::ALL {
         let plan = prepared.plan(target).map_err(|e| e.to_string())?;
+        notes.extend(
+            plan.warnings
+                .iter()
+                .filter(|w| !prepared.warnings.contains(w))
+                .map(|w| format!("{}: {w}", target.name())),
+        );
         let mut synth = vec![];
         for planned in plan.tensors {
             let inner = match &planned.source {
@@ -169,5 +183,5 @@ pub fn files(name: &str, view: &EntryView) -> Result<Vec<VFile>, String> {
             content: Content::Synth(Arc::new(file)),
         });
     }
-    Ok(out)
+    Ok((out, notes))
 }

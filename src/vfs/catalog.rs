@@ -172,8 +172,13 @@ impl Fs {
         };
         let mut view = variant::build_view(&registry, name).map_err(|e| FsError::eio(e.to_string()))?;
         // The entry as GGUF files too, where llama.cpp's converter maps its architecture.
-        match variant::gguf::files(name, &view) {
-            Ok(files) => view.files.extend(files),
+        match variant::gguf::files_with_notes(name, &view) {
+            Ok((files, notes)) => {
+                view.files.extend(files);
+                for note in notes {
+                    tracing::info!(entry = name, "GGUF: {note}");
+                }
+            }
             Err(why) => tracing::info!(entry = name, "no GGUF files: {why}"),
         }
         // A stored file whose later writing did not finish (a failed store, a writer that died)

@@ -321,7 +321,8 @@ pub struct Prepared {
     tensors: Vec<Prepped>,
     /// The key-values of the F16 file (its `general.file_type` is replaced per target, in place).
     kvs: Kvs,
-    warnings: Vec<String>,
+    /// What the shared part notes (an unknown pre-tokenizer): every plan's warnings start with it.
+    pub warnings: Vec<String>,
 }
 
 /// Everything of [`plan`] that does not depend on the target. Pure: reads only its arguments.

@@ -293,7 +293,7 @@ def print_table(res):
     print(f"\n{res['cores']} cores, {res['size_mib']} MiB bf16 model ({gb:.2f} GB); seconds from the Hugging Face "
           f"directory to llama.cpp's Llama(path, n_ctx=64) + one token; medians ({res['conv_reps']} converter "
           f"round(s), {res['reps']} loads). llmfs first = `llmfs add` ({add:.2f} s, once) + mount + load of the "
-          "mounted file, empty disk cache (its first open decodes the entry's other GGUF files too, ahead); after "
+          "mounted file, empty disk cache (it decodes that file only); after "
           "remount = mount + load, the file in the disk cache and the others decoded meanwhile; every file cached = "
           "after `llmfs warm base`. "
           "Converter = convert_hf_to_gguf.py (+ llama_model_quantize) + load of the written file (page cache warm)\n")

@@ -112,15 +112,7 @@ fn model_files(view: &EntryView) -> Result<DirFiles, String> {
     let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
         view.file(name).map(|f| read_whole(f).map_err(|e| format!("{name}: {e}"))).transpose()
     };
-    Ok(DirFiles {
-        config: read("config.json")?.ok_or("no config.json")?,
-        tokenizer_json: read("tokenizer.json")?,
-        tokenizer_model: read("tokenizer.model")?,
-        tokenizer_config: read("tokenizer_config.json")?,
-        generation_config: read("generation_config.json")?,
-        added_tokens: read("added_tokens.json")?,
-        chat_template_jinja: read("chat_template.jinja")?,
-    })
+    DirFiles::with_config(read("config.json")?.ok_or("no config.json")?, read)
 }
 
 /// The GGUF files of entry `name` (view `view`), or why it has none (an architecture llama.cpp's

@@ -52,15 +52,25 @@ impl DirFiles {
             }
         };
         let config_path = dir.join("config.json");
+        let config =
+            std::fs::read(&config_path).map_err(|source| DirError::Io { path: config_path, source })?;
+        DirFiles::with_config(config, opt)
+    }
+
+    /// `config` and the optional files, each read by `read` (None: absent): the one list of
+    /// what the converter reads besides config.json, for a directory and a mounted view alike.
+    pub fn with_config<E>(
+        config: Vec<u8>,
+        mut read: impl FnMut(&str) -> Result<Option<Vec<u8>>, E>,
+    ) -> Result<DirFiles, E> {
         Ok(DirFiles {
-            config: std::fs::read(&config_path)
-                .map_err(|source| DirError::Io { path: config_path, source })?,
-            tokenizer_json: opt("tokenizer.json")?,
-            tokenizer_model: opt("tokenizer.model")?,
-            tokenizer_config: opt("tokenizer_config.json")?,
-            generation_config: opt("generation_config.json")?,
-            added_tokens: opt("added_tokens.json")?,
-            chat_template_jinja: opt("chat_template.jinja")?,
+            config,
+            tokenizer_json: read("tokenizer.json")?,
+            tokenizer_model: read("tokenizer.model")?,
+            tokenizer_config: read("tokenizer_config.json")?,
+            generation_config: read("generation_config.json")?,
+            added_tokens: read("added_tokens.json")?,
+            chat_template_jinja: read("chat_template.jinja")?,
         })
     }
 

@@ -497,11 +497,16 @@ const FILL_BY_MAPPING_MIN_THREADS: usize = 8;
 /// the lent 16-core host a cast's fill took as long with 4 threads as with 16 by `pwrite`.
 fn fill_by_mapping() -> bool {
     static MAPPING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *MAPPING.get_or_init(|| match std::env::var("LLMFS_FILL_BY_MAPPING").as_deref() {
+    *MAPPING.get_or_init(|| pool_switch("LLMFS_FILL_BY_MAPPING", FILL_BY_MAPPING_MIN_THREADS))
+}
+
+/// `$var` = 1 or 0 if set so, else whether the current pool has at least `min_threads`.
+fn pool_switch(var: &str, min_threads: usize) -> bool {
+    match std::env::var(var).as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => rayon::current_num_threads() >= FILL_BY_MAPPING_MIN_THREADS,
-    })
+        _ => rayon::current_num_threads() >= min_threads,
+    }
 }
 
 /// Pool threads from which a fill hashes its own pieces (see [`write_decoded`]).
@@ -511,11 +516,7 @@ const HASH_IN_FILL_MIN_THREADS: usize = 8;
 /// tests can run both ways on any machine).
 fn hash_in_fill() -> bool {
     static HASH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HASH.get_or_init(|| match std::env::var("LLMFS_HASH_IN_FILL").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => rayon::current_num_threads() >= HASH_IN_FILL_MIN_THREADS,
-    })
+    *HASH.get_or_init(|| pool_switch("LLMFS_HASH_IN_FILL", HASH_IN_FILL_MIN_THREADS))
 }
 
 /// (tensor index, first element, end element) of every piece of `synth`'s tensors.

@@ -267,6 +267,16 @@ fn work_dtype(d: Dtype) -> Dtype {
     }
 }
 
+/// torch's descending order of magnitudes: NaN first, then larger before smaller.
+fn sorts_before_descending(a: &(f32, u32), b: &(f32, u32)) -> bool {
+    (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0
+}
+
+/// torch's ascending order of magnitudes: smaller before larger, NaN last.
+fn sorts_before_ascending(a: &(f32, u32), b: &(f32, u32)) -> bool {
+    (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0
+}
+
 /// torch's CPU `sort`/`argsort` of one f32 row, unstable (ATen `SortingKernel.cpp` calls
 /// `std::sort` on (value, index) pairs compared by value; torch's wheels use libstdc++): its
 /// introsort replayed step by step, so equal magnitudes come out in the same order as torch's.
@@ -274,9 +284,9 @@ pub fn torch_sort(v: &mut [(f32, u32)], descending: bool) {
     // Two comparators, each its own instance of the sort (a `dyn` comparator was an indirect
     // call per comparison: most of a TIES merge's time).
     if descending {
-        sort_by(v, &|a: &(f32, u32), b: &(f32, u32)| (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0)
+        sort_by(v, &sorts_before_descending)
     } else {
-        sort_by(v, &|a: &(f32, u32), b: &(f32, u32)| (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0)
+        sort_by(v, &sorts_before_ascending)
     }
 }
 
@@ -289,9 +299,9 @@ pub fn torch_sort(v: &mut [(f32, u32)], descending: bool) {
 /// top-k set then costs a few passes over the data instead of a whole sort (`log2 n` of them).
 pub fn torch_select(v: &mut [(f32, u32)], descending: bool, need: &[usize]) {
     if descending {
-        select_by(v, &|a: &(f32, u32), b: &(f32, u32)| (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0, need)
+        select_by(v, &sorts_before_descending, need)
     } else {
-        select_by(v, &|a: &(f32, u32), b: &(f32, u32)| (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0, need)
+        select_by(v, &sorts_before_ascending, need)
     }
 }
 

@@ -195,7 +195,7 @@ fn merges_of_deltas_quantized_loras_and_merges_read_as_merges_of_their_exports()
     let mount = MountGuard::new(&ts, &ts.path("mnt"), &[]);
     assert_mount_equals(mount.path(), &[("ties", &ref_ties), ("slerp", &ref_slerp)]);
     // And mergekit 0.1.5 itself on the exported parents (TIES in bf16 is bit-exact: README).
-    if let Some(python) = mergekit_python() {
+    if let Some(python) = common::mergekit_python("the mergekit comparison") {
         let dirs: Vec<(&str, String)> = ["base", "delta", "quant", "lora"]
             .iter()
             .map(|p| (*p, s(&ts.path(format!("export-{p}"))).to_owned()))
@@ -229,27 +229,6 @@ fn merges_of_deltas_quantized_loras_and_merges_read_as_merges_of_their_exports()
     }
     ts.ok(["check", "ties"]);
     ts.ok(["check", "slerp"]);
-}
-
-/// $LLMFS_MERGEKIT_PYTHON when it is a Python with mergekit (a virtualenv's, with mergekit-yaml
-/// beside it); None (SKIPPED) otherwise, a failure with LLMFS_REQUIRE_MERGEKIT=1.
-fn mergekit_python() -> Option<PathBuf> {
-    let python = std::env::var_os("LLMFS_MERGEKIT_PYTHON").map(PathBuf::from);
-    let ok = python.as_ref().is_some_and(|p| {
-        std::process::Command::new(p)
-            .args(["-c", "import mergekit"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var("LLMFS_REQUIRE_MERGEKIT").as_deref() != Ok("1"),
-            "LLMFS_REQUIRE_MERGEKIT=1 and no mergekit at $LLMFS_MERGEKIT_PYTHON ({python:?})"
-        );
-        eprintln!("SKIPPED the mergekit comparison: $LLMFS_MERGEKIT_PYTHON is not a Python with mergekit");
-        return None;
-    }
-    python
 }
 
 // --- bad input ---

@@ -16,23 +16,9 @@ use std::time::Duration;
 
 #[test]
 fn llmfs_merges_are_mergekits() {
-    let python = std::env::var("LLMFS_MERGEKIT_PYTHON").ok();
-    let ok = python.as_ref().is_some_and(|p| {
-        Command::new(p)
-            .args(["-c", "import mergekit, torch, yaml"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var("LLMFS_REQUIRE_MERGEKIT").as_deref() != Ok("1"),
-            "LLMFS_REQUIRE_MERGEKIT=1 and no mergekit at $LLMFS_MERGEKIT_PYTHON ({python:?})"
-        );
-        println!("SKIPPED: $LLMFS_MERGEKIT_PYTHON is not a Python with mergekit");
-        return;
-    }
+    let Some(python) = common::mergekit_python("llmfs_merges_are_mergekits") else { return };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/mergekit_check.py");
-    let mut c = Command::new(python.unwrap());
+    let mut c = Command::new(python);
     c.arg(script).arg("--llmfs").arg(common::llmfs_bin());
     let f = common::run_command(c, Duration::from_secs(1500));
     println!("{}{}", f.stdout, f.stderr);

@@ -893,3 +893,24 @@ pub fn assert_one_line_error(f: &Finished, needles: &[&str]) {
         assert!(lines[0].contains(needle), "stderr does not mention {needle:?}: {}", show());
     }
 }
+
+/// $LLMFS_MERGEKIT_PYTHON when it is a Python with mergekit (a virtualenv's, with mergekit-yaml
+/// beside it); None (SKIPPED `what`) otherwise, a failure with LLMFS_REQUIRE_MERGEKIT=1.
+pub fn mergekit_python(what: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("LLMFS_MERGEKIT_PYTHON").map(PathBuf::from);
+    let ok = python.as_ref().is_some_and(|p| {
+        Command::new(p)
+            .args(["-c", "import mergekit, torch, yaml"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        assert!(
+            std::env::var("LLMFS_REQUIRE_MERGEKIT").as_deref() != Ok("1"),
+            "LLMFS_REQUIRE_MERGEKIT=1 and no mergekit at $LLMFS_MERGEKIT_PYTHON ({python:?})"
+        );
+        eprintln!("SKIPPED {what}: $LLMFS_MERGEKIT_PYTHON is not a Python with mergekit");
+        return None;
+    }
+    python
+}

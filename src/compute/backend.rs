@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use super::float::{QuantBytesView, QuantFloat};
 use super::merge::{self, LoraFactors};
 use crate::format::Dtype;
+#[cfg(feature = "gpu")]
 use crate::registry::recipe::QuantConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

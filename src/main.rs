@@ -126,37 +126,7 @@ enum Command {
         min_age: u64,
     },
     /// Mount the store.
-    Mount {
-        mountpoint: PathBuf,
-        /// Bytes of decoded tensor chunks kept in memory (e.g. 256MiB, 4GiB).
-        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-        cache_size: u64,
-        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
-        backend: String,
-        /// Stay attached (default: run as a daemon, logging to STORE/llmfs.log).
-        #[arg(long)]
-        foreground: bool,
-        /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf unless root).
-        #[arg(long)]
-        allow_other: bool,
-        /// Directory of decoded variant files, kept across mounts (default STORE/cache; 0: none).
-        #[arg(long, env = "LLMFS_DISK_CACHE")]
-        disk_cache: Option<PathBuf>,
-        /// Bytes the disk cache may hold (default 32GiB, at most half the disk's free space; 0: none).
-        #[arg(long, value_parser = parse_size)]
-        disk_cache_size: Option<u64>,
-        /// What is checked before a cached file is served: stat (its length, inode and ctime,
-        /// which any write changes) or full (also its content hash, once per mount: reads it all).
-        #[arg(long, default_value = "stat", value_parser = ["full", "stat"])]
-        disk_cache_verify: String,
-        /// Bytes of decoded files kept in memory, in front of the disk cache (default 0, none: it
-        /// measured slower than the disk cache alone, see the README).
-        #[arg(long, env = "LLMFS_MEMORY_CACHE", value_parser = parse_size)]
-        memory_cache_size: Option<u64>,
-        /// Decode these entries into the disk cache once mounted (with a progress bar).
-        #[arg(long, num_args = 1.., value_name = "NAME")]
-        warm: Vec<String>,
-    },
+    Mount(MountArgs),
     /// Decode entries into the disk cache ahead of the loaders (with a progress bar).
     Warm {
         #[arg(required = true)]
@@ -201,6 +171,97 @@ enum DeltaCommand {
         #[arg(long, value_parser = parse_format)]
         format: ImportFormat,
     },
+}
+
+/// `llmfs mount`'s options. The daemon is this command again in the foreground: its command line
+/// is [`MountArgs::daemon_args`] of the same struct, so no option is dropped on the way.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+struct MountArgs {
+    mountpoint: PathBuf,
+    /// Bytes of decoded tensor chunks kept in memory (e.g. 256MiB, 4GiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    cache_size: u64,
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
+    backend: String,
+    /// Stay attached (default: run as a daemon, logging to STORE/llmfs.log).
+    #[arg(long)]
+    foreground: bool,
+    /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf unless root).
+    #[arg(long)]
+    allow_other: bool,
+    /// Directory of decoded variant files, kept across mounts (default STORE/cache; 0: none).
+    #[arg(long, env = "LLMFS_DISK_CACHE")]
+    disk_cache: Option<PathBuf>,
+    /// Bytes the disk cache may hold (default 32GiB, at most half the disk's free space; 0: none).
+    #[arg(long, value_parser = parse_size)]
+    disk_cache_size: Option<u64>,
+    /// What is checked before a cached file is served: stat (its length, inode and ctime,
+    /// which any write changes) or full (also its content hash, once per mount: reads it all).
+    #[arg(long, default_value = "stat", value_parser = ["full", "stat"])]
+    disk_cache_verify: String,
+    /// Bytes of decoded files kept in memory, in front of the disk cache (default 0, none: it
+    /// measured slower than the disk cache alone, see the README).
+    #[arg(long, env = "LLMFS_MEMORY_CACHE", value_parser = parse_size)]
+    memory_cache_size: Option<u64>,
+    /// Decode these entries into the disk cache once mounted (with a progress bar).
+    #[arg(long, num_args = 1.., value_name = "NAME")]
+    warm: Vec<String>,
+}
+
+impl MountArgs {
+    /// The disk cache directory: `--disk-cache` made absolute, else `STORE/cache`; `0`: none.
+    fn disk_dir(&self, store: &Store) -> Option<PathBuf> {
+        match &self.disk_cache {
+            Some(d) if d.as_os_str() == "0" => None,
+            Some(d) => Some(std::path::absolute(d).unwrap_or(d.clone())),
+            None => Some(store.root().join("cache")),
+        }
+    }
+
+    /// The daemon's arguments after `--store STORE`: these options, paths made absolute (it
+    /// runs from `/`), in the foreground, without `--warm` (the parent warms through the mount
+    /// once it is up).
+    fn daemon_args(&self, store: &Store) -> Vec<String> {
+        let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.into()));
+        let daemon = MountArgs {
+            mountpoint: abs(&self.mountpoint),
+            foreground: true,
+            disk_cache: Some(self.disk_dir(store).unwrap_or_else(|| "0".into())),
+            warm: vec![],
+            ..self.clone()
+        };
+        let MountArgs {
+            mountpoint,
+            cache_size,
+            backend,
+            foreground,
+            allow_other,
+            disk_cache,
+            disk_cache_size,
+            disk_cache_verify,
+            memory_cache_size,
+            warm,
+        } = daemon;
+        let mut args = vec!["mount".to_string(), mountpoint.display().to_string()];
+        let mut opt = |name: &str, value: Option<String>| {
+            if let Some(v) = value {
+                args.extend([format!("--{name}"), v]);
+            }
+        };
+        opt("cache-size", Some(cache_size.to_string()));
+        opt("backend", Some(backend));
+        opt("disk-cache", disk_cache.map(|d| d.display().to_string()));
+        opt("disk-cache-size", disk_cache_size.map(|n| n.to_string()));
+        opt("disk-cache-verify", Some(disk_cache_verify));
+        opt("memory-cache-size", memory_cache_size.map(|n| n.to_string()));
+        args.extend(foreground.then(|| "--foreground".to_string()));
+        args.extend(allow_other.then(|| "--allow-other".to_string()));
+        if !warm.is_empty() {
+            args.push("--warm".into());
+            args.extend(warm);
+        }
+        args
+    }
 }
 
 fn parse_format(s: &str) -> Result<ImportFormat, String> {
@@ -249,7 +310,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !matches!(cli.command, Command::Mount { .. }) {
+    if !matches!(cli.command, Command::Mount(_)) {
         // A command's output piped into `head` (`llmfs info NAME | head`) ends it quietly, as
         // it does any Unix tool, instead of a panic on the next println. The daemon keeps
         // Rust's default (SIGPIPE ignored): nothing it writes ends it.
@@ -309,19 +370,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let added = match path.to_str().filter(|p| p.starts_with("s3://")) {
                 Some(url) => add::add_objects(&store, &name, url, &opts)?,
                 None => {
-                    if store.remote().is_some() {
-                        // Uploads take a while: show them.
-                        let total = registry::walk::walk(&path).map(|w| w.total_size()).unwrap_or(0);
-                        let bar = progress_bar(total);
-                        let shown = bar.clone();
-                        registry::set_upload_progress(Some(Box::new(move |n| shown.inc(n))));
-                        let added = add::add(&store, &name, &path, &opts);
-                        registry::set_upload_progress(None);
-                        bar.finish_and_clear();
-                        added?
-                    } else {
-                        add::add(&store, &name, &path, &opts)?
-                    }
+                    // Uploads to an object store take a while: show them (a local add uploads
+                    // nothing and the bar stays empty).
+                    let total = registry::walk::walk(&path).map(|w| w.total_size()).unwrap_or(0);
+                    let bar = progress_bar(total);
+                    let shown = bar.clone();
+                    registry::set_upload_progress(Some(Box::new(move |n| shown.inc(n))));
+                    let added = add::add(&store, &name, &path, &opts);
+                    registry::set_upload_progress(None);
+                    bar.finish_and_clear();
+                    added?
                 }
             };
             print_notes(&added.notes);
@@ -492,94 +550,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             store.remove_owned(&name, &entry);
             println!("removed {name}");
         }
-        Command::Mount {
-            mountpoint,
-            cache_size,
-            backend,
-            foreground,
-            allow_other,
-            disk_cache,
-            disk_cache_size,
-            disk_cache_verify,
-            memory_cache_size,
-            warm,
-        } => {
-            if backend == "gpu" && !cfg!(feature = "gpu") {
-                bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
-            }
-            let dead = std::fs::metadata(&mountpoint).err().and_then(|e| e.raw_os_error());
-            if matches!(dead, Some(libc::ENOTCONN | libc::ECONNABORTED)) {
-                // A mount whose daemon died (kill -9, a crash): say how to clear it.
-                bail!(
-                    "{}: a dead llmfs mount is there (its daemon is gone): `llmfs umount {}` clears it, then mount again",
-                    mountpoint.display(),
-                    mountpoint.display()
-                );
-            }
-            let disk_dir = match disk_cache {
-                Some(d) if d.as_os_str() == "0" => None,
-                Some(d) => Some(std::path::absolute(&d).unwrap_or(d)),
-                None => Some(store.root().join("cache")),
-            };
-            let verify = if disk_cache_verify == "stat" { Verify::Stat } else { Verify::Full };
-            let opts = MountOptions {
-                cache_size,
-                allow_other,
-                threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
-                disk_cache: disk_dir
-                    .clone()
-                    .filter(|_| disk_cache_size != Some(0))
-                    .map(|dir| DiskCacheOptions { dir, size: disk_cache_size, verify }),
-                memory_cache_size,
-                warm: if foreground { warm.clone() } else { vec![] },
-            };
-            if foreground {
-                init_logging();
-                let line = llmfs::compute::backend::select(
-                    &backend,
-                    llmfs::codec::quant::dequantize_range_bytes::<half::f16>,
-                )
-                .map_err(|e| anyhow::anyhow!(e))?;
-                tracing::info!("{line}");
-                mount::run_foreground(store, &mountpoint, &opts)?;
-            } else {
-                let mut args = vec!["--store".to_string(), store.location(), "mount".into()];
-                args.push(mountpoint.canonicalize().unwrap_or(mountpoint.clone()).display().to_string());
-                args.extend([
-                    "--foreground".into(),
-                    "--cache-size".into(),
-                    cache_size.to_string(),
-                    "--backend".into(),
-                    backend,
-                    "--disk-cache".into(),
-                    disk_dir.map_or("0".into(), |d| d.display().to_string()),
-                    "--disk-cache-verify".into(),
-                    disk_cache_verify,
-                ]);
-                if let Some(size) = disk_cache_size {
-                    args.extend(["--disk-cache-size".into(), size.to_string()]);
-                }
-                if let Some(size) = memory_cache_size {
-                    args.extend(["--memory-cache-size".into(), size.to_string()]);
-                }
-                if allow_other {
-                    args.push("--allow-other".into());
-                }
-                let status = mount::spawn_daemon(&store, &mountpoint, &args)?;
-                if let Some(line) = status.and_then(|s| s.warning()) {
-                    eprintln!("llmfs: {line}");
-                }
-                if !warm.is_empty() {
-                    llmfs::warm::through_mount(&mountpoint.canonicalize()?, &warm)?;
-                }
-                println!(
-                    "mounted {} at {} (log: {})",
-                    store.location(),
-                    mountpoint.display(),
-                    store.log_path().display()
-                );
-            }
-        }
+        Command::Mount(args) => mount_command(store, args)?,
         Command::Warm { names, disk_cache, disk_cache_size } => {
             let dir = match disk_cache {
                 Some(d) if d.as_os_str() == "0" => bail!("--disk-cache 0: nothing to warm"),
@@ -592,6 +563,61 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo { .. } | Command::Umount { .. } | Command::Status => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn mount_command(store: Store, args: MountArgs) -> Result<()> {
+    let mountpoint = &args.mountpoint;
+    if args.backend == "gpu" && !cfg!(feature = "gpu") {
+        bail!("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)");
+    }
+    let dead = std::fs::metadata(mountpoint).err().and_then(|e| e.raw_os_error());
+    if matches!(dead, Some(libc::ENOTCONN | libc::ECONNABORTED)) {
+        // A mount whose daemon died (kill -9, a crash): say how to clear it.
+        bail!(
+            "{}: a dead llmfs mount is there (its daemon is gone): `llmfs umount {}` clears it, then mount again",
+            mountpoint.display(),
+            mountpoint.display()
+        );
+    }
+    if !args.foreground {
+        let mut daemon = vec!["--store".to_string(), store.location()];
+        daemon.extend(args.daemon_args(&store));
+        let status = mount::spawn_daemon(&store, mountpoint, &daemon)?;
+        if let Some(line) = status.and_then(|s| s.warning()) {
+            eprintln!("llmfs: {line}");
+        }
+        if !args.warm.is_empty() {
+            llmfs::warm::through_mount(&mountpoint.canonicalize()?, &args.warm)?;
+        }
+        println!(
+            "mounted {} at {} (log: {})",
+            store.location(),
+            mountpoint.display(),
+            store.log_path().display()
+        );
+        return Ok(());
+    }
+    let verify = if args.disk_cache_verify == "stat" { Verify::Stat } else { Verify::Full };
+    let opts = MountOptions {
+        cache_size: args.cache_size,
+        allow_other: args.allow_other,
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+        disk_cache: args
+            .disk_dir(&store)
+            .filter(|_| args.disk_cache_size != Some(0))
+            .map(|dir| DiskCacheOptions { dir, size: args.disk_cache_size, verify }),
+        memory_cache_size: args.memory_cache_size,
+        warm: args.warm.clone(),
+    };
+    init_logging();
+    let line = llmfs::compute::backend::select(
+        &args.backend,
+        llmfs::codec::quant::dequantize_range_bytes::<half::f16>,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!("{line}");
+    mount::run_foreground(store, mountpoint, &opts)?;
+    Ok(())
 }
 
 /// What a command's walk of a directory left out or followed outside it: one line each, on
@@ -663,15 +689,19 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
         )?;
     }
     std::fs::create_dir_all(&mnt)?;
-    let exe_args = vec![
-        "--store".to_string(),
-        store.root().display().to_string(),
-        "mount".into(),
-        mnt.display().to_string(),
-        "--foreground".into(),
-        "--cache-size".into(),
-        "256MiB".into(),
-    ];
+    let Command::Mount(demo_mount) = Cli::parse_from([
+        "llmfs".as_ref(),
+        "mount".as_ref(),
+        mnt.as_os_str(),
+        "--cache-size".as_ref(),
+        "256MiB".as_ref(),
+    ])
+    .command
+    else {
+        unreachable!("parsed a mount")
+    };
+    let mut exe_args = vec!["--store".to_string(), store.location()];
+    exe_args.extend(demo_mount.daemon_args(&store));
     mount::spawn_daemon(&store, &mnt, &exe_args)?;
     // The commands are printed to work as typed (in bash): the binary by its real path (it need
     // not be on $PATH, e.g. `cargo run --release -- demo`), every path shell-quoted.
@@ -710,6 +740,36 @@ mod tests {
         assert_eq!(shell_quote("/tmp/a-b_c.d"), "/tmp/a-b_c.d");
         assert_eq!(shell_quote("/tmp/a b"), "'/tmp/a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn the_daemon_gets_every_mount_option() {
+        let store = Store::open(tempfile::tempdir().unwrap().path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let given = MountArgs {
+            mountpoint: dir.path().to_path_buf(),
+            cache_size: 12345,
+            backend: "cpu".into(),
+            foreground: false,
+            allow_other: true,
+            disk_cache: Some(dir.path().join("c")),
+            disk_cache_size: Some(777),
+            disk_cache_verify: "full".into(),
+            memory_cache_size: Some(999),
+            warm: vec!["a".into()],
+        };
+        let mut argv = vec!["llmfs".to_string()];
+        argv.extend(given.daemon_args(&store));
+        let Command::Mount(daemon) = Cli::try_parse_from(&argv).unwrap().command else {
+            panic!("not a mount")
+        };
+        let want = MountArgs { foreground: true, warm: vec![], ..given };
+        assert_eq!(daemon, want);
+        // No disk cache stays none; the default is the store's.
+        let none = MountArgs { disk_cache: Some("0".into()), ..want.clone() };
+        assert_eq!(none.daemon_args(&store).iter().filter(|a| *a == "0").count(), 1);
+        let default = MountArgs { disk_cache: None, ..want };
+        assert!(default.daemon_args(&store).contains(&store.root().join("cache").display().to_string()));
     }
 
     #[test]

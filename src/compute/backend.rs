@@ -48,30 +48,43 @@ fn choice() -> Choice {
 /// which `auto` times against the GPU's. Handed in, since the codecs sit above the kernels.
 pub type CpuDequant = fn(QuantBytesView<'_>, Range<usize>, &mut [u8]);
 
+/// Why `--backend` cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("unknown backend {0:?}: use auto, cpu or gpu")]
+    Unknown(String),
+    #[error(
+        "--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)"
+    )]
+    NotBuilt,
+    #[error("--backend gpu: {0}")]
+    NoGpu(String),
+}
+
 /// Pick the backend (`cpu`, `gpu` or `auto`) for this process; returns a line for the log.
-pub fn select(kind: &str, cpu_dequant: CpuDequant) -> Result<String, String> {
+pub fn select(kind: &str, cpu_dequant: CpuDequant) -> Result<String, BackendError> {
     let chosen = match kind {
         "cpu" => ALL_CPU,
         "gpu" | "auto" => select_gpu(kind == "gpu", cpu_dequant)?,
-        other => return Err(format!("unknown backend {other:?}: use auto, cpu or gpu")),
+        other => return Err(BackendError::Unknown(other.to_owned())),
     };
     let _ = CHOICE.set(chosen);
     Ok(format!("backend {kind}: {:?}", choice()))
 }
 
 #[cfg(not(feature = "gpu"))]
-fn select_gpu(required: bool, _: CpuDequant) -> Result<Choice, String> {
+fn select_gpu(required: bool, _: CpuDequant) -> Result<Choice, BackendError> {
     if required {
-        return Err("--backend gpu: this build has no GPU backend (build with `cargo build --release --features gpu`)".into());
+        return Err(BackendError::NotBuilt);
     }
     Ok(ALL_CPU)
 }
 
 #[cfg(feature = "gpu")]
-fn select_gpu(required: bool, cpu_dequant: CpuDequant) -> Result<Choice, String> {
+fn select_gpu(required: bool, cpu_dequant: CpuDequant) -> Result<Choice, BackendError> {
     let ctx = match super::gpu::GpuContext::new() {
         Ok(ctx) => ctx,
-        Err(e) if required => return Err(format!("--backend gpu: {e}")),
+        Err(e) if required => return Err(BackendError::NoGpu(e.to_string())),
         Err(e) => {
             tracing::info!("no GPU ({e}); every kernel runs on the CPU");
             return Ok(ALL_CPU);

@@ -10,11 +10,19 @@
 //! changes) so entries added or removed while mounted appear and vanish without a remount.
 //! Inode numbers are assigned on first sight and never reused within a mount; an entry removed
 //! and added again under the same name is a new generation with new inodes.
+//!
+//! Files: this one (`Fs`: lookup, getattr, readdir, open, read, release, with read-ahead),
+//! `inodes.rs` (the inode table and path lookups), `catalog.rs` (the registry as last loaded and
+//! the views built from it, swapped in without blocking requests), `decoded.rs` (fills of the
+//! disk cache), `deltas.rs` (the requests that change `deltas/`), `write/` (their staging and
+//! registry transactions), `error.rs` (errno), `fuse.rs` (the wire protocol), `mount.rs`.
 
 mod catalog;
 mod decoded;
+mod deltas;
 mod error;
 pub mod fuse;
+mod inodes;
 pub mod mount;
 pub mod write;
 
@@ -28,7 +36,9 @@ pub use crate::variant::check_sources;
 pub use crate::variant::read::{self, panic_message, Cache, ChunkKey, CHUNK_SIZE};
 use crate::variant::{self, Content, EntryView, VFile};
 use catalog::Catalog;
+use deltas::{read_staged, stage_copy};
 pub use error::{FsError, FsResult};
+use inodes::{children, find, Inodes, Node};
 
 pub const ROOT_INO: u64 = 1;
 pub const DELTAS_DIR: &str = "deltas";
@@ -63,160 +73,6 @@ pub struct Opened {
     /// Whether the kernel may keep the file's cached pages across opens: true for files that
     /// never change while visible, false for what can be rewritten through deltas/.
     pub keep_cache: bool,
-}
-
-/// What an inode names. `created` is the entry's generation (unique per registration). File and
-/// directory paths inside an entry are relative, `/`-separated (`1_Pooling/config.json`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Node {
-    Root,
-    Entry {
-        name: String,
-        created: u64,
-    },
-    /// `<entry>/<dir>/`: a subdirectory, implied by the paths of the entry's files.
-    Dir {
-        entry: String,
-        created: u64,
-        dir: String,
-    },
-    Deltas {
-        entry: String,
-        created: u64,
-    },
-    File {
-        entry: String,
-        created: u64,
-        file: String,
-    },
-    /// `<entry>/deltas/<name>/<dir>`: delta entry `name` over `entry`, stored or being written
-    /// (`dir` empty), or a directory in it.
-    DeltaDir {
-        entry: String,
-        created: u64,
-        name: String,
-        dir: String,
-    },
-    DeltaFile {
-        entry: String,
-        created: u64,
-        name: String,
-        file: String,
-    },
-    /// What was at a path a rename replaced: the inode names nothing now.
-    Gone(u64),
-}
-
-#[derive(Default)]
-struct Inodes {
-    by_node: HashMap<Node, u64>,
-    nodes: Vec<Node>,
-}
-
-impl Inodes {
-    fn ino(&mut self, node: Node) -> u64 {
-        if let Some(&ino) = self.by_node.get(&node) {
-            return ino;
-        }
-        self.nodes.push(node.clone());
-        let ino = self.nodes.len() as u64 + ROOT_INO;
-        self.by_node.insert(node, ino);
-        ino
-    }
-    fn node(&self, ino: u64) -> Option<&Node> {
-        if ino == ROOT_INO {
-            return Some(&Node::Root);
-        }
-        self.nodes.get(ino.checked_sub(ROOT_INO + 1)? as usize)
-    }
-
-    /// A rename of `from` to `to` inside `<entry>/deltas/<name>/`: the kernel keeps the inodes it
-    /// knows under their new names, so each inode at or under `from` now names the path under
-    /// `to`, and those that named what was at `to` name nothing.
-    fn rename(&mut self, entry: &str, name: &str, from: &str, to: &str) {
-        let path_of = |node: &Node| match node {
-            Node::DeltaFile { entry: e, name: n, file: p, .. }
-            | Node::DeltaDir { entry: e, name: n, dir: p, .. }
-                if e == entry && n == name && !p.is_empty() =>
-            {
-                Some(p.clone())
-            }
-            _ => None,
-        };
-        let with_path = |node: &Node, path: String| match node.clone() {
-            Node::DeltaFile { entry, created, name, .. } => {
-                Node::DeltaFile { entry, created, name, file: path }
-            }
-            Node::DeltaDir { entry, created, name, .. } => Node::DeltaDir { entry, created, name, dir: path },
-            other => other,
-        };
-        for pass in [to, from] {
-            for i in 0..self.nodes.len() {
-                let Some(path) = path_of(&self.nodes[i]) else { continue };
-                if !write::within(&path, pass) {
-                    continue;
-                }
-                let ino = i as u64 + ROOT_INO + 1;
-                let new = if pass == to {
-                    Node::Gone(ino)
-                } else {
-                    with_path(&self.nodes[i], write::moved(&path, from, to))
-                };
-                let old = std::mem::replace(&mut self.nodes[i], new.clone());
-                self.by_node.remove(&old);
-                self.by_node.insert(new, ino);
-            }
-        }
-    }
-}
-
-/// The entries of directory `dir` (empty: the top) of a tree given by its file paths and
-/// directory paths: each child's name and kind.
-fn children<'a>(
-    files: impl IntoIterator<Item = &'a String>,
-    dirs: impl IntoIterator<Item = &'a String>,
-    dir: &str,
-) -> std::collections::BTreeMap<String, Kind> {
-    let mut out = std::collections::BTreeMap::new();
-    let tagged = files.into_iter().map(|f| (f, Kind::File)).chain(dirs.into_iter().map(|d| (d, Kind::Dir)));
-    for (path, kind) in tagged {
-        let rest = if dir.is_empty() {
-            Some(path.as_str())
-        } else {
-            path.strip_prefix(dir).and_then(|r| r.strip_prefix('/'))
-        };
-        match rest.map(|r| r.split_once('/')) {
-            Some(Some((first, _))) => {
-                out.entry(first.to_owned()).or_insert(Kind::Dir);
-            }
-            Some(None) if !rest.unwrap_or_default().is_empty() => {
-                out.insert(rest.unwrap_or_default().to_owned(), kind);
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-/// What `path` is in a tree given by its file paths and directory paths.
-fn find<'a>(
-    files: impl IntoIterator<Item = &'a String>,
-    dirs: impl IntoIterator<Item = &'a String>,
-    path: &str,
-) -> Option<Kind> {
-    let mut found = None;
-    for f in files {
-        if f == path {
-            return Some(Kind::File);
-        }
-        if write::within(f, path) {
-            found = Some(Kind::Dir);
-        }
-    }
-    if found.is_none() && dirs.into_iter().any(|d| write::within(d, path)) {
-        found = Some(Kind::Dir);
-    }
-    found
 }
 
 /// The paths of what is in `<base>/deltas/<name>/`: files (staged, stored, unfinished) and the
@@ -711,203 +567,6 @@ impl Fs {
         Opened { fh, backing, keep_cache }
     }
 
-    /// `mkdir <entry>/deltas/NAME`, or a directory inside it.
-    pub fn mkdir(&self, parent: u64, name: &str) -> FsResult<Attr> {
-        // What is stored now (another descriptor's close may have just changed it).
-        self.refresh();
-        match self.node(parent)? {
-            Node::Deltas { entry, .. } => self.staging.mkdir(&self.store, &entry, name)?,
-            Node::DeltaDir { entry, name: delta, dir, .. } => {
-                let path = write::join(&dir, name);
-                let t = self.delta_tree(&entry, &delta);
-                if find(&t.files, &t.dirs, &path).is_some() {
-                    return Err(FsError::new(libc::EEXIST));
-                }
-                self.staging.mkdir_sub(&self.store, &entry, &delta, &path)?;
-            }
-            _ => return Err(FsError::new(libc::EROFS)),
-        }
-        self.lookup(parent, name)
-    }
-
-    /// `open(O_CREAT)` in `<entry>/deltas/NAME/` or a directory inside it.
-    pub fn create(&self, parent: u64, file: &str) -> FsResult<(Attr, Opened)> {
-        // What is stored now (another descriptor's close may have just changed it).
-        self.refresh();
-        let Node::DeltaDir { entry, created, name, dir } = self.node(parent)? else {
-            return Err(FsError::new(libc::EROFS));
-        };
-        let path = write::join(&dir, file);
-        let (f, id, _) = self.staging.open(&self.store, &entry, &name, &path, true, false)?;
-        let node = Node::DeltaFile { entry: entry.clone(), created, name: name.clone(), file: path };
-        let ino = self.ino(node.clone());
-        let attr = self.attr_of(ino, &node)?;
-        let target = Target::Staged { file: Arc::new(f), base: entry, name, id, writer: true };
-        Ok((attr, self.insert_handle(ino, target)))
-    }
-
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let (file, base, name, id) = {
-            let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-            match handles.get(&fh).map(|h| &h.target) {
-                Some(Target::Staged { file, base, name, id, writer: true }) => {
-                    (file.clone(), base.clone(), name.clone(), *id)
-                }
-                _ => return Err(FsError::new(libc::EBADF)),
-            }
-        };
-        let n = write::write_at(&file, offset, data).inspect_err(|e| {
-            // Never store a file some write of which was lost: every close of it says so.
-            let reason = e.message.clone().unwrap_or_else(|| "a write failed".into());
-            self.staging.write_failed(&base, &name, id, reason);
-        })?;
-        // Code what the file now holds in order while the copy goes on (delta::stream).
-        self.staging.written(&self.store, &base, &name, id, offset, data.len() as u64)?;
-        Ok(n)
-    }
-
-    /// `truncate`/`ftruncate` of a file in deltas/ (cp may size it first). A stored file that is
-    /// not open is staged, resized and stored again.
-    /// `through_handle`: ftruncate(2) of an open descriptor (stored at its close, like its
-    /// writes) rather than truncate(2) of a path, which is stored now: the descriptor that staged
-    /// the file may be closed already, its RELEASE still on its way, and nothing would store it.
-    pub fn set_size(&self, ino: u64, size: u64, through_handle: bool) -> FsResult<Attr> {
-        let node = self.node(ino)?;
-        let Node::DeltaFile { entry, name, file, .. } = &node else {
-            return Err(FsError::new(libc::EROFS));
-        };
-        // truncate(2) without a handle opens the file as a writer would, also when it is staged:
-        // a staged file whose last writer is being released (RELEASE is asynchronous to close)
-        // goes, and a size set on it alone was lost.
-        let staged = if through_handle { self.staging.staged_path(entry, name, file) } else { None };
-        let Some(path) = staged else {
-            let opened = self.open(ino, true, size == 0)?;
-            let mut result = Ok(());
-            if size != 0 {
-                result = self.set_size(ino, size, true).map(drop);
-            }
-            let result = result.and_then(|()| self.flush(opened.fh));
-            self.release(opened.fh);
-            result?;
-            // The size as stored now, not as the catalog had it before this store.
-            self.refresh();
-            return self.attr_of(ino, &node);
-        };
-        let f =
-            std::fs::OpenOptions::new().write(true).open(path).map_err(|e| FsError::eio(e.to_string()))?;
-        write::fits(&f, size)?;
-        f.set_len(size).map_err(|e| FsError::eio(e.to_string()))?;
-        self.staging.resized(&self.store, entry, name, file, size)?;
-        if !through_handle {
-            if let Some(id) = self.staging.staged_id(entry, name, file) {
-                self.staging.commit(&self.store, entry, name, id)?;
-            }
-        }
-        self.attr_of(ino, &node)
-    }
-
-    /// close() of a handle: a file written through it (or through any other descriptor) and not
-    /// stored as it is now is stored, and the error (a full disk, an earlier failed write of
-    /// the file) returned to close().
-    pub fn flush(&self, fh: u64) -> FsResult<()> {
-        let job = match self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh).map(|h| &h.target) {
-            Some(Target::Staged { base, name, id, writer: true, .. }) => (base.clone(), name.clone(), *id),
-            _ => return Ok(()),
-        };
-        self.staging.commit(&self.store, &job.0, &job.1, job.2)
-    }
-
-    pub fn unlink(&self, parent: u64, file: &str) -> FsResult<()> {
-        // What is stored now (another descriptor's close may have just changed it).
-        self.refresh();
-        let Node::DeltaDir { entry, created, name, dir } = self.node(parent)? else {
-            return Err(FsError::new(libc::EROFS));
-        };
-        let path = write::join(&dir, file);
-        if find(&self.delta_tree(&entry, &name).files, &[], &path) == Some(Kind::Dir) {
-            return Err(FsError::new(libc::EISDIR));
-        }
-        self.staging.unlink(&self.store, &entry, &name, &path)?;
-        self.staging.keep_parents(&self.store, &entry, &name, &path)?;
-        let node = Node::DeltaFile { entry, created, name, file: path };
-        // Its inode names nothing now (a file of that name written later is a new one).
-        let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(ino) = inodes.by_node.remove(&node) {
-            inodes.nodes[(ino - ROOT_INO - 1) as usize] = Node::Gone(ino);
-            inodes.by_node.insert(Node::Gone(ino), ino);
-        }
-        Ok(())
-    }
-
-    pub fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
-        // What is stored now (another descriptor's close may have just changed it).
-        self.refresh();
-        match self.node(parent)? {
-            Node::Deltas { entry, .. } => self.staging.rmdir(&self.store, &entry, name),
-            Node::DeltaDir { entry, name: delta, dir, .. } => {
-                let path = write::join(&dir, name);
-                let t = self.delta_tree(&entry, &delta);
-                match find(&t.files, &t.dirs, &path) {
-                    None => Err(FsError::new(libc::ENOENT)),
-                    Some(Kind::File) => Err(FsError::new(libc::ENOTDIR)),
-                    Some(Kind::Dir) if !children(&t.files, &t.dirs, &path).is_empty() => {
-                        Err(FsError::new(libc::ENOTEMPTY))
-                    }
-                    Some(Kind::Dir) => self.staging.rmdir_sub(&entry, &delta, &path),
-                }
-            }
-            _ => Err(FsError::new(libc::EROFS)),
-        }
-    }
-
-    /// `rename(2)` inside one `<entry>/deltas/NAME/` (files and directories, replacing a file or
-    /// an empty directory of the target name). Out of the entry, into another, or of an entry's
-    /// directory itself: EXDEV (so `mv` copies instead); anywhere else: EROFS.
-    pub fn rename(&self, parent: u64, name: &str, newparent: u64, newname: &str, flags: u32) -> FsResult<()> {
-        // What is stored now (another descriptor's close may have just changed it).
-        self.refresh();
-        const NOREPLACE: u32 = 1;
-        if flags & !NOREPLACE != 0 {
-            // RENAME_EXCHANGE, RENAME_WHITEOUT.
-            return Err(FsError::new(libc::EINVAL));
-        }
-        let (from_dir, to_dir) = (self.node(parent)?, self.node(newparent)?);
-        let (entry, delta, from, to) = match (&from_dir, &to_dir) {
-            (
-                Node::DeltaDir { entry, created, name: n, dir },
-                Node::DeltaDir { entry: e2, created: c2, name: n2, dir: d2 },
-            ) if entry == e2 && created == c2 && n == n2 => {
-                (entry.clone(), n.clone(), write::join(dir, name), write::join(d2, newname))
-            }
-            (Node::DeltaDir { .. } | Node::Deltas { .. }, _)
-            | (_, Node::DeltaDir { .. } | Node::Deltas { .. }) => {
-                return Err(FsError {
-                    errno: libc::EXDEV,
-                    message: Some(format!(
-                        "rename of {name:?} to {newname:?}: only within one deltas/<name>/ directory"
-                    )),
-                })
-            }
-            _ => return Err(FsError::new(libc::EROFS)),
-        };
-        let t = self.delta_tree(&entry, &delta);
-        let source = find(&t.files, &t.dirs, &from).ok_or(FsError::new(libc::ENOENT))?;
-        match (source, find(&t.files, &t.dirs, &to)) {
-            (_, Some(_)) if from == to => return Ok(()),
-            (_, Some(_)) if flags & NOREPLACE != 0 => return Err(FsError::new(libc::EEXIST)),
-            (Kind::File, Some(Kind::Dir)) => return Err(FsError::new(libc::EISDIR)),
-            (Kind::Dir, Some(Kind::File)) => return Err(FsError::new(libc::ENOTDIR)),
-            (Kind::Dir, Some(Kind::Dir)) if !children(&t.files, &t.dirs, &to).is_empty() => {
-                return Err(FsError::new(libc::ENOTEMPTY))
-            }
-            _ => {}
-        }
-        self.staging.rename(&self.store, &entry, &delta, &from, &to)?;
-        self.staging.keep_parents(&self.store, &entry, &delta, &from)?;
-        self.inodes.write().unwrap_or_else(|e| e.into_inner()).rename(&entry, &delta, &from, &to);
-        Ok(())
-    }
-
     /// Read into a buffer of this thread's that is reused across requests, so a read costs
     /// neither an allocation nor zeroing nor page faults; `reply` gets the bytes.
     pub fn read<R>(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(FsResult<&[u8]>) -> R) -> R {
@@ -991,30 +650,6 @@ impl Fs {
             self.staging.closed(&base, &name, id);
         }
     }
-}
-
-/// Copy a stored file's bytes into a staging file (rewriting a stored delta file in place).
-fn stage_copy(stored: &VFile, to: &std::fs::File) -> Result<(), String> {
-    use std::os::unix::fs::FileExt;
-    const PIECE: u64 = 8 << 20;
-    // A private cache: the shared one is keyed by inode, and this file has none of its own.
-    let cache = Cache::new(4 * CHUNK_SIZE);
-    let mut offset = 0;
-    while offset < stored.size {
-        let bytes = read::read_range(stored, offset, PIECE, &cache).map_err(|e| e.to_string())?;
-        to.write_all_at(&bytes, offset).map_err(|e| e.to_string())?;
-        offset += bytes.len() as u64;
-    }
-    Ok(())
-}
-
-fn read_staged(file: &std::fs::File, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let len = file.metadata()?.len();
-    let n = offset.saturating_add(size as u64).min(len).saturating_sub(offset) as usize;
-    let mut buf = vec![0u8; n];
-    file.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
 }
 
 /// Sizes of the store's filesystem, for statfs of the mount.

@@ -2,6 +2,9 @@
 // FastChat main). Do not edit: change the script and run it again.
 
 //! FastChat's conversation templates and model adapters as data (see scripts/gen_fastchat_tables.py).
+//!
+//! One file, though over the ~800-line mark, on purpose: it is generated and data only (the
+//! tables, no logic), written whole by the script and compared whole by its `--check`.
 
 use super::conversation::{Conversation, SepStyle};
 use super::rules::{Adapter, Atom, Cond, Subject};

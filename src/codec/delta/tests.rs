@@ -1,7 +1,12 @@
 //! Tests of the delta codecs: fast paths against references, exact round trips, hostile
 //! frames, and the lossy codecs' error bounds.
 
+use super::bitdelta::decode_bitdelta_reference;
+use super::float::Float;
+use super::lossless::ZSTD_MAGIC;
+use super::transform::{ulp_reference, Word};
 use super::*;
+use crate::format::Dtype;
 use proptest::prelude::*;
 
 const ESIZES: [usize; 6] = [1, 2, 3, 4, 8, 16];

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the FastChat quantization reference cases in tests/data/fastchat_quant/.
 
-llmfs's group-wise quantizer (src/codec/quant.rs) must dequantize to values bit-identical to
+llmfs's group-wise quantizer (src/codec/quant/) must dequantize to values bit-identical to
 FastChat's `decompress(compress(t, config), config)` run by torch on the CPU. This script runs
 the real FastChat code on small seeded tensors and saves, per case, the input and FastChat's
 output as a safetensors file, plus manifest.json describing every case. tests/fastchat_quant.rs

@@ -5,12 +5,13 @@
 
 /// torch's descending order of magnitudes: NaN first, then larger before smaller.
 fn sorts_before_descending(a: &(f32, u32), b: &(f32, u32)) -> bool {
-    (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0
+    // `&`/`|`, not `&&`/`||`: no branches, so the block scans stay branch-free.
+    (a.0.is_nan() & !b.0.is_nan()) | (a.0 > b.0)
 }
 
 /// torch's ascending order of magnitudes: smaller before larger, NaN last.
 fn sorts_before_ascending(a: &(f32, u32), b: &(f32, u32)) -> bool {
-    (!a.0.is_nan() && b.0.is_nan()) || a.0 < b.0
+    (!a.0.is_nan() & b.0.is_nan()) | (a.0 < b.0)
 }
 
 /// torch's CPU `sort`/`argsort` of one f32 row, unstable (ATen `SortingKernel.cpp` calls
@@ -100,40 +101,8 @@ fn introsort_steps<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(
         depth -= 1;
         let last = v.len();
         // __unguarded_partition_pivot: median of (first + 1, mid, last - 1) moved to first.
-        let mid = last / 2;
-        let (a, b, c) = (1, mid, last - 1);
-        let m = if comp(&v[a], &v[b]) {
-            if comp(&v[b], &v[c]) {
-                b
-            } else if comp(&v[a], &v[c]) {
-                c
-            } else {
-                a
-            }
-        } else if comp(&v[a], &v[c]) {
-            a
-        } else if comp(&v[b], &v[c]) {
-            c
-        } else {
-            b
-        };
-        v.swap(0, m);
-        // __unguarded_partition(first + 1, last, pivot = first)
-        let (mut lo, mut hi) = (1, last);
-        let cut = loop {
-            while comp(&v[lo], &v[0]) {
-                lo += 1;
-            }
-            hi -= 1;
-            while comp(&v[0], &v[hi]) {
-                hi -= 1;
-            }
-            if lo >= hi {
-                break lo;
-            }
-            v.swap(lo, hi);
-            lo += 1;
-        };
+        median_to_front(v, comp);
+        let cut = partition(v, comp);
         let (left, right) = std::mem::take(&mut v).split_at_mut(cut);
         if last >= PARALLEL_SORT_MIN {
             rayon::join(
@@ -149,6 +118,116 @@ fn introsort_steps<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(
         let len = v.len();
         insertion_sort(v, 0, len, comp);
     }
+}
+
+/// Elements per block of [`partition`]'s scans: offsets fit a `u8`, two buffers of them and
+/// the block they index stay in L1.
+const SCAN_BLOCK: usize = 128;
+
+/// `__unguarded_partition(first + 1, last, pivot = first)` on `v` (the pivot at `v[0]`),
+/// returning the cut. Hoare's scans pair the i-th element from the left that does not sort
+/// before the pivot with the i-th from the right that the pivot does not sort before, and swap
+/// each pair until the scans cross. While more than a block lies between them, each side is
+/// scanned a block at a time (BlockQuicksort, Edelkamp and Weiss 2016): a block's stops are
+/// found branch-free into a buffer of offsets, and the two buffers are paired in order — the
+/// same pairs, so the same swaps, as Hoare's. The crossing is left to Hoare's own scans
+/// ([`hoare_from`]), from the state after the last pair. Random magnitudes against a median
+/// pivot make every branch of the plain scans a coin toss: most of a cut-off's time before.
+fn partition<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(v: &mut [(f32, u32)], comp: &C) -> usize {
+    let last = v.len();
+    let pivot = v[0];
+    // Hoare's state at the top of its loop: after k swaps, one past the k-th left stop and the
+    // k-th right stop; before any, 1 and `last`.
+    let (mut lo, mut hi) = (1usize, last);
+    // Positions `lscan..rscan` are unscanned (so unmoved).
+    let (mut lscan, mut rscan) = (1usize, last);
+    let (mut lbuf, mut rbuf) = ([0u8; SCAN_BLOCK], [0u8; SCAN_BLOCK]);
+    // A block's first position (left) or last (right, whose offsets count down), the next
+    // unpaired stop in its buffer and the buffer's count.
+    let (mut lstart, mut lnext, mut lcount) = (0usize, 0usize, 0usize);
+    let (mut rstart, mut rnext, mut rcount) = (0usize, 0usize, 0usize);
+    loop {
+        if lnext == lcount {
+            if rscan - lscan < SCAN_BLOCK {
+                break;
+            }
+            (lstart, lnext, lcount) = (lscan, 0, 0);
+            for (t, e) in v[lscan..lscan + SCAN_BLOCK].iter().enumerate() {
+                lbuf[lcount] = t as u8;
+                lcount += !comp(e, &pivot) as usize;
+            }
+            lscan += SCAN_BLOCK;
+        }
+        if rnext == rcount {
+            if rscan - lscan < SCAN_BLOCK {
+                break;
+            }
+            (rstart, rnext, rcount) = (rscan - 1, 0, 0);
+            for (t, e) in v[rscan - SCAN_BLOCK..rscan].iter().rev().enumerate() {
+                rbuf[rcount] = t as u8;
+                rcount += !comp(&pivot, e) as usize;
+            }
+            rscan -= SCAN_BLOCK;
+        }
+        let pairs = (lcount - lnext).min(rcount - rnext);
+        for t in 0..pairs {
+            v.swap(lstart + lbuf[lnext + t] as usize, rstart - rbuf[rnext + t] as usize);
+        }
+        if pairs > 0 {
+            lo = lstart + lbuf[lnext + pairs - 1] as usize + 1;
+            hi = rstart - rbuf[rnext + pairs - 1] as usize;
+        }
+        lnext += pairs;
+        rnext += pairs;
+    }
+    hoare_from(v, &pivot, lo, hi, comp)
+}
+
+/// Hoare's loop as libstdc++ writes it, from the state (`lo`, `hi`) at the top of the loop.
+fn hoare_from<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    pivot: &(f32, u32),
+    mut lo: usize,
+    mut hi: usize,
+    comp: &C,
+) -> usize {
+    loop {
+        while comp(&v[lo], pivot) {
+            lo += 1;
+        }
+        hi -= 1;
+        while comp(pivot, &v[hi]) {
+            hi -= 1;
+        }
+        if lo >= hi {
+            return lo;
+        }
+        v.swap(lo, hi);
+        lo += 1;
+    }
+}
+
+/// `__move_median_to_first(first, first + 1, mid, last - 1)`: the median of those three moved
+/// to the front as the pivot (it also makes Hoare's unguarded scans stop within the row).
+fn median_to_front<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(v: &mut [(f32, u32)], comp: &C) {
+    let last = v.len();
+    let (a, b, c) = (1, last / 2, last - 1);
+    let m = if comp(&v[a], &v[b]) {
+        if comp(&v[b], &v[c]) {
+            b
+        } else if comp(&v[a], &v[c]) {
+            c
+        } else {
+            a
+        }
+    } else if comp(&v[a], &v[c]) {
+        a
+    } else if comp(&v[b], &v[c]) {
+        c
+    } else {
+        b
+    };
+    v.swap(0, m);
 }
 
 fn insertion_sort<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
@@ -311,6 +390,39 @@ mod tests {
             assert_eq!(got, want, "the first {} elements, descending {desc}", n / 3);
             let keys: Vec<f32> = one.iter().map(|&i| vals[i as usize].0).collect();
             assert!(keys.windows(2).all(|w| if desc { w[0] >= w[1] } else { w[0] <= w[1] }));
+        }
+    }
+
+    proptest! {
+        /// The block scans make Hoare's swaps: the same permutation and cut as the plain loop,
+        /// on rows long enough for many blocks, with ties (most values repeat) and NaNs.
+        #[test]
+        fn block_partition_is_hoares(
+            vals in proptest::collection::vec(0u8..40, 17..3000),
+            desc in any::<bool>(),
+        ) {
+            let mut v: Vec<(f32, u32)> = vals
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (if x == 39 { f32::NAN } else { x as f32 }, i as u32))
+                .collect();
+            // The pivot as the replay picks it (a median of three: the scans' sentinels).
+            if desc {
+                median_to_front(&mut v, &sorts_before_descending);
+            } else {
+                median_to_front(&mut v, &sorts_before_ascending);
+            }
+            let bits = |v: &[(f32, u32)]| v.iter().map(|e| (e.0.to_bits(), e.1)).collect::<Vec<_>>();
+            let (mut fast, mut plain) = (v.clone(), v.clone());
+            let (cf, cp) = if desc {
+                let pv = plain[0];
+                (partition(&mut fast, &sorts_before_descending), hoare_from(&mut plain, &pv, 1, v.len(), &sorts_before_descending))
+            } else {
+                let pv = plain[0];
+                (partition(&mut fast, &sorts_before_ascending), hoare_from(&mut plain, &pv, 1, v.len(), &sorts_before_ascending))
+            };
+            prop_assert_eq!(cf, cp);
+            prop_assert_eq!(bits(&fast), bits(&plain));
         }
     }
 }

@@ -41,6 +41,7 @@
 //! mix: sign consensus, disjoint mean), `slerp` (slerp, nuslerp), `model_stock`, `values`
 //! (decode and cast on load, encode on write). This file holds the types and the dispatch.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::format::Dtype;
@@ -246,20 +247,20 @@ impl TensorMerge {
         if parents.iter().any(|p| p.len() != n) {
             return Err(KernelError::Invalid("stats: parents must be whole tensors".into()));
         }
-        let d = self.dtype;
         Ok(match &self.kernel {
             Kernel::Linear { .. } | Kernel::Passthrough { .. } => Stats::None,
             Kernel::Gta(g) => {
                 let b =
                     self.base.ok_or_else(|| KernelError::Invalid("task arithmetic needs a base".into()))?;
                 let others = self.non_base(parents.len());
-                let mut out = Vec::new();
-                for (k, &j) in others.iter().enumerate() {
-                    let p = &g.parents[k];
-                    let delta: Vec<f32> =
-                        parents[j].iter().zip(parents[b]).map(|(&x, &y)| round(d, x - y)).collect();
-                    out.push(self.parent_stats(g, p, k, &delta)?);
-                }
+                // The parents' cut-offs are independent: on the rayon pool, so a tensor's first
+                // read is not one core's three whole-tensor selections in a row (each holds its
+                // magnitudes, 8 bytes an element, while it runs).
+                let out = others
+                    .par_iter()
+                    .enumerate()
+                    .map(|(k, &j)| self.parent_stats(g, &g.parents[k], k, parents[j], parents[b]))
+                    .collect::<Result<Vec<_>, _>>()?;
                 Stats::Gta(out)
             }
             Kernel::Slerp { t } => self.slerp_stats(*t, parents),
@@ -331,7 +332,7 @@ pub(super) mod tests {
         })
     }
 
-    fn all_kernels() -> Vec<(Kernel, Option<usize>, usize)> {
+    pub(crate) fn all_kernels() -> Vec<(Kernel, Option<usize>, usize)> {
         vec![
             (Kernel::Linear { weights: vec![0.5, 0.3, 0.2, 0.1], normalize: true }, None, 4),
             (gta(false, None, 1.0, false), Some(0), 4),

@@ -4,6 +4,8 @@
 //! range-wise mask. Random masks come from a counter-based hash of (seed, tensor, parent,
 //! element), so any range is computed alone and gives the same bits.
 
+use rayon::prelude::*;
+
 use super::sort::torch_select;
 use super::torch::sum;
 use super::{round, scalar, Gta, GtaParent, Keep, KernelError, ParentStats, Sparsify, TensorMerge};
@@ -51,10 +53,11 @@ impl TensorMerge {
         g: &Gta,
         p: &GtaParent,
         k: usize,
-        delta: &[f32],
+        parent: &[f32],
+        base: &[f32],
     ) -> Result<ParentStats, KernelError> {
         let d = self.dtype;
-        let n = delta.len();
+        let n = parent.len();
         let Some(method) = g.sparsify else {
             return Ok(ParentStats { keep: Keep::All, factor: None });
         };
@@ -69,8 +72,7 @@ impl TensorMerge {
                 } else {
                     // l.63: k = max(1, int(density * numel)); argsort(|delta| as f32, descending)[:k].
                     let kk = ((p.density * n as f64) as usize).max(1);
-                    let mut v: Vec<(f32, u32)> =
-                        delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
+                    let mut v = self.magnitudes(parent, base);
                     torch_select(&mut v, true, &[kk - 1]);
                     let mag = v[kk - 1].0;
                     let mut ties: Vec<u32> = v[..kk].iter().filter(|e| e.0 == mag).map(|e| e.1).collect();
@@ -88,8 +90,7 @@ impl TensorMerge {
                 if target == 0 || n_bot >= hi_rank {
                     Keep::Nothing
                 } else {
-                    let mut v: Vec<(f32, u32)> =
-                        delta.iter().enumerate().map(|(i, &x)| (x.abs(), i as u32)).collect();
+                    let mut v = self.magnitudes(parent, base);
                     torch_select(&mut v, false, &[n_bot, hi_rank - 1]);
                     let (lo, hi) = (v[n_bot].0, v[hi_rank - 1].0);
                     let mut ties: Vec<u32> =
@@ -124,8 +125,9 @@ impl TensorMerge {
             // unless either is below eps.
             let stream = stream_key(self.seed, self.name_key, k);
             let row = self.row_len();
+            let delta: Vec<f32> = parent.iter().zip(base).map(|(&x, &y)| round(d, x - y)).collect();
             let mut masked = vec![0f32; n];
-            self.mask_range(&keep, stream, 0, row, delta, work, &mut masked);
+            self.mask_range(&keep, stream, 0, row, &delta, work, &mut masked);
             let abs: Vec<f32> = delta.iter().map(|&x| round(work, x).abs()).collect();
             let before = sum(work, &abs, self.threads);
             let abs: Vec<f32> = masked.iter().map(|x| x.abs()).collect();
@@ -140,6 +142,23 @@ impl TensorMerge {
             None
         };
         Ok(ParentStats { keep, factor })
+    }
+
+    /// `(|parent - base| in the compute dtype, index)` of every element: what torch's argsort of
+    /// the delta's magnitudes orders. One pass over the whole tensor at its first read, split
+    /// over the rayon pool (no delta tensor of its own).
+    fn magnitudes(&self, parent: &[f32], base: &[f32]) -> Vec<(f32, u32)> {
+        /// Elements per task: enough to make a task's overhead noise.
+        const PIECE: usize = 1 << 16;
+        let d = self.dtype;
+        let mut v = vec![(0f32, 0u32); parent.len()];
+        v.par_chunks_mut(PIECE).enumerate().for_each(|(c, out)| {
+            let at = c * PIECE;
+            for (i, ((o, &x), &y)) in out.iter_mut().zip(&parent[at..]).zip(&base[at..]).enumerate() {
+                *o = (round(d, x - y).abs(), (at + i) as u32);
+            }
+        });
+        v
     }
 
     /// `tensor * mask` over `delta[..]` (elements `start..`), in the work dtype.

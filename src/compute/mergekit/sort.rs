@@ -1,0 +1,428 @@
+//! torch's CPU `sort`/`argsort` of magnitudes, replayed step by step (libstdc++'s introsort, as
+//! ATen's `SortingKernel.cpp` calls it), so equal magnitudes land where torch's unstable sort puts
+//! them: the TIES / breadcrumbs cut-offs keep exactly mergekit's elements. `torch_select` replays
+//! only the steps that decide a few positions (a top-k cut-off without a whole sort).
+
+/// torch's descending order of magnitudes: NaN first, then larger before smaller.
+fn sorts_before_descending(a: &(f32, u32), b: &(f32, u32)) -> bool {
+    // `&`/`|`, not `&&`/`||`: no branches, so the block scans stay branch-free.
+    (a.0.is_nan() & !b.0.is_nan()) | (a.0 > b.0)
+}
+
+/// torch's ascending order of magnitudes: smaller before larger, NaN last.
+fn sorts_before_ascending(a: &(f32, u32), b: &(f32, u32)) -> bool {
+    (!a.0.is_nan() & b.0.is_nan()) | (a.0 < b.0)
+}
+
+/// torch's CPU `sort`/`argsort` of one f32 row, unstable (ATen `SortingKernel.cpp` calls
+/// `std::sort` on (value, index) pairs compared by value; torch's wheels use libstdc++): its
+/// introsort replayed step by step, so equal magnitudes come out in the same order as torch's.
+pub fn torch_sort(v: &mut [(f32, u32)], descending: bool) {
+    // Two comparators, each its own instance of the sort (a `dyn` comparator was an indirect
+    // call per comparison: most of a TIES merge's time).
+    if descending {
+        sort_by(v, &sorts_before_descending)
+    } else {
+        sort_by(v, &sorts_before_ascending)
+    }
+}
+
+/// What [`torch_sort`] puts at positions `need` (each of them exact), with every element in the
+/// same stretch between needed positions as torch's sort puts there, in some order: the sort's
+/// replay, skipping every side of a partition that holds no needed position and every leaf
+/// (16 or fewer elements) that holds none. Its sides are never crossed by the later steps (after
+/// a partition, no element of the right side compares below one of the left), so which elements
+/// land left of a position does not depend on how the skipped sides would have been sorted. A
+/// top-k set then costs a few passes over the data instead of a whole sort (`log2 n` of them).
+pub fn torch_select(v: &mut [(f32, u32)], descending: bool, need: &[usize]) {
+    if descending {
+        select_by(v, &sorts_before_descending, need)
+    } else {
+        select_by(v, &sorts_before_ascending, need)
+    }
+}
+
+fn select_by<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(v: &mut [(f32, u32)], comp: &C, need: &[usize]) {
+    let n = v.len();
+    if n < 2 {
+        return;
+    }
+    let lg = (usize::BITS - 1 - n.leading_zeros()) as usize;
+    introsort_steps(v, 0, Some(need), 2 * lg, comp);
+}
+
+/// libstdc++'s `std::sort` with `comp` (strict weak order), step by step.
+fn sort_by<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(v: &mut [(f32, u32)], comp: &C) {
+    let n = v.len();
+    if n < 2 {
+        return;
+    }
+    let lg = (usize::BITS - 1 - n.leading_zeros()) as usize;
+    introsort_steps(v, 0, None, 2 * lg, comp);
+    // __final_insertion_sort
+    if n > 16 {
+        insertion_sort(v, 0, 16, comp);
+        for i in 16..n {
+            unguarded_linear_insert(v, i, comp);
+        }
+    } else {
+        insertion_sort(v, 0, n, comp);
+    }
+}
+
+/// Subarrays at least this long are sorted on two threads (rayon's join): after a partition
+/// the two sides are independent, so the replay's steps, and so its result, are the same.
+const PARALLEL_SORT_MIN: usize = 1 << 16;
+
+/// libstdc++'s `__introsort_loop` on all of `v` (`need`: None; the caller's final insertion
+/// sort orders the leaves), or only its steps that decide positions `need` of it (`v` starting
+/// at position `offset` of the whole; the leaves holding one are insertion-sorted here):
+/// partition around a median of three, sort the right side, loop on the left, heap sort past
+/// the depth limit; sides of 16 or fewer are leaves.
+fn introsort_steps<C: Fn(&(f32, u32), &(f32, u32)) -> bool + Sync>(
+    v: &mut [(f32, u32)],
+    offset: usize,
+    need: Option<&[usize]>,
+    mut depth: usize,
+    comp: &C,
+) {
+    let mut v = v;
+    let wanted = |offset: usize, len: usize| {
+        need.is_none_or(|need| need.iter().any(|&p| p >= offset && p < offset + len))
+    };
+    while v.len() > 16 {
+        if !wanted(offset, v.len()) {
+            return;
+        }
+        if depth == 0 {
+            heap_sort(v, comp);
+            return;
+        }
+        depth -= 1;
+        let last = v.len();
+        // __unguarded_partition_pivot: median of (first + 1, mid, last - 1) moved to first.
+        median_to_front(v, comp);
+        let cut = partition(v, comp);
+        let (left, right) = std::mem::take(&mut v).split_at_mut(cut);
+        if last >= PARALLEL_SORT_MIN {
+            rayon::join(
+                || introsort_steps(right, offset + cut, need, depth, comp),
+                || introsort_steps(left, offset, need, depth, comp),
+            );
+            return;
+        }
+        introsort_steps(right, offset + cut, need, depth, comp);
+        v = left;
+    }
+    if need.is_some() && wanted(offset, v.len()) {
+        let len = v.len();
+        insertion_sort(v, 0, len, comp);
+    }
+}
+
+/// Elements per block of [`partition`]'s scans: offsets fit a `u8`, two buffers of them and
+/// the block they index stay in L1.
+const SCAN_BLOCK: usize = 128;
+
+/// `__unguarded_partition(first + 1, last, pivot = first)` on `v` (the pivot at `v[0]`),
+/// returning the cut. Hoare's scans pair the i-th element from the left that does not sort
+/// before the pivot with the i-th from the right that the pivot does not sort before, and swap
+/// each pair until the scans cross. While more than a block lies between them, each side is
+/// scanned a block at a time (BlockQuicksort, Edelkamp and Weiss 2016): a block's stops are
+/// found branch-free into a buffer of offsets, and the two buffers are paired in order — the
+/// same pairs, so the same swaps, as Hoare's. The crossing is left to Hoare's own scans
+/// ([`hoare_from`]), from the state after the last pair. Random magnitudes against a median
+/// pivot make every branch of the plain scans a coin toss: most of a cut-off's time before.
+fn partition<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(v: &mut [(f32, u32)], comp: &C) -> usize {
+    let last = v.len();
+    let pivot = v[0];
+    // Hoare's state at the top of its loop: after k swaps, one past the k-th left stop and the
+    // k-th right stop; before any, 1 and `last`.
+    let (mut lo, mut hi) = (1usize, last);
+    // Positions `lscan..rscan` are unscanned (so unmoved).
+    let (mut lscan, mut rscan) = (1usize, last);
+    let (mut lbuf, mut rbuf) = ([0u8; SCAN_BLOCK], [0u8; SCAN_BLOCK]);
+    // A block's first position (left) or last (right, whose offsets count down), the next
+    // unpaired stop in its buffer and the buffer's count.
+    let (mut lstart, mut lnext, mut lcount) = (0usize, 0usize, 0usize);
+    let (mut rstart, mut rnext, mut rcount) = (0usize, 0usize, 0usize);
+    loop {
+        if lnext == lcount {
+            if rscan - lscan < SCAN_BLOCK {
+                break;
+            }
+            (lstart, lnext, lcount) = (lscan, 0, 0);
+            for (t, e) in v[lscan..lscan + SCAN_BLOCK].iter().enumerate() {
+                lbuf[lcount] = t as u8;
+                lcount += !comp(e, &pivot) as usize;
+            }
+            lscan += SCAN_BLOCK;
+        }
+        if rnext == rcount {
+            if rscan - lscan < SCAN_BLOCK {
+                break;
+            }
+            (rstart, rnext, rcount) = (rscan - 1, 0, 0);
+            for (t, e) in v[rscan - SCAN_BLOCK..rscan].iter().rev().enumerate() {
+                rbuf[rcount] = t as u8;
+                rcount += !comp(&pivot, e) as usize;
+            }
+            rscan -= SCAN_BLOCK;
+        }
+        let pairs = (lcount - lnext).min(rcount - rnext);
+        for t in 0..pairs {
+            v.swap(lstart + lbuf[lnext + t] as usize, rstart - rbuf[rnext + t] as usize);
+        }
+        if pairs > 0 {
+            lo = lstart + lbuf[lnext + pairs - 1] as usize + 1;
+            hi = rstart - rbuf[rnext + pairs - 1] as usize;
+        }
+        lnext += pairs;
+        rnext += pairs;
+    }
+    hoare_from(v, &pivot, lo, hi, comp)
+}
+
+/// Hoare's loop as libstdc++ writes it, from the state (`lo`, `hi`) at the top of the loop.
+fn hoare_from<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    pivot: &(f32, u32),
+    mut lo: usize,
+    mut hi: usize,
+    comp: &C,
+) -> usize {
+    loop {
+        while comp(&v[lo], pivot) {
+            lo += 1;
+        }
+        hi -= 1;
+        while comp(pivot, &v[hi]) {
+            hi -= 1;
+        }
+        if lo >= hi {
+            return lo;
+        }
+        v.swap(lo, hi);
+        lo += 1;
+    }
+}
+
+/// `__move_median_to_first(first, first + 1, mid, last - 1)`: the median of those three moved
+/// to the front as the pivot (it also makes Hoare's unguarded scans stop within the row).
+fn median_to_front<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(v: &mut [(f32, u32)], comp: &C) {
+    let last = v.len();
+    let (a, b, c) = (1, last / 2, last - 1);
+    let m = if comp(&v[a], &v[b]) {
+        if comp(&v[b], &v[c]) {
+            b
+        } else if comp(&v[a], &v[c]) {
+            c
+        } else {
+            a
+        }
+    } else if comp(&v[a], &v[c]) {
+        a
+    } else if comp(&v[b], &v[c]) {
+        c
+    } else {
+        b
+    };
+    v.swap(0, m);
+}
+
+fn insertion_sort<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    first: usize,
+    last: usize,
+    comp: &C,
+) {
+    for i in first + 1..last {
+        if comp(&v[i], &v[first]) {
+            let val = v[i];
+            v.copy_within(first..i, first + 1);
+            v[first] = val;
+        } else {
+            unguarded_linear_insert(v, i, comp);
+        }
+    }
+}
+
+fn unguarded_linear_insert<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    mut last: usize,
+    comp: &C,
+) {
+    let val = v[last];
+    while comp(&val, &v[last - 1]) {
+        v[last] = v[last - 1];
+        last -= 1;
+    }
+    v[last] = val;
+}
+
+/// `__partial_sort(first, last, last)`: libstdc++'s make_heap then sort_heap.
+fn heap_sort<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(v: &mut [(f32, u32)], comp: &C) {
+    let len = v.len();
+    if len < 2 {
+        return;
+    }
+    let mut parent = (len - 2) / 2;
+    loop {
+        let val = v[parent];
+        adjust_heap(v, parent, len, val, comp);
+        if parent == 0 {
+            break;
+        }
+        parent -= 1;
+    }
+    let mut last = len;
+    while last > 1 {
+        last -= 1;
+        let val = v[last];
+        v[last] = v[0];
+        adjust_heap(v, 0, last, val, comp);
+    }
+}
+
+fn adjust_heap<C: Fn(&(f32, u32), &(f32, u32)) -> bool>(
+    v: &mut [(f32, u32)],
+    mut hole: usize,
+    len: usize,
+    val: (f32, u32),
+    comp: &C,
+) {
+    let top = hole;
+    let mut second = hole;
+    while len > 2 && second < (len - 1) / 2 {
+        second = 2 * (second + 1);
+        if comp(&v[second], &v[second - 1]) {
+            second -= 1;
+        }
+        v[hole] = v[second];
+        hole = second;
+    }
+    if len & 1 == 0 && second == (len - 2) / 2 {
+        second = 2 * (second + 1);
+        v[hole] = v[second - 1];
+        hole = second - 1;
+    }
+    // __push_heap
+    let mut parent = hole.saturating_sub(1) / 2;
+    while hole > top && comp(&v[parent], &val) {
+        v[hole] = v[parent];
+        hole = parent;
+        parent = hole.saturating_sub(1) / 2;
+    }
+    v[hole] = val;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The introsort replay is a sort: a permutation, ordered by value (ties in any order).
+        #[test]
+        fn torch_sort_sorts(vals in proptest::collection::vec(0u8..12, 0..3000), desc in any::<bool>()) {
+            let mut v: Vec<(f32, u32)> = vals.iter().enumerate().map(|(i, &x)| (x as f32 / 4.0, i as u32)).collect();
+            torch_sort(&mut v, desc);
+            let mut ids: Vec<u32> = v.iter().map(|e| e.1).collect();
+            ids.sort_unstable();
+            prop_assert!(ids.iter().enumerate().all(|(i, &x)| i as u32 == x));
+            let ordered = v.windows(2).all(|w| if desc { w[0].0 >= w[1].0 } else { w[0].0 <= w[1].0 });
+            prop_assert!(ordered);
+            prop_assert!(v.iter().all(|e| e.0 == vals[e.1 as usize] as f32 / 4.0));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn torch_select_agrees_with_torch_sort(
+            vals in proptest::collection::vec(0u8..12, 1..5000),
+            desc in any::<bool>(),
+            a in any::<proptest::sample::Index>(),
+            b in any::<proptest::sample::Index>(),
+        ) {
+            let v: Vec<(f32, u32)> = vals.iter().enumerate().map(|(i, &x)| (x as f32, i as u32)).collect();
+            let (p, q) = { let (p, q) = (a.index(v.len()), b.index(v.len())); (p.min(q), p.max(q)) };
+            let mut sorted = v.clone();
+            torch_sort(&mut sorted, desc);
+            let mut selected = v.clone();
+            torch_select(&mut selected, desc, &[p, q]);
+            prop_assert_eq!(selected[p], sorted[p]);
+            prop_assert_eq!(selected[q], sorted[q]);
+            // The same elements before p, and between p and q.
+            let set = |s: &[(f32, u32)]| { let mut ids: Vec<u32> = s.iter().map(|e| e.1).collect(); ids.sort(); ids };
+            prop_assert_eq!(set(&selected[..p]), set(&sorted[..p]));
+            prop_assert_eq!(set(&selected[p..=q]), set(&sorted[p..=q]));
+        }
+    }
+
+    /// Large enough for the parallel partitions: the result is the sequential replay's, on any
+    /// number of threads (ties, which the replay exists for, everywhere).
+    #[test]
+    fn torch_sort_is_the_same_on_one_thread_and_many() {
+        let n = 3 * PARALLEL_SORT_MIN + 1234;
+        let vals: Vec<(f32, u32)> =
+            (0..n).map(|i| (((i as u64 * 2654435761) % 97) as f32 - 48.0, i as u32)).collect();
+        for desc in [true, false] {
+            let sorted = |threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut v = vals.clone();
+                pool.install(|| torch_sort(&mut v, desc));
+                v.iter().map(|p| p.1).collect::<Vec<u32>>()
+            };
+            let one = sorted(1);
+            assert_eq!(one, sorted(4), "descending {desc}");
+            // The select replay's parallel sides too: the needed positions and the sets between.
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+            let mut sel = vals.clone();
+            let need = [n / 3, n / 2];
+            pool.install(|| torch_select(&mut sel, desc, &need));
+            for p in need {
+                assert_eq!(sel[p].1, one[p], "position {p}, descending {desc}");
+            }
+            let mut got: Vec<u32> = sel[..n / 3].iter().map(|e| e.1).collect();
+            let mut want = one[..n / 3].to_vec();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "the first {} elements, descending {desc}", n / 3);
+            let keys: Vec<f32> = one.iter().map(|&i| vals[i as usize].0).collect();
+            assert!(keys.windows(2).all(|w| if desc { w[0] >= w[1] } else { w[0] <= w[1] }));
+        }
+    }
+
+    proptest! {
+        /// The block scans make Hoare's swaps: the same permutation and cut as the plain loop,
+        /// on rows long enough for many blocks, with ties (most values repeat) and NaNs.
+        #[test]
+        fn block_partition_is_hoares(
+            vals in proptest::collection::vec(0u8..40, 17..3000),
+            desc in any::<bool>(),
+        ) {
+            let mut v: Vec<(f32, u32)> = vals
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (if x == 39 { f32::NAN } else { x as f32 }, i as u32))
+                .collect();
+            // The pivot as the replay picks it (a median of three: the scans' sentinels).
+            if desc {
+                median_to_front(&mut v, &sorts_before_descending);
+            } else {
+                median_to_front(&mut v, &sorts_before_ascending);
+            }
+            let bits = |v: &[(f32, u32)]| v.iter().map(|e| (e.0.to_bits(), e.1)).collect::<Vec<_>>();
+            let (mut fast, mut plain) = (v.clone(), v.clone());
+            let (cf, cp) = if desc {
+                let pv = plain[0];
+                (partition(&mut fast, &sorts_before_descending), hoare_from(&mut plain, &pv, 1, v.len(), &sorts_before_descending))
+            } else {
+                let pv = plain[0];
+                (partition(&mut fast, &sorts_before_ascending), hoare_from(&mut plain, &pv, 1, v.len(), &sorts_before_ascending))
+            };
+            prop_assert_eq!(cf, cp);
+            prop_assert_eq!(bits(&fast), bits(&plain));
+        }
+    }
+}

@@ -117,7 +117,102 @@ pub(crate) fn make_qkx2_quants(
 }
 
 /// Sub-blocks per super-block in Q4_K/Q5_K: the lanes of `make_qkx2_quants_x8`.
-const SUB: usize = QK_K / 32;
+pub(super) const SUB: usize = QK_K / 32;
+
+/// The search of [`make_qkx2_quants_x8`] once its lanes' sums and first scale are known: the
+/// codes of the first scale and their error, then `nstep + 1` candidate scales, each lane
+/// keeping its best (codes in `best_l` as f32, `scale`, `min`). `super::avx2` has the same
+/// function in AVX2 intrinsics, operation for operation.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) fn qkx2_search_x8(
+    nmax: i32,
+    xt: &[[f32; SUB]; 32],
+    wt: &[[f32; SUB]; 32],
+    sum_w: &[f32; SUB],
+    sum_x: &[f32; SUB],
+    iscale0: &[f32; SUB],
+    scale: &mut [f32; SUB],
+    min: &mut [f32; SUB],
+    max: &[f32; SUB],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    best_l: &mut [[f32; SUB]; 32],
+) {
+    let nmaxf = nmax as f32;
+    let mut iscale = *iscale0;
+    // The codes are kept as f32 (small integers, exact) while searching, so the loops stay in
+    // vector registers: no packing to bytes and back on each candidate.
+    let mut best_error = [0.0f32; SUB];
+    for i in 0..32 {
+        for j in 0..SUB {
+            let lf = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax) as f32;
+            best_l[i][j] = lf;
+            let diff = scale[j] * lf + min[j] - xt[i][j];
+            best_error[j] += wt[i][j] * (diff * diff);
+        }
+    }
+    let mut laux = [[0.0f32; SUB]; 32];
+    for is in 0..=nstep {
+        let num = rmin + rdelta * is as f32 + nmaxf;
+        for j in 0..SUB {
+            // (max - min) with the min of the best candidate so far, as in ggml.
+            iscale[j] = num / (max[j] - min[j]);
+        }
+        let mut sum_l = [0.0f32; SUB];
+        let mut sum_l2 = [0.0f32; SUB];
+        let mut sum_xl = [0.0f32; SUB];
+        for i in 0..32 {
+            for j in 0..SUB {
+                let lf = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax) as f32;
+                laux[i][j] = lf;
+                let w = wt[i][j];
+                sum_l[j] += w * lf;
+                sum_l2[j] += w * lf * lf;
+                sum_xl[j] += w * lf * xt[i][j];
+            }
+        }
+        let mut this_scale = [0.0f32; SUB];
+        let mut this_min = [0.0f32; SUB];
+        let mut ok = [false; SUB];
+        for j in 0..SUB {
+            let d = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
+            ok[j] = d > 0.0;
+            this_scale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / d;
+            this_min[j] = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / d;
+            if this_min[j] > 0.0 {
+                this_min[j] = 0.0;
+                this_scale[j] = sum_xl[j] / sum_l2[j];
+            }
+        }
+        // ggml computes the error only where D > 0; computing it everywhere and using it only
+        // there is the same (it has no side effects).
+        let mut cur_error = [0.0f32; SUB];
+        for i in 0..32 {
+            for j in 0..SUB {
+                let diff = this_scale[j] * laux[i][j] + this_min[j] - xt[i][j];
+                cur_error[j] += wt[i][j] * (diff * diff);
+            }
+        }
+        // Each lane takes its candidate or keeps its best by a select, not a branch per lane
+        // and a strided copy of its 32 codes.
+        let mut better = [false; SUB];
+        for j in 0..SUB {
+            better[j] = ok[j] && cur_error[j] < best_error[j];
+            if better[j] {
+                best_error[j] = cur_error[j];
+                scale[j] = this_scale[j];
+                min[j] = this_min[j];
+            }
+        }
+        for i in 0..32 {
+            for j in 0..SUB {
+                best_l[i][j] = if better[j] { laux[i][j] } else { best_l[i][j] };
+            }
+        }
+    }
+}
 
 /// `make_qkx2_quants` (n = 32, `use_mad` false) on the 8 sub-blocks of a super-block at once:
 /// lane j is sub-block j, and every lane does exactly the scalar function's f32 operations in
@@ -171,80 +266,73 @@ fn make_qkx2_quants_x8(
         iscale[j] = nmaxf / (max[j] - min[j]);
         scale[j] = 1.0 / iscale[j];
     }
-    let mut best_error = [0.0f32; SUB];
-    for i in 0..32 {
-        for j in 0..SUB {
-            let l = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax);
-            lt[i][j] = l as u8;
-            let diff = scale[j] * l as f32 + min[j] - xt[i][j];
-            best_error[j] += wt[i][j] * (diff * diff);
-        }
-    }
     let flat_min = min;
-    let mut laux = [[0u8; SUB]; 32];
-    for is in 0..=nstep {
-        let num = rmin + rdelta * is as f32 + nmaxf;
-        for j in 0..SUB {
-            // (max - min) with the min of the best candidate so far, as in ggml.
-            iscale[j] = num / (max[j] - min[j]);
-        }
-        let mut sum_l = [0.0f32; SUB];
-        let mut sum_l2 = [0.0f32; SUB];
-        let mut sum_xl = [0.0f32; SUB];
-        for i in 0..32 {
-            for j in 0..SUB {
-                let l = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, nmax);
-                laux[i][j] = l as u8;
-                let w = wt[i][j];
-                let lf = l as f32;
-                sum_l[j] += w * lf;
-                sum_l2[j] += w * lf * lf;
-                sum_xl[j] += w * lf * xt[i][j];
-            }
-        }
-        let mut this_scale = [0.0f32; SUB];
-        let mut this_min = [0.0f32; SUB];
-        let mut ok = [false; SUB];
-        for j in 0..SUB {
-            let d = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
-            ok[j] = d > 0.0;
-            this_scale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / d;
-            this_min[j] = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / d;
-            if this_min[j] > 0.0 {
-                this_min[j] = 0.0;
-                this_scale[j] = sum_xl[j] / sum_l2[j];
-            }
-        }
-        // ggml computes the error only where D > 0; computing it everywhere and using it only
-        // there is the same (it has no side effects).
-        let mut cur_error = [0.0f32; SUB];
-        for i in 0..32 {
-            for j in 0..SUB {
-                let diff = this_scale[j] * laux[i][j] as f32 + this_min[j] - xt[i][j];
-                cur_error[j] += wt[i][j] * (diff * diff);
-            }
-        }
-        for j in 0..SUB {
-            if ok[j] && cur_error[j] < best_error[j] {
-                for i in 0..32 {
-                    lt[i][j] = laux[i][j];
-                }
-                best_error[j] = cur_error[j];
-                scale[j] = this_scale[j];
-                min[j] = this_min[j];
-            }
-        }
+    let mut best_l = [[0.0f32; SUB]; 32];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe {
+            super::avx2::qkx2_search_x8(
+                nmax,
+                xt,
+                wt,
+                &sum_w,
+                &sum_x,
+                &iscale,
+                &mut scale,
+                &mut min,
+                &max,
+                rmin,
+                rdelta,
+                nstep,
+                &mut best_l,
+            )
+        };
+    } else {
+        qkx2_search_x8(
+            nmax,
+            xt,
+            wt,
+            &sum_w,
+            &sum_x,
+            &iscale,
+            &mut scale,
+            &mut min,
+            &max,
+            rmin,
+            rdelta,
+            nstep,
+            &mut best_l,
+        );
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    qkx2_search_x8(
+        nmax,
+        xt,
+        wt,
+        &sum_w,
+        &sum_x,
+        &iscale,
+        &mut scale,
+        &mut min,
+        &max,
+        rmin,
+        rdelta,
+        nstep,
+        &mut best_l,
+    );
     let mut the_min = [0.0f32; SUB];
     for j in 0..SUB {
         if flat[j] {
-            for row in lt.iter_mut() {
-                row[j] = 0;
-            }
             scale[j] = 0.0;
             min[j] = flat_min[j];
         }
         the_min[j] = -min[j];
+    }
+    for i in 0..32 {
+        for j in 0..SUB {
+            lt[i][j] = if flat[j] { 0 } else { best_l[i][j] as u8 };
+        }
     }
     (scale, the_min)
 }
@@ -340,6 +428,7 @@ fn qkx_superblock(
 }
 
 /// `quantize_row_q4_K_ref`, one super-block.
+#[inline(always)]
 pub fn quantize_q4_k(x: &[f32; QK_K], y: &mut BlockQ4K) {
     let l = qkx_superblock(x, 15, -1.0, 20, &mut y.d, &mut y.dmin, &mut y.scales);
     for (q, j) in y.qs.chunks_exact_mut(32).zip((0..QK_K).step_by(64)) {
@@ -367,6 +456,7 @@ pub fn dequantize_q4_k(x: &BlockQ4K, y: &mut [f32; QK_K]) {
 }
 
 /// `quantize_row_q5_K_ref`, one super-block.
+#[inline(always)]
 pub fn quantize_q5_k(x: &[f32; QK_K], y: &mut BlockQ5K) {
     let l = qkx_superblock(x, 31, -0.5, 15, &mut y.d, &mut y.dmin, &mut y.scales);
     y.qh = [0; 32];
@@ -493,15 +583,16 @@ fn make_qx_quants_q6_x16(xt: &[[f32; SUB6]; 16], lt: &mut [[i8; SUB6]; 16]) -> [
     for j in 0..SUB6 {
         iscale[j] = -(NMAX as f32) / max[j];
     }
+    // Codes as f32 while searching (exact small integers), as in make_qkx2_quants_x8.
+    let mut best_l = [[0.0f32; SUB6]; 16];
     let mut sumlx = [0.0f32; SUB6];
     let mut suml2 = [0.0f32; SUB6];
     for i in 0..16 {
         for j in 0..SUB6 {
             let x = xt[i][j];
-            let l = nearest_int(iscale[j] * x).clamp(-NMAX, NMAX - 1);
-            lt[i][j] = (l + NMAX) as i8;
+            let lf = nearest_int(iscale[j] * x).clamp(-NMAX, NMAX - 1) as f32;
+            best_l[i][j] = lf;
             let w = x * x;
-            let lf = l as f32;
             sumlx[j] += w * x * lf;
             suml2[j] += w * lf * lf;
         }
@@ -512,7 +603,7 @@ fn make_qx_quants_q6_x16(xt: &[[f32; SUB6]; 16], lt: &mut [[i8; SUB6]; 16]) -> [
         scale[j] = if suml2[j] != 0.0 { sumlx[j] / suml2[j] } else { 0.0 };
         best[j] = scale[j] * sumlx[j];
     }
-    let mut ls = [[0i8; SUB6]; 16];
+    let mut ls = [[0.0f32; SUB6]; 16];
     for is in -9i32..=9 {
         if is == 0 {
             continue;
@@ -526,22 +617,30 @@ fn make_qx_quants_q6_x16(xt: &[[f32; SUB6]; 16], lt: &mut [[i8; SUB6]; 16]) -> [
         for i in 0..16 {
             for j in 0..SUB6 {
                 let x = xt[i][j];
-                let l = nearest_int(iscale[j] * x).clamp(-NMAX, NMAX - 1);
-                ls[i][j] = (l + NMAX) as i8;
+                let lf = nearest_int(iscale[j] * x).clamp(-NMAX, NMAX - 1) as f32;
+                ls[i][j] = lf;
                 let w = x * x;
-                let lf = l as f32;
                 sumlx[j] += w * x * lf;
                 suml2[j] += w * lf * lf;
             }
         }
+        let mut better = [false; SUB6];
         for j in 0..SUB6 {
-            if suml2[j] > 0.0 && sumlx[j] * sumlx[j] > best[j] * suml2[j] {
-                for i in 0..16 {
-                    lt[i][j] = ls[i][j];
-                }
+            better[j] = suml2[j] > 0.0 && sumlx[j] * sumlx[j] > best[j] * suml2[j];
+            if better[j] {
                 scale[j] = sumlx[j] / suml2[j];
                 best[j] = scale[j] * sumlx[j];
             }
+        }
+        for i in 0..16 {
+            for j in 0..SUB6 {
+                best_l[i][j] = if better[j] { ls[i][j] } else { best_l[i][j] };
+            }
+        }
+    }
+    for i in 0..16 {
+        for j in 0..SUB6 {
+            lt[i][j] = (best_l[i][j] as i32 + NMAX) as i8;
         }
     }
     for j in 0..SUB6 {
@@ -557,6 +656,7 @@ fn make_qx_quants_q6_x16(xt: &[[f32; SUB6]; 16], lt: &mut [[i8; SUB6]; 16]) -> [
 }
 
 /// `quantize_row_q6_K_ref`, one super-block.
+#[inline(always)]
 pub fn quantize_q6_k(x: &[f32; QK_K], y: &mut BlockQ6K) {
     let mut xt = [[0.0f32; SUB6]; 16];
     for (j, xs) in x.chunks_exact(16).enumerate() {
@@ -650,83 +750,4 @@ pub fn dequantize_q6_k(x: &BlockQ6K, y: &mut [f32; QK_K]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Sub-blocks that take every branch: random, flat, zero, all positive, all negative,
-    /// one outlier, tiny, huge, NaN.
-    fn sub_blocks(n: usize, seed: u64) -> Vec<Vec<f32>> {
-        let mut s = seed | 1;
-        let mut r = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        let mut out = Vec::new();
-        for k in 0..64 {
-            let mut v: Vec<f32> = (0..n).map(|_| r()).collect();
-            match k % 9 {
-                1 => v.iter_mut().for_each(|x| *x = 0.25),
-                2 => v.iter_mut().for_each(|x| *x = 0.0),
-                3 => v.iter_mut().for_each(|x| *x = x.abs() + 0.1),
-                4 => v.iter_mut().for_each(|x| *x = -x.abs() - 0.1),
-                5 => v[k % n] *= 100.0,
-                6 => v.iter_mut().for_each(|x| *x *= 1e-30),
-                7 => v.iter_mut().for_each(|x| *x *= 1e30),
-                8 => v[k % n] = f32::NAN,
-                _ => {}
-            }
-            out.push(v);
-        }
-        out
-    }
-
-    #[test]
-    fn qkx2_lanes_are_the_scalar_function_bit_for_bit() {
-        for (nmax, rmin, nstep) in [(15, -1.0, 20), (31, -0.5, 15)] {
-            for group in sub_blocks(32, 7).chunks_exact(SUB) {
-                let mut xt = [[0.0f32; SUB]; 32];
-                let mut wt = [[0.0f32; SUB]; 32];
-                for (j, v) in group.iter().enumerate() {
-                    for i in 0..32 {
-                        xt[i][j] = v[i];
-                        wt[i][j] = 0.01 + v[i].abs();
-                    }
-                }
-                let mut lt = [[0u8; SUB]; 32];
-                let (scales, mins) = make_qkx2_quants_x8(nmax, &xt, &wt, &mut lt, rmin, 0.1, nstep);
-                for (j, v) in group.iter().enumerate() {
-                    let x: [f32; 32] = v.as_slice().try_into().unwrap();
-                    let w: [f32; 32] = std::array::from_fn(|i| wt[i][j]);
-                    let mut l = [0u8; 32];
-                    let (scale, min) = make_qkx2_quants(nmax, &x, &w, &mut l, rmin, 0.1, nstep);
-                    assert_eq!(scale.to_bits(), scales[j].to_bits(), "lane {j}");
-                    assert_eq!(min.to_bits(), mins[j].to_bits(), "lane {j}");
-                    assert_eq!(l, std::array::from_fn::<u8, 32, _>(|i| lt[i][j]), "lane {j}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn qx_lanes_are_the_scalar_function_bit_for_bit() {
-        for group in sub_blocks(16, 11).chunks_exact(SUB6) {
-            let mut xt = [[0.0f32; SUB6]; 16];
-            for (j, v) in group.iter().enumerate() {
-                for i in 0..16 {
-                    xt[i][j] = v[i];
-                }
-            }
-            let mut lt = [[0i8; SUB6]; 16];
-            let scales = make_qx_quants_q6_x16(&xt, &mut lt);
-            for (j, v) in group.iter().enumerate() {
-                let x: [f32; 16] = v.as_slice().try_into().unwrap();
-                let mut l = [0i8; 16];
-                let scale = make_qx_quants_q6(&x, &mut l);
-                assert_eq!(scale.to_bits(), scales[j].to_bits(), "lane {j}");
-                assert_eq!(l, std::array::from_fn::<i8, 16, _>(|i| lt[i][j]), "lane {j}");
-            }
-        }
-    }
-}
+mod tests;

@@ -35,6 +35,7 @@ fn signed_absmax(x: &[f32; 32]) -> f32 {
 }
 
 /// `quantize_row_q4_0_ref`, one block.
+#[inline(always)]
 pub fn quantize_q4_0(x: &[f32; 32], y: &mut BlockQ4_0) {
     let max = signed_absmax(x);
     let d = max / -8.0;
@@ -77,6 +78,7 @@ fn min_max(x: &[f32; 32]) -> (f32, f32) {
 }
 
 /// `quantize_row_q4_1_ref`, one block.
+#[inline(always)]
 pub fn quantize_q4_1(x: &[f32; 32], y: &mut BlockQ4_1) {
     let (min, max) = min_max(x);
     let d = (max - min) / 15.0;
@@ -105,6 +107,7 @@ pub fn dequantize_q4_1(x: &BlockQ4_1, y: &mut [f32; 32]) {
 }
 
 /// `quantize_row_q5_0_ref`, one block.
+#[inline(always)]
 pub fn quantize_q5_0(x: &[f32; 32], y: &mut BlockQ5_0) {
     let max = signed_absmax(x);
     let d = max / -16.0;
@@ -138,6 +141,7 @@ pub fn dequantize_q5_0(x: &BlockQ5_0, y: &mut [f32; 32]) {
 }
 
 /// `quantize_row_q5_1_ref`, one block.
+#[inline(always)]
 pub fn quantize_q5_1(x: &[f32; 32], y: &mut BlockQ5_1) {
     let (min, max) = min_max(x);
     let d = (max - min) / 31.0;
@@ -188,6 +192,48 @@ pub fn quantize_q8_0(x: &[f32; 32], y: &mut BlockQ8_0) {
         let x0 = x[j] * id;
         // `y[i].qs[j] = roundf(x0)`: half away from zero, then C's cast to int8_t.
         y.qs[j] = c_roundf_to_i32(x0) as i8;
+    }
+}
+
+/// [`quantize_q8_0`] as the fill runs it: the same bytes (a test checks every element against
+/// the reference on random blocks, and tests/ggml_quant.rs against ggml), in a form LLVM turns
+/// into SIMD. The scalar `MAX(amax, |x|)` chain is one long dependency (4 cycles an element);
+/// here 8 lanes each keep their own maximum, which is `maxps` (`a > b ? a : b`, ggml's `MAX`),
+/// and the largest of the lanes is the chain's result: a maximum does not depend on the order
+/// its values come in, as long as none is NaN. A NaN makes ggml's chain order-dependent (it is
+/// kept until the next element replaces it), so a block holding one takes the reference.
+#[inline(always)]
+pub fn quantize_q8_0_lanes(x: &[f32; 32], y: &mut BlockQ8_0) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        if !unsafe { super::avx2::quantize_q8_0(x, y) } {
+            quantize_q8_0(x, y); // a NaN in the block
+        }
+        return;
+    }
+    let mut lanes = [0.0f32; 8];
+    // A sum of magnitudes is NaN only if one of them is (inf + inf is inf).
+    let mut sum = [0.0f32; 8];
+    for i in 0..4 {
+        for k in 0..8 {
+            let a = x[8 * i + k].abs();
+            lanes[k] = if lanes[k] > a { lanes[k] } else { a };
+            sum[k] += a;
+        }
+    }
+    if sum.iter().any(|s| s.is_nan()) {
+        return quantize_q8_0(x, y);
+    }
+    let mut amax = 0.0f32;
+    for a in lanes {
+        amax = if amax > a { amax } else { a };
+    }
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y.d = F16Bits::from_bits(fp32_to_fp16(d));
+    for j in 0..32 {
+        y.qs[j] = c_roundf_to_i32(x[j] * id) as i8;
     }
 }
 

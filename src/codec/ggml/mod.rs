@@ -15,8 +15,12 @@
 //! - `legacy`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-element blocks);
 //! - `kquants`: Q4_K, Q5_K, Q6_K (256-element super-blocks), with `make_qkx2_quants` and
 //!   `make_qx_quants`;
-//! - `rows`: `quantize_rows` / `dequantize_rows`, whole tensors on all threads.
+//! - `rows`: `quantize_rows` / `dequantize_rows`, whole tensors on all threads;
+//! - `avx2`: the hot loops of Q8_0 and of `make_qkx2_quants` in AVX2 intrinsics (x86-64),
+//!   the same f32 operations in the same order as the portable code beside them.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod block;
 pub mod float;
 pub mod kquants;

@@ -246,3 +246,75 @@ proptest! {
         }
     }
 }
+
+/// Rows that reach every branch of the kernels: random values at several scales, zeros, -0.0,
+/// constants, one-signed blocks, outliers, subnormals, huge values, and unless `finite`,
+/// infinities, NaNs and random bit patterns, each kind in runs that start at varying offsets
+/// (so a block can mix two kinds).
+fn awkward_rows(n: usize, seed: u32, finite: bool) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761) | 1;
+    let mut r = move || {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        s
+    };
+    let mut x = Vec::with_capacity(n);
+    while x.len() < n {
+        let kind = r() % 12;
+        if finite && matches!(kind, 7 | 8 | 10) {
+            continue;
+        }
+        let run = 1 + (r() % 300) as usize;
+        for _ in 0..run {
+            let u = (r() >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+            x.push(match kind {
+                0 => 0.0,
+                1 => -0.0,
+                2 => 0.125,
+                3 => u.abs() + 0.01,
+                4 => -u.abs() - 0.01,
+                5 => u * 1e-38,
+                6 => u * 3e38,
+                7 if r() % 64 == 0 => f32::NAN,
+                8 if r() % 64 == 0 => [f32::INFINITY, f32::NEG_INFINITY][(r() % 2) as usize],
+                9 if r() % 16 == 0 => u * 1000.0,
+                10 => f32::from_bits(r()),
+                _ => u * 10f32.powi((r() % 7) as i32 - 3),
+            });
+        }
+    }
+    x.truncate(n);
+    x
+}
+
+/// The fast kernels (lanes, compiled for AVX2 where the CPU has it) against the references
+/// compiled for the baseline (Q8_0: the scalar port itself), every byte, on 256 rows of 4096
+/// awkward values per type. tests/ggml_quant.rs compares the same kernels with ggml's C.
+///
+/// The K-quants are compared on finite rows only: an infinity there turns into NaNs whose
+/// sign, and so the f16 bits of a scale, depends on which operand of a commutative operation
+/// the compiler puts first (x86 keeps the first NaN operand's sign) — fixed by neither C nor
+/// LLVM, so not the same between two builds of one source. The AVX2 build is the one checked
+/// against ggml's own, non-finite rows included (tests/ggml_quant.rs).
+#[test]
+fn fast_kernels_are_the_references_byte_for_byte() {
+    for ty in QUANTIZED {
+        for seed in 0..8 {
+            let finite = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+            let x = awkward_rows(32 * 4096, seed, finite);
+            let bytes = 32 * ty.row_bytes(4096).unwrap();
+            let (mut fast, mut reference) = (vec![0u8; bytes], vec![0u8; bytes]);
+            quantize_rows(ty, &x, 4096, &mut fast).unwrap();
+            rows::quantize_rows_baseline(ty, &x, 4096, &mut reference);
+            if let Some(at) = fast.iter().zip(&reference).position(|(a, b)| a != b) {
+                let block = at / ty.block_bytes();
+                let e = block * ty.block_elems();
+                panic!(
+                    "{ty} seed {seed}: byte {at} (block {block}) differs; input {:?}",
+                    &x[e..e + ty.block_elems()]
+                );
+            }
+        }
+    }
+}

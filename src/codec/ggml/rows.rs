@@ -44,14 +44,14 @@ pub fn quantize_rows(ty: GgmlType, src: &[f32], n_per_row: usize, dst: &mut [u8]
         }
         GgmlType::F16 => convert(src, dst, fp32_to_fp16),
         GgmlType::BF16 => convert(src, dst, fp32_to_bf16),
-        GgmlType::Q4_0 => blocks::<BlockQ4_0, 32>(src, dst, legacy::quantize_q4_0),
-        GgmlType::Q4_1 => blocks::<BlockQ4_1, 32>(src, dst, legacy::quantize_q4_1),
-        GgmlType::Q5_0 => blocks::<BlockQ5_0, 32>(src, dst, legacy::quantize_q5_0),
-        GgmlType::Q5_1 => blocks::<BlockQ5_1, 32>(src, dst, legacy::quantize_q5_1),
-        GgmlType::Q8_0 => blocks::<BlockQ8_0, 32>(src, dst, legacy::quantize_q8_0),
-        GgmlType::Q4_K => blocks::<BlockQ4K, QK_K>(src, dst, kquants::quantize_q4_k),
-        GgmlType::Q5_K => blocks::<BlockQ5K, QK_K>(src, dst, kquants::quantize_q5_k),
-        GgmlType::Q6_K => blocks::<BlockQ6K, QK_K>(src, dst, kquants::quantize_q6_k),
+        GgmlType::Q4_0 => blocks::<BlockQ4_0, 32>(src, dst, q4_0::run),
+        GgmlType::Q4_1 => blocks::<BlockQ4_1, 32>(src, dst, q4_1::run),
+        GgmlType::Q5_0 => blocks::<BlockQ5_0, 32>(src, dst, q5_0::run),
+        GgmlType::Q5_1 => blocks::<BlockQ5_1, 32>(src, dst, q5_1::run),
+        GgmlType::Q8_0 => blocks::<BlockQ8_0, 32>(src, dst, q8_0::run),
+        GgmlType::Q4_K => blocks::<BlockQ4K, QK_K>(src, dst, q4_k::run),
+        GgmlType::Q5_K => blocks::<BlockQ5K, QK_K>(src, dst, q5_k::run),
+        GgmlType::Q6_K => blocks::<BlockQ6K, QK_K>(src, dst, q6_k::run),
     }
     Ok(())
 }
@@ -110,19 +110,88 @@ fn unconvert(src: &[u8], dst: &mut [f32], f: fn(u16) -> f32) {
 }
 
 /// Runs a block quantizer over `src` (a whole number of N-element blocks; `dst` their bytes,
-/// both checked by the caller) on all threads.
-fn blocks<B: Pod + Send, const N: usize>(src: &[f32], dst: &mut [u8], f: fn(&[f32; N], &mut B)) {
+/// both checked by the caller) on all threads. `run` is one of the [`kernels!`] functions.
+fn blocks<B: Pod + Send, const N: usize>(src: &[f32], dst: &mut [u8], run: fn(&[f32], &mut [B])) {
     let ys: &mut [B] = bytemuck::cast_slice_mut(dst);
     let per_task = (TASK_ELEMS / N).max(1);
-    let run = |(xs, ys): (&[f32], &mut [B])| {
-        for (x, y) in xs.chunks_exact(N).zip(ys.iter_mut()) {
-            f(x.try_into().expect("chunks_exact(N)"), y);
-        }
-    };
     if ys.len() <= per_task {
-        run((src, ys));
+        run(src, ys);
     } else {
-        src.par_chunks(per_task * N).zip(ys.par_chunks_mut(per_task)).for_each(run);
+        src.par_chunks(per_task * N).zip(ys.par_chunks_mut(per_task)).for_each(|(xs, ys)| run(xs, ys));
+    }
+}
+
+/// For each block quantizer, a module whose `run` applies it to each block of a run of blocks,
+/// compiled for AVX2 where the CPU has it: the kernels are written in lanes of 8 or 16 f32
+/// (`make_qkx2_quants_x8`, `quantize_q8_0_lanes`) that x86-64's baseline SSE2 runs as halves
+/// and without SSE4.1's integer min/max. Only the vector width changes: AVX2 brings no fused
+/// multiply-add (that is the separate `fma` feature, never enabled here), so each f32 operation
+/// rounds as in ggml's own x86-64 build. The kernels are `#[inline(always)]` and called
+/// directly (a generic `Fn` would be called through a shim compiled without AVX2), so they are
+/// compiled into `avx2` with its features. `baseline` is the same loop without AVX2, for tests.
+macro_rules! kernels {
+    ($($module:ident: $block:ty, $n:expr, $kernel:path;)*) => {$(
+        mod $module {
+            use super::*;
+
+            #[inline(always)]
+            pub(super) fn baseline(xs: &[f32], ys: &mut [$block]) {
+                for (x, y) in xs.chunks_exact($n).zip(ys.iter_mut()) {
+                    $kernel(x.try_into().expect("chunks_exact(N)"), y);
+                }
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            fn avx2(xs: &[f32], ys: &mut [$block]) {
+                baseline(xs, ys)
+            }
+
+            pub(super) fn run(xs: &[f32], ys: &mut [$block]) {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2, checked just above.
+                    return unsafe { avx2(xs, ys) };
+                }
+                baseline(xs, ys)
+            }
+        }
+    )*};
+}
+
+kernels! {
+    q4_0: BlockQ4_0, 32, legacy::quantize_q4_0;
+    q4_1: BlockQ4_1, 32, legacy::quantize_q4_1;
+    q5_0: BlockQ5_0, 32, legacy::quantize_q5_0;
+    q5_1: BlockQ5_1, 32, legacy::quantize_q5_1;
+    q8_0: BlockQ8_0, 32, legacy::quantize_q8_0_lanes;
+    q4_k: BlockQ4K, QK_K, kquants::quantize_q4_k;
+    q5_k: BlockQ5K, QK_K, kquants::quantize_q5_k;
+    q6_k: BlockQ6K, QK_K, kquants::quantize_q6_k;
+}
+
+/// [`quantize_rows`]'s kernels compiled for x86-64's baseline only (no AVX2; Q8_0: the scalar
+/// port of `quantize_row_q8_0_ref` rather than its lanes), for the tests that check the fast
+/// build gives the same bytes.
+#[cfg(test)]
+pub(crate) fn quantize_rows_baseline(ty: GgmlType, src: &[f32], n_per_row: usize, dst: &mut [u8]) {
+    check(ty, src.len(), n_per_row).expect("shapes");
+    let d = dst;
+    match ty {
+        GgmlType::Q4_0 => q4_0::baseline(src, bytemuck::cast_slice_mut(d)),
+        GgmlType::Q4_1 => q4_1::baseline(src, bytemuck::cast_slice_mut(d)),
+        GgmlType::Q5_0 => q5_0::baseline(src, bytemuck::cast_slice_mut(d)),
+        GgmlType::Q5_1 => q5_1::baseline(src, bytemuck::cast_slice_mut(d)),
+        GgmlType::Q8_0 => {
+            let ys: &mut [BlockQ8_0] = bytemuck::cast_slice_mut(d);
+            for (x, y) in src.chunks_exact(32).zip(ys) {
+                legacy::quantize_q8_0(x.try_into().expect("chunks_exact(32)"), y);
+            }
+        }
+        GgmlType::Q4_K => q4_k::baseline(src, bytemuck::cast_slice_mut(d)),
+        GgmlType::Q5_K => q5_k::baseline(src, bytemuck::cast_slice_mut(d)),
+        GgmlType::Q6_K => q6_k::baseline(src, bytemuck::cast_slice_mut(d)),
+        _ => quantize_rows(ty, src, n_per_row, d).expect("shapes"),
     }
 }
 

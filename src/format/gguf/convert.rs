@@ -74,9 +74,16 @@ fn element(src: &[u8], i: usize, dtype: Dtype) -> f32 {
     }
 }
 
+/// Elements converted at a time: whole rows, few enough that their f32 values stay in the
+/// core's L2 cache between the cast and the quantizer (a fill piece's ~2 M values, 8 MB of f32
+/// made whole before any was quantized, did not), and what `codec::ggml::quantize_rows` runs
+/// on the calling thread without splitting it.
+const BATCH_ELEMS: usize = 16 * 1024;
+
 /// The output rows `[first, last)` of `t` (ggml rows: `row_elems` elements each), converted from
 /// the HF source tensor's raw little-endian bytes `src` (the whole tensor), appended to `out`.
-/// `quantize(ty, values, out)` encodes whole rows of f32 values as blocks of a quantized type.
+/// `quantize(ty, values, out)` encodes whole rows of f32 values as blocks of a quantized type;
+/// it is handed at most [`BATCH_ELEMS`] values (or one row, if longer) at a time.
 pub fn convert_rows(
     t: &PlannedTensor,
     src: &[u8],
@@ -90,11 +97,15 @@ pub fn convert_rows(
         return Err(ConvertError::Rows { name: name(), first, last });
     }
     let row_elems = t.row_elems() as usize;
-    let mut values: Vec<f32> = Vec::with_capacity((last - first) as usize * row_elems);
+    let (a, b) = (first as usize * row_elems, last as usize * row_elems);
+    let batch = (BATCH_ELEMS / row_elems.max(1)).max(1) * row_elems;
+    let mut scratch = Vec::new();
     match &t.source {
         TensorSource::Computed(v) => {
-            let (a, b) = (first as usize * row_elems, last as usize * row_elems);
-            values.extend_from_slice(v.get(a..b).ok_or(ConvertError::Rows { name: name(), first, last })?);
+            let v = v.get(a..b).ok_or(ConvertError::Rows { name: name(), first, last })?;
+            for values in v.chunks(batch.max(1)) {
+                emit(t, values, out, quantize, &mut scratch)?;
+            }
         }
         TensorSource::Hf { dtype, shape, rows, through_f16, .. } => {
             if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
@@ -111,47 +122,66 @@ pub fn convert_rows(
             // The row map acts on the HF tensor's first axis: `unit` elements per HF row.
             let hf_rows = shape[0];
             let unit = n / hf_rows;
-            let (a, b) = (first as usize * row_elems, last as usize * row_elems);
-            let mut e = a;
-            while e < b {
-                let (hf_row, within) = (e / unit, e % unit);
-                let take = (unit - within).min(b - e);
-                let base = rows.src_row(hf_row, hf_rows) * unit + within;
-                let size = dtype.size();
-                extend_f32(&mut values, &src[base * size..(base + take) * size], *dtype);
-                e += take;
-            }
-            if *through_f16 {
-                let mut h = vec![f16::ZERO; values.len()];
-                h.convert_from_f32_slice(&values);
-                h.convert_to_f32_slice(&mut values);
-            }
+            let size = dtype.size();
+            // The HF bytes of output elements [from, to), in runs within one HF row each.
+            let runs = |from: usize, to: usize| {
+                let mut e = from;
+                std::iter::from_fn(move || {
+                    (e < to).then(|| {
+                        let (hf_row, within) = (e / unit, e % unit);
+                        let take = (unit - within).min(to - e);
+                        let base = (rows.src_row(hf_row, hf_rows) * unit + within) * size;
+                        e += take;
+                        &src[base..base + take * size]
+                    })
+                })
+            };
             // Exact copies where the converter keeps the source's f16 bits (NaN payloads included).
             if t.ggml_type == GgmlType::F16 && *dtype == Dtype::F16 {
-                let mut e = a;
-                while e < b {
-                    let (hf_row, within) = (e / unit, e % unit);
-                    let take = (unit - within).min(b - e);
-                    let base = (rows.src_row(hf_row, hf_rows) * unit + within) * 2;
-                    out.extend_from_slice(&src[base..base + take * 2]);
-                    e += take;
-                }
+                runs(a, b).for_each(|bytes| out.extend_from_slice(bytes));
                 return Ok(());
+            }
+            let mut values: Vec<f32> = Vec::with_capacity(batch.min(b - a));
+            let mut halves: Vec<f16> = Vec::new();
+            let mut e = a;
+            while e < b {
+                let end = (e + batch).min(b);
+                values.clear();
+                runs(e, end).for_each(|bytes| extend_f32(&mut values, bytes, *dtype));
+                if *through_f16 {
+                    halves.resize(values.len(), f16::ZERO);
+                    halves.convert_from_f32_slice(&values);
+                    halves.convert_to_f32_slice(&mut values);
+                }
+                emit(t, &values, out, quantize, &mut scratch)?;
+                e = end;
             }
         }
     }
+    Ok(())
+}
+
+/// Whole rows of f32 `values` of `t` in its ggml type, appended to `out` (`scratch`: the f16
+/// values of an F16 tensor, reused from batch to batch).
+fn emit(
+    t: &PlannedTensor,
+    values: &[f32],
+    out: &mut Vec<u8>,
+    quantize: &mut Quantizer,
+    scratch: &mut Vec<f16>,
+) -> Result<(), ConvertError> {
     match t.ggml_type {
         GgmlType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
         GgmlType::F16 => {
             // Whole slices: F16C eight at a time where the CPU has it (the same rounding, to
             // nearest even, as one at a time and as numpy's astype(float16)).
-            let mut h = vec![f16::ZERO; values.len()];
-            h.convert_from_f32_slice(&values);
-            out.extend(h.iter().flat_map(|v| v.to_le_bytes()));
+            scratch.resize(values.len(), f16::ZERO);
+            scratch.convert_from_f32_slice(values);
+            out.extend(scratch.iter().flat_map(|v| v.to_le_bytes()));
         }
         GgmlType::BF16 => out.extend(values.iter().flat_map(|v| f32_to_bf16_bits(*v).to_le_bytes())),
-        ty => quantize(ty, &values, out).map_err(|reason| ConvertError::Quantize {
-            name: name(),
+        ty => quantize(ty, values, out).map_err(|reason| ConvertError::Quantize {
+            name: t.name.clone(),
             ty,
             reason,
         })?,

@@ -7,6 +7,10 @@
 //! adds (AVX2 has no FMA; the `fma` feature is never enabled), the same comparisons with the
 //! same NaN outcomes (`_CMP_*_OQ` is false on NaN, as Rust's `<`/`>` are), so the bytes are
 //! ggml's. The tests compare them with the scalar references on every element.
+//!
+//! Every function here is `unsafe` only because it needs AVX2: each caller checks
+//! `is_x86_feature_detected!("avx2")` first (with a SAFETY line), and the loads and stores take
+//! fixed-size arrays, so none can leave its slice.
 
 use std::arch::x86_64::*;
 

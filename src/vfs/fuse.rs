@@ -74,6 +74,9 @@ pub fn session(
     fuser::Session::new(FuseFs { fs, uid, gid, passthrough: Passthrough::default() }, mountpoint, &config)
 }
 
+/// How long an open waits for the handles of an inode's previous version to be released.
+const OLD_VERSION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl FuseFs {
     fn attr(&self, a: &Attr) -> FileAttr {
         let (kind, perm, nlink) = match (a.kind, a.writable) {
@@ -107,22 +110,29 @@ impl FuseFs {
     /// holds one. The kernel takes one backing file per inode at a time: while handles of
     /// another file are open on this inode (a delta rewritten through deltas/ while its old
     /// decoded copy is still read), the open is refused with EBUSY rather than served the
-    /// other file's bytes.
+    /// other file's bytes. The kernel sends RELEASE after close(2) has returned, so a reader
+    /// that closes the old version and opens the new one at once is not refused: the open waits
+    /// (at most [`OLD_VERSION_WAIT`]) for the old handles' RELEASEs, which other FUSE threads
+    /// serve.
     fn backing_id(
         &self,
         ino: u64,
         source: &SourceFile,
         reply: &ReplyOpen,
     ) -> std::io::Result<Arc<BackingId>> {
-        let mut by_inode = lock(&self.passthrough.by_inode);
-        if let Some((id, path)) = by_inode.get(&ino) {
-            if let Some(id) = id.upgrade() {
-                if *path == source.path {
-                    return Ok(id);
+        let deadline = std::time::Instant::now() + OLD_VERSION_WAIT;
+        let mut by_inode = loop {
+            let by_inode = lock(&self.passthrough.by_inode);
+            match by_inode.get(&ino).and_then(|(id, path)| Some((id.upgrade()?, path))) {
+                Some((id, path)) if *path == source.path => return Ok(id),
+                Some(_) if std::time::Instant::now() < deadline => {
+                    drop(by_inode);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
                 }
-                return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+                Some(_) => return Err(std::io::Error::from_raw_os_error(libc::EBUSY)),
+                None => break by_inode,
             }
-        }
+        };
         let file = source.file().map_err(std::io::Error::other)?;
         let id = Arc::new(reply.open_backing(file)?);
         by_inode.insert(ino, (Arc::downgrade(&id), source.path.clone()));

@@ -268,11 +268,10 @@ fn make_qkx2_quants_x8(
     }
     let flat_min = min;
     let mut best_l = [[0.0f32; SUB]; 32];
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        unsafe {
-            super::avx2::qkx2_search_x8(
+    // Either search, on the same arguments: the AVX2 twin where the CPU has it.
+    macro_rules! search {
+        ($f:path) => {
+            $f(
                 nmax,
                 xt,
                 wt,
@@ -288,39 +287,20 @@ fn make_qkx2_quants_x8(
                 &mut best_l,
             )
         };
-    } else {
-        qkx2_search_x8(
-            nmax,
-            xt,
-            wt,
-            &sum_w,
-            &sum_x,
-            &iscale,
-            &mut scale,
-            &mut min,
-            &max,
-            rmin,
-            rdelta,
-            nstep,
-            &mut best_l,
-        );
     }
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     #[cfg(not(target_arch = "x86_64"))]
-    qkx2_search_x8(
-        nmax,
-        xt,
-        wt,
-        &sum_w,
-        &sum_x,
-        &iscale,
-        &mut scale,
-        &mut min,
-        &max,
-        rmin,
-        rdelta,
-        nstep,
-        &mut best_l,
-    );
+    let avx2 = false;
+    if avx2 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe {
+            search!(super::avx2::qkx2_search_x8)
+        };
+    } else {
+        search!(qkx2_search_x8);
+    }
     let mut the_min = [0.0f32; SUB];
     for j in 0..SUB {
         if flat[j] {

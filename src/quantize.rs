@@ -89,7 +89,7 @@ pub fn quantize(
         created: registry::now_secs(),
         generation: registry::new_generation(),
     };
-    let entry = store.insert_entry(name, &entry, Some(staging))?;
+    let entry = store.insert_staged(name, &entry, staging)?;
     Ok(entry)
 }
 

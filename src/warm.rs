@@ -61,9 +61,8 @@ pub fn warm(store: Store, names: &[String], opts: &DiskCacheOptions) -> Result<(
         (None, _) => return Err(WarmError::NoCache("its size is 0".into())),
     };
     // An object store's files are fetched into the disk cache, as a mount does.
-    let store = match store.remote().cloned() {
-        Some(remote) => {
-            let fetched = crate::store::Fetched::new(remote, store.tmp_dir());
+    let store = match store.node().fetcher() {
+        Some(fetched) => {
             let cached = crate::cache::objects::CachedObjects::new(fetched, disk.clone());
             store.with_objects(crate::store::Objects(Arc::new(cached)))
         }

@@ -82,7 +82,7 @@ pub fn import(
         created: registry::now_secs(),
         generation: registry::new_generation(),
     };
-    let entry = store.insert_entry(name, &entry, Some(staging))?;
+    let entry = store.insert_staged(name, &entry, staging)?;
     Ok(Added { entry, notes })
 }
 

@@ -430,7 +430,7 @@ pub fn make_delta(
         progress(*size);
     }
     let entry = new_entry(name, base, &base_entry, codec, files);
-    let entry = store.insert_entry(name, &entry, Some(staging))?;
+    let entry = store.insert_staged(name, &entry, staging)?;
     Ok(Added { entry, notes: walked.notes })
 }
 

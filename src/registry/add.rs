@@ -15,6 +15,7 @@ use super::{
     io_err, validate_name, Entry, EntryKind, Error, FileRecord, FileRole, Fingerprint, ModelInfo, Result,
     Store, INDEX_FILE,
 };
+use crate::store::StoreError;
 use crate::{adapter, format};
 
 /// What the user asked for with `llmfs add`.
@@ -174,7 +175,7 @@ pub fn add(store: &Store, name: &str, path: &Path, opts: &AddOptions) -> Result<
 /// files, and sparse weight files holding only their headers), without downloading weights.
 pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> Result<Added> {
     validate_name(name)?;
-    let Some(objects) = store.objects().filter(|_| store.remote().is_some()) else {
+    let Some(objects) = store.objects() else {
         return Err(Error::Invalid(format!(
             "{url}: a model in an object store is added in place to a store there (--store s3://BUCKET[/PREFIX])"
         )));
@@ -230,7 +231,7 @@ pub fn add_objects(store: &Store, name: &str, url: &str, opts: &AddOptions) -> R
     let files = scanned.files.iter().filter_map(|(f, _)| records.remove(f)).collect();
     let described = describe(name, &scanned.dir, Path::new(&prefix), opts);
     let entry = described.entry(EntryKind::Base { dir: PathBuf::from(url), copied: false, files });
-    let entry = store.insert_uploading(name, &entry, None)?;
+    let entry = store.insert_entry(name, &entry, None)?;
     Ok(Added { entry, notes: scanned.notes })
 }
 
@@ -294,16 +295,21 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
     }
     let described = describe(name, &scanned.dir, &scanned.dir, opts);
 
-    // An object store gets the files uploaded from where they are (other nodes cannot read a
-    // local path), so the entry is always a copy there.
-    let remote = store.remote().is_some();
-    // Copy into staging first: the entry's directory appears whole or not at all.
-    let staging = if opts.copy && !remote {
-        Some(copy_to_staging(store, &format!("add-{name}"), &scanned.dir, &scanned.files)?)
-    } else {
-        None
+    // An entry in an object store must own its files (other nodes cannot read a local path):
+    // they are uploaded from where they are. A local store's copy goes to staging first, so the
+    // entry's directory appears whole or not at all.
+    let copied = opts.copy || !store.node().keeps_local_paths();
+    let names: Vec<&str> = scanned.files.iter().map(|(f, _)| f.as_str()).collect();
+    let staged = match copied {
+        true => Some(store.node().stage_copy(name, &scanned.dir, &names).map_err(|e| match e {
+            StoreError::NotFound { key } => gone(Path::new(&key))(std::io::ErrorKind::NotFound.into()),
+            e => e.into(),
+        })?),
+        false => None,
     };
-    let fingerprint_dir = staging.as_ref().map_or(scanned.dir.clone(), |s| s.path().to_owned());
+    let local_copy = staged.as_ref().and_then(|s| s.local_dir());
+    let fingerprint_dir = local_copy.unwrap_or(&scanned.dir).to_owned();
+    let dir = if local_copy.is_some() { store.entry_dir(name) } else { scanned.dir.clone() };
     let files = scanned
         .files
         .iter()
@@ -316,13 +322,18 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
                 object: None,
             })
         })
-        .collect::<Result<Vec<_>>>()?;
-    let dir = if opts.copy && !remote { store.entry_dir(name) } else { scanned.dir.clone() };
-    let entry = described.entry(EntryKind::Base { dir: dir.clone(), copied: opts.copy || remote, files });
-    let entry = match remote {
-        true => store.insert_uploading(name, &entry, Some(&scanned.dir))?,
-        false => store.insert_entry(name, &entry, staging)?,
+        .collect::<Result<Vec<_>>>();
+    let files = match files {
+        Ok(files) => files,
+        Err(e) => {
+            if let Some(staged) = staged {
+                staged.discard();
+            }
+            return Err(e);
+        }
     };
+    let entry = described.entry(EntryKind::Base { dir, copied, files });
+    let entry = store.insert_entry(name, &entry, staged)?;
     Ok(Added { entry, notes: scanned.notes })
 }
 

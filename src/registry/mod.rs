@@ -26,12 +26,10 @@ use serde::{Deserialize, Serialize};
 use crate::store::Objects;
 
 use crate::format::{Dtype, FileHeaderError};
+pub use crate::store::{set_upload_progress, upload_prefix, StagingDir, REMOTE_POLL};
 pub use fingerprint::Fingerprint;
 use recipe::{DeltaCodec, ImportFormat, QuantConfig};
-pub use store::{
-    now_secs, set_upload_progress, upload_prefix, write_atomic, StagingDir, Store, StoreLock, REGISTRY_KEY,
-    REMOTE_POLL,
-};
+pub use store::{now_secs, Store, StoreLock, REGISTRY_KEY};
 
 /// FastChat's `ModelInfo` (model_registry.py): what a person sees when choosing a model.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,8 +192,8 @@ pub struct Registry {
     /// …and, for an object store, how its files' bytes are read.
     #[serde(skip)]
     pub objects: Option<Objects>,
-    /// The etag of `registry.json` this was loaded at, in an object store (None: there was
-    /// none): what [`Store::save`] commits against.
+    /// The etag of `registry.json` this was loaded at (None: there was none): what
+    /// [`Store::save`] commits against.
     #[serde(skip)]
     pub loaded_etag: Option<String>,
 }
@@ -440,13 +438,24 @@ mod tests {
     }
 
     #[test]
-    fn atomic_write_replaces_and_leaves_no_temporaries() {
+    fn commits_replace_the_registry_and_leave_no_temporaries() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("r.json");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let store = Store::open(dir.path()).unwrap();
+        for v in [2, 3] {
+            store
+                .update(|r| {
+                    r.version = v;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        assert_eq!(store.load().unwrap().version, 3);
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["lock", "models", "registry.json", "tmp"]);
     }
 
     #[test]
@@ -454,13 +463,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // pid 0 never names a user process; our own pid is alive.
         let dead = dir.path().join(".registry.json.0.77.tmp");
+        let dead_put = dir.path().join(".llmfs-tmp.0.3.1f");
         let live = dir.path().join(format!(".registry.json.{}.78.tmp", std::process::id()));
         let other = dir.path().join(".notes.tmp");
         for p in [&dead, &live, &other] {
             fs::write(p, b"x").unwrap();
         }
         Store::open(dir.path()).unwrap();
-        assert!(!dead.exists(), "a dead process's temporary survived");
+        assert!(!dead.exists() && !dead_put.exists(), "a dead process's temporary survived");
         assert!(
             live.exists() && other.exists(),
             "a live process's temporary or an unrelated file was removed"

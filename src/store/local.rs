@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,7 @@ use super::{Cond, Object, ObjectMeta, StoreError};
 /// The lock file at the root (not an object: never listed).
 const LOCK_FILE: &str = "lock";
 /// Temporary files start with this (not objects: never listed).
-const TMP_PREFIX: &str = ".llmfs-tmp.";
+pub(super) const TMP_PREFIX: &str = ".llmfs-tmp.";
 /// Copy buffer for `put_file`, and how often it reports progress.
 const COPY_CHUNK: usize = 8 << 20;
 
@@ -173,15 +173,27 @@ impl LocalDir {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let path = dir.join(name);
-        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err(key))?;
+        // The store is private: its objects are 0600 (the registry and the containers).
+        let file =
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io_err(key))?;
         Ok((path, file))
     }
 
     pub(super) fn put(&self, key: &str, bytes: &[u8], cond: Cond) -> Result<String, StoreError> {
+        self.put_with(key, bytes, cond, true)
+    }
+
+    /// [`LocalDir::put`] by a process that holds the lock already (`store::node::WriteLock`: a
+    /// second flock of it from the same process would wait for itself).
+    pub(super) fn put_held(&self, key: &str, bytes: &[u8], cond: Cond) -> Result<String, StoreError> {
+        self.put_with(key, bytes, cond, false)
+    }
+
+    fn put_with(&self, key: &str, bytes: &[u8], cond: Cond, lock: bool) -> Result<String, StoreError> {
         let (tmp, mut file) = self.tmp_file(key)?;
         let written = file.write_all(bytes).and_then(|()| file.sync_all());
         drop(file);
-        let result = written.map_err(io_err(key)).and_then(|()| self.commit(key, &tmp, cond));
+        let result = written.map_err(io_err(key)).and_then(|()| self.commit(key, &tmp, cond, lock));
         let _ = fs::remove_file(&tmp); // gone already after a rename; after link or an error it is ours
         result
     }
@@ -210,15 +222,16 @@ impl LocalDir {
             file.sync_all().map_err(io_err(key))
         })();
         drop(file);
-        let result = copied.and_then(|()| self.commit(key, &tmp, Cond::None));
+        let result = copied.and_then(|()| self.commit(key, &tmp, Cond::None, true));
         let _ = fs::remove_file(&tmp);
         result
     }
 
-    /// Moves the fsynced `tmp` to `key` if `cond` holds, under the lock; returns the new etag.
-    fn commit(&self, key: &str, tmp: &Path, cond: Cond) -> Result<String, StoreError> {
+    /// Moves the fsynced `tmp` to `key` if `cond` holds, under the lock (taken here unless the
+    /// caller holds it); returns the new etag.
+    fn commit(&self, key: &str, tmp: &Path, cond: Cond, lock: bool) -> Result<String, StoreError> {
         let dest = self.path(key);
-        let _lock = self.lock()?;
+        let _lock = if lock { Some(self.lock()?) } else { None };
         match cond {
             Cond::None => fs::rename(tmp, &dest).map_err(io_err(key))?,
             Cond::Absent => match fs::hard_link(tmp, &dest) {

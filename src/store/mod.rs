@@ -22,7 +22,7 @@
 //!   existing key must fail, put-if-match with a wrong etag must fail. A server that accepts
 //!   either is refused for writing with one line ([`StoreError::NoConditionalWrites`]); reads
 //!   still work. The local directory gets the same semantics from `link(2)` (if-absent) and an
-//!   exclusive `flock` of `ROOT/lock` (if-match), the lock the registry takes today.
+//!   exclusive `flock` of `ROOT/lock` (if-match), the lock [`Node::write_lock`] takes.
 //! - **Credentials** come from the standard AWS environment (or [`S3Config`] fields in tests) and
 //!   are handed to the client once; no `Debug` impl here prints them, and `object_store`'s own
 //!   builder (whose derived `Debug` would) never leaves `s3.rs`. https verifies certificates;
@@ -43,12 +43,11 @@
 //!   →  vfs (FUSE)
 //! ```
 //!
-//! - **registry** (`registry::Store`): on an object store, `registry.json` is the key
-//!   `registry.json`, changed with [`update_object`] (the closure parses, changes and serializes
-//!   the registry, so registry never sees etags); the deltas/ write path's load-change-save uses
-//!   put-if-match on the etag it loaded and redoes the change on a conflict. A daemon notices
-//!   other nodes' commits by a `head` of `registry.json` every few seconds. A local store keeps
-//!   its file and `flock`.
+//! - **registry** (`registry::Store`, over [`Node`]): `registry.json` is an object on both
+//!   backends, committed under this node's write lock with put-if-match on the etag it was
+//!   loaded at ([`Node::commit`], [`Node::update`] which redoes the change on a conflict). A
+//!   daemon notices other processes' commits by [`Node::stamp`]: a `stat` locally, a `head`
+//!   every few seconds by a poller on an object store.
 //! - **files an entry owns** are uploaded with [`Store::put_file`] to keys no other upload uses
 //!   (`models/NAME/UPLOAD-ID/FILE`), then one registry commit names them (`FileRecord::object`,
 //!   with size and etag as the fingerprint): an upload killed midway leaves only unreferenced
@@ -61,7 +60,9 @@
 
 mod commit;
 mod fetched;
+pub mod gc;
 mod local;
+mod node;
 mod reader;
 mod s3;
 
@@ -75,6 +76,7 @@ use bytes::Bytes;
 
 pub use commit::{update_object, Committed, UpdateError, MAX_COMMIT_TIME};
 pub use fetched::{Fetched, ObjectError, ObjectFiles, Objects};
+pub use node::{set_upload_progress, upload_prefix, Node, Staged, StagingDir, WriteLock, REMOTE_POLL};
 pub use reader::{ObjectReader, ReadOptions};
 pub use s3::{Limits, S3Config};
 
@@ -270,6 +272,16 @@ impl Store {
     pub fn put_if_match(&self, key: &str, bytes: Bytes, etag: &str) -> Result<String, StoreError> {
         self.write_check(key)?;
         self.put_cond(key, bytes, Cond::Match(etag))
+    }
+
+    /// A conditional put by a process holding this node's write lock (`node::WriteLock`),
+    /// which the local backend's own commits take: locally it must not be taken twice.
+    fn put_held(&self, key: &str, bytes: Bytes, cond: Cond) -> Result<String, StoreError> {
+        self.write_check(key)?;
+        match &self.backend {
+            Backend::Local(l) => l.put_held(key, &bytes, cond),
+            Backend::S3(s) => s.put(key, bytes, cond),
+        }
     }
 
     /// Unchecked by the probe (the probe itself uses it).

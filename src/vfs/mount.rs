@@ -195,9 +195,8 @@ pub fn run_foreground(store: Store, mountpoint: &Path, opts: &MountOptions) -> R
     // Published before the mount shows up: `mount` reads it as soon as it does.
     let published = status::publish(&status);
     // An object store's files are fetched into the disk cache (when there is one).
-    let store = match (store.remote().cloned(), &disk) {
-        (Some(remote), Some(disk)) => {
-            let fetched = crate::store::Fetched::new(remote, store.tmp_dir());
+    let store = match (store.node().fetcher(), &disk) {
+        (Some(fetched), Some(disk)) => {
             let cached = crate::cache::objects::CachedObjects::new(fetched, disk.clone());
             store.with_objects(crate::store::Objects(Arc::new(cached)))
         }

@@ -132,16 +132,16 @@ impl Staging {
                 (tmp, result.map_err(registry_fs)?)
             }
         };
-        // In an object store the container goes to a key of its own first; the registry update
-        // below names it (or, if the file went meanwhile, the object is deleted again).
-        let mut uploaded = None;
-        if store.remote().is_some() {
-            let key = format!("{}/{}", registry::upload_prefix(name), shown);
-            store.upload(&mut record, &key, &tmp).map_err(|e| {
-                let _ = fs::remove_file(&tmp);
-                FsError::eio(format!("{name}/{shown} not stored: {e}"))
-            })?;
-            uploaded = Some(key);
+        // On an object store the container goes to a key of its own now; the registry update
+        // below names it (or, if the file went meanwhile, the object is deleted again). Locally
+        // that update renames it into the entry's directory.
+        let mut staged = store.node().stage_file(name, &shown, &tmp).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            FsError::eio(format!("{name}/{shown} not stored: {e}"))
+        })?;
+        if let Some(meta) = staged.object(&shown) {
+            record.object = Some(meta.key.clone());
+            record.fingerprint = registry::Fingerprint::of_object(meta.size, &meta.etag);
         }
         let mut replaced = None;
         let mut used = false;
@@ -165,12 +165,8 @@ impl Staging {
                 Ok((file.to_owned(), finished))
             },
             |lock, r, (file, _)| {
-                if uploaded.is_none() {
-                    // Into place while holding the store lock, so the registry and the file agree.
-                    let dest = store.entry_dir(name).join(&*file);
-                    make_parents(&dest).map_err(|e| io_fs("store", e))?;
-                    fs::rename(&tmp, &dest).map_err(|e| io_fs("store", e))?;
-                }
+                // Into place while holding the store lock, so the registry and the file agree.
+                staged.place_as(file).map_err(|e| FsError::eio(format!("{name}/{file} not stored: {e}")))?;
                 store.save(r, lock).map_err(registry_fs)?;
                 used = true;
                 Ok(())
@@ -186,8 +182,10 @@ impl Staging {
         );
         let _ = fs::remove_file(&tmp);
         // The object no record names any more: the replaced version, or this one if unused.
-        let unused = if used { replaced } else { uploaded };
-        store.delete_objects(unused.as_deref());
+        match used {
+            true => store.delete_objects(replaced.as_deref()),
+            false => staged.discard(),
+        }
         result
     }
 
@@ -220,12 +218,7 @@ impl Staging {
                 store.save(&r, &lock)?;
                 // Still under the lock: a file of this name stored by another descriptor's close
                 // right after this update must not lose its container to this removal.
-                match object {
-                    Some(key) => store.delete_objects([key.as_str()]),
-                    None => {
-                        let _ = fs::remove_file(store.entry_dir(name).join(file));
-                    }
-                }
+                store.node().remove_file(name, file, object.as_deref());
                 Ok(())
             })()
             .map_err(|e| match e {

@@ -53,7 +53,7 @@ P
                     /var/tmp/ab-load "${SIZE:-6000}" 1 load_file,safe_open >"$OUT/load-$v-$round.txt" 2>"$OUT/load-$v-$round.log"
                 echo "rc=$?"; tail -7 "$OUT/load-$v-$round.txt"
             else
-                LLMFS=$B/llmfs-$v python3 "$D/scripts/bench_read.py" /var/tmp/ab-read 1100 "${REPS:-3}" \
+                LLMFS=$B/llmfs-$v python3 "$D/scripts/bench_read.py" /var/tmp/ab-read "${RSIZE:-1100}" "${REPS:-3}" \
                     >"$OUT/read-$v-$round.txt" 2>"$OUT/read-$v-$round.log"
                 echo "rc=$?"; tail -12 "$OUT/read-$v-$round.txt"
             fi

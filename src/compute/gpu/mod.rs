@@ -53,6 +53,8 @@
 //!   device's limits and the chunk sizes they allow;
 //! * `stream.rs`: running a kernel over chunks with rotating buffer sets (the overlap above);
 //! * `kernels.rs`: each kernel family's method: checks, chunking, parameters;
+//! * `mergekit.rs`: mergekit's linear / task arithmetic apply (its parameters from a
+//!   `TensorMerge` and its statistics);
 //! * `copy.rs`: the multi-threaded host copies;
 //! * `bench.rs`: the benchmark hooks (kernel timing, transfer bounds).
 
@@ -60,6 +62,7 @@ mod bench;
 mod copy;
 mod device;
 mod kernels;
+pub mod mergekit;
 mod stream;
 
 use std::sync::atomic::{AtomicU32, AtomicU64};

@@ -27,9 +27,15 @@ pub(crate) enum Kernel {
 impl Kernel {
     /// Whether the kernel may read input `i` straight from host-visible memory: every input
     /// but the LoRA merge's factors (0 and 1), which each 64 × 64 tile reads again, so over
-    /// PCIe they would move as many bytes as W; they are small and go to device memory.
+    /// PCIe they would move as many bytes as W, and the merge's tie lists (1), searched by
+    /// every element at a cut-off magnitude (one PCIe round trip per step): both small, they
+    /// go to device memory.
     pub(super) fn direct_input_ok(self, i: usize) -> bool {
-        self != Kernel::Lora || i >= 2
+        match self {
+            Kernel::Lora => i >= 2,
+            Kernel::MergekitApply => i != 1,
+            _ => true,
+        }
     }
 }
 

@@ -361,3 +361,30 @@ pub fn lora_rows(
     }
     merge::lora_rows(f, dtype, cols, elems, w, out)
 }
+
+#[cfg(all(test, feature = "gpu"))]
+mod tests {
+    /// `auto`'s calibration (which skips software adapters, so no other test runs it) times
+    /// every kernel on the adapter there is, lavapipe included, and answers a choice: no call
+    /// in it panics, and the merges' GPU calls succeed. Skipped without an adapter unless `LLMFS_REQUIRE_GPU=1`.
+    #[test]
+    fn calibration_runs_every_kernel() {
+        let ctx = match super::super::gpu::GpuContext::new() {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(std::env::var("LLMFS_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU: {e}");
+                eprintln!("note: skipping: no GPU: {e}");
+                return;
+            }
+        };
+        let choice = super::calibrate(&ctx, crate::codec::quant::dequantize_range_bytes::<half::f16>);
+        eprintln!("{choice:?}");
+        // The merges' GPU runs succeed (calibrate would quietly pick the CPU if they failed).
+        let must_run = |name: &str, cpu: &dyn Fn(), gpu: &dyn Fn() -> bool| {
+            cpu();
+            assert!(gpu(), "calibration {name}: the GPU call failed");
+            super::Device::Gpu
+        };
+        assert_eq!(super::calibrate_merges(&ctx, &must_run), (super::Device::Gpu, super::Device::Gpu));
+    }
+}

@@ -26,7 +26,8 @@ usage: scripts/bench_merge.py WORK SIZE_MIB [REPS]
   env: LLMFS, EXAMPLES (binaries, default target/release), MERGEKIT_PYTHON (a python that
   imports mergekit 0.1.5, default this one), MK_REPS, BENCH_CUDA=0|1, BENCH_METHODS=linear,ties,
   MK_DEVICES=cpu,cuda (which mergekit runs; cuda only where torch sees a GPU), MK_CPU_METHODS=linear,ties
-  (the merges mergekit runs on the CPU)
+  (the merges mergekit runs on the CPU), BENCH_BACKENDS=cpu,gpu (llmfs rounds once per
+  `mount --backend`, a table row each; default: one round set on the default backend, auto)
   build first: cargo build --release --features gpu --bin llmfs --example gen_model --example gen_finetune
   Run under `taskset -c 0,1` for the 2-core table (the daemon and mergekit inherit the affinity).
 """
@@ -188,8 +189,11 @@ def main():
                     r["mk_bytes"] = sum(os.path.getsize(f) for f in bl.files(out, "*.safetensors"))
                     log(f"{name}: from_pretrained of mergekit's output {ld.get('secs')} s")
                 shutil.rmtree(out, ignore_errors=True)
-        for i in range(reps):
-            entry = f"m-{name}-{i + 1}"
+        backends = [b for b in os.environ.get("BENCH_BACKENDS", "").split(",") if b] or [None]
+        for b, i in [(b, i) for b in backends for i in range(reps)]:
+            key = "llmfs" if b is None else f"llmfs --backend {b}"
+            extra = () if b is None else ("--backend", b)
+            entry = f"m-{name}-{i + 1}" if b is None else f"m-{name}-{b}-{i + 1}"
             if os.path.exists(f"{store}/registry.json") and entry in json.load(open(f"{store}/registry.json"))["entries"]:
                 bl.sh(LLMFS, "--store", store, "rm", entry)
             before = store_bytes(store)
@@ -199,21 +203,21 @@ def main():
             grew = store_bytes(store) - before
             shutil.rmtree(cache, ignore_errors=True)
             t = time.perf_counter()
-            m = bl.Mount(store, mnt, cache)
+            m = bl.Mount(store, mnt, cache, extra)
             mount_secs = time.perf_counter() - t
             first = w.load("hf", f"{mnt}/{entry}")
             rss = m.rss()
             m.close()
-            m = bl.Mount(store, mnt, cache)
+            m = bl.Mount(store, mnt, cache, extra)
             again = w.load("hf", f"{mnt}/{entry}")
             rss = max(rss or 0, m.rss() or 0)
             m.close()
             for x in (first, again):
                 if "error" in x:
                     raise SystemExit(f"{name}: load through the mount failed: {x['error']}")
-            r["llmfs"].append({"merge_secs": msecs, "mount_secs": mount_secs, "first": first, "again": again,
+            r.setdefault(key, []).append({"merge_secs": msecs, "mount_secs": mount_secs, "first": first, "again": again,
                                "store_growth": grew, "rss_mib": rss})
-            log(f"{name}: llmfs merge {msecs:.2f} s (+{grew} B), mount {mount_secs:.2f} s, first "
+            log(f"{name}: {key} merge {msecs:.2f} s (+{grew} B), mount {mount_secs:.2f} s, first "
                 f"{first['secs']:.2f} s, again {again['secs']:.2f} s, daemon RSS {rss:.0f} MiB")
         save(work, res)  # after each merge: a run cut short still has a table (`_table FILE`)
     w.close()
@@ -245,8 +249,9 @@ def print_table(res):
             "load after remount (GB/s, vs plain)", "store growth", "daemon peak RSS"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, r in res["merges"].items():
-        L = r["llmfs"]
+    rows = [(f"{name} ({k[6:]})" if k != "llmfs" else name, r, r[k]) for name, r in res["merges"].items()
+            for k in r if k.startswith("llmfs")]
+    for name, r, L in rows:
         if not L:
             continue
         ms = med([x["merge_secs"] for x in L])

@@ -2,11 +2,12 @@
 # The lent machine's merge and GGUF benchmarks (issues 22 and 24) in one device call, building
 # nothing there.
 #
-#   here:   cargo build --release --features gpu --bin llmfs --example gen_model --example gen_finetune
+#   here:   cargo build --release --features gpu --bin llmfs --example gen_model --example gen_finetune \
+#               --example bench_merge_gpu
 #           scripts/bench_merge_gguf_device.sh pack .devbench-mg     # an ignored dir of the checkout
 #   device: run(carry=[".devbench-mg"], command="OUT=$OUT bash .devbench-mg/bench_merge_gguf_device.sh run", timeout_s=600)
 #
-# pack: llmfs and the two model generators stripped and xz-compressed; bench_merge.py,
+# pack: llmfs, the two model generators and bench_merge_gpu stripped and xz-compressed; bench_merge.py,
 # bench_gguf.py and what they import (bench_load.py, gguf_check.py); llama.cpp's converter
 # (convert_hf_to_gguf.py, conversion/, gguf-py/ of llama-cpp-python 0.3.36's sdist); the wheels
 # the lent machine lacks (it has torch, transformers, safetensors, numpy; no network):
@@ -22,8 +23,12 @@
 #   merge.txt/.log  bench_merge.py $W/merge $MSIZE $MREPS  (MK_REPS mergekit rounds; then the
 #                   fine-tunes, mergekit's outputs and the disk cache are removed: disk)
 #   gguf.txt/.log   bench_gguf.py  $W/gguf  $GSIZE $GREPS     (then $W/gguf is removed)
+#   kernel.txt      bench_merge_gpu $KELEMS $KREPS: mergekit's apply, GPU vs CPU on all cores
+#                   (linear, ties, dare_ties over 3, 5, 8 parents; no mergekit, no mount)
 #   *-results-16cores.json, fills-*.txt (the daemons' "disk cache: decoded" lines)
-# STEPS (default merge,gguf: the order they run), MSIZE/GSIZE (default 6000), MREPS (1),
+# STEPS (default merge,gguf: the order they run; kernel too: STEPS=kernel,merge), KELEMS (default
+# 67108864), KREPS (3), BENCH_BACKENDS (e.g. cpu,gpu: bench_merge.py's llmfs rounds once per
+# `mount --backend`), MSIZE/GSIZE (default 6000), MREPS (1),
 # GREPS (1), MK_REPS (1), METHODS (linear,ties), MK_DEVICES (cpu,cuda), MK_CPU_METHODS
 # (linear,ties: the merges mergekit runs on the CPU), FILL (F16,BF16,Q8_0,Q4_0,Q4_K_M; empty:
 # none), WARM (1; 0: no `llmfs warm` rows), MT/GT (each step's timeout in seconds, default 540;
@@ -38,7 +43,7 @@ pack)
     LCP=${LLAMA_CPP:-/tmp/llmfs-ci-llama-cpp/llama_cpp_python-0.3.36/vendor/llama.cpp}
     LCW=${LLAMA_CPP_WHEEL:-/root/.cache/pip/wheels/a7/aa/8f/764d801c7baba50b8d7c4804f6e67c0962ae13466263528365/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl}
     rm -rf "$K" && mkdir -p "$K/scripts" "$K/wheels/bin" "$K/llama.cpp" "$K/lib" || exit 1
-    for b in "$T/release/llmfs" "$T"/release/examples/{gen_model,gen_finetune}; do
+    for b in "$T/release/llmfs" "$T"/release/examples/{gen_model,gen_finetune,bench_merge_gpu}; do
         strip -o "$K/tmp.bin" "$b" && xz -6 -T2 -c "$K/tmp.bin" >"$K/$(basename "$b").xz" && rm "$K/tmp.bin" || exit 1
     done
     cp "$ROOT"/scripts/{bench_merge.py,bench_gguf.py,bench_load.py,gguf_check.py} "$K/scripts/"
@@ -74,7 +79,7 @@ run)
     python3 - "$D" "$B" <<'P'
 import lzma, os, shutil, sys
 d, b = sys.argv[1:]
-for n in ("llmfs", "gen_model", "gen_finetune"):
+for n in ("llmfs", "gen_model", "gen_finetune", "bench_merge_gpu"):
     with lzma.open(f"{d}/{n}.xz") as src, open(f"{b}/{n}", "wb") as dst:
         shutil.copyfileobj(src, dst, 16 << 20)
     os.chmod(f"{b}/{n}", 0o755)
@@ -106,6 +111,11 @@ P
         for m in $W/merge/mnt; do $B/llmfs umount $m >/dev/null 2>&1; done
         rm -rf $W/merge/ft1 $W/merge/ft2 $W/merge/ft3 $W/merge/cache $W/merge/mk-*
         step "merge done"
+    }
+    kernel_step() {
+        timeout -k 15 -s INT ${KT:-540} $B/bench_merge_gpu ${KELEMS:-67108864} ${KREPS:-3} >"$OUT/kernel.txt" 2>&1
+        echo "rc=$?"; cat "$OUT/kernel.txt"
+        step "kernel done"
     }
     for s in ${STEPS//,/ }; do "${s}_step"; done
     ;;

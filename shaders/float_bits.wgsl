@@ -252,3 +252,280 @@ fn dt_elem(word: u32, i: u32, dtype: u32) -> u32 {
 fn grid_index(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> u32 {
     return (wg.y * nwg.x + wg.x) * 256u + li;
 }
+
+// ---- Multiply, fused multiply-add, divide and comparisons (the merge kernels) ----
+// Same contract as f32_add_bits: correctly rounded to nearest even, subnormals kept, NaN
+// operands quieted (the first NaN operand wins, as x86 SSE's mulss/divss), an invalid
+// operation (0 * inf, 0/0, inf/inf, inf - inf) gives QNAN_DEFAULT. No float instruction is
+// used: the device may flush subnormals or contract a*b+c, and `fma` in WGSL may be computed
+// as a separate multiply and add; only integer arithmetic gives the CPU's bits everywhere.
+
+// 32 x 32 -> 64-bit product as (lo, hi).
+fn fb_mul_wide(a: u32, b: u32) -> vec2<u32> {
+    let a0 = a & 0xFFFFu;
+    let a1 = a >> 16u;
+    let b0 = b & 0xFFFFu;
+    let b1 = b >> 16u;
+    let p00 = a0 * b0;
+    let p01 = a0 * b1;
+    let p10 = a1 * b0;
+    let p11 = a1 * b1;
+    let mid = (p00 >> 16u) + (p01 & 0xFFFFu) + (p10 & 0xFFFFu);
+    let lo = (p00 & 0xFFFFu) | (mid << 16u);
+    let hi = p11 + (p01 >> 16u) + (p10 >> 16u) + (mid >> 16u);
+    return vec2<u32>(lo, hi);
+}
+
+// 64-bit helpers on (lo, hi).
+fn fb_add64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+    let lo = a.x + b.x;
+    return vec2<u32>(lo, a.y + b.y + select(0u, 1u, lo < a.x));
+}
+
+fn fb_sub64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+    return vec2<u32>(a.x - b.x, a.y - b.y - select(0u, 1u, a.x < b.x));
+}
+
+fn fb_lt64(a: vec2<u32>, b: vec2<u32>) -> bool {
+    return a.y < b.y || (a.y == b.y && a.x < b.x);
+}
+
+fn fb_shl64(a: vec2<u32>, sh: u32) -> vec2<u32> {
+    if (sh == 0u) {
+        return a;
+    }
+    if (sh >= 64u) {
+        return vec2<u32>(0u, 0u);
+    }
+    if (sh >= 32u) {
+        return vec2<u32>(0u, a.x << (sh - 32u));
+    }
+    return vec2<u32>(a.x << sh, (a.y << sh) | (a.x >> (32u - sh)));
+}
+
+// Right shift, everything shifted out ORed into bit 0.
+fn fb_shr_jam64(a: vec2<u32>, sh: u32) -> vec2<u32> {
+    if (sh == 0u) {
+        return a;
+    }
+    if (sh >= 63u) {
+        return vec2<u32>(select(0u, 1u, (a.x | a.y) != 0u), 0u);
+    }
+    var r: vec2<u32>;
+    var lost: bool;
+    if (sh >= 32u) {
+        let s = sh - 32u;
+        r = vec2<u32>(select(a.y, a.y >> s, s > 0u), 0u);
+        lost = a.x != 0u || (s > 0u && (a.y & ((1u << s) - 1u)) != 0u);
+    } else {
+        r = vec2<u32>((a.x >> sh) | (a.y << (32u - sh)), a.y >> sh);
+        lost = (a.x & ((1u << sh) - 1u)) != 0u;
+    }
+    r.x = r.x | select(0u, 1u, lost);
+    return r;
+}
+
+// Index of the highest set bit of a non-zero 64-bit value.
+fn fb_lead64(a: vec2<u32>) -> u32 {
+    if (a.y != 0u) {
+        return 32u + firstLeadingBit(a.y);
+    }
+    return firstLeadingBit(a.x);
+}
+
+// The significand of a finite non-zero f32 with its leading 1 at bit 23, and its exponent e
+// (value = sig * 2^(e - 150)); subnormals normalized (e <= 0).
+fn fb_unpack(x: u32) -> vec2<i32> {
+    let e = i32((x >> 23u) & 0xFFu);
+    let m = x & 0x7FFFFFu;
+    if (e == 0) {
+        let sh = 23u - firstLeadingBit(m);
+        return vec2<i32>(i32(m << sh), 1 - i32(sh));
+    }
+    return vec2<i32>(i32(m | 0x800000u), e);
+}
+
+fn fb_is_inf(x: u32) -> bool {
+    return (x & 0x7FFFFFFFu) == 0x7F800000u;
+}
+
+fn fb_is_zero(x: u32) -> bool {
+    return (x & 0x7FFFFFFFu) == 0u;
+}
+
+// Special cases of a * b (a NaN, inf or zero operand): the result, or 1 (not a float result
+// the checks below return: 1 is a subnormal no special case gives) when both are finite and
+// non-zero.
+fn fb_mul_special(a: u32, b: u32) -> u32 {
+    if (fb_is_nan(a)) {
+        return a | 0x00400000u;
+    }
+    if (fb_is_nan(b)) {
+        return b | 0x00400000u;
+    }
+    let sign = (a ^ b) & 0x80000000u;
+    if (fb_is_inf(a) || fb_is_inf(b)) {
+        if (fb_is_zero(a) || fb_is_zero(b)) {
+            return QNAN_DEFAULT;
+        }
+        return sign | 0x7F800000u;
+    }
+    if (fb_is_zero(a) || fb_is_zero(b)) {
+        return sign;
+    }
+    return 1u;
+}
+
+// a * b on f32 bit patterns.
+fn f32_mul_bits(a: u32, b: u32) -> u32 {
+    let s = fb_mul_special(a, b);
+    if (s != 1u) {
+        return s;
+    }
+    let sign = (a ^ b) & 0x80000000u;
+    let ua = fb_unpack(a);
+    let ub = fb_unpack(b);
+    // sa * sb in [2^46, 2^48); value = p * 2^(ea + eb - 300).
+    let p = fb_mul_wide(u32(ua.x), u32(ub.x));
+    var be = ua.y + ub.y - 127;
+    var m: vec2<u32>;
+    if (p.y >= (1u << 15u)) {
+        m = fb_shr_jam64(p, 17u);
+        be += 1;
+    } else {
+        m = fb_shr_jam64(p, 16u);
+    }
+    return fb_pack(sign, m.x, be);
+}
+
+// a * b + c with one rounding (C's fmaf, Rust's mul_add).
+fn f32_fma_bits(a: u32, b: u32, c: u32) -> u32 {
+    if (fb_is_nan(a) || fb_is_nan(b)) {
+        return fb_mul_special(a, b);
+    }
+    let prod_special = fb_mul_special(a, b);
+    if (prod_special == QNAN_DEFAULT) {
+        return QNAN_DEFAULT; // 0 * inf (+ anything but NaN, which x86 also answers so)
+    }
+    if (fb_is_nan(c)) {
+        return c | 0x00400000u;
+    }
+    if (prod_special != 1u) {
+        // The product is an infinity or a signed zero, exact: one addition.
+        return f32_add_bits(prod_special, c);
+    }
+    if (fb_is_inf(c)) {
+        return c; // c infinite, the product finite
+    }
+    let sign_p = (a ^ b) & 0x80000000u;
+    let ua = fb_unpack(a);
+    let ub = fb_unpack(b);
+    let p = fb_mul_wide(u32(ua.x), u32(ub.x)); // in [2^46, 2^48)
+    // The exact product as xp * 2^(ep) with its leading 1 at bit 61 (xp has >= 14 zero low bits).
+    let lp = fb_lead64(p);
+    var xp = fb_shl64(p, 61u - lp);
+    var ep = ua.y + ub.y - 300 - i32(61u - lp);
+    if (fb_is_zero(c)) {
+        // x * y + (±0): the exact product, rounded.
+        return fb_pack(sign_p, fb_shr_jam64(xp, 31u).x, ep + 61 + 127);
+    }
+    let sign_c = c & 0x80000000u;
+    let uc = fb_unpack(c);
+    var xc = fb_shl64(vec2<u32>(u32(uc.x), 0u), 38u); // leading 1 at bit 61
+    var ec = uc.y - 150 - 38;
+    // Align the smaller exponent to the larger (the jam keeps rounding exact).
+    var e = ep;
+    if (ep >= ec) {
+        xc = fb_shr_jam64(xc, u32(min(ep - ec, 63)));
+    } else {
+        xp = fb_shr_jam64(xp, u32(min(ec - ep, 63)));
+        e = ec;
+    }
+    var x: vec2<u32>;
+    var sign: u32;
+    if (sign_p == sign_c) {
+        x = fb_add64(xp, xc); // < 2^63
+        sign = sign_p;
+    } else if (fb_lt64(xp, xc)) {
+        x = fb_sub64(xc, xp);
+        sign = sign_c;
+    } else {
+        x = fb_sub64(xp, xc);
+        sign = sign_p;
+    }
+    if ((x.x | x.y) == 0u) {
+        return 0u; // exact cancellation: +0 when rounding to nearest
+    }
+    // value = x * 2^e; m gets the leading 1 at bit 30 (23 + GUARD) and the rest jammed.
+    let l = fb_lead64(x);
+    var m: u32;
+    if (l >= 30u) {
+        m = fb_shr_jam64(x, l - 30u).x;
+    } else {
+        m = fb_shl64(x, 30u - l).x;
+    }
+    return fb_pack(sign, m, e + i32(l) + 127);
+}
+
+// a / b on f32 bit patterns.
+fn f32_div_bits(a: u32, b: u32) -> u32 {
+    if (fb_is_nan(a)) {
+        return a | 0x00400000u;
+    }
+    if (fb_is_nan(b)) {
+        return b | 0x00400000u;
+    }
+    let sign = (a ^ b) & 0x80000000u;
+    if (fb_is_inf(a)) {
+        return select(sign | 0x7F800000u, QNAN_DEFAULT, fb_is_inf(b));
+    }
+    if (fb_is_inf(b)) {
+        return sign;
+    }
+    if (fb_is_zero(b)) {
+        return select(sign | 0x7F800000u, QNAN_DEFAULT, fb_is_zero(a));
+    }
+    if (fb_is_zero(a)) {
+        return sign;
+    }
+    let ua = fb_unpack(a);
+    let ub = fb_unpack(b);
+    var n = u32(ua.x);
+    let d = u32(ub.x);
+    var e = ua.y - ub.y; // unbiased exponent of the quotient when n >= d
+    if (n < d) {
+        n = n << 1u;
+        e -= 1;
+    }
+    // n / d in [1, 2): 24 + GUARD quotient bits, the last one jammed with the remainder.
+    var r = n;
+    var quo = 0u;
+    for (var i = 0u; i < 24u + GUARD; i++) {
+        let ge = r >= d;
+        quo = (quo << 1u) | select(0u, 1u, ge);
+        r = select(r, r - d, ge) << 1u;
+    }
+    quo = quo | select(0u, 1u, r != 0u);
+    return fb_pack(sign, quo, e + 127);
+}
+
+// A key that orders non-NaN f32 bit patterns as their values (±0 equal).
+fn fb_key(x: u32) -> i32 {
+    let m = i32(x & 0x7FFFFFFFu);
+    return select(m, -m, (x & 0x80000000u) != 0u);
+}
+
+// a > b, false when either is NaN.
+fn f32_gt_bits(a: u32, b: u32) -> bool {
+    return !fb_is_nan(a) && !fb_is_nan(b) && fb_key(a) > fb_key(b);
+}
+
+fn f32_eq_bits(a: u32, b: u32) -> bool {
+    return !fb_is_nan(a) && !fb_is_nan(b) && fb_key(a) == fb_key(b);
+}
+
+// Round f32 bits to `dtype` (0 F32, 1 F16, 2 BF16) and back: `half`'s rounding (a NaN keeps
+// the top of its payload, quieted), as compute::mergekit's `round`.
+fn fb_round(x: u32, dtype: u32) -> u32 {
+    return dt_to_f32(dt_from_f32(x, dtype, false), dtype);
+}

@@ -424,3 +424,220 @@ fn over_one_dimension_of_workgroups() {
     ctx.cast(Dtype::F16, Dtype::F32, &src, &mut gpu).unwrap();
     assert!(gpu == cpu, "large cast differs");
 }
+
+// ---- mergekit's apply (linear, task arithmetic, TIES, DARE, breadcrumbs) ----
+
+use llmfs::compute::mergekit::{self, Gta, GtaParent, Kernel, Sparsify, Stats, TensorMerge};
+use proptest::prelude::*;
+
+/// `k` inputs of `n` values of `d`: a base and fine-tunes of it (small deltas, a fifth of them
+/// zero, quantized so magnitudes tie at the cut-offs), with `specials` every 37th element (±0,
+/// f32 subnormals, values near the dtype's overflow, an infinity); or, with `raw`, random bit
+/// patterns of `d` (every exponent; NaNs made 1.0).
+fn merge_inputs(
+    rng: &mut SplitMix64,
+    d: Dtype,
+    n: usize,
+    k: usize,
+    specials: bool,
+    raw: bool,
+) -> Vec<Vec<f32>> {
+    let big = match d {
+        Dtype::F16 => 6.0e4,
+        _ => 3.0e38,
+    };
+    let special = [0.0, -0.0, 1.0e-40, -3.0e-39, big, -big, f32::INFINITY, 1.0e-7];
+    let base: Vec<f32> = (0..n).map(|_| rng.normal() * 0.02).collect();
+    (0..k)
+        .map(|j| {
+            (0..n)
+                .map(|i| {
+                    let v = if raw {
+                        let b = rng.next_u64() as u32;
+                        let x = match d {
+                            Dtype::F16 => f16::from_bits(b as u16).to_f32(),
+                            Dtype::BF16 => f32::from_bits(b << 16),
+                            _ => f32::from_bits(b),
+                        };
+                        if x.is_nan() {
+                            1.0
+                        } else {
+                            x
+                        }
+                    } else if specials && (i * 7 + j) % 37 == 0 {
+                        special[(rng.next_u64() % special.len() as u64) as usize]
+                    } else if j == 0 || rng.next_u64() % 5 == 0 {
+                        base[i]
+                    } else {
+                        base[i] + (rng.normal() * 8.0).round() / 4096.0
+                    };
+                    mergekit::round(d, v)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The methods the GPU kernel takes, over `k` inputs (input 0 the base where there is one).
+fn gpu_merge_methods(rng: &mut SplitMix64, k: usize, raw_weights: bool) -> Vec<(Kernel, Option<usize>)> {
+    let w = |rng: &mut SplitMix64| {
+        if raw_weights {
+            let x = f32::from_bits(rng.next_u64() as u32);
+            if x.is_finite() {
+                x as f64
+            } else {
+                0.5
+            }
+        } else {
+            rng.uniform() as f64 * 2.0 - 0.5
+        }
+    };
+    let weights: Vec<f64> = (0..k).map(|_| w(rng)).collect();
+    let parents: Vec<GtaParent> = (1..k)
+        .map(|j| GtaParent {
+            weight: w(rng),
+            // Some parents dense (their mask is everything), the others 5-95 %.
+            density: if j % 3 == 0 { 1.0 } else { 0.05 + 0.9 * rng.uniform() as f64 },
+            gamma: 0.01 + 0.1 * rng.uniform() as f64,
+            epsilon: 0.0,
+        })
+        .collect();
+    let gta = |consensus: bool, sparsify: Option<Sparsify>, rescale: bool, lambda: f64| {
+        Kernel::Gta(Gta {
+            consensus,
+            sparsify,
+            parents: parents.clone(),
+            normalize: consensus || sparsify.is_none(),
+            rescale,
+            lambda,
+        })
+    };
+    vec![
+        (Kernel::Linear { weights: weights.clone(), normalize: true }, None),
+        (Kernel::Linear { weights, normalize: false }, None),
+        (gta(false, None, false, 1.0), Some(0)), // task_arithmetic
+        (gta(true, Some(Sparsify::Magnitude), false, 1.0), Some(0)), // ties
+        (gta(true, Some(Sparsify::Magnitude), true, 0.7), Some(0)), // ties, rescale, lambda
+        (gta(true, Some(Sparsify::Random), true, 1.0), Some(0)), // dare_ties
+        (gta(false, Some(Sparsify::Random), true, 1.0), Some(0)), // dare_linear
+        (gta(false, Some(Sparsify::MagnitudeOutliers), false, 1.0), Some(0)), // breadcrumbs
+        (gta(true, Some(Sparsify::MagnitudeOutliers), true, 0.5), Some(0)), // breadcrumbs_ties
+    ]
+}
+
+/// Every method on every context against `TensorMerge::apply_cpu`, the range cut into pieces
+/// at `cuts` (elements of the whole tensor), each element's bits. `k` inputs of `rows × cols`.
+fn merge_case(
+    ctxs: [&GpuContext; 3],
+    seed: u64,
+    d: Dtype,
+    (rows, cols): (usize, usize),
+    k: usize,
+    raw: bool,
+    cuts: &[usize],
+) {
+    let mut rng = SplitMix64(seed);
+    let n = rows * cols;
+    let inputs = merge_inputs(&mut rng, d, n, k, !raw, raw);
+    let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+    let mut bounds: Vec<usize> = cuts.iter().map(|&c| c % (n + 1)).collect();
+    bounds.extend([0, n]);
+    bounds.sort_unstable();
+    bounds.dedup();
+    for (kernel, base) in gpu_merge_methods(&mut rng, k, raw) {
+        let m = TensorMerge {
+            kernel: kernel.clone(),
+            dtype: d,
+            base,
+            shape: vec![rows, cols],
+            seed: seed ^ 0x5eed,
+            name_key: mergekit::name_key("model.layers.0.mlp.up_proj.weight"),
+            threads: 2,
+        };
+        assert!(llmfs::compute::gpu::mergekit::supported(&m, k), "{kernel:?}");
+        let stats = if m.needs_stats() { m.stats(&refs).unwrap() } else { Stats::None };
+        let mut cpu = vec![0f32; n];
+        for w in bounds.windows(2) {
+            let sl: Vec<&[f32]> = refs.iter().map(|p| &p[w[0]..w[1]]).collect();
+            m.apply_cpu(&stats, &sl, w[0], &mut cpu[w[0]..w[1]]).unwrap();
+        }
+        for (ci, ctx) in ctxs.iter().enumerate() {
+            let mut gpu = vec![0f32; n];
+            for w in bounds.windows(2) {
+                let sl: Vec<&[f32]> = refs.iter().map(|p| &p[w[0]..w[1]]).collect();
+                ctx.mergekit_apply(&m, &stats, &sl, w[0], &mut gpu[w[0]..w[1]]).unwrap();
+            }
+            for i in 0..n {
+                let (g, c) = (gpu[i], cpu[i]);
+                assert!(
+                    g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()),
+                    "context {ci}, {d}, {k} inputs, {rows}x{cols}, cuts {bounds:?}: element {i}: gpu {g:e} ({:#010x}) cpu {c:e} ({:#010x})\n{kernel:?}",
+                    g.to_bits(),
+                    c.to_bits()
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+    /// Model-like inputs with special values, 2-9 inputs (8 parents and a base), any dtype, any cut of the range.
+    #[test]
+    fn mergekit_apply_matches_cpu(seed in any::<u64>(), di in 0usize..3, k in 2usize..=9, rows in 1usize..40, cols in 1usize..300, cuts in proptest::collection::vec(any::<usize>(), 0..4)) {
+        let ctxs = match contexts() {
+            Some(c) => [&c[0], &c[1], &c[2]],
+            None => return Ok(()),
+        };
+        let d = [Dtype::BF16, Dtype::F16, Dtype::F32][di];
+        merge_case(ctxs, seed, d, (rows, cols), k, false, &cuts);
+    }
+
+    /// Random bit patterns as inputs and (linear) weights: every exponent, subnormal products,
+    /// cancellations, overflow; the soft-float multiply, FMA, divide and roundings against the
+    /// CPU's instructions.
+    #[test]
+    fn mergekit_apply_matches_cpu_on_any_bits(seed in any::<u64>(), di in 0usize..3, k in 2usize..=9, n in 1usize..3000) {
+        let ctxs = match contexts() {
+            Some(c) => [&c[0], &c[1], &c[2]],
+            None => return Ok(()),
+        };
+        let d = [Dtype::BF16, Dtype::F16, Dtype::F32][di];
+        merge_case(ctxs, seed, d, (1, n), k, true, &[n / 3]);
+    }
+}
+
+/// Tensors over one chunk of the default context: the chunk boundaries, the tie lists cut per
+/// chunk and the hash's element index past 2^20.
+#[test]
+fn mergekit_apply_over_many_chunks() {
+    let ctxs = gpu_or_skip!();
+    merge_case(ctxs, 11, Dtype::BF16, (1100, 1000), 4, false, &[123_457]);
+}
+
+/// What the GPU kernel does not take is refused as Unsupported (the backend runs the CPU).
+#[test]
+fn mergekit_apply_refuses_what_it_does_not_compute() {
+    let ctxs = gpu_or_skip!();
+    let m = TensorMerge {
+        kernel: Kernel::Slerp { t: 0.5 },
+        dtype: Dtype::BF16,
+        base: Some(0),
+        shape: vec![4],
+        seed: 0,
+        name_key: 0,
+        threads: 1,
+    };
+    let x = [0f32; 4];
+    let mut out = [0f32; 4];
+    assert!(!llmfs::compute::gpu::mergekit::supported(&m, 2));
+    let r = ctxs[0].mergekit_apply(&m, &Stats::Slerp { coef_a: 0.5, coef_b: 0.5 }, &[&x, &x], 0, &mut out);
+    assert!(matches!(r, Err(GpuError::Unsupported(_))), "{r:?}");
+    let ten = vec![&x[..]; 10];
+    let lin = TensorMerge { kernel: Kernel::Linear { weights: vec![1.0; 10], normalize: false }, ..m };
+    assert!(!llmfs::compute::gpu::mergekit::supported(&lin, 10));
+    assert!(matches!(
+        ctxs[0].mergekit_apply(&lin, &Stats::None, &ten, 0, &mut out),
+        Err(GpuError::Unsupported(_))
+    ));
+}

@@ -525,3 +525,103 @@ fn tokenizer_source_over_differing_vocabularies_is_refused() {
     std::fs::write(&path, yaml("swapped", "base").replace("tokenizer_source: base\n", "")).unwrap();
     ts.ok(["merge", "m2", "--config", s(&path)]);
 }
+
+// --- the GPU backend ---
+
+#[cfg(feature = "gpu")]
+const GPU_MERGES: [(&str, &str); 5] = [
+    (
+        "linear",
+        "merge_method: linear
+models:
+  - {model: b, parameters: {weight: 0.5}}
+  - {model: c, parameters: {weight: 0.3}}
+  - {model: d, parameters: {weight: 0.2}}
+dtype: bfloat16
+",
+    ),
+    (
+        "ties",
+        "merge_method: ties
+base_model: a
+models:
+  - {model: b, parameters: {weight: 0.5, density: 0.7}}
+  - {model: c, parameters: {weight: 0.3, density: 0.5}}
+  - {model: d, parameters: {weight: 0.4, density: 0.6}}
+parameters: {normalize: true}
+dtype: float16
+",
+    ),
+    (
+        "dare",
+        "merge_method: dare_ties
+base_model: a
+models:
+  - {model: b, parameters: {weight: 0.5, density: 0.5}}
+  - {model: c, parameters: {weight: 0.5, density: 0.6}}
+  - {model: d, parameters: {weight: 0.3, density: 0.4}}
+dtype: bfloat16
+",
+    ),
+    (
+        "crumbs",
+        "merge_method: breadcrumbs_ties
+base_model: a
+models:
+  - {model: b, parameters: {weight: 0.5, density: 0.8, gamma: 0.05}}
+  - {model: c, parameters: {weight: 0.5, density: 0.7}}
+  - {model: d, parameters: {weight: 0.3, density: 0.9}}
+dtype: float32
+",
+    ),
+    (
+        "task",
+        "merge_method: task_arithmetic
+base_model: a
+models:
+  - {model: b, parameters: {weight: 1.0}}
+  - {model: c, parameters: {weight: 0.5}}
+  - {model: d, parameters: {weight: -0.3}}
+parameters: {lambda: 0.8}
+dtype: bfloat16
+",
+    ),
+];
+
+/// Linear, TIES, DARE-TIES, breadcrumbs-TIES and task arithmetic read through a mount with
+/// `--backend gpu` (no disk cache: every chunk computed by the GPU kernel) give the bytes
+/// `export` computes on the CPU. Without a GPU adapter (lavapipe in CI) the test is skipped,
+/// unless `LLMFS_REQUIRE_GPU=1`.
+#[cfg(feature = "gpu")]
+#[test]
+fn merges_read_through_the_gpu_backend_are_the_cpus_bytes() {
+    if let Err(e) = llmfs::compute::gpu::GpuContext::new() {
+        assert!(
+            std::env::var("LLMFS_REQUIRE_GPU").as_deref() != Ok("1"),
+            "LLMFS_REQUIRE_GPU=1 but no GPU: {e}"
+        );
+        eprintln!("note: skipping: no GPU: {e}");
+        return;
+    }
+    let ts = two_models();
+    let a = ts.path("a");
+    for (name, seed) in [("c", 8), ("d", 9)] {
+        demo::write_finetune(&a, &ts.path(name), 1.5, seed).unwrap();
+        ts.ok(["add", name, s(&ts.path(name))]);
+    }
+    let mut want = Vec::new();
+    for (name, yaml) in GPU_MERGES {
+        ts.ok(["merge", name, "--config", s(&config(&ts, &format!("{name}.yml"), yaml, &[]))]);
+        want.push((name, export(&ts, name)));
+    }
+    let mnt = ts.path("mnt");
+    let m = MountGuard::new(&ts, &mnt, &["--backend", "gpu", "--disk-cache-size", "0"]);
+    let pairs: Vec<(&str, &Path)> = want.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    assert_mount_equals(m.path(), &pairs);
+    let log = m.log_text();
+    assert!(
+        log.contains("merge_gta: Gpu") && log.contains("merge_linear: Gpu"),
+        "backend not chosen:\n{log}"
+    );
+    assert!(!log.contains("GPU kernel failed"), "a GPU call fell back to the CPU:\n{log}");
+}

@@ -31,10 +31,20 @@ pub struct Choice {
     pub cast: Device,
     pub add_f16: Device,
     pub lora: Device,
+    /// mergekit's linear merge (`compute::mergekit`, apply by range).
+    pub merge_linear: Device,
+    /// mergekit's task arithmetic rows (task arithmetic, TIES, DARE, breadcrumbs).
+    pub merge_gta: Device,
 }
 
-const ALL_CPU: Choice =
-    Choice { dequant: Device::Cpu, cast: Device::Cpu, add_f16: Device::Cpu, lora: Device::Cpu };
+const ALL_CPU: Choice = Choice {
+    dequant: Device::Cpu,
+    cast: Device::Cpu,
+    add_f16: Device::Cpu,
+    lora: Device::Cpu,
+    merge_linear: Device::Cpu,
+    merge_gta: Device::Cpu,
+};
 
 static CHOICE: OnceLock<Choice> = OnceLock::new();
 #[cfg(feature = "gpu")]
@@ -98,7 +108,14 @@ fn select_gpu(required: bool, cpu_dequant: CpuDequant) -> Result<Choice, Backend
         return Ok(ALL_CPU);
     }
     let chosen = if required {
-        Choice { dequant: Device::Gpu, cast: Device::Gpu, add_f16: Device::Gpu, lora: Device::Gpu }
+        Choice {
+            dequant: Device::Gpu,
+            cast: Device::Gpu,
+            add_f16: Device::Gpu,
+            lora: Device::Gpu,
+            merge_linear: Device::Gpu,
+            merge_gta: Device::Gpu,
+        }
     } else {
         calibrate(&ctx, cpu_dequant)
     };
@@ -177,7 +194,101 @@ fn calibrate(ctx: &super::gpu::GpuContext, cpu_dequant: CpuDequant) -> Choice {
         &|| drop(merge::lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut())),
         &|| ctx.lora_rows(&f, Dtype::F16, cols, 0..n, &src, &mut out.borrow_mut()).is_ok(),
     );
-    Choice { dequant, cast, add_f16, lora }
+    let (merge_linear, merge_gta) = calibrate_merges(ctx, &faster);
+    Choice { dequant, cast, add_f16, lora, merge_linear, merge_gta }
+}
+
+/// `calibrate`'s timer: a kernel's name, its CPU and GPU runs (the GPU's false when it failed).
+#[cfg(feature = "gpu")]
+type Faster<'a> = dyn Fn(&str, &dyn Fn(), &dyn Fn() -> bool) -> Device + 'a;
+
+/// The merges' calibration: a 4-input linear merge and a base + 3 TIES (magnitude cut-off
+/// with ties, sign consensus, normalize, rescale) over 2 Mi bf16 elements, the size of a read
+/// chunk. The statistics are made up: only the time counts.
+#[cfg(feature = "gpu")]
+fn calibrate_merges(ctx: &super::gpu::GpuContext, faster: &Faster) -> (Device, Device) {
+    use super::mergekit::{
+        name_key, Gta, GtaParent, Keep, Kernel, ParentStats, Sparsify, Stats, TensorMerge,
+    };
+    let n = 1usize << 21;
+    let inputs: Vec<Vec<f32>> = (0..4)
+        .map(|j| {
+            (0..n)
+                .map(|i| {
+                    super::mergekit::round(Dtype::BF16, ((i * 7919 + j * 104_729) % 1000) as f32 * 1e-3 - 0.5)
+                })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+    let out = std::cell::RefCell::new(vec![0f32; n]);
+    let merge = |kernel: Kernel, base: Option<usize>| TensorMerge {
+        kernel,
+        dtype: Dtype::BF16,
+        base,
+        shape: vec![n],
+        seed: 0,
+        name_key: name_key("calibration"),
+        threads: 1,
+    };
+    let timed = |name: &str, m: &TensorMerge, stats: &Stats| {
+        faster(name, &|| drop(m.apply_cpu(stats, &refs, 0, &mut out.borrow_mut())), &|| {
+            ctx.mergekit_apply(m, stats, &refs, 0, &mut out.borrow_mut()).is_ok()
+        })
+    };
+    let linear = merge(Kernel::Linear { weights: vec![0.4, 0.3, 0.2, 0.1], normalize: true }, None);
+    let parents = (0..3).map(|_| GtaParent { weight: 0.5, density: 0.5, gamma: 0.0, epsilon: 0.0 }).collect();
+    let ties = merge(
+        Kernel::Gta(Gta {
+            consensus: true,
+            sparsify: Some(Sparsify::Magnitude),
+            parents,
+            normalize: true,
+            rescale: true,
+            lambda: 1.0,
+        }),
+        Some(0),
+    );
+    let stats = Stats::Gta(
+        (0..3)
+            .map(|k| ParentStats {
+                keep: Keep::Top { mag: 0.25, ties: (0..n as u32).step_by(997 + k).collect() },
+                factor: Some(1.5),
+            })
+            .collect(),
+    );
+    (timed("merge linear", &linear, &Stats::None), timed("merge ties", &ties, &stats))
+}
+
+/// Run a merge's apply on the GPU when it was chosen for its method: true if it did (the
+/// CPU's bits), false when the caller runs [`TensorMerge::apply_cpu`](super::mergekit::TensorMerge::apply_cpu)
+/// (not chosen, a method or size the GPU kernel does not take, or a failed GPU call).
+pub fn merge_on_gpu(
+    m: &super::mergekit::TensorMerge,
+    stats: &super::mergekit::Stats,
+    parents: &[&[f32]],
+    start: usize,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(feature = "gpu")]
+    {
+        use super::mergekit::Kernel;
+        let device = match m.kernel {
+            Kernel::Linear { .. } => choice().merge_linear,
+            Kernel::Gta(_) => choice().merge_gta,
+            _ => Device::Cpu,
+        };
+        if device == Device::Gpu && super::gpu::mergekit::supported(m, parents.len()) {
+            if let Some(ctx) = GPU.get() {
+                match ctx.mergekit_apply(m, stats, parents, start, out) {
+                    Ok(()) => return true,
+                    Err(e) => tracing::warn!("GPU kernel failed, using the CPU: {e}"),
+                }
+            }
+        }
+    }
+    let _ = (m, stats, parents, start, out);
+    false
 }
 
 /// Run on the GPU when chosen; on the CPU otherwise or when the GPU call fails.
@@ -249,4 +360,31 @@ pub fn lora_rows(
         }
     }
     merge::lora_rows(f, dtype, cols, elems, w, out)
+}
+
+#[cfg(all(test, feature = "gpu"))]
+mod tests {
+    /// `auto`'s calibration (which skips software adapters, so no other test runs it) times
+    /// every kernel on the adapter there is, lavapipe included, and answers a choice: no call
+    /// in it panics, and the merges' GPU calls succeed. Skipped without an adapter unless `LLMFS_REQUIRE_GPU=1`.
+    #[test]
+    fn calibration_runs_every_kernel() {
+        let ctx = match super::super::gpu::GpuContext::new() {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(std::env::var("LLMFS_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU: {e}");
+                eprintln!("note: skipping: no GPU: {e}");
+                return;
+            }
+        };
+        let choice = super::calibrate(&ctx, crate::codec::quant::dequantize_range_bytes::<half::f16>);
+        eprintln!("{choice:?}");
+        // The merges' GPU runs succeed (calibrate would quietly pick the CPU if they failed).
+        let must_run = |name: &str, cpu: &dyn Fn(), gpu: &dyn Fn() -> bool| {
+            cpu();
+            assert!(gpu(), "calibration {name}: the GPU call failed");
+            super::Device::Gpu
+        };
+        assert_eq!(super::calibrate_merges(&ctx, &must_run), (super::Device::Gpu, super::Device::Gpu));
+    }
 }

@@ -20,14 +20,22 @@ pub(crate) enum Kernel {
     Lora = 5,
     /// Benchmark only: `copy_words.wgsl`, for the transfer bounds.
     Copy = 6,
+    /// mergekit's linear and task arithmetic apply (`mergekit_apply.wgsl`).
+    MergekitApply = 7,
 }
 
 impl Kernel {
     /// Whether the kernel may read input `i` straight from host-visible memory: every input
     /// but the LoRA merge's factors (0 and 1), which each 64 × 64 tile reads again, so over
-    /// PCIe they would move as many bytes as W; they are small and go to device memory.
+    /// PCIe they would move as many bytes as W, and the merge's tie lists (1), searched by
+    /// every element at a cut-off magnitude (one PCIe round trip per step): both small, they
+    /// go to device memory.
     pub(super) fn direct_input_ok(self, i: usize) -> bool {
-        self != Kernel::Lora || i >= 2
+        match self {
+            Kernel::Lora => i >= 2,
+            Kernel::MergekitApply => i != 1,
+            _ => true,
+        }
     }
 }
 
@@ -35,7 +43,7 @@ impl Kernel {
 const FLOAT_BITS: &str = include_str!("../../../shaders/float_bits.wgsl");
 
 /// The shader sources, built into pipelines once by [`GpuContext::new`].
-const SHADERS: [(&str, &str); 7] = [
+const SHADERS: [(&str, &str); 8] = [
     ("dequantize_groupwise", include_str!("../../../shaders/dequantize_groupwise.wgsl")),
     ("cast_float", include_str!("../../../shaders/cast_float.wgsl")),
     ("add_f16", include_str!("../../../shaders/add_f16.wgsl")),
@@ -43,6 +51,7 @@ const SHADERS: [(&str, &str); 7] = [
     ("delta_apply_lossless", include_str!("../../../shaders/delta_apply_lossless.wgsl")),
     ("lora_merge", include_str!("../../../shaders/lora_merge.wgsl")),
     ("copy_words", include_str!("../../../shaders/copy_words.wgsl")),
+    ("mergekit_apply", include_str!("../../../shaders/mergekit_apply.wgsl")),
 ];
 
 /// Workgroup width of the 1-D kernels (their `@workgroup_size(256)`).

@@ -10,13 +10,15 @@
 //!
 //! # Same bits as the CPU
 //!
-//! Dequantization, casts, the lossless delta inverse, FastChat's f16 add and BitDelta are
-//! **bit-identical** to their CPU kernels on every device: WGSL lets a device flush f32
-//! subnormals, gives division 2.5 ulp of error and leaves `pack2x16float`'s rounding open, so
-//! the float operations these kernels need (one add, an integer divided by a float, the
-//! roundings to f16/bf16, nearest even) are done on u32 bit patterns (`shaders/float_bits.wgsl`,
-//! prepended to each kernel), as a soft-float library does. NaN results follow x86 SSE, the CPU
-//! llmfs is checked against.
+//! Dequantization, casts, the lossless delta inverse, FastChat's f16 add, BitDelta and
+//! mergekit's linear / task arithmetic apply are **bit-identical** to their CPU kernels on every
+//! device: WGSL lets a device flush f32 subnormals, gives division 2.5 ulp of error, may
+//! contract `a * b + c` (or compute `fma` unfused) and leaves `pack2x16float`'s rounding open,
+//! so the float operations these kernels need (add, multiply, fused multiply-add, divide,
+//! comparisons, the roundings to f16/bf16, nearest even) are done on u32 bit patterns
+//! (`shaders/float_bits.wgsl`, prepended to each kernel), as a soft-float library does. NaN
+//! results follow x86 SSE, the CPU llmfs is checked against (a NaN's payload may differ where
+//! the compiler picks the operand order).
 //!
 //! The LoRA merge (`shaders/lora_merge.wgsl`) is a tiled f32 matrix product whose sums run in
 //! another order than the CPU's (and the device may contract `w + acc * s` into an FMA or flush
@@ -53,6 +55,8 @@
 //!   device's limits and the chunk sizes they allow;
 //! * `stream.rs`: running a kernel over chunks with rotating buffer sets (the overlap above);
 //! * `kernels.rs`: each kernel family's method: checks, chunking, parameters;
+//! * `mergekit.rs`: mergekit's linear / task arithmetic apply (its parameters from a
+//!   `TensorMerge` and its statistics);
 //! * `copy.rs`: the multi-threaded host copies;
 //! * `bench.rs`: the benchmark hooks (kernel timing, transfer bounds).
 
@@ -60,6 +64,7 @@ mod bench;
 mod copy;
 mod device;
 mod kernels;
+pub mod mergekit;
 mod stream;
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
@@ -103,8 +108,8 @@ pub struct GpuOptions {
     /// to device memory first). Needs wgpu's `MAPPABLE_PRIMARY_BUFFERS`; ignored without it.
     pub direct_inputs: bool,
     /// Kernels write their output straight into the host-visible readback buffer (no DMA
-    /// copy back). Same condition. The LoRA merge's factors always go to device memory (see
-    /// `Kernel::direct_input_ok`), as do chunks marked `staged`.
+    /// copy back). Same condition. The LoRA merge's factors and mergekit's tie lists always go
+    /// to device memory (see `Kernel::direct_input_ok`), as do chunks marked `staged`.
     pub direct_output: bool,
     /// Threads that copy into and out of staging memory, the caller included (0: as many as
     /// the machine has cores, at most 16).

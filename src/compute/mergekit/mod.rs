@@ -40,6 +40,11 @@
 //! breadcrumbs / DELLA masks and rescale), `task_arithmetic` (the generalized task arithmetic
 //! mix: sign consensus, disjoint mean), `slerp` (slerp, nuslerp), `model_stock`, `values`
 //! (decode and cast on load, encode on write). This file holds the types and the dispatch.
+//!
+//! The GPU (`--features gpu`) computes the apply of linear and task arithmetic without DELLA
+//! (`compute::gpu::mergekit`, `shaders/mergekit_apply.wgsl`) from the statistics computed here,
+//! with the same bits: [`TensorMerge::apply`] sends a range there when `compute::backend` chose
+//! the GPU for that method, [`TensorMerge::apply_cpu`] is the reference (tests/gpu.rs).
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -56,7 +61,7 @@ mod torch;
 mod values;
 
 pub use sort::{torch_select, torch_sort};
-pub use sparsify::{name_key, stream_key, uniform};
+pub use sparsify::{name_key, stream_key, uniform, work_dtype};
 pub use torch::{round, scalar, torch_sum};
 pub use values::{encode, encode_into, load_as, load_into};
 
@@ -271,7 +276,9 @@ impl TensorMerge {
 
     /// Compute elements `[start, start + out.len())` of the merged tensor from the parents' same
     /// range (`parents[i]` is input `i`'s values in the compute dtype). Output values are in the
-    /// compute dtype (cast to `out_dtype` by the writer).
+    /// compute dtype (cast to `out_dtype` by the writer). On the GPU where the backend chose it
+    /// for this method (`compute::backend::merge_on_gpu`: linear and task arithmetic without
+    /// DELLA), else [`apply_cpu`](Self::apply_cpu): the same bits either way.
     pub fn apply(
         &self,
         stats: &Stats,
@@ -279,7 +286,14 @@ impl TensorMerge {
         start: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        let len = out.len();
+        self.check_range(parents, start, out.len())?;
+        if super::backend::merge_on_gpu(self, stats, parents, start, out) {
+            return Ok(());
+        }
+        self.apply_cpu(stats, parents, start, out)
+    }
+
+    fn check_range(&self, parents: &[&[f32]], start: usize, len: usize) -> Result<(), KernelError> {
         if parents.iter().any(|p| p.len() != len) {
             return Err(KernelError::Invalid("apply: parents' ranges differ in length".into()));
         }
@@ -287,6 +301,18 @@ impl TensorMerge {
         if start % g != 0 || (len % g != 0 && start + len != self.numel()) {
             return Err(KernelError::Invalid(format!("apply: range not aligned to {g} elements")));
         }
+        Ok(())
+    }
+
+    /// [`apply`](Self::apply) on the CPU: the reference every other device is checked against.
+    pub fn apply_cpu(
+        &self,
+        stats: &Stats,
+        parents: &[&[f32]],
+        start: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        self.check_range(parents, start, out.len())?;
         match (&self.kernel, stats) {
             (Kernel::Passthrough { scale }, _) => self.apply_passthrough(*scale, parents, out),
             (Kernel::Linear { weights, normalize }, _) => {

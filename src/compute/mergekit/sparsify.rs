@@ -39,7 +39,7 @@ pub fn uniform(stream: u64, index: u64) -> f32 {
 
 /// DARE/DELLA's work dtype (`sparsify.py` `bernoulli`, `della_magprune`): bf16 stays bf16 on
 /// the CPU, f16 is upcast to f32 (`torch.bernoulli` has no f16 CPU kernel).
-pub(super) fn work_dtype(d: Dtype) -> Dtype {
+pub fn work_dtype(d: Dtype) -> Dtype {
     if d == Dtype::BF16 {
         Dtype::BF16
     } else {

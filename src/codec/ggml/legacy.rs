@@ -8,7 +8,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::block::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, F16Bits};
-use super::float::{c_f32_to_i32, c_roundf_to_i32, fp16_to_fp32, fp32_to_fp16};
+use super::float::{bf16_to_fp32, c_f32_to_i32, c_roundf_to_i32, fp16_to_fp32, fp32_to_fp16};
 
 /// ggml's `MIN(a, b)`: `((a) < (b) ? (a) : (b))`.
 #[inline(always)]
@@ -235,6 +235,22 @@ pub fn quantize_q8_0_lanes(x: &[f32; 32], y: &mut BlockQ8_0) {
     for j in 0..32 {
         y.qs[j] = c_roundf_to_i32(x[j] * id) as i8;
     }
+}
+
+/// [`quantize_q8_0_lanes`] of 32 bf16 values (little-endian bytes) widened to f32 (exactly, as
+/// torch's `.to(float32)`): with AVX2, widened in registers, so a GGUF fill of a bf16 model
+/// never writes the f32 values to memory.
+#[inline(always)]
+pub fn quantize_q8_0_bf16(x: &[u8; 64], y: &mut BlockQ8_0) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        if unsafe { super::avx2::quantize_q8_0_bf16(x, y) } {
+            return;
+        }
+    }
+    let f: [f32; 32] = std::array::from_fn(|j| bf16_to_fp32(u16::from_le_bytes([x[2 * j], x[2 * j + 1]])));
+    quantize_q8_0_lanes(&f, y) // a NaN in the block, or no AVX2
 }
 
 /// `dequantize_row_q8_0`, one block.

@@ -29,7 +29,7 @@ pub mod legacy;
 mod quant_tests;
 mod rows;
 
-pub use rows::{dequantize_rows, quantize_rows};
+pub use rows::{dequantize_rows, quantize_q8_0_bf16, quantize_rows};
 
 /// Why a tensor cannot be converted: every case is a shape the caller got wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

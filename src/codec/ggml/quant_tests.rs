@@ -318,3 +318,34 @@ fn fast_kernels_are_the_references_byte_for_byte() {
         }
     }
 }
+
+/// Q8_0 straight from bf16 (what a GGUF fill of a bf16 model runs) against the scalar reference
+/// on the widened values, every byte: awkward rows cut to bf16, and random bit patterns (NaNs
+/// with payloads, infinities, subnormals).
+#[test]
+fn q8_0_from_bf16_is_the_reference_on_the_widened_values() {
+    for seed in 0..8u32 {
+        let mut bits: Vec<u16> =
+            awkward_rows(32 * 4096, seed, false).iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let mut s = seed.wrapping_mul(747_796_405) | 1;
+        for b in bits.iter_mut().skip(seed as usize).step_by(7 + seed as usize) {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            *b = s as u16;
+        }
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        let n = GgmlType::Q8_0.row_bytes(x.len()).unwrap();
+        let (mut fast, mut reference) = (vec![0u8; n], vec![0u8; n]);
+        super::quantize_q8_0_bf16(&bytes, &mut fast).unwrap();
+        rows::quantize_rows_baseline(GgmlType::Q8_0, &x, 4096, &mut reference);
+        if let Some(at) = fast.iter().zip(&reference).position(|(a, b)| a != b) {
+            let e = at / 34 * 32;
+            panic!("seed {seed}: byte {at} differs; input {:?}", &x[e..e + 32]);
+        }
+    }
+    let mut q = vec![0u8; 34];
+    assert!(super::quantize_q8_0_bf16(&[0u8; 62], &mut q).is_err());
+    assert!(super::quantize_q8_0_bf16(&[0u8; 64], &mut q[..33]).is_err());
+}

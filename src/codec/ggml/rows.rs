@@ -56,6 +56,50 @@ pub fn quantize_rows(ty: GgmlType, src: &[f32], n_per_row: usize, dst: &mut [u8]
     Ok(())
 }
 
+/// [`quantize_rows`] to Q8_0 of bf16 values (`src`: their little-endian bytes, a whole number
+/// of 32-value blocks), widened to f32 exactly (torch's `.to(float32)`): the same bytes as
+/// widening them first, without the f32 values in memory. On the calling thread: a GGUF fill
+/// calls it per batch, from its own tasks.
+pub fn quantize_q8_0_bf16(src: &[u8], dst: &mut [u8]) -> Result<(), GgmlError> {
+    let ty = GgmlType::Q8_0;
+    if src.len() % 64 != 0 {
+        return Err(GgmlError::PartialRow { elems: src.len() / 2, n_per_row: 32 });
+    }
+    let want = src.len() / 64 * ty.block_bytes();
+    if dst.len() != want {
+        return Err(GgmlError::DstSize { ty, want, got: dst.len() });
+    }
+    q8_0_bf16::run(src, bytemuck::cast_slice_mut(dst));
+    Ok(())
+}
+
+/// [`quantize_q8_0_bf16`]'s loop, compiled for AVX2 where the CPU has it (as [`kernels!`]).
+mod q8_0_bf16 {
+    use super::*;
+
+    #[inline(always)]
+    fn baseline(xs: &[u8], ys: &mut [BlockQ8_0]) {
+        for (x, y) in xs.chunks_exact(64).zip(ys.iter_mut()) {
+            legacy::quantize_q8_0_bf16(x.try_into().expect("chunks_exact(64)"), y);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2(xs: &[u8], ys: &mut [BlockQ8_0]) {
+        baseline(xs, ys)
+    }
+
+    pub(super) fn run(xs: &[u8], ys: &mut [BlockQ8_0]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { avx2(xs, ys) };
+        }
+        baseline(xs, ys)
+    }
+}
+
 /// Decodes `src` (rows of `n_per_row` elements of type `ty`) into f32, as ggml's
 /// `dequantize_row_*` (and its fp16/bf16 conversions) do. `dst.len()` is the element count.
 pub fn dequantize_rows(ty: GgmlType, src: &[u8], n_per_row: usize, dst: &mut [f32]) -> Result<(), GgmlError> {

@@ -41,7 +41,7 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 /// The source's raw little-endian elements `bytes` as the converter sees them (torch float32),
 /// appended to `values`: whole slices, which the compiler vectorizes (one element at a time,
 /// with a match on the dtype each, was most of a GGUF fill's time).
-fn extend_f32(values: &mut Vec<f32>, bytes: &[u8], dtype: Dtype) {
+pub fn extend_f32(values: &mut Vec<f32>, bytes: &[u8], dtype: Dtype) {
     match dtype {
         Dtype::F32 => {
             values.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))

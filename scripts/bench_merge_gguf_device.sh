@@ -109,7 +109,9 @@ P
         cp $W/merge/merge-results-*.json "$OUT/" 2>/dev/null
         grep -h "cache: decoded" $W/merge/store/llmfs.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | tail -100 >"$OUT/fills-merge.txt"
         for m in $W/merge/mnt; do $B/llmfs umount $m >/dev/null 2>&1; done
-        rm -rf $W/merge/ft1 $W/merge/ft2 $W/merge/ft3 $W/merge/cache $W/merge/mk-*
+        # The store goes with the fine-tunes it names: a later run in the same machine (a call cut
+        # off, then another) would find ft1..3 registered over removed files.
+        rm -rf $W/merge/ft1 $W/merge/ft2 $W/merge/ft3 $W/merge/cache $W/merge/mk-* $W/merge/store
         step "merge done"
     }
     kernel_step() {

@@ -301,10 +301,7 @@ fn register(store: &Store, name: &str, scanned: ScannedModel, opts: &AddOptions)
     let copied = opts.copy || !store.node().keeps_local_paths();
     let names: Vec<&str> = scanned.files.iter().map(|(f, _)| f.as_str()).collect();
     let staged = match copied {
-        true => Some(store.node().stage_copy(name, &scanned.dir, &names).map_err(|e| match e {
-            StoreError::NotFound { key } => gone(Path::new(&key))(std::io::ErrorKind::NotFound.into()),
-            e => e.into(),
-        })?),
+        true => Some(store.node().stage_copy(name, &scanned.dir, &names).map_err(vanished)?),
         false => None,
     };
     let local_copy = staged.as_ref().and_then(|s| s.local_dir());
@@ -344,16 +341,16 @@ pub(crate) fn copy_to_staging(
     from: &Path,
     files: &[(String, FileRole)],
 ) -> Result<super::StagingDir> {
-    let staging = store.staging_dir(label)?;
-    for (file, _) in files {
-        let (src, dst) = (from.join(file), staging.path().join(file));
-        if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
-        }
-        fs::copy(&src, &dst).map_err(gone(&src))?;
-        fs::File::open(&dst).and_then(|f| f.sync_all()).map_err(io_err(&dst))?;
+    let names: Vec<&str> = files.iter().map(|(f, _)| f.as_str()).collect();
+    store.node().copy_to_staging(label, from, &names).map_err(vanished)
+}
+
+/// A file missing while it is copied in vanished mid-add (see [`gone`]).
+fn vanished(e: StoreError) -> Error {
+    match e {
+        StoreError::NotFound { key } => gone(Path::new(&key))(std::io::ErrorKind::NotFound.into()),
+        e => e.into(),
     }
-    Ok(staging)
 }
 
 pub(crate) fn read_json(path: &Path) -> Option<Value> {

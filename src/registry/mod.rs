@@ -163,6 +163,14 @@ pub struct FileRecord {
     pub object: Option<String>,
 }
 
+impl FileRecord {
+    /// The record names `meta`'s object (an upload of the file), fingerprinted by its etag.
+    pub fn name_object(&mut self, meta: &crate::store::ObjectMeta) {
+        self.object = Some(meta.key.clone());
+        self.fingerprint = Fingerprint::of_object(meta.size, &meta.etag);
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileRole {

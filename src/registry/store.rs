@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{validate_file_path, validate_name};
-use super::{Entry, EntryKind, Error, Fingerprint, Registry, Result};
+use super::{Entry, EntryKind, Error, Registry, Result};
 use crate::store::{Node, Objects, Staged, StagingDir, WriteLock};
 
 /// A store: its objects and this node's directory, and how this process reads the objects'
@@ -185,8 +185,7 @@ impl Store {
         if let Some(staged) = &staged {
             for record in entry.kind.files_mut() {
                 if let Some(meta) = staged.object(&record.name) {
-                    record.object = Some(meta.key.clone());
-                    record.fingerprint = Fingerprint::of_object(meta.size, &meta.etag);
+                    record.name_object(meta);
                 }
             }
         }

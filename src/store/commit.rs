@@ -87,6 +87,18 @@ pub fn update_object<E>(
         return Ok(Committed { bytes, etag, written, attempts: 1 });
     }
 
+    retry_update(store, key, f, &mut |key, bytes, cond| store.put_cond(key, bytes, cond))
+}
+
+/// The optimistic cycle of [`update_object`]: read, apply `f`, write with `put` on the condition
+/// that nothing changed since the read, and on a conflict repeat after a jittered backoff, for
+/// up to [`MAX_COMMIT_TIME`]. Unchanged bytes write nothing.
+pub(super) fn retry_update<E>(
+    store: &Store,
+    key: &str,
+    mut f: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>, E>,
+    put: &mut dyn FnMut(&str, Bytes, Cond) -> Result<String, StoreError>,
+) -> Result<Committed, UpdateError<E>> {
     let start = Instant::now();
     let mut attempts = 0u32;
     loop {
@@ -101,8 +113,8 @@ pub fn update_object<E>(
             Some(cur) if cur.bytes[..] == new[..] => {
                 return Ok(Committed { bytes: new, etag: cur.etag.clone(), written: false, attempts })
             }
-            Some(cur) => store.put_cond(key, Bytes::from(new.clone()), Cond::Match(&cur.etag)),
-            None => store.put_cond(key, Bytes::from(new.clone()), Cond::Absent),
+            Some(cur) => put(key, Bytes::from(new.clone()), Cond::Match(&cur.etag)),
+            None => put(key, Bytes::from(new.clone()), Cond::Absent),
         };
         match written {
             Ok(etag) => return Ok(Committed { bytes: new, etag, written: true, attempts }),

@@ -29,11 +29,11 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Cond, Fetched, Object, ObjectMeta, S3Config, Store, StoreError};
+use super::{Cond, Fetched, Object, ObjectMeta, S3Config, Store, StoreError, UpdateError};
 
 /// How often a daemon asks an object store whether the catalogue changed: entries added or
 /// removed by another node show within this (plus the kernel's 1 s entry timeout).
@@ -189,30 +189,18 @@ impl Node {
     pub fn update<E: From<StoreError>>(
         &self,
         key: &str,
-        mut f: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>, E>,
+        f: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>, E>,
     ) -> Result<(), E> {
-        let lock = self.write_lock()?;
-        let start = Instant::now();
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            let current = self.read(key)?;
-            let new = f(current.as_ref().map(|o| &o.bytes[..]))?;
-            if current.as_ref().is_some_and(|c| c.bytes[..] == new[..]) {
-                return Ok(());
-            }
-            match self.commit(&lock, key, new, current.as_ref().map(|c| c.etag.as_str())) {
-                Ok(_) => return Ok(()),
-                Err(StoreError::Precondition { .. } | StoreError::AlreadyExists { .. })
-                    if start.elapsed() < super::MAX_COMMIT_TIME =>
-                {
-                    std::thread::sleep(super::commit::backoff(attempts))
-                }
-                Err(StoreError::Precondition { .. } | StoreError::AlreadyExists { .. }) => {
-                    return Err(StoreError::Contention { key: key.into(), attempts }.into())
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let _lock = self.write_lock()?;
+        let mut put = |key: &str, bytes: Bytes, cond: Cond| {
+            let etag = self.objects.put_held(key, bytes, cond)?;
+            self.committed(&etag);
+            Ok(etag)
+        };
+        match super::commit::retry_update(&self.objects, key, f, &mut put) {
+            Ok(_) => Ok(()),
+            Err(UpdateError::Rejected(e)) => Err(e),
+            Err(UpdateError::Store(e)) => Err(e.into()),
         }
     }
 
@@ -275,7 +263,19 @@ impl Node {
         if !self.objects.is_local() {
             return self.upload_all(name, from, names);
         }
-        let staging = self.staging_dir(&format!("add-{name}"))?;
+        let staging = self.copy_to_staging(&format!("add-{name}"), from, names)?;
+        Ok(Staged::local(self, name, Some(staging)))
+    }
+
+    /// A new staging directory holding copies (fsynced) of files `names` (relative paths) of
+    /// `from`; a file missing there is [`StoreError::NotFound`] with its path as the key.
+    pub fn copy_to_staging(
+        &self,
+        label: &str,
+        from: &Path,
+        names: &[&str],
+    ) -> Result<StagingDir, StoreError> {
+        let staging = self.staging_dir(label)?;
         for file in names {
             let (src, dst) = (from.join(file), staging.path().join(file));
             if let Some(parent) = dst.parent() {
@@ -287,7 +287,7 @@ impl Node {
             })?;
             File::open(&dst).and_then(|f| f.sync_all()).map_err(io_err(&dst))?;
         }
-        Ok(Staged::local(self, name, Some(staging)))
+        Ok(staging)
     }
 
     fn upload_all(&self, name: &str, dir: &Path, names: &[&str]) -> Result<Staged, StoreError> {

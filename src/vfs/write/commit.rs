@@ -140,8 +140,7 @@ impl Staging {
             FsError::eio(format!("{name}/{shown} not stored: {e}"))
         })?;
         if let Some(meta) = staged.object(&shown) {
-            record.object = Some(meta.key.clone());
-            record.fingerprint = registry::Fingerprint::of_object(meta.size, &meta.etag);
+            record.name_object(meta);
         }
         let mut replaced = None;
         let mut used = false;

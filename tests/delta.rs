@@ -1032,6 +1032,33 @@ fn rewriting_a_stored_file_serves_the_new_bytes() {
     assert_same_files(&read_files(&m.path().join("new")), &want2, "MOUNT/new after the second copy");
 }
 
+/// A shard held open while another file of its entry is committed through deltas/ (the next
+/// file of a `cp -r`, whose RELEASE reaches the daemon after cp has returned): opening the shard
+/// again serves it, at once. (Its decoded copy was keyed by the entry's whole record, so the
+/// second open decoded a second copy and found the kernel's backing file of the inode still the
+/// first: EBUSY after two seconds, a CI flake.)
+#[test]
+fn a_shard_held_open_while_its_entry_gains_a_file_opens_again() {
+    let fx = Fx::new();
+    let ft = fx.finetune("ft", 18);
+    let want = files_of(&ft);
+    let m = fx.mount();
+    let d = m.path().join("base/deltas/new");
+    fs::create_dir(&d).unwrap();
+    cp_r_ok(&ft, &d);
+    let shard = m.path().join("new/model-00001-of-00002.safetensors");
+    let p = shard.clone();
+    let held = with_deadline("opening the shard", OP, move || fs::File::open(&p).unwrap());
+    fs::write(d.join("notes.txt"), b"one more file of the entry\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || exists_errno(&m.path().join("new/notes.txt")).is_none()),
+        "MOUNT/new/notes.txt did not appear"
+    );
+    let again = read(&shard).unwrap_or_else(|e| panic!("opening {} again: {e}", shard.display()));
+    assert_same_bytes(&again, &want["model-00001-of-00002.safetensors"], "the shard opened again");
+    drop(held);
+}
+
 #[test]
 fn a_removed_file_vanishes_from_the_entry_dir() {
     let fx = Fx::new();

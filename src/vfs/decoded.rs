@@ -145,9 +145,25 @@ impl Fs {
             .part(vfile.name.as_bytes())
             .part(&vfile.size.to_le_bytes())
             .part(&synth.header);
+        // Each entry of the chain by its recipe, without its file list: the files this one reads
+        // come next, each by what identifies its bytes. An entry whose other files change (the
+        // next file of a `cp -r` into deltas/ committed while this one is read) keeps this
+        // file's key, so its decoded copy, and the kernel's backing file of its inode, stay
+        // the same. (Keyed by the whole record, the open after each commit decoded the file
+        // again and met the previous copy still held by the kernel: EBUSY, a CI flake.)
         for name in catalog.registry.chain(entry).ok()? {
-            let e = catalog.registry.entries.get(name)?;
-            key.part(name.as_bytes()).part(&serde_json::to_vec(e).ok()?);
+            let mut recipe = serde_json::to_value(catalog.registry.entries.get(name)?).ok()?;
+            recipe.as_object_mut()?.remove("files");
+            key.part(name.as_bytes()).part(&serde_json::to_vec(&recipe).ok()?);
+        }
+        let mut sources = vec![];
+        synth.tensors.iter().for_each(|t| t.source.files(&mut sources));
+        let mut read: Vec<(&std::path::Path, &crate::registry::Fingerprint)> =
+            sources.iter().map(|s| (s.path.as_path(), &s.fingerprint)).collect();
+        read.sort_by(|a, b| a.0.cmp(b.0));
+        read.dedup_by(|a, b| a.0 == b.0);
+        for (path, fingerprint) in read {
+            key.part(path.as_os_str().as_encoded_bytes()).part(&serde_json::to_vec(fingerprint).ok()?);
         }
         Some(key.finish())
     }

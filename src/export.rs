@@ -89,6 +89,8 @@ fn export_synth(
     out.set_len(synth.size).map_err(io)?;
     out.write_all_at(&synth.header, 0).map_err(io)?;
     progress(synth.header.len() as u64);
+    // Whole-tensor quantities first (`SynthFile::prepare`).
+    synth.prepare().map_err(|source| ExportError::Read { file: file.name.clone(), source })?;
     let pieces: Vec<(usize, usize)> = synth
         .tensors
         .iter()

@@ -5,6 +5,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::cache::with_scratch;
 use crate::codec::delta as codec;
 use crate::codec::quant_file::QuantSource;
@@ -97,6 +99,47 @@ impl TensorSource {
             TensorSource::Lora { base, .. } => base.files(out),
             TensorSource::Merged(m) => m.inputs.iter().for_each(|s| s.files(out)),
             TensorSource::Ggml(g) => g.inner.iter().for_each(|s| s.files(out)),
+        }
+    }
+
+    /// Compute now the whole-tensor quantities that a read of any range needs (a merge's
+    /// cut-offs, norms and rescale factors), for this tensor and the tensors it reads. A fill
+    /// calls it for every tensor of a file, in parallel, before it decodes the pieces: left to
+    /// the pieces, every pool thread took a piece of the same tensor and waited for the one
+    /// computing its cut-offs, so a TIES fill on 16 cores ran on about one core.
+    pub fn prepare(&self) -> Result<(), ReadError> {
+        if !self.needs_prepare() {
+            return Ok(());
+        }
+        match self {
+            TensorSource::Stored { .. } | TensorSource::Dequant(_) => Ok(()),
+            TensorSource::Cast { inner, .. } => inner.prepare(),
+            TensorSource::Delta(d) => d.base.as_ref().map_or(Ok(()), |b| b.prepare()),
+            TensorSource::LossyDelta(d) => d.base.prepare(),
+            TensorSource::AddF16 { base, delta } => base.prepare().and_then(|()| delta.prepare()),
+            TensorSource::Lora { base, .. } => base.prepare(),
+            TensorSource::Merged(m) => {
+                m.inputs.par_iter().try_for_each(TensorSource::prepare)?;
+                m.stats().map(drop)
+            }
+            TensorSource::Ggml(g) => g.inner.iter().try_for_each(|s| s.prepare()),
+        }
+    }
+
+    /// Whether [`TensorSource::prepare`] has anything to compute: a merge that needs whole-tensor
+    /// quantities, here or in a tensor this one reads.
+    pub fn needs_prepare(&self) -> bool {
+        match self {
+            TensorSource::Stored { .. } | TensorSource::Dequant(_) => false,
+            TensorSource::Cast { inner, .. } => inner.needs_prepare(),
+            TensorSource::Delta(d) => d.base.as_ref().is_some_and(|b| b.needs_prepare()),
+            TensorSource::LossyDelta(d) => d.base.needs_prepare(),
+            TensorSource::AddF16 { base, delta } => base.needs_prepare() || delta.needs_prepare(),
+            TensorSource::Lora { base, .. } => base.needs_prepare(),
+            TensorSource::Merged(m) => {
+                m.merge.needs_stats() || m.inputs.iter().any(TensorSource::needs_prepare)
+            }
+            TensorSource::Ggml(g) => g.inner.iter().any(|s| s.needs_prepare()),
         }
     }
 
@@ -451,32 +494,44 @@ impl MergedSource {
         MergedSource { inputs, merge, out_dtype, stats: Default::default() }
     }
 
-    /// Elements `range` of every input, as values of the merge's dtype (mergekit casts each
-    /// input to it on load).
-    fn inputs_at(&self, range: Range<usize>) -> Result<Vec<Vec<f32>>, ReadError> {
+    /// Every input whole, as values of the merge's dtype (mergekit casts each input to it on
+    /// load), decoded in parallel pieces.
+    fn whole_inputs(&self) -> Result<Vec<Vec<f32>>, ReadError> {
+        const PIECE: usize = 1 << 20;
+        let numel = self.merge.numel();
         self.inputs
-            .iter()
+            .par_iter()
             .map(|s| {
-                let mut bytes = vec![0u8; range.len() * s.dtype().size()];
-                s.read(range.clone(), &mut bytes)?;
-                Ok(compute::mergekit::load_as(s.dtype(), self.merge.dtype, &bytes))
+                let mut values = vec![0f32; numel];
+                values.par_chunks_mut(PIECE).enumerate().try_for_each(|(i, dst)| {
+                    let start = i * PIECE;
+                    with_scratch(dst.len() * s.dtype().size(), |raw| {
+                        s.read(start..start + dst.len(), raw)?;
+                        compute::mergekit::load_into(s.dtype(), self.merge.dtype, raw, dst);
+                        Ok::<(), ReadError>(())
+                    })
+                })?;
+                Ok(values)
             })
             .collect()
     }
 
+    /// The whole-tensor quantities, computed at the first call. No lock is held while they are
+    /// computed: the computation runs on the rayon pool, whose threads, while they wait for a
+    /// part of it, run other queued work, which may be a read of this same tensor; waiting there
+    /// for the result would wait for itself. Two first calls at once (two readers of a tensor
+    /// through the daemon) may each compute it; a fill computes each once ([`TensorSource::prepare`]).
     fn stats(&self) -> Result<Arc<crate::merge::Stats>, ReadError> {
         if !self.merge.needs_stats() {
             return Ok(Arc::new(crate::merge::Stats::None));
         }
-        let mut known = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = &*known {
+        if let Some(s) = &*self.stats.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(s.clone());
         }
-        let whole = self.inputs_at(0..self.merge.numel())?;
+        let whole = self.whole_inputs()?;
         let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
         let stats = Arc::new(self.merge.stats(&refs).map_err(|e| ReadError::Decode(format!("merge: {e}")))?);
-        *known = Some(stats.clone());
-        Ok(stats)
+        Ok(self.stats.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(stats).clone())
     }
 
     /// Elements `elems` of the merged tensor into `out` (`out_dtype`). The inputs' bytes, their

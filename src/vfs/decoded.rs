@@ -436,7 +436,7 @@ fn decode_into(synth: &SynthFile, out: &mut [u8], hash: bool) -> Result<Vec<Leaf
         }
     }
     let base = Out(out.as_mut_ptr());
-    let leaves: Vec<Option<Leaf>> = pieces(synth)
+    let leaves: Vec<Option<Leaf>> = pieces(synth)?
         .into_par_iter()
         .map(|(i, from, to)| {
             let t = &synth.tensors[i];
@@ -535,8 +535,10 @@ fn hash_in_fill() -> bool {
     *HASH.get_or_init(|| pool_switch("LLMFS_HASH_IN_FILL", HASH_IN_FILL_MIN_THREADS))
 }
 
-/// (tensor index, first element, end element) of every piece of `synth`'s tensors.
-fn pieces(synth: &SynthFile) -> Vec<(usize, u64, u64)> {
+/// (tensor index, first element, end element) of every piece of `synth`'s tensors, once the
+/// whole-tensor quantities their reads need are computed ([`SynthFile::prepare`]).
+fn pieces(synth: &SynthFile) -> Result<Vec<(usize, u64, u64)>, ReadError> {
+    synth.prepare()?;
     let mut pieces = vec![];
     for (i, t) in synth.tensors.iter().enumerate() {
         let esize = t.source.stored_type().block_bytes() as u64;
@@ -548,7 +550,7 @@ fn pieces(synth: &SynthFile) -> Vec<(usize, u64, u64)> {
             at += per;
         }
     }
-    pieces
+    Ok(pieces)
 }
 
 fn cache_io(e: std::io::Error) -> ReadError {
@@ -557,7 +559,7 @@ fn cache_io(e: std::io::Error) -> ReadError {
 
 fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File, hash: bool) -> Result<Vec<Leaf>, ReadError> {
     out.write_all_at(&synth.header, 0).map_err(cache_io)?;
-    let leaves: Vec<Option<Leaf>> = pieces(synth)
+    let leaves: Vec<Option<Leaf>> = pieces(synth)?
         .into_par_iter()
         .map(|(i, from, to)| {
             let t = &synth.tensors[i];

@@ -10,7 +10,7 @@ use half::f16;
 
 use super::{pad4, pieces, Chunk, GpuContext, GpuError, Groups, Kernel, Upload, WG};
 use crate::compute::mergekit::{
-    round, scalar, stream_key, work_dtype, Gta, Keep, Kernel as Method, ParentStats, Sparsify, Stats,
+    plain_divisor, scalar, stream_key, work_dtype, Gta, Keep, Kernel as Method, ParentStats, Sparsify, Stats,
     TensorMerge,
 };
 use crate::format::Dtype;
@@ -148,18 +148,7 @@ impl GpuContext {
                     });
                 }
                 let w: Vec<f32> = g.parents.iter().map(|p| scalar(d, p.weight)).collect();
-                let plain_div = {
-                    let mut s = 0f32;
-                    for &x in &w {
-                        s += x;
-                    }
-                    let s = round(d, s);
-                    if s.abs() < round(d, 1e-8) {
-                        1.0
-                    } else {
-                        s
-                    }
-                };
+                let plain_div = plain_divisor(d, &w);
                 header[3] = 1;
                 header[5] = b as u32;
                 header[9] = g.consensus as u32;

@@ -62,6 +62,7 @@ mod values;
 
 pub use sort::{torch_select, torch_sort};
 pub use sparsify::{name_key, stream_key, uniform, work_dtype};
+pub use task_arithmetic::plain_divisor;
 pub use torch::{round, scalar, torch_sum};
 pub use values::{encode, encode_into, load_as, load_into};
 

@@ -58,6 +58,22 @@ impl TensorMerge {
     }
 }
 
+/// The divisor of normalize where no sign vote masks the weights: their sum in the compute
+/// dtype `d` (a serial f32 sum, as torch sums a handful of scalars), or 1 when it is below 1e-8
+/// in magnitude (mergekit's guard against dividing by zero). The CPU and the GPU kernels share it.
+pub fn plain_divisor(d: Dtype, weights: &[f32]) -> f32 {
+    let mut s = 0f32;
+    for &x in weights {
+        s += x;
+    }
+    let s = round(d, s);
+    if s.abs() < round(d, 1e-8) {
+        1.0
+    } else {
+        s
+    }
+}
+
 /// One call's inputs to the block loop.
 struct Mix<'a> {
     merge: &'a TensorMerge,
@@ -84,18 +100,7 @@ impl Mix<'_> {
         // deltas.mul_(weights): weights as a tensor of the compute dtype.
         let w: Vec<f32> = g.parents.iter().map(|p| scalar(d, p.weight)).collect();
         let lambda = g.lambda as f32;
-        let plain_div = {
-            let mut s = 0f32;
-            for &x in &w {
-                s += x;
-            }
-            let s = r(s);
-            if s.abs() < r(1e-8) {
-                1.0
-            } else {
-                s
-            }
-        };
+        let plain_div = plain_divisor(d, &w);
         // Per parent, the next tie (an index into its sorted list) at or after this block.
         let mut next_tie: Vec<usize> = self
             .per
@@ -338,18 +343,7 @@ mod tests {
             }
         }
         let lambda = g.lambda as f32;
-        let plain_div = {
-            let mut s = 0f32;
-            for &x in &w {
-                s += x;
-            }
-            let s = round(d, s);
-            if s.abs() < round(d, 1e-8) {
-                1.0
-            } else {
-                s
-            }
-        };
+        let plain_div = plain_divisor(d, &w);
         for i in 0..len {
             let (mixed, divisor) = if g.consensus {
                 // get_mask(method="sum"): majority = sign(sum of deltas), >= 0 counts as +.

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::{Fs, FsError, FsResult, Node, Target};
 use crate::cache::disk::{Cached, DiskCache, Key, KeyBuilder, Leaf};
-use crate::cache::memory::{MemFile, MemoryCache};
+use crate::cache::memory::{MemFile, MemoryCache, WrittenPages};
 use crate::cache::with_scratch;
 use crate::variant::{Content, EntryView, ReadError, SourceFile, SynthFile, VFile};
 
@@ -306,10 +306,12 @@ pub(crate) fn decode_into_cache(
             return from_disk(c);
         }
         if !disk_has {
-            let fill = |bytes: &mut [u8]| {
+            let fill = |bytes: &mut [u8], written: WrittenPages<'_>| {
+                let written = drop_mapped().then_some(written);
+                let mut write = || decode_into(synth, bytes, false, written).map(drop);
                 match pool {
-                    Some(pool) => pool.install(|| write_decoded_into(synth, bytes)),
-                    None => write_decoded_into(synth, bytes),
+                    Some(pool) => pool.install(write),
+                    None => write(),
                 }
                 .map_err(|e| e.to_string())
             };
@@ -391,19 +393,27 @@ fn copy_out(from: &std::fs::File, out: &std::fs::File, len: u64) -> Result<Vec<L
     Ok(leaves)
 }
 
-/// Write all of `synth` into `out` (its bytes, in memory): the header, then every tensor in
-/// pieces of [`PIECE`] bytes decoded in parallel, each straight into its place (no copy).
-pub fn write_decoded_into(synth: &SynthFile, out: &mut [u8]) -> Result<(), ReadError> {
-    decode_into(synth, out, false).map(drop)
-}
-
-/// [`write_decoded_into`], also hashing each piece (and the header) as a [`Leaf`] when `hash`.
-fn decode_into(synth: &SynthFile, out: &mut [u8], hash: bool) -> Result<Vec<Leaf>, ReadError> {
+/// Write all of `synth` into `out` (its bytes, in memory: a shared mapping of a cache file or
+/// memfd): the header, then every tensor in pieces of [`PIECE`] bytes decoded in parallel, each
+/// straight into its place (no copy); also hashing each piece (and the header) as a [`Leaf`]
+/// when `hash`, and giving back each piece's pages through `written` once it is written (see
+/// [`drop_mapped`]).
+fn decode_into(
+    synth: &SynthFile,
+    out: &mut [u8],
+    hash: bool,
+    written: Option<WrittenPages<'_>>,
+) -> Result<Vec<Leaf>, ReadError> {
     let len = synth.size;
     if out.len() as u64 != len {
         return Err(ReadError::Decode(format!("{} bytes to fill, {len} to write", out.len())));
     }
-    out[..synth.header.len()].copy_from_slice(&synth.header);
+    let header = synth.header.len();
+    out[..header].copy_from_slice(&synth.header);
+    let header_leaf = hash.then(|| Leaf::of(0, &synth.header));
+    if let Some(w) = &written {
+        w.release(0..header);
+    }
     /// The output's address, shared by the pieces, which write disjoint ranges of it.
     #[derive(Clone, Copy)]
     struct Out(*mut u8);
@@ -431,13 +441,15 @@ fn decode_into(synth: &SynthFile, out: &mut [u8], hash: bool) -> Result<Vec<Leaf
             // ends at or before `len`, checked above), so each task writes its own bytes only.
             let dst = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
             super::read::decode_elements(t, from as usize..to as usize, dst)?;
-            Ok(hash.then(|| Leaf::of(at as u64, dst)))
+            let leaf = hash.then(|| Leaf::of(at as u64, dst));
+            if let Some(w) = &written {
+                w.release(at..at + n);
+            }
+            Ok(leaf)
         })
         .collect::<Result<_, ReadError>>()?;
     let mut leaves: Vec<Leaf> = leaves.into_iter().flatten().collect();
-    if hash {
-        leaves.push(Leaf::of(0, &synth.header));
-    }
+    leaves.extend(header_leaf);
     Ok(leaves)
 }
 
@@ -482,7 +494,8 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>
     // (SIGBUS), where a pwrite returns ENOSPC.
     if reserved && fill_by_mapping() {
         if let Some(mut map) = crate::cache::memory::SharedMap::new(out, len as usize) {
-            return decode_into(synth, map.bytes(), hash);
+            let (bytes, written) = map.split();
+            return decode_into(synth, bytes, hash, drop_mapped().then_some(written));
         }
     }
     write_by_pwrite(synth, out, hash)
@@ -498,6 +511,21 @@ const FILL_BY_MAPPING_MIN_THREADS: usize = 8;
 fn fill_by_mapping() -> bool {
     static MAPPING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *MAPPING.get_or_init(|| pool_switch("LLMFS_FILL_BY_MAPPING", FILL_BY_MAPPING_MIN_THREADS))
+}
+
+/// Whether a fill through a shared mapping (the disk tier's [`fill_by_mapping`], the memory
+/// tier's always) gives back each piece's pages as soon as the piece is written
+/// ([`WrittenPages::release`]), or `LLMFS_FILL_DROP_MAPPED=0` keeps them mapped until the file
+/// is done. Kept, every page of the file counted in the daemon's RSS until then: its peak RSS
+/// grew by the size of the largest files filled at once (6.0 GB for a 6 GB model on the lent
+/// 16-core host), page cache shared with the readers but what operators see. Given back, the
+/// daemon's peak RSS stays within `--cache-size` + 64 MiB (tests/mount.rs,
+/// `mapped_fills_keep_the_daemon_small`); the cost is one `madvise` per 2 MiB piece (a TLB
+/// flush on the cores running the daemon; it takes the mmap lock for reading only, so page
+/// faults in flight go on, unlike the mmap/munmap of a mapping per piece, 3x slower).
+fn drop_mapped() -> bool {
+    static DROP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DROP.get_or_init(|| std::env::var("LLMFS_FILL_DROP_MAPPED").as_deref() != Ok("0"))
 }
 
 /// `$var` = 1 or 0 if set so, else whether the current pool has at least `min_threads`.

@@ -235,14 +235,17 @@ impl EntryFills {
 /// pool from outside waits until the workers' own queues are empty, so an open behind a sibling's
 /// decode waited for all of it (measured: `load_file`'s open of the shard just decoded took as
 /// long as the next shard's whole decode, 0.17 s of a 0.43 s first load on 2 cores). The cores
-/// are shared with the global pool by the kernel's scheduler instead. None (logged) when its
-/// threads cannot be started: the global pool then decodes ahead, as before.
+/// are shared with the global pool by the kernel's scheduler instead, the ahead pool's threads
+/// at a lower priority ([`ahead_nice`]). None (logged) when its threads cannot be started: the
+/// global pool then decodes ahead, as before.
 fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
+        let nice = ahead_nice();
         rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
             .thread_name(|i| format!("llmfs-ahead-{i}"))
+            .start_handler(move |_| lower_this_thread(nice))
             .panic_handler(|panic| {
                 tracing::error!("a task decoding ahead: {}", super::panic_message(&*panic))
             })
@@ -251,6 +254,57 @@ fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
             .ok()
     })
     .as_ref()
+}
+
+/// How much lower than the rest of the daemon the ahead pool's threads run (a nice increment;
+/// `LLMFS_AHEAD_NICE=N`, 0 to 19, 0: the same priority). A loader reads the file it opened
+/// first, whose fill runs on the global pool, while the fills of the entry's other files run on
+/// the ahead pool: at the same priority they shared the cores evenly, so on the lent 16-core
+/// host both shards of a 6000 MiB model finished filling together (0.54 s) and only then could
+/// the loader read shard 1 (done at 0.92 s). Niced, the opened file's fill (and the daemon's
+/// request threads) get the cores first and the siblings what is left: shard 1 is ready sooner,
+/// and shard 2 fills while the loader reads shard 1. Nice, not `SCHED_IDLE`: a niced thread
+/// still gets its weight's share of a busy machine (nice 10: about 1/10 of a nice-0 thread's),
+/// so a fill ahead finishes however loaded the cores are, and a reader that opens a file filled
+/// ahead waits for it with the cores otherwise idle. The priority cannot be raised back later
+/// (that takes `CAP_SYS_NICE`), so it is the pool threads', set once as each starts. Linux's
+/// nice is per thread; with autogroup scheduling it orders the daemon's threads among
+/// themselves, not against the loader's session.
+fn ahead_nice() -> i32 {
+    match std::env::var("LLMFS_AHEAD_NICE") {
+        Err(_) => AHEAD_NICE,
+        Ok(v) => v.parse::<i32>().map(|n| n.clamp(0, 19)).unwrap_or_else(|_| {
+            tracing::warn!("LLMFS_AHEAD_NICE={v:?} is not a number of 0 to 19: {AHEAD_NICE}");
+            AHEAD_NICE
+        }),
+    }
+}
+
+/// [`ahead_nice`]'s default.
+const AHEAD_NICE: i32 = 10;
+
+/// Raise this thread's nice value by `by` (at most to 19); a failure is logged and changes nothing.
+fn lower_this_thread(by: i32) {
+    if by == 0 {
+        return;
+    }
+    // SAFETY: gettid has no preconditions; a Linux thread id is a process id for get/setpriority.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    // getpriority may return -1 as a nice value: errno, cleared before, tells an error apart.
+    // SAFETY: errno is this thread's; getpriority on this thread.
+    let now = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    };
+    let failed =
+        |what: &str| tracing::warn!("{what} of a thread decoding ahead: {}", std::io::Error::last_os_error());
+    if now == -1 && std::io::Error::last_os_error().raw_os_error() != Some(0) {
+        return failed("getpriority");
+    }
+    // SAFETY: setpriority on this thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (now + by).min(19)) } != 0 {
+        failed("setpriority");
+    }
 }
 
 /// Where decoded files are kept: memory first, then disk; either may be off.

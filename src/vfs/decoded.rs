@@ -245,7 +245,7 @@ fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
             .thread_name(|i| format!("llmfs-ahead-{i}"))
-            .start_handler(move |_| lower_this_thread(nice))
+            .start_handler(move |_| lower_priority(nice))
             .panic_handler(|panic| {
                 tracing::error!("a task decoding ahead: {}", super::panic_message(&*panic))
             })
@@ -263,7 +263,9 @@ fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
 /// host both shards of a 6000 MiB model finished filling together (0.54 s) and only then could
 /// the loader read shard 1 (done at 0.92 s). Niced, the opened file's fill (and the daemon's
 /// request threads) get the cores first and the siblings what is left: shard 1 is ready sooner,
-/// and shard 2 fills while the loader reads shard 1. Nice, not `SCHED_IDLE`: a niced thread
+/// and shard 2 fills while the loader reads shard 1 (2 cores, 1100 MiB model, medians of 5:
+/// shard 1 of a cast filled in 0.33-0.35 s instead of 0.59-0.62, first loads of casts 16-33%
+/// faster; a lossless delta, decode-bound there, the same). Nice, not `SCHED_IDLE`: a niced thread
 /// still gets its weight's share of a busy machine (nice 10: about 1/10 of a nice-0 thread's),
 /// so a fill ahead finishes however loaded the cores are, and a reader that opens a file filled
 /// ahead waits for it with the cores otherwise idle. The priority cannot be raised back later
@@ -283,8 +285,9 @@ fn ahead_nice() -> i32 {
 /// [`ahead_nice`]'s default.
 const AHEAD_NICE: i32 = 10;
 
-/// Raise this thread's nice value by `by` (at most to 19); a failure is logged and changes nothing.
-fn lower_this_thread(by: i32) {
+/// Lower this thread's priority: raise its nice value by `by` (at most to 19); a failure is
+/// logged and changes nothing.
+fn lower_priority(by: i32) {
     if by == 0 {
         return;
     }
@@ -574,9 +577,12 @@ fn fill_by_mapping() -> bool {
 /// grew by the size of the largest files filled at once (6.0 GB for a 6 GB model on the lent
 /// 16-core host), page cache shared with the readers but what operators see. Given back, the
 /// daemon's peak RSS stays within `--cache-size` + 64 MiB (tests/mount.rs,
-/// `mapped_fills_keep_the_daemon_small`); the cost is one `madvise` per 2 MiB piece (a TLB
+/// `mapped_fills_keep_the_daemon_small`). The cost is one `madvise` per 2 MiB piece (a TLB
 /// flush on the cores running the daemon; it takes the mmap lock for reading only, so page
-/// faults in flight go on, unlike the mmap/munmap of a mapping per piece, 3x slower).
+/// faults in flight go on, unlike the mmap/munmap of a mapping per piece, 3x slower): within
+/// the noise on 2 cores (`fill_bench` 1 GiB: 1.84 GB/s against 1.95 keeping the pages, rounds
+/// differing both ways), and the 13 GB/s of `fill_bench` through a mapping on the lent 16-core
+/// host that chose mapped fills was measured giving back every piece so.
 fn drop_mapped() -> bool {
     static DROP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *DROP.get_or_init(|| std::env::var("LLMFS_FILL_DROP_MAPPED").as_deref() != Ok("0"))

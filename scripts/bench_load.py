@@ -32,6 +32,12 @@ zipnn==0.5.4 transformers==4.49.0 safetensors==0.5.3 tokenizers==0.21.1 huggingf
 cold (its files dropped) and again (cached), in the same run as the lossless delta.
 BENCH_KINDS=d-lossless (a comma-separated subset of base and the variants' entries) registers and
 runs only those, without the extra rows.
+A/B in one run (BENCH_CONFIGS="NAME:VAR=VAL,VAR=VAL NAME2:VAR=VAL ..."): every variant row is run
+once per configuration, its daemons with those environment variables, the configurations
+alternating within each round (A B A B: drift on a shared machine falls on both), and labelled
+"LABEL [NAME]"; e.g. BENCH_CONFIGS="before:LLMFS_AHEAD_NICE=0,LLMFS_FILL_DROP_MAPPED=0
+after:LLMFS_AHEAD_NICE=10". With REPS > 1 a second table gives the median of the REPS rounds
+beside the best; results.json keeps every round's time ("first_all", "again_all").
 
 usage: scripts/bench_load.py [WORKDIR] [SIZE_MIB] [REPS] [LOADERS]
   LOADERS: comma-separated subset of load_file,safe_open,hf (default all); BENCH_EXTRA=0 leaves
@@ -449,6 +455,32 @@ class Mount:
             time.sleep(0.02)
 
 
+def parse_configs(spec):
+    """BENCH_CONFIGS ("NAME:VAR=VAL,VAR=VAL NAME2:..."): [(name, {var: val})]; unset: one unnamed."""
+    if not spec or not spec.strip():
+        return [("", {})]
+    configs = []
+    for item in spec.split():
+        name, _, assigns = item.partition(":")
+        env = dict(a.split("=", 1) for a in assigns.split(",") if a)
+        configs.append((name, env))
+    return configs
+
+
+def best_of(runs):
+    """The fastest of one loader's rounds (the first error if none loaded)."""
+    ok = [r for r in runs if "secs" in r]
+    return min(ok, key=lambda r: r["secs"]) if ok else runs[0]
+
+
+def median_of(runs):
+    """The median round (the lower of the middle two for an even count), or the first error."""
+    bad = [r for r in runs if "secs" not in r]
+    if bad:
+        return bad[0]
+    return sorted(runs, key=lambda r: r["secs"])[(len(runs) - 1) // 2]
+
+
 def main():
     args = sys.argv[1:]
     work = os.path.abspath(args[0] if args else "/tmp/llmfs-load")
@@ -470,20 +502,24 @@ def main():
     results = {"cores": cores, "size_mib": size_mib, "reps": reps, "rows": []}
 
     def timed(loader, d):
-        best = None
+        runs = []
         for _ in range(reps):
-            r = w.load(loader, d)
-            if "error" in r:
-                return r
-            if best is None or r["secs"] < best["secs"]:
-                best = r
-        return best
+            runs.append(w.load(loader, d))
+            if "error" in runs[-1]:
+                break
+        return runs
 
     def gbps(r):
         return r["bytes"] / r["secs"] / 1e9 if "secs" in r else None
 
-    def row(label, first, again=None, rss=None):
-        results["rows"].append({"label": label, "first": first, "again": again, "rss_mib": rss})
+    def row(label, first_all, again_all=None, rss=None):
+        """A row from every round's result per loader: the best (the table), the median and all."""
+        pick = lambda runs, f: {l: f(rs) for l, rs in runs.items()} if runs is not None else None
+        first, again = pick(first_all, best_of), pick(again_all, best_of)
+        results["rows"].append({"label": label, "first": first, "again": again, "rss_mib": rss,
+                                "first_median": pick(first_all, median_of),
+                                "again_median": pick(again_all, median_of),
+                                "first_all": first_all, "again_all": again_all})
         print(f"# {label}: " + ", ".join(
             f"{l} {gbps(first[l]) or first[l].get('error')} / {again and (gbps(again[l]) or again[l].get('error'))}"
             for l in loaders), file=sys.stderr, flush=True)
@@ -497,22 +533,30 @@ def main():
     def better(a, b):
         return b if a is None or ("secs" in b and ("secs" not in a or b["secs"] < a["secs"])) else a
 
+    configs = parse_configs(os.environ.get("BENCH_CONFIGS"))
+
     def variant(entry, label, extra_first=(), extra_again=(), env=None, remount=True):
-        """Best of REPS rounds of: empty disk cache, mount, first load; remount, load again."""
-        first, again, rss = {}, {}, 0
+        """REPS rounds of: empty disk cache, mount, first load; remount, load again; once per
+        configuration (BENCH_CONFIGS) in each round."""
+        runs = {name: ({}, {}, [0]) for name, _ in configs}
         for l in loaders:
             for _ in range(reps):
-                shutil.rmtree(cache, ignore_errors=True)
-                m = Mount(store, mnt, cache, extra_first, env)
-                first[l] = better(first.get(l), w.load(l, f"{mnt}/{entry}"))
-                rss = max(rss, m.rss() or 0)
-                m.close()
-                if remount:
-                    m = Mount(store, mnt, cache, extra_again, env)
-                    again[l] = better(again.get(l), w.load(l, f"{mnt}/{entry}"))
-                    rss = max(rss, m.rss() or 0)
+                for name, cenv in configs:
+                    e = dict(env or os.environ, **cenv) if cenv else env
+                    first, again, rss = runs[name]
+                    shutil.rmtree(cache, ignore_errors=True)
+                    m = Mount(store, mnt, cache, extra_first, e)
+                    first.setdefault(l, []).append(w.load(l, f"{mnt}/{entry}"))
+                    rss[0] = max(rss[0], m.rss() or 0)
                     m.close()
-        row(label, first, again if remount else None, rss)
+                    if remount:
+                        m = Mount(store, mnt, cache, extra_again, e)
+                        again.setdefault(l, []).append(w.load(l, f"{mnt}/{entry}"))
+                        rss[0] = max(rss[0], m.rss() or 0)
+                        m.close()
+        for name, _ in configs:
+            first, again, rss = runs[name]
+            row(f"{label} [{name}]" if name else label, first, again if remount else None, rss[0])
 
     if kinds is None or "base" in kinds.split(","):
         variant("base", "base through the mount")
@@ -643,8 +687,14 @@ def finish(w, results, work, cores, loaders):
 
 
 def print_table(results, loaders):
+    print_table_of(results, loaders, "first", "again", f"best of {results['reps']}")
+    if results["reps"] > 1 and "first_median" in results["rows"][0]:
+        print_table_of(results, loaders, "first_median", "again_median", f"median of {results['reps']}")
+
+
+def print_table_of(results, loaders, first_key, again_key, stat):
     rows = results["rows"]
-    plain = rows[0]["first"]
+    plain = rows[0][first_key]
     names = {"load_file": "load_file", "safe_open": "safe_open+get_tensor", "hf": "from_pretrained"}
 
     def cell(r, l):
@@ -656,7 +706,7 @@ def print_table(results, loaders):
         p = plain[l]["bytes"] / plain[l]["secs"] / 1e9 if "secs" in plain.get(l, {}) else None
         return f"{g:.2f} ({g / p:.2f}x)" if p else f"{g:.2f}"
 
-    print(f"\n{results['cores']} cores, {results['size_mib']} MiB model, best of {results['reps']}; "
+    print(f"\n{results['cores']} cores, {results['size_mib']} MiB model, {stat}; "
           "GB/s (ratio to the plain fine-tune); first load on a fresh mount and empty disk cache / after a remount\n")
     head = "| case | " + " | ".join(f"{names[l]} first | {names[l]} again" for l in loaders) + " | daemon peak RSS |"
     print(head)
@@ -664,7 +714,7 @@ def print_table(results, loaders):
     for r in rows:
         cells = []
         for l in loaders:
-            cells += [cell(r["first"], l), cell(r["again"], l)]
+            cells += [cell(r[first_key], l), cell(r[again_key], l)]
         rss = f"{r['rss_mib']:.0f} MiB" if r.get("rss_mib") else ""
         print(f"| {r['label']} | " + " | ".join(cells) + f" | {rss} |")
 

@@ -8,12 +8,22 @@
 # pack: llmfs and the two model generators stripped and xz-compressed, fill_bench and mem_touch
 # compiled here (cc -O2), bench_load.py, fill_timeline.py and this file: about 10 MB, under the
 # 64 MiB a call carries. run: unpacks them (Python's lzma) and runs, under $OUT:
-#   fill.txt       fill_bench: one 1 GiB file by pwrite and through a mapping, ext4 and tmpfs, 1/16 threads
+#   fill.txt       fill_bench: one 1 GiB file by pwrite and through a mapping (each piece's pages
+#                  given back: mmap; kept: keep, the cost of LLMFS_FILL_DROP_MAPPED), ext4 and tmpfs, 1/16 threads
 #   b16.txt        bench_load.py WORK $SIZE (6000 MiB) $R16 on all cores: the >= 6 GB table
 #   timeline.txt   fill_timeline.py: one first load per kind, when each file was decoded
 #   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
 # SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
-# from_pretrained), W override. Checked here end to end with SIZE=300 KINDS=f16 (79 s). Each
+# from_pretrained), W (the work dir) and BIN (where the binaries are unpacked) override.
+# A/B of the daemon's environment switches in the same call: CONFIGS="NAME:VAR=VAL,VAR=VAL ..."
+# (bench_load.py's BENCH_CONFIGS) runs every row of b16.txt/b2.txt once per configuration,
+# alternating within each round (rows "LABEL [NAME]", a median table when R16 > 1), and the
+# timeline once per configuration (timeline-NAME.txt). Issue 23's two switches, e.g.
+#   OUT=$OUT KINDS=f16,d-lossless R16=3 LOADERS=load_file CONFIGS="off:LLMFS_AHEAD_NICE=0,LLMFS_FILL_DROP_MAPPED=0
+#   nice:LLMFS_AHEAD_NICE=10,LLMFS_FILL_DROP_MAPPED=0 both:LLMFS_AHEAD_NICE=10,LLMFS_FILL_DROP_MAPPED=1"
+#   bash .devbench/bench_load_device.sh run
+# (LLMFS_AHEAD_NICE: the nice increment of the fills of the files not opened; LLMFS_FILL_DROP_MAPPED:
+# a mapped fill gives back each piece's pages; both in src/vfs/decoded.rs.) Unset: one run as built. Checked here end to end with SIZE=300 KINDS=f16 (79 s). Each
 # step's wall time is printed: a 6 GB model takes minutes to generate and register, and KINDS
 # keeps the run inside the call.
 set -u
@@ -35,7 +45,7 @@ pack)
     ;;
 run)
     D=$(cd "$(dirname "$0")" && pwd)
-    B=/var/tmp/lb-bin W=${W:-/var/tmp/lb}
+    B=${BIN:-/var/tmp/lb-bin} W=${W:-/var/tmp/lb}
     OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" $B
     python3 - "$D" "$B" <<'P'
 import lzma, os, shutil, sys
@@ -55,18 +65,28 @@ P
     t0=$(date +%s)
     {
         for dir in /var/tmp /dev/shm; do
-            for t in 1 16; do for m in pwrite mmap; do $B/fill_bench $dir 1024 $t $m; done; done
+            for t in 1 16; do for m in pwrite mmap keep; do $B/fill_bench $dir 1024 $t $m; done; done
+            for r in 1 2; do for m in mmap keep; do $B/fill_bench $dir 1024 16 $m; done; done
             $B/fill_bench $dir 1024 16 pwrite 4
         done
     } >"$OUT/fill.txt" 2>&1
     tail -10 "$OUT/fill.txt"; echo "fill_bench done: $(($(date +%s) - t0)) s"
+    export BENCH_CONFIGS=${CONFIGS:-}
     BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W $SIZE $R16 $LOADERS >"$OUT/b16.txt" 2>"$OUT/b16.log"
-    echo "rc=$?"; tail -14 "$OUT/b16.txt"; echo "16 cores done: $(($(date +%s) - t0)) s"
-    python3 "$D/scripts/fill_timeline.py" $W $SIZE ${TIMELINE_KINDS:-f16,d-lossless} >"$OUT/timeline.txt" 2>"$OUT/timeline.log"
-    cat "$OUT/timeline.txt"; echo "timeline done: $(($(date +%s) - t0)) s"
+    echo "rc=$?"; tail -40 "$OUT/b16.txt"; echo "16 cores done: $(($(date +%s) - t0)) s"
+    # The timeline once per configuration: NAME and its assignments (none when CONFIGS is unset).
+    for c in ${CONFIGS:-:}; do
+        name=${c%%:*} assigns=${c#*:}
+        [ "$assigns" = "$c" ] && assigns=
+        t="$OUT/timeline${name:+-$name}.txt"
+        echo "== ${name:-as built} ${assigns}" >"$t"
+        env ${assigns//,/ } python3 "$D/scripts/fill_timeline.py" $W $SIZE ${TIMELINE_KINDS:-f16,d-lossless} >>"$t" 2>"${t%.txt}.log"
+        cat "$t"
+    done
+    echo "timeline done: $(($(date +%s) - t0)) s"
     if [ "${B2:-0}" = 1 ]; then
         taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 1 $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
-        tail -12 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
+        tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
     fi
     cp $W/results-*.json "$OUT/" 2>/dev/null
     grep -h "cache: decoded" $W/store/llmfs.log | sed 's/\x1b\[[0-9;]*m//g' | tail -200 >"$OUT/fills.txt"

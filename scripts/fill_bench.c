@@ -4,10 +4,11 @@
 //   pwrite  into a reused per-thread scratch buffer, then pwrite at its offset (what the daemon did)
 //   mmap    straight into a shared mapping of the whole file, faulting its pages in as it writes
 //   popul   the same, each piece's pages first made writable with MADV_POPULATE_WRITE
+//   keep    as mmap, the pages left mapped until the end (the daemon before LLMFS_FILL_DROP_MAPPED)
 // and (mmap, popul) the piece's pages unmapped after (MADV_DONTNEED: the page cache keeps
-// them, the process's RSS does not). Then the file is read once as a loader would: mmap and
+// them, the process's RSS does not), as the daemon's mapped fills do. Then the file is read once as a loader would: mmap and
 // copy every byte into a buffer (one thread), which shows the page-cache folio size's effect.
-// usage: fill_bench DIR SIZE_MIB THREADS METHOD [FILES]   (FILES files of SIZE/FILES each, at once)
+// usage: fill_bench DIR SIZE_MIB THREADS pwrite|mmap|popul|keep [FILES]   (FILES files of SIZE/FILES each, at once)
 // build: cc -O2 -pthread -o fill_bench scripts/fill_bench.c
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -58,7 +59,7 @@ static void *worker(void *arg) {
             char *p = maps[f] + off;
             if (method == 2 && madvise(p, n, MADV_POPULATE_WRITE)) { perror("populate"); exit(1); }
             gen((uint64_t *)p, n, k);
-            madvise(p, n, MADV_DONTNEED);
+            if (method != 3) madvise(p, n, MADV_DONTNEED);
         }
     }
     free(scratch);
@@ -66,10 +67,10 @@ static void *worker(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 5) { fprintf(stderr, "usage: %s DIR SIZE_MIB THREADS pwrite|mmap|popul [FILES]\n", argv[0]); return 2; }
+    if (argc < 5) { fprintf(stderr, "usage: %s DIR SIZE_MIB THREADS pwrite|mmap|popul|keep [FILES]\n", argv[0]); return 2; }
     size_t size = (size_t)atol(argv[2]) << 20;
     int threads = atoi(argv[3]);
-    method = !strcmp(argv[4], "pwrite") ? 0 : !strcmp(argv[4], "mmap") ? 1 : 2;
+    method = !strcmp(argv[4], "pwrite") ? 0 : !strcmp(argv[4], "mmap") ? 1 : !strcmp(argv[4], "keep") ? 3 : 2;
     nfiles = argc > 5 ? atoi(argv[5]) : 1;
     per_file = size / nfiles;
     pieces_per_file = (per_file + PIECE - 1) / PIECE;
@@ -89,6 +90,10 @@ int main(int argc, char **argv) {
     pthread_t th[256];
     for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, worker, NULL);
     for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
+    // Unmapped within the fill's time, as the daemon's fill drops its mapping before it is done
+    // (with keep, munmap takes down every page's entry then).
+    for (int f = 0; f < nfiles; f++)
+        if (method) munmap(maps[f], per_file);
     double fill = now() - t0;
     // The pattern alone, on the same threads' worth of scratch: the "decoder" speed.
     uint64_t *s = aligned_alloc(4096, PIECE);

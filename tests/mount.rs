@@ -1129,3 +1129,93 @@ fn sequential_readers_drop_chunks_behind_them() {
     let kept = fs.cache().stats().used_bytes;
     assert!(kept >= file.size * 9 / 10, "random reads kept {} MiB of {} MiB", kept / MIB, file.size / MIB);
 }
+
+/// The daemon's peak RSS (VmHWM) and current RSS (VmRSS), in bytes.
+fn daemon_memory(pid: libc::pid_t) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("the daemon's /proc status");
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Fills through a shared mapping (`LLMFS_FILL_BY_MAPPING=1`) give back each piece's pages as
+/// it is written, so decoding a file much larger than the bound leaves the daemon's peak RSS
+/// within `--cache-size` + 64 MiB over what it had once mounted, into the disk cache and into
+/// the memory tier (a memfd: the pages given back stay in it); the bytes read are the export's.
+/// With `LLMFS_FILL_DROP_MAPPED=0` the same fill counts the file in the peak, which shows the
+/// measure sees the pages.
+#[test]
+fn mapped_fills_keep_the_daemon_small() {
+    let mut ts = TestStore::new();
+    let model = ts.path("model");
+    // 68M elements: 136 MB in bf16, a 272 MB f32 cast.
+    let big = ModelSpec {
+        hidden: 1024,
+        intermediate: 2816,
+        layers: 4,
+        heads: 8,
+        kv_heads: 8,
+        vocab: 8192,
+        ..common::small_spec()
+    };
+    common::write_model(&model, &big);
+    ts.ok(["add", "base", model.to_str().unwrap()]);
+    ts.ok(["cast", "f32", "--base", "base", "--dtype", "f32"]);
+    let root = ts.tmp.path().canonicalize().unwrap();
+    let export = root.join("export");
+    ts.ok(["export", "f32", export.to_str().unwrap()]);
+    let want = fs::read(export.join("model.safetensors")).unwrap();
+    let size = want.len() as u64;
+    const CACHE_SIZE: u64 = 16 * MIB;
+    assert!(size > 3 * (CACHE_SIZE + 64 * MIB), "the file must be well over the bound: {size}");
+
+    ts.env.push(("LLMFS_FILL_BY_MAPPING".into(), "1".into()));
+    // (drop the mapped pages, memory tier size, what the peak is checked against)
+    let cases = [("1", "0", true), ("1", "1GiB", true), ("0", "0", false)];
+    for (n, (drop, memory, bounded)) in cases.into_iter().enumerate() {
+        ts.env.retain(|(k, _)| k != "LLMFS_FILL_DROP_MAPPED");
+        ts.env.push(("LLMFS_FILL_DROP_MAPPED".into(), drop.into()));
+        let what = format!("LLMFS_FILL_DROP_MAPPED={drop}, --memory-cache-size {memory}");
+        let cache = root.join(format!("cache{n}"));
+        let m = MountGuard::new(
+            &ts,
+            &root.join(format!("mnt{n}")),
+            &[
+                "--cache-size",
+                &CACHE_SIZE.to_string(),
+                "--disk-cache",
+                cache.to_str().unwrap(),
+                "--memory-cache-size",
+                memory,
+            ],
+        );
+        let pid = m.pid().unwrap();
+        let (_, mounted) = daemon_memory(pid);
+        let got = read(&m.path().join("f32/model.safetensors"));
+        let (peak, _) = daemon_memory(pid);
+        assert_same_bytes(&got, &want, &what);
+        let over = peak.saturating_sub(mounted);
+        eprintln!(
+            "{what}: {} MiB once mounted, peak {} MiB ({} MiB over)",
+            mounted / MIB,
+            peak / MIB,
+            over / MIB
+        );
+        if bounded {
+            assert!(
+                over <= CACHE_SIZE + 64 * MIB,
+                "{what}: the daemon's peak RSS grew by {} MiB reading a {} MiB file",
+                over / MIB,
+                size / MIB
+            );
+        } else {
+            assert!(over >= size / 2, "{what}: the mapped pages did not count ({} MiB)", over / MIB);
+        }
+        // Decoded once, into the tier asked for.
+        let log = m.log_text();
+        let tier = if memory == "0" { "disk cache: decoded" } else { "memory cache: decoded" };
+        assert!(log.contains(tier), "{what}: no '{tier}' in the log:\n{log}");
+    }
+}

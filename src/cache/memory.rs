@@ -118,14 +118,15 @@ impl MemoryCache {
     /// The entry for `key` (`len` bytes), filled now with `fill` if the tier lacks it; and
     /// whether this call filled it (the caller then persists it, and calls
     /// [`MemoryCache::persisted`]). `fill` gets the file's bytes (a shared mapping of fresh,
-    /// zeroed memory) and must write every byte. `Ok(None)`: no room (or no memfd), the caller
+    /// zeroed memory) and must write every byte; it may give back the pages it has written
+    /// through the [`WrittenPages`] (their bytes stay in the memfd). `Ok(None)`: no room (or no memfd), the caller
     /// uses the disk tier.
     pub fn get_or_fill(
         &self,
         key: &Key,
         len: u64,
         label: &str,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+        fill: impl FnOnce(&mut [u8], WrittenPages<'_>) -> Result<(), String>,
     ) -> Result<Option<(Arc<MemFile>, bool)>, String> {
         if let Some(hit) = self.get(key) {
             return Ok(Some((hit, false)));
@@ -153,7 +154,7 @@ impl MemoryCache {
         key: &Key,
         len: u64,
         label: &str,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+        fill: impl FnOnce(&mut [u8], WrittenPages<'_>) -> Result<(), String>,
     ) -> Result<Option<Arc<MemFile>>, String> {
         let need = footprint(len);
         {
@@ -233,7 +234,7 @@ impl MemoryCache {
 fn filled_memfd(
     label: &str,
     len: u64,
-    fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    fill: impl FnOnce(&mut [u8], WrittenPages<'_>) -> Result<(), String>,
 ) -> Result<Option<File>, String> {
     let name = std::ffi::CString::new(format!("llmfs:{label}").replace('\0', "")).expect("no NUL");
     // SAFETY: memfd_create reads a NUL-terminated name; the descriptor is ours.
@@ -250,7 +251,8 @@ fn filled_memfd(
     }
     if len > 0 {
         let Some(mut map) = SharedMap::new(&file, len as usize) else { return Ok(None) };
-        fill(map.bytes())?;
+        let (bytes, written) = map.split();
+        fill(bytes, written)?;
     }
     // Sealed: no write, no resize, ever (the mapping is gone, which F_SEAL_WRITE requires).
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
@@ -299,6 +301,57 @@ impl SharedMap {
         // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
+
+    /// The mapping's bytes, and the means to give back the pages of the ranges written.
+    pub fn split(&mut self) -> (&mut [u8], WrittenPages<'_>) {
+        let written = WrittenPages { ptr: self.ptr, len: self.len, _map: std::marker::PhantomData };
+        (self.bytes(), written)
+    }
+}
+
+/// Gives back this process's page-table entries of written ranges of a [`SharedMap`], keeping
+/// their bytes: a filled file's pages are page cache (or shmem) that readers share, but while
+/// they are mapped here they count in the daemon's RSS, so without this the daemon's peak RSS
+/// grew by the size of every file it filled (6 GB for a 6 GB model, issue 23).
+///
+/// `MADV_DONTNEED` on a shared mapping drops the page-table entries only: a dirty page is marked
+/// dirty in the page cache as its entry goes and is written back as any other, a memfd's (shmem)
+/// page stays in the memfd, and a later touch maps the same page again (`release_keeps_the_bytes`
+/// below checks both). Never `MADV_REMOVE`, which frees the file's pages, nor on a private
+/// mapping, whose written pages `MADV_DONTNEED` would discard: hence only from a `SharedMap`.
+#[derive(Clone, Copy)]
+pub struct WrittenPages<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _map: std::marker::PhantomData<&'a mut SharedMap>,
+}
+
+// SAFETY: only passed to madvise, on ranges of the shared mapping it borrows; concurrent calls and
+// concurrent writes to the same pages are safe (a write after the entry went faults the page in
+// again; see the type's doc).
+unsafe impl Send for WrittenPages<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for WrittenPages<'_> {}
+
+impl WrittenPages<'_> {
+    /// Give back the pages of bytes `range` of the mapping, done with for now. The range is
+    /// widened to whole pages: a page shared with a neighbouring range still being written by
+    /// another thread loses its entry too, and that write maps it again (one page fault), no
+    /// byte lost. Best effort: an error (none is expected) leaves the pages mapped.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        static PAGE: OnceLock<usize> = OnceLock::new();
+        // SAFETY: sysconf has no preconditions.
+        let page = *PAGE.get_or_init(|| (unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize).max(4096));
+        let start = range.start / page * page;
+        let end = range.end.min(self.len).div_ceil(page) * page;
+        if start >= end {
+            return;
+        }
+        // SAFETY: [start, end) lies within the mapping (mapped in whole pages from a page-aligned
+        // address, `end` at most the page after its last byte), which outlives `self`; on a
+        // shared mapping MADV_DONTNEED keeps the bytes (see the type's doc).
+        unsafe { libc::madvise(self.ptr.add(start) as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
 }
 
 impl Drop for SharedMap {
@@ -327,7 +380,7 @@ mod tests {
     fn fills_once_seals_and_stays_within_capacity() {
         let cache = MemoryCache::new(3 * UNIT);
         let (m, filled) = cache
-            .get_or_fill(&key(1), 5000, "one", |b| {
+            .get_or_fill(&key(1), 5000, "one", |b, _| {
                 b.fill(7);
                 Ok(())
             })
@@ -337,22 +390,22 @@ mod tests {
         assert_eq!(read_all(&m), vec![7; 5000]);
         assert!(m.file.write_all_at(b"x", 0).is_err(), "a sealed memfd was written");
         let (again, filled) =
-            cache.get_or_fill(&key(1), 5000, "one", |_| panic!("filled twice")).unwrap().unwrap();
+            cache.get_or_fill(&key(1), 5000, "one", |_, _| panic!("filled twice")).unwrap().unwrap();
         assert!(!filled && Arc::ptr_eq(&m, &again));
         // Two more fit; a fourth needs an eviction, which only a persisted entry allows.
         for n in 2..=3 {
             cache
-                .get_or_fill(&key(n), UNIT, "x", |b| {
+                .get_or_fill(&key(n), UNIT, "x", |b, _| {
                     b.fill(n);
                     Ok(())
                 })
                 .unwrap()
                 .unwrap();
         }
-        assert!(cache.get_or_fill(&key(4), 10, "x", |_| Ok(())).unwrap().is_none(), "over the capacity");
+        assert!(cache.get_or_fill(&key(4), 10, "x", |_, _| Ok(())).unwrap().is_none(), "over the capacity");
         cache.persisted(&key(2));
         let (m4, _) = cache
-            .get_or_fill(&key(4), 10, "x", |b| {
+            .get_or_fill(&key(4), 10, "x", |b, _| {
                 b.fill(4);
                 Ok(())
             })
@@ -376,7 +429,7 @@ mod tests {
                 let (cache, fills) = (cache.clone(), fills.clone());
                 std::thread::spawn(move || {
                     let (m, _) = cache
-                        .get_or_fill(&key(9), 3 * UNIT, "x", |b| {
+                        .get_or_fill(&key(9), 3 * UNIT, "x", |b, _| {
                             fills.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(std::time::Duration::from_millis(50));
                             b.fill(9);
@@ -390,15 +443,72 @@ mod tests {
             .collect();
         assert!(threads.into_iter().all(|t| t.join().unwrap()));
         assert_eq!(fills.load(Ordering::SeqCst), 1);
-        assert!(cache.get_or_fill(&key(10), 100, "bad", |_| Err("boom".into())).is_err());
+        assert!(cache.get_or_fill(&key(10), 100, "bad", |_, _| Err("boom".into())).is_err());
         assert_eq!(cache.stats().used_bytes, footprint(3 * UNIT), "a failed fill keeps its room");
         let (m, _) = cache
-            .get_or_fill(&key(10), 100, "bad", |b| {
+            .get_or_fill(&key(10), 100, "bad", |b, _| {
                 b.fill(1);
                 Ok(())
             })
             .unwrap()
             .unwrap();
         assert_eq!(read_all(&m), vec![1; 100]);
+    }
+
+    /// Whether each of the `pages` pages from `ptr` is mapped in this process (the present bit
+    /// of /proc/self/pagemap, readable without privileges).
+    fn mapped_pages(ptr: *const u8, pages: usize) -> Vec<bool> {
+        let page = 4096;
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let mut raw = vec![0u8; pages * 8];
+        pagemap.read_exact_at(&mut raw, (ptr as u64 / page) * 8).unwrap();
+        raw.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap()) >> 63 == 1).collect()
+    }
+
+    /// `WrittenPages::release` drops the pages' entries from this process and keeps their bytes,
+    /// on a memfd (shmem: the memory tier) and on a file on disk (a disk-cache fill), where the
+    /// bytes also reach the disk (written back after the entries went: still dirty).
+    #[test]
+    fn release_keeps_the_bytes() {
+        assert_eq!(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }, 4096, "the test counts 4 KiB pages");
+        let dir = tempfile::tempdir().unwrap();
+        let name = std::ffi::CString::new("llmfs-test").unwrap();
+        // SAFETY: memfd_create with a NUL-terminated name; the descriptor is the File's.
+        let memfd = unsafe { File::from_raw_fd(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC)) };
+        let on_disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let len = 64 * 4096 + 100;
+        let pattern: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        for (what, file) in [("memfd", &memfd), ("file on disk", &on_disk)] {
+            file.set_len(len as u64).unwrap();
+            let mut map = SharedMap::new(file, len).unwrap();
+            let (bytes, written) = map.split();
+            bytes.copy_from_slice(&pattern);
+            let ptr = bytes.as_ptr();
+            assert!(mapped_pages(ptr, 65).iter().all(|m| *m), "{what}: written pages not mapped");
+            // Bytes 10..(32 pages + 5): pages 0 to 32 (the range widened to whole pages) go.
+            written.release(10..32 * 4096 + 5);
+            let mapped = mapped_pages(ptr, 65);
+            assert!(mapped[..33].iter().all(|m| !m) && mapped[33..].iter().all(|m| *m), "{what}: {mapped:?}");
+            assert!(bytes[..] == pattern[..], "{what}: the mapping reads other bytes after a release");
+            written.release(0..len);
+            assert!(mapped_pages(ptr, 65).iter().all(|m| !m), "{what}: pages left mapped");
+            drop(map);
+            let mut back = vec![0; len];
+            file.read_exact_at(&mut back, 0).unwrap();
+            assert!(back == pattern, "{what}: the file lost bytes written before a release");
+        }
+        // From the disk, not the page cache: the released pages were still dirty.
+        on_disk.sync_all().unwrap();
+        // SAFETY: advice on a descriptor we own.
+        unsafe { libc::posix_fadvise(on_disk.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut back = vec![0; len];
+        on_disk.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == pattern, "the file on disk lost bytes written before a release");
     }
 }

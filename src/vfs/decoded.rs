@@ -9,8 +9,8 @@
 //! is chosen at open) and costs a loader nothing, since it reads every byte anyway.
 //!
 //! A file is cached under a key of everything its bytes depend on: the entry's generation and
-//! file, the crate version, the synthesized header, and each entry of its chain as registered
-//! (kind, recipe parameters, the files it reads and their fingerprints). A changed base is still
+//! file, the crate version, the synthesized header, each entry of its chain by its recipe (kind
+//! and parameters, not its file list), and the files this file reads with their fingerprints. A changed base is still
 //! caught at open by the fingerprint check that runs before the cache is asked, so it gives EIO,
 //! never cached bytes; a delta rewritten through `deltas/` has new file records, so a new key.
 

@@ -440,8 +440,8 @@ pub fn peft_config(data: &[u8]) {
 
 /// A merge's stored statistics file: `stats_file::decode` returns a table or an error naming
 /// where; an accepted table re-encodes to bytes that decode to the same table; and statistics
-/// that `check_fits` accepts for a small merge of each method are applied by that merge without
-/// panicking (what the daemon does with a stored file's numbers).
+/// that `check_fits` accepts for a small merge of each method are resolved for a range and
+/// applied by that merge without panicking (what the daemon does with a stored file's numbers).
 pub fn merge_stats(data: &[u8]) {
     use llmfs::compute::mergekit::{name_key, Gta, GtaParent, Kernel, Sparsify, Stats, TensorMerge};
     use llmfs::merge::stats_file;
@@ -452,8 +452,8 @@ pub fn merge_stats(data: &[u8]) {
     const N: usize = 24;
     let parents: Vec<Vec<f32>> =
         (0..4).map(|k| (0..N).map(|i| ((i * 7 + k * 3) % 11) as f32 / 16.0 - 0.3).collect()).collect();
-    for stats in table.values() {
-        let n_parents = match stats {
+    for compact in table.values() {
+        let n_parents = match &compact.stats {
             Stats::Gta(p) => p.len().min(3),
             _ => 1,
         };
@@ -486,12 +486,13 @@ pub fn merge_stats(data: &[u8]) {
                 name_key: name_key("w"),
                 threads: 1,
             };
-            if stats_file::check_fits(stats, &m).is_err() {
+            if stats_file::check_fits(compact, &m).is_err() {
                 continue;
             }
             let refs: Vec<&[f32]> = parents[..inputs].iter().map(Vec::as_slice).collect();
+            let stats = compact.resolve(&m, &refs, 0);
             let mut out = vec![0f32; N];
-            let _ = m.apply_cpu(stats, &refs, 0, &mut out);
+            let _ = m.apply_cpu(&stats, &refs, 0, &mut out);
         }
     }
 }

@@ -4,7 +4,8 @@
 //! builds, so a merge of a merge reads its parent through that parent's view); then every merged
 //! tensor whose method needs whole-tensor quantities (TIES / breadcrumbs cut-offs and their tie
 //! lists, rescale factors, SLERP / NuSLERP coefficients, model stock's t) has them computed by
-//! `MergedSource::compute_stats` — the function a read of an older entry calls — tensors in
+//! `MergedSource::compute_stats` — the function a read of an older entry calls; the kept ties
+//! as index intervals, `compute::mergekit::tie_runs` — tensors in
 //! parallel on the rayon pool, and stored in one file (`merge::stats_file`) that is staged and
 //! put in place by the registry update that registers the entry: a crash leaves no entry or a
 //! whole one, and `rm` and `gc` treat the file as any stored file of an entry.

@@ -10,10 +10,12 @@
 //! stats  = u8 tag: 0 None | 1 Gta: n × parent | 2 Slerp: f32 coef_a, f32 coef_b
 //!          | 3 Nuslerp: f32 s0, f32 s1, f32 sin_theta, u8 colinear | 4 ModelStock: f32 t
 //! parent = keep, u8 has_factor [f32 factor]
-//! keep   = u8 tag: 0 All | 1 Nothing | 2 Top: f32 mag, ties | 3 Band: f32 lo, f32 hi, ties
+//! keep   = u8 tag: 0 All | 1 Nothing | 2 Top: f32 mag, runs | 3 Band: f32 lo, f32 hi, runs
 //!          | 4 Random: f32 p | 5 Della: f64 lo, f64 eps
-//! ties   = n, then the first index and each later one's gap minus one (the list is strictly
-//!          increasing, so every gap is at least one): small numbers for dense tie lists
+//! runs   = n, then per run its first index's distance from the end of the previous run (from
+//!          0 for the first) and its length minus one: the kept ties at the cut as index
+//!          intervals (`compute::mergekit::tie_runs`: a few hundred per tensor where the list
+//!          of indices would be millions)
 //! ```
 //!
 //! The parser takes hostile bytes: every length is checked against what is left before anything
@@ -23,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::compute::mergekit::{Keep, Kernel, ParentStats, Sparsify, Stats, TensorMerge};
+use crate::compute::mergekit::{CompactStats, Keep, Kernel, ParentStats, Sparsify, Stats, TensorMerge};
 
 /// The file's name among the entry's stored files.
 pub const FILE_NAME: &str = "merge-stats.bin";
@@ -39,8 +41,8 @@ pub struct StatsFileError {
     pub what: String,
 }
 
-/// Every tensor's statistics, by tensor name.
-pub type StatsTable = BTreeMap<String, Stats>;
+/// Every tensor's statistics in their compact form, by tensor name.
+pub type StatsTable = BTreeMap<String, CompactStats>;
 
 /// The file's bytes for `table`.
 pub fn encode(table: &StatsTable) -> Vec<u8> {
@@ -55,6 +57,11 @@ pub fn encode(table: &StatsTable) -> Vec<u8> {
     out
 }
 
+/// The runs of parent `k` (none where the compact form has none).
+fn runs_of(c: &CompactStats, k: usize) -> &[(u32, u32)] {
+    c.runs.get(k).map_or(&[], Vec::as_slice)
+}
+
 fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -67,14 +74,14 @@ fn f32_bits(out: &mut Vec<u8>, v: f32) {
     out.extend_from_slice(&v.to_bits().to_le_bytes());
 }
 
-fn encode_stats(out: &mut Vec<u8>, stats: &Stats) {
-    match stats {
+fn encode_stats(out: &mut Vec<u8>, c: &CompactStats) {
+    match &c.stats {
         Stats::None => out.push(0),
         Stats::Gta(parents) => {
             out.push(1);
             varint(out, parents.len() as u64);
-            for p in parents {
-                encode_keep(out, &p.keep);
+            for (k, p) in parents.iter().enumerate() {
+                encode_keep(out, &p.keep, runs_of(c, k));
                 match p.factor {
                     None => out.push(0),
                     Some(f) => {
@@ -103,20 +110,20 @@ fn encode_stats(out: &mut Vec<u8>, stats: &Stats) {
     }
 }
 
-fn encode_keep(out: &mut Vec<u8>, keep: &Keep) {
+fn encode_keep(out: &mut Vec<u8>, keep: &Keep, runs: &[(u32, u32)]) {
     match keep {
         Keep::All => out.push(0),
         Keep::Nothing => out.push(1),
-        Keep::Top { mag, ties } => {
+        Keep::Top { mag, .. } => {
             out.push(2);
             f32_bits(out, *mag);
-            encode_ties(out, ties);
+            encode_runs(out, runs);
         }
-        Keep::Band { lo, hi, ties } => {
+        Keep::Band { lo, hi, .. } => {
             out.push(3);
             f32_bits(out, *lo);
             f32_bits(out, *hi);
-            encode_ties(out, ties);
+            encode_runs(out, runs);
         }
         Keep::Random { p } => {
             out.push(4);
@@ -130,13 +137,14 @@ fn encode_keep(out: &mut Vec<u8>, keep: &Keep) {
     }
 }
 
-/// `ties` is strictly increasing (`sparsify` sorts distinct indices).
-fn encode_ties(out: &mut Vec<u8>, ties: &[u32]) {
-    varint(out, ties.len() as u64);
+/// `runs` are increasing and disjoint (`TieRuns`).
+fn encode_runs(out: &mut Vec<u8>, runs: &[(u32, u32)]) {
+    varint(out, runs.len() as u64);
     let mut next = 0u64;
-    for &t in ties {
-        varint(out, t as u64 - next);
-        next = t as u64 + 1;
+    for &(first, last) in runs {
+        varint(out, first as u64 - next);
+        varint(out, (last - first) as u64);
+        next = last as u64 + 1;
     }
 }
 
@@ -238,15 +246,17 @@ pub fn decode(bytes: &[u8]) -> Result<StatsTable, StatsFileError> {
     Ok(table)
 }
 
-fn decode_stats(r: &mut Reader) -> Result<Stats, StatsFileError> {
-    Ok(match r.byte("statistics tag")? {
+fn decode_stats(r: &mut Reader) -> Result<CompactStats, StatsFileError> {
+    let mut runs = vec![];
+    let stats = match r.byte("statistics tag")? {
         0 => Stats::None,
         1 => {
             // A parent takes at least 2 bytes (a keep tag, a factor flag).
             let n = r.count(2, "parent count")?;
             let mut parents = Vec::with_capacity(n);
             for _ in 0..n {
-                let keep = decode_keep(r)?;
+                let (keep, parent_runs) = decode_keep(r)?;
+                runs.push(parent_runs);
                 let factor = match r.byte("factor flag")? {
                     0 => None,
                     1 => Some(r.f32("factor")?),
@@ -269,44 +279,54 @@ fn decode_stats(r: &mut Reader) -> Result<Stats, StatsFileError> {
         },
         4 => Stats::ModelStock { t: r.f32("t")? },
         t => return r.fail(format!("unknown statistics tag {t}")),
-    })
+    };
+    Ok(CompactStats { stats, runs })
 }
 
-fn decode_keep(r: &mut Reader) -> Result<Keep, StatsFileError> {
+/// A mask (tie lists empty) and its runs of kept ties.
+fn decode_keep(r: &mut Reader) -> Result<(Keep, Vec<(u32, u32)>), StatsFileError> {
     Ok(match r.byte("keep tag")? {
-        0 => Keep::All,
-        1 => Keep::Nothing,
-        2 => Keep::Top { mag: r.f32("mag")?, ties: decode_ties(r)? },
-        3 => Keep::Band { lo: r.f32("lo")?, hi: r.f32("hi")?, ties: decode_ties(r)? },
-        4 => Keep::Random { p: r.f32("p")? },
-        5 => Keep::Della { lo: r.f64("lo")?, eps: r.f64("eps")? },
+        0 => (Keep::All, vec![]),
+        1 => (Keep::Nothing, vec![]),
+        2 => (Keep::Top { mag: r.f32("mag")?, ties: vec![] }, decode_runs(r)?),
+        3 => {
+            let (lo, hi) = (r.f32("lo")?, r.f32("hi")?);
+            (Keep::Band { lo, hi, ties: vec![] }, decode_runs(r)?)
+        }
+        4 => (Keep::Random { p: r.f32("p")? }, vec![]),
+        5 => (Keep::Della { lo: r.f64("lo")?, eps: r.f64("eps")? }, vec![]),
         t => return r.fail(format!("unknown keep tag {t}")),
     })
 }
 
-fn decode_ties(r: &mut Reader) -> Result<Vec<u32>, StatsFileError> {
-    let n = r.count(1, "tie count")?;
-    let mut ties = Vec::with_capacity(n);
+fn decode_runs(r: &mut Reader) -> Result<Vec<(u32, u32)>, StatsFileError> {
+    // A run takes at least 2 bytes (two varints).
+    let n = r.count(2, "run count")?;
+    let mut runs = Vec::with_capacity(n);
     let mut next = 0u64;
     for _ in 0..n {
-        let t = next.saturating_add(r.varint("tie gap")?);
-        if t > u32::MAX as u64 {
-            return r.fail(format!("tie index {t} does not fit 32 bits"));
+        let first = next.saturating_add(r.varint("run start")?);
+        let last = first.saturating_add(r.varint("run length")?);
+        if last > u32::MAX as u64 {
+            return r.fail(format!("tie index {last} does not fit 32 bits"));
         }
-        ties.push(t as u32);
-        next = t + 1;
+        runs.push((first as u32, last as u32));
+        next = last + 1;
     }
-    Ok(ties)
+    Ok(runs)
 }
 
-/// Whether `stats` can be `merge`'s (the same method, one entry per non-base parent, tie
-/// indices inside the tensor): what `apply` relies on, checked before it runs.
-pub fn check_fits(stats: &Stats, merge: &TensorMerge) -> Result<(), String> {
+/// Whether `compact` can be `merge`'s (the same method, one entry per non-base parent, runs
+/// of ties inside the tensor): what `resolve` and `apply` rely on, checked before they run.
+pub fn check_fits(compact: &CompactStats, merge: &TensorMerge) -> Result<(), String> {
     let numel = merge.numel() as u64;
-    match (&merge.kernel, stats) {
+    match (&merge.kernel, &compact.stats) {
         (Kernel::Gta(g), Stats::Gta(parents)) => {
-            if parents.len() != g.parents.len() {
+            if parents.len() != g.parents.len() || compact.runs.len() != parents.len() {
                 return Err(format!("{} parents' statistics for {} parents", parents.len(), g.parents.len()));
+            }
+            if compact.runs.iter().any(|r| r.last().is_some_and(|&(_, last)| last as u64 >= numel)) {
+                return Err(format!("a run of ties past the tensor's {numel} elements"));
             }
             for p in parents {
                 // The mask kinds this merge's sparsifier makes (`TensorMerge::parent_stats`).
@@ -321,18 +341,19 @@ pub fn check_fits(stats: &Stats, merge: &TensorMerge) -> Result<(), String> {
                 if !fits {
                     return Err(format!("a parent's mask is not one {:?} makes", g.sparsify));
                 }
-                if let Keep::Top { ties, .. } | Keep::Band { ties, .. } = &p.keep {
-                    if ties.last().is_some_and(|&t| t as u64 >= numel) {
-                        return Err(format!("a tie index past the tensor's {numel} elements"));
-                    }
-                }
             }
             Ok(())
         }
         (Kernel::Slerp { .. }, Stats::Slerp { .. })
         | (Kernel::Nuslerp { .. }, Stats::Nuslerp { .. })
         | (Kernel::ModelStock, Stats::ModelStock { .. })
-        | (Kernel::Linear { .. } | Kernel::Passthrough { .. }, Stats::None) => Ok(()),
+        | (Kernel::Linear { .. } | Kernel::Passthrough { .. }, Stats::None) => {
+            if compact.runs.is_empty() {
+                Ok(())
+            } else {
+                Err("runs of ties for a method without cut-offs".into())
+            }
+        }
         (_, s) => Err(format!("statistics of another method ({})", stats_kind(s))),
     }
 }
@@ -352,43 +373,42 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn ties() -> impl Strategy<Value = Vec<u32>> {
-        prop::collection::btree_set(any::<u32>(), 0..40).prop_map(|s| s.into_iter().collect())
+    /// Increasing disjoint intervals.
+    fn runs() -> impl Strategy<Value = Vec<(u32, u32)>> {
+        prop::collection::btree_set(any::<u32>(), 0..40)
+            .prop_map(|s| s.into_iter().collect::<Vec<_>>().chunks_exact(2).map(|p| (p[0], p[1])).collect())
     }
 
-    fn keep() -> impl Strategy<Value = Keep> {
+    /// A mask with empty tie lists, and its runs (empty where it has no cut).
+    fn keep() -> impl Strategy<Value = (Keep, Vec<(u32, u32)>)> {
+        let f = || any::<u32>().prop_map(f32::from_bits);
         prop_oneof![
-            Just(Keep::All),
-            Just(Keep::Nothing),
-            (any::<u32>(), ties()).prop_map(|(m, ties)| Keep::Top { mag: f32::from_bits(m), ties }),
-            (any::<u32>(), any::<u32>(), ties()).prop_map(|(lo, hi, ties)| Keep::Band {
-                lo: f32::from_bits(lo),
-                hi: f32::from_bits(hi),
-                ties
+            Just((Keep::All, vec![])),
+            Just((Keep::Nothing, vec![])),
+            (f(), runs()).prop_map(|(mag, r)| (Keep::Top { mag, ties: vec![] }, r)),
+            (f(), f(), runs()).prop_map(|(lo, hi, r)| (Keep::Band { lo, hi, ties: vec![] }, r)),
+            f().prop_map(|p| (Keep::Random { p }, vec![])),
+            (any::<u64>(), any::<u64>()).prop_map(|(lo, eps)| {
+                (Keep::Della { lo: f64::from_bits(lo), eps: f64::from_bits(eps) }, vec![])
             }),
-            any::<u32>().prop_map(|p| Keep::Random { p: f32::from_bits(p) }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(lo, eps)| Keep::Della { lo: f64::from_bits(lo), eps: f64::from_bits(eps) }),
         ]
     }
 
-    fn stats() -> impl Strategy<Value = Stats> {
+    fn compact() -> impl Strategy<Value = CompactStats> {
         let f = || any::<u32>().prop_map(f32::from_bits);
+        let plain = |stats| CompactStats { stats, runs: vec![] };
         prop_oneof![
-            Just(Stats::None),
-            prop::collection::vec(
-                (keep(), prop::option::of(f())).prop_map(|(keep, factor)| ParentStats { keep, factor }),
-                0..4
-            )
-            .prop_map(Stats::Gta),
-            (f(), f()).prop_map(|(coef_a, coef_b)| Stats::Slerp { coef_a, coef_b }),
-            (f(), f(), f(), any::<bool>()).prop_map(|(s0, s1, sin_theta, colinear)| Stats::Nuslerp {
-                s0,
-                s1,
-                sin_theta,
-                colinear
+            Just(plain(Stats::None)),
+            prop::collection::vec((keep(), prop::option::of(f())), 0..4).prop_map(|ps| {
+                let runs = ps.iter().map(|((_, r), _)| r.clone()).collect();
+                let per = ps.into_iter().map(|((keep, _), factor)| ParentStats { keep, factor }).collect();
+                CompactStats { stats: Stats::Gta(per), runs }
             }),
-            f().prop_map(|t| Stats::ModelStock { t }),
+            (f(), f()).prop_map(move |(coef_a, coef_b)| plain(Stats::Slerp { coef_a, coef_b })),
+            (f(), f(), f(), any::<bool>()).prop_map(move |(s0, s1, sin_theta, colinear)| {
+                plain(Stats::Nuslerp { s0, s1, sin_theta, colinear })
+            }),
+            f().prop_map(move |t| plain(Stats::ModelStock { t })),
         ]
     }
 
@@ -401,11 +421,14 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
         #[test]
-        fn every_table_round_trips_bit_exactly(table in prop::collection::btree_map(".{0,12}", stats(), 0..6)) {
+        fn every_table_round_trips_bit_exactly(table in prop::collection::btree_map(".{0,12}", compact(), 0..6)) {
             let bytes = encode(&table);
             let back = decode(&bytes).unwrap();
             prop_assert_eq!(back.len(), table.len());
             prop_assert_eq!(bits(&back), bits(&table));
+            for (a, b) in back.values().zip(table.values()) {
+                prop_assert_eq!(&a.runs, &b.runs);
+            }
             // Every strict prefix is refused with an error, never a panic.
             for cut in 0..bytes.len() {
                 prop_assert!(decode(&bytes[..cut]).is_err());
@@ -434,17 +457,13 @@ mod tests {
         varint(&mut b, u64::MAX >> 1);
         let e = decode(&b).unwrap_err();
         assert!(e.what.contains("more than"), "{e}");
-        // A gap that takes an index past u32.
-        let t: StatsTable = [(
-            "w".to_string(),
-            Stats::Gta(vec![ParentStats {
-                keep: Keep::Top { mag: 1.0, ties: vec![u32::MAX] },
-                factor: None,
-            }]),
-        )]
-        .into();
+        // A run that ends past u32.
+        let top = Stats::Gta(vec![ParentStats { keep: Keep::Top { mag: 1.0, ties: vec![] }, factor: None }]);
+        let t: StatsTable =
+            [("w".to_string(), CompactStats { stats: top, runs: vec![vec![(u32::MAX - 1, u32::MAX)]] })]
+                .into();
         let mut b = encode(&t);
-        let last = b.len() - 2; // the gap's last byte, before the factor flag
+        let last = b.len() - 2; // the run length's byte, before the factor flag
         b[last] += 1;
         assert!(decode(&b).unwrap_err().what.contains("32 bits"));
         assert!(decode(b"LLMFSMSX\x01\x00").unwrap_err().what.contains("magic"));
@@ -473,15 +492,18 @@ mod tests {
             name_key: name_key("w"),
             threads: 1,
         };
-        let top = |ties: Vec<u32>| {
-            Stats::Gta(vec![ParentStats { keep: Keep::Top { mag: 0.5, ties }, factor: None }])
+        let one = |keep: Keep, runs: Vec<(u32, u32)>| CompactStats {
+            stats: Stats::Gta(vec![ParentStats { keep, factor: None }]),
+            runs: vec![runs],
         };
-        assert_eq!(check_fits(&top(vec![3, 15]), &m), Ok(()));
-        assert!(check_fits(&top(vec![16]), &m).unwrap_err().contains("past"));
-        assert!(check_fits(&Stats::Gta(vec![]), &m).unwrap_err().contains("0 parents"));
-        assert!(check_fits(&Stats::ModelStock { t: 0.5 }, &m).unwrap_err().contains("another method"));
-        let band = Keep::Band { lo: 0.0, hi: 1.0, ties: vec![] };
-        let e = check_fits(&Stats::Gta(vec![ParentStats { keep: band, factor: None }]), &m).unwrap_err();
+        let top = |runs| one(Keep::Top { mag: 0.5, ties: vec![] }, runs);
+        assert_eq!(check_fits(&top(vec![(3, 5), (9, 15)]), &m), Ok(()));
+        assert!(check_fits(&top(vec![(3, 16)]), &m).unwrap_err().contains("past"));
+        let plain = |stats| CompactStats { stats, runs: vec![] };
+        assert!(check_fits(&plain(Stats::Gta(vec![])), &m).unwrap_err().contains("0 parents"));
+        let e = check_fits(&plain(Stats::ModelStock { t: 0.5 }), &m).unwrap_err();
+        assert!(e.contains("another method"), "{e}");
+        let e = check_fits(&one(Keep::Band { lo: 0.0, hi: 1.0, ties: vec![] }, vec![]), &m).unwrap_err();
         assert!(e.contains("mask"), "{e}");
     }
 }

@@ -11,6 +11,7 @@ use crate::codec::delta as codec;
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
 use crate::compute::merge::LoraFactors;
+use crate::compute::mergekit::CompactStats;
 use crate::format::{Dtype, Header, StoredType};
 use crate::source::{ReadError, SourceFile};
 
@@ -451,7 +452,7 @@ pub struct MergedSource {
     pub out_dtype: Dtype,
     /// The entry's stored statistics and this tensor's name in them.
     stored: Option<(Arc<StoredStats>, String)>,
-    stats: std::sync::Mutex<Option<Arc<crate::merge::Stats>>>,
+    stats: std::sync::Mutex<Option<Arc<CompactStats>>>,
 }
 
 /// How many times this process computed a merged tensor's statistics on a read (not at
@@ -489,21 +490,23 @@ impl MergedSource {
             .collect()
     }
 
-    /// The whole-tensor statistics from the inputs' whole tensors: what `llmfs merge` stores,
-    /// and what a read of an entry without stored statistics computes (one function for both,
-    /// so the stored numbers are the ones a read would compute).
-    pub fn compute_stats(&self) -> Result<crate::merge::Stats, ReadError> {
+    /// The whole-tensor statistics from the inputs' whole tensors, in the compact form (kept
+    /// ties as index intervals, `compute::mergekit::tie_runs`): what `llmfs merge` stores, and
+    /// what a read of an entry without stored statistics computes (one function for both, so
+    /// the stored numbers are the ones a read would compute).
+    pub fn compute_stats(&self) -> Result<CompactStats, ReadError> {
         if !self.merge.needs_stats() {
-            return Ok(crate::merge::Stats::None);
+            return Ok(CompactStats { stats: crate::merge::Stats::None, runs: vec![] });
         }
         let whole = self.inputs_at(0..self.merge.numel())?;
         let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
-        self.merge.stats(&refs).map_err(|e| ReadError::Decode(format!("merge: {e}")))
+        let stats = self.merge.stats(&refs).map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
+        Ok(CompactStats::compact(&self.merge, &stats, &refs))
     }
 
-    fn stats(&self) -> Result<Arc<crate::merge::Stats>, ReadError> {
+    fn stats(&self) -> Result<Arc<CompactStats>, ReadError> {
         if !self.merge.needs_stats() {
-            return Ok(Arc::new(crate::merge::Stats::None));
+            return Ok(Arc::new(CompactStats { stats: crate::merge::Stats::None, runs: vec![] }));
         }
         let mut known = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = &*known {
@@ -552,8 +555,16 @@ impl MergedSource {
                 })?;
             }
             let refs: Vec<&[f32]> = inputs.chunks_exact(n.max(1)).collect();
+            // The kept ties of this range, from the stored intervals and the inputs' values.
+            let local;
+            let stats = if stats.runs.iter().all(Vec::is_empty) {
+                &stats.stats
+            } else {
+                local = stats.resolve(&self.merge, &refs, start);
+                &local
+            };
             self.merge
-                .apply(&stats, &refs, start, merged)
+                .apply(stats, &refs, start, merged)
                 .map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
             compute::mergekit::encode_into(
                 self.out_dtype,
@@ -576,7 +587,7 @@ pub struct StoredStats {
 }
 
 /// A parsed statistics file: each tensor's statistics, shared with the tensor's source.
-type StatsByTensor = BTreeMap<String, Arc<crate::merge::Stats>>;
+type StatsByTensor = BTreeMap<String, Arc<CompactStats>>;
 
 impl StoredStats {
     pub fn new(file: Arc<SourceFile>) -> Self {
@@ -584,11 +595,7 @@ impl StoredStats {
     }
 
     /// Tensor `name`'s statistics, checked to fit its merge.
-    pub fn get(
-        &self,
-        name: &str,
-        merge: &crate::merge::TensorMerge,
-    ) -> Result<Arc<crate::merge::Stats>, ReadError> {
+    pub fn get(&self, name: &str, merge: &crate::merge::TensorMerge) -> Result<Arc<CompactStats>, ReadError> {
         let table = self.table()?;
         let bad =
             |reason: String| ReadError::Decode(format!("{}: {name}: {reason}", self.file.path.display()));

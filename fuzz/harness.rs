@@ -16,6 +16,7 @@
 //! - `delta_container`: `[flags u8][numel u24][rows u16]` then a delta container file.
 //! - `peft_config`: `[format u8][config length u16][adapter_config.json][weights]`; empty weights
 //!   use a valid adapter (or FastChat delta) of the fixture's base.
+//! - `merge_stats`: a merge's stored statistics file (`merge::stats_file`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -430,5 +431,68 @@ pub fn peft_config(data: &[u8]) {
             })
             .expect("removing the import");
         let _ = std::fs::remove_dir_all(fx.store.entry_dir("imp"));
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// merge_stats
+// -------------------------------------------------------------------------------------------
+
+/// A merge's stored statistics file: `stats_file::decode` returns a table or an error naming
+/// where; an accepted table re-encodes to bytes that decode to the same table; and statistics
+/// that `check_fits` accepts for a small merge of each method are resolved for a range and
+/// applied by that merge without panicking (what the daemon does with a stored file's numbers).
+pub fn merge_stats(data: &[u8]) {
+    use llmfs::compute::mergekit::{name_key, Gta, GtaParent, Kernel, Sparsify, Stats, TensorMerge};
+    use llmfs::merge::stats_file;
+    let Ok(table) = stats_file::decode(data) else { return };
+    let again = stats_file::encode(&table);
+    let back = stats_file::decode(&again).expect("an encoded table decodes");
+    assert_eq!(stats_file::encode(&back), again, "the round trip changed the table");
+    const N: usize = 24;
+    let parents: Vec<Vec<f32>> =
+        (0..4).map(|k| (0..N).map(|i| ((i * 7 + k * 3) % 11) as f32 / 16.0 - 0.3).collect()).collect();
+    for compact in table.values() {
+        let n_parents = match &compact.stats {
+            Stats::Gta(p) => p.len().min(3),
+            _ => 1,
+        };
+        let gta = |sparsify| {
+            Kernel::Gta(Gta {
+                consensus: true,
+                sparsify,
+                parents: vec![GtaParent { weight: 0.5, density: 0.5, gamma: 0.1, epsilon: 0.1 }; n_parents],
+                normalize: true,
+                rescale: true,
+                lambda: 1.0,
+            })
+        };
+        let kernels = [
+            (gta(Some(Sparsify::Magnitude)), n_parents + 1),
+            (gta(Some(Sparsify::MagnitudeOutliers)), n_parents + 1),
+            (gta(Some(Sparsify::Random)), n_parents + 1),
+            (gta(Some(Sparsify::Della)), n_parents + 1),
+            (Kernel::Slerp { t: 0.3 }, 2),
+            (Kernel::Nuslerp { t: 0.4 }, 3),
+            (Kernel::ModelStock, 3),
+        ];
+        for (kernel, inputs) in kernels {
+            let m = TensorMerge {
+                kernel,
+                dtype: Dtype::BF16,
+                base: Some(0),
+                shape: vec![4, N / 4],
+                seed: 1,
+                name_key: name_key("w"),
+                threads: 1,
+            };
+            if stats_file::check_fits(compact, &m).is_err() {
+                continue;
+            }
+            let refs: Vec<&[f32]> = parents[..inputs].iter().map(Vec::as_slice).collect();
+            let stats = compact.resolve(&m, &refs, 0);
+            let mut out = vec![0f32; N];
+            let _ = m.apply_cpu(&stats, &refs, 0, &mut out);
+        }
     }
 }

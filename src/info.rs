@@ -132,8 +132,9 @@ pub fn info(registry: &Registry, name: &str, as_json: bool) -> Result<(), InfoEr
             let stored: u64 = files.iter().map(|f| f.fingerprint.size).sum();
             json!({"base": base, "codec": codec.name(), "stored_bytes": stored, "ratio": view.total_size() as f64 / stored.max(1) as f64})
         }
-        EntryKind::Merge { parents, config, source, seed } => {
-            json!({"parents": parents, "method": config.get("method"), "seed": seed, "config": source})
+        EntryKind::Merge { parents, config, source, seed, files } => {
+            let stats: u64 = files.iter().map(|f| f.fingerprint.size).sum();
+            json!({"parents": parents, "method": config.get("method"), "seed": seed, "config": source, "stats_bytes": stats})
         }
         EntryKind::Quantized { base, config, files, errors } => {
             let on_disk: u64 = files.iter().map(|f| f.fingerprint.size).sum();

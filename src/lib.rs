@@ -22,6 +22,7 @@ pub mod demo;
 pub mod export;
 pub mod format;
 pub mod info;
+pub mod make_merge;
 pub mod merge;
 pub mod quantize;
 pub mod registry;

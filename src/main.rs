@@ -424,8 +424,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let parents = cfg.referenced_models();
             let first = parents.first().cloned().context("merge: the config names no model")?;
-            let kind = EntryKind::Merge { parents, config: serde_json::to_value(&cfg)?, source, seed };
-            llmfs::variant::recipe::register(&store, &name, &first, kind)?;
+            let kind = EntryKind::Merge {
+                parents,
+                config: serde_json::to_value(&cfg)?,
+                source,
+                seed,
+                files: vec![],
+            };
+            // Tensors done of all that need whole-tensor statistics.
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("statistics {bar:40} {pos}/{len} tensors eta {eta}")
+                    .expect("a valid template"),
+            );
+            let made = llmfs::make_merge::make_merge(&store, &name, &first, kind, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            });
+            bar.finish_and_clear();
+            let made = made?;
+            if made.tensors > 0 {
+                eprintln!(
+                    "computed the whole-tensor statistics of {} tensors in {:.1} s, stored {}",
+                    made.tensors,
+                    made.seconds,
+                    llmfs::info::human(made.bytes)
+                );
+            }
             println!("added {name}: a {} merge of {}", cfg.method.name(), cfg.referenced_models().join(", "));
         }
         Command::Cast { name, base, dtype } => {

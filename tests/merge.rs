@@ -11,6 +11,8 @@
 //!   in the store under a mounted merge answers EIO with a log line.
 
 mod common;
+#[path = "merge/stats.rs"]
+mod stats;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -427,12 +429,17 @@ fn unknown_names_cycles_and_removing_a_parent_are_refused() {
 /// Flips the last byte of `name`'s stored `model.safetensors` (the same size, other bytes): the
 /// file under STORE/models/, or the object the registry names on S3.
 fn rewrite_stored(ts: &TestStore, name: &str) {
-    let mut bytes = ts.stored_file(name, "model.safetensors");
+    rewrite_stored_file(ts, name, "model.safetensors")
+}
+
+/// Flips the last byte of `name`'s stored `file` (see [`rewrite_stored`]).
+fn rewrite_stored_file(ts: &TestStore, name: &str, file: &str) {
+    let mut bytes = ts.stored_file(name, file);
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     match &ts.s3 {
         None => {
-            let stored = ts.store.join("models").join(name).join("model.safetensors");
+            let stored = ts.store.join("models").join(name).join(file);
             // A later modification time than the one recorded, whatever the clock's resolution.
             std::thread::sleep(Duration::from_millis(20));
             std::fs::write(&stored, &bytes).unwrap();
@@ -440,7 +447,7 @@ fn rewrite_stored(ts: &TestStore, name: &str) {
         Some(s3) => {
             let registry = ts.registry_json();
             let files = registry["entries"][name]["files"].as_array().unwrap();
-            let f = files.iter().find(|f| f["name"] == "model.safetensors").unwrap();
+            let f = files.iter().find(|f| f["name"] == file).unwrap();
             s3.objects().put(f["object"].as_str().unwrap(), bytes.into()).unwrap();
         }
     }

@@ -171,3 +171,32 @@ fn registry_file_names_cannot_leave_the_store() {
     let e = store.load().expect_err("an entry's file record reaches outside STORE/models/q/").to_string();
     assert!(e.contains("corrupt") && e.contains("\"q\"") && e.contains("outside.safetensors"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// merge_stats
+// ---------------------------------------------------------------------------------------------
+
+/// The `merge_stats` harness over its seeds (fuzz/corpus/merge_stats, written by hand in the
+/// file's layout, one with every method's statistics) and every truncation and many one-byte
+/// changes of them: a table or an error, never a panic, and what parses applies without one.
+#[test]
+fn merge_stats_seeds_and_their_mutations_never_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/merge_stats");
+    let mut seeds = 0;
+    for seed in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(seed.unwrap().path()).unwrap();
+        assert!(llmfs::merge::stats_file::decode(&bytes).is_ok(), "a seed does not parse");
+        for cut in 0..=bytes.len() {
+            replay(harness::merge_stats, &bytes[..cut]);
+        }
+        for i in 0..bytes.len() {
+            for flip in [0x01u8, 0x02, 0x10, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[i] ^= flip;
+                replay(harness::merge_stats, &b);
+            }
+        }
+        seeds += 1;
+    }
+    assert!(seeds >= 3, "{seeds} seeds");
+}

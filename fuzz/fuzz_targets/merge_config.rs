@@ -16,7 +16,7 @@ fn model() -> ModelTensors {
     for l in 0..2 {
         t.insert(format!("model.layers.{l}.mlp.up_proj.weight"), (Dtype::BF16, vec![2, 2]));
     }
-    ModelTensors { tensors: t, num_layers: 2 }
+    ModelTensors { tensors: t, num_layers: 2, architecture: None }
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -5,11 +5,14 @@
 //! `plan` turns a config and the parents' tensor lists into one [`TensorRecipe`] per output
 //! tensor — its inputs, and a `compute::mergekit::TensorMerge` holding only numbers. The kernels
 //! (`compute::mergekit`) split each method into whole-tensor statistics, computed once, and an
-//! elementwise `apply` over any element range, so a merged tensor is served chunk by chunk.
+//! elementwise `apply` over any element range, so a merged tensor is served chunk by chunk;
+//! `stats_file` is the stored form of those statistics (`llmfs merge` computes them once and
+//! stores them with the entry).
 
 pub mod config;
 pub mod params;
 pub mod plan;
+pub mod stats_file;
 
 pub use crate::compute::mergekit::{Kernel, Stats, TensorMerge};
 pub use config::{MergeConfig, Method};

@@ -102,8 +102,18 @@ pub enum EntryKind {
     /// Several entries merged by one of mergekit's methods (`llmfs merge`), computed on read.
     /// `config` is the parsed mergekit configuration (as `merge::MergeConfig` serializes it; the
     /// registry keeps it as plain JSON), `source` what the user gave (the YAML, or the short
-    /// form's arguments), `parents` every entry it names, base first.
-    Merge { parents: Vec<String>, config: serde_json::Value, source: String, seed: u64 },
+    /// form's arguments), `parents` every entry it names, base first. `files`: the whole-tensor
+    /// statistics `llmfs merge` computed, one file under `STORE/models/NAME/`
+    /// (`merge::stats_file`); empty for a merge that needs none, and for entries made before
+    /// merges stored them (their reads compute them).
+    Merge {
+        parents: Vec<String>,
+        config: serde_json::Value,
+        source: String,
+        seed: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<FileRecord>,
+    },
 }
 
 impl EntryKind {
@@ -123,8 +133,9 @@ impl EntryKind {
             EntryKind::Base { files, .. }
             | EntryKind::Quantized { files, .. }
             | EntryKind::Delta { files, .. }
-            | EntryKind::Imported { files, .. } => files,
-            EntryKind::Cast { .. } | EntryKind::Merge { .. } => &mut [],
+            | EntryKind::Imported { files, .. }
+            | EntryKind::Merge { files, .. } => files,
+            EntryKind::Cast { .. } => &mut [],
         }
     }
     /// The files the entry records (none for a cast).
@@ -133,8 +144,9 @@ impl EntryKind {
             EntryKind::Base { files, .. }
             | EntryKind::Quantized { files, .. }
             | EntryKind::Delta { files, .. }
-            | EntryKind::Imported { files, .. } => files,
-            EntryKind::Cast { .. } | EntryKind::Merge { .. } => &[],
+            | EntryKind::Imported { files, .. }
+            | EntryKind::Merge { files, .. } => files,
+            EntryKind::Cast { .. } => &[],
         }
     }
     /// The entry this one is derived from (a merge: its first parent, the base if it has one).

@@ -177,9 +177,9 @@ impl Store {
     }
 
     /// Register a new entry whose files (if any) are `staged`: one atomic registry update,
-    /// refused if the name was taken meanwhile; the staged files are put in place in that
-    /// update (see [`Staged::place`]) and their records name the objects uploaded for them.
-    /// Returns the entry as registered.
+    /// refused if the name was taken or a parent removed meanwhile; the staged files are put in
+    /// place in that update (see [`Staged::place`]) and their records name the objects uploaded
+    /// for them. Returns the entry as registered.
     pub fn insert_entry(&self, name: &str, entry: &Entry, staged: Option<Staged>) -> Result<Entry> {
         let mut entry = entry.clone();
         if let Some(staged) = &staged {
@@ -193,6 +193,11 @@ impl Store {
         let result = self.update(|registry| {
             if registry.entries.contains_key(name) {
                 return Err(Error::Exists(name.to_owned()));
+            }
+            // The entry was made from the catalogue as it was loaded; a parent removed since
+            // (another command, another node) refuses it rather than registering an orphan.
+            for parent in entry.kind.parents() {
+                registry.get(parent)?;
             }
             if let Some(staged) = staged.as_mut() {
                 staged.place()?;

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 pub use crate::source::{ReadError, SourceFile};
 pub use source::TensorSource;
+pub use view::whole_tensor_groups;
 pub use view::{
     check_sources, map_weights, tensor_stats, Content, EntryView, LogicalTensor, Segment, SynthFile,
     SynthTensor, VFile, ViewError, WeightFile,

@@ -2,6 +2,7 @@
 //! a dequantization, a delta applied to its base, a LoRA merge). The recipes' sources wrap their
 //! base's [`TensorSource`] and it names them, so they are defined together here.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use crate::codec::delta as codec;
 use crate::codec::quant_file::QuantSource;
 use crate::compute;
 use crate::compute::merge::LoraFactors;
+use crate::compute::mergekit::CompactStats;
 use crate::format::{Dtype, Header, StoredType};
 use crate::source::{ReadError, SourceFile};
 
@@ -97,7 +99,10 @@ impl TensorSource {
                 delta.files(out);
             }
             TensorSource::Lora { base, .. } => base.files(out),
-            TensorSource::Merged(m) => m.inputs.iter().for_each(|s| s.files(out)),
+            TensorSource::Merged(m) => {
+                m.inputs.iter().for_each(|s| s.files(out));
+                out.extend(m.stats_file().cloned());
+            }
             TensorSource::Ggml(g) => g.inner.iter().for_each(|s| s.files(out)),
         }
     }
@@ -479,19 +484,40 @@ impl LazyFactors {
 }
 
 /// A merged tensor: its inputs (in mergekit's order), the numbers of its merge, and its
-/// whole-tensor statistics (TIES's magnitude cut-offs, SLERP's angle …), computed at the first
-/// read that needs them and kept (a failed computation is not: the next read tries again).
+/// whole-tensor statistics (TIES's magnitude cut-offs, SLERP's angle …): read from the entry's
+/// stored statistics file where it has one (`llmfs merge` computed them), else computed at the
+/// first read that needs them (entries made before the file existed). Either way they are kept
+/// once known (a failed load or computation is not: the next read tries again).
 #[derive(Debug)]
 pub struct MergedSource {
     pub inputs: Vec<TensorSource>,
     pub merge: crate::merge::TensorMerge,
     pub out_dtype: Dtype,
-    stats: std::sync::Mutex<Option<Arc<crate::merge::Stats>>>,
+    /// The entry's stored statistics and this tensor's name in them.
+    stored: Option<(Arc<StoredStats>, String)>,
+    stats: std::sync::Mutex<Option<Arc<CompactStats>>>,
 }
 
+/// How many times this process computed a merged tensor's statistics on a read (not at
+/// `llmfs merge`): the daemon logs each, and tests count them.
+pub static STATS_COMPUTED_ON_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl MergedSource {
-    pub fn new(inputs: Vec<TensorSource>, merge: crate::merge::TensorMerge, out_dtype: Dtype) -> Self {
-        MergedSource { inputs, merge, out_dtype, stats: Default::default() }
+    /// `stored`: the entry's statistics file and this tensor's name in it (None: an entry made
+    /// before merges stored them; computed at first read).
+    pub fn new(
+        inputs: Vec<TensorSource>,
+        merge: crate::merge::TensorMerge,
+        out_dtype: Dtype,
+        stored: Option<(Arc<StoredStats>, String)>,
+    ) -> Self {
+        MergedSource { inputs, merge, out_dtype, stored, stats: Default::default() }
+    }
+
+    /// The stored statistics file this tensor reads, if any (checked when a file that contains
+    /// the tensor is opened, like its inputs' files).
+    pub fn stats_file(&self) -> Option<&Arc<SourceFile>> {
+        self.stored.as_ref().map(|(s, _)| &s.file)
     }
 
     /// Every input whole, as values of the merge's dtype (mergekit casts each input to it on
@@ -516,21 +542,45 @@ impl MergedSource {
             .collect()
     }
 
-    /// The whole-tensor quantities, computed at the first call. No lock is held while they are
-    /// computed: the computation runs on the rayon pool, whose threads, while they wait for a
-    /// part of it, run other queued work, which may be a read of this same tensor; waiting there
-    /// for the result would wait for itself. Two first calls at once (two readers of a tensor
-    /// through the daemon) may each compute it; a fill computes each once ([`TensorSource::prepare`]).
-    fn stats(&self) -> Result<Arc<crate::merge::Stats>, ReadError> {
+    /// The whole-tensor statistics from the inputs' whole tensors, in the compact form (kept
+    /// ties as index intervals, `compute::mergekit::tie_runs`): what `llmfs merge` stores, and
+    /// what a read of an entry without stored statistics computes (one function for both, so
+    /// the stored numbers are the ones a read would compute).
+    pub fn compute_stats(&self) -> Result<CompactStats, ReadError> {
         if !self.merge.needs_stats() {
-            return Ok(Arc::new(crate::merge::Stats::None));
+            return Ok(CompactStats { stats: crate::merge::Stats::None, runs: vec![] });
+        }
+        let whole = self.whole_inputs()?;
+        let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
+        let stats = self.merge.stats(&refs).map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
+        Ok(CompactStats::compact(&self.merge, &stats, &refs))
+    }
+
+    /// The whole-tensor statistics: stored, or computed at the first call. No lock is held
+    /// while they are loaded or computed: the computation runs on the rayon pool, whose threads,
+    /// while they wait for a part of it, run other queued work, which may be a read of this same
+    /// tensor; waiting there for the result would wait for itself. Two first calls at once (two
+    /// readers of a tensor through the daemon) may each compute it; a fill computes each once
+    /// ([`TensorSource::prepare`]).
+    fn stats(&self) -> Result<Arc<CompactStats>, ReadError> {
+        if !self.merge.needs_stats() {
+            return Ok(Arc::new(CompactStats { stats: crate::merge::Stats::None, runs: vec![] }));
         }
         if let Some(s) = &*self.stats.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(s.clone());
         }
-        let whole = self.whole_inputs()?;
-        let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
-        let stats = Arc::new(self.merge.stats(&refs).map_err(|e| ReadError::Decode(format!("merge: {e}")))?);
+        let stats = match &self.stored {
+            Some((file, name)) => file.get(name, &self.merge)?,
+            None => {
+                STATS_COMPUTED_ON_READ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    "merge: computing the whole-tensor statistics of a {} tensor on read \
+                     (its entry stores none: merged before llmfs stored them)",
+                    self.merge.shape.iter().map(usize::to_string).collect::<Vec<_>>().join("x")
+                );
+                Arc::new(self.compute_stats()?)
+            }
+        };
         Ok(self.stats.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(stats).clone())
     }
 
@@ -561,8 +611,16 @@ impl MergedSource {
                 })?;
             }
             let refs: Vec<&[f32]> = inputs.chunks_exact(n.max(1)).collect();
+            // The kept ties of this range, from the stored intervals and the inputs' values.
+            let local;
+            let stats = if stats.runs.iter().all(Vec::is_empty) {
+                &stats.stats
+            } else {
+                local = stats.resolve(&self.merge, &refs, start);
+                &local
+            };
             self.merge
-                .apply(&stats, &refs, start, merged)
+                .apply(stats, &refs, start, merged)
                 .map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
             compute::mergekit::encode_into(
                 self.out_dtype,
@@ -571,5 +629,49 @@ impl MergedSource {
             );
             Ok(())
         })
+    }
+}
+
+/// A merge entry's stored statistics file (`merge::stats_file`), parsed at the first read that
+/// needs it and kept (the file is small: one parse serves every tensor of the entry). A file
+/// that cannot be read or parsed fails that read with EIO and a log line, and the next read
+/// tries again.
+#[derive(Debug)]
+pub struct StoredStats {
+    pub file: Arc<SourceFile>,
+    parsed: std::sync::Mutex<Option<Arc<StatsByTensor>>>,
+}
+
+/// A parsed statistics file: each tensor's statistics, shared with the tensor's source.
+type StatsByTensor = BTreeMap<String, Arc<CompactStats>>;
+
+impl StoredStats {
+    pub fn new(file: Arc<SourceFile>) -> Self {
+        StoredStats { file, parsed: Default::default() }
+    }
+
+    /// Tensor `name`'s statistics, checked to fit its merge.
+    pub fn get(&self, name: &str, merge: &crate::merge::TensorMerge) -> Result<Arc<CompactStats>, ReadError> {
+        let table = self.table()?;
+        let bad =
+            |reason: String| ReadError::Decode(format!("{}: {name}: {reason}", self.file.path.display()));
+        let stats = table.get(name).ok_or_else(|| bad("no statistics stored for this tensor".into()))?;
+        crate::merge::stats_file::check_fits(stats, merge).map_err(bad)?;
+        Ok(stats.clone())
+    }
+
+    fn table(&self) -> Result<Arc<StatsByTensor>, ReadError> {
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = &*parsed {
+            return Ok(t.clone());
+        }
+        // The fingerprint check: a file changed since the merge fails here, as any stored file.
+        self.file.check()?;
+        let bytes = self.file.read_all()?;
+        let table = crate::merge::stats_file::decode(&bytes)
+            .map_err(|e| ReadError::Decode(format!("{}: {e}", self.file.path.display())))?;
+        let table: Arc<StatsByTensor> = Arc::new(table.into_iter().map(|(k, v)| (k, Arc::new(v))).collect());
+        *parsed = Some(table.clone());
+        Ok(table)
     }
 }

@@ -53,6 +53,28 @@ pub struct SynthFile {
 /// [`SynthFile::prepare`]): about 10 GB of working memory for a merge.
 const PREPARE_ELEMS: u64 = 1 << 28;
 
+/// `items` (each with its tensor's element count) in the groups whose whole-tensor quantities
+/// are computed at once, one group after another (see [`SynthFile::prepare`]; `llmfs merge`
+/// too): largest first, at most [`PREPARE_ELEMS`] elements and a third as many tensors as the
+/// pool has threads per group.
+pub fn whole_tensor_groups<T>(mut items: Vec<(u64, T)>) -> Vec<Vec<T>> {
+    let per_group = (rayon::current_num_threads() / 3).max(1);
+    items.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    let mut groups: Vec<Vec<T>> = vec![];
+    let mut elems = 0;
+    for (n, item) in items {
+        match groups.last_mut() {
+            Some(g) if g.len() < per_group && elems + n <= PREPARE_ELEMS => g.push(item),
+            _ => {
+                groups.push(vec![item]);
+                elems = 0;
+            }
+        }
+        elems += n;
+    }
+    groups
+}
+
 /// A byte range of a synthesized file and what fills it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Segment {
@@ -88,26 +110,13 @@ impl SynthFile {
     /// model: in file order, 45 % of the cores were idle).
     pub fn prepare(&self) -> Result<(), ReadError> {
         use rayon::prelude::*;
-        let per_group = (rayon::current_num_threads() / 3).max(1);
-        let mut todo: Vec<(u64, &TensorSource)> = self
+        let todo: Vec<(u64, &TensorSource)> = self
             .tensors
             .iter()
             .filter(|t| t.source.needs_prepare())
             .map(|t| ((t.end - t.start) / t.source.stored_type().block_bytes() as u64, &t.source))
             .collect();
-        todo.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-        let mut groups: Vec<Vec<&TensorSource>> = vec![vec![]];
-        let mut elems = 0;
-        for (n, source) in todo {
-            let group = groups.last_mut().expect("never empty");
-            if !group.is_empty() && (group.len() == per_group || elems + n > PREPARE_ELEMS) {
-                groups.push(vec![]);
-                elems = 0;
-            }
-            groups.last_mut().expect("never empty").push(source);
-            elems += n;
-        }
-        groups.into_iter().try_for_each(|g| g.par_iter().try_for_each(|s| s.prepare()))
+        whole_tensor_groups(todo).into_iter().try_for_each(|g| g.par_iter().try_for_each(|s| s.prepare()))
     }
 
     /// The file's bytes in order: header, tensors, and the padding between them.
@@ -326,5 +335,29 @@ pub fn check_sources(file: &VFile) -> Result<(), ReadError> {
             use rayon::prelude::*;
             sources.par_iter().try_for_each(|s| s.check().map(|_| ()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_tensor_groups_go_largest_first_within_their_bounds() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(6).build().unwrap();
+        let sizes = [5u64, PREPARE_ELEMS, 7, 1 << 27, 3, (1 << 27) + 1, 9];
+        let groups = pool.install(|| whole_tensor_groups(sizes.iter().map(|&n| (n, n)).collect()));
+        // Every item once, in descending order across the groups.
+        let flat: Vec<u64> = groups.iter().flatten().copied().collect();
+        let mut want = sizes.to_vec();
+        want.sort_by_key(|&n| std::cmp::Reverse(n));
+        assert_eq!(flat, want);
+        for g in &groups {
+            assert!(!g.is_empty() && g.len() <= 2, "6 threads: at most 2 per group, {groups:?}");
+            assert!(g.len() == 1 || g.iter().sum::<u64>() <= PREPARE_ELEMS, "{groups:?}");
+        }
+        // The largest fills a group alone; the two halves cannot share one (2^28 + 1 elements).
+        assert_eq!(groups[0], vec![PREPARE_ELEMS]);
+        assert_eq!(groups[1], vec![(1 << 27) + 1]);
     }
 }

@@ -39,7 +39,8 @@
 //! sort replayed, for cut-offs), `linear` (linear, passthrough), `sparsify` (TIES / DARE /
 //! breadcrumbs / DELLA masks and rescale), `task_arithmetic` (the generalized task arithmetic
 //! mix: sign consensus, disjoint mean), `slerp` (slerp, nuslerp), `model_stock`, `values`
-//! (decode and cast on load, encode on write). This file holds the types and the dispatch.
+//! (decode and cast on load, encode on write), `tie_runs` (the compact form stored with a merge:
+//! kept ties as index intervals). This file holds the types and the dispatch.
 //!
 //! The GPU (`--features gpu`) computes the apply of linear and task arithmetic without DELLA
 //! (`compute::gpu::mergekit`, `shaders/mergekit_apply.wgsl`) from the statistics computed here,
@@ -57,12 +58,14 @@ mod slerp;
 mod sort;
 mod sparsify;
 mod task_arithmetic;
+mod tie_runs;
 mod torch;
 mod values;
 
 pub use sort::{torch_select, torch_sort};
 pub use sparsify::{name_key, stream_key, uniform, work_dtype};
 pub use task_arithmetic::plain_divisor;
+pub use tie_runs::{CompactStats, TieRuns};
 pub use torch::{round, scalar, torch_sum};
 pub use values::{encode, encode_into, load_as, load_into};
 

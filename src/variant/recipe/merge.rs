@@ -1,6 +1,8 @@
 //! A merge: several parents' tensors combined by one of mergekit's methods, computed on read.
 //!
-//! The entry keeps only its configuration (mergekit's schema, models named by entry) and seed.
+//! The entry keeps its configuration (mergekit's schema, models named by entry), its seed and
+//! the whole-tensor statistics `llmfs merge` computed (`merge::stats_file`), so reads never
+//! compute them (an entry made before they were stored computes them at first read).
 //! Its view is planned from its parents' views as mergekit's planner does (`merge::plan`: which
 //! input tensors make each output tensor, renumbered layers for a passthrough stack, the
 //! numbers of each tensor's merge); each output tensor is a [`MergedSource`] over its inputs'
@@ -17,8 +19,10 @@ use serde_json::Value;
 
 use crate::format::Dtype;
 use crate::merge::config::TokenizerSource;
-use crate::merge::{self, MergeConfig, ModelTensors};
-use crate::variant::source::{MergedSource, TensorSource};
+use crate::merge::{self, stats_file, MergeConfig, ModelTensors};
+use crate::registry::{FileRecord, Registry};
+use crate::source::SourceFile;
+use crate::variant::source::{MergedSource, StoredStats, TensorSource};
 use crate::variant::view::{read_whole, with_weights, EntryView, LogicalTensor, ViewError, WeightFile};
 
 /// The files a tokenizer is made of (`tokenizer_source` takes them from one parent).
@@ -108,9 +112,12 @@ fn check_vocabularies(source: &str, views: &BTreeMap<&str, &Arc<EntryView>>) -> 
 }
 
 /// Entry `name`'s view: `config` (a serialized [`MergeConfig`]) over `parents` (the views of
-/// `parent_names`, in the registry's order).
+/// `parent_names`, in the registry's order). `files`: the entry's stored files, its statistics
+/// file among them when `llmfs merge` stored one (entries made before: none, computed on read).
 pub(super) fn view(
+    registry: &Registry,
     name: &str,
+    files: &[FileRecord],
     config: &Value,
     seed: u64,
     parent_names: &[String],
@@ -143,6 +150,12 @@ pub(super) fn view(
         .get(plan.config_source.as_str())
         .ok_or_else(|| invalid(format!("no parent {}", plan.config_source)))?;
 
+    // The stored statistics, shared by every tensor (parsed at the first read that needs them).
+    let stored = files.iter().find(|f| f.name == stats_file::FILE_NAME).map(|record| {
+        let file = SourceFile::of_record(&registry.entry_dir(name), record, registry.objects.as_ref());
+        Arc::new(StoredStats::new(Arc::new(file)))
+    });
+
     // Each merged tensor over its inputs' sources.
     let mut merged: BTreeMap<&str, LogicalTensor> = BTreeMap::new();
     for recipe in &plan.tensors {
@@ -161,7 +174,11 @@ pub(super) fn view(
             }
             inputs.push(t.source.clone());
         }
-        let source = MergedSource::new(inputs, recipe.merge.clone(), recipe.out_dtype);
+        // Only tensors whose merge needs statistics read the file (a passthrough of a merge
+        // with a TIES part, say, never opens it).
+        let stats =
+            stored.as_ref().filter(|_| recipe.merge.needs_stats()).map(|s| (s.clone(), recipe.name.clone()));
+        let source = MergedSource::new(inputs, recipe.merge.clone(), recipe.out_dtype, stats);
         merged.insert(
             &recipe.name,
             LogicalTensor {

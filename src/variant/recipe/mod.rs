@@ -36,8 +36,10 @@ pub(super) fn view(
         (EntryKind::Imported { format, files, .. }, [base]) => {
             delta::imported_view(registry, name, files, *format, base)
         }
-        (EntryKind::Merge { parents: names, config, seed, .. }, parents) if parents.len() == names.len() => {
-            merge::view(name, config, *seed, names, parents)
+        (EntryKind::Merge { parents: names, config, seed, files, .. }, parents)
+            if parents.len() == names.len() =>
+        {
+            merge::view(registry, name, files, config, *seed, names, parents)
         }
         (kind, _) => Err(ViewError::Invalid {
             entry: name.to_owned(),
@@ -120,27 +122,33 @@ fn edit_config(view: &mut EntryView, change: impl FnOnce(&mut serde_json::Map<St
 pub fn register(store: &Store, name: &str, base: &str, kind: EntryKind) -> Result<Entry, registry::Error> {
     registry::validate_name(name)?;
     let entry = store.update(|r| {
-        if r.entries.contains_key(name) {
-            return Err(registry::Error::Exists(name.to_owned()));
-        }
-        let b = r.get(base)?.clone();
-        let entry = Entry {
-            kind: kind.clone(),
-            info: registry::ModelInfo {
-                simple_name: name.to_owned(),
-                link: b.info.link.clone(),
-                description: format!("{} of {base}", "variant"),
-            },
-            family: b.family,
-            template: b.template,
-            chat_template: b.chat_template,
-            created: registry::now_secs(),
-            generation: registry::new_generation(),
-        };
+        let entry = new_entry(r, name, base, kind.clone())?;
         r.entries.insert(name.to_owned(), entry.clone());
         // Refuse what cannot be served before anyone mounts it.
         super::build_view(r, name).map_err(|e| registry::Error::Invalid(e.to_string()))?;
         Ok(entry)
     })?;
     Ok(entry)
+}
+
+/// Entry `name` made by recipe `kind` from `base` in `r` (not inserted): it inherits the base's
+/// family, templates and ModelInfo link. Refused if the name is taken or `base` is unknown.
+pub fn new_entry(r: &Registry, name: &str, base: &str, kind: EntryKind) -> Result<Entry, registry::Error> {
+    if r.entries.contains_key(name) {
+        return Err(registry::Error::Exists(name.to_owned()));
+    }
+    let b = r.get(base)?.clone();
+    Ok(Entry {
+        kind,
+        info: registry::ModelInfo {
+            simple_name: name.to_owned(),
+            link: b.info.link.clone(),
+            description: format!("{} of {base}", "variant"),
+        },
+        family: b.family,
+        template: b.template,
+        chat_template: b.chat_template,
+        created: registry::now_secs(),
+        generation: registry::new_generation(),
+    })
 }

@@ -13,7 +13,7 @@
 #   b16.txt        bench_load.py WORK $SIZE (6000 MiB) $R16 on all cores: the >= 6 GB table
 #   timeline.txt   fill_timeline.py: one first load per kind, when each file was decoded
 #   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
-# SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
+# FILL_BENCH=0 skips fill.txt. SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
 # from_pretrained), W (the work dir) and BIN (where the binaries are unpacked) override.
 # A/B of the daemon's environment switches in the same call: CONFIGS="NAME:VAR=VAL,VAR=VAL ..."
 # (bench_load.py's BENCH_CONFIGS) runs every row of b16.txt/b2.txt once per configuration,
@@ -63,7 +63,7 @@ P
     SIZE=${SIZE:-6000} R16=${R16:-2} KINDS=${KINDS:-base,f16,q8,d-lossless,d-bitdelta}
     LOADERS=${LOADERS:-load_file,safe_open}
     t0=$(date +%s)
-    {
+    [ "${FILL_BENCH:-1}" = 1 ] && {
         for dir in /var/tmp /dev/shm; do
             for t in 1 16; do for m in pwrite mmap keep; do $B/fill_bench $dir 1024 $t $m; done; done
             for r in 1 2; do for m in mmap keep; do $B/fill_bench $dir 1024 16 $m; done; done

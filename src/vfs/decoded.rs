@@ -288,18 +288,28 @@ fn ahead_pool() -> Option<&'static rayon::ThreadPool> {
 /// (that takes `CAP_SYS_NICE`), so it is the pool threads', set once as each starts. Linux's
 /// nice is per thread; with autogroup scheduling it orders the daemon's threads among
 /// themselves, not against the loader's session.
+///
+/// Only with few cores by default (fewer than [`AHEAD_NICE_MAX_THREADS`] pool threads): on the
+/// lent 16-core host (6000 MiB model, `fill_timeline.py`, one call, dd26d1f) niced fills ahead
+/// made first loads slower, not faster: the lossless delta's shard 2 finished at 1.42 s instead
+/// of 0.84 (loader done at 1.55 s against 1.05), the f16 cast's at 0.72 s instead of 0.61
+/// (`load_file` median 8.6 GB/s against 9.0); there the cores are not what the shards wait for.
 fn ahead_nice() -> i32 {
+    let default = if rayon::current_num_threads() < AHEAD_NICE_MAX_THREADS { AHEAD_NICE } else { 0 };
     match std::env::var("LLMFS_AHEAD_NICE") {
-        Err(_) => AHEAD_NICE,
+        Err(_) => default,
         Ok(v) => v.parse::<i32>().map(|n| n.clamp(0, 19)).unwrap_or_else(|_| {
-            tracing::warn!("LLMFS_AHEAD_NICE={v:?} is not a number of 0 to 19: {AHEAD_NICE}");
-            AHEAD_NICE
+            tracing::warn!("LLMFS_AHEAD_NICE={v:?} is not a number of 0 to 19: {default}");
+            default
         }),
     }
 }
 
-/// [`ahead_nice`]'s default.
+/// [`ahead_nice`]'s default with fewer than [`AHEAD_NICE_MAX_THREADS`] pool threads.
 const AHEAD_NICE: i32 = 10;
+
+/// Pool threads from which fills ahead run at the opened file's priority (see [`ahead_nice`]).
+const AHEAD_NICE_MAX_THREADS: usize = 8;
 
 /// Lower this thread's priority: raise its nice value by `by` (at most to 19); a failure is
 /// logged and changes nothing.

@@ -1203,9 +1203,12 @@ fn mapped_fills_keep_the_daemon_small() {
             peak / MIB,
             over / MIB
         );
+        // On an object store the daemon also holds the GETs in flight that fetch the cast's
+        // base into the disk cache: 8 parts of 8 MiB (`store::ReadOptions`' default).
+        let fetching = if common::s3_mode() { 64 * MIB } else { 0 };
         if bounded {
             assert!(
-                over <= CACHE_SIZE + 64 * MIB,
+                over <= CACHE_SIZE + 64 * MIB + fetching,
                 "{what}: the daemon's peak RSS grew by {} MiB reading a {} MiB file",
                 over / MIB,
                 size / MIB

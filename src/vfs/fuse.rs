@@ -222,8 +222,11 @@ impl Filesystem for FuseFs {
             {
                 match self.backing_id(ino.0, &source, &reply) {
                     Ok(id) => {
+                        // Noted before the reply: from the reply on, the reader may close the
+                        // file and its RELEASE be served by another thread (a RELEASE that
+                        // found nothing to drop would leave this version held for good).
+                        lock(&self.passthrough.by_handle).insert(opened.fh, id.clone());
                         reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
-                        lock(&self.passthrough.by_handle).insert(opened.fh, id);
                         return;
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {

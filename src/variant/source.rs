@@ -528,7 +528,7 @@ impl MergedSource {
         self.inputs
             .par_iter()
             .map(|s| {
-                let mut values = vec![0f32; numel];
+                let mut values: Vec<f32> = compute::mergekit::zeroed_tensor(numel);
                 values.par_chunks_mut(PIECE).enumerate().try_for_each(|(i, dst)| {
                     let start = i * PIECE;
                     with_scratch(dst.len() * s.dtype().size(), |raw| {

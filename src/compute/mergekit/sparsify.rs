@@ -47,6 +47,34 @@ pub fn work_dtype(d: Dtype) -> Dtype {
     }
 }
 
+/// `out[i] = (|round(parent[i] - base[i])|, at + i)`, in 256-bit vectors where the CPU has
+/// AVX2 (the build's baseline is SSE2): the same bits.
+fn magnitudes_into(d: Dtype, parent: &[f32], base: &[f32], at: u32, out: &mut [(f32, u32)]) {
+    #[inline(always)]
+    fn each(round: impl Fn(f32) -> f32, parent: &[f32], base: &[f32], at: u32, out: &mut [(f32, u32)]) {
+        for (i, ((o, &x), &y)) in out.iter_mut().zip(parent).zip(base).enumerate() {
+            *o = (round(x - y).abs(), at + i as u32);
+        }
+    }
+    #[inline(always)]
+    fn by_dtype(d: Dtype, parent: &[f32], base: &[f32], at: u32, out: &mut [(f32, u32)]) {
+        match d {
+            Dtype::BF16 => each(super::torch::round_bf16, parent, base, at, out),
+            _ => each(|x| round(d, x), parent, base, at, out),
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2(d: Dtype, parent: &[f32], base: &[f32], at: u32, out: &mut [(f32, u32)]) {
+            by_dtype(d, parent, base, at, out)
+        }
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { avx2(d, parent, base, at, out) };
+    }
+    by_dtype(d, parent, base, at, out)
+}
+
 impl TensorMerge {
     pub(super) fn parent_stats(
         &self,
@@ -151,12 +179,10 @@ impl TensorMerge {
         /// Elements per task: enough to make a task's overhead noise.
         const PIECE: usize = 1 << 16;
         let d = self.dtype;
-        let mut v = vec![(0f32, 0u32); parent.len()];
+        let mut v: Vec<(f32, u32)> = super::values::zeroed_tensor(parent.len());
         v.par_chunks_mut(PIECE).enumerate().for_each(|(c, out)| {
             let at = c * PIECE;
-            for (i, ((o, &x), &y)) in out.iter_mut().zip(&parent[at..]).zip(&base[at..]).enumerate() {
-                *o = (round(d, x - y).abs(), (at + i) as u32);
-            }
+            magnitudes_into(d, &parent[at..], &base[at..], at as u32, out);
         });
         v
     }

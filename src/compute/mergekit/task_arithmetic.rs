@@ -50,9 +50,9 @@ impl TensorMerge {
         let mix = Mix { merge: self, g, per: &per, inputs: &inputs, base: parents[b], start };
         // One instance of the loops per compute dtype, so the rounding inlines into them.
         match self.dtype {
-            Dtype::BF16 => mix.run(round_bf16, out),
-            Dtype::F16 => mix.run(|x| f16::from_f32(x).to_f32(), out),
-            _ => mix.run(|x| x, out),
+            Dtype::BF16 => mix.run_best(round_bf16, out),
+            Dtype::F16 => mix.run_best(|x| f16::from_f32(x).to_f32(), out),
+            _ => mix.run_best(|x| x, out),
         }
         Ok(())
     }
@@ -87,7 +87,24 @@ struct Mix<'a> {
 }
 
 impl Mix<'_> {
+    /// [`Mix::run`] in 256-bit vectors where the CPU has AVX2 (the build's baseline is SSE2's
+    /// 128): the same operations, each rounded as before, so the same bits; about twice the
+    /// elements per instruction in the loops that are most of a TIES read's time.
+    fn run_best<R: Fn(f32) -> f32 + Copy>(&self, r: R, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            fn avx2<R: Fn(f32) -> f32 + Copy>(mix: &Mix, r: R, out: &mut [f32]) {
+                mix.run(r, out)
+            }
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { avx2(self, r, out) };
+        }
+        self.run(r, out)
+    }
+
     /// `r` is `round(dtype, ·)` for the compute dtype.
+    #[inline(always)]
     fn run<R: Fn(f32) -> f32 + Copy>(&self, r: R, out: &mut [f32]) {
         let d = self.merge.dtype;
         let g = self.g;
@@ -194,6 +211,7 @@ impl Mix<'_> {
     /// Parent `k`'s delta over block elements `s..` of the range, sparsified into `x` as
     /// `sparsify.py` does (kept or `x * 0`), rescaled, back in the compute dtype. `next_tie`
     /// walks the parent's sorted tie list along the blocks.
+    #[inline(always)]
     fn sparsify<R: Fn(f32) -> f32 + Copy>(
         &self,
         k: usize,

@@ -16,7 +16,22 @@ pub fn load_as(from: Dtype, to: Dtype, src: &[u8]) -> Vec<f32> {
 }
 
 /// [`load_as`] into `dst` (`src.len() / from.size()` values; a non-float `from` writes nothing).
+/// In 256-bit vectors where the CPU has AVX2 (the build's baseline is SSE2): the same bits.
 pub fn load_into(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
+            load_into_baseline(from, to, src, dst)
+        }
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { avx2(from, to, src, dst) };
+    }
+    load_into_baseline(from, to, src, dst)
+}
+
+#[inline(always)]
+fn load_into_baseline(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
     match from {
         Dtype::F32 => {
             for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
@@ -51,6 +66,27 @@ pub fn load_into(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// `n` zeroed values for a whole tensor's scratch (its values, its magnitudes), the pages
+/// advised huge. Why: a TIES merge fills several such buffers per tensor, each fresh from the
+/// allocator (calloc'd whole-tensor buffers are mapped, untouched, and unmapped when freed), and
+/// faulting them in 4 KiB at a time was about a sixth of `llmfs merge`'s CPU on 2 cores; a fault
+/// per 2 MiB leaves mostly the zeroing. Advice only: where the kernel has no huge pages to
+/// give, the buffer is an ordinary one.
+pub fn zeroed_tensor<T: bytemuck::Zeroable>(n: usize) -> Vec<T> {
+    let mut v: Vec<T> = bytemuck::allocation::zeroed_vec(n);
+    const HUGE: usize = 2 << 20;
+    let bytes = n * std::mem::size_of::<T>();
+    if bytes >= 2 * HUGE {
+        let (addr, page) = (v.as_mut_ptr() as usize, 4096);
+        let start = addr.next_multiple_of(page);
+        let end = (addr + bytes) / page * page;
+        // SAFETY: advice on pages of this live allocation only (start..end lies inside it);
+        // MADV_HUGEPAGE changes no contents, and a refusal changes nothing.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    v
+}
+
 /// Encode f32 values as little-endian `to` (round to nearest even).
 pub fn encode(to: Dtype, v: &[f32]) -> Vec<u8> {
     let size = if matches!(to, Dtype::BF16 | Dtype::F16) { 2 } else { 4 };
@@ -59,8 +95,23 @@ pub fn encode(to: Dtype, v: &[f32]) -> Vec<u8> {
     out
 }
 
-/// [`encode`] into `out` (`v.len()` values of `to`: 2 bytes for bf16/f16, else 4).
+/// [`encode`] into `out` (`v.len()` values of `to`: 2 bytes for bf16/f16, else 4). In 256-bit
+/// vectors where the CPU has AVX2, as [`load_into`].
 pub fn encode_into(to: Dtype, v: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2(to: Dtype, v: &[f32], out: &mut [u8]) {
+            encode_into_baseline(to, v, out)
+        }
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { avx2(to, v, out) };
+    }
+    encode_into_baseline(to, v, out)
+}
+
+#[inline(always)]
+fn encode_into_baseline(to: Dtype, v: &[f32], out: &mut [u8]) {
     match to {
         Dtype::BF16 => {
             // `bf16::from_f32`'s bits: `round_bf16` is its rounding (tested bit for bit), inlined.

@@ -2,8 +2,17 @@
 //! order), optionally divided by the weights' sum, rounded once; and passthrough (one input,
 //! optionally scaled). Neither needs whole-tensor statistics.
 
-use super::torch::fma_accumulate;
+use super::torch::{fma_accumulate, round_bf16};
 use super::{round, TensorMerge};
+use crate::format::Dtype;
+
+/// The sum divided by the weights' sum where asked, rounded to the compute dtype (`r`).
+#[inline(always)]
+fn finish(out: &mut [f32], normalize: bool, den: f32, r: impl Fn(f32) -> f32) {
+    for o in out.iter_mut() {
+        *o = r(if normalize { *o / den } else { *o });
+    }
+}
 
 impl TensorMerge {
     /// linear.py l.27-38: f32 (addcmul_ per input, in input order), f32 divide, round.
@@ -22,9 +31,10 @@ impl TensorMerge {
             for (p, &wj) in parents.iter().zip(&w) {
                 fma_accumulate(out, &p[at..at + out.len()], wj);
             }
-            for o in out.iter_mut() {
-                let r = if normalize { *o / den } else { *o };
-                *o = round(d, r);
+            match d {
+                // The rounding chosen outside the loop, so it inlines and the loop vectorizes.
+                Dtype::BF16 => finish(out, normalize, den, round_bf16),
+                _ => finish(out, normalize, den, |x| round(d, x)),
             }
         }
     }
@@ -48,7 +58,7 @@ impl TensorMerge {
 mod tests {
     use super::super::tests::{merge, parents};
     use super::super::{round, Kernel};
-    use crate::format::Dtype;
+    use super::*;
     use proptest::prelude::*;
 
     proptest! {

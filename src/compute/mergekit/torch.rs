@@ -35,6 +35,18 @@ pub(super) fn round_bf16(x: f32) -> f32 {
 /// the target feature, several times slower), else `mul_add`. The same bits either way.
 pub(super) fn fma_accumulate(out: &mut [f32], p: &[f32], w: f32) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
+        // 256-bit vectors too (FMA alone compiles to 128-bit ones).
+        #[target_feature(enable = "avx2,fma")]
+        fn fused(out: &mut [f32], p: &[f32], w: f32) {
+            for (o, &x) in out.iter_mut().zip(p) {
+                *o = x.mul_add(w, *o);
+            }
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { fused(out, p, w) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         #[target_feature(enable = "fma")]
         fn fused(out: &mut [f32], p: &[f32], w: f32) {

@@ -635,12 +635,25 @@ fn mount_command(store: Store, args: MountArgs) -> Result<()> {
         warm: args.warm.clone(),
     };
     init_logging();
-    let line = llmfs::compute::backend::select(
-        &args.backend,
-        llmfs::codec::quant::dequantize_range_bytes::<half::f16>,
-    )
-    .map_err(|e| anyhow::anyhow!(e))?;
-    tracing::info!("{line}");
+    let select = |kind: &str| {
+        llmfs::compute::backend::select(kind, llmfs::codec::quant::dequantize_range_bytes::<half::f16>)
+    };
+    if args.backend == "auto" {
+        // auto cannot fail, so it need not hold the mount back: probing the GPU (a Vulkan
+        // instance, and on a real GPU a calibration) took 0.3 s of every mount's 0.34 s here.
+        // Until it answers, every kernel runs on the CPU, which gives the same bytes.
+        let probe =
+            std::thread::Builder::new().name("llmfs-backend".into()).spawn(move || match select("auto") {
+                Ok(line) => tracing::info!("{line}"),
+                Err(e) => tracing::warn!("backend auto: {e}; every kernel runs on the CPU"),
+            });
+        if let Err(e) = probe {
+            tracing::warn!("backend auto: no thread to probe the GPU ({e}); every kernel runs on the CPU");
+        }
+    } else {
+        let line = select(&args.backend).map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!("{line}");
+    }
     mount::run_foreground(store, mountpoint, &opts)?;
     Ok(())
 }

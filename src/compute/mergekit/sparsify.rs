@@ -47,6 +47,28 @@ pub fn work_dtype(d: Dtype) -> Dtype {
     }
 }
 
+/// The indices of the pairs `(magnitude, index)` of `v` (of a tensor of `n` elements) whose
+/// magnitude is tied with a cut (`tied`), increasing. Through a bitmap of the tensor: there can
+/// be millions of them, and collecting then sorting them was a tenth of a TIES merge's CPU.
+fn sorted_ties(v: &[(f32, u32)], n: usize, tied: impl Fn(f32) -> bool) -> Vec<u32> {
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    let mut count = 0;
+    for &(m, i) in v {
+        let t = tied(m);
+        bits[i as usize / 64] |= (t as u64) << (i % 64);
+        count += t as usize;
+    }
+    let mut out = Vec::with_capacity(count);
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            out.push((w * 64) as u32 + word.trailing_zeros());
+            word &= word - 1;
+        }
+    }
+    out
+}
+
 /// `out[i] = (|round(parent[i] - base[i])|, at + i)`, in 256-bit vectors where the CPU has
 /// AVX2 (the build's baseline is SSE2): the same bits.
 fn magnitudes_into(d: Dtype, parent: &[f32], base: &[f32], at: u32, out: &mut [(f32, u32)]) {
@@ -103,9 +125,7 @@ impl TensorMerge {
                     let mut v = self.magnitudes(parent, base);
                     torch_select(&mut v, true, &[kk - 1]);
                     let mag = v[kk - 1].0;
-                    let mut ties: Vec<u32> = v[..kk].iter().filter(|e| e.0 == mag).map(|e| e.1).collect();
-                    ties.sort_unstable();
-                    Keep::Top { mag, ties }
+                    Keep::Top { mag, ties: sorted_ties(&v[..kk], n, |m| m == mag) }
                 }
             }
             Sparsify::MagnitudeOutliers => {
@@ -121,10 +141,7 @@ impl TensorMerge {
                     let mut v = self.magnitudes(parent, base);
                     torch_select(&mut v, false, &[n_bot, hi_rank - 1]);
                     let (lo, hi) = (v[n_bot].0, v[hi_rank - 1].0);
-                    let mut ties: Vec<u32> =
-                        v[n_bot..hi_rank].iter().filter(|e| e.0 == lo || e.0 == hi).map(|e| e.1).collect();
-                    ties.sort_unstable();
-                    Keep::Band { lo, hi, ties }
+                    Keep::Band { lo, hi, ties: sorted_ties(&v[n_bot..hi_rank], n, |m| m == lo || m == hi) }
                 }
             }
             Sparsify::Random => {

@@ -39,7 +39,6 @@ impl CachedObjects {
 /// cache does not run (another caller's fill won the key: it is joined and its file handed
 /// whole; or the cache cannot hold the object) is served the other way. The cache's own
 /// (read-only) file when it holds the object.
-#[allow(clippy::too_many_arguments)]
 fn fetch_cached(
     disk: &Arc<DiskCache>,
     fetched: &Fetched,

@@ -988,6 +988,85 @@ fn the_server_killed_mid_read_gives_eio_in_bounded_time_and_reads_work_after_res
     );
 }
 
+/// A cold load decodes while its objects arrive (`store::Incoming`): the decoders read each
+/// range of the fetch's file in the disk cache as soon as it is there. A cast read cold gives
+/// its bytes; a server killed while a delta's objects are still coming in gives EIO in bounded
+/// time (never a hang, never wrong bytes), leaves no partial object in the disk cache as if it
+/// were whole, and the same read after the server's restart fetches again and gives the bytes.
+#[test]
+fn a_cold_read_decodes_as_objects_arrive_and_a_kill_mid_fetch_is_eio_then_a_clean_refetch() {
+    let Some(mut weed) =
+        start_weed("a_cold_read_decodes_as_objects_arrive_and_a_kill_mid_fetch_is_eio_then_a_clean_refetch")
+    else {
+        return;
+    };
+    let mut s3 = s3_node(&weed.endpoint(), "cold-fetch");
+    for (k, v) in
+        [("LLMFS_S3_CONNECT_SECS", "2"), ("LLMFS_S3_REQUEST_SECS", "5"), ("LLMFS_S3_RETRY_SECS", "3")]
+    {
+        set_env(&mut s3, k, v);
+    }
+    let model = s3.path("model");
+    write_model(&model, &killed_spec());
+    s3.ok([os("add"), os("base"), os(&model)]);
+    fs::remove_dir_all(&model).unwrap();
+    s3.ok(["cast", "half", "--base", "base", "--dtype", "f16"]);
+    // The same tensors in one file: its lossless delta reads both of the base's shards.
+    let one = s3.path("one-file");
+    common::write_model(&one, &ModelSpec { shards: 1, ..killed_spec() });
+    s3.ok([os("delta"), os("make"), os("one"), os("--base"), os("base"), os("--target"), os(&one)]);
+    let want: BTreeMap<&str, BTreeMap<String, Vec<u8>>> =
+        ["half", "one"].iter().map(|n| (*n, read_tree(&export(&s3, n), &[]))).collect();
+
+    // Cold: a fresh disk cache; the cast's shards decode from the base's objects as they come.
+    {
+        let m = mount(&s3, &s3.path("cache-cast"));
+        for file in ["model-00001-of-00002.safetensors", SHARD2] {
+            let (got, errno) = read_chunks(&m.path().join("half").join(file));
+            assert_eq!(errno, None, "a cold read of MOUNT/half/{file}");
+            assert_same_bytes(&got, &want["half"][file], &format!("a cold read of MOUNT/half/{file}"));
+        }
+    }
+
+    // Killed as soon as the first object's fill file appears in the disk cache (the delta's
+    // open fetches its container and both of the base's shards, over 100 MB, in parallel).
+    let cache = s3.path("cache-delta");
+    let m = mount(&s3, &cache);
+    let reader = {
+        let p = m.path().join("one/model.safetensors");
+        std::thread::spawn(move || (read_chunks(&p), Instant::now()))
+    };
+    let fetching = wait_until(Duration::from_secs(30), || {
+        fs::read_dir(cache.join("tmp")).is_ok_and(|mut d| d.next().is_some())
+    });
+    assert!(fetching, "no fill started in {}", cache.display());
+    weed.kill();
+    let killed = Instant::now();
+    let ((got, errno), ended) = reader.join().expect("the reader thread");
+    let took = ended.saturating_duration_since(killed);
+    let file = &want["one"]["model.safetensors"];
+    println!("mid-fetch: {} of {} bytes, then {errno:?}, {took:?} after the kill", got.len(), file.len());
+    assert_same_bytes(&got, &file[..got.len().min(file.len())], "the bytes read before the kill");
+    assert_eq!(
+        errno,
+        Some(libc::EIO),
+        "a read whose objects were cut off: {} of {} bytes",
+        got.len(),
+        file.len()
+    );
+    assert!(
+        took <= DEAD_BOUND + DEAD_SLACK,
+        "the reader ended {took:?} after the kill (bound {DEAD_BOUND:?})"
+    );
+
+    // Back up: the same read through the same mount fetches again and gives every byte (a
+    // partial copy kept as whole would give zeros where the fetch stopped).
+    weed.restart();
+    let (got, errno) = read_chunks(&m.path().join("one/model.safetensors"));
+    assert_eq!(errno, None, "MOUNT/one/model.safetensors after the server's restart");
+    assert_same_bytes(&got, file, "MOUNT/one/model.safetensors after the restart");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. kill -9 mid-upload, then gc
 // ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::StoreError;
+use super::{FinishGuard, Incoming, StoreError};
 use crate::store;
 
 /// Why an object's bytes could not be had.
@@ -58,8 +58,13 @@ pub trait ObjectFiles: Send + Sync {
     /// The object's etag now.
     fn etag(&self, object: &str) -> Result<String, ObjectError>;
     /// A local file holding exactly the `size` bytes of the object at `etag`, fetched on first
-    /// use (the caller reads it with `pread` only).
+    /// use (the caller reads it with `pread` only). Returns once every byte is there: what
+    /// needs the whole file (FUSE passthrough's backing file) uses this.
     fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, ObjectError>;
+    /// The local copy of the object at `etag` as it arrives: returns at once, with the fetch
+    /// started (or joined, or done before) in the background; its reader waits per range. One
+    /// fetch per object at a time, however many callers: a second caller gets the same copy.
+    fn incoming(&self, object: &str, etag: &str, size: u64) -> Result<Arc<Incoming>, ObjectError>;
     /// The object's full address, for messages.
     fn address(&self, object: &str) -> String;
 }
@@ -81,18 +86,24 @@ impl std::ops::Deref for Objects {
     }
 }
 
+/// An object at an etag.
+type ObjectAt = (String, String);
+
+/// Cloning shares everything (the fetch threads hold a clone).
+#[derive(Clone)]
 pub struct Fetched {
     store: Arc<store::Store>,
     tmp: PathBuf,
     /// Stores of other buckets, opened on first use.
-    others: Mutex<HashMap<String, Arc<store::Store>>>,
-    /// Local copies by (object, etag).
-    copies: Mutex<HashMap<(String, String), Arc<File>>>,
+    others: Arc<Mutex<HashMap<String, Arc<store::Store>>>>,
+    /// Local copies by (object, etag), whole or arriving (a failed one is taken out, so a later
+    /// read fetches again).
+    copies: Arc<Mutex<HashMap<ObjectAt, Arc<Incoming>>>>,
 }
 
 impl Fetched {
     pub fn new(store: Arc<store::Store>, tmp: PathBuf) -> Self {
-        Fetched { store, tmp, others: Mutex::default(), copies: Mutex::default() }
+        Fetched { store, tmp, others: Arc::default(), copies: Arc::default() }
     }
 
     /// The store and key that object `object` names.
@@ -100,8 +111,16 @@ impl Fetched {
         resolve(&self.store, &self.others, object)
     }
 
-    /// Downloads `object` at `etag` into a new unlinked file under `dir`.
-    pub fn download(&self, object: &str, etag: &str, size: u64) -> Result<File, ObjectError> {
+    /// Downloads `object` at `etag` into a new unlinked file under this node's `tmp/`, handing
+    /// the file to `into` first and recording each part there as it arrives (the caller
+    /// finishes `into` with the outcome).
+    pub fn download_into(
+        &self,
+        object: &str,
+        etag: &str,
+        size: u64,
+        into: &Incoming,
+    ) -> Result<(), ObjectError> {
         let (store, key) = self.resolve(object).map_err(ObjectError::Unavailable)?;
         let path = self.tmp.join(format!(".fetch.{}.{}", std::process::id(), unique()));
         let file = OpenOptions::new()
@@ -112,9 +131,31 @@ impl Fetched {
             .open(&path)
             .map_err(|e| ObjectError::Unavailable(format!("{}: {e}", path.display())))?;
         let _ = std::fs::remove_file(&path);
-        store.fetch_into(&key, etag, size, &file).map_err(|e| ObjectError::of(e, etag))?;
-        Ok(file)
+        into.set_file(file.try_clone().map_err(|e| ObjectError::Unavailable(e.to_string()))?);
+        store
+            .fetch_into_telling(&key, etag, size, &file, &mut |r| into.arrivals.arrived(r))
+            .map_err(|e| ObjectError::of(e, etag))
     }
+}
+
+/// Runs `fetch` on a thread of its own, finishing `incoming` with its outcome (after `then`,
+/// which takes the copy out of its single-flight map: a failed copy must not be found again).
+pub fn fetch_in_background(
+    incoming: Arc<Incoming>,
+    fetch: impl FnOnce(&Incoming) -> Result<(), ObjectError> + Send + 'static,
+    then: impl FnOnce(&Result<(), ObjectError>) + Send + 'static,
+) -> Result<(), ObjectError> {
+    let inc = incoming.clone();
+    std::thread::Builder::new()
+        .name("llmfs-fetch".into())
+        .spawn(move || {
+            let guard = FinishGuard(&inc.arrivals);
+            let outcome = fetch(&inc);
+            then(&outcome);
+            guard.finish(outcome);
+        })
+        .map(|_| ())
+        .map_err(|e| ObjectError::Unavailable(format!("no thread to fetch with: {e}")))
 }
 
 /// `s3://BUCKET/KEY` → that bucket's store (cached in `others`) and KEY; anything else is a key
@@ -159,14 +200,40 @@ impl ObjectFiles for Fetched {
     }
 
     fn local_copy(&self, object: &str, etag: &str, size: u64) -> Result<File, ObjectError> {
+        let incoming = self.incoming(object, etag, size)?;
+        incoming.whole_file()?.try_clone().map_err(|e| ObjectError::Unavailable(e.to_string()))
+    }
+
+    fn incoming(&self, object: &str, etag: &str, size: u64) -> Result<Arc<Incoming>, ObjectError> {
         let id = (object.to_owned(), etag.to_owned());
-        let unavailable = |e: std::io::Error| ObjectError::Unavailable(e.to_string());
-        if let Some(f) = self.copies.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-            return f.try_clone().map_err(unavailable);
+        let mut copies = self.copies.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = copies.get(&id) {
+            return Ok(c.clone());
         }
-        let file = Arc::new(self.download(object, etag, size)?);
-        self.copies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, file.clone());
-        file.try_clone().map_err(unavailable)
+        let incoming = Arc::new(Incoming::new(size));
+        copies.insert(id.clone(), incoming.clone());
+        drop(copies);
+        let this = self.clone();
+        let (object, etag) = (object.to_owned(), etag.to_owned());
+        let forget = {
+            let this = this.clone();
+            let id = id.clone();
+            move |outcome: &Result<(), ObjectError>| {
+                if outcome.is_err() {
+                    this.copies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                }
+            }
+        };
+        let started = fetch_in_background(
+            incoming.clone(),
+            move |into| this.download_into(&object, &etag, size, into),
+            forget,
+        );
+        if let Err(e) = started {
+            self.copies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            return Err(e);
+        }
+        Ok(incoming)
     }
 
     fn address(&self, object: &str) -> String {

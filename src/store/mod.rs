@@ -53,14 +53,16 @@
 //!   with size and etag as the fingerprint): an upload killed midway leaves only unreferenced
 //!   objects, which `llmfs gc` finds by diffing [`Store::list`] against the registry.
 //! - **reads**: a `source::SourceFile` of an object reads its header with two ranged GETs and,
-//!   when its bytes are needed, the whole object with [`Store::fetch_into`] (parallel ranged
-//!   GETs pinned to the recorded etag) into a local file: the disk cache in the mount
-//!   (`cache::objects`), an unlinked temporary file for a command (`registry::objects`). Codecs,
-//!   recipes and views read that file as they read a local one.
+//!   when its bytes are needed, the whole object with [`Store::fetch_into_telling`] (parallel
+//!   ranged GETs pinned to the recorded etag) into a local file: the disk cache in the mount
+//!   (`cache::objects`), an unlinked temporary file for a command ([`Fetched`]). Codecs,
+//!   recipes and views read that file as it arrives ([`Incoming`]: each read waits for its own
+//!   range only), so decoding overlaps the fetch; passthrough takes the file once whole.
 
 mod commit;
 mod fetched;
 pub mod gc;
+mod incoming;
 mod local;
 mod node;
 mod reader;
@@ -75,7 +77,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub use commit::{update_object, Committed, UpdateError, MAX_COMMIT_TIME};
-pub use fetched::{Fetched, ObjectError, ObjectFiles, Objects};
+pub use fetched::{fetch_in_background, Fetched, ObjectError, ObjectFiles, Objects};
+pub use incoming::{Arrivals, FinishGuard, Incoming};
 pub use node::{set_upload_progress, upload_prefix, Node, Staged, StagingDir, WriteLock, REMOTE_POLL};
 pub use reader::{ObjectReader, ReadOptions};
 pub use s3::{Limits, S3Config};
@@ -361,6 +364,19 @@ impl Store {
         size: u64,
         file: &std::fs::File,
     ) -> Result<(), StoreError> {
+        self.fetch_into_telling(key, etag, size, file, &mut |_| {})
+    }
+
+    /// [`Store::fetch_into`], calling `arrived` with each part's range once it is written (in
+    /// file order), so readers of the file can start on what is there ([`Incoming`]).
+    pub fn fetch_into_telling(
+        &self,
+        key: &str,
+        etag: &str,
+        size: u64,
+        file: &std::fs::File,
+        arrived: &mut dyn FnMut(Range<u64>),
+    ) -> Result<(), StoreError> {
         use std::os::unix::fs::FileExt;
         let io = |e: std::io::Error| StoreError::Io { key: key.into(), reason: format!("local copy: {e}") };
         let mut written = 0;
@@ -372,6 +388,7 @@ impl Store {
             &mut |offset, bytes| {
                 file.write_all_at(&bytes, offset).map_err(io)?;
                 written += bytes.len() as u64;
+                arrived(offset..offset + bytes.len() as u64);
                 Ok(())
             },
         )?;

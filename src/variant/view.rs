@@ -321,7 +321,7 @@ pub fn tensor_stats(view: &EntryView) -> (usize, BTreeMap<String, usize>) {
 /// Every source file a virtual file reads from must still match its fingerprint.
 pub fn check_sources(file: &VFile) -> Result<(), ReadError> {
     match &file.content {
-        Content::Passthrough(source) => source.check().map(|_| ()),
+        Content::Passthrough(source) => source.check(),
         Content::Generated(_) => Ok(()),
         Content::Broken(reason) => Err(ReadError::Decode(reason.clone())),
         Content::Synth(synth) => {
@@ -334,7 +334,7 @@ pub fn check_sources(file: &VFile) -> Result<(), ReadError> {
             // In parallel: a first open verifies each file's sampled hash (6 MiB read and hashed
             // per file), which for a delta over a sharded base is several files.
             use rayon::prelude::*;
-            sources.par_iter().try_for_each(|s| s.check().map(|_| ()))
+            sources.par_iter().try_for_each(|s| s.check())
         }
     }
 }

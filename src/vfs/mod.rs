@@ -538,8 +538,10 @@ impl Fs {
         }
         let entry = entry.to_owned();
         let spawned = std::thread::Builder::new().name("llmfs-prefetch".into()).spawn(move || {
+            // One whole object after another: started all at once, they would share the
+            // bandwidth with the opened file's own fetch, which its reader waits for.
             for source in others {
-                if let Err(e) = source.check() {
+                if let Err(e) = source.fetch_whole() {
                     tracing::info!("{entry}: prefetch of {} stopped: {e}", source.path.display());
                     return;
                 }

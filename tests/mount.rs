@@ -1192,6 +1192,13 @@ fn mapped_fills_keep_the_daemon_small() {
             ],
         );
         let pid = m.pid().unwrap();
+        // `--backend auto` probes the GPU beside the mount (a Vulkan instance: tens of MiB with
+        // lavapipe); the size once mounted is taken after it, so the bound is the fill's alone.
+        assert!(
+            m.wait_log_line(&["backend auto:"], Duration::from_secs(60)).is_some(),
+            "{what}: no backend chosen within 60 s:\n{}",
+            m.log_text()
+        );
         let (_, mounted) = daemon_memory(pid);
         let got = read(&m.path().join("f32/model.safetensors"));
         let (peak, _) = daemon_memory(pid);

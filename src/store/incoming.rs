@@ -222,21 +222,33 @@ mod tests {
         assert!(a.wait_for(90..101).is_err(), "past the end is an error, not a wait");
     }
 
-    #[test]
-    fn waiters_wake_when_their_range_arrives() {
-        let a = Arc::new(Arrivals::new(30));
-        let waiters: Vec<_> = [0..10, 10..20, 5..25]
+    /// A thread per range, each waiting for it.
+    fn spawn_waiters<const N: usize>(
+        a: &Arc<Arrivals>,
+        ranges: [Range<u64>; N],
+    ) -> Vec<std::thread::JoinHandle<Result<(), ObjectError>>> {
+        ranges
             .into_iter()
             .map(|r| {
                 let a = a.clone();
                 std::thread::spawn(move || a.wait_for(r))
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn waiters_wake_when_their_range_arrives() {
+        let a = Arc::new(Arrivals::new(30));
+        let waiters = spawn_waiters(&a, [0..10, 10..20, 5..25]);
         std::thread::sleep(Duration::from_millis(50));
         assert!(waiters.iter().all(|w| !w.is_finished()), "nothing arrived, nobody returns");
         a.arrived(10..20);
         a.arrived(20..30);
-        std::thread::sleep(Duration::from_millis(50));
+        // Woken, not slept past: a loaded machine may take a while to run the woken thread.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !waiters[1].is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(waiters[1].is_finished() && !waiters[0].is_finished() && !waiters[2].is_finished());
         a.arrived(0..10);
         for w in waiters {
@@ -248,13 +260,7 @@ mod tests {
     fn a_failed_fetch_wakes_every_waiter_with_its_error() {
         let a = Arc::new(Arrivals::new(30));
         a.arrived(0..10);
-        let waiters: Vec<_> = [10..20, 0..30]
-            .into_iter()
-            .map(|r| {
-                let a = a.clone();
-                std::thread::spawn(move || a.wait_for(r))
-            })
-            .collect();
+        let waiters = spawn_waiters(&a, [10..20, 0..30]);
         std::thread::sleep(Duration::from_millis(50));
         let gone = ObjectError::Changed { etag: "e1".into() };
         a.finish(Err(gone.clone()));

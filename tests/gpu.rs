@@ -641,3 +641,16 @@ fn mergekit_apply_refuses_what_it_does_not_compute() {
         Err(GpuError::Unsupported(_))
     ));
 }
+
+/// `hardware_only` (what `--backend auto` asks) refuses a software adapter before opening it,
+/// and opens a hardware one as the default options do.
+#[test]
+fn hardware_only_refuses_a_software_adapter() {
+    let [ctx, _, _] = gpu_or_skip!();
+    let hw = GpuContext::with_options(GpuOptions { hardware_only: true, ..Default::default() });
+    match (ctx.is_software(), hw) {
+        (true, Err(GpuError::Software(name))) => assert!(ctx.device_name().starts_with(&name)),
+        (false, Ok(c)) => assert_eq!(c.device_name(), ctx.device_name()),
+        (soft, other) => panic!("software adapter {soft}: {:?}", other.map(|c| c.device_name())),
+    }
+}

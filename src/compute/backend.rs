@@ -92,7 +92,11 @@ fn select_gpu(required: bool, _: CpuDequant) -> Result<Choice, BackendError> {
 
 #[cfg(feature = "gpu")]
 fn select_gpu(required: bool, cpu_dequant: CpuDequant) -> Result<Choice, BackendError> {
-    let ctx = match super::gpu::GpuContext::new() {
+    // A software Vulkan device (lavapipe) runs the kernels on these same cores, slower than the
+    // CPU kernels, and opening it costs its JIT's tens of MiB and a quarter CPU-second: auto
+    // refuses it before opening it (gpu may ask for it).
+    let opts = super::gpu::GpuOptions { hardware_only: !required, ..Default::default() };
+    let ctx = match super::gpu::GpuContext::with_options(opts) {
         Ok(ctx) => ctx,
         Err(e) if required => return Err(BackendError::NoGpu(e.to_string())),
         Err(e) => {
@@ -101,12 +105,6 @@ fn select_gpu(required: bool, cpu_dequant: CpuDequant) -> Result<Choice, Backend
         }
     };
     tracing::info!(device = ctx.device_name(), software = ctx.is_software(), "GPU found");
-    if ctx.is_software() && !required {
-        // A software Vulkan device (lavapipe) runs the kernels on these same cores, slower than
-        // the CPU kernels, and its JIT costs tens of MiB: auto leaves it alone (gpu may ask).
-        tracing::info!("the adapter is a software renderer; every kernel runs on the CPU");
-        return Ok(ALL_CPU);
-    }
     let chosen = if required {
         Choice {
             dequant: Device::Gpu,

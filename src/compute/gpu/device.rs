@@ -76,6 +76,9 @@ impl GpuContext {
         }))
         .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
         let info = adapter.get_info();
+        if opts.hardware_only && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(GpuError::Software(info.name));
+        }
         // Everything the adapter offers: large storage bindings mean fewer, larger chunks.
         let limits = adapter.limits();
         let mappable_storage = adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);

@@ -82,6 +82,9 @@ pub enum GpuError {
     /// wgpu found no adapter (no Vulkan/Metal/DX12 driver, or none that fits).
     #[error("no GPU adapter found: {0} (install a Vulkan driver, or use --backend cpu)")]
     NoAdapter(String),
+    /// The adapter is a software renderer and [`GpuOptions::hardware_only`] refused it.
+    #[error("the adapter is a software renderer: {0}")]
+    Software(String),
     /// The adapter refused to open a device.
     #[error("cannot open the GPU device: {0}")]
     Device(String),
@@ -104,6 +107,10 @@ pub struct GpuOptions {
     pub max_chunk_bytes: u64,
     /// Ask for a software adapter (lavapipe, WARP) even when a hardware one exists.
     pub force_fallback_adapter: bool,
+    /// Refuse a software adapter before opening it: `--backend auto` would not use one, and
+    /// opening it compiles every kernel with its JIT (lavapipe: 0.25 CPU-s, beside a mount's
+    /// first loads).
+    pub hardware_only: bool,
     /// Kernels read their inputs straight from the host-visible upload buffers (no DMA copy
     /// to device memory first). Needs wgpu's `MAPPABLE_PRIMARY_BUFFERS`; ignored without it.
     pub direct_inputs: bool,
@@ -127,6 +134,7 @@ impl Default for GpuOptions {
         GpuOptions {
             max_chunk_bytes: 16 << 20,
             force_fallback_adapter: false,
+            hardware_only: false,
             direct_inputs: true,
             direct_output: true,
             copy_threads: 0,

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::sort::torch_select;
+use super::sort::torch_select_magnitudes;
 use super::torch::sum;
 use super::{round, scalar, Gta, GtaParent, Keep, KernelError, ParentStats, Sparsify, TensorMerge};
 use crate::format::Dtype;
@@ -123,7 +123,7 @@ impl TensorMerge {
                     // l.63: k = max(1, int(density * numel)); argsort(|delta| as f32, descending)[:k].
                     let kk = ((p.density * n as f64) as usize).max(1);
                     let mut v = self.magnitudes(parent, base);
-                    torch_select(&mut v, true, &[kk - 1]);
+                    torch_select_magnitudes(&mut v, true, &[kk - 1]);
                     let mag = v[kk - 1].0;
                     Keep::Top { mag, ties: sorted_ties(&v[..kk], n, |m| m == mag) }
                 }
@@ -139,7 +139,7 @@ impl TensorMerge {
                     Keep::Nothing
                 } else {
                     let mut v = self.magnitudes(parent, base);
-                    torch_select(&mut v, false, &[n_bot, hi_rank - 1]);
+                    torch_select_magnitudes(&mut v, false, &[n_bot, hi_rank - 1]);
                     let (lo, hi) = (v[n_bot].0, v[hi_rank - 1].0);
                     Keep::Band { lo, hi, ties: sorted_ties(&v[n_bot..hi_rank], n, |m| m == lo || m == hi) }
                 }

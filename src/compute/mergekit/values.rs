@@ -47,11 +47,7 @@ fn load_into_baseline(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
             // A bf16 value is exact in f32 and stays itself when rounded to bf16 again (a NaN
             // already quiet), so only an f16 compute dtype rounds; the widening is half's
             // `to_f32` (the bits shifted up, a NaN made quiet) written out so it vectorizes.
-            let widen = |b: &[u8]| {
-                let h = u16::from_le_bytes([b[0], b[1]]);
-                let h = if h & 0x7fff > 0x7f80 { h | 0x0040 } else { h };
-                f32::from_bits((h as u32) << 16)
-            };
+            let widen = widen_bf16;
             if to == Dtype::F16 {
                 for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
                     *d = round(to, widen(b));
@@ -64,6 +60,15 @@ fn load_into_baseline(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
         }
         _ => {}
     }
+}
+
+/// One little-endian bf16 value as f32: half's `to_f32` (the bits shifted up, a NaN made
+/// quiet), written out so the loops that call it vectorize.
+#[inline(always)]
+pub(super) fn widen_bf16(b: &[u8]) -> f32 {
+    let h = u16::from_le_bytes([b[0], b[1]]);
+    let h = if h & 0x7fff > 0x7f80 { h | 0x0040 } else { h };
+    f32::from_bits((h as u32) << 16)
 }
 
 /// `n` zeroed values for a whole tensor's scratch (its values, its magnitudes), the pages

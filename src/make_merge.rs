@@ -62,6 +62,8 @@ pub fn make_merge(
 
     let started = Instant::now();
     let done = AtomicUsize::new(0);
+    // Each tensor's whole-tensor buffers go to the next one (freed when this returns).
+    let _recycling = crate::compute::mergekit::Recycling::start();
     // A few tensors at a time (each holds its inputs whole while its cut-offs are found).
     let sized = merged.iter().map(|&(tensor, m)| (m.merge.numel() as u64, (tensor, m))).collect();
     let mut table = StatsTable::new();

@@ -289,6 +289,12 @@ pub fn merge_on_gpu(
     false
 }
 
+/// Whether a linear merge's apply may go to the GPU ([`merge_on_gpu`] would try it): if not,
+/// the CPU computes it, and a caller may take a CPU path of its own with the same bits.
+pub fn merge_linear_may_use_gpu() -> bool {
+    choice().merge_linear == Device::Gpu
+}
+
 /// Run on the GPU when chosen; on the CPU otherwise or when the GPU call fails.
 macro_rules! dispatch {
     ($device:expr, |$ctx:ident| $gpu:expr, $cpu:expr) => {{

@@ -521,14 +521,19 @@ impl MergedSource {
     }
 
     /// Every input whole, as values of the merge's dtype (mergekit casts each input to it on
-    /// load), decoded in parallel pieces.
+    /// load), decoded in parallel pieces into recycled buffers (`compute::mergekit::VALUES`:
+    /// every element is written).
     fn whole_inputs(&self) -> Result<Vec<Vec<f32>>, ReadError> {
         const PIECE: usize = 1 << 20;
         let numel = self.merge.numel();
         self.inputs
             .par_iter()
             .map(|s| {
-                let mut values: Vec<f32> = compute::mergekit::zeroed_tensor(numel);
+                let mut values = compute::mergekit::VALUES.take(numel);
+                if !s.dtype().is_float() {
+                    // `load_into` writes nothing for these: zeros, as a fresh buffer held.
+                    values.fill(0.0);
+                }
                 values.par_chunks_mut(PIECE).enumerate().try_for_each(|(i, dst)| {
                     let start = i * PIECE;
                     with_scratch(dst.len() * s.dtype().size(), |raw| {
@@ -553,7 +558,9 @@ impl MergedSource {
         let whole = self.whole_inputs()?;
         let refs: Vec<&[f32]> = whole.iter().map(Vec::as_slice).collect();
         let stats = self.merge.stats(&refs).map_err(|e| ReadError::Decode(format!("merge: {e}")))?;
-        Ok(CompactStats::compact(&self.merge, &stats, &refs))
+        let compact = CompactStats::compact(&self.merge, &stats, &refs);
+        whole.into_iter().for_each(|v| compute::mergekit::VALUES.give(v));
+        Ok(compact)
     }
 
     /// The whole-tensor statistics: stored, or computed at the first call. No lock is held
@@ -609,6 +616,20 @@ impl MergedSource {
     }
 
     fn read_block(&self, stats: &CompactStats, elems: Range<usize>, out: &mut [u8]) -> Result<(), ReadError> {
+        // Linear of bf16 inputs to bf16: straight from the inputs' bytes (no f32 copies).
+        if self.inputs.iter().all(|s| s.dtype() == Dtype::BF16)
+            && self.merge.linear_bf16_applies(self.out_dtype)
+        {
+            let n = elems.len();
+            return with_scratch(self.inputs.len() * n * 2, |raw| {
+                for (s, dst) in self.inputs.iter().zip(raw.chunks_exact_mut(2 * n)) {
+                    s.read(elems.clone(), dst)?;
+                }
+                let refs: Vec<&[u8]> = raw.chunks_exact(2 * n).collect();
+                self.merge.apply_linear_bf16(&refs, out);
+                Ok(())
+            });
+        }
         let g = self.merge.granularity().max(1);
         let start = elems.start / g * g;
         let end = elems.end.div_ceil(g).saturating_mul(g).min(self.merge.numel());

@@ -67,7 +67,7 @@ pub use sparsify::{name_key, stream_key, uniform, work_dtype};
 pub use task_arithmetic::plain_divisor;
 pub use tie_runs::{CompactStats, TieRuns};
 pub use torch::{round, scalar, torch_sum};
-pub use values::{encode, encode_into, load_as, load_into, zeroed_tensor};
+pub use values::{encode, encode_into, load_as, load_into, zeroed_tensor, Recycling, VALUES};
 
 /// The sparsifier of a generalized task arithmetic method (`sparsify.py`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::sort::torch_select;
+use super::sort::torch_select_magnitudes;
 use super::torch::sum;
 use super::{round, scalar, Gta, GtaParent, Keep, KernelError, ParentStats, Sparsify, TensorMerge};
 use crate::format::Dtype;
@@ -123,9 +123,11 @@ impl TensorMerge {
                     // l.63: k = max(1, int(density * numel)); argsort(|delta| as f32, descending)[:k].
                     let kk = ((p.density * n as f64) as usize).max(1);
                     let mut v = self.magnitudes(parent, base);
-                    torch_select(&mut v, true, &[kk - 1]);
+                    torch_select_magnitudes(&mut v, true, &[kk - 1]);
                     let mag = v[kk - 1].0;
-                    Keep::Top { mag, ties: sorted_ties(&v[..kk], n, |m| m == mag) }
+                    let ties = sorted_ties(&v[..kk], n, |m| m == mag);
+                    super::values::MAGNITUDES.give(v);
+                    Keep::Top { mag, ties }
                 }
             }
             Sparsify::MagnitudeOutliers => {
@@ -139,9 +141,11 @@ impl TensorMerge {
                     Keep::Nothing
                 } else {
                     let mut v = self.magnitudes(parent, base);
-                    torch_select(&mut v, false, &[n_bot, hi_rank - 1]);
+                    torch_select_magnitudes(&mut v, false, &[n_bot, hi_rank - 1]);
                     let (lo, hi) = (v[n_bot].0, v[hi_rank - 1].0);
-                    Keep::Band { lo, hi, ties: sorted_ties(&v[n_bot..hi_rank], n, |m| m == lo || m == hi) }
+                    let ties = sorted_ties(&v[n_bot..hi_rank], n, |m| m == lo || m == hi);
+                    super::values::MAGNITUDES.give(v);
+                    Keep::Band { lo, hi, ties }
                 }
             }
             Sparsify::Random => {
@@ -191,12 +195,13 @@ impl TensorMerge {
 
     /// `(|parent - base| in the compute dtype, index)` of every element: what torch's argsort of
     /// the delta's magnitudes orders. One pass over the whole tensor at its first read, split
-    /// over the rayon pool (no delta tensor of its own).
+    /// over the rayon pool (no delta tensor of its own), into a recycled buffer (every element
+    /// written).
     fn magnitudes(&self, parent: &[f32], base: &[f32]) -> Vec<(f32, u32)> {
         /// Elements per task: enough to make a task's overhead noise.
         const PIECE: usize = 1 << 16;
         let d = self.dtype;
-        let mut v: Vec<(f32, u32)> = super::values::zeroed_tensor(parent.len());
+        let mut v = super::values::MAGNITUDES.take(parent.len());
         v.par_chunks_mut(PIECE).enumerate().for_each(|(c, out)| {
             let at = c * PIECE;
             magnitudes_into(d, &parent[at..], &base[at..], at as u32, out);

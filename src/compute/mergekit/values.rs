@@ -47,11 +47,7 @@ fn load_into_baseline(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
             // A bf16 value is exact in f32 and stays itself when rounded to bf16 again (a NaN
             // already quiet), so only an f16 compute dtype rounds; the widening is half's
             // `to_f32` (the bits shifted up, a NaN made quiet) written out so it vectorizes.
-            let widen = |b: &[u8]| {
-                let h = u16::from_le_bytes([b[0], b[1]]);
-                let h = if h & 0x7fff > 0x7f80 { h | 0x0040 } else { h };
-                f32::from_bits((h as u32) << 16)
-            };
+            let widen = widen_bf16;
             if to == Dtype::F16 {
                 for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
                     *d = round(to, widen(b));
@@ -64,6 +60,15 @@ fn load_into_baseline(from: Dtype, to: Dtype, src: &[u8], dst: &mut [f32]) {
         }
         _ => {}
     }
+}
+
+/// One little-endian bf16 value as f32: half's `to_f32` (the bits shifted up, a NaN made
+/// quiet), written out so the loops that call it vectorize.
+#[inline(always)]
+pub(super) fn widen_bf16(b: &[u8]) -> f32 {
+    let h = u16::from_le_bytes([b[0], b[1]]);
+    let h = if h & 0x7fff > 0x7f80 { h | 0x0040 } else { h };
+    f32::from_bits((h as u32) << 16)
 }
 
 /// `n` zeroed values for a whole tensor's scratch (its values, its magnitudes), the pages
@@ -85,6 +90,80 @@ pub fn zeroed_tensor<T: bytemuck::Zeroable>(n: usize) -> Vec<T> {
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
     }
     v
+}
+
+/// Whole-tensor scratch buffers handed back for the next tensor to overwrite, while a
+/// [`Recycling`] is alive (`llmfs merge`). Why: a fresh buffer's pages are zeroed by the kernel
+/// as they are first touched, and the values and magnitudes of a 1 GB TIES merge were a tenth
+/// of its CPU in that zeroing alone; a recycled buffer's pages are mapped already. Each buffer
+/// is entirely overwritten by its next user, so its old contents are never read. Outside a
+/// [`Recycling`] (the daemon) buffers are freed as before, so nothing is held between reads.
+pub struct Pool<T> {
+    bufs: std::sync::Mutex<Vec<Vec<T>>>,
+}
+
+/// Scratch of whole tensors' values (`MergedSource::whole_inputs`).
+pub static VALUES: Pool<f32> = Pool::new();
+/// Scratch of whole tensors' magnitudes (`sparsify`).
+pub static MAGNITUDES: Pool<(f32, u32)> = Pool::new();
+
+/// How many [`Recycling`] guards are alive.
+static RECYCLING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// While one is alive, [`Pool::give`] keeps buffers; the last one dropped frees them all.
+pub struct Recycling(());
+
+impl Recycling {
+    pub fn start() -> Recycling {
+        RECYCLING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Recycling(())
+    }
+}
+
+impl Drop for Recycling {
+    fn drop(&mut self) {
+        if RECYCLING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            VALUES.clear();
+            MAGNITUDES.clear();
+        }
+    }
+}
+
+impl<T: bytemuck::Zeroable + Clone> Pool<T> {
+    const fn new() -> Self {
+        Pool { bufs: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// `n` elements whose values are unspecified (old values of a recycled buffer, or zeros):
+    /// for a caller that overwrites all of them. The smallest kept buffer that holds `n`, else
+    /// a fresh [`zeroed_tensor`].
+    pub fn take(&self, n: usize) -> Vec<T> {
+        let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = bufs.iter().enumerate().filter(|(_, b)| b.capacity() >= n);
+        if let Some(i) = fits.min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i) {
+            let mut b = bufs.swap_remove(i);
+            drop(bufs);
+            // Within the capacity: no new pages; only a grown tail is written (zeros).
+            b.resize(n, T::zeroed());
+            return b;
+        }
+        drop(bufs);
+        zeroed_tensor(n)
+    }
+
+    /// Hand `v` back for a later [`take`](Self::take) while a [`Recycling`] is alive; else
+    /// (and for small buffers, which the allocator reuses anyway) it is freed.
+    pub fn give(&self, v: Vec<T>) {
+        let big = v.capacity() * std::mem::size_of::<T>() >= 1 << 20;
+        if big && RECYCLING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.bufs.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+        }
+    }
+
+    fn clear(&self) {
+        let freed = std::mem::take(&mut *self.bufs.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(freed);
+    }
 }
 
 /// Encode f32 values as little-endian `to` (round to nearest even).

@@ -71,59 +71,40 @@ fn magnitude_key(x: f32) -> u32 {
     x.to_bits().min(NAN_KEY)
 }
 
-/// [`FloatDescending`] on values whose sign bits are clear: the same result for every such pair
-/// (NaN first, all NaNs equal, then larger before smaller), so the replay makes the same moves.
-struct KeyDescending;
-/// [`FloatAscending`] on values whose sign bits are clear (NaN last).
-struct KeyAscending;
+/// [`FloatDescending`] (`DESCENDING`) or [`FloatAscending`] on values whose sign bits are clear,
+/// compared by [`magnitude_key`]: the same result for every such pair (NaN first when
+/// descending, last when ascending, all NaNs equal), so the replay makes the same moves.
+struct KeyOrder<const DESCENDING: bool>;
 
-impl Order for KeyDescending {
+impl<const DESCENDING: bool> Order for KeyOrder<DESCENDING> {
     fn before(&self, a: &(f32, u32), b: &(f32, u32)) -> bool {
-        magnitude_key(a.0) > magnitude_key(b.0)
+        let (a, b) = (magnitude_key(a.0), magnitude_key(b.0));
+        if DESCENDING {
+            a > b
+        } else {
+            a < b
+        }
     }
 
-    // Left stops: keys <= the pivot's; right stops: keys >= the pivot's.
+    // Left stops (not before the pivot): keys <= the pivot's when descending, >= when ascending.
     fn left_stops(
         &self,
         block: &[(f32, u32); SCAN_BLOCK],
         pivot: &(f32, u32),
         buf: &mut [u8; SCAN_BUF],
     ) -> usize {
-        key_stops(self, block, pivot, false, false, buf)
+        key_stops(self, block, pivot, !DESCENDING, false, buf)
     }
 
+    // Right stops (the pivot not before them): keys >= the pivot's when descending, <= when
+    // ascending.
     fn right_stops(
         &self,
         block: &[(f32, u32); SCAN_BLOCK],
         pivot: &(f32, u32),
         buf: &mut [u8; SCAN_BUF],
     ) -> usize {
-        key_stops(self, block, pivot, true, true, buf)
-    }
-}
-
-impl Order for KeyAscending {
-    fn before(&self, a: &(f32, u32), b: &(f32, u32)) -> bool {
-        magnitude_key(a.0) < magnitude_key(b.0)
-    }
-
-    // Left stops: keys >= the pivot's; right stops: keys <= the pivot's.
-    fn left_stops(
-        &self,
-        block: &[(f32, u32); SCAN_BLOCK],
-        pivot: &(f32, u32),
-        buf: &mut [u8; SCAN_BUF],
-    ) -> usize {
-        key_stops(self, block, pivot, true, false, buf)
-    }
-
-    fn right_stops(
-        &self,
-        block: &[(f32, u32); SCAN_BLOCK],
-        pivot: &(f32, u32),
-        buf: &mut [u8; SCAN_BUF],
-    ) -> usize {
-        key_stops(self, block, pivot, false, true, buf)
+        key_stops(self, block, pivot, DESCENDING, true, buf)
     }
 }
 
@@ -234,8 +215,8 @@ pub fn torch_sort(v: &mut [(f32, u32)], descending: bool) {
     // Two comparators, each its own instance of the sort (a `dyn` comparator was an indirect
     // call per comparison: most of a TIES merge's time).
     match (descending, all_sign_clear(v)) {
-        (true, true) => sort_by(v, &KeyDescending),
-        (false, true) => sort_by(v, &KeyAscending),
+        (true, true) => sort_by(v, &KeyOrder::<true>),
+        (false, true) => sort_by(v, &KeyOrder::<false>),
         (true, false) => sort_by(v, &FloatDescending),
         (false, false) => sort_by(v, &FloatAscending),
     }
@@ -262,8 +243,8 @@ pub fn torch_select_magnitudes(v: &mut [(f32, u32)], descending: bool, need: &[u
 
 fn torch_select_checked(v: &mut [(f32, u32)], descending: bool, need: &[usize], sign_clear: bool) {
     match (descending, sign_clear) {
-        (true, true) => select_by(v, &KeyDescending, need),
-        (false, true) => select_by(v, &KeyAscending, need),
+        (true, true) => select_by(v, &KeyOrder::<true>, need),
+        (false, true) => select_by(v, &KeyOrder::<false>, need),
         (true, false) => select_by(v, &FloatDescending, need),
         (false, false) => select_by(v, &FloatAscending, need),
     }
@@ -631,8 +612,8 @@ mod tests {
             let (fast, plain) = match (desc, key) {
                 (true, false) => both(&mut v, &FloatDescending),
                 (false, false) => both(&mut v, &FloatAscending),
-                (true, true) => both(&mut v, &KeyDescending),
-                (false, true) => both(&mut v, &KeyAscending),
+                (true, true) => both(&mut v, &KeyOrder::<true>),
+                (false, true) => both(&mut v, &KeyOrder::<false>),
             };
             prop_assert_eq!(fast, plain);
         }

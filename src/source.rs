@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::cache::checked;
 use crate::format::{self, Header};
 use crate::registry::{FileRecord, Fingerprint};
 use crate::store::{Incoming, ObjectError, Objects};
@@ -65,10 +66,13 @@ pub struct SourceFile {
 type Stamp = (u64, i64, i64);
 
 fn stamp(file: &File) -> io::Result<Stamp> {
+    Ok(stamp_of(&file.metadata()?))
+}
+
+fn stamp_of(m: &std::fs::Metadata) -> Stamp {
     use std::os::unix::fs::MetadataExt;
-    let m = file.metadata()?;
     let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-    Ok((m.len(), ns(m.mtime(), m.mtime_nsec()), ns(m.ctime(), m.ctime_nsec())))
+    (m.len(), ns(m.mtime(), m.mtime_nsec()), ns(m.ctime(), m.ctime_nsec()))
 }
 
 impl SourceFile {
@@ -305,12 +309,19 @@ impl SourceFile {
                 objects.local_copy(object, etag, self.fingerprint.size).map_err(|e| self.object_error(e))?;
             return Ok((file, None));
         }
-        if let Some(reason) = self.fingerprint.verify(&self.path) {
-            return Err(ReadError::Changed { path: self.path.display().to_string(), reason });
+        let changed = |reason| ReadError::Changed { path: self.path.display().to_string(), reason };
+        let file = File::open(&self.path).map_err(|e| changed(format!("cannot be read: {e}")))?;
+        let meta = file.metadata().map_err(|e| ReadError::io(&self.path, e))?;
+        // Its sampled hash, unless this node checked it with this same stat before (see
+        // `cache::checked`); its size and mtime against the fingerprint's in any case.
+        if !self.fingerprint.matches_stat(&meta) || !checked::trusted(&self.path, &meta, &self.fingerprint) {
+            if let Some(reason) = self.fingerprint.verify_open(&file) {
+                return Err(changed(reason));
+            }
+            checked::passed(&self.path, &meta, &self.fingerprint);
         }
-        let file = File::open(&self.path).map_err(|e| ReadError::io(&self.path, e))?;
-        let st = stamp(&file).map_err(|e| ReadError::io(&self.path, e))?;
-        Ok((file, Some(st)))
+        // The stat from before the check: a write during it shows at the next open.
+        Ok((file, Some(stamp_of(&meta))))
     }
 
     /// An object-store file: does the object still have the recorded etag (a HEAD)?

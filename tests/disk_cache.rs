@@ -340,6 +340,57 @@ fn a_base_changed_after_caching_gives_eio_not_cached_bytes() {
     );
 }
 
+/// Bytes the process `pid` has read by read(2) and pread(2) so far.
+fn read_chars(pid: libc::pid_t) -> u64 {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let line = io.lines().find(|l| l.starts_with("rchar:")).unwrap();
+    line["rchar:".len()..].trim().parse().unwrap()
+}
+
+/// A remount trusts the base files the previous daemon checked (their sampled hash: 6 MiB read
+/// each) while their stat is what it was then, and checks again one whose ctime moved (a chmod
+/// here; a write in place is the test above). Opening both shards of the cast reads less than
+/// 2 MiB in the daemon when trusted, 12 MiB or more when checked.
+#[test]
+fn a_remount_trusts_the_base_files_checked_before_with_the_same_stat() {
+    if common::skip_on_s3("an object-store file is checked by its etag, not by a sampled hash") {
+        return;
+    }
+    let fx = Fixture::new(&spec());
+    {
+        let m = fx.mount(&[]);
+        for shard in [SHARD1, SHARD2] {
+            read(&m.path().join("f16").join(shard));
+        }
+    }
+    for shard in [SHARD1, SHARD2] {
+        wait_committed(&fx, &format!("f16/{shard}"));
+    }
+    let read_by_opens = |m: &MountGuard| {
+        let pid = m.pid().expect("the daemon's pid");
+        let before = read_chars(pid);
+        for shard in [SHARD1, SHARD2] {
+            drop(File::open(m.path().join("f16").join(shard)).unwrap());
+        }
+        read_chars(pid) - before
+    };
+    let trusted = read_by_opens(&fx.mount(&[]));
+    assert!(trusted < 2 * MIB, "the daemon read {trusted} bytes to open two cached shards");
+    for shard in [SHARD1, SHARD2] {
+        // A chmod to its own mode: only the ctime moves.
+        let p = fx.model.join(shard);
+        fs::set_permissions(&p, fs::metadata(&p).unwrap().permissions()).unwrap();
+    }
+    let m = fx.mount(&[]);
+    let checked = read_by_opens(&m);
+    assert!(checked >= 12 * MIB, "the daemon read {checked} bytes: it did not check the chmodded shards");
+    assert_same_bytes(
+        &read(&m.path().join("f16").join(SHARD1)),
+        &fs::read(fx.export("f16").join(SHARD1)).unwrap(),
+        "f16 shard 1 after the chmod",
+    );
+}
+
 /// A variant file being read through the daemon (no disk cache) while its base is edited in
 /// place, beyond the fingerprint's whole-hashed first 4 MiB and with the mtime put back: the
 /// next read that reaches the daemon fails with EIO, and so does the next open, even with the

@@ -55,7 +55,22 @@ impl Fingerprint {
 
     /// What differs between the recorded fingerprint and the file now, or None if it is unchanged.
     pub fn verify(&self, path: &Path) -> Option<String> {
-        let now = match Fingerprint::of(path) {
+        match File::open(path) {
+            Ok(file) => self.verify_open(&file),
+            Err(e) => Some(format!("cannot be read: {e}")),
+        }
+    }
+
+    /// [`verify`](Self::verify) of a file already open.
+    pub fn verify_open(&self, file: &File) -> Option<String> {
+        let now = match file.metadata().and_then(|meta| {
+            Ok(Fingerprint {
+                size: meta.len(),
+                mtime_ns: mtime_ns(&meta),
+                hash: sample_hash(file, meta.len())?,
+                etag: None,
+            })
+        }) {
             Ok(f) => f,
             Err(e) => return Some(format!("cannot be read: {e}")),
         };

@@ -271,7 +271,7 @@ impl Kvs {
     /// gguf-py's `add_array`: an empty array is not written.
     pub fn set_array(&mut self, key: &str, elem: ValueType, items: Vec<Value>) {
         if !items.is_empty() {
-            self.set(key, Value::Array(elem, items));
+            self.set(key, Value::Array(elem, items.into()));
         }
     }
     pub fn remove(&mut self, key: &str) {

@@ -160,7 +160,7 @@ impl<'a> Cursor<'a> {
                 for _ in 0..n {
                     items.push(self.value(elem, depth + 1)?);
                 }
-                Value::Array(elem, items)
+                Value::Array(elem, items.into())
             }
         })
     }

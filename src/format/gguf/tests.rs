@@ -159,11 +159,11 @@ fn keys_in_the_converter_s_order() {
     assert_eq!(p.get("general.file_type"), Some(&Value::U32(1)));
     assert_eq!(p.get("llama.rope.freq_base"), Some(&Value::F32(500000.0)));
     let Some(Value::Array(ValueType::I32, types)) = p.get("tokenizer.ggml.token_type") else { panic!() };
-    assert_eq!(types, &[1, 1, 1, 1, 1, 5, 5, 3, 3, 4].map(Value::I32));
+    assert_eq!(&types[..], &[1, 1, 1, 1, 1, 5, 5, 3, 3, 4].map(Value::I32));
     let Some(Value::Array(_, tokens)) = p.get("tokenizer.ggml.tokens") else { panic!() };
     assert_eq!(tokens[5], Value::str("[PAD5]"));
     let Some(Value::Array(_, merges)) = p.get("tokenizer.ggml.merges") else { panic!() };
-    assert_eq!(merges, &[Value::str("a b"), Value::str("Ġ a")]);
+    assert_eq!(&merges[..], &[Value::str("a b"), Value::str("Ġ a")]);
     // Q4_K_M: the same keys, quantization_version and file_type moved to the end.
     let q = llama_plan(GgufTarget::Q4_K_M);
     let qkeys: Vec<&str> = q.kvs.iter().map(|(k, _)| k.as_str()).collect();

@@ -5,6 +5,8 @@
 //! kept in a `Vec` because their order is part of the file (gguf-py writes them in the order the
 //! converter added them, llama-quantize appends the keys it sets).
 
+use std::sync::Arc;
+
 use crate::codec::ggml::GgmlType;
 
 /// GGUF's magic, "GGUF" read as a little-endian u32.
@@ -70,7 +72,9 @@ pub enum Value {
     U64(u64),
     I64(i64),
     F64(f64),
-    Array(ValueType, Vec<Value>),
+    /// Shared: a plan of each GGUF target of a model copies the key-values of one (a 128k-token
+    /// vocabulary and its merges), and a copy of a shared array is a reference count.
+    Array(ValueType, Arc<[Value]>),
 }
 
 impl Value {
@@ -97,7 +101,10 @@ impl Value {
     }
 
     pub fn strings<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> Value {
-        Value::Array(ValueType::Str, items.into_iter().map(|s| Value::Str(s.into())).collect())
+        Value::Array(
+            ValueType::Str,
+            items.into_iter().map(|s| Value::Str(s.into())).collect::<Vec<_>>().into(),
+        )
     }
 
     pub fn as_u32(&self) -> Option<u32> {
@@ -131,7 +138,7 @@ impl Value {
             Value::Array(elem, items) => {
                 out.extend_from_slice(&(*elem as u32).to_le_bytes());
                 out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-                for item in items {
+                for item in items.iter() {
                     item.encode_payload(out);
                 }
             }

@@ -9,7 +9,6 @@
 //! their `Arc` until they finish copying, so memory above the budget is bounded by the number of
 //! in-flight reads times the chunk size. A failed decode is not cached: the next read retries.
 
-pub mod checked;
 pub mod disk;
 pub mod memory;
 pub mod objects;

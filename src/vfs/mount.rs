@@ -123,7 +123,7 @@ pub fn open_disk_cache(opts: &DiskCacheOptions, note: &str) -> (Option<Arc<DiskC
             Ok(c) => {
                 c.set_holder(note);
                 // Held now: the base files this node checked are kept beside the entries.
-                crate::cache::checked::keep_in(&opts.dir);
+                crate::source::checked::keep_in(&opts.dir);
                 if said {
                     tracing::info!("disk cache free after {:.1} s", start.elapsed().as_secs_f64());
                 }

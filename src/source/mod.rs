@@ -1,6 +1,8 @@
 //! A file llmfs reads from, checked against the fingerprint it was added with, and why bytes
 //! could not be read: the ground the recipes (`codec`, `delta`) and the views (`variant`) stand on.
 
+pub mod checked;
+
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -8,7 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::cache::checked;
 use crate::format::{self, Header};
 use crate::registry::{FileRecord, Fingerprint};
 use crate::store::{Incoming, ObjectError, Objects};
@@ -313,7 +314,7 @@ impl SourceFile {
         let file = File::open(&self.path).map_err(|e| changed(format!("cannot be read: {e}")))?;
         let meta = file.metadata().map_err(|e| ReadError::io(&self.path, e))?;
         // Its sampled hash, unless this node checked it with this same stat before (see
-        // `cache::checked`); its size and mtime against the fingerprint's in any case.
+        // `checked`); its size and mtime against the fingerprint's in any case.
         if !self.fingerprint.matches_stat(&meta) || !checked::trusted(&self.path, &meta, &self.fingerprint) {
             if let Some(reason) = self.fingerprint.verify_open(&file) {
                 return Err(changed(reason));

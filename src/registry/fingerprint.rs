@@ -33,12 +33,16 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     pub fn of(path: &Path) -> io::Result<Fingerprint> {
-        let file = File::open(path)?;
+        Fingerprint::of_open(&File::open(path)?)
+    }
+
+    /// The fingerprint of a file already open.
+    fn of_open(file: &File) -> io::Result<Fingerprint> {
         let meta = file.metadata()?;
         Ok(Fingerprint {
             size: meta.len(),
             mtime_ns: mtime_ns(&meta),
-            hash: sample_hash(&file, meta.len())?,
+            hash: sample_hash(file, meta.len())?,
             etag: None,
         })
     }
@@ -63,14 +67,7 @@ impl Fingerprint {
 
     /// [`verify`](Self::verify) of a file already open.
     pub fn verify_open(&self, file: &File) -> Option<String> {
-        let now = match file.metadata().and_then(|meta| {
-            Ok(Fingerprint {
-                size: meta.len(),
-                mtime_ns: mtime_ns(&meta),
-                hash: sample_hash(file, meta.len())?,
-                etag: None,
-            })
-        }) {
+        let now = match Fingerprint::of_open(file) {
             Ok(f) => f,
             Err(e) => return Some(format!("cannot be read: {e}")),
         };

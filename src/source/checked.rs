@@ -43,14 +43,14 @@ struct Record {
 
 impl Record {
     fn of(path: &Path, meta: &std::fs::Metadata, fingerprint: &Fingerprint) -> Record {
-        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        let (size, mtime_ns, ctime_ns) = super::stamp_of(meta);
         Record {
             path: path.to_owned(),
             dev: meta.dev(),
             ino: meta.ino(),
-            size: meta.len(),
-            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
-            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            size,
+            mtime_ns,
+            ctime_ns,
             hash: fingerprint.hash.clone(),
         }
     }

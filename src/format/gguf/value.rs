@@ -101,10 +101,7 @@ impl Value {
     }
 
     pub fn strings<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> Value {
-        Value::Array(
-            ValueType::Str,
-            items.into_iter().map(|s| Value::Str(s.into())).collect::<Vec<_>>().into(),
-        )
+        Value::Array(ValueType::Str, items.into_iter().map(|s| Value::Str(s.into())).collect())
     }
 
     pub fn as_u32(&self) -> Option<u32> {

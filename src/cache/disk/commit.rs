@@ -8,9 +8,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::hash::{combine, hash_leaves, leaf_ends, tile};
+use super::hash::{combine, leaf_ends, tile};
+use super::spare_core::SpareCore;
 use super::{blocks, ctime_ns, DiskCache, Filled, Key, Leaf, Meta, Slot, FORMAT};
 
 impl DiskCache {
@@ -25,7 +27,8 @@ impl DiskCache {
         *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         let this = self.clone();
         let pending = self.pending.clone();
-        std::thread::spawn(move || {
+        let (slot_for_error, tmp_for_error) = (slot.clone(), filled.tmp.clone());
+        let spawned = std::thread::Builder::new().name("llmfs-commit".into()).spawn(move || {
             let Filled { file, tmp, leaves } = filled;
             let result = this.commit(&key, len, &label, &file, &tmp, leaves);
             let mut st = this.lock();
@@ -48,6 +51,20 @@ impl DiskCache {
             *pending.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
             pending.1.notify_all();
         });
+        if let Err(e) = spawned {
+            // The closure (with the fill's file, its slot and a count in `pending`) is gone:
+            // undo what it would have, so the fill is decoded again and nobody waits for it.
+            tracing::error!("disk cache: no thread to commit a fill: {e}; it will be decoded again");
+            let mut st = self.lock();
+            st.used -= blocks(len);
+            if st.slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot_for_error)) {
+                st.slots.remove(&key);
+            }
+            drop(st);
+            let _ = std::fs::remove_file(&tmp_for_error);
+            *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            self.pending.1.notify_all();
+        }
     }
 
     /// Wait until a background commit ends (false: none is running).
@@ -56,6 +73,7 @@ impl DiskCache {
         if *pending == 0 {
             return false;
         }
+        let _hurry = Hurry::new(&self.hurried);
         drop(self.pending.1.wait(pending));
         true
     }
@@ -63,6 +81,7 @@ impl DiskCache {
     /// Wait until every background commit has finished (before unmounting, so that what was
     /// decoded survives the daemon).
     pub fn flush(&self) {
+        let _hurry = Hurry::new(&self.hurried);
         let mut pending = self.pending.0.lock().unwrap_or_else(|e| e.into_inner());
         while *pending > 0 {
             pending = self.pending.1.wait(pending).unwrap_or_else(|e| e.into_inner());
@@ -85,15 +104,21 @@ impl DiskCache {
         // busy core, and the rest when the load is done, before the unmount that waits for it.)
         // SAFETY: setpriority on this thread (a Linux thread id is a process id for it).
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        // What the fill did not hash is read back, one leaf at a time, each once a core is
+        // spare: with autogroup scheduling nice 19 does not keep this thread off the loader's
+        // cores (see spare_core.rs).
+        let mut spare = SpareCore::new();
+        let mut pace = || spare.wait(|| self.hurried.load(Ordering::Relaxed) > 0);
         let (hash, leaves) = match tile(leaves, len) {
             // The fill's own leaves, and the gaps between them read back (a safetensors header's
             // padding, say: a few bytes).
             Some(tiling) => (
-                combine(file, len, &tiling).map_err(|e| format!("hashing: {e}"))?,
+                combine(file, len, &tiling, &mut pace).map_err(|e| format!("hashing: {e}"))?,
                 tiling.iter().map(|(end, _)| *end).collect(),
             ),
             None => {
-                (hash_leaves(file, &leaf_ends(len, &[]), false).map_err(|e| format!("hashing: {e}"))?, vec![])
+                let tiling: Vec<_> = leaf_ends(len, &[]).into_iter().map(|end| (end, None)).collect();
+                (combine(file, len, &tiling, &mut pace).map_err(|e| format!("hashing: {e}"))?, vec![])
             }
         };
         file.sync_all().map_err(|e| format!("fsync: {e}"))?;
@@ -124,5 +149,21 @@ impl DiskCache {
             .map_err(|e| e.to_string())?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
         Ok(meta)
+    }
+}
+
+/// One caller waiting for commits, counted in [`DiskCache`]'s `hurried` while it lives.
+struct Hurry<'a>(&'a AtomicUsize);
+
+impl<'a> Hurry<'a> {
+    fn new(count: &'a AtomicUsize) -> Hurry<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Hurry(count)
+    }
+}
+
+impl Drop for Hurry<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

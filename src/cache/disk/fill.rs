@@ -217,8 +217,8 @@ impl DiskCache {
             if !valid_ends(&meta.leaves, len) {
                 return Err("its sidecar's hash leaves do not tile the file".into());
             }
-            let hash = hash_leaves(&file, &leaf_ends(len, &meta.leaves), true)
-                .map_err(|e| format!("reading it: {e}"))?;
+            let hash =
+                hash_leaves(&file, &leaf_ends(len, &meta.leaves)).map_err(|e| format!("reading it: {e}"))?;
             if hash != meta.hash {
                 return Err("content hash differs".into());
             }

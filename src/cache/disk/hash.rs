@@ -31,7 +31,7 @@ impl Leaf {
 /// BLAKE3 over the file's length and the hashes of its [`HASH_PIECE`]-byte pieces, hashed in
 /// parallel on the rayon pool (a plain BLAKE3 of the whole file would run on one core).
 pub fn content_hash(file: &File, len: u64) -> std::io::Result<String> {
-    hash_leaves(file, &leaf_ends(len, &[]), true)
+    hash_leaves(file, &leaf_ends(len, &[]))
 }
 
 /// Where the leaves of a `len`-byte file's hash end: `recorded` (a sidecar's), else every
@@ -68,9 +68,8 @@ fn root(len: u64, leaves: &[[u8; 32]]) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// The content hash with leaves ending at `ends`, reading the file (on the rayon pool, or with
-/// `parallel` false on this thread).
-pub(super) fn hash_leaves(file: &File, ends: &[u64], parallel: bool) -> std::io::Result<String> {
+/// The content hash with leaves ending at `ends`, reading the file on the rayon pool.
+pub(super) fn hash_leaves(file: &File, ends: &[u64]) -> std::io::Result<String> {
     let leaf = |i: usize| {
         let at = if i == 0 { 0 } else { ends[i - 1] };
         with_scratch((ends[i] - at) as usize, |buf| {
@@ -78,11 +77,7 @@ pub(super) fn hash_leaves(file: &File, ends: &[u64], parallel: bool) -> std::io:
             Ok(*blake3::hash(buf).as_bytes())
         })
     };
-    let leaves: Vec<[u8; 32]> = if parallel {
-        (0..ends.len()).into_par_iter().map(leaf).collect::<std::io::Result<_>>()?
-    } else {
-        (0..ends.len()).map(leaf).collect::<std::io::Result<_>>()?
-    };
+    let leaves: Vec<[u8; 32]> = (0..ends.len()).into_par_iter().map(leaf).collect::<std::io::Result<_>>()?;
     Ok(root(ends.last().copied().unwrap_or(0), &leaves))
 }
 
@@ -115,14 +110,21 @@ pub(super) fn tile(mut leaves: Vec<Leaf>, len: u64) -> Option<Vec<(u64, Option<[
     Some(ends)
 }
 
-/// The content hash from a tiling ([`tile`]): given leaves as they are, gaps read from the file.
-pub(super) fn combine(file: &File, len: u64, tiling: &[(u64, Option<[u8; 32]>)]) -> std::io::Result<String> {
+/// The content hash from a tiling ([`tile`]): given leaves as they are, gaps read from the file
+/// on this thread, `pace` called before each.
+pub(super) fn combine(
+    file: &File,
+    len: u64,
+    tiling: &[(u64, Option<[u8; 32]>)],
+    pace: &mut dyn FnMut(),
+) -> std::io::Result<String> {
     let mut hashes = Vec::with_capacity(tiling.len());
     let mut at = 0;
     for &(end, hash) in tiling {
         hashes.push(match hash {
             Some(h) => h,
             None => with_scratch((end - at) as usize, |buf| {
+                pace();
                 file.read_exact_at(buf, at)?;
                 Ok::<_, std::io::Error>(*blake3::hash(buf).as_bytes())
             })?,

@@ -39,6 +39,7 @@
 //! * `fill.rs`: lookups and single-flight fills, and the check of a committed entry;
 //! * `commit.rs`: the background commit (hash, fsync, renames) and waiting for commits;
 //! * `eviction.rs`: space accounting in blocks, LRU order and eviction;
+//! * `spare_core.rs`: a commit's read-back hash waits for a spare core;
 //! * `hash.rs`: the content's tree hash and the leaves a fill gives;
 //! * `tests.rs`: fills, eviction, crash leftovers and damaged entries, on real directories.
 
@@ -47,11 +48,13 @@ mod eviction;
 mod fill;
 mod hash;
 mod key;
+mod spare_core;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::SystemTime;
 
@@ -155,6 +158,9 @@ pub struct DiskCache {
     /// threads, which let go of the cache before they signal: once [`DiskCache::flush`]
     /// returns, dropping the cache releases its directory).
     pending: Arc<(Mutex<usize>, Condvar)>,
+    /// Callers waiting for commits now (an unmount's flush, a fill waiting for room): commits
+    /// then hash at once instead of waiting for a spare core (see `spare_core.rs`).
+    hurried: Arc<AtomicUsize>,
     lock_file: File,
 }
 
@@ -245,6 +251,7 @@ impl DiskCache {
                 stats: DiskStats::default(),
             }),
             pending: Arc::new((Mutex::new(0), Condvar::new())),
+            hurried: Arc::new(AtomicUsize::new(0)),
             lock_file: lock,
         };
         {

@@ -732,6 +732,44 @@ fn changed_base_gives_eio_and_a_log_line() {
     assert_eq!(served, want, "f32/config.json");
 }
 
+/// A base file truncated while a cast that reads it is open: the daemon reads bases through
+/// mappings, where a page past the new end raises SIGBUS. The read answers EIO, and the daemon
+/// lives on and serves the rest. (Without the disk cache, so the cast is decoded on the read
+/// path after the truncation, one request at a time.)
+#[test]
+fn a_base_truncated_under_an_open_cast_gives_eio_not_a_dead_daemon() {
+    if common::skip_on_s3(
+        "add uploads the base to the bucket: truncating its source changes nothing llmfs reads",
+    ) {
+        return;
+    }
+    let fx = Fixture::new();
+    let f16_export = fx.export("f16");
+    let shard1 = fx.model.join(SHARD1);
+    let m = fx.mount(&["--disk-cache", "0", "--cache-size", "4MiB"]);
+    let path = m.path().join("f16").join(SHARD1);
+    let want = fs::read(f16_export.join(SHARD1)).unwrap();
+    let f = File::open(&path).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_same_bytes(&head, &want[..head.len()], "f16 head before the truncation");
+    let len = fs::metadata(&shard1).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&shard1).unwrap().set_len(len / 2).unwrap();
+    let tail = want.len() - (1 << 20);
+    let got = with_deadline("a read after the truncation", Duration::from_secs(60), move || {
+        let mut buf = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut buf, tail as u64).map(|()| buf)
+    });
+    assert_eq!(errno_of(got), Some(libc::EIO), "read of f16/{SHARD1}'s tail after its base was truncated");
+    // The daemon is alive: files that do not read from the truncated shard are still served.
+    assert_same_bytes(
+        &read(&m.path().join("f16").join(SHARD2)),
+        &fs::read(f16_export.join(SHARD2)).unwrap(),
+        "f16 shard 2 after shard 1's base was truncated",
+    );
+    assert!(!pid_dead(m.pid().unwrap()), "the daemon died");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Entries added and removed while mounted
 // ---------------------------------------------------------------------------------------------

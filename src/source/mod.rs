@@ -2,6 +2,7 @@
 //! could not be read: the ground the recipes (`codec`, `delta`) and the views (`variant`) stand on.
 
 pub mod checked;
+mod mapped;
 
 use std::fs::File;
 use std::io;
@@ -61,6 +62,8 @@ pub struct SourceFile {
     /// An object-store file's local copy as it arrives (None: not asked for yet, or its fetch
     /// failed and the next read fetches again).
     incoming: Mutex<Option<Arc<Incoming>>>,
+    /// A local file mapped for [`SourceFile::read_mapped`] on first use (None: read by `pread`).
+    mapped: OnceLock<Option<mapped::Mapping>>,
 }
 
 /// (size, mtime ns, ctime ns) of an open file.
@@ -78,7 +81,14 @@ fn stamp_of(m: &std::fs::Metadata) -> Stamp {
 
 impl SourceFile {
     pub fn new(path: PathBuf, fingerprint: Fingerprint) -> Self {
-        SourceFile { path, fingerprint, remote: None, opened: OnceLock::new(), incoming: Mutex::default() }
+        SourceFile {
+            path,
+            fingerprint,
+            remote: None,
+            opened: OnceLock::new(),
+            incoming: Mutex::default(),
+            mapped: OnceLock::new(),
+        }
     }
 
     /// File `record` of an entry whose local files are in `dir`; an object-store file is read
@@ -104,6 +114,7 @@ impl SourceFile {
             remote: objects.map(|o| (o.clone(), object.clone())),
             opened,
             incoming: Mutex::default(),
+            mapped: OnceLock::new(),
         }
     }
 
@@ -172,6 +183,7 @@ impl SourceFile {
             remote: None,
             opened: OnceLock::from(Ok((file, None))),
             incoming: Mutex::default(),
+            mapped: OnceLock::new(),
         })
     }
 
@@ -358,6 +370,48 @@ impl SourceFile {
         self.file()?.read_exact_at(buf, offset).map_err(|e| ReadError::io(&self.path, e))?;
         self.unchanged_since_opened().map(|_| ())
     }
+
+    /// `f` over bytes `offset..offset + len` of the file in place, through a shared mapping,
+    /// with no copy (see `mapped.rs`); checked afterwards as [`SourceFile::read_exact_at`] is,
+    /// and an error where a mapped page could not be read (the file shrank). `Err(f)` where the
+    /// file is not mapped (an object-store file, a file that did not open, a range past the
+    /// size it was opened with, `LLMFS_MAP_SOURCES=0`): the caller reads it by `pread`.
+    pub fn read_mapped<R, F: FnOnce(&[u8]) -> R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: F,
+    ) -> Result<Result<R, ReadError>, F> {
+        let Some(m) = self.mapping() else { return Err(f) };
+        if offset.checked_add(len as u64).is_none_or(|end| end > m.len()) {
+            return Err(f);
+        }
+        Ok(m.read(offset, len, f)
+            .map_err(|mapped::Shrank| ReadError::Changed {
+                path: self.path.display().to_string(),
+                reason: "shrank while mounted (a mapped page past its end)".into(),
+            })
+            .and_then(|out| self.unchanged_since_opened().map(|_| out)))
+    }
+
+    fn mapping(&self) -> Option<&mapped::Mapping> {
+        if self.remote.is_some() || !map_sources() {
+            return None;
+        }
+        self.mapped
+            .get_or_init(|| {
+                let (file, stamp) = self.opened().ok()?;
+                mapped::Mapping::new(file, stamp.as_ref()?.0)
+            })
+            .as_ref()
+    }
+}
+
+/// Whether local source files are read through mappings ([`SourceFile::read_mapped`]), or all
+/// by `pread` with `LLMFS_MAP_SOURCES=0` (for comparisons).
+fn map_sources() -> bool {
+    static MAP: OnceLock<bool> = OnceLock::new();
+    *MAP.get_or_init(|| std::env::var("LLMFS_MAP_SOURCES").as_deref() != Ok("0"))
 }
 
 #[cfg(test)]

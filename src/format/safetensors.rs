@@ -8,8 +8,8 @@
 //! file and kept as bytes (never re-rendered, so bytes never depend on hash-map order).
 //!
 //! We parse ourselves rather than through the `safetensors` crate because we need the raw offsets
-//! of a file we read with `pread` (never mmap: a base file changed under a mapping would SIGBUS the
-//! daemon), and error messages that name the file and the problem.
+//! of a file we read with `pread` (or through `source`'s guarded mappings), and error messages that
+//! name the file and the problem.
 
 use std::fs::File;
 use std::io;

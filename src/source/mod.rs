@@ -34,12 +34,12 @@ impl ReadError {
 }
 
 /// A file llmfs reads from (a base file, a stored container, a decoded file in the disk cache),
-/// with the fingerprint it must still have. It is opened once and read with `pread`, never
-/// mapped: a file changed under a mapping would SIGBUS the daemon, while `pread` only returns
-/// short or different bytes, which the checks catch: the fingerprint at every open, and after
-/// every read the file's size, mtime and ctime against what they were when it was opened (an
-/// edit in place while a variant is open, anywhere in the file, changes the ctime, which cannot
-/// be set back).
+/// with the fingerprint it must still have. It is opened once and read with `pread`, or in place
+/// through a mapping ([`SourceFile::read_mapped`]: the fills' bulk reads of bases, made safe
+/// against a file that shrinks under it by `mapped.rs`'s SIGBUS handler). Either way short or
+/// different bytes are caught: the fingerprint at every open, and after every read the file's
+/// size, mtime and ctime against what they were when it was opened (an edit in place while a
+/// variant is open, anywhere in the file, changes the ctime, which cannot be set back).
 ///
 /// A file in an object store (a [`FileRecord`] with an `object`) is fetched whole into a local
 /// file the first time its bytes are needed (by [`ObjectFiles`]: a temporary file for a

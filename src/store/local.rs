@@ -3,7 +3,8 @@
 //! fsynced, then committed under an exclusive `flock` of `ROOT/lock` (the lock the registry
 //! takes today, so old and new processes serialise): rename for a plain put, `link(2)` for
 //! put-if-absent (fails atomically if the key exists), etag compare + rename for put-if-match.
-//! Reads are `pread`s of the file, never mappings (a file changed under a mapping would SIGBUS).
+//! Reads are `pread`s of the file, never mappings (a file changed under a mapping would SIGBUS;
+//! only `source`'s reads of bases map, with a handler for that).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};

@@ -27,43 +27,49 @@ impl DiskCache {
         *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         let this = self.clone();
         let pending = self.pending.clone();
-        let (slot_for_error, tmp_for_error) = (slot.clone(), filled.tmp.clone());
+        let (label2, tmp2, slot2) = (label.clone(), filled.tmp.clone(), slot.clone());
         let spawned = std::thread::Builder::new().name("llmfs-commit".into()).spawn(move || {
             let Filled { file, tmp, leaves } = filled;
             let result = this.commit(&key, len, &label, &file, &tmp, leaves);
-            let mut st = this.lock();
-            match result {
-                Ok(meta) => {
-                    st.entries.put(key, meta);
-                    st.verified.insert(key);
-                }
-                Err(e) => {
-                    tracing::error!("disk cache: committing {label}: {e}; it will be decoded again");
-                    st.used -= blocks(len);
-                    let _ = std::fs::remove_file(&tmp);
-                }
-            }
-            if st.slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                st.slots.remove(&key);
-            }
-            drop(st);
+            this.end_commit(key, len, &label, result, &tmp, &slot);
             drop(this);
             *pending.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
             pending.1.notify_all();
         });
         if let Err(e) = spawned {
-            // The closure (with the fill's file, its slot and a count in `pending`) is gone:
-            // undo what it would have, so the fill is decoded again and nobody waits for it.
-            tracing::error!("disk cache: no thread to commit a fill: {e}; it will be decoded again");
-            let mut st = self.lock();
-            st.used -= blocks(len);
-            if st.slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot_for_error)) {
-                st.slots.remove(&key);
-            }
-            drop(st);
-            let _ = std::fs::remove_file(&tmp_for_error);
+            // The closure (with the fill's file) is gone: end the commit as a failed one, so the
+            // fill is decoded again and nobody waits for it.
+            self.end_commit(key, len, &label2, Err(format!("no thread for it: {e}")), &tmp2, &slot2);
             *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
             self.pending.1.notify_all();
+        }
+    }
+
+    /// Record a commit's outcome: the entry, or (failed) its room given back and its file
+    /// removed; either way its slot let go, so later callers resolve the key afresh.
+    fn end_commit(
+        &self,
+        key: Key,
+        len: u64,
+        label: &str,
+        result: Result<Meta, String>,
+        tmp: &Path,
+        slot: &Slot,
+    ) {
+        let mut st = self.lock();
+        match result {
+            Ok(meta) => {
+                st.entries.put(key, meta);
+                st.verified.insert(key);
+            }
+            Err(e) => {
+                tracing::error!("disk cache: committing {label}: {e}; it will be decoded again");
+                st.used -= blocks(len);
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+        if st.slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            st.slots.remove(&key);
         }
     }
 

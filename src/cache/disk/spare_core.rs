@@ -22,7 +22,7 @@ use std::time::Duration;
 const NAP: Duration = Duration::from_millis(5);
 
 /// The most one piece of work waits in all, however busy the machine.
-pub(super) const MAX_WAIT: Duration = Duration::from_secs(3);
+const MAX_WAIT: Duration = Duration::from_secs(3);
 
 /// Tracks the wait of one thread of deferrable work (see the module docs).
 pub(super) struct SpareCore {

@@ -12,6 +12,8 @@
 #                  given back: mmap; kept: keep, the cost of LLMFS_FILL_DROP_MAPPED), ext4 and tmpfs, 1/16 threads
 #   b16.txt        bench_load.py WORK $SIZE (6000 MiB) $R16 on all cores: the >= 6 GB table
 #   timeline.txt   fill_timeline.py: one first load per kind, when each file was decoded
+#   direct.txt     (DIRECT_KINDS=K,K only) cache_direct.py: each kind's decoded files loaded
+#                  outside the mount and through it again, against the plain fine-tune
 #   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
 # FILL_BENCH=0 skips fill.txt. SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
 # from_pretrained), W (the work dir) and BIN (where the binaries are unpacked) override.
@@ -38,7 +40,7 @@ pack)
     done
     cc -O2 -pthread -o "$K/fill_bench" "$ROOT/scripts/fill_bench.c"
     cc -O2 -pthread -o "$K/mem_touch" "$ROOT/scripts/mem_touch.c"
-    cp "$ROOT/scripts/bench_load.py" "$ROOT/scripts/fill_timeline.py" "$K/scripts/"
+    cp "$ROOT/scripts/bench_load.py" "$ROOT/scripts/fill_timeline.py" "$ROOT/scripts/cache_direct.py" "$K/scripts/"
     cp "$0" "$K/bench_load_device.sh"
     git -C "$ROOT" rev-parse --short HEAD >"$K/commit"
     du -sh "$K"
@@ -84,6 +86,10 @@ P
         cat "$t"
     done
     echo "timeline done: $(($(date +%s) - t0)) s"
+    if [ -n "${DIRECT_KINDS:-}" ]; then
+        python3 "$D/scripts/cache_direct.py" $W $SIZE $DIRECT_KINDS ${DIRECT_ROUNDS:-3} $LOADERS >"$OUT/direct.txt" 2>"$OUT/direct.log"
+        cat "$OUT/direct.txt"; echo "direct done: $(($(date +%s) - t0)) s"
+    fi
     if [ "${B2:-0}" = 1 ]; then
         taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 1 $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
         tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"

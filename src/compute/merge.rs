@@ -186,6 +186,7 @@ mod tests {
             (9, 37, 4, true, Dtype::BF16),
             (5, 64, 16, false, Dtype::F32),
             (33, 7, 2, true, Dtype::F16),
+            (3, 200, 16, false, Dtype::BF16),
         ] {
             // Factors sized for W = out × in (not transposed) or in × out (transposed).
             let (out_dim, in_dim) = if transposed { (cols, rows) } else { (rows, cols) };

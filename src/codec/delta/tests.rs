@@ -361,6 +361,10 @@ proptest! {
             let s = scales[i / DELTA_Q8_GROUP];
             let tol = s * 0.5 * (1.0 + 1e-5) + (t.abs() + bv.abs()) * 1e-6 + half_ulp(dtype, x.abs().max(t.abs()));
             prop_assert!((x - t).abs() <= tol, "elem {}: t {} x {} scale {} tol {}", i, t, x, s, tol);
+            // Exactly the defined arithmetic, element by element (the vectorized blocks too).
+            let mut want = vec![0u8; e];
+            put(dtype, bv + q[i] as f32 * s, &mut want);
+            prop_assert!(full[i * e..(i + 1) * e] == want[..], "elem {} not dtype(base + q * scale)", i);
         }
         let (lo, hi) = (a.index(n + 1), b.index(n + 1));
         let r = lo.min(hi)..lo.max(hi);
@@ -615,6 +619,62 @@ fn bitdelta_fast_decode_is_bit_exact_with_the_scalar_one() {
                         er.start + i,
                         &fast[i * e..(i + 1) * e],
                         &slow[i * e..(i + 1) * e]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The vectorized q8 decoder against the defined arithmetic element by element (`half`'s
+/// conversions), bases with NaNs, infinities and subnormals among ordinary values (a block
+/// holding a NaN takes the scalar path), scales special too, random sub-ranges: the same bits
+/// but for NaNs, which must be NaN in both.
+#[test]
+fn q8_fast_decode_is_bit_exact_with_the_formula() {
+    let mut rng = crate::demo::SplitMix64(0x0A8);
+    let special = |r: u64| [f32::NAN, f32::INFINITY, -0.0, 1e-40, 0.0, -1e3][(r % 6) as usize];
+    for dtype in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+        let e = dtype.size();
+        for n in [1, 63, 64, 127, 128, 129, 1000, 70_001] {
+            let mut base = vec![0u8; n * e];
+            for i in 0..n {
+                let r = rng.next_u64();
+                put(dtype, if r % 89 == 0 { special(r >> 8) } else { rng.normal() }, &mut base[i * e..]);
+            }
+            let q: Vec<i8> = (0..n).map(|_| rng.next_u64() as i8).collect();
+            let scales: Vec<f32> = (0..n.div_ceil(DELTA_Q8_GROUP))
+                .map(|_| {
+                    let r = rng.next_u64();
+                    if r % 7 == 0 {
+                        special(r >> 8)
+                    } else {
+                        rng.normal() * 1e-3
+                    }
+                })
+                .collect();
+            let (a, b) = (rng.next_u64() as usize % (n + 1), rng.next_u64() as usize % (n + 1));
+            for r in [0..n, a.min(b)..a.max(b)] {
+                let mut out = vec![0xAAu8; r.len() * e];
+                decode_q8_range(
+                    &q[r.clone()],
+                    &scales[q8_groups(&r)],
+                    &base[r.start * e..r.end * e],
+                    dtype,
+                    r.clone(),
+                    &mut out,
+                );
+                for (k, i) in r.clone().enumerate() {
+                    let mut want = vec![0u8; e];
+                    put(
+                        dtype,
+                        get(dtype, &base[i * e..]) + q[i] as f32 * scales[i / DELTA_Q8_GROUP],
+                        &mut want,
+                    );
+                    let got = &out[k * e..(k + 1) * e];
+                    assert!(
+                        got == &want[..] || (get(dtype, got).is_nan() && get(dtype, &want).is_nan()),
+                        "{dtype} n {n} elems {r:?}: element {i} is {got:02x?}, the formula gives {want:02x?}"
                     );
                 }
             }

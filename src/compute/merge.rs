@@ -79,8 +79,9 @@ pub struct LoraFactors {
 /// reaches here from a read, which must answer EIO, never panic.
 ///
 /// Each element's sum is `Σ_j B[o, j] · A[j, i]` from 0.0 in order j = 0..r (Rust never fuses
-/// the multiply-add), computed for a whole row segment at a time: the loop over the segment is
-/// the inner one, so it vectorizes, and the bits are those of one element at a time.
+/// the multiply-add), computed for a tile of columns at a time ([`lora_rows_tiled`]): the loop
+/// over the tile is the inner one, so it vectorizes, and the bits are those of one element at a
+/// time whatever the tile's width (the copy for the widest vectors the CPU has is chosen here).
 pub fn lora_rows(
     f: &LoraFactors,
     dtype: Dtype,

@@ -154,12 +154,9 @@ fn lora_rows_tiled<const TILE: usize>(
     let mut e = elems.start;
     while e < elems.end {
         let (row, c0) = (e / cols, e % cols);
-        // A segment of one row, or (not transposed) a block of up to ROWS whole rows.
-        let rows = if c0 == 0 && !f.transposed { ((elems.end - e) / cols).clamp(1, ROWS) } else { 1 };
         let c1 = cols.min(c0 + (elems.end - e));
-        let len = if rows > 1 { rows * cols } else { c1 - c0 };
         acc.clear();
-        acc.resize(len, 0f32);
+        acc.resize(c1 - c0, 0f32);
         if f.transposed {
             for j in 0..r {
                 // W[i, o] for i = row, o in c0..c1: B's column j along o, one value of A.
@@ -169,19 +166,12 @@ fn lora_rows_tiled<const TILE: usize>(
                 }
             }
         } else {
-            // W[o, i] for o = row.., i in c0..c1: B's row o times A's rows along i. By tiles of
+            // W[o, i] for o = row, i in c0..c1: B's row o times A's rows along i, by tiles of
             // TILE columns, each tile's sums kept in registers across all r terms (summed term by
-            // term over the whole segment, every term loaded and stored every sum again), and
-            // each tile of A (r × TILE, a few KiB) used for all the block's rows while it is in
-            // L1 (row by row, all of A, r × in: 256 KiB for rank 16, came from L2 for each row).
-            let seg = c1 - c0;
-            for i0 in (c0..c1).step_by(TILE) {
-                let n = TILE.min(c1 - i0);
-                for k in 0..rows {
-                    let b = &f.b[(row + k) * r..(row + k + 1) * r];
-                    let at = k * seg + (i0 - c0);
-                    tile_sums::<TILE>(b, &f.a, a_cols, i0, &mut acc[at..at + n]);
-                }
+            // term over the whole segment, every term loaded and stored every sum again).
+            let b = &f.b[row * r..(row + 1) * r];
+            for (t, sums) in acc.chunks_mut(TILE).enumerate() {
+                tile_sums::<TILE>(b, &f.a, a_cols, c0 + t * TILE, sums);
             }
         }
         // out = dtype(f32(W) + acc · scale), a slice at a time (per-element conversions cost
@@ -194,14 +184,10 @@ fn lora_rows_tiled<const TILE: usize>(
             *x += a * f.scale;
         }
         super::cast::cast(Dtype::F32, dtype, bytemuck::cast_slice(&wide), &mut out[bytes])?;
-        e += len;
+        e += c1 - c0;
     }
     Ok(())
 }
-
-/// Rows of W whose sums [`lora_rows_tiled`] computes together: 8 rows of 4096 columns are 128 KiB
-/// of sums, within L2 beside A.
-const ROWS: usize = 8;
 
 /// `sums[k] = Σ_j b[j] · a[j, i0 + k]` from 0.0 in order j = 0..r, `a` row-major with `a_cols`
 /// columns: a whole `TILE` in registers, a shorter remainder through memory.

@@ -50,15 +50,16 @@ pub struct MountOptions {
 }
 
 /// The memory tier's size when none is given: none. Measured on the lent 16-core host
-/// (scripts/bench_load_results.md, 6000 MiB model, load_file first loads in one session): with
-/// the tier (16 GiB) an f16 cast's first load ran at 2.3 GB/s and a lossless delta's at 2.4,
-/// without it (every file of the entry filled at once by pwrite into the disk cache) at 6.0 and
-/// 5.0: the memory fills themselves ran at 3.0-3.7 GB/s a file, and the second write of every
-/// file to disk behind the reader took the cores and memory bandwidth the loader needed. On 2
-/// cores it was slower too. So it stays an option (`--memory-cache-size`) until it measures
-/// faster; `_cores` is kept for when it does.
+/// (6000 MiB model, first loads, 16 GiB tier against none, the same call): an f16 cast 2.3
+/// against 6.0 GB/s and a lossless delta 2.4 against 5.0 when the disk tier was filled by
+/// `pwrite` (scripts/bench_load_results.md), and again with the disk tier filled through
+/// mappings (session 16, `16core-session16-memtier.txt`): f16 2.5-2.8 against 9.7-10.2, q8
+/// 2.4-2.6 against 10.4-10.7, LoRA 2.1-2.6 against 6.0-6.9. The memfd is served by passthrough
+/// as a cache file is (checked on 2 cores: both copy out at the same rate); what costs is the
+/// memory fill itself and the second write of every file, to disk, behind the reader. On 2
+/// cores it is slower too. So it stays an option (`--memory-cache-size`) until it measures
+/// faster.
 pub fn default_memory_cache_size() -> u64 {
-    let _cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     0
 }
 

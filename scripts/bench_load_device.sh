@@ -11,7 +11,8 @@
 #   fill.txt       fill_bench: one 1 GiB file by pwrite and through a mapping (each piece's pages
 #                  given back: mmap; kept: keep, the cost of LLMFS_FILL_DROP_MAPPED), ext4 and tmpfs, 1/16 threads
 #   b16.txt        bench_load.py WORK $SIZE (6000 MiB) $R16 on all cores: the >= 6 GB table
-#   timeline.txt   fill_timeline.py: one first load per kind, when each file was decoded
+#   timeline.txt   fill_timeline.py: one first load per kind (TIMELINE_KINDS, default f16,d-lossless; set
+#                  and empty: none), when each file was decoded and when the loader got and copied it
 #   direct.txt     (DIRECT_KINDS=K,K only) cache_direct.py: each kind's decoded files loaded
 #                  outside the mount and through it again, against the plain fine-tune
 #   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
@@ -77,7 +78,7 @@ P
     BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W $SIZE $R16 $LOADERS >"$OUT/b16.txt" 2>"$OUT/b16.log"
     echo "rc=$?"; tail -40 "$OUT/b16.txt"; echo "16 cores done: $(($(date +%s) - t0)) s"
     # The timeline once per configuration: NAME and its assignments (none when CONFIGS is unset).
-    for c in ${CONFIGS:-:}; do
+    [ -n "${TIMELINE_KINDS-x}" ] && for c in ${CONFIGS:-:}; do
         name=${c%%:*} assigns=${c#*:}
         [ "$assigns" = "$c" ] && assigns=
         t="$OUT/timeline${name:+-$name}.txt"

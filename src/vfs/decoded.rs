@@ -391,7 +391,7 @@ pub(crate) fn decode_into_cache(
         if !disk_has {
             let fill = |bytes: &mut [u8], written: WrittenPages<'_>| {
                 let written = drop_mapped().then_some(written);
-                let mut write = || decode_into(synth, bytes, false, written).map(drop);
+                let mut write = || decode_into(synth, bytes, written);
                 match pool {
                     Some(pool) => pool.install(write),
                     None => write(),
@@ -409,7 +409,8 @@ pub(crate) fn decode_into_cache(
     }
     let Some(disk) = &tiers.disk else { return Ok(None) };
     let cached = disk.get_or_fill(key, vfile.size, label, |f| {
-        let write = || write_decoded(synth, f).map_err(|e| e.to_string());
+        // No leaves: the commit hashes the file it reads back (see [`write_decoded`]).
+        let write = || write_decoded(synth, f).map(|()| vec![]).map_err(|e| e.to_string());
         match pool {
             Some(pool) => pool.install(write),
             None => write(),
@@ -478,22 +479,19 @@ fn copy_out(from: &std::fs::File, out: &std::fs::File, len: u64) -> Result<Vec<L
 
 /// Write all of `synth` into `out` (its bytes, in memory: a shared mapping of a cache file or
 /// memfd): the header, then every tensor in pieces of [`PIECE`] bytes decoded in parallel, each
-/// straight into its place (no copy); also hashing each piece (and the header) as a [`Leaf`]
-/// when `hash`, and giving back each piece's pages through `written` once it is written (see
-/// [`drop_mapped`]).
+/// straight into its place (no copy), giving back each piece's pages through `written` once it
+/// is written (see [`drop_mapped`]).
 fn decode_into(
     synth: &SynthFile,
     out: &mut [u8],
-    hash: bool,
     written: Option<WrittenPages<'_>>,
-) -> Result<Vec<Leaf>, ReadError> {
+) -> Result<(), ReadError> {
     let len = synth.size;
     if out.len() as u64 != len {
         return Err(ReadError::Decode(format!("{} bytes to fill, {len} to write", out.len())));
     }
     let header = synth.header.len();
     out[..header].copy_from_slice(&synth.header);
-    let header_leaf = hash.then(|| Leaf::of(0, &synth.header));
     if let Some(w) = &written {
         w.release(0..header);
     }
@@ -513,27 +511,20 @@ fn decode_into(
         }
     }
     let base = Out(out.as_mut_ptr());
-    let leaves: Vec<Option<Leaf>> = pieces(synth)?
-        .into_par_iter()
-        .map(|(i, from, to)| {
-            let t = &synth.tensors[i];
-            let esize = t.source.stored_type().block_bytes() as u64;
-            let at = (t.start + from * esize) as usize;
-            let n = ((to - from) * esize) as usize;
-            // SAFETY: pieces tile the tensors' ranges without overlap, all within `out` (a tensor
-            // ends at or before `len`, checked above), so each task writes its own bytes only.
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
-            super::read::decode_elements(t, from as usize..to as usize, dst)?;
-            let leaf = hash.then(|| Leaf::of(at as u64, dst));
-            if let Some(w) = &written {
-                w.release(at..at + n);
-            }
-            Ok(leaf)
-        })
-        .collect::<Result<_, ReadError>>()?;
-    let mut leaves: Vec<Leaf> = leaves.into_iter().flatten().collect();
-    leaves.extend(header_leaf);
-    Ok(leaves)
+    pieces(synth)?.into_par_iter().try_for_each(|(i, from, to)| {
+        let t = &synth.tensors[i];
+        let esize = t.source.stored_type().block_bytes() as u64;
+        let at = (t.start + from * esize) as usize;
+        let n = ((to - from) * esize) as usize;
+        // SAFETY: pieces tile the tensors' ranges without overlap, all within `out` (a tensor
+        // ends at or before `len`, checked above), so each task writes its own bytes only.
+        let dst = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
+        super::read::decode_elements(t, from as usize..to as usize, dst)?;
+        if let Some(w) = &written {
+            w.release(at..at + n);
+        }
+        Ok(())
+    })
 }
 
 /// Write all of `synth` into `out` (of its length): the header, then every tensor in pieces of
@@ -541,11 +532,14 @@ fn decode_into(
 /// file's blocks are reserved first (fallocate), so a full disk fails the fill at once rather
 /// than midway.
 ///
-/// With cores to spare ([`HASH_IN_FILL_MIN_THREADS`]) each piece is also hashed here, while it
-/// is hot in the cache, as a [`Leaf`] of the cache's content hash, so the commit need not read
-/// the file back. With few cores the commit does it instead, after the fill, at the lowest
-/// priority: the fill is on the loader's critical path and the cores are all busy during it,
-/// while the commit runs in the idle tail of the load (the loader reading the last file alone).
+/// Nothing is hashed here: the commit reads the file back and hashes it, after the fill, at the
+/// lowest priority, while a core is spare. The fill is on the loader's critical path, the
+/// commit is not. Hashing each piece here while it was hot in the cache (so the commit need
+/// not read the file back) made fills 35-45 % slower on 2 cores and first loads slower on 16
+/// too: on the lent 16-core host, two calls with the two ways alternating (6000 MiB model,
+/// `scripts/bench_load_results/16core-session16-hash.txt`), hashed here against by the commit,
+/// GB/s: f16 cast 8.5-12.5 against 10.6-14.7, q8 7.1-10.3 against 9.7-12.6, LoRA 4.0-5.2
+/// against 5.8-7.1; the commit's hash won 18 of 20 pairs of rounds.
 ///
 /// With many pool threads ([`FILL_BY_MAPPING_MIN_THREADS`]) the pieces are decoded straight
 /// into one shared mapping of the file, not written by `pwrite`: buffered writes to one file
@@ -555,7 +549,7 @@ fn decode_into(
 /// cores the mapping's page faults, which zero each page before it is written, made fills about
 /// 2x slower, so few threads keep `pwrite`. (Mapping each piece on its own was 3x slower still:
 /// every mmap and munmap waits for all page faults in flight.)
-pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>, ReadError> {
+pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
     use std::os::fd::AsRawFd;
     let len = synth.size;
     // SAFETY: fallocate on a descriptor we own.
@@ -569,19 +563,15 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<Vec<Leaf>
     }
     // Padding (a GGUF's alignment) is the zeros of a file of the full length.
     out.set_len(len).map_err(cache_io)?;
-    // Leaves cover the header and the tensors; a file with padding between them is hashed by the
-    // commit instead, over all its bytes.
-    let padded = synth.segments().iter().any(|s| matches!(s, crate::variant::Segment::Padding(..)));
-    let hash = hash_in_fill() && !padded;
     // Only into reserved blocks: a page fault that finds the disk full kills the process
     // (SIGBUS), where a pwrite returns ENOSPC.
     if reserved && fill_by_mapping() {
         if let Some(mut map) = crate::cache::memory::SharedMap::new(out, len as usize) {
             let (bytes, written) = map.split();
-            return decode_into(synth, bytes, hash, drop_mapped().then_some(written));
+            return decode_into(synth, bytes, drop_mapped().then_some(written));
         }
     }
-    write_by_pwrite(synth, out, hash)
+    write_by_pwrite(synth, out)
 }
 
 /// Pool threads from which a fill writes through a shared mapping (see [`write_decoded`]).
@@ -623,16 +613,6 @@ fn pool_switch(var: &str, min_threads: usize) -> bool {
     }
 }
 
-/// Pool threads from which a fill hashes its own pieces (see [`write_decoded`]).
-const HASH_IN_FILL_MIN_THREADS: usize = 8;
-
-/// Whether fills hash their pieces: by the pool's size, or `LLMFS_HASH_IN_FILL=1`/`0` (so the
-/// tests can run both ways on any machine).
-fn hash_in_fill() -> bool {
-    static HASH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HASH.get_or_init(|| pool_switch("LLMFS_HASH_IN_FILL", HASH_IN_FILL_MIN_THREADS))
-}
-
 /// (tensor index, first element, end element) of every piece of `synth`'s tensors, once the
 /// whole-tensor quantities their reads need are computed ([`SynthFile::prepare`]).
 fn pieces(synth: &SynthFile) -> Result<Vec<(usize, u64, u64)>, ReadError> {
@@ -655,7 +635,7 @@ fn cache_io(e: std::io::Error) -> ReadError {
     ReadError::Io { path: "the disk cache".into(), reason: e.to_string() }
 }
 
-fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File, hash: bool) -> Result<Vec<Leaf>, ReadError> {
+fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
     out.write_all_at(&synth.header, 0).map_err(cache_io)?;
     // One writer of this file at a time, the others asleep: buffered writes to one file
     // serialize on its inode lock anyway, and a writer waiting for it in the kernel spins while
@@ -664,24 +644,16 @@ fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File, hash: bool) -> Result
     // with this lock `llmfs warm q8 f16` (four files at once) took 1.1-1.3 s and 1.2-1.3 CPU-s
     // instead of 2.9-4.6 s and 4.0-7.4 CPU-s. The pieces still decode in parallel.
     let one_writer = std::sync::Mutex::new(());
-    let leaves: Vec<Option<Leaf>> = pieces(synth)?
-        .into_par_iter()
-        .map(|(i, from, to)| {
-            let t = &synth.tensors[i];
-            let esize = t.source.stored_type().block_bytes() as u64;
-            with_scratch(((to - from) * esize) as usize, |buf| {
-                super::read::decode_elements(t, from as usize..to as usize, buf)?;
-                let at = t.start + from * esize;
-                let writing = one_writer.lock().unwrap_or_else(|e| e.into_inner());
-                out.write_all_at(buf, at).map_err(cache_io)?;
-                drop(writing);
-                Ok(hash.then(|| Leaf::of(at, buf)))
-            })
+    pieces(synth)?.into_par_iter().try_for_each(|(i, from, to)| {
+        let t = &synth.tensors[i];
+        let esize = t.source.stored_type().block_bytes() as u64;
+        with_scratch(((to - from) * esize) as usize, |buf| {
+            super::read::decode_elements(t, from as usize..to as usize, buf)?;
+            let at = t.start + from * esize;
+            let writing = one_writer.lock().unwrap_or_else(|e| e.into_inner());
+            out.write_all_at(buf, at).map_err(cache_io)?;
+            drop(writing);
+            Ok(())
         })
-        .collect::<Result<_, ReadError>>()?;
-    let mut leaves: Vec<Leaf> = leaves.into_iter().flatten().collect();
-    if hash {
-        leaves.push(Leaf::of(0, &synth.header));
-    }
-    Ok(leaves)
+    })
 }

@@ -110,7 +110,7 @@ impl DiskCache {
         // busy core, and the rest when the load is done, before the unmount that waits for it.)
         // SAFETY: setpriority on this thread (a Linux thread id is a process id for it).
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
-        // What the fill did not hash is read back, one leaf at a time, each once a core is
+        // What the fill gave no leaves for is read back, one leaf at a time, each once a core is
         // spare: with autogroup scheduling nice 19 does not keep this thread off the loader's
         // cores (see spare_core.rs).
         let mut spare = SpareCore::new();

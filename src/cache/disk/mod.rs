@@ -21,9 +21,9 @@
 //! filled file is handed out as soon as its bytes are written (in the page cache); fsync and the
 //! commit happen on a background thread, so a first reader does not wait on the disk.
 //! [`DiskCache::flush`] waits for those commits (at unmount). The content hash is a tree of leaf
-//! hashes: a fill may hash its own pieces as it writes them ([`Leaf`]: while they are hot in the
-//! cache, on the threads that made them), so the commit need not read the file back; the
-//! sidecar then records the leaves' bounds. Otherwise the commit hashes the file in fixed pieces.
+//! hashes: a fill may give the hashes of pieces it wrote ([`Leaf`]: the memory tier's copy to
+//! disk does, hashing as it copies), so the commit need not read those back; the sidecar then
+//! records the leaves' bounds. Otherwise the commit hashes the file in fixed pieces.
 //!
 //! Bounded: entries are kept in LRU order (by last use, persisted as the sidecar's mtime) and
 //! the least recently used are removed before a fill that would pass the capacity. Space is

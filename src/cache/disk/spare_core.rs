@@ -1,7 +1,7 @@
 //! Waiting for a spare core before work that can wait: a commit's read-back hash.
 //!
-//! Why: the commit of a fill reads its file back and hashes it (on few cores, where the fill
-//! does not hash its own pieces) right when the loader reads what was just filled. Its thread
+//! Why: the commit of a fill reads its file back and hashes it right when the loader reads
+//! what was just filled. Its thread
 //! runs at nice 19, but nice orders threads within their scheduling group only, and with
 //! autogroup scheduling (the default on desktop and server kernels) the daemon, a session of
 //! its own, and the loader's session share the cores evenly: on 2 cores the commits of a 1 GB

@@ -538,7 +538,7 @@ fn decode_into(
 /// not read the file back) made fills 35-45 % slower on 2 cores and first loads slower on 16
 /// too: on the lent 16-core host, two calls with the two ways alternating (6000 MiB model,
 /// `scripts/bench_load_results/16core-session16-hash.txt`), hashed here against by the commit,
-/// GB/s: f16 cast 8.5-12.5 against 10.6-14.7, q8 7.1-10.3 against 9.7-12.6, LoRA 4.0-5.2
+/// GB/s: f16 cast 7.8-12.5 against 10.6-14.7, q8 7.1-10.3 against 9.7-12.6, LoRA 4.0-5.2
 /// against 5.8-7.1; the commit's hash won 18 of 20 pairs of rounds.
 ///
 /// With many pool threads ([`FILL_BY_MAPPING_MIN_THREADS`]) the pieces are decoded straight

@@ -1,14 +1,13 @@
 //! Waiting for a spare core before work that can wait: a commit's read-back hash.
 //!
 //! Why: the commit of a fill reads its file back and hashes it right when the loader reads
-//! what was just filled. Its thread
-//! runs at nice 19, but nice orders threads within their scheduling group only, and with
-//! autogroup scheduling (the default on desktop and server kernels) the daemon, a session of
-//! its own, and the loader's session share the cores evenly: on 2 cores the commits of a 1 GB
-//! cast took half the CPU while `load_file` read its last shard (`perf` of a first load: the
-//! loader's copy of shard 2 took 0.24 s instead of about 0.1). `SCHED_IDLE` is weighed within
-//! the group too. Idle time does not tell either: the loader, given half the cores, leaves
-//! none idle and looks content.
+//! what was just filled. Its thread runs at nice 19, but nice orders threads within their
+//! scheduling group only, and with autogroup scheduling (the default on desktop and server
+//! kernels) the daemon, a session of its own, and the loader's session share the cores
+//! evenly: on 2 cores the commits of a 1 GB cast took half the CPU while `load_file` read its
+//! last shard (`perf` of a first load: the loader's copy of shard 2 took 0.24 s instead of
+//! about 0.1). `SCHED_IDLE` is weighed within the group too. Idle time does not tell either:
+//! the loader, given half the cores, leaves none idle and looks content.
 //!
 //! So before each piece of such work the thread counts the machine's runnable threads (the
 //! kernel's `nr_running`, the fourth field of `/proc/loadavg`): while the others would fill

@@ -16,6 +16,10 @@
 #   direct.txt     (DIRECT_KINDS=K,K only) cache_direct.py: each kind's decoded files loaded
 #                  outside the mount and through it again, against the plain fine-tune
 #   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
+#   scaling.txt    (SCALING=K,K only) `llmfs warm K` into an empty disk cache under `taskset -c
+#                  0-(N-1)` for N in SCALING_CORES (default 2,4,8,16): each kind's fill rate by
+#                  core count (its printed "warm:" line), until SCALING_SECS (default 150) have
+#                  passed; `lscpu -e` first, to tell cores from hyperthreads
 # FILL_BENCH=0 skips fill.txt. SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
 # from_pretrained), W (the work dir) and BIN (where the binaries are unpacked) override.
 # A/B of the daemon's environment switches in the same call: CONFIGS="NAME:VAR=VAL,VAR=VAL ..."
@@ -94,6 +98,21 @@ P
     if [ "${B2:-0}" = 1 ]; then
         taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 1 $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
         tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
+    fi
+    if [ -n "${SCALING:-}" ]; then
+        s0=$(date +%s)
+        # Registers the kinds the table did not (bench_load.setup adds only what is missing).
+        python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$SCALING'.split(','))" >"$OUT/scaling.log" 2>&1
+        { lscpu -e 2>/dev/null || grep -E "^(processor|core id|physical id)" /proc/cpuinfo; } >"$OUT/scaling.txt"
+        cores=${SCALING_CORES:-2,4,8,16}
+        for k in ${SCALING//,/ }; do for n in ${cores//,/ }; do
+            [ $(($(date +%s) - s0)) -gt "${SCALING_SECS:-150}" ] && break 2
+            rm -rf "$W/scaling-dc"
+            echo "$k $n cores: $(taskset -c 0-$((n - 1)) $B/llmfs --store $W/store warm $k --disk-cache "$W/scaling-dc" 2>&1 |
+                tr '\r' '\n' | grep '^warm:')" >>"$OUT/scaling.txt"
+        done; done
+        rm -rf "$W/scaling-dc"
+        cat "$OUT/scaling.txt"; echo "scaling done: $(($(date +%s) - t0)) s"
     fi
     cp $W/results-*.json "$OUT/" 2>/dev/null
     grep -h "cache: decoded" $W/store/llmfs.log | sed 's/\x1b\[[0-9;]*m//g' | tail -200 >"$OUT/fills.txt"

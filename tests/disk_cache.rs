@@ -567,7 +567,14 @@ fn warm_decodes_ahead_and_through_a_mount() {
     let fx = Fixture::new(&spec());
     let cache = fx.cache.to_str().unwrap().to_owned();
     let labels = |n: &str| [SHARD1, SHARD2].map(|s| format!("{n}/{s}"));
-    fx.ok(&["warm", "f16", "ft", "--disk-cache", &cache]);
+    let warmed = fx.ts.run_full(["warm", "f16", "ft", "--disk-cache", &cache]);
+    assert!(warmed.status.success(), "{}", warmed.stderr);
+    // Its last line says how fast it decoded: "warm: SIZE in S s (R GB/s), committed C s later".
+    let rate = warmed.stderr.lines().find_map(|l| {
+        let rest = l.strip_prefix("warm: ")?.split_once(" s (")?.1;
+        rest.split_once(" GB/s), committed ")?.0.parse::<f64>().ok()
+    });
+    assert!(rate.is_some_and(|r| r > 0.0), "no rate in warm's stderr: {}", warmed.stderr);
     for label in labels("f16").iter().chain(&labels("ft")) {
         assert_eq!(fx.cached_files(label).len(), 1, "{label} not in the cache after warm");
     }

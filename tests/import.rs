@@ -66,6 +66,46 @@ fn fastchat_delta_gives_fastchats_tensors_bit_for_bit() {
     ts.ok(["check", "vicuna-ish"]);
 }
 
+/// apply_delta writes f16 tensors and a config that says float16: a FastChat import's config.json
+/// says so too, also when the delta's own config.json (which it serves in place of the base's)
+/// names another dtype, as a delta saved from a bf16 model does.
+#[test]
+fn fastchat_import_config_names_f16_whatever_the_deltas_says() {
+    let ts = TestStore::new();
+    ts.ok(["add", "base", data("fastchat_delta/base").to_str().unwrap()]);
+    let delta = ts.path("delta-bf16-config");
+    std::fs::create_dir_all(&delta).unwrap();
+    for f in std::fs::read_dir(data("fastchat_delta/delta")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, delta.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(delta.join("config.json")).unwrap()).unwrap();
+    config["dtype"] = "bfloat16".into();
+    config["torch_dtype"] = "bfloat16".into();
+    std::fs::write(delta.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    ts.ok([
+        "delta",
+        "import",
+        "fc",
+        "--base",
+        "base",
+        "--from",
+        delta.to_str().unwrap(),
+        "--format",
+        "fastchat",
+    ]);
+    let out = ts.path("out");
+    ts.ok(["export", "fc", out.to_str().unwrap()]);
+    let got: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((&got["dtype"], &got["torch_dtype"]), (&"float16".into(), &"float16".into()), "{got}");
+    // Everything else is the delta's config.
+    config["dtype"] = "float16".into();
+    config["torch_dtype"] = "float16".into();
+    assert_eq!(got, config);
+}
+
 #[test]
 fn lora_merge_is_within_f32_rounding_of_a_float64_merge() {
     let ts = TestStore::new();

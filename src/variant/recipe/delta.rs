@@ -211,7 +211,7 @@ pub(crate) fn import_view(
                     TensorSource::Cast { inner: Arc::new(s), to: Dtype::F16 }
                 }
             };
-            let mut view = variant::map_weights(base, "fastchat delta", |t| {
+            variant::map_weights(base, "fastchat delta", |t| {
                 if !t.source.dtype().is_float() {
                     return Ok(t.clone());
                 }
@@ -232,8 +232,7 @@ pub(crate) fn import_view(
                     delta: Arc::new(to_f16(delta)),
                 };
                 Ok(LogicalTensor { source, ..t.clone() })
-            })?;
-            view
+            })?
         }
         ImportFormat::Lora => {
             // Through its record: in an object store the file is an object, not under `dir`.

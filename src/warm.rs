@@ -93,12 +93,8 @@ pub fn warm(store: Store, names: &[String], opts: &DiskCacheOptions) -> Result<(
     disk.flush();
     // The rate a first open fills at, and the commit's read-back after it: what a node's
     // preparation costs, and what the benchmark's scaling rows are made of.
-    eprintln!(
-        "warm: {} in {decoded:.2} s ({:.2} GB/s), committed {:.2} s later",
-        indicatif::HumanBytes(total),
-        total as f64 / 1e9 / decoded.max(1e-9),
-        started.elapsed().as_secs_f64() - decoded
-    );
+    let committed = started.elapsed().as_secs_f64() - decoded;
+    eprintln!("warm: {}, committed {committed:.2} s later", rate(total, decoded));
     if failed.is_empty() {
         Ok(())
     } else {
@@ -109,12 +105,25 @@ pub fn warm(store: Store, names: &[String], opts: &DiskCacheOptions) -> Result<(
 /// Warm `names` through the mount at `mountpoint` ([`mount::open_weights`]), with a progress bar.
 pub fn through_mount(mountpoint: &Path, names: &[String]) -> Result<(), WarmError> {
     let files = mount::weight_files(mountpoint, names).map_err(WarmError::NoEntry)?;
-    let bar = bar(files.iter().map(|(_, n)| n).sum());
+    let total = files.iter().map(|(_, n)| n).sum();
+    let bar = bar(total);
+    let started = std::time::Instant::now();
     let failed = mount::open_weights(&files, &|n| bar.inc(n));
     bar.finish();
+    // The mount's daemon commits them in the background (its `llmfs umount` waits for that).
+    eprintln!("warm: {}", rate(total, started.elapsed().as_secs_f64()) + ", committed by the mount");
     if failed.is_empty() {
         Ok(())
     } else {
         Err(WarmError::Failed(failed))
     }
+}
+
+/// "SIZE in S s (R GB/s)": `warm`'s last line, so a node's preparation says how fast it went.
+fn rate(bytes: u64, secs: f64) -> String {
+    format!(
+        "{} in {secs:.2} s ({:.2} GB/s)",
+        indicatif::HumanBytes(bytes),
+        bytes as f64 / 1e9 / secs.max(1e-9)
+    )
 }

@@ -570,11 +570,16 @@ fn warm_decodes_ahead_and_through_a_mount() {
     let warmed = fx.ts.run_full(["warm", "f16", "ft", "--disk-cache", &cache]);
     assert!(warmed.status.success(), "{}", warmed.stderr);
     // Its last line says how fast it decoded: "warm: SIZE in S s (R GB/s), committed C s later".
-    let rate = warmed.stderr.lines().find_map(|l| {
-        let rest = l.strip_prefix("warm: ")?.split_once(" s (")?.1;
-        rest.split_once(" GB/s), committed ")?.0.parse::<f64>().ok()
-    });
-    assert!(rate.is_some_and(|r| r > 0.0), "no rate in warm's stderr: {}", warmed.stderr);
+    let rate = |stderr: &str, then: &str| {
+        stderr.lines().find_map(|l| {
+            let rest = l.strip_prefix("warm: ")?.split_once(" s (")?.1;
+            let (rate, after) = rest.split_once(" GB/s), ")?;
+            after.starts_with(then).then_some(())?;
+            rate.parse::<f64>().ok()
+        })
+    };
+    let decoded = rate(&warmed.stderr, "committed ");
+    assert!(decoded.is_some_and(|r| r > 0.0), "no rate in warm's stderr: {}", warmed.stderr);
     for label in labels("f16").iter().chain(&labels("ft")) {
         assert_eq!(fx.cached_files(label).len(), 1, "{label} not in the cache after warm");
     }
@@ -591,6 +596,8 @@ fn warm_decodes_ahead_and_through_a_mount() {
     let through = fx.ts.run_full(["warm", "f32", "--disk-cache", &cache]);
     assert!(through.status.success(), "{}", through.stderr);
     assert!(through.stderr.contains("warming through it"), "{}", through.stderr);
+    let opened = rate(&through.stderr, "committed by the mount");
+    assert!(opened.is_some_and(|r| r > 0.0), "no rate in warm's stderr: {}", through.stderr);
     for label in labels("f32") {
         wait_committed(&fx, &label);
         assert_eq!(decodes(&m, &label), 1, "{label}:\n{}", m.log_text());

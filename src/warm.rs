@@ -111,7 +111,7 @@ pub fn through_mount(mountpoint: &Path, names: &[String]) -> Result<(), WarmErro
     let failed = mount::open_weights(&files, &|n| bar.inc(n));
     bar.finish();
     // The mount's daemon commits them in the background (its `llmfs umount` waits for that).
-    eprintln!("warm: {}", rate(total, started.elapsed().as_secs_f64()) + ", committed by the mount");
+    eprintln!("warm: {}, committed by the mount", rate(total, started.elapsed().as_secs_f64()));
     if failed.is_empty() {
         Ok(())
     } else {

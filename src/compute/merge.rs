@@ -78,10 +78,13 @@ pub struct LoraFactors {
 /// error (import refuses such adapters; a hand-edited registry could still name one): it
 /// reaches here from a read, which must answer EIO, never panic.
 ///
-/// Each element's sum is `Σ_j B[o, j] · A[j, i]` from 0.0 in order j = 0..r (Rust never fuses
-/// the multiply-add), computed for a tile of columns at a time ([`lora_rows_tiled`]): the loop
-/// over the tile is the inner one, so it vectorizes, and the bits are those of one element at a
-/// time whatever the tile's width (the copy for the widest vectors the CPU has is chosen here).
+/// Each element's sum is `Σ_j B[o, j] · A[j, i]` from 0.0 in order j = 0..r, each term a fused
+/// multiply-add (`f32::mul_add`: one rounding, as BLAS's FMA kernels do), computed for a tile of
+/// columns at a time ([`lora_rows_tiled`]): the loop over the tile is the inner one, so it
+/// vectorizes, and the bits are those of one element at a time whatever the tile's width (the
+/// copy for the widest vectors the CPU has is chosen here). Fused, the r terms are half the
+/// vector operations of a multiply then an add: on 2 cores (AVX-512) the kernel took 54 % of a
+/// LoRA fill's thread time that way.
 pub fn lora_rows(
     f: &LoraFactors,
     dtype: Dtype,
@@ -96,19 +99,22 @@ pub fn lora_rows(
             // SAFETY: `lora_rows_avx512` only requires AVX-512F, which was just checked.
             return unsafe { lora_rows_avx512(f, dtype, cols, elems, w, out) };
         }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: `lora_rows_avx2` only requires AVX2, which was just checked.
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: `lora_rows_avx2` only requires AVX2 and FMA, which were just checked.
             return unsafe { lora_rows_avx2(f, dtype, cols, elems, w, out) };
         }
     }
-    lora_rows_tiled::<32>(f, dtype, cols, elems, w, out)
+    // Without FMA instructions (x86-64 before AVX2) `mul_add` is libm's `fmaf`: slow, same bits.
+    lora_rows_tiled::<16, 2>(f, dtype, cols, elems, w, out, |b, a, a_cols, i0| {
+        rows_tile_sums(b, a, a_cols, i0, 16)
+    })
 }
 
-/// [`lora_rows_tiled`] compiled for AVX2, 64 sums at a time (8 registers of 8). Without FMA (not
-/// enabled here, and Rust never fuses a multiply and an add) each sum is the same IEEE multiplies
-/// and adds in the same order at any vector width, so the bits are the same.
+/// [`lora_rows_tiled`] compiled for AVX2 and FMA: 4 rows × 24 sums at a time (12 registers of
+/// 8). Each sum is the same fused multiply-adds in the same order at any tile shape, so the bits
+/// are the same.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn lora_rows_avx2(
     f: &LoraFactors,
     dtype: Dtype,
@@ -117,12 +123,16 @@ unsafe fn lora_rows_avx2(
     w: &[u8],
     out: &mut [u8],
 ) -> Result<(), CastError> {
-    lora_rows_tiled::<64>(f, dtype, cols, elems, w, out)
+    // SAFETY (of the closure): this function runs only where AVX2 and FMA are.
+    lora_rows_tiled::<24, 4>(f, dtype, cols, elems, w, out, |b, a, a_cols, i0| unsafe {
+        simd::tile_4x24_avx2(b, a, a_cols, i0)
+    })
 }
 
-/// [`lora_rows_avx2`] for AVX-512: 128 sums at a time (8 registers of 16), the same bits.
+/// [`lora_rows_avx2`] for AVX-512 (which has FMA): 4 rows × 96 sums at a time (24 registers of
+/// 16), the same bits.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn lora_rows_avx512(
     f: &LoraFactors,
     dtype: Dtype,
@@ -131,84 +141,248 @@ unsafe fn lora_rows_avx512(
     w: &[u8],
     out: &mut [u8],
 ) -> Result<(), CastError> {
-    lora_rows_tiled::<128>(f, dtype, cols, elems, w, out)
+    // SAFETY (of the closure): this function runs only where AVX-512F is.
+    lora_rows_tiled::<96, 4>(f, dtype, cols, elems, w, out, |b, a, a_cols, i0| unsafe {
+        simd::tile_4x96_avx512(b, a, a_cols, i0)
+    })
 }
 
-/// [`lora_rows`] with `TILE` sums held in registers across the r terms of a row segment (the
-/// baseline x86-64 target: 32, 8 SSE registers).
+/// [`lora_rows`] with `ROWS` × `TILE` sums held in registers across the r terms (the baseline
+/// x86-64 target: 2 × 16 in 8 SSE registers). Whole rows go `ROWS` at a time: each vector of A
+/// loaded serves `ROWS` rows' sums. One row at a time, every multiply-add needed a load of A
+/// (from L2: A is r × in, 256 KiB and more), and the kernel ran at a third of the FMA units'
+/// rate; the partial rows at a range's ends still go one at a time.
+/// `full_tile(b, a, a_cols, i0)` sums a whole tile ([`rows_tile_sums`] with `width == TILE`, or
+/// the same in explicit vector registers).
 #[inline(always)]
-fn lora_rows_tiled<const TILE: usize>(
+fn lora_rows_tiled<const TILE: usize, const ROWS: usize>(
     f: &LoraFactors,
     dtype: Dtype,
     cols: usize,
     elems: std::ops::Range<usize>,
     w: &[u8],
     out: &mut [u8],
+    full_tile: impl Fn(&[&[f32]; ROWS], &[f32], usize, usize) -> [[f32; TILE]; ROWS],
 ) -> Result<(), CastError> {
     if !dtype.is_float() {
         return Err(CastError { from: dtype, to: Dtype::F32 });
     }
     let r = f.rank;
     let a_cols = f.a.len() / r; // A is r × in
-    let (mut acc, mut wide) = (Vec::new(), Vec::new());
+    let mut acc = Vec::new();
     let mut e = elems.start;
     while e < elems.end {
         let (row, c0) = (e / cols, e % cols);
-        let c1 = cols.min(c0 + (elems.end - e));
+        // A block of `ROWS` whole rows, or what is left of this row.
+        let whole = !f.transposed && c0 == 0 && elems.end - e >= ROWS * cols;
+        let n = if whole { ROWS * cols } else { cols.min(c0 + (elems.end - e)) - c0 };
         acc.clear();
-        acc.resize(c1 - c0, 0f32);
+        acc.resize(n, 0f32);
         if f.transposed {
             for j in 0..r {
-                // W[i, o] for i = row, o in c0..c1: B's column j along o, one value of A.
+                // W[i, o] for i = row, o in c0..c0 + n: B's column j along o, one value of A.
                 let a = f.a[j * a_cols + row];
-                for (x, o) in acc.iter_mut().zip(c0..c1) {
-                    *x += f.b[o * r + j] * a;
+                for (x, o) in acc.iter_mut().zip(c0..c0 + n) {
+                    *x = f.b[o * r + j].mul_add(a, *x);
                 }
             }
+        } else if whole {
+            // W[o, i] for o in row..row + ROWS: B's rows o times A's rows along i, by tiles of
+            // TILE columns, ROWS × TILE sums in registers across all r terms.
+            let b: [&[f32]; ROWS] = std::array::from_fn(|k| &f.b[(row + k) * r..(row + k + 1) * r]);
+            let mut t0 = 0;
+            while t0 < cols {
+                let width = TILE.min(cols - t0);
+                let sums = if width == TILE {
+                    full_tile(&b, &f.a, a_cols, t0)
+                } else {
+                    rows_tile_sums::<TILE, ROWS>(&b, &f.a, a_cols, t0, width)
+                };
+                for (k, s) in sums.iter().enumerate() {
+                    acc[k * cols + t0..][..width].copy_from_slice(&s[..width]);
+                }
+                t0 += width;
+            }
         } else {
-            // W[o, i] for o = row, i in c0..c1: B's row o times A's rows along i, by tiles of
-            // TILE columns, each tile's sums kept in registers across all r terms (summed term by
-            // term over the whole segment, every term loaded and stored every sum again).
-            let b = &f.b[row * r..(row + 1) * r];
-            for (t, sums) in acc.chunks_mut(TILE).enumerate() {
-                tile_sums::<TILE>(b, &f.a, a_cols, c0 + t * TILE, sums);
+            // W[o, i] for o = row, i in c0..c0 + n: B's row o times A's rows along i.
+            let b = [&f.b[row * r..(row + 1) * r]];
+            let mut t0 = 0;
+            while t0 < n {
+                let width = TILE.min(n - t0);
+                let sums = rows_tile_sums::<TILE, 1>(&b, &f.a, a_cols, c0 + t0, width);
+                acc[t0..][..width].copy_from_slice(&sums[0][..width]);
+                t0 += width;
             }
         }
-        // out = dtype(f32(W) + acc · scale), a slice at a time (per-element conversions cost
-        // more than the r multiply-adds).
         let (s, k0) = (dtype.size(), e - elems.start);
         let bytes = k0 * s..(k0 + acc.len()) * s;
-        wide.resize(acc.len(), 0f32);
-        super::cast::cast(dtype, Dtype::F32, &w[bytes.clone()], bytemuck::cast_slice_mut(&mut wide))?;
-        for (x, &a) in wide.iter_mut().zip(&acc) {
-            *x += a * f.scale;
-        }
-        super::cast::cast(Dtype::F32, dtype, bytemuck::cast_slice(&wide), &mut out[bytes])?;
-        e += c1 - c0;
+        add_scaled(dtype, &w[bytes.clone()], &acc, f.scale, &mut out[bytes]);
+        e += n;
     }
     Ok(())
 }
 
-/// `sums[k] = Σ_j b[j] · a[j, i0 + k]` from 0.0 in order j = 0..r, `a` row-major with `a_cols`
-/// columns: a whole `TILE` in registers, a shorter remainder through memory.
+/// `out = dtype(f32(w) + acc · scale)` element by element (`w`, `out` little-endian `dtype`, a
+/// float), in one pass the compiler vectorizes: the casts' own branch-free conversions, so the
+/// same bits as casting `w` to f32, adding and casting back (which took two more passes over
+/// memory: 43 % of the kernel's time once the sums were in registers).
 #[inline(always)]
-fn tile_sums<const TILE: usize>(b: &[f32], a: &[f32], a_cols: usize, i0: usize, sums: &mut [f32]) {
-    if sums.len() == TILE {
-        let mut tile = [0f32; TILE];
-        for (j, &bj) in b.iter().enumerate() {
-            let a: &[f32; TILE] = a[j * a_cols + i0..][..TILE].try_into().expect("TILE values");
-            for k in 0..TILE {
-                tile[k] += bj * a[k];
+fn add_scaled(dtype: Dtype, w: &[u8], acc: &[f32], scale: f32, out: &mut [u8]) {
+    use super::cast::{bf16_bits_from_f32, f16_bits_from_f32, f16_bits_to_f32};
+    let n = acc.len();
+    let s = dtype.size();
+    let (w, out) = (&w[..n * s], &mut out[..n * s]);
+    // Indexed loops over slices of known length: the form LLVM vectorizes (chunked iterators
+    // zipped together were 4x slower).
+    let halves = (bytemuck::try_cast_slice::<u8, u16>(w), bytemuck::try_cast_slice_mut::<u8, u16>(out));
+    let half = matches!(dtype, Dtype::BF16 | Dtype::F16) && cfg!(target_endian = "little");
+    if let (Ok(w), Ok(out), true) = (halves.0, halves.1, half) {
+        // 2-byte aligned (as buffers from the allocator are): whole words.
+        if dtype == Dtype::BF16 {
+            for i in 0..n {
+                out[i] = bf16_bits_from_f32(f32::from_bits((w[i] as u32) << 16) + acc[i] * scale);
+            }
+        } else {
+            for i in 0..n {
+                out[i] = f16_bits_from_f32(f16_bits_to_f32(w[i]) + acc[i] * scale);
             }
         }
-        sums.copy_from_slice(&tile);
-    } else {
-        for (j, &bj) in b.iter().enumerate() {
-            for (x, &a) in sums.iter_mut().zip(&a[j * a_cols + i0..]) {
-                *x += bj * a;
+        return;
+    }
+    match dtype {
+        Dtype::BF16 => {
+            for i in 0..n {
+                let x = f32::from_bits((u16::from_le_bytes([w[2 * i], w[2 * i + 1]]) as u32) << 16);
+                let b = bf16_bits_from_f32(x + acc[i] * scale).to_le_bytes();
+                (out[2 * i], out[2 * i + 1]) = (b[0], b[1]);
+            }
+        }
+        Dtype::F16 => {
+            for i in 0..n {
+                let x = f16_bits_to_f32(u16::from_le_bytes([w[2 * i], w[2 * i + 1]]));
+                let b = f16_bits_from_f32(x + acc[i] * scale).to_le_bytes();
+                (out[2 * i], out[2 * i + 1]) = (b[0], b[1]);
+            }
+        }
+        _ => {
+            for i in 0..n {
+                let x = f32::from_le_bytes(w[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+                out[4 * i..4 * i + 4].copy_from_slice(&(x + acc[i] * scale).to_le_bytes());
             }
         }
     }
+}
+
+/// `sums[k][c] = Σ_j b[k][j] · a[j, i0 + c]` for c < `width` (≤ `TILE`), from 0.0 in order
+/// j = 0..r, each term a fused multiply-add; `a` row-major with `a_cols` columns. A whole tile
+/// is summed in a local array, which the compiler keeps in registers (sums written through a
+/// reference went back to memory at every term); a narrower one (a row's last columns) loops
+/// over `width`.
+#[inline(always)]
+fn rows_tile_sums<const TILE: usize, const ROWS: usize>(
+    b: &[&[f32]; ROWS],
+    a: &[f32],
+    a_cols: usize,
+    i0: usize,
+    width: usize,
+) -> [[f32; TILE]; ROWS] {
+    let r = b[0].len();
+    let mut sums = [[0f32; TILE]; ROWS];
+    if width == TILE {
+        for j in 0..r {
+            let a: &[f32; TILE] = a[j * a_cols + i0..][..TILE].try_into().expect("TILE values");
+            for (k, row) in sums.iter_mut().enumerate() {
+                let bj = b[k][j];
+                for c in 0..TILE {
+                    row[c] = bj.mul_add(a[c], row[c]);
+                }
+            }
+        }
+    } else {
+        for j in 0..r {
+            let a = &a[j * a_cols + i0..][..width];
+            for (k, row) in sums.iter_mut().enumerate() {
+                let bj = b[k][j];
+                for (x, &a) in row[..width].iter_mut().zip(a) {
+                    *x = bj.mul_add(a, *x);
+                }
+            }
+        }
+    }
+    sums
+}
+
+/// [`rows_tile_sums`] of whole tiles in explicit vector registers: LLVM kept the generic version's
+/// 4 × 96 sums in memory, storing every one back at every term. The same fused multiply-adds
+/// in the same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    macro_rules! tile_kernel {
+        ($name:ident, $feature:literal, $vec:ty, $lanes:literal, $vecs:literal, $zero:ident, $load:ident,
+         $set1:ident, $fmadd:ident, $store:ident) => {
+            /// `sums[k][c] = Σ_j b[k][j] · a[j, i0 + c]`, j in order, for 4 rows and a whole tile.
+            ///
+            /// # Safety
+            /// The CPU must have the target feature this is compiled for.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name(
+                b: &[&[f32]; 4],
+                a: &[f32],
+                a_cols: usize,
+                i0: usize,
+            ) -> [[f32; $lanes * $vecs]; 4] {
+                let r = b[0].len();
+                assert!(b.iter().all(|b| b.len() == r), "B's rows");
+                assert!(r == 0 || (r - 1) * a_cols + i0 + $lanes * $vecs <= a.len(), "A's tile");
+                let mut acc = [[$zero(); $vecs]; 4];
+                for j in 0..r {
+                    // SAFETY: within `a` (asserted above for the last j).
+                    let ap = unsafe { a.as_ptr().add(j * a_cols + i0) };
+                    let av: [$vec; $vecs] = std::array::from_fn(|v| unsafe { $load(ap.add(v * $lanes)) });
+                    for k in 0..4 {
+                        let bj = $set1(b[k][j]);
+                        for v in 0..$vecs {
+                            acc[k][v] = $fmadd(bj, av[v], acc[k][v]);
+                        }
+                    }
+                }
+                let mut sums = [[0f32; $lanes * $vecs]; 4];
+                for k in 0..4 {
+                    for v in 0..$vecs {
+                        // SAFETY: `sums[k]` holds $vecs vectors.
+                        unsafe { $store(sums[k].as_mut_ptr().add(v * $lanes), acc[k][v]) };
+                    }
+                }
+                sums
+            }
+        };
+    }
+    tile_kernel!(
+        tile_4x24_avx2,
+        "avx2,fma",
+        __m256,
+        8,
+        3,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps
+    );
+    tile_kernel!(
+        tile_4x96_avx512,
+        "avx512f",
+        __m512,
+        16,
+        6,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
 }
 
 /// The obvious loop, one element at a time: the reference [`lora_rows`] is tested against.
@@ -228,7 +402,7 @@ fn lora_one_at_a_time(
         let (o, i) = if f.transposed { (col, row) } else { (row, col) };
         let mut acc = 0f32;
         for j in 0..r {
-            acc += f.b[o * r + j] * f.a[j * a_cols + i];
+            acc = f.b[o * r + j].mul_add(f.a[j * a_cols + i], acc);
         }
         store(dtype, out, k, load(dtype, w, k) + acc * f.scale);
     }
@@ -317,9 +491,54 @@ mod tests {
                 // The dispatch (AVX2 where the machine has it) and the baseline's 32-wide tiles.
                 lora_rows(&f, dtype, cols, range.clone(), wr, &mut got).unwrap();
                 assert!(got == want, "{rows}x{cols} r{r} transposed={transposed} {dtype} {range:?}");
-                for tiled in [lora_rows_tiled::<32>, lora_rows_tiled::<64>] {
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // The AVX2 copy, which the dispatch skips on a machine with AVX-512.
                     got.fill(0);
-                    tiled(&f, dtype, cols, range.clone(), wr, &mut got).unwrap();
+                    // SAFETY: AVX2 and FMA were just checked.
+                    unsafe { lora_rows_avx2(&f, dtype, cols, range.clone(), wr, &mut got) }.unwrap();
+                    assert!(
+                        got == want,
+                        "avx2: {rows}x{cols} r{r} transposed={transposed} {dtype} {range:?}"
+                    );
+                }
+                // W and the output at odd addresses (the byte-wise path of `add_scaled`).
+                let (mut w_odd, mut out_odd) = (vec![0u8; len + 1], vec![0u8; len + 1]);
+                w_odd[1..].copy_from_slice(wr);
+                lora_rows(&f, dtype, cols, range.clone(), &w_odd[1..], &mut out_odd[1..]).unwrap();
+                assert!(out_odd[1..] == want, "odd: {rows}x{cols} r{r} {dtype} {range:?}");
+                for (tile, rows) in [(16, 2), (32, 1), (8, 3)] {
+                    got.fill(0);
+                    let go = match (tile, rows) {
+                        (16, 2) => lora_rows_tiled::<16, 2>(
+                            &f,
+                            dtype,
+                            cols,
+                            range.clone(),
+                            wr,
+                            &mut got,
+                            |b, a, c, i| rows_tile_sums(b, a, c, i, 16),
+                        ),
+                        (32, 1) => lora_rows_tiled::<32, 1>(
+                            &f,
+                            dtype,
+                            cols,
+                            range.clone(),
+                            wr,
+                            &mut got,
+                            |b, a, c, i| rows_tile_sums(b, a, c, i, 32),
+                        ),
+                        _ => lora_rows_tiled::<8, 3>(
+                            &f,
+                            dtype,
+                            cols,
+                            range.clone(),
+                            wr,
+                            &mut got,
+                            |b, a, c, i| rows_tile_sums(b, a, c, i, 8),
+                        ),
+                    };
+                    go.unwrap();
                     assert!(
                         got == want,
                         "tiles: {rows}x{cols} r{r} transposed={transposed} {dtype} {range:?}"

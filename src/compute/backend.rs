@@ -344,6 +344,24 @@ pub fn add_f16(a: &[u8], b: &[u8], out: &mut [u8]) {
     dispatch!(choice().add_f16, |ctx| ctx.add_f16(a, b, out), merge::add_f16(a, b, out))
 }
 
+/// [`merge::add_f16_of`] (FastChat's add over a base cast to f16): fused on the CPU, or the cast
+/// and the add each on the device chosen for it when either is the GPU.
+pub fn add_f16_of(
+    from: Dtype,
+    base: &[u8],
+    delta: &[u8],
+    out: &mut [u8],
+) -> Result<(), super::cast::CastError> {
+    #[cfg(feature = "gpu")]
+    if (choice().cast == Device::Gpu || choice().add_f16 == Device::Gpu) && from != Dtype::F16 {
+        let mut h = vec![0u8; out.len()];
+        cast(from, Dtype::F16, base, &mut h)?;
+        add_f16(&h, delta, out);
+        return Ok(());
+    }
+    merge::add_f16_of(from, base, delta, out)
+}
+
 /// [`merge::lora_rows`] on the faster device; an error (a weight dtype with no merge) is the
 /// caller's to turn into EIO.
 pub fn lora_rows(

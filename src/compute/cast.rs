@@ -94,7 +94,7 @@ unsafe fn convert_avx2(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) {
 
 /// Whether the F16C paths below can run (checked once per call; the check is a cached load).
 #[cfg(target_arch = "x86_64")]
-fn has_f16c() -> bool {
+pub(crate) fn has_f16c() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
 }
 

@@ -88,11 +88,15 @@ fn bitdelta_block<T: Float>(signs: &[u8], s: f32, base: &[u8], out: &mut [u8]) {
     let (signs, base, out) = (&signs[..8], &base[..BITDELTA_BLOCK * T::N], &mut out[..BITDELTA_BLOCK * T::N]);
     let sbits = s.to_bits();
     let mut v = [0f32; BITDELTA_BLOCK];
-    for (g, &byte) in signs.iter().enumerate() {
-        for k in 0..8 {
-            let neg = ((byte as u32 & (1 << k)) != 0) as u32;
-            let i = g * 8 + k;
-            v[i] = T::widen(&base[i * T::N..(i + 1) * T::N]) + f32::from_bits(sbits ^ (neg << 31));
+    // The 64 signs as two 32-bit words, element k's bit shifted up to the sign position: one
+    // variable shift per lane (a test of one bit of a byte per element compiled to shuffles).
+    let word = u64::from_le_bytes(signs.try_into().expect("8 sign bytes"));
+    for (half, v) in v.chunks_exact_mut(32).enumerate() {
+        let bits = (word >> (32 * half)) as u32;
+        for (k, v) in v.iter_mut().enumerate() {
+            let i = 32 * half + k;
+            let sign = (bits << (31 - k)) & 0x8000_0000;
+            *v = T::widen(&base[i * T::N..(i + 1) * T::N]) + f32::from_bits(sbits ^ sign);
         }
     }
     if v.iter().fold(false, |any, x| any | x.is_nan()) {
@@ -105,6 +109,8 @@ fn bitdelta_block<T: Float>(signs: &[u8], s: f32, base: &[u8], out: &mut [u8]) {
     T::narrow_block(&v, out);
 }
 
+// Always inlined: in the AVX2 copy below, a call would run this SSE2 code (as it did).
+#[inline(always)]
 fn decode_bitdelta_t<T: Float>(
     signs: &[u8],
     scales: &[f32],

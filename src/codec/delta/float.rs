@@ -40,9 +40,10 @@ impl Float for F16 {
         // F16C where the CPU has it: round to nearest even, as `half` does (with F16C too).
         let mut h = [0u16; BITDELTA_BLOCK];
         crate::compute::cast::f32_to_f16_bits(v, &mut h);
-        for (o, h) in out.chunks_exact_mut(2).zip(h) {
-            o.copy_from_slice(&h.to_le_bytes());
+        for h in h.iter_mut() {
+            *h = h.to_le();
         }
+        out.copy_from_slice(bytemuck::cast_slice(&h));
     }
 }
 
@@ -62,10 +63,13 @@ impl Float for BF16 {
     }
     #[inline(always)]
     fn narrow_block(v: &[f32; BITDELTA_BLOCK], out: &mut [u8]) {
-        // Round to nearest even: `half`'s rounding for every value but NaN.
-        for (o, &x) in out.chunks_exact_mut(2).zip(v) {
-            o.copy_from_slice(&crate::compute::cast::bf16_bits_from_f32(x).to_le_bytes());
+        // Round to nearest even: `half`'s rounding for every value but NaN. Into words, then one
+        // copy (two bytes stored per element compiled to byte shuffles).
+        let mut h = [0u16; BITDELTA_BLOCK];
+        for (h, &x) in h.iter_mut().zip(v) {
+            *h = crate::compute::cast::bf16_bits_from_f32(x).to_le();
         }
+        out.copy_from_slice(bytemuck::cast_slice(&h));
     }
 }
 

@@ -397,6 +397,50 @@ pub fn forward_to_planes(tr: Transform, esize: usize, target: &[u8], base: Optio
 pub fn inverse_from_planes(tr: Transform, esize: usize, planes: &[u8], base: Option<&[u8]>, out: &mut [u8]) {
     assert!(esize > 0 && out.len() % esize == 0 && planes.len() == out.len());
     assert!(base.is_none_or(|b| b.len() == out.len()));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the function only requires AVX-512F and BW, just checked.
+            return unsafe { inverse_from_planes_avx512(tr, esize, planes, base, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the function only requires AVX2, just checked.
+            return unsafe { inverse_from_planes_avx2(tr, esize, planes, base, out) };
+        }
+    }
+    inverse_from_planes_any(tr, esize, planes, base, out)
+}
+
+/// [`inverse_from_planes_any`] compiled for AVX2: integer operations with one result, the same
+/// bits at any width. (Compiled for the x86-64 baseline, SSE2, the plane join and inverse
+/// transform were a fifth of a lossless delta's fill thread on 2 cores.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn inverse_from_planes_avx2(
+    tr: Transform,
+    esize: usize,
+    planes: &[u8],
+    base: Option<&[u8]>,
+    out: &mut [u8],
+) {
+    inverse_from_planes_any(tr, esize, planes, base, out)
+}
+
+/// [`inverse_from_planes_avx2`] for AVX-512 (BW: 16-bit lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn inverse_from_planes_avx512(
+    tr: Transform,
+    esize: usize,
+    planes: &[u8],
+    base: Option<&[u8]>,
+    out: &mut [u8],
+) {
+    inverse_from_planes_any(tr, esize, planes, base, out)
+}
+
+#[inline(always)]
+fn inverse_from_planes_any(tr: Transform, esize: usize, planes: &[u8], base: Option<&[u8]>, out: &mut [u8]) {
     macro_rules! go {
         ($w:ty) => {
             match tr {

@@ -20,6 +20,9 @@
 #                  0-(N-1)` for N in SCALING_CORES (default 2,4,8,16): each kind's fill rate by
 #                  core count (its printed "warm:" line), until SCALING_SECS (default 150) have
 #                  passed; `lscpu -e` first, to tell cores from hyperthreads
+#   folio.txt      (FOLIO_KINDS=K,K only) `llmfs warm K` on all cores, then folio_check.py over the
+#                  plain fine-tune's files, the base's and K's decoded files: each mapped and read,
+#                  and how much of it the page cache holds in 2 MiB folios (FilePmdMapped)
 # FILL_BENCH=0 skips fill.txt. SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
 # from_pretrained), W (the work dir) and BIN (where the binaries are unpacked) override.
 # A/B of the daemon's environment switches in the same call: CONFIGS="NAME:VAR=VAL,VAR=VAL ..."
@@ -45,7 +48,8 @@ pack)
     done
     cc -O2 -pthread -o "$K/fill_bench" "$ROOT/scripts/fill_bench.c"
     cc -O2 -pthread -o "$K/mem_touch" "$ROOT/scripts/mem_touch.c"
-    cp "$ROOT/scripts/bench_load.py" "$ROOT/scripts/fill_timeline.py" "$ROOT/scripts/cache_direct.py" "$K/scripts/"
+    cp "$ROOT/scripts/bench_load.py" "$ROOT/scripts/fill_timeline.py" "$ROOT/scripts/cache_direct.py" \
+        "$ROOT/scripts/folio_check.py" "$K/scripts/"
     cp "$0" "$K/bench_load_device.sh"
     git -C "$ROOT" rev-parse --short HEAD >"$K/commit"
     du -sh "$K"
@@ -113,6 +117,17 @@ P
         done; done
         rm -rf "$W/scaling-dc"
         cat "$OUT/scaling.txt"; echo "scaling done: $(($(date +%s) - t0)) s"
+    fi
+    if [ -n "${FOLIO_KINDS:-}" ]; then
+        python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$FOLIO_KINDS'.split(','))" >"$OUT/folio.log" 2>&1
+        for k in ${FOLIO_KINDS//,/ }; do
+            rm -rf "$W/folio-dc"
+            echo "== $k: $($B/llmfs --store $W/store warm $k --disk-cache "$W/folio-dc" 2>&1 | tr '\r' '\n' | grep '^warm:')"
+            python3 "$D/scripts/folio_check.py" $W/ft/*.safetensors $W/model/*.safetensors \
+                $(ls "$W"/folio-dc/* | grep -E '/[0-9a-f]{64}$')
+        done >>"$OUT/folio.txt" 2>&1
+        rm -rf "$W/folio-dc"
+        cat "$OUT/folio.txt"; echo "folio done: $(($(date +%s) - t0)) s"
     fi
     cp $W/results-*.json "$OUT/" 2>/dev/null
     grep -h "cache: decoded" $W/store/llmfs.log | sed 's/\x1b\[[0-9;]*m//g' | tail -200 >"$OUT/fills.txt"

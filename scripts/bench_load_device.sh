@@ -20,6 +20,9 @@
 #                  0-(N-1)` for N in SCALING_CORES (default 2,4,8,16): each kind's fill rate by
 #                  core count (its printed "warm:" line), until SCALING_SECS (default 150) have
 #                  passed; `lscpu -e` first, to tell cores from hyperthreads
+#   warm_ab.txt    (WARM_AB=K,K only; pack with AB_OLD=BIN AB_NEW=BIN) `llmfs warm K` into an empty disk
+#                  cache on all cores, the two packed builds alternating, WARM_AB_ROUNDS (default 2)
+#                  rounds: two builds' fill rates on the same host (each line its "warm:" line)
 #   folio.txt      (FOLIO_KINDS=K,K only) `llmfs warm K` on all cores, then folio_check.py over the
 #                  plain fine-tune's files, the base's and K's decoded files: each mapped and read,
 #                  and how much of it the page cache holds in 2 MiB folios (FilePmdMapped)
@@ -46,12 +49,18 @@ pack)
     for b in "$T/release/llmfs" "$T"/release/examples/{gen_model,gen_finetune}; do
         strip -o "$K/tmp.bin" "$b" && xz -6 -T2 -c "$K/tmp.bin" >"$K/$(basename "$b").xz" && rm "$K/tmp.bin"
     done
+    # Two more builds for WARM_AB (say CPU-only builds of two commits), when given.
+    [ -n "${AB_OLD:-}" ] && strip -o "$K/tmp.bin" "$AB_OLD" && xz -6 -T2 -c "$K/tmp.bin" >"$K/llmfs-old.xz"
+    [ -n "${AB_NEW:-}" ] && strip -o "$K/tmp.bin" "$AB_NEW" && xz -6 -T2 -c "$K/tmp.bin" >"$K/llmfs-new.xz"
+    rm -f "$K/tmp.bin"
     cc -O2 -pthread -o "$K/fill_bench" "$ROOT/scripts/fill_bench.c"
     cc -O2 -pthread -o "$K/mem_touch" "$ROOT/scripts/mem_touch.c"
     cp "$ROOT/scripts/bench_load.py" "$ROOT/scripts/fill_timeline.py" "$ROOT/scripts/cache_direct.py" \
         "$ROOT/scripts/folio_check.py" "$K/scripts/"
     cp "$0" "$K/bench_load_device.sh"
     git -C "$ROOT" rev-parse --short HEAD >"$K/commit"
+    [ -n "${AB_OLD:-}" ] && echo "${AB_OLD_LABEL:-$AB_OLD}" >"$K/ab-old"
+    [ -n "${AB_NEW:-}" ] && echo "${AB_NEW_LABEL:-$AB_NEW}" >"$K/ab-new"
     du -sh "$K"
     ;;
 run)
@@ -61,7 +70,9 @@ run)
     python3 - "$D" "$B" <<'P'
 import lzma, os, shutil, sys
 d, b = sys.argv[1:]
-for n in ("llmfs", "gen_model", "gen_finetune"):
+for n in ("llmfs", "gen_model", "gen_finetune", "llmfs-old", "llmfs-new"):
+    if not os.path.exists(f"{d}/{n}.xz"):
+        continue
     with lzma.open(f"{d}/{n}.xz") as src, open(f"{b}/{n}", "wb") as dst:
         shutil.copyfileobj(src, dst, 16 << 20)
     os.chmod(f"{b}/{n}", 0o755)
@@ -117,6 +128,17 @@ P
         done; done
         rm -rf "$W/scaling-dc"
         cat "$OUT/scaling.txt"; echo "scaling done: $(($(date +%s) - t0)) s"
+    fi
+    if [ -n "${WARM_AB:-}" ]; then
+        python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$WARM_AB'.split(','))" >"$OUT/warm_ab.log" 2>&1
+        echo "old: $(cat "$D/ab-old" 2>/dev/null), new: $(cat "$D/ab-new" 2>/dev/null)" >"$OUT/warm_ab.txt"
+        for k in ${WARM_AB//,/ }; do for r in $(seq ${WARM_AB_ROUNDS:-2}); do for which in old new; do
+            rm -rf "$W/ab-dc"
+            echo "$k $which: $($B/llmfs-$which --store $W/store warm $k --disk-cache "$W/ab-dc" 2>&1 |
+                tr '\r' '\n' | grep '^warm:')" >>"$OUT/warm_ab.txt"
+        done; done; done
+        rm -rf "$W/ab-dc"
+        cat "$OUT/warm_ab.txt"; echo "warm A/B done: $(($(date +%s) - t0)) s"
     fi
     if [ -n "${FOLIO_KINDS:-}" ]; then
         python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$FOLIO_KINDS'.split(','))" >"$OUT/folio.log" 2>&1

@@ -87,8 +87,9 @@ struct Handle {
     target: Target,
     next_offset: u64,
     window: u64,
-    /// A sequential reader's cached chunks before this offset have been dropped (drop-behind).
-    dropped_to: u64,
+    /// A sequential reader's cached chunks before this offset have been dropped (drop-behind);
+    /// shared with its prefetch tasks, which must not put such a chunk back.
+    dropped_to: Arc<std::sync::atomic::AtomicU64>,
 }
 
 enum Target {
@@ -565,7 +566,7 @@ impl Fs {
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, Handle { target, next_offset: 0, window: 0, dropped_to: 0 });
+            .insert(fh, Handle { target, next_offset: 0, window: 0, dropped_to: Default::default() });
         Opened { fh, backing, keep_cache }
     }
 
@@ -597,7 +598,8 @@ impl Fs {
     /// Note where handle `fh`'s reader is going, prefetch for a sequential one, and return what it
     /// reads: a visible file, or (Err) a staged one.
     fn track(&self, fh: u64, offset: u64, size: u32) -> FsResult<Result<VFile, Arc<std::fs::File>>> {
-        let (file, prefetch_from, window, behind) = {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (file, prefetch_from, window, behind, passed) = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             let h = handles.get_mut(&fh).ok_or(FsError::new(libc::EBADF))?;
             let file = match &h.target {
@@ -618,19 +620,20 @@ impl Fs {
                 h.window = (h.window * 2).clamp(CHUNK_SIZE, MAX_PREFETCH);
                 h.next_offset = h.next_offset.max(end);
                 let to = h.next_offset.saturating_sub(MAX_PREFETCH);
-                if to > h.dropped_to + CHUNK_SIZE {
-                    behind = Some(h.dropped_to..to);
-                    h.dropped_to = to;
+                let dropped = h.dropped_to.load(Relaxed);
+                if to > dropped + CHUNK_SIZE {
+                    behind = Some(dropped..to);
+                    h.dropped_to.store(to, Relaxed);
                 }
             } else {
                 h.window = 0;
                 h.next_offset = end;
-                h.dropped_to = offset;
+                h.dropped_to.store(offset, Relaxed);
             }
-            (file, h.next_offset, h.window, behind)
+            (file, h.next_offset, h.window, behind, h.dropped_to.clone())
         };
         if window > 0 {
-            read::prefetch(&file, prefetch_from, window, &self.cache);
+            read::prefetch(&file, prefetch_from, window, &self.cache, passed);
         }
         if let Some(r) = behind {
             read::drop_behind(&file, r.start, r.end, &self.cache);

@@ -190,26 +190,25 @@ impl TensorSource {
             TensorSource::LossyDelta(d) => d.read(elems, out),
             // Both inputs in place where they are stored tensors (no `pread` copy, no fresh
             // zeroed buffer per piece).
-            // A base cast to f16 (FastChat loads it as fp16): its stored bytes in place, the
-            // cast fused with the add.
-            TensorSource::AddF16 { base, delta }
-                if matches!(**base, TensorSource::Cast { to: Dtype::F16, .. }) =>
-            {
-                let TensorSource::Cast { inner, .. } = &**base else { unreachable!("matched above") };
-                let from = inner.dtype();
-                inner.with_elements(elems.clone(), |b| {
-                    delta.with_elements(elems, |d| {
-                        compute::backend::add_f16_of(from, b, d, out)
-                            .map_err(|e| ReadError::Decode(e.to_string()))
+            TensorSource::AddF16 { base, delta } => match &**base {
+                // A base cast to f16 (FastChat loads it as fp16): its stored bytes, the cast fused
+                // with the add.
+                TensorSource::Cast { inner, to: Dtype::F16 } => {
+                    let from = inner.dtype();
+                    inner.with_elements(elems.clone(), |b| {
+                        delta.with_elements(elems, |d| {
+                            compute::backend::add_f16_of(from, b, d, out)
+                                .map_err(|e| ReadError::Decode(e.to_string()))
+                        })
                     })
-                })
-            }
-            TensorSource::AddF16 { base, delta } => base.with_elements(elems.clone(), |b| {
-                delta.with_elements(elems, |d| {
-                    compute::backend::add_f16(b, d, out);
-                    Ok(())
-                })
-            }),
+                }
+                _ => base.with_elements(elems.clone(), |b| {
+                    delta.with_elements(elems, |d| {
+                        compute::backend::add_f16(b, d, out);
+                        Ok(())
+                    })
+                }),
+            },
             TensorSource::Ggml(g) => g.read(elems, out),
             TensorSource::Merged(m) => m.read(elems, out),
             // The base copied into scratch memory first, not read in place as a cast's or an

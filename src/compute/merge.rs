@@ -186,9 +186,7 @@ pub fn lora_rows(
         }
     }
     // Without FMA instructions (x86-64 before AVX2) `mul_add` is libm's `fmaf`: slow, same bits.
-    lora_rows_tiled::<16, 2>(f, dtype, cols, elems, w, out, |b, a, a_cols, i0| {
-        rows_tile_sums(b, a, a_cols, i0, 16)
-    })
+    portable_tiles::<16, 2>(f, dtype, cols, elems, w, out)
 }
 
 /// [`lora_rows_tiled`] compiled for AVX2 and FMA: 4 rows × 24 sums at a time (12 registers of
@@ -301,6 +299,21 @@ fn lora_rows_tiled<const TILE: usize, const ROWS: usize>(
         e += n;
     }
     Ok(())
+}
+
+/// [`lora_rows_tiled`] with `ROWS` × `TILE` portable tiles ([`rows_tile_sums`] for whole ones):
+/// the baseline x86-64 copy, and other shapes in the tests.
+fn portable_tiles<const TILE: usize, const ROWS: usize>(
+    f: &LoraFactors,
+    dtype: Dtype,
+    cols: usize,
+    elems: std::ops::Range<usize>,
+    w: &[u8],
+    out: &mut [u8],
+) -> Result<(), CastError> {
+    lora_rows_tiled::<TILE, ROWS>(f, dtype, cols, elems, w, out, |b, a, a_cols, i0| {
+        rows_tile_sums(b, a, a_cols, i0, TILE)
+    })
 }
 
 /// `out = dtype(f32(w) + acc · scale)` element by element (`w`, `out` little-endian `dtype`, a
@@ -582,6 +595,9 @@ mod tests {
         assert!(add_f16_of(Dtype::I32, &[0; 4], &[0; 2], &mut [0; 2]).is_err());
     }
 
+    type Tiled =
+        fn(&LoraFactors, Dtype, usize, std::ops::Range<usize>, &[u8], &mut [u8]) -> Result<(), CastError>;
+
     #[test]
     fn lora_rows_gives_the_bits_of_one_element_at_a_time() {
         let mut rng = SplitMix64(17);
@@ -633,41 +649,18 @@ mod tests {
                 w_odd[1..].copy_from_slice(wr);
                 lora_rows(&f, dtype, cols, range.clone(), &w_odd[1..], &mut out_odd[1..]).unwrap();
                 assert!(out_odd[1..] == want, "odd: {rows}x{cols} r{r} {dtype} {range:?}");
-                for (tile, rows) in [(16, 2), (32, 1), (8, 3)] {
+                // The portable tiles of other shapes (wider, narrower, one row, odd row counts).
+                let tilings: [(&str, Tiled); 3] = [
+                    ("16 x 2", portable_tiles::<16, 2>),
+                    ("32 x 1", portable_tiles::<32, 1>),
+                    ("8 x 3", portable_tiles::<8, 3>),
+                ];
+                for (shape, tiled) in tilings {
                     got.fill(0);
-                    let go = match (tile, rows) {
-                        (16, 2) => lora_rows_tiled::<16, 2>(
-                            &f,
-                            dtype,
-                            cols,
-                            range.clone(),
-                            wr,
-                            &mut got,
-                            |b, a, c, i| rows_tile_sums(b, a, c, i, 16),
-                        ),
-                        (32, 1) => lora_rows_tiled::<32, 1>(
-                            &f,
-                            dtype,
-                            cols,
-                            range.clone(),
-                            wr,
-                            &mut got,
-                            |b, a, c, i| rows_tile_sums(b, a, c, i, 32),
-                        ),
-                        _ => lora_rows_tiled::<8, 3>(
-                            &f,
-                            dtype,
-                            cols,
-                            range.clone(),
-                            wr,
-                            &mut got,
-                            |b, a, c, i| rows_tile_sums(b, a, c, i, 8),
-                        ),
-                    };
-                    go.unwrap();
+                    tiled(&f, dtype, cols, range.clone(), wr, &mut got).unwrap();
                     assert!(
                         got == want,
-                        "tiles: {rows}x{cols} r{r} transposed={transposed} {dtype} {range:?}"
+                        "tiles {shape}: {rows}x{cols} r{r} transposed={transposed} {dtype} {range:?}"
                     );
                 }
             }

@@ -85,6 +85,19 @@ P
     SIZE=${SIZE:-6000} R16=${R16:-2} KINDS=${KINDS:-base,f16,q8,d-lossless,d-bitdelta}
     LOADERS=${LOADERS:-load_file,safe_open}
     t0=$(date +%s)
+    # Register the kinds KINDS (comma-separated) that the store lacks (bench_load.setup adds only
+    # what is missing), logging to LOG.
+    register() { # KINDS LOG
+        python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$1'.split(','))" >"$2" 2>&1
+    }
+    # `llmfs warm KIND` into the empty disk cache DC with the llmfs binary BIN (after any command
+    # prefix, such as taskset): its "warm:" line.
+    warm_line() { # DC BIN KIND [PREFIX...]
+        local dc=$1 bin=$2 kind=$3
+        shift 3
+        rm -rf "$dc"
+        "$@" "$bin" --store $W/store warm "$kind" --disk-cache "$dc" 2>&1 | tr '\r' '\n' | grep '^warm:'
+    }
     [ "${FILL_BENCH:-1}" = 1 ] && {
         for dir in /var/tmp /dev/shm; do
             for t in 1 16; do for m in pwrite mmap keep; do $B/fill_bench $dir 1024 $t $m; done; done
@@ -118,35 +131,29 @@ P
     fi
     if [ -n "${SCALING:-}" ]; then
         s0=$(date +%s)
-        # Registers the kinds the table did not (bench_load.setup adds only what is missing).
-        python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$SCALING'.split(','))" >"$OUT/scaling.log" 2>&1
+        register "$SCALING" "$OUT/scaling.log"
         { lscpu -e 2>/dev/null || grep -E "^(processor|core id|physical id)" /proc/cpuinfo; } >"$OUT/scaling.txt"
         cores=${SCALING_CORES:-2,4,8,16}
         for k in ${SCALING//,/ }; do for n in ${cores//,/ }; do
             [ $(($(date +%s) - s0)) -gt "${SCALING_SECS:-150}" ] && break 2
-            rm -rf "$W/scaling-dc"
-            echo "$k $n cores: $(taskset -c 0-$((n - 1)) $B/llmfs --store $W/store warm $k --disk-cache "$W/scaling-dc" 2>&1 |
-                tr '\r' '\n' | grep '^warm:')" >>"$OUT/scaling.txt"
+            echo "$k $n cores: $(warm_line "$W/scaling-dc" $B/llmfs $k taskset -c 0-$((n - 1)))" >>"$OUT/scaling.txt"
         done; done
         rm -rf "$W/scaling-dc"
         cat "$OUT/scaling.txt"; echo "scaling done: $(($(date +%s) - t0)) s"
     fi
     if [ -n "${WARM_AB:-}" ]; then
-        python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$WARM_AB'.split(','))" >"$OUT/warm_ab.log" 2>&1
+        register "$WARM_AB" "$OUT/warm_ab.log"
         echo "old: $(cat "$D/ab-old" 2>/dev/null), new: $(cat "$D/ab-new" 2>/dev/null)" >"$OUT/warm_ab.txt"
         for k in ${WARM_AB//,/ }; do for r in $(seq ${WARM_AB_ROUNDS:-2}); do for which in old new; do
-            rm -rf "$W/ab-dc"
-            echo "$k $which: $($B/llmfs-$which --store $W/store warm $k --disk-cache "$W/ab-dc" 2>&1 |
-                tr '\r' '\n' | grep '^warm:')" >>"$OUT/warm_ab.txt"
+            echo "$k $which: $(warm_line "$W/ab-dc" $B/llmfs-$which $k)" >>"$OUT/warm_ab.txt"
         done; done; done
         rm -rf "$W/ab-dc"
         cat "$OUT/warm_ab.txt"; echo "warm A/B done: $(($(date +%s) - t0)) s"
     fi
     if [ -n "${FOLIO_KINDS:-}" ]; then
-        python3 -c "import sys; sys.path.insert(0, '$D/scripts'); import bench_load as b; b.setup('$W', $SIZE, '$FOLIO_KINDS'.split(','))" >"$OUT/folio.log" 2>&1
+        register "$FOLIO_KINDS" "$OUT/folio.log"
         for k in ${FOLIO_KINDS//,/ }; do
-            rm -rf "$W/folio-dc"
-            echo "== $k: $($B/llmfs --store $W/store warm $k --disk-cache "$W/folio-dc" 2>&1 | tr '\r' '\n' | grep '^warm:')"
+            echo "== $k: $(warm_line "$W/folio-dc" $B/llmfs $k)"
             python3 "$D/scripts/folio_check.py" $W/ft/*.safetensors $W/model/*.safetensors \
                 $(ls "$W"/folio-dc/* | grep -E '/[0-9a-f]{64}$')
         done >>"$OUT/folio.txt" 2>&1

@@ -13,9 +13,10 @@
 //!
 //! Files: this one (`Fs`: lookup, getattr, readdir, open, read, release, with read-ahead),
 //! `inodes.rs` (the inode table and path lookups), `catalog.rs` (the registry as last loaded and
-//! the views built from it, swapped in without blocking requests), `decoded.rs` (fills of the
-//! disk cache), `deltas.rs` (the requests that change `deltas/`), `write/` (their staging and
-//! registry transactions), `error.rs` (errno), `fuse.rs` (the wire protocol), `mount.rs`.
+//! the views built from it, swapped in without blocking requests), `decoded/` (fills of the
+//! disk cache; `pwrite.rs`: those written in aligned spans), `deltas.rs` (the requests that
+//! change `deltas/`), `write/` (their staging and registry transactions), `error.rs` (errno),
+//! `fuse.rs` (the wire protocol), `mount.rs`.
 
 mod catalog;
 mod decoded;
@@ -118,13 +119,13 @@ pub struct Fs {
     staging: write::Staging,
     /// Tells the kernel to forget a cached name under the root (set by the FUSE layer).
     forget_name: std::sync::OnceLock<ForgetName>,
-    /// Decoded files on local disk (decoded.rs), when the mount has one.
+    /// Decoded files on local disk (decoded/), when the mount has one.
     disk: std::sync::OnceLock<Arc<crate::cache::disk::DiskCache>>,
-    /// Decoded files in memory, in front of the disk cache (decoded.rs).
+    /// Decoded files in memory, in front of the disk cache (decoded/).
     memory: std::sync::OnceLock<Arc<crate::cache::memory::MemoryCache>>,
     /// The view of each entry whose objects were prefetched (see `prefetch_objects`).
     prefetched: Mutex<HashMap<String, std::sync::Weak<EntryView>>>,
-    /// The entries whose files are being decoded into the disk cache (decoded.rs).
+    /// The entries whose files are being decoded into the disk cache (decoded/).
     entry_fills: decoded::EntryFills,
 }
 
@@ -167,7 +168,7 @@ impl Fs {
         &self.cache
     }
 
-    /// Serve synthesized files from their decoded copies in `disk` (see decoded.rs).
+    /// Serve synthesized files from their decoded copies in `disk` (see decoded/).
     pub fn set_disk_cache(&self, disk: Arc<crate::cache::disk::DiskCache>) {
         let _ = self.disk.set(disk);
     }

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+mod pwrite;
+
 use super::{Fs, FsError, FsResult, Node, Target};
 use crate::cache::disk::{Cached, DiskCache, Key, KeyBuilder, Leaf};
 use crate::cache::memory::{MemFile, MemoryCache, WrittenPages};
@@ -571,7 +573,7 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadE
             return decode_into(synth, bytes, drop_mapped().then_some(written));
         }
     }
-    write_by_pwrite(synth, out)
+    pwrite::write_by_pwrite(synth, out)
 }
 
 /// Pool threads from which a fill writes through a shared mapping (see [`write_decoded`]).
@@ -633,27 +635,4 @@ fn pieces(synth: &SynthFile) -> Result<Vec<(usize, u64, u64)>, ReadError> {
 
 fn cache_io(e: std::io::Error) -> ReadError {
     ReadError::Io { path: "the disk cache".into(), reason: e.to_string() }
-}
-
-fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
-    out.write_all_at(&synth.header, 0).map_err(cache_io)?;
-    // One writer of this file at a time, the others asleep: buffered writes to one file
-    // serialize on its inode lock anyway, and a writer waiting for it in the kernel spins while
-    // the holder copies (the rwsem's optimistic spinning), a core burnt per waiter. On 2 cores
-    // `perf` of `llmfs warm q8` found 35 % of the fill threads' time in `rwsem_spin_on_owner`;
-    // with this lock `llmfs warm q8 f16` (four files at once) took 1.1-1.3 s and 1.2-1.3 CPU-s
-    // instead of 2.9-4.6 s and 4.0-7.4 CPU-s. The pieces still decode in parallel.
-    let one_writer = std::sync::Mutex::new(());
-    pieces(synth)?.into_par_iter().try_for_each(|(i, from, to)| {
-        let t = &synth.tensors[i];
-        let esize = t.source.stored_type().block_bytes() as u64;
-        with_scratch(((to - from) * esize) as usize, |buf| {
-            super::read::decode_elements(t, from as usize..to as usize, buf)?;
-            let at = t.start + from * esize;
-            let writing = one_writer.lock().unwrap_or_else(|e| e.into_inner());
-            out.write_all_at(buf, at).map_err(cache_io)?;
-            drop(writing);
-            Ok(())
-        })
-    })
 }

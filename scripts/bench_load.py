@@ -16,6 +16,9 @@ after unmounting and mounting again (the disk cache warm: what a later process o
 sees). The store's own files are warm in the page cache throughout (no path times the disk).
 Ratios are to the plain fine-tune with the same loader, loaded REPS times up front and once more
 after every round of every variant (the row is made from all of them, so drift falls on both).
+The last column is the daemon's peak RSS (VmHWM) over its mounts, and sampled every 5 ms the
+peaks of its own memory (anonymous and memfd pages) and of the page cache it had mapped (the
+files it filled through a mapping, the sources it read in place): "own" and "mapped".
 
 Extra rows for the lossless delta: after a remount with --disk-cache-verify full (the content
 hash checked on first open), with LLMFS_PASSTHROUGH=0 (the daemon serves the cache file by pread), and with no disk
@@ -46,7 +49,7 @@ usage: scripts/bench_load.py [WORKDIR] [SIZE_MIB] [REPS] [LOADERS]
   build first: cargo build --release --bins --examples; LLMFS=path picks another binary.
   Run under `taskset -c 0,1` for the 2-core table (the daemon inherits the affinity).
 """
-import gc, glob, json, os, shutil, subprocess, sys, time
+import gc, glob, json, os, shutil, subprocess, sys, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLMFS = os.environ.get("LLMFS", os.path.join(ROOT, "target/release/llmfs"))
@@ -431,6 +434,19 @@ def peak_rss_mib(pid):
     return None
 
 
+def rss_parts_kib(pid):
+    """(RssAnon, RssFile, RssShmem) of `pid` in KiB, or None once it is gone."""
+    parts = {}
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                parts[key] = int(line.split()[1])
+    except OSError:
+        return None
+    return parts.get("RssAnon", 0), parts.get("RssFile", 0), parts.get("RssShmem", 0)
+
+
 class Mount:
     def __init__(self, store, mnt, cache, extra=(), env=None):
         self.mnt = mnt
@@ -439,11 +455,32 @@ class Mount:
         sh(LLMFS, "--store", store, "mount", mnt, "--cache-size", "256MiB", "--disk-cache", cache, *extra,
            env=env)
         self.pid = daemon_pid(mnt)
+        # The peak RSS split (VmHWM is one number): the daemon's own memory (anonymous and the
+        # memory tier's memfds) against page cache it maps while filling or reading sources,
+        # sampled every 5 ms while mounted.
+        self.peak_parts = [0, 0, 0]
+        self.sampling = self.pid is not None
+        if self.sampling:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while self.sampling:
+            parts = rss_parts_kib(self.pid)
+            if parts is None:
+                return
+            self.peak_parts = [max(a, b) for a, b in zip(self.peak_parts, parts)]
+            time.sleep(0.005)
 
     def rss(self):
         return peak_rss_mib(self.pid) if self.pid else None
 
+    def rss_split(self):
+        """Peak (anonymous + memfd, mapped files) in MiB, sampled."""
+        anon, file, shmem = self.peak_parts
+        return (anon + shmem) / 1024, file / 1024
+
     def close(self):
+        self.sampling = False
         sh(LLMFS, "umount", self.mnt)
         deadline = time.time() + 60
         # Wait for the daemon to exit: it commits what it decoded before it does.
@@ -521,12 +558,12 @@ def main():
     def gbps(r):
         return r["bytes"] / r["secs"] / 1e9 if "secs" in r else None
 
-    def row(label, first_all, again_all=None, rss=None, at=None):
+    def row(label, first_all, again_all=None, rss=None, at=None, rss_split=None):
         """A row from every round's result per loader: the best (the table), the median and all
         (appended, or in place of row `at`)."""
         pick = lambda runs, f: {l: f(rs) for l, rs in runs.items()} if runs is not None else None
         first, again = pick(first_all, best_of), pick(again_all, best_of)
-        r = {"label": label, "first": first, "again": again, "rss_mib": rss,
+        r = {"label": label, "first": first, "again": again, "rss_mib": rss, "rss_split_mib": rss_split,
              "first_median": pick(first_all, median_of),
              "again_median": pick(again_all, median_of),
              "first_all": first_all, "again_all": again_all}
@@ -557,7 +594,12 @@ def main():
     def variant(entry, label, extra_first=(), extra_again=(), env=None, remount=True):
         """REPS rounds of: empty disk cache, mount, first load; remount, load again; once per
         configuration (BENCH_CONFIGS) in each round."""
-        runs = {name: ({}, {}, [0]) for name, _ in configs}
+        runs = {name: ({}, {}, [0, 0, 0]) for name, _ in configs}
+
+        def note_rss(rss, m):
+            """rss: [peak VmHWM, peak own memory, peak mapped files] in MiB, over mounts."""
+            own, mapped = m.rss_split()
+            rss[:] = [max(rss[0], m.rss() or 0), max(rss[1], own), max(rss[2], mapped)]
         for l in loaders:
             for _ in range(reps):
                 for name, cenv in configs:
@@ -566,17 +608,18 @@ def main():
                     shutil.rmtree(cache, ignore_errors=True)
                     m = Mount(store, mnt, cache, extra_first, e)
                     first.setdefault(l, []).append(w.load(l, f"{mnt}/{entry}"))
-                    rss[0] = max(rss[0], m.rss() or 0)
+                    note_rss(rss, m)
                     m.close()
                     if remount:
                         m = Mount(store, mnt, cache, extra_again, e)
                         again.setdefault(l, []).append(w.load(l, f"{mnt}/{entry}"))
-                        rss[0] = max(rss[0], m.rss() or 0)
+                        note_rss(rss, m)
                         m.close()
                     plain_all[l].append(w.load(l, ft))
         for name, _ in configs:
             first, again, rss = runs[name]
-            row(f"{label} [{name}]" if name else label, first, again if remount else None, rss[0])
+            row(f"{label} [{name}]" if name else label, first, again if remount else None, rss[0],
+                rss_split=rss[1:])
 
     if kinds is None or "base" in kinds.split(","):
         variant("base", "base through the mount")
@@ -738,6 +781,8 @@ def print_table_of(results, loaders, first_key, again_key, stat):
         for l in loaders:
             cells += [cell(r[first_key], l), cell(r[again_key], l)]
         rss = f"{r['rss_mib']:.0f} MiB" if r.get("rss_mib") else ""
+        if rss and r.get("rss_split_mib"):
+            rss += " (own {:.0f}, mapped {:.0f})".format(*r["rss_split_mib"])
         print(f"| {r['label']} | " + " | ".join(cells) + f" | {rss} |")
 
 

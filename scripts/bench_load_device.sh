@@ -16,6 +16,9 @@
 #   direct.txt     (DIRECT_KINDS=K,K only) cache_direct.py: each kind's decoded files loaded
 #                  outside the mount and through it again, against the plain fine-tune
 #   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
+#   b2_ab.txt      (B2_AB=1 only; pack with AB_OLD=BIN AB_NEW=BIN) that table with each packed build,
+#                  alternating, B2_ROUNDS (default 2) runs of B2_REPS (default 1) rounds, B2_KINDS
+#                  (default KINDS): two builds' loads with the fills of 2 cores (by pwrite)
 #   scaling.txt    (SCALING=K,K only) `llmfs warm K` into an empty disk cache under `taskset -c
 #                  0-(N-1)` for N in SCALING_CORES (default 2,4,8,16): each kind's fill rate by
 #                  core count (its printed "warm:" line), until SCALING_SECS (default 150) have
@@ -128,6 +131,15 @@ P
     if [ "${B2:-0}" = 1 ]; then
         taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 1 $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
         tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
+    fi
+    if [ "${B2_AB:-0}" = 1 ]; then
+        for r in $(seq ${B2_ROUNDS:-2}); do for which in old new; do
+            echo "== $which round $r" >>"$OUT/b2_ab.txt"
+            taskset -c 0,1 env LLMFS=$B/llmfs-$which BENCH_KINDS=${B2_KINDS:-$KINDS} python3 "$D/scripts/bench_load.py" \
+                $W-2 1100 ${B2_REPS:-1} $LOADERS 2>>"$OUT/b2_ab.log" | grep -E '^(\||[0-9]+ cores)' >>"$OUT/b2_ab.txt"
+        done; done
+        echo "old: $(cat "$D/ab-old" 2>/dev/null), new: $(cat "$D/ab-new" 2>/dev/null)" >>"$OUT/b2_ab.txt"
+        tail -30 "$OUT/b2_ab.txt"; echo "2-core A/B done: $(($(date +%s) - t0)) s"
     fi
     if [ -n "${SCALING:-}" ]; then
         s0=$(date +%s)

@@ -56,8 +56,18 @@ struct State {
     spans_left: Vec<u32>,
     /// Per span: the parts overlapping it not yet decoded.
     missing: Vec<u32>,
-    /// Buffers of parts whose spans are all written, for the next decodes.
-    free: Vec<Vec<u8>>,
+}
+
+/// Buffers of parts whose spans are all written, for the next decodes of this fill and of later
+/// ones (as the per-thread scratch they replace was): a fresh 2 MiB buffer is page faults and
+/// zeroing, and on this VM memory the host took back. At most [`SPARE_MAX`] are kept.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// About two per thread of a small pool (fills by `pwrite` are those of fewer than 8 threads).
+const SPARE_MAX: usize = 8;
+
+fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
@@ -87,7 +97,7 @@ pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<
             spans_left[i] += 1;
         }
     }
-    let state = Mutex::new(State { bytes: vec![None; parts.len()], spans_left, missing, free: vec![] });
+    let state = Mutex::new(State { bytes: vec![None; parts.len()], spans_left, missing });
     let w = Writer { synth, out, parts: &parts, state, one_writer: Mutex::new(()) };
     if parts.first().is_some_and(|p| p.piece.is_none()) {
         w.done(0, synth.header.clone())?;
@@ -100,7 +110,7 @@ pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<
             return Ok(());
         }
         let Some((t, from, to)) = parts[i].piece else { continue };
-        let mut buf = w.lock().free.pop().unwrap_or_default();
+        let mut buf = spare().pop().unwrap_or_default();
         buf.resize((parts[i].end - parts[i].start) as usize, 0);
         let decoded =
             crate::variant::read::decode_elements(&synth.tensors[t], from as usize..to as usize, &mut buf)
@@ -177,7 +187,10 @@ impl Writer<'_> {
             s.spans_left[i] -= 1;
             if s.spans_left[i] == 0 {
                 if let Some(buf) = s.bytes[i].take().and_then(|b| Arc::try_unwrap(b).ok()) {
-                    s.free.push(buf);
+                    let mut spare = spare();
+                    if spare.len() < SPARE_MAX {
+                        spare.push(buf);
+                    }
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! A fill written by `pwrite` (the disk tier's, with few pool threads: see `write_decoded`), in
-//! whole aligned spans of [`SPAN`] bytes.
+//! whole aligned spans of [`SPAN`] bytes where the host allows ([`aligned_spans`]).
 //!
 //! Why whole spans: ext4 (large folios, Linux 6.16 on) sizes the page-cache folio a write
 //! creates by that write, within the alignment of its offset. A `pwrite` of an aligned 2 MiB
@@ -16,16 +16,17 @@
 //! so a decoded piece rarely waits long for its neighbour: the buffers held are about two per
 //! thread, recycled.
 //!
-//! Measured on 2 cores here (`scripts/bench_load_results/2core-session19-aligned.txt`, this and
-//! the previous build alternating, four kinds, three loaders): loads after a remount at ≥ 0.9x
-//! of the plain fine-tune in 19 of 24 cells against 10 of 24; first loads unchanged. (An
-//! earlier try cut the pieces themselves at the file's 2 MiB boundaries: a lossless chunk across
-//! a cut was decoded twice and first loads of the lossless delta were 3x slower, which was put
-//! down to this VM's free-page reporting; `scripts/bench_history.md`. Here the pieces are as
-//! before and only their writes are gathered.)
+//! Measured on 2 cores here (`scripts/bench_load_results/2core-session19-aligned.txt`, spans
+//! and pieces alternating, four kinds, three loaders): loads after a remount at ≥ 0.9x of the
+//! plain fine-tune in 19 of 24 cells against 10 of 24, first loads' medians unchanged. But
+//! not where the host takes back free 2 MiB blocks, as this VM's does: there the fill itself
+//! can be many times slower ([`aligned_spans`]), so there each piece is written as it comes,
+//! as before. (An earlier try cut the pieces themselves at the file's 2 MiB boundaries, a
+//! lossless chunk across a cut decoded twice: `scripts/bench_history.md`.)
 
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -71,6 +72,50 @@ fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
 }
 
 pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
+    write_pieces(synth, out, aligned_spans())
+}
+
+/// Whether fills by `pwrite` gather their pieces into aligned spans: yes, unless the host takes
+/// back free memory in 2 MiB blocks (a virtio balloon with free page reporting, Linux reporting
+/// blocks of order 9 or more; `LLMFS_FILL_ALIGNED=1`/`0` decides for comparisons and tests).
+///
+/// There a 2 MiB folio is a block the host took back and must fault in again, 4 KiB at a time,
+/// where the small folios of unaligned writes come from fragments it never took: on this
+/// development VM (2 cores, reporting at order 9) a cast's 1 GB fill took 1.4 s instead of
+/// 0.16 s right after another fill's memory was freed, and 0.19-0.20 s instead of 0.16-0.17
+/// in the runs after; with reporting turned off (`page_reporting_order` 11) the two ways were
+/// within the noise (0.18-0.22 s). The page cache is the host's to fill either way; only the
+/// fill is on the first reader's path.
+fn aligned_spans() -> bool {
+    static ALIGNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALIGNED.get_or_init(|| match std::env::var("LLMFS_FILL_ALIGNED").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => !host_reclaims_2mib_blocks(),
+    })
+}
+
+/// A virtio balloon device offering free page reporting (feature bit 5, `features` being the
+/// bits as '0'/'1' from bit 0), with Linux reporting free blocks of 2 MiB (order 9) or larger.
+fn host_reclaims_2mib_blocks() -> bool {
+    /// VIRTIO_BALLOON_F_REPORTING.
+    const REPORTING: usize = 5;
+    let order = std::fs::read_to_string("/sys/module/page_reporting/parameters/page_reporting_order")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if order.is_none_or(|o| o > 9) {
+        return false;
+    }
+    let Ok(devices) = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon") else { return false };
+    devices.flatten().any(|d| {
+        std::fs::read_to_string(d.path().join("features"))
+            .is_ok_and(|f| f.as_bytes().get(REPORTING) == Some(&b'1'))
+    })
+}
+
+/// [`write_by_pwrite`] with the spans' gathering on or off (off: each piece written as soon as
+/// it is decoded, at its own offset).
+fn write_pieces(synth: &SynthFile, out: &std::fs::File, aligned: bool) -> Result<(), ReadError> {
     let mut parts = vec![];
     if !synth.header.is_empty() {
         parts.push(Part { start: 0, end: synth.header.len() as u64, piece: None });
@@ -98,7 +143,7 @@ pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<
         }
     }
     let state = Mutex::new(State { bytes: vec![None; parts.len()], spans_left, missing });
-    let w = Writer { synth, out, parts: &parts, state, one_writer: Mutex::new(()) };
+    let w = Writer { synth, out, parts: &parts, state, one_writer: Mutex::new(()), aligned };
     if parts.first().is_some_and(|p| p.piece.is_none()) {
         w.done(0, synth.header.clone())?;
     }
@@ -134,6 +179,8 @@ struct Writer<'a> {
     /// with this lock `llmfs warm q8 f16` (four files at once) took 1.1-1.3 s and 1.2-1.3 CPU-s
     /// instead of 2.9-4.6 s and 4.0-7.4 CPU-s. The pieces still decode in parallel.
     one_writer: Mutex<()>,
+    /// Spans gathered ([`aligned_spans`]), or each part written as it comes.
+    aligned: bool,
 }
 
 impl Writer<'_> {
@@ -144,6 +191,17 @@ impl Writer<'_> {
     /// Part `i` is decoded into `bytes`: write every span that it completes.
     fn done(&self, i: usize, bytes: Vec<u8>) -> Result<(), ReadError> {
         let p = &self.parts[i];
+        if !self.aligned {
+            {
+                let _writing = self.one_writer.lock().unwrap_or_else(|e| e.into_inner());
+                self.out.write_all_at(&bytes, p.start).map_err(cache_io)?;
+            }
+            let mut spare = spare();
+            if spare.len() < SPARE_MAX {
+                spare.push(bytes);
+            }
+            return Ok(());
+        }
         let mut ready = vec![];
         {
             let mut s = self.lock();
@@ -246,7 +304,6 @@ mod tests {
     use crate::format::Dtype;
     use crate::registry::Fingerprint;
     use crate::variant::{SourceFile, SynthTensor, TensorSource};
-    use std::os::unix::fs::FileExt;
 
     /// Tensors of every shape a span can meet: over a thousand tiny ones in one span (more
     /// slices than one `pwritev` takes), padding between them, tensors crossing one and several
@@ -285,11 +342,15 @@ mod tests {
             let out = tempfile::tempfile_in(dir.path()).unwrap();
             out.set_len(size).unwrap();
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| write_by_pwrite(&synth, &out)).unwrap();
-            let mut got = vec![0u8; size as usize];
-            out.read_exact_at(&mut got, 0).unwrap();
-            let bad = got.iter().zip(&want).position(|(a, b)| a != b);
-            assert_eq!(bad, None, "{threads} threads: first wrong byte");
+            for aligned in [true, false] {
+                pool.install(|| write_pieces(&synth, &out, aligned)).unwrap();
+                let mut got = vec![0u8; size as usize];
+                out.read_exact_at(&mut got, 0).unwrap();
+                let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+                assert_eq!(bad, None, "{threads} threads, aligned {aligned}: first wrong byte");
+                out.set_len(0).unwrap();
+                out.set_len(size).unwrap();
+            }
         }
     }
 
@@ -307,6 +368,8 @@ mod tests {
         let synth = SynthFile::new(vec![1; 8], tensors);
         let out = tempfile::tempfile_in(dir.path()).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        assert!(pool.install(|| write_by_pwrite(&synth, &out)).is_err());
+        for aligned in [true, false] {
+            assert!(pool.install(|| write_pieces(&synth, &out, aligned)).is_err(), "aligned {aligned}");
+        }
     }
 }

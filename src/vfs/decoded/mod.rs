@@ -585,7 +585,9 @@ const FILL_BY_MAPPING_MIN_THREADS: usize = 8;
 /// the lent 16-core host a cast's fill took as long with 4 threads as with 16 by `pwrite`.
 fn fill_by_mapping() -> bool {
     static MAPPING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *MAPPING.get_or_init(|| pool_switch("LLMFS_FILL_BY_MAPPING", FILL_BY_MAPPING_MIN_THREADS))
+    *MAPPING.get_or_init(|| {
+        env_switch("LLMFS_FILL_BY_MAPPING", || rayon::current_num_threads() >= FILL_BY_MAPPING_MIN_THREADS)
+    })
 }
 
 /// Whether a fill through a shared mapping (the disk tier's [`fill_by_mapping`], the memory
@@ -606,12 +608,12 @@ fn drop_mapped() -> bool {
     *DROP.get_or_init(|| std::env::var("LLMFS_FILL_DROP_MAPPED").as_deref() != Ok("0"))
 }
 
-/// `$var` = 1 or 0 if set so, else whether the current pool has at least `min_threads`.
-fn pool_switch(var: &str, min_threads: usize) -> bool {
+/// `$var` = 1 or 0 if set so (a switch for comparisons and tests), else `default()`.
+fn env_switch(var: &str, default: impl FnOnce() -> bool) -> bool {
     match std::env::var(var).as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => rayon::current_num_threads() >= min_threads,
+        _ => default(),
     }
 }
 

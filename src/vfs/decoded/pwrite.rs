@@ -88,11 +88,7 @@ pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<
 /// fill is on the first reader's path.
 fn aligned_spans() -> bool {
     static ALIGNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALIGNED.get_or_init(|| match std::env::var("LLMFS_FILL_ALIGNED").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => !host_reclaims_2mib_blocks(),
-    })
+    *ALIGNED.get_or_init(|| super::env_switch("LLMFS_FILL_ALIGNED", || !host_reclaims_2mib_blocks()))
 }
 
 /// A virtio balloon device offering free page reporting (feature bit 5, `features` being the

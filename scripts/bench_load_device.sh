@@ -15,7 +15,7 @@
 #                  and empty: none), when each file was decoded and when the loader got and copied it
 #   direct.txt     (DIRECT_KINDS=K,K only) cache_direct.py: each kind's decoded files loaded
 #                  outside the mount and through it again, against the plain fine-tune
-#   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB
+#   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB, R2 rounds (default 1)
 #   b2_ab.txt      (B2_AB=1 only; pack with AB_OLD=BIN AB_NEW=BIN) that table with each packed build,
 #                  alternating, B2_ROUNDS (default 2) runs of B2_REPS (default 1) rounds, B2_KINDS
 #                  (default KINDS): two builds' loads with the fills of 2 cores (by pwrite)
@@ -83,6 +83,9 @@ P
     cp "$D/fill_bench" "$D/mem_touch" $B/
     echo "commit $(cat "$D/commit"); $(nproc) cores; $(uname -r); $(free -g | awk '/Mem/{print $2}') GiB"
     cat /sys/kernel/mm/transparent_hugepage/shmem_enabled
+    # Whether the host takes back free 2 MiB blocks (decides the 2-core fills' default, pwrite.rs).
+    echo "virtio_balloon: $(ls /sys/bus/virtio/drivers/virtio_balloon 2>/dev/null | grep -c virtio) device(s);" \
+        "page_reporting_order: $(cat /sys/module/page_reporting/parameters/page_reporting_order 2>/dev/null || echo none)"
     python3 -c "import torch, transformers, safetensors; print(torch.__version__, transformers.__version__, safetensors.__version__)"
     export LLMFS=$B/llmfs EXAMPLES=$B PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1
     SIZE=${SIZE:-6000} R16=${R16:-2} KINDS=${KINDS:-base,f16,q8,d-lossless,d-bitdelta}
@@ -129,7 +132,7 @@ P
         cat "$OUT/direct.txt"; echo "direct done: $(($(date +%s) - t0)) s"
     fi
     if [ "${B2:-0}" = 1 ]; then
-        taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 1 $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
+        taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 ${R2:-1} $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
         tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
     fi
     if [ "${B2_AB:-0}" = 1 ]; then

@@ -34,6 +34,8 @@ zipnn==0.5.4 transformers==4.49.0 safetensors==0.5.3 tokenizers==0.21.1 huggingf
 (*.znn.safetensors: zipnn_safetensors() + load_file, SafeOpen + get_tensor) and whole-file
 (*.safetensors.znn: zipnn_hf() + from_pretrained, or decompress + safetensors load), and loaded
 cold (its files dropped) and again (cached), in the same run as the lossless delta.
+BENCH_FRESH=1 adds a control row: the plain fine-tune copied just before each of its loads (a file
+written seconds before, as a variant's decoded files are when loaded "again").
 BENCH_KINDS=d-lossless (a comma-separated subset of base and the variants' entries) registers and
 runs only those, without the extra rows.
 A/B in one run (BENCH_CONFIGS="NAME:VAR=VAL,VAR=VAL NAME2:VAR=VAL ..."): every variant row is run
@@ -625,6 +627,8 @@ def main():
         variant("base", "base through the mount")
     for entry, label in variants:
         variant(entry, label)
+    if os.environ.get("BENCH_FRESH") == "1":
+        fresh_plain(w, loaders, reps, ft, work, row, plain_all)
     if cold or zsite:
         peer(results, w, loaders, reps, model, ft, store, mnt, cache, better, zsite, work)
     if os.environ.get("BENCH_EXTRA", "1") == "0" or kinds is not None:  # the kinds only (a shorter run)
@@ -637,6 +641,29 @@ def main():
             extra_first=("--disk-cache-size", "0"), remount=False)
     row("plain fine-tune, local disk", plain_all, at=plain_at)
     finish(w, results, work, cores, loaders)
+
+
+def fresh_plain(w, loaders, reps, ft, work, row, plain_all):
+    """BENCH_FRESH=1: the plain fine-tune copied just before each load (2 MiB writes, so 2 MiB
+    folios where the page cache makes them), loaded once and deleted: what the page cache of a
+    file written seconds before costs a loader on this machine, apart from llmfs. A variant's
+    "again" loads its decoded files written by the first load's fills seconds before, where the
+    plain row loads files cached since the run began; on a VM whose host backs newly touched
+    memory afresh the two differ without any llmfs code between them (issue 23)."""
+    dst = f"{work}/ft-fresh"
+    runs = {}
+    for l in loaders:
+        for _ in range(reps):
+            shutil.rmtree(dst, ignore_errors=True)
+            os.makedirs(dst)
+            for f in glob.glob(f"{ft}/*"):
+                with open(f, "rb") as src, open(f"{dst}/{os.path.basename(f)}", "wb") as out:
+                    while chunk := src.read(2 << 20):
+                        out.write(chunk)
+            runs.setdefault(l, []).append(w.load(l, dst))
+            plain_all[l].append(w.load(l, ft))
+    shutil.rmtree(dst, ignore_errors=True)
+    row("plain fine-tune, a fresh copy (written just before)", runs)
 
 
 def peer(results, w, loaders, reps, model, ft, store, mnt, cache, better, zsite, work):

@@ -29,7 +29,8 @@
 #   folio.txt      (FOLIO_KINDS=K,K only) `llmfs warm K` on all cores, then folio_check.py over the
 #                  plain fine-tune's files, the base's and K's decoded files: each mapped and read,
 #                  and how much of it the page cache holds in 2 MiB folios (FilePmdMapped)
-# FILL_BENCH=0 skips fill.txt, B16=0 the table (b16.txt). SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
+# b16.txt and b2.txt end with a control row, the plain fine-tune loaded right after a fresh copy
+# (FRESH=0 leaves it out). FILL_BENCH=0 skips fill.txt, B16=0 the table (b16.txt). SIZE, R16, KINDS, LOADERS (default load_file,safe_open, the targets' loaders; add hf for
 # from_pretrained), W (the work dir) and BIN (where the binaries are unpacked) override.
 # A/B of the daemon's environment switches in the same call: CONFIGS="NAME:VAR=VAL,VAR=VAL ..."
 # (bench_load.py's BENCH_CONFIGS) runs every row of b16.txt/b2.txt once per configuration,
@@ -112,7 +113,7 @@ P
         done
     } >"$OUT/fill.txt" 2>&1
     tail -10 "$OUT/fill.txt"; echo "fill_bench done: $(($(date +%s) - t0)) s"
-    export BENCH_CONFIGS=${CONFIGS:-}
+    export BENCH_CONFIGS=${CONFIGS:-} BENCH_FRESH=${FRESH:-1}
     [ "${B16:-1}" = 1 ] && {
         BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W $SIZE $R16 $LOADERS >"$OUT/b16.txt" 2>"$OUT/b16.log"
         echo "rc=$?"; tail -40 "$OUT/b16.txt"; echo "16 cores done: $(($(date +%s) - t0)) s"

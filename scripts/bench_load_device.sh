@@ -15,7 +15,8 @@
 #                  and empty: none), when each file was decoded and when the loader got and copied it
 #   direct.txt     (DIRECT_KINDS=K,K only) cache_direct.py: each kind's decoded files loaded
 #                  outside the mount and through it again, against the plain fine-tune
-#   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB, R2 rounds (default 1)
+#   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB, R2 rounds (default 1),
+#                  B2_CONFIGS in place of CONFIGS where given
 #   b2_ab.txt      (B2_AB=1 only; pack with AB_OLD=BIN AB_NEW=BIN) that table with each packed build,
 #                  alternating, B2_ROUNDS (default 2) runs of B2_REPS (default 1) rounds, B2_KINDS
 #                  (default KINDS): two builds' loads with the fills of 2 cores (by pwrite)
@@ -110,6 +111,9 @@ P
             for t in 1 16; do for m in pwrite mmap keep; do $B/fill_bench $dir 1024 $t $m; done; done
             for r in 1 2; do for m in mmap keep; do $B/fill_bench $dir 1024 16 $m; done; done
             $B/fill_bench $dir 1024 16 pwrite 4
+            # Without the untimed fallocate first, which on tmpfs allocates (and zeroes) every
+            # page before the clock starts: what a memfd fill (the memory tier) pays in its faults.
+            for r in 1 2; do NOFALLOC=1 $B/fill_bench $dir 1024 16 mmap; done
         done
     } >"$OUT/fill.txt" 2>&1
     tail -10 "$OUT/fill.txt"; echo "fill_bench done: $(($(date +%s) - t0)) s"
@@ -133,7 +137,7 @@ P
         cat "$OUT/direct.txt"; echo "direct done: $(($(date +%s) - t0)) s"
     fi
     if [ "${B2:-0}" = 1 ]; then
-        taskset -c 0,1 env BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W-2 1100 ${R2:-1} $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
+        taskset -c 0,1 env BENCH_KINDS=$KINDS BENCH_CONFIGS=${B2_CONFIGS:-$BENCH_CONFIGS} python3 "$D/scripts/bench_load.py" $W-2 1100 ${R2:-1} $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
         tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
     fi
     if [ "${B2_AB:-0}" = 1 ]; then

@@ -656,7 +656,7 @@ def fresh_plain(w, loaders, reps, ft, work, row, plain_all):
         for _ in range(reps):
             shutil.rmtree(dst, ignore_errors=True)
             os.makedirs(dst)
-            for f in glob.glob(f"{ft}/*"):
+            for f in filter(os.path.isfile, glob.glob(f"{ft}/*")):
                 with open(f, "rb") as src, open(f"{dst}/{os.path.basename(f)}", "wb") as out:
                     while chunk := src.read(2 << 20):
                         out.write(chunk)

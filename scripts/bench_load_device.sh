@@ -15,7 +15,7 @@
 #                  and empty: none), when each file was decoded and when the loader got and copied it
 #   direct.txt     (DIRECT_KINDS=K,K only) cache_direct.py: each kind's decoded files loaded
 #                  outside the mount and through it again, against the plain fine-tune
-#   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, 1100 MiB, R2 rounds (default 1),
+#   b2.txt         (B2=1 only) the same table under `taskset -c 0,1`, SIZE2 MiB (default 1100), R2 rounds (default 1),
 #                  B2_CONFIGS in place of CONFIGS where given
 #   b2_ab.txt      (B2_AB=1 only; pack with AB_OLD=BIN AB_NEW=BIN) that table with each packed build,
 #                  alternating, B2_ROUNDS (default 2) runs of B2_REPS (default 1) rounds, B2_KINDS
@@ -116,7 +116,7 @@ P
             for r in 1 2; do NOFALLOC=1 $B/fill_bench $dir 1024 16 mmap; done
         done
     } >"$OUT/fill.txt" 2>&1
-    tail -10 "$OUT/fill.txt"; echo "fill_bench done: $(($(date +%s) - t0)) s"
+    [ -f "$OUT/fill.txt" ] && tail -10 "$OUT/fill.txt"; echo "fill_bench done: $(($(date +%s) - t0)) s"
     export BENCH_CONFIGS=${CONFIGS:-} BENCH_FRESH=${FRESH:-1}
     [ "${B16:-1}" = 1 ] && {
         BENCH_KINDS=$KINDS python3 "$D/scripts/bench_load.py" $W $SIZE $R16 $LOADERS >"$OUT/b16.txt" 2>"$OUT/b16.log"
@@ -137,7 +137,7 @@ P
         cat "$OUT/direct.txt"; echo "direct done: $(($(date +%s) - t0)) s"
     fi
     if [ "${B2:-0}" = 1 ]; then
-        taskset -c 0,1 env BENCH_KINDS=$KINDS BENCH_CONFIGS=${B2_CONFIGS:-$BENCH_CONFIGS} python3 "$D/scripts/bench_load.py" $W-2 1100 ${R2:-1} $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
+        taskset -c 0,1 env BENCH_KINDS=$KINDS BENCH_CONFIGS="${B2_CONFIGS:-$BENCH_CONFIGS}" python3 "$D/scripts/bench_load.py" $W-2 ${SIZE2:-1100} ${R2:-1} $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
         tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
     fi
     if [ "${B2_AB:-0}" = 1 ]; then
@@ -181,7 +181,7 @@ P
         cat "$OUT/folio.txt"; echo "folio done: $(($(date +%s) - t0)) s"
     fi
     cp $W/results-*.json "$OUT/" 2>/dev/null
-    grep -h "cache: decoded" $W/store/llmfs.log | sed 's/\x1b\[[0-9;]*m//g' | tail -200 >"$OUT/fills.txt"
+    grep -h "cache: decoded" $W/store/llmfs.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | tail -200 >"$OUT/fills.txt"
     ;;
 *)
     echo "usage: $0 pack DIR | run" >&2

@@ -605,7 +605,7 @@ fn fill_by_mapping() -> bool {
 /// host that chose mapped fills was measured giving back every piece so.
 fn drop_mapped() -> bool {
     static DROP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DROP.get_or_init(|| std::env::var("LLMFS_FILL_DROP_MAPPED").as_deref() != Ok("0"))
+    *DROP.get_or_init(|| env_switch("LLMFS_FILL_DROP_MAPPED", || true))
 }
 
 /// `$var` = 1 or 0 if set so (a switch for comparisons and tests), else `default()`.

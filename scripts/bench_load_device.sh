@@ -139,6 +139,8 @@ P
     if [ "${B2:-0}" = 1 ]; then
         taskset -c 0,1 env BENCH_KINDS=$KINDS BENCH_CONFIGS="${B2_CONFIGS:-$BENCH_CONFIGS}" python3 "$D/scripts/bench_load.py" $W-2 ${SIZE2:-1100} ${R2:-1} $LOADERS >"$OUT/b2.txt" 2>"$OUT/b2.log"
         tail -20 "$OUT/b2.txt"; echo "2 cores done: $(($(date +%s) - t0)) s"
+        # The daemons' own choice of fill on 2 cores (pwrite.rs), beside the host's facts above.
+        sed 's/\x1b\[[0-9;]*m//g' $W-2/store/llmfs.log 2>/dev/null | grep -o "fills by pwrite.*" | sort | uniq -c
     fi
     if [ "${B2_AB:-0}" = 1 ]; then
         for r in $(seq ${B2_ROUNDS:-2}); do for which in old new; do

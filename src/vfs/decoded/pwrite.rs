@@ -88,7 +88,18 @@ pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<
 /// fill is on the first reader's path.
 fn aligned_spans() -> bool {
     static ALIGNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALIGNED.get_or_init(|| super::env_switch("LLMFS_FILL_ALIGNED", || !host_reclaims_2mib_blocks()))
+    *ALIGNED.get_or_init(|| {
+        let reclaims = host_reclaims_2mib_blocks();
+        let aligned = super::env_switch("LLMFS_FILL_ALIGNED", || !reclaims);
+        // Once per daemon: why its decoded files are (or are not) held in 2 MiB folios.
+        tracing::info!(
+            aligned,
+            host_reclaims_2mib_blocks = reclaims,
+            "fills by pwrite: {}",
+            if aligned { "aligned 2 MiB spans" } else { "each piece as it is decoded" }
+        );
+        aligned
+    })
 }
 
 /// A virtio balloon device offering free page reporting (feature bit 5, `features` being the

@@ -348,10 +348,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Demo { dir } => return run_demo(&dir),
         Command::Umount { mountpoint } => {
-            let done = mount::unmount(&mountpoint)?;
+            let done = mount::unmount(&mountpoint, |pid, holders| {
+                if holders.is_empty() {
+                    eprintln!(
+                        "llmfs: waiting for the daemon (pid {pid}) to commit its decoded files and end"
+                    );
+                } else {
+                    eprintln!(
+                        "llmfs: waiting for the daemon (pid {pid}) to end: files on the mount are still in use by {}; \
+                         it ends, and its disk cache is free for the next mount, once they are closed",
+                        list(holders)
+                    );
+                }
+            })?;
             println!("unmounted {}", mountpoint.display());
             if let Some(pid) = done.daemon_still_running {
-                eprintln!("llmfs: warning: its daemon (pid {pid}) still runs (files open on it?): its disk cache is not free yet");
+                let by = if done.holders.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (files in use by {})", list(&done.holders))
+                };
+                eprintln!(
+                    "llmfs: warning: its daemon (pid {pid}) still runs{by}: its disk cache is not free yet"
+                );
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -660,6 +679,15 @@ fn mount_command(store: Store, args: MountArgs) -> Result<()> {
 
 /// What a command's walk of a directory left out or followed outside it: one line each, on
 /// stderr, so nothing is left out without a word.
+/// "4321 (python3), 4400 (bash)", at most eight, then how many more.
+fn list(holders: &[mount::Holder]) -> String {
+    let mut s = holders.iter().take(8).map(|h| h.to_string()).collect::<Vec<_>>().join(", ");
+    if holders.len() > 8 {
+        s += &format!(" and {} more", holders.len() - 8);
+    }
+    s
+}
+
 fn print_notes(notes: &[String]) {
     for n in notes {
         eprintln!("llmfs: note: {n}");
@@ -685,7 +713,7 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
     let dir = dir.canonicalize()?;
     let (store_dir, model_dir, mnt) = (dir.join("store"), dir.join("models/tiny-vicuna"), dir.join("mnt"));
     if mount::is_mounted(&mnt) {
-        mount::unmount(&mnt)?;
+        mount::unmount(&mnt, |_, _| {})?;
     }
     if !model_dir.join("config.json").exists() {
         println!("generating a small LLaMA-shaped model (Vicuna-named) in {}", model_dir.display());

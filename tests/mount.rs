@@ -872,6 +872,47 @@ fn pid_dead(pid: libc::pid_t) -> bool {
     }
 }
 
+/// `llmfs umount` while processes still use the mount, as a loader that keeps its safetensors
+/// mapped or a shell `cd`'d into it does: the mount is detached at once, but the daemon (and its
+/// disk cache) stays until they let go. `umount` names them (a child with a file open, this
+/// process with a mapping whose descriptor is closed) instead of waiting in silence, and
+/// returns once they have let go and the daemon has ended.
+#[test]
+fn umount_names_what_holds_the_mount_and_returns_when_it_is_let_go() {
+    let fx = Fixture::new();
+    let guard = DaemonGuard::new(&fx.root().join("busy"));
+    let mp = guard.path.clone();
+    let mps = mp.to_str().unwrap();
+    fx.ok(&["mount", mps]);
+    let file = mp.join("f16").join(SHARD2);
+    let mut child = Command::new("sleep").arg("3").stdin(File::open(&file).unwrap()).spawn().unwrap();
+    let len = fs::metadata(&file).unwrap().len() as usize;
+    let map = {
+        let f = File::open(&file).unwrap();
+        // SAFETY: a new read-only shared mapping of a whole file; unmapped below, never read.
+        unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) }
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap of {}", file.display());
+    let map = map as usize;
+    let unmapper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: the mapping made above, not used by anything else.
+        unsafe { libc::munmap(map as *mut libc::c_void, len) };
+    });
+    let start = Instant::now();
+    let f = fx.ts.run_full(["umount", mps]);
+    let waited = start.elapsed();
+    child.wait().unwrap();
+    unmapper.join().unwrap();
+    assert!(f.status.success(), "llmfs umount: {}", f.stderr);
+    assert!(!llmfs_mounted(&mp), "still mounted after llmfs umount");
+    for who in [format!("{} (sleep)", child.id()), format!("{} (", std::process::id())] {
+        assert!(f.stderr.contains(&who), "umount did not name {who}: {}", f.stderr);
+    }
+    assert!(waited >= Duration::from_millis(2500), "returned after {waited:?}, before the child let go");
+    assert!(daemon_pids(&mp).is_empty(), "umount returned before its daemon ended");
+}
+
 #[test]
 fn daemon_mode_and_stale_mounts() {
     let fx = Fixture::new();

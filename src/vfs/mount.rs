@@ -19,7 +19,9 @@ use super::Fs;
 use crate::cache::disk::{DiskCache, DiskCacheError, Verify};
 use crate::registry::Store;
 
+mod holders;
 pub mod status;
+pub use holders::Holder;
 pub use status::{DiskCacheState, MountStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -474,16 +476,24 @@ pub fn is_mounted(mountpoint: &Path) -> bool {
 /// decoded (an fsync of each file decoded in its last seconds) and lets go of the disk cache.
 const WAIT_FOR_DAEMON: Duration = Duration::from_secs(120);
 
+/// How long `umount` waits in silence for the daemon to end before it says what it waits for.
+const QUIET_WAIT: Duration = Duration::from_secs(1);
+
 /// What [`unmount`] saw.
 pub struct Unmounted {
     /// The daemon is still running after [`WAIT_FOR_DAEMON`] (files still open on a lazily
     /// unmounted mount): its disk cache is not free yet.
     pub daemon_still_running: Option<u32>,
+    /// The processes that held files on the mount when it was detached and still run.
+    pub holders: Vec<Holder>,
 }
 
 /// Unmount an llmfs mount, also a stale one whose daemon died, and wait (bounded) until its
-/// daemon has ended, so that its disk cache is free for the next mount.
-pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
+/// daemon has ended, so that its disk cache is free for the next mount. The mount is detached at
+/// once (new opens fail); the daemon ends when the files still open on it are closed. If it has
+/// not ended after [`QUIET_WAIT`], `waiting(pid, holders)` is called once, with the processes
+/// that held files on the mount and still run (empty: it is committing its decoded files).
+pub fn unmount(mountpoint: &Path, waiting: impl FnOnce(u32, &[Holder])) -> Result<Unmounted, MountError> {
     // A dead daemon's mount point cannot be stat'ed (ENOTCONN), so canonicalize its parent.
     let canonical = match mountpoint.canonicalize() {
         Ok(p) => p,
@@ -500,6 +510,8 @@ pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
     }
     // Its status file, held open: its lock is released when the daemon ends.
     let daemon = status::read(&canonical);
+    // Before the detach, while /proc still names the mount point in their paths.
+    let mut holders = if daemon.is_some() { holders::holders(&canonical) } else { Vec::new() };
     let c_path = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes()).map_err(|_| {
         MountError::Mountpoint { path: canonical.clone(), reason: "path contains NUL".into() }
     })?;
@@ -524,10 +536,16 @@ pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let daemon_still_running = match daemon {
-        Some((st, file)) if !status::wait_for_exit(&file, WAIT_FOR_DAEMON) => Some(st.pid),
-        _ => None,
+        Some((_, file)) if status::wait_for_exit(&file, QUIET_WAIT) => None,
+        Some((st, file)) => {
+            holders.retain(|h| holders::alive(h.pid));
+            waiting(st.pid, &holders);
+            (!status::wait_for_exit(&file, WAIT_FOR_DAEMON)).then_some(st.pid)
+        }
+        None => None,
     };
-    Ok(Unmounted { daemon_still_running })
+    holders.retain(|h| holders::alive(h.pid));
+    Ok(Unmounted { daemon_still_running, holders })
 }
 
 #[cfg(test)]

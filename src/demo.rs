@@ -212,6 +212,58 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Write a tokenizer.json into `dir`: byte-level BPE (GPT-2's pre-tokenizer and byte alphabet)
+/// with `<unk>`, `<s>` and `</s>` at 0-2 (the ids [`write_model`]'s config names) and the 256 byte
+/// symbols after them, no merges: every text tokenizes, one token a byte. Enough for tokenizers
+/// and for a GGUF file's vocabulary (the demo's entries then show their `gguf/` views); the
+/// model's vocabulary beyond these ids is padding.
+pub fn write_byte_tokenizer(dir: &Path) -> io::Result<()> {
+    let specials = ["<unk>", "<s>", "</s>"];
+    let mut vocab = serde_json::Map::new();
+    for (id, t) in specials.iter().enumerate() {
+        vocab.insert(t.to_string(), json!(id));
+    }
+    for (b, c) in byte_symbols().iter().enumerate() {
+        vocab.insert(c.to_string(), json!(specials.len() + b));
+    }
+    let added: Vec<_> = specials
+        .iter()
+        .enumerate()
+        .map(|(id, t)| json!({"id": id, "content": t, "special": true, "normalized": false, "single_word": false, "lstrip": false, "rstrip": false}))
+        .collect();
+    write_json(
+        &dir.join("tokenizer.json"),
+        &json!({
+            "version": "1.0",
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": []}
+        }),
+    )
+}
+
+/// GPT-2's byte-level alphabet: the printable Latin-1 bytes stand for themselves, the others
+/// for the characters from U+0100 on, in byte order (`bytes_to_unicode` in GPT-2's encoder.py).
+fn byte_symbols() -> [char; 256] {
+    let printable =
+        |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let mut next = 0x100;
+    std::array::from_fn(|b| {
+        let b = b as u32;
+        if printable(b) {
+            char::from_u32(b).expect("Latin-1")
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("below U+0200")
+        }
+    })
+}
+
 /// Write a "fine-tune" of the model in `base_dir` into `out_dir`: every floating weight moved by
 /// N(0, `scale` · 0.02) (about `scale` of the weights' std), rounded to its dtype; other files
 /// (and subdirectories) copied. The header and tensor order are the base's.
@@ -269,6 +321,19 @@ pub fn write_finetune(base_dir: &Path, out_dir: &Path, scale: f32, seed: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_symbols_are_gpt2s() {
+        let s = byte_symbols();
+        // bytes_to_unicode()'s well-known images: NUL, newline, space, DEL, soft hyphen, ÿ.
+        for (b, c) in
+            [(0x00, 'Ā'), (0x0A, 'Ċ'), (0x20, 'Ġ'), (0x7F, 'ġ'), (0xAD, 'Ń'), (b'a', 'a'), (0xFF, 'ÿ')]
+        {
+            assert_eq!(s[b as usize], c, "byte {b:#04x}");
+        }
+        let distinct: std::collections::BTreeSet<char> = s.into_iter().collect();
+        assert_eq!(distinct.len(), 256);
+    }
 
     #[test]
     fn generated_model_registers_and_is_deterministic() {

@@ -718,6 +718,8 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
     if !model_dir.join("config.json").exists() {
         println!("generating a small LLaMA-shaped model (Vicuna-named) in {}", model_dir.display());
         demo::write_model(&model_dir, &demo::ModelSpec::tiny())?;
+        // A tokenizer, so the entries show GGUF views (llama.cpp's files) too.
+        demo::write_byte_tokenizer(&model_dir)?;
     }
     let store = Store::open(&store_dir)?;
     let have = |n: &str| store.load().map(|r| r.entries.contains_key(n));
@@ -778,9 +780,10 @@ fn run_demo(dir: &Path) -> Result<ExitCode> {
     let m_raw = mnt.display();
     println!(
         "demo store: {}\nmounted at: {}\n\nTry:\n  ls -l {m}/*/\n  {llmfs} --store {s} ls\n  {llmfs} --store {s} info tiny-vicuna-q4\n  \
+         ls -l {m}/tiny-vicuna-ft/gguf/\n  \
          python3 -c \"from safetensors import safe_open; f = safe_open('{m_raw}/tiny-vicuna-f32/model-00001-of-00002.safetensors', 'numpy'); print(f.keys())\"\n  \
          cmp <({llmfs} --store {s} export tiny-vicuna-f32 {f32_export} >/dev/null; cat {f32_export}/*.safetensors) <(cat {m}/tiny-vicuna-f32/*.safetensors) && echo same bytes\n  \
-         mkdir {m}/tiny-vicuna/deltas/my-ft && cp -r {f}/. {m}/tiny-vicuna/deltas/my-ft/ && diff -r -x deltas {f} {m}/my-ft && echo stored as a delta\n  \
+         mkdir {m}/tiny-vicuna/deltas/my-ft && cp -r {f}/. {m}/tiny-vicuna/deltas/my-ft/ && diff -r -x deltas -x gguf {f} {m}/my-ft && echo stored as a delta\n  \
          {llmfs} umount {m}",
         store.root().display(),
         mnt.display(),

@@ -823,7 +823,8 @@ fn check_fails_when_the_shard_index_names_missing_shards_or_tensors() {
 
 /// `llmfs demo` prints commands that work as typed: each invocation of llmfs by the binary's real
 /// path (nothing needs installing first), paths quoted (the demo directory here has a space).
-/// Every printed command is run with bash, in order, and must succeed; the last unmounts.
+/// Every printed command is run with bash, in order, and must succeed; one lists a delta's GGUF
+/// views (the demo model has a tokenizer); the last unmounts.
 #[test]
 fn demo_prints_commands_that_work_as_typed() {
     let ts = TestStore::new();
@@ -856,7 +857,14 @@ fn demo_prints_commands_that_work_as_typed() {
         cmd.args(["-c", c]).stdin(std::process::Stdio::null());
         let r = run_command(cmd, Duration::from_secs(120));
         assert!(r.status.success(), "`{c}` failed:\n{}\n{}", r.stdout, r.stderr);
+        if c.contains("/gguf/") {
+            // The demo model has a tokenizer, so its entries have GGUF views: a delta's too.
+            for t in ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M"] {
+                assert!(r.stdout.contains(&format!("tiny-vicuna-ft-{t}.gguf")), "`{c}`:\n{}", r.stdout);
+            }
+        }
     }
+    assert!(commands.iter().any(|c| c.contains("/gguf/")), "no GGUF view shown: {commands:?}");
     assert!(!common::llmfs_mounted(&guard.path), "the printed umount left the mount");
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::hash::{hash_leaves, leaf_ends, valid_ends};
-use super::{blocks, ctime_ns, Cached, DiskCache, Filled, Key, Leaf, Meta, Slot, Verify};
+use super::{blocks, ctime_ns, Cached, DiskCache, Filled, Key, Leaf, Meta, Slot, Verify, Written};
 
 impl DiskCache {
     /// The cached bytes for `key` (`len` of them), filling them with `fill` if they are not
@@ -25,7 +25,9 @@ impl DiskCache {
         label: &str,
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
     ) -> Result<Option<Arc<Cached>>, String> {
-        self.get_or_fill_as(key, len, label, "decoded", fill)
+        self.get_or_fill_written(key, len, label, "decoded", |f| {
+            fill(f).map(|leaves| Written { leaves, unaligned: false })
+        })
     }
 
     /// [`DiskCache::get_or_fill`], saying `verb` of the fill in the log ("decoded", or "stored
@@ -37,6 +39,21 @@ impl DiskCache {
         label: &str,
         verb: &str,
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
+    ) -> Result<Option<Arc<Cached>>, String> {
+        self.get_or_fill_written(key, len, label, verb, |f| {
+            fill(f).map(|leaves| Written { leaves, unaligned: false })
+        })
+    }
+
+    /// [`DiskCache::get_or_fill_as`] with a fill that also says how it wrote the file
+    /// ([`Written`]).
+    pub fn get_or_fill_written(
+        self: &Arc<Self>,
+        key: &Key,
+        len: u64,
+        label: &str,
+        verb: &str,
+        fill: impl FnOnce(&File) -> Result<Written, String>,
     ) -> Result<Option<Arc<Cached>>, String> {
         let slot = self.lock().slots.entry(*key).or_default().clone();
         // Filled further up this thread's stack (see `Filling`): served without the cache.
@@ -67,7 +84,7 @@ impl DiskCache {
         len: u64,
         label: &str,
         verb: &str,
-        fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
+        fill: impl FnOnce(&File) -> Result<Written, String>,
         slot: &Slot,
     ) -> (Result<Option<Arc<Cached>>, String>, bool) {
         match self.resolve_inner(key, len, label, verb, fill) {
@@ -103,7 +120,7 @@ impl DiskCache {
         len: u64,
         label: &str,
         verb: &str,
-        fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
+        fill: impl FnOnce(&File) -> Result<Written, String>,
     ) -> Result<Option<(Arc<Cached>, Option<Filled>)>, String> {
         let committed = self.lock().entries.get(key).cloned();
         if let Some(meta) = committed {
@@ -171,8 +188,8 @@ impl DiskCache {
             return Ok(None);
         }
         let start = Instant::now();
-        let leaves = match fill(&file) {
-            Ok(leaves) => leaves,
+        let written = match fill(&file) {
+            Ok(written) => written,
             Err(e) => {
                 unreserve();
                 let _ = std::fs::remove_file(&tmp);
@@ -197,7 +214,7 @@ impl DiskCache {
         self.lock().stats.fills += 1;
         Ok(Some((
             Arc::new(Cached { file: reader, path: self.dir.join(key.hex()), len }),
-            Some(Filled { file, tmp, leaves }),
+            Some(Filled { file, tmp, written }),
         )))
     }
 

@@ -108,12 +108,21 @@ struct Meta {
     label: String,
 }
 
+/// What a fill wrote besides the bytes: the leaf hashes it took (or none), and whether it
+/// wrote the file in pieces that do not start at 2 MiB boundaries, so that the page cache holds
+/// it in small folios; the commit then writes it again in aligned spans (see `commit.rs`).
+#[derive(Debug, Default)]
+pub struct Written {
+    pub leaves: Vec<Leaf>,
+    pub unaligned: bool,
+}
+
 /// A fill just written, to commit: its file (open for writing), where it lies until the
-/// commit renames it, and the leaf hashes the fill gave.
+/// commit renames it, and what the fill said of it.
 struct Filled {
     file: File,
     tmp: PathBuf,
-    leaves: Vec<Leaf>,
+    written: Written,
 }
 
 /// A cached file, open for reading.

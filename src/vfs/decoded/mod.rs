@@ -22,7 +22,7 @@ use rayon::prelude::*;
 mod pwrite;
 
 use super::{Fs, FsError, FsResult, Node, Target};
-use crate::cache::disk::{Cached, DiskCache, Key, KeyBuilder, Leaf};
+use crate::cache::disk::{Cached, DiskCache, Key, KeyBuilder, Leaf, Written};
 use crate::cache::memory::{MemFile, MemoryCache, WrittenPages};
 use crate::cache::with_scratch;
 use crate::variant::{Content, EntryView, ReadError, SourceFile, SynthFile, VFile};
@@ -410,9 +410,13 @@ pub(crate) fn decode_into_cache(
         }
     }
     let Some(disk) = &tiers.disk else { return Ok(None) };
-    let cached = disk.get_or_fill(key, vfile.size, label, |f| {
+    let cached = disk.get_or_fill_written(key, vfile.size, label, "decoded", |f| {
         // No leaves: the commit hashes the file it reads back (see [`write_decoded`]).
-        let write = || write_decoded(synth, f).map(|()| vec![]).map_err(|e| e.to_string());
+        let write = || {
+            write_decoded(synth, f)
+                .map(|unaligned| Written { leaves: vec![], unaligned })
+                .map_err(|e| e.to_string())
+        };
         match pool {
             Some(pool) => pool.install(write),
             None => write(),
@@ -551,7 +555,10 @@ fn decode_into(
 /// cores the mapping's page faults, which zero each page before it is written, made fills about
 /// 2x slower, so few threads keep `pwrite`. (Mapping each piece on its own was 3x slower still:
 /// every mmap and munmap waits for all page faults in flight.)
-pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
+///
+/// Returns whether the pieces were written unaligned to 2 MiB (the disk cache's commit then
+/// re-folds the file into 2 MiB folios).
+pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<bool, ReadError> {
     use std::os::fd::AsRawFd;
     let len = synth.size;
     // SAFETY: fallocate on a descriptor we own.
@@ -570,7 +577,7 @@ pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadE
     if reserved && fill_by_mapping() {
         if let Some(mut map) = crate::cache::memory::SharedMap::new(out, len as usize) {
             let (bytes, written) = map.split();
-            return decode_into(synth, bytes, drop_mapped().then_some(written));
+            return decode_into(synth, bytes, drop_mapped().then_some(written)).map(|()| false);
         }
     }
     pwrite::write_by_pwrite(synth, out)

@@ -71,8 +71,11 @@ fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
     SPARE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<(), ReadError> {
-    write_pieces(synth, out, aligned_spans())
+/// Whether it wrote the pieces unaligned (true: the page cache holds the file in small folios,
+/// which the disk cache's commit re-folds).
+pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<bool, ReadError> {
+    let aligned = aligned_spans();
+    write_pieces(synth, out, aligned).map(|()| !aligned)
 }
 
 /// Whether fills by `pwrite` gather their pieces into aligned spans: yes, unless the host takes

@@ -677,8 +677,6 @@ fn mount_command(store: Store, args: MountArgs) -> Result<()> {
     Ok(())
 }
 
-/// What a command's walk of a directory left out or followed outside it: one line each, on
-/// stderr, so nothing is left out without a word.
 /// "4321 (python3), 4400 (bash)", at most eight, then how many more.
 fn list(holders: &[mount::Holder]) -> String {
     let mut s = holders.iter().take(8).map(|h| h.to_string()).collect::<Vec<_>>().join(", ");
@@ -688,6 +686,8 @@ fn list(holders: &[mount::Holder]) -> String {
     s
 }
 
+/// What a command's walk of a directory left out or followed outside it: one line each, on
+/// stderr, so nothing is left out without a word.
 fn print_notes(notes: &[String]) {
     for n in notes {
         eprintln!("llmfs: note: {n}");

@@ -104,7 +104,7 @@ impl DiskCache {
         tmp: &Path,
         written: Written,
     ) -> Result<Meta, String> {
-        let Written { leaves, unaligned } = written;
+        let Written { leaves, refold: refold_it } = written;
         // On this thread alone, at the lowest priority: a reader is loading what was just
         // decoded, and the next file may be decoding on the pool. (At nice 10 the hash still
         // took 8% of a 2-core first load's CPU, on its critical path; at 19 it gets 1.5% of a
@@ -129,7 +129,7 @@ impl DiskCache {
             }
         };
         file.sync_all().map_err(|e| format!("fsync: {e}"))?;
-        if unaligned && refold_switch() {
+        if refold_it {
             refold(file, len, &mut pace);
         }
         let data = self.dir.join(key.hex());
@@ -165,13 +165,6 @@ impl DiskCache {
 /// Bytes of one span of [`refold`]: the size of a folio a mapping takes with one page-table
 /// entry on x86-64.
 const SPAN: u64 = 2 << 20;
-
-/// Whether commits re-fold files written in unaligned pieces (`LLMFS_REFOLD=0` turns it off, for
-/// comparisons).
-fn refold_switch() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LLMFS_REFOLD").map_or(true, |v| v != "0"))
-}
 
 /// Rewrite each whole 2 MiB span of a file just fsynced so the page cache holds it in 2 MiB
 /// folios: read the span, drop its clean pages, write it back whole. A file filled in pieces

@@ -25,9 +25,7 @@ impl DiskCache {
         label: &str,
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
     ) -> Result<Option<Arc<Cached>>, String> {
-        self.get_or_fill_written(key, len, label, "decoded", |f| {
-            fill(f).map(|leaves| Written { leaves, unaligned: false })
-        })
+        self.get_or_fill_as(key, len, label, "decoded", fill)
     }
 
     /// [`DiskCache::get_or_fill`], saying `verb` of the fill in the log ("decoded", or "stored
@@ -41,7 +39,7 @@ impl DiskCache {
         fill: impl FnOnce(&File) -> Result<Vec<Leaf>, String>,
     ) -> Result<Option<Arc<Cached>>, String> {
         self.get_or_fill_written(key, len, label, verb, |f| {
-            fill(f).map(|leaves| Written { leaves, unaligned: false })
+            fill(f).map(|leaves| Written { leaves, refold: false })
         })
     }
 

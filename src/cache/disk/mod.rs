@@ -108,13 +108,13 @@ struct Meta {
     label: String,
 }
 
-/// What a fill wrote besides the bytes: the leaf hashes it took (or none), and whether it
-/// wrote the file in pieces that do not start at 2 MiB boundaries, so that the page cache holds
-/// it in small folios; the commit then writes it again in aligned spans (see `commit.rs`).
-#[derive(Debug, Default)]
+/// What a fill wrote besides the bytes: the leaf hashes it took (or none), and whether the
+/// commit should re-fold the file (see `commit.rs`): it was written in pieces that do not start
+/// at 2 MiB boundaries, so the page cache holds it in small folios.
+#[derive(Debug)]
 pub struct Written {
     pub leaves: Vec<Leaf>,
-    pub unaligned: bool,
+    pub refold: bool,
 }
 
 /// A fill just written, to commit: its file (open for writing), where it lies until the

@@ -233,7 +233,7 @@ fn a_refolded_fill_keeps_its_bytes_and_its_check() {
             for (i, piece) in bytes[777..].chunks(2 << 20).enumerate() {
                 f.write_all_at(piece, 777 + (i as u64) * (2 << 20)).map_err(|e| e.to_string())?;
             }
-            Ok(Written { leaves: vec![], unaligned: true })
+            Ok(Written { leaves: vec![], refold: true })
         })
         .unwrap()
         .unwrap();

@@ -414,7 +414,7 @@ pub(crate) fn decode_into_cache(
         // No leaves: the commit hashes the file it reads back (see [`write_decoded`]).
         let write = || {
             write_decoded(synth, f)
-                .map(|unaligned| Written { leaves: vec![], unaligned })
+                .map(|refold| Written { leaves: vec![], refold })
                 .map_err(|e| e.to_string())
         };
         match pool {
@@ -556,8 +556,8 @@ fn decode_into(
 /// 2x slower, so few threads keep `pwrite`. (Mapping each piece on its own was 3x slower still:
 /// every mmap and munmap waits for all page faults in flight.)
 ///
-/// Returns whether the pieces were written unaligned to 2 MiB (the disk cache's commit then
-/// re-folds the file into 2 MiB folios).
+/// Returns whether the disk cache's commit should re-fold the file into 2 MiB folios (its pieces
+/// were written unaligned to 2 MiB).
 pub fn write_decoded(synth: &SynthFile, out: &std::fs::File) -> Result<bool, ReadError> {
     use std::os::fd::AsRawFd;
     let len = synth.size;

@@ -71,11 +71,11 @@ fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
     SPARE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether it wrote the pieces unaligned (true: the page cache holds the file in small folios,
-/// which the disk cache's commit re-folds).
+/// Returns whether the disk cache's commit should re-fold the file: its pieces went unaligned,
+/// so the page cache holds it in small folios (`LLMFS_REFOLD=0` leaves them, for comparisons).
 pub(super) fn write_by_pwrite(synth: &SynthFile, out: &std::fs::File) -> Result<bool, ReadError> {
     let aligned = aligned_spans();
-    write_pieces(synth, out, aligned).map(|()| !aligned)
+    write_pieces(synth, out, aligned).map(|()| !aligned && super::env_switch("LLMFS_REFOLD", || true))
 }
 
 /// Whether fills by `pwrite` gather their pieces into aligned spans: yes, unless the host takes
